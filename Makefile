@@ -1,0 +1,51 @@
+# fastclip: every target sets itself up; `make train` and `make test` work on a bare machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The local wheels (a CUDA build that also runs on CPU); override for another platform.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-gpu clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m fastclip.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(ARGS)
+
+# A named sweep from sweeps/: make sweep SWEEP=boundary_ablation
+SWEEP ?= boundary_ablation
+sweep: $(STAMP)
+	bash sweeps/$(SWEEP).sh $(ARGS)
+
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --port 5000
+
+report: $(STAMP)
+	$(PY) -m fastclip.report $(ARGS)
+
+bench: bench-lm bench-clip
+
+bench-lm: $(STAMP)
+	$(PY) -m fastclip.bench.lm $(ARGS)
+
+bench-clip: $(STAMP)
+	$(PY) -m fastclip.bench.clip $(ARGS)
+
+bench-gpu: $(STAMP)
+	$(PY) -m fastclip.bench.gpu $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Data sources. Each returns torch Datasets plus what evaluation needs (class names, templates)."""

@@ -1,0 +1,35 @@
+"""Zero-shot classification: class-name prompts -> text classifier -> top-k on labelled images.
+
+The classifier comes from open_clip's build_zero_shot_classifier; the accuracy loop is ours
+(open_clip's accuracy() breaks on numpy 2.4).
+"""
+import torch
+from open_clip import build_zero_shot_classifier
+from torch.utils.data import DataLoader
+
+
+@torch.no_grad()
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == target[:, None]
+    return {k: int(hit[:, :k].any(dim=1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def zero_shot_eval(model, tokenizer, images, classnames, templates, device, batch_size=256,
+                   autocast=None) -> dict[str, float]:
+    """Returns {'top1': ..., 'top5': ...} over every image of `images` ((image, label) pairs)."""
+    was_training = model.training
+    model.eval()
+    classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates,
+                                            num_classes_per_batch=10, device=device)
+    n, correct = 0, {1: 0, 5: 0}
+    for image, target in DataLoader(images, batch_size=batch_size, shuffle=False):
+        image, target = image.to(device), target.to(device)
+        features = model.encode_image(image, normalize=True)
+        logits = features.float() @ classifier.float()
+        for k, c in topk_correct(logits, target).items():
+            correct[k] += c
+        n += len(target)
+    model.train(was_training)
+    return {"top1": correct[1] / n, "top5": correct[5] / n}

@@ -1,0 +1,173 @@
+"""The training loop every task shares: AdamW, warmup + cosine, clipping, accumulation,
+mixed precision, NaN guard, checkpoints that resume exactly (lr schedule included).
+
+A task supplies: .model, .train_batches(epoch) (a sized iterable of micro-batches),
+.loss(batch) -> (loss, {metric: float}, n_samples), .evaluate() -> {metric: float},
+and optionally .final_evaluate() -> {metric: float}.
+"""
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastclip import runtime
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """No decay on gains, biases, embeddings' scale and the logit scale (as open_clip_train)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def plan_steps(steps_per_epoch: int, epochs: int, max_steps) -> int:
+    total = steps_per_epoch * epochs
+    return min(total, max_steps) if max_steps else total
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a crash while writing never leaves a half-written last.pt behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, float]:
+    tc = cfg.trainer
+    model = task.model
+    accum = int(tc.accum_steps)
+    if accum < 1:
+        raise ValueError(f"trainer.accum_steps={accum}: expected >= 1")
+    steps_per_epoch = len(task.train_batches(0)) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"trainer.batch_size={tc.batch_size} x accum_steps={accum} leaves no full step per epoch")
+    total_steps = plan_steps(steps_per_epoch, cfg.epochs, tc.max_steps)
+
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_steps))
+    amp_dtype = runtime.autocast_dtype(tc.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ckpt_path = Path(run_dir) / "checkpoints" / "last.pt"
+
+    step, epoch, skip_batches, train_s, samples_seen = 0, 0, 0, 0.0, 0
+    if tc.resume:
+        state = torch.load(tc.resume, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+        train_s, samples_seen = state["train_s"], state["samples_seen"]
+        runtime.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d), lr %.3g", tc.resume, step, epoch,
+                 skip_batches, scheduler.get_last_lr()[0])
+
+    def checkpoint(batch_in_epoch: int, epoch_now: int):
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "epoch": epoch_now, "batch_in_epoch": batch_in_epoch,
+            "train_s": train_s, "samples_seen": samples_seen, "rng": runtime.rng_state(),
+            "mlflow_run_id": tracker.run_id if tracker else None, "config": cfg_container(cfg)})
+
+    metrics: dict[str, float] = {}
+    bar = tqdm(total=total_steps, initial=step, disable=not tc.progress, desc="train", dynamic_ncols=True)
+    model.train()
+    while step < total_steps and epoch < cfg.epochs:
+        batches = task.train_batches(epoch)
+        micro, window_samples, window_t0 = 0, 0, time.perf_counter()
+        tick = time.perf_counter()  # train_s counts data loading and steps, not evaluation
+        for i, batch in enumerate(batches):
+            if i < skip_batches * accum:
+                tick = time.perf_counter()
+                continue
+            with runtime.autocast(device, amp_dtype):
+                loss, extras, n = task.loss(batch)
+            if not torch.isfinite(loss):
+                kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"
+                raise TrainingDiverged(f"train/loss is {loss.item()} at step {step} (epoch {epoch}); stopping; {kept}")
+            scaler.scale(loss / accum).backward()
+            micro += 1
+            samples_seen += n
+            window_samples += n
+            if micro % accum == 0:
+                if tc.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                now = time.perf_counter()
+                train_s += now - tick
+                tick = now
+                if tracker:
+                    tracker.log_metrics({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
+                                         **{f"train/{k}": v for k, v in extras.items()}},
+                                        step, flush=step % cfg.tracking.log_every == 0)
+                rate = window_samples / max(1e-9, time.perf_counter() - window_t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
+                if tc.ckpt_every_steps and step % tc.ckpt_every_steps == 0:
+                    checkpoint((i + 1) // accum, epoch)
+                if step >= total_steps:
+                    break
+        skip_batches = 0
+        epoch += 1
+        end_of_run = step >= total_steps or epoch >= cfg.epochs
+        if end_of_run or epoch % cfg.eval.every_epochs == 0:
+            metrics = evaluate(task, tracker, step, epoch)
+        checkpoint(0, epoch)
+    bar.close()
+    if not metrics:  # resumed from a finished run: still report its numbers
+        metrics = evaluate(task, tracker, step, epoch)
+    if hasattr(task, "final_evaluate"):
+        final = task.final_evaluate()
+        metrics.update(final)
+        if tracker:
+            tracker.log_metrics(final, step)
+    summary = {"time/train_s": train_s,
+               "throughput/train_samples_per_s": samples_seen / max(train_s, 1e-9)}
+    metrics.update(summary)
+    if tracker:
+        tracker.log_metrics(summary, step)
+    return metrics
+
+
+def evaluate(task, tracker, step: int, epoch: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    metrics = task.evaluate()
+    metrics["time/eval_s"] = time.perf_counter() - t0
+    log.info("epoch %d step %d: %s", epoch, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if tracker:
+        tracker.log_metrics({**metrics, "epoch": epoch}, step)
+    return metrics
+
+
+def cfg_container(cfg):
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(cfg, resolve=True)

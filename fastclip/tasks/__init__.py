@@ -1,0 +1,11 @@
+"""A task builds model + data from the config and says what a loss and an evaluation are."""
+
+
+def build_task(cfg, device):
+    if cfg.task.name == "clip":
+        from fastclip.tasks.clip import ClipTask
+        return ClipTask(cfg, device)
+    if cfg.task.name == "lm":
+        from fastclip.tasks.lm import LMTask
+        return LMTask(cfg, device)
+    raise ValueError(f"task.name={cfg.task.name!r}: expected clip or lm")

@@ -1,0 +1,162 @@
+"""MLflow: one store per project, created before jobs fan out; buffered metrics per run.
+
+The default store is sqlite under outputs/ (mlflow 3 refuses the file store). A new sqlite
+store crashes when several processes run its migrations at once, so the Hydra callback
+below creates store + experiment once, in the launching process, before any job starts.
+"""
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+class TrackingStoreError(RuntimeError):
+    pass
+
+
+def default_store_uri(launch_dir: str | os.PathLike | None = None) -> str:
+    root = Path(launch_dir or os.getcwd()).resolve() / "outputs"
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def resolve_uri(cfg_uri: str | None, launch_dir=None) -> str:
+    """tracking.uri wins, then $MLFLOW_TRACKING_URI, then the project default."""
+    return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri(launch_dir)
+
+
+def check_writable(uri: str) -> None:
+    """Fail before training, naming the path, when a local store cannot be written."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https", "databricks", "postgresql", "mysql", "mssql"):
+        return  # remote stores are checked by creating the experiment
+    if parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if path is None or not str(path):
+            raise TrackingStoreError(f"tracking.uri={uri!r}: expected sqlite:///<absolute path to .db>")
+    else:
+        path = Path(parsed.path or uri) / ".probe"  # a file: or plain-path store is a directory
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if parsed.scheme == "sqlite":
+            sqlite3.connect(path).close()
+        else:
+            path.touch()
+            path.unlink()
+    except (OSError, sqlite3.Error) as exc:
+        raise TrackingStoreError(f"tracking.uri={uri!r}: cannot write the MLflow store at {path.parent}: {exc}") from exc
+
+
+def ensure_store(uri: str, experiment: str) -> str:
+    """Create (or open) the store and the experiment; returns the experiment id."""
+    import mlflow
+    check_writable(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except Exception:  # another process won the race: take theirs
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, str]:
+    """Resolved config as MLflow params: trainer.lr, epochs, boundary.name, ..."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out: dict[str, str] = {}
+    for key, value in container.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+class Tracker:
+    """One MLflow run. Metrics are buffered and sent in batches (train/loss every N steps)."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str | None = None, tags: dict | None = None,
+                 run_id: str | None = None):
+        import mlflow
+        self.uri = uri
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.experiment_id = ensure_store(uri, experiment)
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+            self.run_id = run.info.run_id
+        else:  # resume: keep writing into the same run
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        self._buffer = []
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_metrics(self, metrics: dict[str, float], step: int, flush: bool = True) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), 500):
+            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 500])
+        self._buffer = []
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class MlflowStoreCallback(Callback):
+    """Creates store + experiment once before a multirun fans out, plus a parent run for the sweep."""
+
+    def _setup(self, config: DictConfig) -> tuple[str, str]:
+        uri = resolve_uri(config.tracking.uri)
+        return uri, ensure_store(uri, config.tracking.experiment)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._setup(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        import mlflow
+        uri, experiment_id = self._setup(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        parent = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}",
+                                   tags={"fastclip.sweep_dir": str(sweep_dir.resolve()), "fastclip.role": "sweep",
+                                         "fastclip.sweep_overrides": " ".join(config.hydra.overrides.task)})
+        (sweep_dir / PARENT_RUN_FILE).write_text(parent.info.run_id)
+        log.info("MLflow store %s, sweep parent run %s", uri, parent.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        import mlflow
+        marker = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
+        if marker.exists():
+            client = mlflow.MlflowClient(tracking_uri=resolve_uri(config.tracking.uri))
+            client.set_terminated(marker.read_text().strip(), status="FINISHED")

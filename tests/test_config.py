@@ -1,0 +1,54 @@
+"""Every option of every group composes; bad options and keys fail with Hydra's message."""
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError
+
+from fastclip import CONF_DIR
+from conftest import compose_cfg
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    cfg = compose_cfg([override.lstrip("+")] if group != "experiment" else [f"experiment={option}"])
+    assert "epochs" in cfg and "seed" in cfg
+    if group in ("task", "dataset", "encoder", "boundary", "compression"):
+        assert cfg[group].name == option
+
+
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local", "submitit_slurm"])
+def test_launchers_compose(launcher):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert launcher.split("_")[-1] in cfg.hydra.launcher._target_.lower()
+
+
+def test_defaults_are_the_embedded_digits_run():
+    cfg = compose_cfg()
+    assert (cfg.task.name, cfg.dataset.name, cfg.encoder.name, cfg.boundary.name) == ("clip", "digits", "vit_tiny", "none")
+    assert cfg.tracking.uri is None
+
+
+def test_unknown_group_option_fails_with_hydra_message():
+    with pytest.raises(ConfigCompositionException, match="Could not find 'encoder/vit_huge'"):
+        compose_cfg(["encoder=vit_huge"])
+
+
+def test_unknown_key_fails_with_hydra_message():
+    with pytest.raises(ConfigCompositionException, match="trainer.learning_rate"):
+        compose_cfg(["trainer.learning_rate=1e-3"])
+
+
+def test_config_is_struct_so_typos_in_code_fail():
+    cfg = compose_cfg()
+    with pytest.raises(ConfigAttributeError):
+        _ = cfg.trainer.learning_rate
