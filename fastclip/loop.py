@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -94,6 +95,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
             "mlflow_run_id": tracker.run_id if tracker else None, "config": cfg_container(cfg)})
 
     metrics: dict[str, float] = {}
+    step_times: list[float] = []  # per optimizer step, data loading included
     bar = tqdm(total=total_steps, initial=step, disable=not tc.progress, desc="train", dynamic_ncols=True)
     model.train()
     while step < total_steps and epoch < cfg.epochs:
@@ -124,6 +126,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
                 step += 1
                 now = time.perf_counter()
                 train_s += now - tick
+                step_times.append(now - tick)
                 tick = now
                 if tracker:
                     tracker.log_metrics({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
@@ -152,6 +155,8 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
             tracker.log_metrics(final, step)
     summary = {"time/train_s": train_s,
                "throughput/train_samples_per_s": samples_seen / max(train_s, 1e-9)}
+    if step_times:
+        summary["time/step_median_s"] = float(np.median(step_times))
     metrics.update(summary)
     if tracker:
         tracker.log_metrics(summary, step)

@@ -17,6 +17,11 @@ def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer):
 class ClipTask:
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
+        if cfg.boundary.name != "none":
+            raise ValueError(f"boundary={cfg.boundary.name} with task=clip: DTP towers are not built yet; "
+                             f"use boundary=none")
+        if "pre_layers" in cfg.encoder:
+            raise ValueError(f"encoder={cfg.encoder.name} is a char LM geometry; task=clip needs a CLIP encoder")
         self.model = build_vanilla_clip(cfg.encoder).to(device)
         self.tokenizer = build_tokenizer(cfg.encoder)
         preprocess_train, preprocess_eval = build_transforms(cfg.encoder)

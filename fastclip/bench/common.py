@@ -1,0 +1,49 @@
+"""Shared by the benchmarks: one training run per fresh process (so peak memory is its own),
+through the same `run()` the CLI uses, tracked in MLflow like any run."""
+import concurrent.futures as cf
+import multiprocessing as mp
+import resource
+import sys
+from pathlib import Path
+
+from fastclip import CONF_DIR
+
+
+def _child(overrides: list[str], run_dir: str) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from fastclip.train import run
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    metrics = run(cfg, run_dir)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    metrics["memory/peak_rss_mb"] = peak / 1024
+    metrics["memory/train_growth_mb"] = (peak - before) / 1024  # what building + training added
+    return metrics
+
+
+def run_isolated(overrides: list[str], run_dir: Path) -> dict:
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_child, list(overrides), str(run_dir)).result()
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (header, key, format)."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for _, key, fmt in columns:
+            value = row.get(key)
+            cells.append("n/a" if value is None else format(value, fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def emit(text: str, out: Path | None) -> None:
+    print(text)
+    sys.stdout.flush()
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

@@ -1,0 +1,57 @@
+"""make bench-lm: vanilla vs DTP gumbel (prior 0.25) vs whitespace on one text8-format file,
+equal steps and width (the paper's 2 + 8 + 2 geometry at width 128): test BPC over the whole
+test split, achieved shortening, median step time and peak memory, side by side.
+
+    python -m fastclip.bench.lm [--steps 300] [--path ../shared/data/text/wikitext2-valid.text8]
+"""
+import argparse
+import time
+from pathlib import Path
+
+from fastclip import PROJECT_ROOT
+from fastclip.bench.common import emit, markdown_table, run_isolated
+
+DEFAULT_PATH = PROJECT_ROOT.parent / "shared" / "data" / "text" / "wikitext2-valid.text8"
+VARIANTS = [("vanilla (12 full-length layers)", ["boundary=none"]),
+            ("DTP gumbel prior 0.25", ["boundary=gumbel", "boundary.prior=0.25"]),
+            ("DTP whitespace", ["boundary=whitespace"])]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--path", default=str(DEFAULT_PATH), help="text8-format file (default: WikiText-2 valid)")
+    ap.add_argument("--encoder", default="char_lm_bench")
+    ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "lm.md"))
+    args = ap.parse_args(argv)
+    if not Path(args.path).is_file():
+        raise SystemExit(f"--path {args.path}: no such file (the default needs ../shared/data beside the checkout)")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    common = ["task=lm", f"dataset.path={args.path}", f"encoder={args.encoder}", "epochs=1",
+              f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch_size}",
+              f"task.context={args.context}", f"task.eval_stride={args.context // 2}", "task.valid_max_chars=20000",
+              "trainer.progress=false", "tracking.experiment=bench-lm"]
+    rows = []
+    for name, overrides in VARIANTS:
+        print(f"== {name}", flush=True)
+        m = run_isolated(common + overrides, PROJECT_ROOT / "outputs" / "bench" / f"lm-{stamp}" / overrides[0])
+        m["variant"] = name
+        rows.append(m)
+    base = rows[0]
+    for r in rows:
+        r["step_ratio"] = r["time/step_median_s"] / base["time/step_median_s"]
+        r["bpc_delta"] = r["lm/test_bpc"] - base["lm/test_bpc"]
+    table = markdown_table(rows, [
+        ("variant", "variant", "s"), ("test BPC", "lm/test_bpc", ".4f"), ("Δ BPC vs vanilla", "bpc_delta", "+.4f"),
+        ("achieved shortening", "efficiency/compression_text", ".2f"),
+        ("median step (s)", "time/step_median_s", ".3f"), ("step time / vanilla", "step_ratio", ".2f"),
+        ("peak RSS (MB)", "memory/peak_rss_mb", ".0f"), ("RSS growth in run (MB)", "memory/train_growth_mb", ".0f")])
+    header = (f"bench-lm: {args.path}, {args.steps} steps x batch {args.batch_size} x {args.context} chars, "
+              f"encoder={args.encoder}; test BPC over the whole test split ({int(rows[0]['lm/test_chars'])} chars)\n")
+    emit(header + "\n" + table, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Boundary methods: how a tower decides where segments end, and the auxiliary loss that teaches it.
+
+Every method returns HARD boundaries (values exactly 0/1, float). Only gumbel's carry a
+gradient (straight-through); the supervised methods (entropy_spike, unigram) train the
+predictor with BCE on its LOGITS and pool with its thresholded output, at training and at
+evaluation alike (the targets are never used for pooling, so nothing leaks from the future).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram")
+
+
+class BoundaryMethod(nn.Module):
+    name = "base"
+    needs_predictor = False
+
+    def __init__(self, loss_weight: float = 1.0):
+        super().__init__()
+        self.loss_weight = loss_weight
+
+    def boundaries(self, logits, tokens, token_mask=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def aux_loss(self, logits, hard, targets=None, token_mask=None) -> torch.Tensor | None:
+        """Unweighted auxiliary loss; None when the method has none."""
+        return None
+
+
+class Fixed(BoundaryMethod):
+    """Every k-th token closes a segment (k = 2, 3, 4 are the paper's baselines)."""
+    name = "fixed"
+
+    def __init__(self, k: int, **kw):
+        super().__init__(**kw)
+        if k < 1:
+            raise ValueError(f"boundary.k={k}: expected >= 1")
+        self.k = k
+
+    def boundaries(self, logits, tokens, token_mask=None):
+        T = tokens.shape[1]
+        b = ((torch.arange(T, device=tokens.device) + 1) % self.k == 0).float()
+        return b.expand(tokens.shape[0], T).contiguous()
+
+
+class Whitespace(BoundaryMethod):
+    """A space closes its word's segment ('the ', 'cat ')."""
+    name = "whitespace"
+
+    def __init__(self, space_id: int, **kw):
+        super().__init__(**kw)
+        self.space_id = space_id
+
+    def boundaries(self, logits, tokens, token_mask=None):
+        return (tokens == self.space_id).float()
+
+
+class Gumbel(BoundaryMethod):
+    """Relaxed Bernoulli (temperature 0.5), hard = soft > 0.5, straight-through; a Binomial prior
+    on the number of HARD boundaries sets the rate. Deterministic (threshold) at evaluation."""
+    name = "gumbel"
+    needs_predictor = True
+
+    def __init__(self, prior: float, temperature: float = 0.5, **kw):
+        super().__init__(**kw)
+        if not 0.0 < prior < 1.0:
+            raise ValueError(f"boundary.prior={prior}: expected a rate in (0, 1)")
+        self.prior, self.temperature = prior, temperature
+
+    def boundaries(self, logits, tokens, token_mask=None):
+        logits = logits.float()  # fp16 logits overflow in the relaxed sample (the seed's NaNs)
+        if not self.training:
+            return (logits > 0).float()
+        soft = torch.distributions.RelaxedBernoulli(torch.tensor(self.temperature, device=logits.device),
+                                                    logits=logits).rsample()
+        hard = (soft > 0.5).float()
+        return hard - soft.detach() + soft
+
+    def aux_loss(self, logits, hard, targets=None, token_mask=None):
+        hard = hard.float()
+        if token_mask is None:
+            n = torch.full((hard.shape[0],), hard.shape[1], device=hard.device, dtype=torch.float32)
+            count = hard.sum(1)
+        else:
+            m = token_mask.float()
+            n, count = m.sum(1), (hard * m).sum(1)
+        prior = torch.distributions.Binomial(total_count=n, probs=torch.full_like(n, self.prior),
+                                             validate_args=False)
+        return (-prior.log_prob(count) / n).mean()
+
+
+class SupervisedBoundaries(BoundaryMethod):
+    """The predictor learns targets with BCE on logits; it pools with its own thresholded output."""
+    needs_predictor = True
+
+    def boundaries(self, logits, tokens, token_mask=None):
+        return (logits.detach() > 0).float()
+
+    def aux_loss(self, logits, hard, targets=None, token_mask=None):
+        if targets is None:
+            raise ValueError(f"boundary={self.name} needs targets for its loss")
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+        if token_mask is not None:
+            return (loss * token_mask).sum() / token_mask.sum().clamp_min(1)
+        return loss.mean()
+
+
+class EntropySpike(SupervisedBoundaries):
+    """Targets: b_t = 1 iff the model's next-token entropy H_t exceeds each of H_{t-1} .. H_{t-k},
+    taken from the same forward pass with no gradient through them."""
+    name = "entropy_spike"
+
+    def __init__(self, window: int = 2, **kw):
+        super().__init__(**kw)
+        self.window = window
+
+    def targets(self, next_token_logits: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return entropy_spikes(next_token_logits.float(), self.window)
+
+
+def entropy_spikes(next_token_logits: torch.Tensor, window: int) -> torch.Tensor:
+    logp = next_token_logits.log_softmax(-1)
+    H = -(logp.exp() * logp).sum(-1)                    # [B, T] in nats
+    spike = torch.zeros_like(H, dtype=torch.bool)
+    spike[:, 1:] = True                                  # t = 0 has no history: never a spike
+    for j in range(1, window + 1):
+        prev = F.pad(H, (j, 0), value=-math.inf)[:, :H.shape[1]]  # H_{t-j}; -inf before the start
+        spike &= H > prev
+    return spike.float()
+
+
+class Unigram(SupervisedBoundaries):
+    """Targets: ends of sentencepiece Unigram pieces, precomputed by the data pipeline."""
+    name = "unigram"
+
+    def __init__(self, vocab_size: int, **kw):
+        super().__init__(**kw)
+        self.vocab_size = vocab_size
+
+
+def build_boundary_method(cfg, space_id: int | None = None) -> BoundaryMethod | None:
+    """None for boundary=none (no pooling at all)."""
+    name = cfg.name
+    weight = cfg.get("loss_weight", 1.0)
+    if name == "none":
+        return None
+    if name == "fixed":
+        return Fixed(cfg.k, loss_weight=weight)
+    if name == "whitespace":
+        if space_id is None:
+            raise ValueError("boundary=whitespace needs a tokenizer with a space token (a character-level tower)")
+        return Whitespace(space_id, loss_weight=weight)
+    if name == "gumbel":
+        return Gumbel(cfg.prior, cfg.temperature, loss_weight=weight)
+    if name == "entropy_spike":
+        return EntropySpike(cfg.window, loss_weight=weight)
+    if name == "unigram":
+        return Unigram(cfg.vocab_size, loss_weight=weight)
+    raise ValueError(f"boundary={name!r}: expected one of {', '.join(METHODS)} (or tome for image towers)")

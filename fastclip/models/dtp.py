@@ -1,0 +1,86 @@
+"""Dynamic Token Pooling primitives (Nawrot et al. 2023), shared by the char LM and CLIP towers.
+
+Convention: boundaries b[B, T] in {0, 1}; b[t] = 1 means token t CLOSES its segment, so a
+token's segment id is the exclusive cumsum of b. Boundaries may carry a straight-through
+gradient (gumbel): the pooling weights are built so that their VALUES are exact 0/1 memberships
+while their DERIVATIVE w.r.t. the segment id is 1, which is how the task loss reaches the
+boundary predictor through the pooling. Never cast b to int/bool before pooling.
+"""
+import torch
+from torch import nn
+
+
+class BoundaryPredictor(nn.Module):
+    """MLP d -> 4d -> 1 on the pre-layer output; returns one logit per token."""
+
+    def __init__(self, width: int, dropout: float = 0.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, 1))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(hidden).squeeze(-1)
+
+
+def _membership(index: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """[B, n_slots, T] with value 1 where index[b, t] == slot, else 0, and d/d index = 1 there."""
+    slots = torch.arange(n_slots, device=index.device, dtype=index.dtype)
+    diff = slots[None, :, None] - index[:, None, :]
+    member = diff.detach() == 0
+    return torch.where(member, 1.0 - diff, torch.zeros_like(diff))
+
+
+def segment_counts(boundaries: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Segments per row: boundaries strictly inside the valid tokens, plus the last (open) segment."""
+    b = boundaries.detach()
+    if token_mask is None:
+        return b[:, :-1].sum(1).long() + 1
+    lengths = token_mask.sum(1)
+    inner = (b * token_mask).cumsum(1).gather(1, (lengths - 1).clamp_min(0)[:, None]).squeeze(1)
+    last_is_boundary = b.gather(1, (lengths - 1).clamp_min(0)[:, None]).squeeze(1)
+    return (inner - last_is_boundary).long() + (lengths > 0).long()
+
+
+def downsample(hidden: torch.Tensor, boundaries: torch.Tensor, token_mask: torch.Tensor | None = None,
+               n_segments: int | None = None):
+    """Segment means. hidden [B, T, D], boundaries [B, T] -> (segments [B, S, D], segment_mask [B, S]).
+
+    Rows with fewer segments are padded; segment_mask says which segments hold tokens. Padded
+    tokens (token_mask False) belong to no segment.
+    """
+    b = boundaries.to(hidden.dtype) if boundaries.dtype == torch.bool else boundaries
+    seg_id = b.cumsum(1) - b                      # exclusive cumsum, differentiable
+    if n_segments is None:
+        n_segments = int(segment_counts(b, token_mask).max().item()) if b.numel() else 1
+    weights = _membership(seg_id, n_segments)      # [B, S, T]
+    if token_mask is not None:
+        weights = weights * token_mask[:, None, :].to(weights.dtype)
+    counts = weights.sum(-1, keepdim=True)  # not detached: the mean's normaliser carries gradient too
+    segment_mask = counts.detach().squeeze(-1) > 0
+    weights = weights / counts.clamp_min(1.0)
+    return torch.bmm(weights.to(hidden.dtype), hidden), segment_mask
+
+
+def causal_upsample(short: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """short [B, 1 + S, D] with the null group at index 0 -> [B, T, D].
+
+    Token t reads index sum(b[:t+1]): the latest segment that has CLOSED at or before t, or the
+    null group when none has; it never sees a segment still open.
+    """
+    b = boundaries.to(short.dtype) if boundaries.dtype == torch.bool else boundaries
+    read = b.cumsum(1)
+    weights = _membership(read, short.shape[1])    # [B, 1 + S, T]
+    return torch.bmm(weights.transpose(1, 2).to(short.dtype), short)
+
+
+def padding_attn_mask(segment_mask: torch.Tensor, n_heads: int, causal: bool = False) -> torch.Tensor:
+    """Additive float mask [B * heads, S, S] for nn.MultiheadAttention: padded keys get -inf.
+
+    A padded query row attends to itself only, so no row is all -inf (which would give NaN).
+    """
+    B, S = segment_mask.shape
+    allowed = segment_mask[:, None, :].expand(B, S, S).clone()
+    if causal:
+        allowed &= torch.ones(S, S, dtype=torch.bool, device=segment_mask.device).tril()
+    allowed |= torch.eye(S, dtype=torch.bool, device=segment_mask.device)
+    mask = torch.zeros(B, S, S, device=segment_mask.device).masked_fill(~allowed, float("-inf"))
+    return mask.repeat_interleave(n_heads, dim=0)

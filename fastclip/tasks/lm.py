@@ -1,0 +1,109 @@
+"""Character language modelling with DTP (the setting where DTP was first shown): text8-format
+data, an hourglass LM, bits per character on valid during training and on the WHOLE test split
+at the end."""
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastclip.data import text8, unigram
+from fastclip.eval.bpc import evaluate_bpc
+from fastclip.models.boundaries import EntropySpike, Unigram, build_boundary_method
+from fastclip.models.charlm import HourglassLM
+
+
+class RandomWindows:
+    """One epoch = as many (batch of random windows) as the training split has windows' worth of chars."""
+
+    def __init__(self, ids, targets, context, batch_size, seed, epoch):
+        self.ids, self.targets = torch.from_numpy(ids.astype(np.int64)), targets
+        self.context, self.batch_size = context, batch_size
+        self.generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        self.n_batches = max(1, (len(ids) - 1) // (context * batch_size))
+
+    def __len__(self):
+        return self.n_batches
+
+    def __iter__(self):
+        T = self.context
+        for _ in range(self.n_batches):
+            starts = torch.randint(0, len(self.ids) - T - 1, (self.batch_size,), generator=self.generator)
+            x = torch.stack([self.ids[s:s + T] for s in starts])
+            y = torch.stack([self.ids[s + 1:s + T + 1] for s in starts])
+            if self.targets is None:
+                yield x, y
+            else:
+                yield x, y, torch.stack([self.targets[s:s + T] for s in starts])
+
+
+def build_lm(enc, boundary, context: int) -> HourglassLM:
+    if "pre_layers" not in enc:
+        raise ValueError(f"encoder={enc.name} is a CLIP geometry; task=lm needs a char LM encoder "
+                         f"(char_lm_small, char_lm_paper)")
+    return HourglassLM(vocab_size=len(text8.ALPHABET), width=enc.width, heads=enc.heads, mlp_ratio=enc.mlp_ratio,
+                       pre_layers=enc.pre_layers, short_layers=enc.short_layers, post_layers=enc.post_layers,
+                       max_len=context, boundary=boundary, dropout=enc.dropout)
+
+
+class LMTask:
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.device = cfg, device
+        if cfg.dataset.name != "text8":
+            raise ValueError(f"task=lm needs dataset=text8 (a text8-format file), got dataset={cfg.dataset.name}")
+        text, self.source = text8.load_text(cfg.dataset.path, cfg.dataset.clean)
+        splits = text8.split(text, cfg.dataset.split)
+        self.ids = dict(zip(("train", "valid", "test"), (text8.encode(s) for s in splits)))
+        self.context = cfg.task.context
+        if len(self.ids["train"]) <= self.context + 1:
+            raise ValueError(f"{self.source}: training split has {len(self.ids['train'])} chars, "
+                             f"fewer than task.context={self.context}")
+        self.method = build_boundary_method(cfg.boundary, space_id=text8.SPACE_ID)
+        self.train_targets = None
+        if isinstance(self.method, Unigram):
+            cache = cfg.dataset.cache_dir or os.path.join(os.getcwd(), "outputs", "cache")
+            sp = unigram.train_or_load(splits[0], self.method.vocab_size, cache)
+            self.train_targets = torch.from_numpy(unigram.piece_end_boundaries(sp, splits[0]).astype(np.float32))
+        self.model = build_lm(cfg.encoder, self.method, self.context).to(device)
+
+    def train_batches(self, epoch: int) -> RandomWindows:
+        return RandomWindows(self.ids["train"], self.train_targets, self.context, self.cfg.trainer.batch_size,
+                             self.cfg.seed, epoch)
+
+    def loss(self, batch):
+        batch = [t.to(self.device, non_blocking=True) for t in batch]
+        x, y = batch[0], batch[1]
+        out = self.model(x)
+        lm = F.cross_entropy(out["logits"].float().transpose(1, 2), y)
+        extras = {"bpc": lm.item() / math.log(2),
+                  "compression": x.numel() / float(out["segments"].sum())}
+        total = lm
+        if self.method is not None:
+            extras["boundary_rate"] = float(out["boundaries"].detach().mean())
+            targets = None
+            if isinstance(self.method, EntropySpike):
+                targets = self.method.targets(out["logits"].detach())
+            elif isinstance(self.method, Unigram):
+                targets = batch[2]
+            aux = self.method.aux_loss(out["boundary_logits"], out["boundaries"], targets)
+            if aux is not None:
+                extras["boundary_loss"] = aux.item()
+                total = lm + self.method.loss_weight * aux
+        return total, extras, x.shape[0]
+
+    def _bpc(self, split: str) -> dict[str, float]:
+        ids = self.ids[split]
+        if split == "valid" and self.cfg.task.valid_max_chars:
+            ids = ids[:self.cfg.task.valid_max_chars]
+        return evaluate_bpc(self.model, ids, self.context, self.cfg.task.eval_stride, self.device,
+                            batch_size=self.cfg.eval.lm_batch_size)
+
+    def evaluate(self) -> dict[str, float]:
+        r = self._bpc("valid")
+        return {"lm/bpc": r["bpc"], "efficiency/compression_text": r["compression"]}
+
+    def final_evaluate(self) -> dict[str, float]:
+        r = self._bpc("test")  # the WHOLE test split, with the model just trained
+        return {"lm/test_bpc": r["bpc"], "lm/test_chars": r["chars"], "efficiency/compression_text": r["compression"]}

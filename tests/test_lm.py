@@ -1,0 +1,167 @@
+"""The DTP character LM: causality for every method, gradients, achieved rates, honest BPC."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_cfg
+from fastclip import runtime
+from fastclip.data import text8, unigram
+from fastclip.eval.bpc import evaluate_bpc, window_plan
+from fastclip.models.boundaries import build_boundary_method
+from fastclip.models.charlm import HourglassLM
+from fastclip.tasks.lm import LMTask
+from fastclip.train import run
+
+TINY_LM = ["task=lm", "encoder.width=32", "encoder.heads=2", "task.context=64", "task.eval_stride=32",
+           "trainer.batch_size=8", "trainer.progress=false"]
+METHODS = ["none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram"]
+
+
+def tiny_lm(boundary: str, **cfg_overrides):
+    cfg = compose_cfg(TINY_LM + [f"boundary={boundary}"] + [f"{k}={v}" for k, v in cfg_overrides.items()])
+    method = build_boundary_method(cfg.boundary, space_id=text8.SPACE_ID)
+    return HourglassLM(27, 32, 2, 4.0, 1, 2, 1, max_len=64, boundary=method)
+
+
+@pytest.mark.parametrize("boundary", METHODS)
+def test_changing_token_t_plus_1_leaves_outputs_up_to_t_unchanged(boundary):
+    torch.manual_seed(0)
+    model = tiny_lm(boundary).eval()
+    if model.predictor is not None:  # make the predictor fire on some tokens and not on others
+        torch.nn.init.normal_(model.predictor.mlp[-1].weight, std=2.0)
+    x = torch.tensor(text8.encode("the quick brown fox jumps over the lazy dog and then the cat ran off"[:64]).astype(np.int64))[None]
+    base = model(x)
+    if boundary != "none":
+        n = int(base["boundaries"].sum())
+        assert 0 < n < 64, f"{boundary}: {n} boundaries; the test needs a mix"
+    for t in (5, 20, 40, 62):
+        changed = x.clone()
+        changed[0, t + 1:] = (changed[0, t + 1:] + 7) % 27
+        out = model(changed)
+        torch.testing.assert_close(out["logits"][0, :t + 1], base["logits"][0, :t + 1], msg=f"{boundary} leaks at t={t}")
+
+
+def test_lm_loss_alone_reaches_the_gumbel_predictor():
+    torch.manual_seed(0)
+    model = tiny_lm("gumbel").train()
+    x = torch.tensor(text8.encode("the quick brown fox jumps over the lazy dog " * 2)[:64].astype(np.int64))[None]
+    out = model(x)
+    lm = torch.nn.functional.cross_entropy(out["logits"][0, :-1], x[0, 1:])
+    lm.backward()  # no boundary loss in this objective
+    grad = model.predictor.mlp[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_task_objective_includes_the_boundary_loss():
+    """Failure mode 1: the seed left the boundary loss out of the objective."""
+    cfg = compose_cfg(TINY_LM + ["boundary=gumbel"])
+    runtime.seed_everything(0)
+    task = LMTask(cfg, torch.device("cpu"))
+    batch = next(iter(task.train_batches(0)))
+    runtime.seed_everything(1)
+    total, extras, _ = task.loss(batch)
+    weight = cfg.boundary.loss_weight
+    assert weight > 0
+    assert total.item() == pytest.approx(extras["bpc"] * math.log(2) + weight * extras["boundary_loss"], rel=1e-4)
+
+
+def test_gumbel_achieved_rate_follows_the_prior_after_short_training():
+    cfg = compose_cfg(TINY_LM + ["boundary=gumbel", "boundary.prior=0.2"])
+    runtime.seed_everything(0)
+    task = LMTask(cfg, torch.device("cpu"))
+    opt = torch.optim.AdamW(task.model.parameters(), lr=3e-3)
+    for i, batch in enumerate(task.train_batches(0)):
+        loss, extras, _ = task.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i == 250:
+            break
+    task.model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(task.ids["valid"][:64 * 16].astype(np.int64)).view(16, 64)
+        rate = task.model(x)["boundaries"].mean().item()
+    assert abs(rate - 0.2) <= 0.25 * 0.2, rate
+
+
+def test_fixed_k_reports_exactly_k_times_compression():
+    """Failure mode 3: runs were labelled with the target rate, not the achieved one."""
+    cfg = compose_cfg(TINY_LM + ["boundary=fixed", "boundary.k=4"])
+    task = LMTask(cfg, torch.device("cpu"))
+    assert task.evaluate()["efficiency/compression_text"] == pytest.approx(4.0)
+
+
+def test_window_plan_scores_every_target_once_with_context():
+    for n, context, stride in [(1000, 64, 32), (1000, 64, 64), (130, 64, 16), (50, 64, 32)]:
+        seen = np.zeros(n, dtype=int)
+        length = min(context, n)
+        for start, first in window_plan(n, length, min(stride, length)):
+            seen[start + first:start + length] += 1
+            if start > 0:
+                assert first >= length - stride  # at least context - stride chars of history
+        assert (seen == 1).all()
+
+
+def test_bpc_covers_the_whole_split_and_is_repeatable():
+    cfg = compose_cfg(TINY_LM + ["boundary=gumbel"])
+    task = LMTask(cfg, torch.device("cpu"))
+    first = evaluate_bpc(task.model, task.ids["test"], 64, 32, torch.device("cpu"))
+    second = evaluate_bpc(task.model, task.ids["test"], 64, 32, torch.device("cpu"))
+    assert first == second
+    assert first["chars"] == len(task.ids["test"]) - 1
+
+
+def test_uniform_model_scores_log2_27_bits():
+    class Uniform(torch.nn.Module):
+        def forward(self, x):
+            return {"logits": torch.zeros(*x.shape, 27), "segments": torch.full((x.shape[0],), x.shape[1])}
+    r = evaluate_bpc(Uniform(), text8.encode("hello world " * 50), 64, 16, torch.device("cpu"))
+    assert r["bpc"] == pytest.approx(math.log2(27)) and r["compression"] == 1.0
+
+
+def test_out_of_vocabulary_character_is_named_with_its_position(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("hello world and Then more")
+    with pytest.raises(ValueError, match=r"character 'T' at position 16"):
+        text8.load_text(str(bad))
+    text, _ = text8.load_text(str(bad), clean=True)
+    assert text == "hello world and then more"
+
+
+def test_missing_dataset_path_is_named(tmp_path):
+    cfg = compose_cfg(TINY_LM + [f"dataset.path={tmp_path}/nope.txt"])
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        LMTask(cfg, torch.device("cpu"))
+
+
+def test_text8_rule_and_dtp_split_proportions():
+    assert text8.clean_to_text8("It's 42, Mr. Smith!") == "it s four two mr smith"
+    train, valid, test = text8.split("a" * 1000, (0.9, 0.05, 0.05))
+    assert (len(train), len(valid), len(test)) == (900, 50, 50)
+
+
+def test_unigram_boundaries_are_piece_ends_and_cached(tmp_path):
+    text = text8.default_text()[:60000]
+    sp = unigram.train_or_load(text, 300, tmp_path)
+    cached = list((tmp_path / "unigram").glob("*.model"))
+    assert len(cached) == 1
+    b = unigram.piece_end_boundaries(sp, text[:500])
+    pieces = sp.encode(text[:500], out_type=str)
+    ends = np.cumsum([len(p) for p in pieces]) - 1
+    assert np.flatnonzero(b).tolist() == ends.tolist()
+    assert 1.5 < len(b) / b.sum() < 10  # pieces are longer than chars and shorter than sentences
+    mtime = cached[0].stat().st_mtime
+    unigram.train_or_load(text, 300, tmp_path)
+    assert cached[0].stat().st_mtime == mtime
+
+
+def test_lm_run_logs_bpc_on_valid_and_whole_test(tmp_path, store):
+    cfg = compose_cfg(TINY_LM + ["boundary=whitespace", f"tracking.uri={store}", "epochs=1",
+                                 "trainer.max_steps=5"])
+    metrics = run(cfg, tmp_path / "run")
+    for key in ("lm/bpc", "lm/test_bpc", "efficiency/compression_text", "throughput/train_samples_per_s"):
+        assert key in metrics
+    assert metrics["lm/test_chars"] == len(LMTask(cfg, torch.device("cpu")).ids["test"]) - 1
+    assert 3.0 < metrics["efficiency/compression_text"] < 8.0  # words of English
