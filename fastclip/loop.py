@@ -170,6 +170,8 @@ def evaluate(task, tracker, step: int, epoch: int) -> dict[str, float]:
     log.info("epoch %d step %d: %s", epoch, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     if tracker:
         tracker.log_metrics({**metrics, "epoch": epoch}, step)
+        for path in task.new_artifacts() if hasattr(task, "new_artifacts") else []:
+            tracker.log_artifact(path, "boundaries")
     return metrics
 
 

@@ -44,7 +44,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     runtime.seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")
 
-    task = build_task(cfg, device)
+    task = build_task(cfg, device, run_dir)
 
     resume_run_id = None
     if cfg.trainer.resume:
@@ -57,7 +57,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name, tags=tags,
                                run_id=resume_run_id)
     tracker.log_params(tracking.flatten(cfg))
-    tracker.log_params({"model.parameters": str(sum(p.numel() for p in task.model.parameters()))})
+    counts = task.params() if hasattr(task, "params") else {"model.params_total": sum(
+        p.numel() for p in task.model.parameters())}
+    tracker.log_params({k: str(v) for k, v in counts.items()})
     resolved = run_dir / "config.yaml"
     resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker.log_artifact(resolved)

@@ -12,7 +12,7 @@ SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 # A CLIP small enough that a test trains it in seconds on 2 cores.
 TINY_CLIP = ["encoder.vision.width=32", "encoder.vision.layers=2", "encoder.vision.head_width=16",
-             "encoder.text.width=32", "encoder.text.layers=1", "encoder.embed_dim=32",
+             "encoder.text.width=32", "encoder.text.layers=2", "encoder.embed_dim=32",
              "trainer.progress=false", "trainer.warmup_steps=2"]
 
 

@@ -31,6 +31,7 @@ def test_changing_token_t_plus_1_leaves_outputs_up_to_t_unchanged(boundary):
     model = tiny_lm(boundary).eval()
     if model.predictor is not None:  # make the predictor fire on some tokens and not on others
         torch.nn.init.normal_(model.predictor.mlp[-1].weight, std=2.0)
+        torch.nn.init.zeros_(model.predictor.mlp[-1].bias)
     x = torch.tensor(text8.encode("the quick brown fox jumps over the lazy dog and then the cat ran off"[:64]).astype(np.int64))[None]
     base = model(x)
     if boundary != "none":

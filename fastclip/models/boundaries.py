@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram")
+METHODS = ("none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram", "tome")
 
 
 class BoundaryMethod(nn.Module):
     name = "base"
     needs_predictor = False
+    init_rate = None  # where the predictor starts (gumbel: at its prior)
 
     def __init__(self, loss_weight: float = 1.0):
         super().__init__()
@@ -69,6 +70,7 @@ class Gumbel(BoundaryMethod):
         if not 0.0 < prior < 1.0:
             raise ValueError(f"boundary.prior={prior}: expected a rate in (0, 1)")
         self.prior, self.temperature = prior, temperature
+        self.init_rate = prior
 
     def boundaries(self, logits, tokens, token_mask=None):
         logits = logits.float()  # fp16 logits overflow in the relaxed sample (the seed's NaNs)
@@ -160,4 +162,7 @@ def build_boundary_method(cfg, space_id: int | None = None) -> BoundaryMethod | 
         return EntropySpike(cfg.window, loss_weight=weight)
     if name == "unigram":
         return Unigram(cfg.vocab_size, loss_weight=weight)
-    raise ValueError(f"boundary={name!r}: expected one of {', '.join(METHODS)} (or tome for image towers)")
+    if name == "tome":
+        raise ValueError("boundary=tome merges image tokens inside a ViT; it is not a boundary method for "
+                         "character sequences (task=lm)")
+    raise ValueError(f"boundary={name!r}: expected one of {', '.join(METHODS)}")

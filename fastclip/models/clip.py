@@ -1,8 +1,30 @@
-"""The one way to build a CLIP: encoder geometry (ours or open_clip's) -> open_clip.CLIP."""
+"""The one way to build a CLIP: encoder geometry (ours or open_clip's) + boundary config ->
+FastCLIP with one image tower and one text tower, each vanilla (open_clip's own) or DTP."""
 import copy
+import math
 
 import open_clip
+import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
+from open_clip.model import _build_text_tower, _build_vision_tower
+from torch import nn
+
+from fastclip.models.boundaries import build_boundary_method
+from fastclip.models.text import CharTokenizer, DTPTextTower, VanillaTextTower
+from fastclip.models.vision import DTPImageTower, ToMeImageTower, VanillaImageTower
+
+TOWERS = ("image", "text")
+# What each method means per tower; None = no meaning there (a clear error, never silent).
+MEANING = {
+    "fixed": {"image": "every k patches in raster order", "text": "every k characters"},
+    "gumbel": {"image": "learned, over patches in raster order", "text": "learned, over characters"},
+    "entropy_spike": {"image": "spikes of an auxiliary next-patch predictor's error",
+                      "text": "spikes of an auxiliary next-character head's entropy"},
+    "whitespace": {"image": None, "text": "a space closes its word"},
+    "unigram": {"image": None, "text": "sentencepiece Unigram piece ends of the training captions"},
+    "tome": {"image": "ToMe bipartite soft matching, r tokens per layer", "text": None},
+}
 
 
 def clip_geometry(enc) -> dict:
@@ -22,16 +44,87 @@ def clip_geometry(enc) -> dict:
     return base
 
 
-def build_vanilla_clip(enc) -> open_clip.CLIP:
+def dtp_towers(boundary) -> tuple[str, ...]:
+    """Which towers the boundary config pools; fails at config time on a meaningless combination."""
+    if boundary.name == "none":
+        return ()
+    towers = tuple(boundary.apply_to)
+    for tower in towers:
+        if tower not in TOWERS:
+            raise ValueError(f"boundary.apply_to contains {tower!r}: expected image and/or text")
+        if MEANING[boundary.name][tower] is None:
+            raise ValueError(f"boundary={boundary.name} has no meaning on the {tower} tower "
+                             f"(boundary.apply_to={list(towers)}); apply it to "
+                             f"{[t for t in TOWERS if MEANING[boundary.name][t]]} only")
+    return towers
+
+
+class FastCLIP(nn.Module):
+    def __init__(self, visual: nn.Module, text: nn.Module, image_method=None, text_method=None):
+        super().__init__()
+        self.visual, self.text = visual, text
+        self.image_method, self.text_method = image_method, text_method
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images, normalize: bool = False):
+        emb, _ = self.visual(images)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, tokens, normalize: bool = False):
+        emb, _ = self.text(tokens)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def forward(self, images, tokens):
+        img, image_info = self.visual(images)
+        txt, text_info = self.text(tokens)
+        return {"image_features": F.normalize(img, dim=-1), "text_features": F.normalize(txt, dim=-1),
+                "logit_scale": self.logit_scale.exp(), "image_info": image_info, "text_info": text_info}
+
+
+def boundary_loss(method, info) -> torch.Tensor | None:
+    """A tower's auxiliary objective: the method's loss (prior or BCE on logits) plus any
+    auxiliary predictor it trains (next-char head, next-patch head)."""
+    if method is None:
+        return None
+    loss = method.aux_loss(info.get("logits"), info.get("boundaries"), info.get("targets"), info.get("token_mask"))
+    if "extra_loss" in info:
+        loss = info["extra_loss"] if loss is None else loss + info["extra_loss"]
+    return loss
+
+
+def build_clip(enc, boundary, caption_corpus=None, cache_dir=None):
+    """-> (model, tokenizer). caption_corpus: training captions (unigram text boundaries)."""
     geometry = clip_geometry(enc)
-    return open_clip.CLIP(embed_dim=geometry["embed_dim"], vision_cfg=geometry["vision_cfg"],
-                          text_cfg=geometry["text_cfg"], quick_gelu=geometry.get("quick_gelu", False),
-                          output_dict=True)
-
-
-def build_tokenizer(enc):
-    context_length = clip_geometry(enc)["text_cfg"].get("context_length", 77)
-    return open_clip.SimpleTokenizer(context_length=context_length)
+    towers = dtp_towers(boundary)
+    embed_dim, quick_gelu = geometry["embed_dim"], geometry.get("quick_gelu", False)
+    visual = _build_vision_tower(embed_dim, geometry["vision_cfg"], quick_gelu)
+    image_method = text_method = None
+    if boundary.name == "tome" and "image" in towers:
+        image = ToMeImageTower(visual, boundary.r)
+    elif "image" in towers:
+        image_method = build_boundary_method(boundary)
+        vc = geometry["vision_cfg"]
+        image = DTPImageTower(visual, image_method, boundary.image_pre_layers, boundary.image_pool,
+                              next_patch_dim=3 * vc["patch_size"] ** 2 if vc.get("patch_size") else None)
+    else:
+        image = VanillaImageTower(visual)
+    if "text" in towers:
+        text_method = build_boundary_method(boundary, space_id=CharTokenizer.space_id)
+        tc = geometry["text_cfg"]
+        sp = None
+        if boundary.name == "unigram":
+            from fastclip.data.unigram import train_on_captions
+            sp = train_on_captions(caption_corpus, boundary.vocab_size, cache_dir)
+        text = DTPTextTower(text_method, embed_dim, enc.char_context_length, tc.get("width", 512), tc.get("heads", 8),
+                            tc.get("layers", 12), boundary.text_pre_layers, tc.get("mlp_ratio", 4.0), unigram_model=sp)
+        tokenizer = text.tokenizer
+    else:
+        if enc.tokenizer == "char":
+            raise ValueError("encoder.tokenizer=char needs a DTP text tower (a boundary applied to text); "
+                             "vanilla text towers use open_clip's BPE tokenizer")
+        text = VanillaTextTower(_build_text_tower(embed_dim, geometry["text_cfg"], quick_gelu))
+        tokenizer = open_clip.SimpleTokenizer(context_length=geometry["text_cfg"].get("context_length", 77))
+    return FastCLIP(image, text, image_method, text_method), tokenizer
 
 
 def build_transforms(enc):

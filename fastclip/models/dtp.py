@@ -6,16 +6,25 @@ gradient (gumbel): the pooling weights are built so that their VALUES are exact 
 while their DERIVATIVE w.r.t. the segment id is 1, which is how the task loss reaches the
 boundary predictor through the pooling. Never cast b to int/bool before pooling.
 """
+import math
+
 import torch
 from torch import nn
 
 
 class BoundaryPredictor(nn.Module):
-    """MLP d -> 4d -> 1 on the pre-layer output; returns one logit per token."""
+    """MLP d -> 4d -> 1 on the pre-layer output; returns one logit per token.
 
-    def __init__(self, width: int, dropout: float = 0.0):
+    init_rate starts the predictor at a boundary rate (gumbel: its prior). Started at 0.5, the
+    task's early gradients drove the logits deep negative, where the relaxed Bernoulli's
+    gradient vanishes and the prior can no longer pull the rate back (collapse to one segment).
+    """
+
+    def __init__(self, width: int, dropout: float = 0.0, init_rate: float | None = None):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, 1))
+        if init_rate is not None:
+            nn.init.constant_(self.mlp[-1].bias, math.log(init_rate / (1 - init_rate)))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlp(hidden).squeeze(-1)

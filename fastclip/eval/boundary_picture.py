@@ -1,0 +1,51 @@
+"""What the boundaries look like: eval images with their segments coloured on the patch grid,
+and captions with '|' at segment breaks. Logged as an MLflow artifact every evaluation."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
+
+
+def _unnormalise(image: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]
+    std = torch.tensor(OPENAI_DATASET_STD)[:, None, None]
+    return (image.cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def caption_with_breaks(text: str, boundaries) -> str:
+    """'|' after every character that closes a segment."""
+    return "".join(ch + ("|" if b > 0.5 else "") for ch, b in zip(text, boundaries))
+
+
+@torch.no_grad()
+def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int = 8) -> None:
+    was_training = model.training
+    model.eval()
+    images, tokens = images[:n], tokens[:n]
+    _, image_info = model.visual(images)
+    _, text_info = model.text(tokens)
+    model.train(was_training)
+    fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 5), squeeze=False)
+    b = image_info.get("boundaries")
+    for i, image in enumerate(images):
+        ax = axes[0, i]
+        ax.imshow(_unnormalise(image))
+        if b is not None:
+            seg = (b[i].cumsum(0) - b[i]).cpu().numpy()  # segment id of every patch, raster order
+            side = int(round(len(seg) ** 0.5))
+            ax.imshow(seg.reshape(side, side), cmap="tab20", alpha=0.45, interpolation="nearest",
+                      extent=(0, image.shape[-1], image.shape[-2], 0))
+            ax.set_title(f"{len(seg)} -> {int(image_info['segments'][i])}", fontsize=8)
+        ax.axis("off")
+        tb = text_info.get("boundaries")
+        text = decode(tokens[i])
+        label = caption_with_breaks(text, tb[i].tolist()) if tb is not None else text
+        axes[1, i].text(0, 0.5, "\n".join(label[j:j + 18] for j in range(0, len(label), 18)), fontsize=7,
+                        family="monospace", va="center")
+        axes[1, i].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,107 @@
+"""Text towers: open_clip's BPE TextTransformer for vanilla runs, and a tokenizer-free
+(character-level) DTP tower: causal pre-layers -> boundary predictor -> segment means ->
+bidirectional shortened layers over valid segments -> mean -> projection."""
+import numpy as np
+import torch
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+
+from fastclip.models.boundaries import EntropySpike, Unigram
+from fastclip.models.charlm import causal_mask
+from fastclip.models.dtp import BoundaryPredictor, downsample, padding_attn_mask, segment_counts
+
+
+class CharTokenizer:
+    """Bytes of the lower-cased text, +1 so that 0 is padding; truncated/padded to context_length.
+    Callable like open_clip's tokenizers: list[str] (or str) -> LongTensor [N, context_length]."""
+    vocab_size = 257
+    pad_id = 0
+    space_id = ord(" ") + 1
+
+    def __init__(self, context_length: int):
+        self.context_length = context_length
+
+    def __call__(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = np.frombuffer(" ".join(text.lower().split()).encode("utf-8"), dtype=np.uint8)[:self.context_length]
+            out[row, :len(ids)] = torch.from_numpy(ids.astype(np.int64) + 1)
+        return out
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) - 1 for i in ids if int(i) != self.pad_id).decode("utf-8", errors="replace")
+
+
+class VanillaTextTower(nn.Module):
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def forward(self, tokens):
+        n = (tokens != 0).sum(1).float()
+        return self.text(tokens), {"tokens": n, "segments": n}
+
+
+class DTPTextTower(nn.Module):
+    def __init__(self, method, embed_dim: int, context_length: int, width: int, heads: int, layers: int,
+                 pre_layers: int, mlp_ratio: float = 4.0, unigram_model=None):
+        super().__init__()
+        if not 0 < pre_layers < layers:
+            raise ValueError(f"boundary.text_pre_layers={pre_layers}: expected 1 .. {layers - 1} for a {layers}-layer text tower")
+        self.method = method
+        self.tokenizer = CharTokenizer(context_length)
+        self.embed = nn.Embedding(CharTokenizer.vocab_size, width)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.pos = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.pre = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(pre_layers))
+        self.short = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers - pre_layers))
+        self.heads = heads
+        self.predictor = BoundaryPredictor(width, init_rate=method.init_rate) if method.needs_predictor else None
+        # entropy_spike: next-char entropies come from an auxiliary LM head on the causal pre-layers
+        self.next_char = nn.Linear(width, CharTokenizer.vocab_size) if isinstance(method, EntropySpike) else None
+        self.unigram_model = unigram_model
+        if isinstance(method, Unigram) and unigram_model is None:
+            raise ValueError("boundary=unigram on the text tower needs a unigram model of the training captions")
+        self.ln_final = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width ** -0.5)
+
+    def unigram_targets(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Piece ends of each caption under the unigram model (computed on the fly, no gradient)."""
+        out = torch.zeros(tokens.shape, dtype=torch.float32)
+        for row, ids in enumerate(tokens.tolist()):
+            pos = 0
+            for piece in self.unigram_model.encode(self.tokenizer.decode(ids), out_type=str):
+                pos += len(piece.encode("utf-8"))
+                if pos - 1 < tokens.shape[1]:
+                    out[row, pos - 1] = 1.0
+        return out.to(tokens.device)
+
+    def forward(self, tokens):
+        token_mask = tokens != CharTokenizer.pad_id
+        B, L = tokens.shape
+        x = self.embed(tokens) + self.pos[:L]
+        cmask = causal_mask(L, tokens.device).to(x.dtype)
+        for block in self.pre:
+            x = block(x, attn_mask=cmask)
+        logits = self.predictor(x) if self.predictor is not None else None
+        b = self.method.boundaries(logits, tokens, token_mask) * token_mask
+        pooled, seg_mask = downsample(x, b, token_mask=token_mask)
+        mask = padding_attn_mask(seg_mask, self.heads).to(pooled.dtype)
+        for block in self.short:
+            pooled = block(pooled, attn_mask=mask)
+        pooled = self.ln_final(pooled)
+        w = seg_mask.to(pooled.dtype)[..., None]
+        emb = (pooled * w).sum(1) / w.sum(1).clamp_min(1.0)
+        info = {"tokens": token_mask.sum(1).float(), "segments": segment_counts(b, token_mask).float(),
+                "boundaries": b, "logits": logits, "token_mask": token_mask.float()}
+        if self.next_char is not None:
+            next_logits = self.next_char(x[:, :-1])
+            nll = nn.functional.cross_entropy(next_logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+            keep = token_mask[:, 1:].float()
+            info["extra_loss"] = (nll * keep).sum() / keep.sum().clamp_min(1)
+            padded = nn.functional.pad(next_logits.detach(), (0, 0, 0, 1))
+            info["targets"] = self.method.targets(padded) * token_mask
+        elif self.unigram_model is not None:
+            info["targets"] = self.unigram_targets(tokens)
+        return emb @ self.proj, info

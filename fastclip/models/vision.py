@@ -1,0 +1,152 @@
+"""Image towers on open_clip's VisionTransformer: DTP-ViT (boundaries over patches in raster
+order) and ToMe (bipartite soft matching, r tokens merged per layer), both reusing open_clip's
+patch embedding, blocks, final norm and projection, so their geometry comes from `encoder`."""
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from fastclip.models.boundaries import EntropySpike
+from fastclip.models.dtp import BoundaryPredictor, downsample, padding_attn_mask, segment_counts
+
+
+def _heads(vit: VisionTransformer) -> int:
+    return vit.transformer.resblocks[0].attn.num_heads
+
+
+def _require_vit(visual, what: str) -> VisionTransformer:
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"{what} needs a ViT image tower; this encoder's image tower is {type(visual).__name__} "
+                         f"(set boundary.apply_to=[text] to keep it vanilla)")
+    return visual
+
+
+class VanillaImageTower(nn.Module):
+    """open_clip's tower as is (ViT or ModifiedResNet)."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, images):
+        grid = getattr(self.visual, "grid_size", None)  # ModifiedResNet has no tokens: reported as 0
+        n = torch.full((images.shape[0],), float(grid[0] * grid[1] if grid else 0), device=images.device)
+        return self.visual(images), {"tokens": n, "segments": n}
+
+
+class DTPImageTower(nn.Module):
+    """pre-layers on all patches -> boundary predictor over patches in raster order -> segment
+    means (padding mask) -> shortened layers on [class token, segments] -> pooled embedding."""
+
+    def __init__(self, visual, method, pre_layers: int, pool: str = "mean", next_patch_dim: int | None = None):
+        super().__init__()
+        self.vit = _require_vit(visual, f"boundary={method.name} on the image tower")
+        n_layers = len(self.vit.transformer.resblocks)
+        if not 0 < pre_layers < n_layers:
+            raise ValueError(f"boundary.image_pre_layers={pre_layers}: expected 1 .. {n_layers - 1} for a {n_layers}-layer ViT")
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"boundary.image_pool={pool!r}: expected mean or cls")
+        self.method, self.pre_layers, self.pool = method, pre_layers, pool
+        width = self.vit.conv1.out_channels
+        self.predictor = BoundaryPredictor(width, init_rate=method.init_rate) if method.needs_predictor else None
+        # entropy_spike's image analog: spikes of an auxiliary next-patch predictor's error
+        self.next_patch = nn.Linear(width, next_patch_dim) if isinstance(method, EntropySpike) else None
+
+    def forward(self, images):
+        vit = self.vit
+        x = vit._embeds(images)
+        blocks = vit.transformer.resblocks
+        for block in blocks[:self.pre_layers]:
+            x = block(x)
+        cls, patches = x[:, :1], x[:, 1:]
+        B, N, _ = patches.shape
+        logits = self.predictor(patches) if self.predictor is not None else None
+        order = torch.arange(N, device=images.device).expand(B, N)
+        b = self.method.boundaries(logits, order)
+        pooled, seg_mask = downsample(patches, b)
+        seq = torch.cat([cls, pooled], dim=1)
+        valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=images.device), seg_mask], dim=1)
+        mask = padding_attn_mask(valid, _heads(vit)).to(seq.dtype)
+        for block in blocks[self.pre_layers:]:
+            seq = block(seq, attn_mask=mask)
+        seq = vit.ln_post(seq)
+        if self.pool == "cls":
+            emb = seq[:, 0]
+        else:
+            w = seg_mask.to(seq.dtype)[..., None]
+            emb = (seq[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1.0)
+        if vit.proj is not None:
+            emb = emb @ vit.proj
+        info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": segment_counts(b).float(), "boundaries": b, "logits": logits}
+        if self.next_patch is not None:
+            info["targets"], info["extra_loss"] = self._next_patch_spikes(patches, images)
+        return emb, info
+
+    def _next_patch_spikes(self, patches, images):
+        """Predict patch t+1's pixels from patch t's features; boundary targets where that error
+        spikes above the previous `window` errors (the image analog of next-token entropy)."""
+        p = self.vit.conv1.kernel_size[0]
+        pixels = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)  # [B, N, 3 p p], raster order
+        pred = self.next_patch(patches[:, :-1])
+        err = (pred.float() - pixels[:, 1:].float()).pow(2).mean(-1)     # [B, N-1]
+        err = F.pad(err, (0, 1), value=0.0)                              # last patch has no next
+        with torch.no_grad():
+            spike = torch.zeros_like(err, dtype=torch.bool)
+            spike[:, 1:-1] = True
+            for j in range(1, self.method.window + 1):
+                spike &= err > F.pad(err, (j, 0), value=float("inf"))[:, :err.shape[1]]
+        return spike.float(), err[:, :-1].mean()
+
+
+def bipartite_merge(x: torch.Tensor, size: torch.Tensor, r: int):
+    """ToMe's bipartite soft matching on [B, 1 + N, D] (class token kept): alternate tokens form
+    sets A and B, each A token's most similar B token is its match, the r best-matched A tokens
+    are merged into their matches by size-weighted average. Returns (x, size) with N - r tokens."""
+    cls, tokens = x[:, :1], x[:, 1:]
+    cls_size, tok_size = size[:, :1], size[:, 1:]
+    r = min(r, tokens.shape[1] // 2)
+    if r <= 0:
+        return x, size
+    a, b = tokens[:, ::2], tokens[:, 1::2]
+    sa, sb = tok_size[:, ::2], tok_size[:, 1::2]
+    an, bn = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    score = an @ bn.transpose(1, 2)
+    best, match = score.max(dim=-1)                       # per A token
+    order = best.argsort(dim=-1, descending=True)
+    merged_idx, kept_idx = order[:, :r], order[:, r:]
+    D = x.shape[-1]
+    gather = lambda t, idx, d: t.gather(1, idx[..., None].expand(-1, -1, d))  # noqa: E731
+    a_kept, sa_kept = gather(a, kept_idx, D), gather(sa, kept_idx, 1)
+    a_m, sa_m = gather(a, merged_idx, D), gather(sa, merged_idx, 1)
+    dst = match.gather(1, merged_idx)
+    b_sum = (b * sb).scatter_add(1, dst[..., None].expand(-1, -1, D), a_m * sa_m)
+    sb_new = sb.scatter_add(1, dst[..., None], sa_m)
+    b_new = b_sum / sb_new
+    return (torch.cat([cls, a_kept, b_new], dim=1), torch.cat([cls_size, sa_kept, sb_new], dim=1))
+
+
+class ToMeImageTower(nn.Module):
+    """Token merging in every block (after attention+MLP), with proportional attention
+    (log token size added to the attention logits) as in ToMe."""
+
+    def __init__(self, visual, r: int):
+        super().__init__()
+        self.vit = _require_vit(visual, "boundary=tome")
+        self.r = r
+
+    def forward(self, images):
+        vit = self.vit
+        x = vit._embeds(images)
+        B, n_in = x.shape[0], x.shape[1] - 1
+        size = torch.ones(B, x.shape[1], 1, device=x.device, dtype=x.dtype)
+        heads = _heads(vit)
+        for block in vit.transformer.resblocks:
+            bias = size.squeeze(-1).log()[:, None, :].expand(B, x.shape[1], x.shape[1])
+            x = block(x, attn_mask=bias.repeat_interleave(heads, dim=0))
+            x, size = bipartite_merge(x, size, self.r)
+        x = vit.ln_post(x)
+        emb = x[:, 0]
+        if vit.proj is not None:
+            emb = emb @ vit.proj
+        return emb, {"tokens": torch.full((B,), float(n_in), device=x.device),
+                     "segments": torch.full((B,), float(x.shape[1] - 1), device=x.device)}
