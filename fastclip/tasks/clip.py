@@ -8,6 +8,7 @@ from open_clip import ClipLoss
 from torch.utils.data import DataLoader
 
 from fastclip.data.digits import build_digits
+from fastclip.data.image_folder import build_image_folder, scan
 from fastclip.eval.boundary_picture import draw
 from fastclip.eval.efficiency import parameter_counts, tower_efficiency
 from fastclip.eval.zeroshot import zero_shot_eval
@@ -17,7 +18,15 @@ from fastclip.models.clip import boundary_loss, build_clip, build_transforms
 def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer):
     if cfg.dataset.name == "digits":
         return build_digits(cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
+    if cfg.dataset.name == "image_folder":
+        return build_image_folder(cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
     raise ValueError(f"dataset={cfg.dataset.name!r} is not an image-text dataset for task=clip")
+
+
+def training_captions(ds) -> list[str]:
+    """The captions training will see: what a unigram text-boundary model learns from."""
+    names = list(ds.classnames) if ds.name == "digits" else [c.replace("_", " ") for c in scan(ds.path)[2]]
+    return [t.format(c) for c in names for t in ds.train_templates]
 
 
 def decode_tokens(tokenizer, ids: torch.Tensor) -> str:
@@ -34,9 +43,7 @@ class ClipTask:
         if "pre_layers" in cfg.encoder:
             raise ValueError(f"encoder={cfg.encoder.name} is a char LM geometry; task=clip needs a CLIP encoder")
         preprocess_train, preprocess_eval = build_transforms(cfg.encoder)
-        captions = None
-        if cfg.dataset.name == "digits":  # the unigram text boundaries learn from the training captions
-            captions = [t.format(c) for c in cfg.dataset.classnames for t in cfg.dataset.train_templates]
+        captions = training_captions(cfg.dataset) if cfg.boundary.name == "unigram" else None
         self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.get("cache_dir"))
         self.model.to(device)
         self.train_set, self.zeroshot = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)

@@ -1,0 +1,104 @@
+"""make bench-clip: vanilla ViT vs DTP-ViT (gumbel prior 0.25, fixed k=4) vs ToMe at matched
+GFLOPs, equal steps, on digits and on CIFAR-10 (class-template captions; zero-shot on held-out
+images with unseen templates). Zero-shot top-1, image GFLOPs from the real eval boundaries,
+achieved compression, median step time and peak memory per run; then our training step vs
+open_clip_train's train_one_epoch (harness overhead).
+
+    python -m fastclip.bench.clip [--steps 300] [--datasets digits,cifar10]
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from fastclip import PROJECT_ROOT
+from fastclip.bench.common import emit, markdown_table, run_isolated
+
+CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-test"
+# 64 patches (32 px, patch 4), 4 blocks: DTP runs 1 block on all patches and 3 on segments.
+GEOMETRY = ["encoder.vision.patch_size=4", "encoder.vision.layers=4", "boundary.image_pre_layers=1"]
+DATASETS = {"digits": ["dataset=digits"],
+            "cifar10": ["dataset=image_folder", f"dataset.path={CIFAR}"]}
+
+
+def tome_r_for(gflops_target: float) -> int:
+    """The ToMe merge rate whose image GFLOPs come closest to the target (ToMe's cost does not
+    depend on the weights, so an untrained tower measures it exactly)."""
+    from hydra import compose, initialize_config_dir
+
+    from fastclip import CONF_DIR
+    from fastclip.eval.efficiency import count_gflops
+    from fastclip.models.clip import build_clip
+    best = None
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for r in range(1, 33):
+            cfg = compose("train", overrides=GEOMETRY + ["boundary=tome", f"boundary.r={r}"])
+            model, _ = build_clip(cfg.encoder, cfg.boundary)
+            g, _ = count_gflops(model.visual, torch.randn(4, 3, 32, 32))
+            if best is None or abs(g - gflops_target) < best[1]:
+                best = (r, abs(g - gflops_target), g)
+    return best[0]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--datasets", default="digits,cifar10")
+    ap.add_argument("--overhead-epochs", type=int, default=3)
+    ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "clip.md"))
+    args = ap.parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = PROJECT_ROOT / "outputs" / "bench" / f"clip-{stamp}"
+    sections = []
+    for ds in args.datasets.split(","):
+        if ds == "cifar10" and not CIFAR.is_dir():
+            print(f"skipping cifar10: {CIFAR} is absent")
+            continue
+        common = DATASETS[ds] + GEOMETRY + [f"trainer.max_steps={args.steps}", "epochs=100000",
+                                            "eval.every_epochs=100000", "trainer.progress=false",
+                                            "tracking.experiment=bench-clip"]
+        variants = [("vanilla ViT", ["boundary=none"]),
+                    ("DTP-ViT gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]"]),
+                    ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"])]
+        rows = []
+        for name, overrides in variants:
+            print(f"== {ds}: {name}", flush=True)
+            m = run_isolated(common + overrides, root / ds / name.replace(" ", "_"))
+            rows.append({"variant": name, **m})
+        r = tome_r_for(rows[1]["efficiency/image_gflops"])
+        print(f"== {ds}: ToMe r={r}", flush=True)
+        m = run_isolated(common + ["boundary=tome", f"boundary.r={r}"], root / ds / "tome")
+        rows.append({"variant": f"ToMe r={r} (matched GFLOPs)", **m})
+        base = rows[0]
+        for row in rows:
+            row["gflops_ratio"] = row["efficiency/image_gflops"] / base["efficiency/image_gflops"]
+            row["step_ratio"] = row["time/step_median_s"] / base["time/step_median_s"]
+            row["top1_delta"] = 100 * (row["zeroshot/top1"] - base["zeroshot/top1"])
+        sections.append(f"### {ds} ({args.steps} steps, batch 128, vit_tiny at patch 4: 64 patches, 4 blocks)\n\n"
+                        + markdown_table(rows, [
+                            ("variant", "variant", "s"), ("zero-shot top-1", "zeroshot/top1", ".3f"),
+                            ("Δ top-1 (pts)", "top1_delta", "+.1f"),
+                            ("image GFLOPs", "efficiency/image_gflops", ".4f"), ("GFLOPs / vanilla", "gflops_ratio", ".2f"),
+                            ("achieved image compression", "efficiency/compression_image", ".2f"),
+                            ("median step (s)", "time/step_median_s", ".3f"), ("step / vanilla", "step_ratio", ".2f"),
+                            ("peak RSS (MB)", "memory/peak_rss_mb", ".0f")]))
+    print("== harness overhead", flush=True)
+    from hydra import compose, initialize_config_dir
+
+    from fastclip import CONF_DIR
+    from fastclip.bench.overhead import measure
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"epochs={args.overhead_epochs}", "trainer.progress=false"])
+    o = measure(cfg, root / "overhead")
+    sections.append(
+        f"### harness overhead (vit_tiny on digits, vanilla, {o['steps'] * args.overhead_epochs} steps, "
+        f"median of {o['repeats']} alternated repeats)\n\n"
+        f"| loop | mean s/step |\n|---|---|\n| fastclip.loop.fit (MLflow logging on) | {o['fastclip_step_s']:.4f} |\n"
+        f"| open_clip_train.train_one_epoch | {o['open_clip_train_step_s']:.4f} |\n\n"
+        f"overhead: {100 * o['overhead']:+.1f}%")
+    emit("\n\n".join(sections), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Class-captioned training from a folder of class subfolders (<path>/<class>/<image>):
+captions come from templates, zero-shot runs on `eval_path` (same layout) or, when that is
+null, on a held-out stratified split of `path`. Class names are the folder names, or
+`classnames` (a file with one name per line, in sorted folder order)."""
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fastclip.data.captioned import CaptionedImages, LabelledImages, ZeroShotSet, caption_table, split_indices
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def scan(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset.path={str(root)!r}: no such directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"dataset.path={str(root)!r}: no class subfolders")
+    files, labels = [], []
+    for i, cls in enumerate(classes):
+        for f in sorted((root / cls).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(i)
+    return files, np.array(labels), classes
+
+
+def load_images(files: list[Path]) -> tuple[list[Image.Image], list[int]]:
+    """Decoded RGB images and the indices that decoded; undecodable files are skipped and counted."""
+    images, ok = [], []
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("RGB"))
+            ok.append(i)
+        except (UnidentifiedImageError, OSError) as exc:
+            log.warning("skipping %s: %s", f, exc)
+    return images, ok
+
+
+def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer):
+    files, labels, classes = scan(cfg.path)
+    if cfg.classnames:
+        classes = [line.strip() for line in Path(cfg.classnames).read_text().splitlines() if line.strip()]
+    classnames = [c.replace("_", " ") for c in classes]
+    images, ok = load_images(files)
+    labels = labels[ok]
+    skipped = len(files) - len(ok)
+    if cfg.eval_path:
+        eval_files, eval_labels, _ = scan(cfg.eval_path)
+        eval_images, eval_ok = load_images(eval_files)
+        train_images, train_labels, held_images, held_labels = images, labels, eval_images, eval_labels[eval_ok]
+        skipped += len(eval_files) - len(eval_ok)
+    else:
+        train_idx, held_idx = split_indices(labels, cfg.holdout_fraction, cfg.split_seed)
+        train_images, train_labels = [images[i] for i in train_idx], labels[train_idx]
+        held_images, held_labels = [images[i] for i in held_idx], labels[held_idx]
+    tokens = caption_table(classnames, cfg.train_templates, tokenizer)
+    train = CaptionedImages(train_images, train_labels, tokens, preprocess_train)
+    train.skipped = skipped
+    held = LabelledImages(held_images, held_labels, preprocess_eval)
+    return train, ZeroShotSet(held, classnames, list(cfg.eval_templates))
