@@ -17,7 +17,7 @@ from fastclip.bench.common import emit, markdown_table, run_isolated
 
 CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-test"
 # 64 patches (32 px, patch 4), 4 blocks: DTP runs 1 block on all patches and 3 on segments.
-GEOMETRY = ["encoder.vision.patch_size=4", "encoder.vision.layers=4", "boundary.image_pre_layers=1"]
+GEOMETRY = ["encoder.vision.patch_size=4", "encoder.vision.layers=4"]  # DTP: boundary.image_pre_layers=1 (default)
 DATASETS = {"digits": ["dataset=digits"],
             "cifar10": ["dataset=image_folder", f"dataset.path={CIFAR}"]}
 
