@@ -15,8 +15,7 @@ def options(group):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group, option):
-    override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
-    cfg = compose_cfg([override.lstrip("+")] if group != "experiment" else [f"experiment={option}"])
+    cfg = compose_cfg([f"{group}={option}"])
     assert "epochs" in cfg and "seed" in cfg
     if group in ("task", "dataset", "encoder", "boundary", "compression"):
         assert cfg[group].name == option
