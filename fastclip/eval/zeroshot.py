@@ -16,8 +16,7 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[
 
 
 @torch.no_grad()
-def zero_shot_eval(model, tokenizer, images, classnames, templates, device, batch_size=256,
-                   autocast=None) -> dict[str, float]:
+def zero_shot_eval(model, tokenizer, images, classnames, templates, device, batch_size=256) -> dict[str, float]:
     """Returns {'top1': ..., 'top5': ...} over every image of `images` ((image, label) pairs)."""
     was_training = model.training
     model.eval()

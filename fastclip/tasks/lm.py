@@ -3,7 +3,6 @@ data, an hourglass LM, bits per character on valid during training and on the WH
 at the end."""
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
