@@ -24,6 +24,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run replays it."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -2,10 +2,8 @@ import os
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from fastclip import CONF_DIR, PROJECT_ROOT
+from fastclip import PROJECT_ROOT
+from fastclip.config import compose_train_config
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
@@ -16,9 +14,7 @@ TINY_CLIP = ["encoder.vision.width=32", "encoder.vision.layers=2", "encoder.visi
 
 
 def compose_cfg(overrides=()):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose_train_config(overrides)
 
 
 @pytest.fixture

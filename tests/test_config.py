@@ -5,6 +5,7 @@ from omegaconf.errors import ConfigAttributeError
 
 from fastclip import CONF_DIR
 from conftest import compose_cfg
+from fastclip.config import compose_train_config
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
 
@@ -23,11 +24,7 @@ def test_every_option_composes(group, option):
 
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local", "submitit_slurm"])
 def test_launchers_compose(launcher):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    cfg = compose_train_config([f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert launcher.split("_")[-1] in cfg.hydra.launcher._target_.lower()
 
 

@@ -25,19 +25,16 @@ DATASETS = {"digits": ["dataset=digits"],
 def tome_r_for(gflops_target: float) -> int:
     """The ToMe merge rate whose image GFLOPs come closest to the target (ToMe's cost does not
     depend on the weights, so an untrained tower measures it exactly)."""
-    from hydra import compose, initialize_config_dir
-
-    from fastclip import CONF_DIR
+    from fastclip.config import compose_train_config
     from fastclip.eval.efficiency import count_gflops
     from fastclip.models.clip import build_clip
     best = None
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for r in range(1, 33):
-            cfg = compose("train", overrides=GEOMETRY + ["boundary=tome", f"boundary.r={r}"])
-            model, _ = build_clip(cfg.encoder, cfg.boundary)
-            g, _ = count_gflops(model.visual, torch.randn(4, 3, 32, 32))
-            if best is None or abs(g - gflops_target) < best[1]:
-                best = (r, abs(g - gflops_target), g)
+    for r in range(1, 33):
+        cfg = compose_train_config(GEOMETRY + ["boundary=tome", f"boundary.r={r}"])
+        model, _ = build_clip(cfg.encoder, cfg.boundary)
+        g, _ = count_gflops(model.visual, torch.randn(4, 3, 32, 32))
+        if best is None or abs(g - gflops_target) < best[1]:
+            best = (r, abs(g - gflops_target), g)
     return best[0]
 
 
@@ -84,12 +81,9 @@ def main(argv=None):
                             ("median step (s)", "time/step_median_s", ".3f"), ("step / vanilla", "step_ratio", ".2f"),
                             ("peak RSS (MB)", "memory/peak_rss_mb", ".0f")]))
     print("== harness overhead", flush=True)
-    from hydra import compose, initialize_config_dir
-
-    from fastclip import CONF_DIR
     from fastclip.bench.overhead import measure
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"epochs={args.overhead_epochs}", "trainer.progress=false"])
+    from fastclip.config import compose_train_config
+    cfg = compose_train_config([f"epochs={args.overhead_epochs}", "trainer.progress=false"])
     o = measure(cfg, root / "overhead")
     sections.append(
         f"### harness overhead (vit_tiny on digits, vanilla, {o['steps'] * args.overhead_epochs} steps, "

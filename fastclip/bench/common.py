@@ -6,15 +6,11 @@ import resource
 import sys
 from pathlib import Path
 
-from fastclip import CONF_DIR
-
 
 def _child(overrides: list[str], run_dir: str) -> dict:
-    from hydra import compose, initialize_config_dir
-
+    from fastclip.config import compose_train_config
     from fastclip.train import run
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_train_config(overrides)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     metrics = run(cfg, run_dir)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -10,10 +10,9 @@ import statistics
 import time
 
 import torch
-from hydra import compose, initialize_config_dir
 from open_clip import ClipLoss
 
-from fastclip import CONF_DIR
+from fastclip.config import compose_train_config
 from fastclip.eval.efficiency import count_gflops
 from fastclip.models.clip import boundary_loss, build_clip
 
@@ -25,8 +24,7 @@ VARIANTS = [("vanilla ViT-B/16", ["boundary=none"]),
 
 
 def bench_variant(overrides, batch, steps, warmup, device):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["encoder=vit_b16"] + overrides)
+    cfg = compose_train_config(["encoder=vit_b16"] + overrides)
     torch.manual_seed(0)
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
     model.to(device).train()

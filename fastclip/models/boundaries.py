@@ -124,15 +124,21 @@ class EntropySpike(SupervisedBoundaries):
             return entropy_spikes(next_token_logits.float(), self.window)
 
 
+def spikes(signal: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, T] bool: signal_t exceeds each of signal_{t-1} .. signal_{t-window} that exists;
+    t = 0 has no history and is never a spike."""
+    spike = torch.zeros_like(signal, dtype=torch.bool)
+    spike[:, 1:] = True
+    for j in range(1, window + 1):
+        prev = F.pad(signal, (j, 0), value=-math.inf)[:, :signal.shape[1]]  # signal_{t-j}; -inf before the start
+        spike &= signal > prev
+    return spike
+
+
 def entropy_spikes(next_token_logits: torch.Tensor, window: int) -> torch.Tensor:
     logp = next_token_logits.log_softmax(-1)
     H = -(logp.exp() * logp).sum(-1)                    # [B, T] in nats
-    spike = torch.zeros_like(H, dtype=torch.bool)
-    spike[:, 1:] = True                                  # t = 0 has no history: never a spike
-    for j in range(1, window + 1):
-        prev = F.pad(H, (j, 0), value=-math.inf)[:, :H.shape[1]]  # H_{t-j}; -inf before the start
-        spike &= H > prev
-    return spike.float()
+    return spikes(H, window).float()
 
 
 class Unigram(SupervisedBoundaries):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from fastclip.models.boundaries import EntropySpike
+from fastclip.models.boundaries import EntropySpike, spikes
 from fastclip.models.dtp import BoundaryPredictor, downsample, padding_attn_mask, segment_counts
 
 
@@ -91,10 +91,9 @@ class DTPImageTower(nn.Module):
         err = (pred.float() - pixels[:, 1:].float()).pow(2).mean(-1)     # [B, N-1]
         err = F.pad(err, (0, 1), value=0.0)                              # last patch has no next
         with torch.no_grad():
-            spike = torch.zeros_like(err, dtype=torch.bool)
-            spike[:, 1:-1] = True
-            for j in range(1, self.method.window + 1):
-                spike &= err > F.pad(err, (j, 0), value=float("inf"))[:, :err.shape[1]]
+            spike = spikes(err, self.method.window)
+            spike[:, :self.method.window] = False  # patches need a full window of history here
+            spike[:, -1] = False                   # the last patch has no next-patch error
         return spike.float(), err[:, :-1].mean()
 
 

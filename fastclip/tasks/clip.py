@@ -7,6 +7,7 @@ import torch
 from open_clip import ClipLoss
 from torch.utils.data import DataLoader
 
+from fastclip import runtime
 from fastclip.data.digits import build_digits
 from fastclip.data.image_folder import build_image_folder, scan
 from fastclip.eval.boundary_picture import draw
@@ -53,7 +54,7 @@ class ClipTask:
     def train_batches(self, epoch: int) -> DataLoader:
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(self.cfg.seed, epoch)
-        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        generator = runtime.epoch_generator(self.cfg.seed, epoch)
         return DataLoader(self.train_set, batch_size=self.cfg.trainer.batch_size, shuffle=True, drop_last=True,
                           generator=generator, num_workers=self.cfg.trainer.num_workers)
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastclip import runtime
 from fastclip.data import text8, unigram
 from fastclip.eval.bpc import evaluate_bpc
 from fastclip.models.boundaries import EntropySpike, Unigram, build_boundary_method
@@ -20,7 +21,7 @@ class RandomWindows:
     def __init__(self, ids, targets, context, batch_size, seed, epoch):
         self.ids, self.targets = torch.from_numpy(ids.astype(np.int64)), targets
         self.context, self.batch_size = context, batch_size
-        self.generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        self.generator = runtime.epoch_generator(seed, epoch)
         self.n_batches = max(1, (len(ids) - 1) // (context * batch_size))
 
     def __len__(self):
