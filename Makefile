@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-gpu clean
+.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-gpu clean
 
 install: $(STAMP)
 
@@ -35,13 +35,16 @@ ui: $(STAMP)
 report: $(STAMP)
 	$(PY) -m fastclip.report $(ARGS)
 
-bench: bench-lm bench-clip
+bench: bench-lm bench-clip bench-loader
 
 bench-lm: $(STAMP)
 	$(PY) -m fastclip.bench.lm $(ARGS)
 
 bench-clip: $(STAMP)
 	$(PY) -m fastclip.bench.clip $(ARGS)
+
+bench-loader: $(STAMP)
+	$(PY) -m fastclip.bench.loader $(ARGS)
 
 bench-gpu: $(STAMP)
 	$(PY) -m fastclip.bench.gpu $(ARGS)

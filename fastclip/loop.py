@@ -84,6 +84,8 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
         step, epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
         train_s, samples_seen = state["train_s"], state["samples_seen"]
         runtime.set_rng_state(state["rng"])
+        if hasattr(task, "load_state_dict"):
+            task.load_state_dict(state.get("task", {}))
         log.info("resumed from %s at step %d (epoch %d, batch %d), lr %.3g", tc.resume, step, epoch,
                  skip_batches, scheduler.get_last_lr()[0])
 
@@ -92,7 +94,8 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "epoch": epoch_now, "batch_in_epoch": batch_in_epoch,
             "train_s": train_s, "samples_seen": samples_seen, "rng": runtime.rng_state(),
-            "mlflow_run_id": tracker.run_id if tracker else None, "config": cfg_container(cfg)})
+            "mlflow_run_id": tracker.run_id if tracker else None, "config": cfg_container(cfg),
+            "task": task.state_dict() if hasattr(task, "state_dict") else {}})
 
     metrics: dict[str, float] = {}
     step_times: list[float] = []  # per optimizer step, data loading included
@@ -107,7 +110,10 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
                 tick = time.perf_counter()
                 continue
             with runtime.autocast(device, amp_dtype):
-                loss, extras, n = task.loss(batch)
+                result = task.loss(batch)
+            if result is None:  # a batch whose every sample was bad (the task counted them)
+                continue
+            loss, extras, n = result
             if not torch.isfinite(loss):
                 kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"
                 raise TrainingDiverged(f"train/loss is {loss.item()} at step {step} (epoch {epoch}); stopping; {kept}")

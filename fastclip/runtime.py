@@ -18,6 +18,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_torch_threads(requested, num_workers: int, device: torch.device) -> int:
+    """Intra-op threads of the training process. null: on CPU, the cores left after the loader
+    workers (at least 1): on 2 cores, 2 workers + 2 torch threads thrashed, and training fed by
+    the loader ran at 0.44x of its in-memory rate against 0.8-1.2x with 1 thread (bench-loader)."""
+    if requested:
+        n = int(requested)
+    elif device.type == "cpu" and num_workers:
+        n = max(1, (os.cpu_count() or 1) - num_workers)
+    else:
+        return torch.get_num_threads()
+    torch.set_num_threads(n)
+    return n
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -42,6 +42,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     tracking.check_writable(uri)  # fail before any work, naming the path
     device = runtime.pick_device(cfg.device)
     runtime.seed_everything(cfg.seed)
+    runtime.set_torch_threads(cfg.trainer.get("torch_threads"), cfg.trainer.num_workers, device)
     torch.set_float32_matmul_precision("high")
 
     task = build_task(cfg, device, run_dir)

@@ -75,8 +75,9 @@ def test_contrastive_loss_reaches_both_predictors():
 
 def test_gumbel_image_rate_follows_the_prior_after_short_training():
     """The prior holds the SAMPLED hard boundaries at its rate (the seed's soft-boundary loss stuck
-    near 0.17 whatever the target). Deterministic evaluation thresholds the probabilities and
-    reaches the same rate only once the predictor is confident: tracked per run, not asserted here."""
+    near 0.17 whatever the target), and the achieved rate at evaluation (eval_rule=auto ->
+    expected_count for a CLIP tower) follows it too. Thresholding instead would give ~no
+    boundary at all this early (the predictor is not confident yet): asserted as the contrast."""
     task = task_for("boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]",
                     "encoder.vision.patch_size=4", "trainer.batch_size=64")
     opt = torch.optim.AdamW(task.model.parameters(), lr=5e-4)
@@ -91,6 +92,14 @@ def test_gumbel_image_rate_follows_the_prior_after_short_training():
         sampled = task.model.visual(images)[1]["boundaries"]
     rate = float(sampled.mean())
     assert abs(rate - 0.25) <= 0.25 * 0.25, rate
+    task.model.eval()
+    with torch.no_grad():
+        info = task.model.visual(images)[1]
+    achieved = float(info["segments"].sum() / info["tokens"].sum())  # segments per patch = 1 / compression
+    assert abs(achieved - 0.25) <= 0.25 * 0.25, achieved
+    task.model.visual.method.eval_rule = "threshold"
+    with torch.no_grad():
+        assert float(task.model.visual(images)[1]["boundaries"].mean()) < 0.1
 
 
 def test_dtp_vit_fixed_4_flops_match_the_analytic_count():

@@ -3,8 +3,10 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from fastclip.models.boundaries import EntropySpike, Fixed, Gumbel, Unigram, Whitespace, entropy_spikes
+from fastclip.models.boundaries import (EntropySpike, Fixed, Gumbel, Unigram, Whitespace, build_boundary_method,
+                                        entropy_spikes, expected_count_boundaries)
 from fastclip.models.dtp import BoundaryPredictor, causal_upsample, downsample, padding_attn_mask, segment_counts
 
 
@@ -95,6 +97,38 @@ def test_gumbel_is_deterministic_at_eval_and_finite_in_fp16():
         b = method.boundaries(logits, None)
         assert torch.isfinite(b).all()
         assert b[0, 0] == 0 and b[0, -1] == 1
+
+
+def test_expected_count_keeps_the_most_likely_boundaries_at_the_sampled_rate():
+    logits = torch.tensor([[-1.0, 0.2, -0.5, -0.1, -2.0, -1.2],    # p sum = 2.22 -> 2 boundaries
+                           [-1.0, -1.0, -1.0, -1.0, -1.0, -1.0]])  # p = .27 each: 1.6 -> 2, ties to the earliest
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    b = expected_count_boundaries(logits, mask)
+    assert b.tolist() == [[0, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+    mask[1, 3:] = False  # padding: neither counted nor chosen (0.81 -> 1)
+    assert expected_count_boundaries(logits, mask)[1].tolist() == [1, 0, 0, 0, 0, 0]
+
+
+def test_gumbel_eval_rules_and_causality():
+    cfg = OmegaConf.create({"name": "gumbel", "prior": 0.2, "temperature": 0.5, "eval_rule": "auto"})
+    assert build_boundary_method(cfg, causal=True).eval_rule == "threshold"
+    assert build_boundary_method(cfg).eval_rule == "expected_count"
+    cfg.eval_rule = "expected_count"
+    with pytest.raises(ValueError, match="eval_rule=expected_count looks at the whole sequence"):
+        build_boundary_method(cfg, causal=True)
+    cfg.eval_rule = "median"
+    with pytest.raises(ValueError, match="boundary.eval_rule='median'"):
+        build_boundary_method(cfg)
+
+
+def test_confidence_term_adds_the_mean_binary_entropy():
+    logits = torch.tensor([[0.0, 2.0, -2.0, 0.5]])
+    hard = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    plain = Gumbel(prior=0.25).aux_loss(logits, hard)
+    confident = Gumbel(prior=0.25, confidence=2.0).aux_loss(logits, hard)
+    p = logits.sigmoid()
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+    assert (confident - plain).item() == pytest.approx(2.0 * entropy.item(), rel=1e-5)
 
 
 def test_fixed_and_whitespace_boundaries():

@@ -21,7 +21,7 @@ METHODS = ["none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram"]
 
 def tiny_lm(boundary: str, **cfg_overrides):
     cfg = compose_cfg(TINY_LM + [f"boundary={boundary}"] + [f"{k}={v}" for k, v in cfg_overrides.items()])
-    method = build_boundary_method(cfg.boundary, space_id=text8.SPACE_ID)
+    method = build_boundary_method(cfg.boundary, space_id=text8.SPACE_ID, causal=True)  # as LMTask builds it
     return HourglassLM(27, 32, 2, 4.0, 1, 2, 1, max_len=64, boundary=method)
 
 

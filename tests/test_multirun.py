@@ -27,3 +27,9 @@ def test_two_job_multirun_lands_in_the_default_store(tmp_path, cli_env):
         assert r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
         assert r.data.tags["hydra.job.num"] in ("0", "1")
     assert (tmp_path / "sweep" / "0" / "config.yaml").is_file()
+
+    # make report: one row per job, the varied key as a column, the parent left out
+    from fastclip.report import compare
+    table = compare(store, "fastclip", ["zeroshot/top1", "no/such_metric"]).splitlines()
+    assert "| run | commit | trainer.lr | zeroshot/top1 |" in table
+    assert len([line for line in table if line.startswith("| ") and ("0.0005" in line or "0.001" in line)]) == 2

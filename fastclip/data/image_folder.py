@@ -2,15 +2,14 @@
 captions come from templates, zero-shot runs on `eval_path` (same layout) or, when that is
 null, on a held-out stratified split of `path`. Class names are the folder names, or
 `classnames` (a file with one name per line, in sorted folder order)."""
-import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fastclip.data.captioned import CaptionedImages, LabelledImages, ZeroShotSet, caption_table, split_indices
+from fastclip.data.pairs import open_rgb
 
-log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
@@ -31,23 +30,34 @@ def scan(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
 
 
 def load_images(files: list[Path]) -> tuple[list[Image.Image], list[int]]:
-    """Decoded RGB images and the indices that decoded; undecodable files are skipped and counted."""
+    """Decoded RGB images and the indices that decoded; undecodable files are skipped (counted by the caller)."""
     images, ok = [], []
     for i, f in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
+        image = open_rgb(f, str(f))
+        if image is not None:
+            images.append(image)
             ok.append(i)
-        except (UnidentifiedImageError, OSError) as exc:
-            log.warning("skipping %s: %s", f, exc)
     return images, ok
+
+
+def folder_classnames(cfg, classes: list[str] | None = None) -> list[str]:
+    """Class names in sorted folder order: the `classnames` file when set, else the folder names."""
+    classes = classes if classes is not None else scan(cfg.path)[2]
+    if not cfg.classnames:
+        return [c.replace("_", " ") for c in classes]
+    path = Path(cfg.classnames)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset.classnames={str(path)!r}: no such file")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(names) != len(classes):
+        raise ValueError(f"dataset.classnames={str(path)!r} has {len(names)} names; dataset.path has "
+                         f"{len(classes)} class folders")
+    return names
 
 
 def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer):
     files, labels, classes = scan(cfg.path)
-    if cfg.classnames:
-        classes = [line.strip() for line in Path(cfg.classnames).read_text().splitlines() if line.strip()]
-    classnames = [c.replace("_", " ") for c in classes]
+    classnames = folder_classnames(cfg, classes)
     images, ok = load_images(files)
     labels = labels[ok]
     skipped = len(files) - len(ok)

@@ -21,11 +21,24 @@ def count_gflops(fn, *inputs) -> tuple[float, object]:
 
 
 @torch.no_grad()
-def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+def unpadded_gflops(tower, inputs: torch.Tensor, n: int) -> float:
+    """Mean GFLOPs of the first n samples each run alone: each one's own segment count, none of
+    the padding a batch with different counts pays for (what a packed/varlen kernel would cost)."""
+    return sum(count_gflops(tower, inputs[i:i + 1])[0] for i in range(min(n, len(inputs)))) / min(n, len(inputs))
+
+
+@torch.no_grad()
+def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor, unpadded_samples: int = 8) -> dict[str, float]:
+    """efficiency/*_gflops: per sample of the padded batch (what this implementation computes);
+    *_gflops_unpadded: per sample alone (DTP towers only, where segment counts differ)."""
     was_training = model.training
     model.eval()
     image_gflops, (_, image_info) = count_gflops(model.visual, images)
     text_gflops, (_, text_info) = count_gflops(model.text, tokens)
+    extra = {}
+    for name, tower, inputs, info in (("image", model.visual, images, image_info), ("text", model.text, tokens, text_info)):
+        if "boundaries" in info and unpadded_samples:
+            extra[f"efficiency/{name}_gflops_unpadded"] = unpadded_gflops(tower, inputs, unpadded_samples)
     model.train(was_training)
 
     def compression(info):
@@ -34,7 +47,7 @@ def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor) -> dict[
 
     return {"efficiency/image_gflops": image_gflops, "efficiency/text_gflops": text_gflops,
             "efficiency/compression_image": compression(image_info),
-            "efficiency/compression_text": compression(text_info)}
+            "efficiency/compression_text": compression(text_info), **extra}
 
 
 def parameter_counts(model) -> dict[str, int]:

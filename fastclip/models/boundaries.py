@@ -61,20 +61,38 @@ class Whitespace(BoundaryMethod):
 
 class Gumbel(BoundaryMethod):
     """Relaxed Bernoulli (temperature 0.5), hard = soft > 0.5, straight-through; a Binomial prior
-    on the number of HARD boundaries sets the rate. Deterministic (threshold) at evaluation."""
+    on the number of HARD boundaries sets the rate.
+
+    At evaluation there is no noise. eval_rule=threshold (the paper's rule; the only causal one,
+    so the LM's) keeps p > 0.5. It matches training only once the predictor is confident: a
+    predictor sitting at p ~= prior everywhere samples the prior's rate in training but
+    thresholds to ONE segment at eval. Two remedies, both measured in bench-clip:
+    confidence > 0 adds confidence * mean binary entropy of p to the loss (pushes p to 0/1 while
+    the prior holds the count), and eval_rule=expected_count keeps, per sequence, the
+    round(sum p) most likely boundaries (non-causal: it looks at the whole sequence).
+    """
     name = "gumbel"
     needs_predictor = True
+    EVAL_RULES = ("threshold", "expected_count")  # config also takes auto: threshold if causal, else expected_count
 
-    def __init__(self, prior: float, temperature: float = 0.5, **kw):
+    def __init__(self, prior: float, temperature: float = 0.5, confidence: float = 0.0,
+                 eval_rule: str = "threshold", **kw):
         super().__init__(**kw)
         if not 0.0 < prior < 1.0:
             raise ValueError(f"boundary.prior={prior}: expected a rate in (0, 1)")
+        if eval_rule not in self.EVAL_RULES:
+            raise ValueError(f"boundary.eval_rule={eval_rule!r}: expected one of {', '.join(self.EVAL_RULES)}")
+        if confidence < 0:
+            raise ValueError(f"boundary.confidence={confidence}: expected >= 0")
         self.prior, self.temperature = prior, temperature
+        self.confidence, self.eval_rule = confidence, eval_rule
         self.init_rate = prior
 
     def boundaries(self, logits, tokens, token_mask=None):
         logits = logits.float()  # fp16 logits overflow in the relaxed sample (the seed's NaNs)
         if not self.training:
+            if self.eval_rule == "expected_count":
+                return expected_count_boundaries(logits, token_mask)
             return (logits > 0).float()
         soft = torch.distributions.RelaxedBernoulli(torch.tensor(self.temperature, device=logits.device),
                                                     logits=logits).rsample()
@@ -91,7 +109,29 @@ class Gumbel(BoundaryMethod):
             n, count = m.sum(1), (hard * m).sum(1)
         prior = torch.distributions.Binomial(total_count=n, probs=torch.full_like(n, self.prior),
                                              validate_args=False)
-        return (-prior.log_prob(count) / n).mean()
+        loss = (-prior.log_prob(count) / n).mean()
+        if self.confidence > 0:
+            logits = logits.float()
+            p = logits.sigmoid()
+            entropy = F.binary_cross_entropy_with_logits(logits, p, reduction="none")  # H(p), stable
+            if token_mask is not None:
+                entropy = (entropy * token_mask).sum() / token_mask.sum().clamp_min(1)
+            loss = loss + self.confidence * entropy.mean()
+        return loss
+
+
+def expected_count_boundaries(logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the k = round(sum of p over valid tokens) highest-probability tokens; ties go to
+    the earlier token. Deterministic, and its rate is the rate training samples."""
+    p = logits.sigmoid()
+    if token_mask is not None:
+        p = p * token_mask
+        logits = logits.masked_fill(~token_mask.bool(), float("-inf"))
+    k = p.sum(1).round().long()
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(logits.shape[1], device=logits.device)
+                                            .expand_as(order).contiguous())
+    return (rank < k[:, None]).float()
 
 
 class SupervisedBoundaries(BoundaryMethod):
@@ -150,8 +190,9 @@ class Unigram(SupervisedBoundaries):
         self.vocab_size = vocab_size
 
 
-def build_boundary_method(cfg, space_id: int | None = None) -> BoundaryMethod | None:
-    """None for boundary=none (no pooling at all)."""
+def build_boundary_method(cfg, space_id: int | None = None, causal: bool = False) -> BoundaryMethod | None:
+    """None for boundary=none (no pooling at all). causal: the sequence model is autoregressive
+    (the LM), so no rule may look ahead."""
     name = cfg.name
     weight = cfg.get("loss_weight", 1.0)
     if name == "none":
@@ -163,7 +204,13 @@ def build_boundary_method(cfg, space_id: int | None = None) -> BoundaryMethod | 
             raise ValueError("boundary=whitespace needs a tokenizer with a space token (a character-level tower)")
         return Whitespace(space_id, loss_weight=weight)
     if name == "gumbel":
-        return Gumbel(cfg.prior, cfg.temperature, loss_weight=weight)
+        rule = cfg.get("eval_rule", "auto")
+        if rule == "auto":  # measured in bench-clip: threshold collapsed CIFAR images to one segment
+            rule = "threshold" if causal else "expected_count"
+        if causal and rule != "threshold":
+            raise ValueError(f"boundary.eval_rule={rule} looks at the whole sequence; an autoregressive "
+                             "model (task=lm) needs eval_rule=threshold")
+        return Gumbel(cfg.prior, cfg.temperature, cfg.get("confidence", 0.0), rule, loss_weight=weight)
     if name == "entropy_spike":
         return EntropySpike(cfg.window, loss_weight=weight)
     if name == "unigram":

@@ -1,33 +1,69 @@
 """Contrastive image-text pretraining: open_clip towers (vanilla, DTP or ToMe), open_clip's
 tokenizer, transforms and ClipLoss, plus each DTP tower's boundary loss. Every evaluation
 reports zero-shot accuracy and the efficiency the model actually achieved."""
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from open_clip import ClipLoss
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from fastclip import runtime
+from fastclip.data.captioned import ZeroShotSet
+from fastclip.data.coco import build_coco, read_coco
+from fastclip.data.csv_pairs import build_csv, read_pairs
 from fastclip.data.digits import build_digits
-from fastclip.data.image_folder import build_image_folder, scan
+from fastclip.data.image_folder import build_image_folder, folder_classnames
+from fastclip.data.pairs import ImageFiles, RetrievalSet, collate_skipping
+from fastclip.data.shards import build_shards, shard_captions, shard_retrieval_set
 from fastclip.eval.boundary_picture import draw
 from fastclip.eval.efficiency import parameter_counts, tower_efficiency
+from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
+from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.models.clip import boundary_loss, build_clip, build_transforms
 
 
-def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer):
-    if cfg.dataset.name == "digits":
-        return build_digits(cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
-    if cfg.dataset.name == "image_folder":
-        return build_image_folder(cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
-    raise ValueError(f"dataset={cfg.dataset.name!r} is not an image-text dataset for task=clip")
+@dataclass
+class ClipData:
+    train: Dataset                       # yields (image, tokens) or None for a bad sample
+    zeroshot: ZeroShotSet | None = None  # class-captioned sources: held-out images, unseen templates
+    retrieval: RetrievalSet | None = None
+
+
+def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
+    name = cfg.dataset.name
+    if name == "digits":
+        return ClipData(*build_digits(cfg.dataset, preprocess_train, preprocess_eval, tokenizer))
+    if name == "image_folder":
+        return ClipData(*build_image_folder(cfg.dataset, preprocess_train, preprocess_eval, tokenizer))
+    if name == "csv":
+        train, retrieval = build_csv(cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
+        return ClipData(train, retrieval=retrieval)
+    if name == "coco2014":
+        train, retrieval = build_coco(cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
+        return ClipData(train, retrieval=retrieval)
+    if name == "webdataset":
+        retrieval = (shard_retrieval_set(cfg.dataset.eval_shards, preprocess_eval, cfg.dataset.eval_max_images)
+                     if cfg.dataset.eval_shards else None)
+        return ClipData(build_shards(cfg.dataset, preprocess_train, tokenizer), retrieval=retrieval)
+    raise ValueError(f"dataset={name!r} is not an image-text dataset for task=clip "
+                     f"(digits, image_folder, csv, coco2014, webdataset)")
 
 
 def training_captions(ds) -> list[str]:
     """The captions training will see: what a unigram text-boundary model learns from."""
-    names = list(ds.classnames) if ds.name == "digits" else [c.replace("_", " ") for c in scan(ds.path)[2]]
-    return [t.format(c) for c in names for t in ds.train_templates]
+    if ds.name == "digits":
+        return [t.format(c) for c in ds.classnames for t in ds.train_templates]
+    if ds.name == "image_folder":
+        return [t.format(c) for c in folder_classnames(ds) for t in ds.train_templates]
+    if ds.name == "csv":
+        return [c for _, c in read_pairs(ds.path, ds.image_root, ds.image_column, ds.caption_column, ds.separator) if c]
+    if ds.name == "coco2014":
+        return [c for caps in read_coco(Path(ds.root), "train2014").values() for c in caps]
+    if ds.name == "webdataset":
+        return shard_captions(ds.train_shards, limit=100_000)
+    raise ValueError(f"dataset={ds.name!r}: no caption corpus for boundary=unigram")
 
 
 def decode_tokens(tokenizer, ids: torch.Tensor) -> str:
@@ -47,19 +83,34 @@ class ClipTask:
         captions = training_captions(cfg.dataset) if cfg.boundary.name == "unigram" else None
         self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.get("cache_dir"))
         self.model.to(device)
-        self.train_set, self.zeroshot = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)
+        self.data = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)
+        self.preprocess_eval = preprocess_eval
         self.criterion = ClipLoss()
         self.evals, self._artifacts = 0, []
+        self.skipped = getattr(self.data.train, "skipped", 0)  # bad samples so far, build time included
+        if cfg.eval.imagenet_val:
+            imagenet_files(cfg.eval.imagenet_val)  # a wrong path or layout fails now, not after training
+        if not (self.data.zeroshot or self.data.retrieval or cfg.eval.imagenet_val):
+            raise ValueError(f"dataset={cfg.dataset.name} brings no evaluation set here: set eval.imagenet_val "
+                             f"or the dataset's held-out split (eval_path / eval_fraction / eval_shards)")
 
     def train_batches(self, epoch: int) -> DataLoader:
-        if hasattr(self.train_set, "set_epoch"):
-            self.train_set.set_epoch(self.cfg.seed, epoch)
-        generator = runtime.epoch_generator(self.cfg.seed, epoch)
-        return DataLoader(self.train_set, batch_size=self.cfg.trainer.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, num_workers=self.cfg.trainer.num_workers)
+        train, tc = self.data.train, self.cfg.trainer
+        if hasattr(train, "set_epoch"):
+            train.set_epoch(self.cfg.seed, epoch)
+        stream = isinstance(train, IterableDataset)
+        workers = tc.num_workers
+        return DataLoader(train, batch_size=tc.batch_size, shuffle=not stream, drop_last=True,
+                          generator=None if stream else runtime.epoch_generator(self.cfg.seed, epoch),
+                          num_workers=workers, collate_fn=collate_skipping,
+                          timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
+                          persistent_workers=False)
 
     def loss(self, batch):
-        images, texts = (t.to(self.device, non_blocking=True) for t in batch)
+        self.skipped += batch.skipped
+        if batch.images is None:
+            return None  # every sample of this batch was bad: nothing to learn from
+        images, texts = batch.images.to(self.device, non_blocking=True), batch.tokens.to(self.device, non_blocking=True)
         with torch.no_grad():  # as open_clip_train: temperature capped at 100
             self.model.logit_scale.clamp_(0, 4.6052)
         out = self.model(images, texts)
@@ -75,21 +126,46 @@ class ClipTask:
         return loss, extras, images.shape[0]
 
     def eval_batch(self, n: int = 64):
-        """A real eval batch: held-out images and their class prompts (unseen templates)."""
-        z = self.zeroshot
-        images, labels = zip(*(z.images[i] for i in range(min(n, len(z.images)))))
-        texts = [z.templates[i % len(z.templates)].format(z.classnames[int(c)]) for i, c in enumerate(labels)]
-        return torch.stack(images).to(self.device), self.tokenizer(texts).to(self.device)
+        """A real eval batch for FLOP counting: held-out images with their own text (class prompts
+        in unseen templates, or their first caption)."""
+        z, r = self.data.zeroshot, self.data.retrieval
+        if z is not None:
+            images, labels = zip(*(z.images[i] for i in range(min(n, len(z.images)))))
+            texts = [z.templates[i % len(z.templates)].format(z.classnames[int(c)]) for i, c in enumerate(labels)]
+        elif r is not None:
+            pairs = [(r.images[i], r.captions[i][0]) for i in range(min(n, len(r.captions)))]
+            pairs = [(im[0], c) for im, c in pairs if im is not None]
+            images, texts = zip(*pairs)
+        else:
+            files, labels = imagenet_files(self.cfg.eval.imagenet_val)
+            pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:n].tolist()
+            samples = [s for s in ImageFiles([files[i] for i in pick], self.preprocess_eval,
+                                             [labels[i] for i in pick]) if s is not None]
+            images = [x for x, _ in samples]
+            texts = [f"a photo of a {IMAGENET_CLASSNAMES[c]}." for _, c in samples]
+        return torch.stack(list(images)).to(self.device), self.tokenizer(list(texts)).to(self.device)
 
     def evaluate(self) -> dict[str, float]:
-        z = self.zeroshot
-        acc = zero_shot_eval(self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
-                             batch_size=self.cfg.eval.batch_size)
+        cfg, metrics = self.cfg, {}
+        z = self.data.zeroshot
+        if z is not None:
+            acc = zero_shot_eval(self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
+                                 batch_size=cfg.eval.batch_size)
+            metrics.update({"zeroshot/top1": acc["top1"], "zeroshot/top5": acc["top5"]})
+        if self.data.retrieval is not None:
+            metrics.update(retrieval_eval(self.model, self.tokenizer, self.data.retrieval, self.device,
+                                          cfg.eval.batch_size, cfg.eval.num_workers))
+        if cfg.eval.imagenet_val:
+            cache = Path(cfg.eval.classifier_cache_dir) if cfg.eval.classifier_cache_dir else (
+                self.run_dir / "cache" if self.run_dir else None)
+            metrics.update(imagenet_eval(self.model, self.tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
+                                         self.device, cfg.eval.imagenet_templates, cfg.eval.batch_size,
+                                         cfg.eval.num_workers, cache))
         images, tokens = self.eval_batch()
-        metrics = {"zeroshot/top1": acc["top1"], "zeroshot/top5": acc["top5"],
-                   **tower_efficiency(self.model, images, tokens)}
+        metrics.update(tower_efficiency(self.model, images, tokens))
+        metrics["data/skipped"] = float(self.skipped)
         self.evals += 1
-        if self.run_dir is not None and self.cfg.eval.boundary_picture:
+        if self.run_dir is not None and cfg.eval.boundary_picture:
             path = self.run_dir / "boundaries" / f"eval_{self.evals:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             draw(self.model, images, tokens, lambda t: decode_tokens(self.tokenizer, t), path)
@@ -102,3 +178,10 @@ class ClipTask:
 
     def params(self) -> dict[str, int]:
         return parameter_counts(self.model)
+
+    def state_dict(self) -> dict:
+        """What a resumed run must carry beyond the model: the running skip count."""
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = state.get("skipped", self.skipped)

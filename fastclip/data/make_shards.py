@@ -1,0 +1,131 @@
+"""Convert COCO JSON / CSV / a class folder to webdataset shards, resizing offline (decoding a
+full-size JPEG costs as much as a tiny CPU model step, so training should never do it).
+
+    python -m fastclip.data.make_shards --source csv --path captions.csv --out shards/ [--image-size 64]
+    python -m fastclip.data.make_shards --source coco --path /data/coco --split train2014 --out shards/
+    python -m fastclip.data.make_shards --source folder --path /data/cifar10 --out shards/ [--template "a photo of a {}"]
+
+Output: <out>/<prefix>-000000.tar ... in img2dataset's layout (key.jpg + key.txt + key.json) and
+<out>/sizes.json (samples per shard). One sample per (image, caption) pair; the shorter image side
+is resized to --image-size (aspect kept), re-encoded as JPEG. Deterministic: records in a fixed
+order, keys numbered in that order, fixed tar mtime. Bad records (missing file, undecodable image,
+empty caption) are skipped and summarised at the end.
+"""
+import argparse
+import io
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+from webdataset import TarWriter
+
+from fastclip.data.coco import read_coco
+from fastclip.data.csv_pairs import read_pairs
+from fastclip.data.image_folder import scan
+from fastclip.data.pairs import clean_caption, open_rgb
+
+log = logging.getLogger("fastclip.make_shards")
+
+
+def records_of(args) -> list[tuple[str, str, dict]]:
+    """(image path, caption, metadata) in a deterministic order."""
+    if args.source == "csv":
+        rows = read_pairs(args.path, args.image_root, args.image_column, args.caption_column, args.separator)
+        return [(im, cap, {}) for im, cap in rows]
+    if args.source == "coco":
+        groups = read_coco(Path(args.path), args.split)
+        return [(im, cap, {}) for im in sorted(groups) for cap in (groups[im] or [""])]
+    if args.source == "folder":
+        files, labels, classes = scan(args.path)
+        return [(str(f), args.template.format(classes[c].replace("_", " ")), {"label": int(c), "class": classes[c]})
+                for f, c in zip(files, labels)]
+    raise ValueError(f"--source {args.source!r}: expected csv, coco or folder")
+
+
+def resized_jpeg(image: Image.Image, size: int, quality: int) -> bytes:
+    w, h = image.size
+    if size and min(w, h) != size:
+        scale = size / min(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode(path: str, size: int, quality: int) -> tuple[bytes | None, str | None]:
+    """(resized JPEG bytes, None) or (None, why it was skipped)."""
+    if not Path(path).is_file():
+        log.warning("skipping %s: missing file", path)
+        return None, "missing file"
+    image = open_rgb(path, path)
+    return (resized_jpeg(image, size, quality), None) if image is not None else (None, "undecodable image")
+
+
+def convert(records, out: Path, prefix: str = "shard", shard_size: int = 1000, image_size: int = 64,
+            quality: int = 90, progress: bool = True) -> dict:
+    """Writes the shards and sizes.json; returns a summary {written, skipped: {reason: n}, shards}."""
+    out.mkdir(parents=True, exist_ok=True)
+    sizes, skipped = {}, Counter()
+    last = (None, (None, None))  # (path, encoded): an image's captions are consecutive, decode it once
+    writer, name, written = None, None, 0
+
+    def close():
+        if writer is not None:
+            writer.close()
+            stream.close()
+
+    for i, (path, caption, meta) in enumerate(tqdm(records, desc="make_shards", disable=not progress)):
+        text = clean_caption(caption, path)
+        if text is None:
+            skipped["empty caption"] += 1
+            continue
+        if path != last[0]:
+            last = (path, encode(path, image_size, quality))
+        jpeg, why = last[1]
+        if jpeg is None:
+            skipped[why] += 1
+            continue
+        if written % shard_size == 0:
+            close()
+            name = f"{prefix}-{written // shard_size:06d}.tar"
+            stream = (out / name).open("wb")
+            writer = TarWriter(stream, mtime=0.0)  # fixed mtime: the same input gives the same bytes
+            sizes[name] = 0
+        key = f"{written:09d}"
+        writer.write({"__key__": key, "jpg": jpeg, "txt": text,
+                      "json": json.dumps({"source": str(path), "index": i, **meta}, sort_keys=True)})
+        sizes[name] += 1
+        written += 1
+    close()
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n")
+    return {"written": written, "skipped": dict(skipped), "shards": len(sizes)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", required=True, choices=["csv", "coco", "folder"])
+    ap.add_argument("--path", required=True, help="CSV file, COCO root, or class folder")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--prefix", default="shard")
+    ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    ap.add_argument("--image-size", type=int, default=64, help="shorter side in pixels; 0 keeps the size")
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    ap.add_argument("--split", default="train2014", help="coco: train2014 | val2014")
+    ap.add_argument("--image-root", default=None, help="csv: image paths are relative to this")
+    ap.add_argument("--image-column", default="image")
+    ap.add_argument("--caption-column", default="caption")
+    ap.add_argument("--separator", default=",")
+    ap.add_argument("--template", default="a photo of a {}.", help="folder: caption template for the class name")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    summary = convert(records_of(args), Path(args.out), args.prefix, args.shard_size, args.image_size, args.quality)
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary["skipped"].items())) or "none"
+    print(f"wrote {summary['written']} samples in {summary['shards']} shards to {args.out}; skipped: {skipped}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

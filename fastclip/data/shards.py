@@ -1,0 +1,216 @@
+"""webdataset shards in img2dataset's layout (key.jpg|png|webp + key.txt [+ key.json]).
+
+`dataset.train_shards`: a brace pattern ("/data/laion/{00000..00099}.tar"; "::" joins patterns)
+or a list of sources {shards, weight} mixed at random in proportion to their weights.
+Samples per epoch: `dataset.num_samples`, else read from sizes.json (webdataset's convention)
+or img2dataset's <shard>_stats.json beside the shards.
+
+The stream is deterministic per (seed, epoch, worker): shard order, the shuffle buffer and the
+source mixing all draw from seeded generators, so a resumed run replays the same epoch.
+Without resampling an epoch is one pass over the shards, split between loader workers; with
+`resampled: true` every worker draws shards with replacement and an epoch is num_samples.
+"""
+import json
+import logging
+import random
+from pathlib import Path
+
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import filters, shardlists, tariterators
+
+from fastclip.data.pairs import ImageFiles, RetrievalSet, clean_caption, open_rgb
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(pattern: str, what: str = "dataset.train_shards") -> list[str]:
+    urls = shardlists.expand_urls(str(pattern))
+    if not urls:
+        raise ValueError(f"{what}={pattern!r}: the pattern expands to no shards")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{what}={pattern!r}: {len(missing)} of {len(urls)} shards do not exist, "
+                                f"first {missing[0]!r}")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """From sizes.json ({shard name: count}) or img2dataset's <shard>_stats.json ("successes");
+    None when some shard has neither."""
+    total = 0
+    sizes_cache: dict[Path, dict] = {}
+    for url in urls:
+        path = Path(url)
+        sizes_file = path.parent / "sizes.json"
+        if sizes_file.is_file():
+            sizes = sizes_cache.setdefault(sizes_file, json.loads(sizes_file.read_text()))
+            if path.name in sizes:
+                total += int(sizes[path.name])
+                continue
+        stats = path.with_name(path.name.removesuffix(".tar") + "_stats.json")
+        if stats.is_file():
+            total += int(json.loads(stats.read_text())["successes"])
+            continue
+        return None
+    return total
+
+
+def _warn_and_continue(exc: Exception) -> bool:
+    log.warning("skipping unreadable shard data: %s: %s", type(exc).__name__, exc)
+    return True
+
+
+class ShardSource:
+    """One source: its shard list, weight and sample count."""
+
+    def __init__(self, pattern: str, weight: float, num_samples: int | None):
+        self.pattern, self.weight = pattern, float(weight)
+        self.urls = expand_shards(pattern)
+        self.num_samples = num_samples or count_samples(self.urls)
+
+
+def build_sources(cfg) -> list[ShardSource]:
+    spec = cfg.train_shards
+    if spec is None or spec == "":
+        raise ValueError("dataset.train_shards is empty: give a brace pattern or a list of {shards, weight}")
+    if isinstance(spec, str):
+        sources = [ShardSource(spec, 1.0, None)]
+    else:
+        if len(spec) == 0:
+            raise ValueError("dataset.train_shards is an empty list")
+        sources = [ShardSource(s["shards"], s.get("weight", 1.0), s.get("num_samples")) for s in spec]
+    if any(s.weight <= 0 for s in sources):
+        raise ValueError(f"dataset.train_shards: weights must be > 0, got {[s.weight for s in sources]}")
+    return sources
+
+
+class ShardStream(IterableDataset):
+    """Decoded (image tensor, tokens) samples, or None for a bad one (counted by the collate)."""
+
+    def __init__(self, sources: list[ShardSource], transform, tokenizer, shuffle_buffer: int, resampled: bool,
+                 num_samples: int | None):
+        self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        known = [s.num_samples for s in sources]
+        self.num_samples = num_samples or (sum(known) if all(n is not None for n in known) else None)
+        if self.num_samples is None:
+            raise ValueError("dataset.num_samples is unset and some shards have neither sizes.json nor "
+                             "<shard>_stats.json: set dataset.num_samples")
+        if len(sources) > 1 and not resampled:
+            raise ValueError("dataset.train_shards lists several weighted sources: mixing by weight needs "
+                             "dataset.resampled=true")
+        self.seed, self.epoch = 0, 0
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self):
+        return self.num_samples
+
+    def _rng(self, *salt) -> random.Random:
+        info = get_worker_info()
+        # a str seed is hashed stably (unlike hash(), which is salted per process)
+        return random.Random("/".join(map(str, (self.seed, self.epoch, info.id if info else 0) + salt)))
+
+    def _shard_urls(self, source: ShardSource, index: int):
+        rng = self._rng("shards", index)
+        if self.resampled:
+            while True:
+                yield {"url": rng.choice(source.urls)}
+        urls = list(source.urls)
+        rng = random.Random(f"{self.seed}/{self.epoch}/order/{index}")  # the same order in every worker
+        rng.shuffle(urls)
+        info = get_worker_info()
+        for url in urls[info.id::info.num_workers] if info else urls:
+            yield {"url": url}
+
+    def _samples(self, source: ShardSource, index: int):
+        samples = tariterators.tarfile_samples(self._shard_urls(source, index), handler=_warn_and_continue)
+        yield from filters._shuffle(samples, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
+                                    rng=self._rng("shuffle", index)) if self.shuffle_buffer > 1 else samples
+
+    def decode(self, sample: dict):
+        what = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None:
+            log.warning("skipping %s: no image file in the sample (has %s)", what,
+                        sorted(k for k in sample if not k.startswith("__")))
+            return None
+        raw = sample.get("txt")
+        caption = clean_caption(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw, what)
+        if caption is None:
+            return None
+        image = open_rgb(sample[image_key], what)
+        if image is None:
+            return None
+        return self.transform(image), self.tokenizer([caption])[0]
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        streams = [iter(self._samples(s, i)) for i, s in enumerate(self.sources)]
+        weights = [s.weight for s in self.sources]
+        pick = self._rng("mix")
+        quota = self.num_samples // workers if self.resampled else None
+        produced = 0
+        while quota is None or produced < quota:
+            i = pick.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
+            sample = next(streams[i], None)
+            if sample is None:  # a non-resampled pass is over
+                return
+            produced += 1
+            yield self.decode(sample)
+
+
+def build_shards(cfg, preprocess_train, tokenizer) -> ShardStream:
+    sources = build_sources(cfg)
+    return ShardStream(sources, preprocess_train, tokenizer, cfg.shuffle_buffer, cfg.resampled, cfg.num_samples)
+
+
+def _read_samples(pattern: str, what: str, limit: int | None):
+    """Raw samples of the shards in order (no shuffle), at most `limit`."""
+    urls = [{"url": u} for u in expand_shards(pattern, what)]
+    for i, sample in enumerate(tariterators.tarfile_samples(urls, handler=_warn_and_continue)):
+        if limit is not None and i >= limit:
+            return
+        yield sample
+
+
+def _caption(sample) -> str:
+    raw = sample.get("txt", b"")
+    return (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)).strip()
+
+
+def shard_captions(pattern, limit: int = 100_000) -> list[str]:
+    """Training captions (the unigram text-boundary corpus), the first `limit` of the shards."""
+    patterns = [pattern] if isinstance(pattern, str) else [s["shards"] for s in pattern]
+    return [c for p in patterns for c in map(_caption, _read_samples(p, "dataset.train_shards", limit)) if c]
+
+
+def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None) -> RetrievalSet:
+    """Retrieval on held-out shards. Samples that make_shards wrote from one source image (its
+    json "source") are regrouped into one image with several captions; others stand alone.
+    Encoded images are kept in memory (a few thousand small JPEGs)."""
+    images: dict[str, tuple[bytes, str, list[str]]] = {}
+    for sample in _read_samples(pattern, "dataset.eval_shards", None):
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        caption = _caption(sample)
+        if image_key is None or not caption:
+            log.warning("skipping eval sample %s: %s", sample.get("__key__"), "no image" if image_key is None else "empty caption")
+            continue
+        name = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        try:
+            source = json.loads(sample["json"]).get("source", name) if "json" in sample else name
+        except ValueError:
+            source = name
+        if source not in images:
+            if max_images is not None and len(images) >= max_images:
+                break
+            images[source] = (sample[image_key], name, [])
+        images[source][2].append(caption)
+    if not images:
+        raise ValueError(f"dataset.eval_shards={pattern!r}: no usable sample")
+    data, names, captions = zip(*images.values())
+    return RetrievalSet(ImageFiles(list(data), preprocess_eval, names=list(names)), list(captions))

@@ -1,0 +1,86 @@
+"""Zero-shot ImageNet on a standard val layout (<dir>/<wnid>/<image>, 1000 WNID folders whose
+sorted order is the class index), with open_clip's IMAGENET_CLASSNAMES and its template sets.
+
+The class-text classifier (1000 classes x 80 templates = 80K prompts) is cached per
+(checkpoint, templates): the key hashes the text tower's weights and the template set, so a
+re-evaluation of the same checkpoint reuses it and any weight change misses.
+"""
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from open_clip import build_zero_shot_classifier
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+from torch.utils.data import DataLoader
+
+from fastclip.data.image_folder import scan
+from fastclip.data.pairs import ImageFiles, collate_labelled
+from fastclip.eval.zeroshot import topk_correct
+
+log = logging.getLogger(__name__)
+TEMPLATE_SETS = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
+
+
+def imagenet_files(root: str | Path, classnames=IMAGENET_CLASSNAMES):
+    """(files, labels) of a val folder; fails naming the path when the layout is not 1000 classes."""
+    try:
+        files, labels, wnids = scan(root)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(str(exc).replace("dataset.path", "eval.imagenet_val")) from None
+    if len(wnids) != len(classnames):
+        raise ValueError(f"eval.imagenet_val={str(root)!r} has {len(wnids)} class folders; the val layout has "
+                         f"{len(classnames)} (one per WNID, sorted = class index)")
+    return files, labels
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_classifier(model, tokenizer, classnames, templates_name: str, device, cache_dir: Path | None):
+    if templates_name not in TEMPLATE_SETS:
+        raise ValueError(f"eval.imagenet_templates={templates_name!r}: expected one of {', '.join(TEMPLATE_SETS)}")
+    path = None
+    if cache_dir is not None:
+        key = f"{weights_digest(model.text)}-{templates_name}-{len(classnames)}"
+        path = Path(cache_dir) / f"imagenet_classifier_{key}.pt"
+        if path.is_file():
+            return torch.load(path, map_location=device), True
+    classifier = build_zero_shot_classifier(model, tokenizer, classnames, TEMPLATE_SETS[templates_name],
+                                            num_classes_per_batch=10, device=device)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(classifier.cpu(), tmp)
+        tmp.replace(path)
+    return classifier, False
+
+
+@torch.no_grad()
+def imagenet_eval(model, tokenizer, root, preprocess, device, templates: str = "openai", batch_size: int = 256,
+                  num_workers: int = 0, cache_dir: Path | None = None, classnames=IMAGENET_CLASSNAMES) -> dict:
+    files, labels = imagenet_files(root, classnames)
+    was_training = model.training
+    model.eval()
+    classifier, hit = cached_classifier(model, tokenizer, classnames, templates, device, cache_dir)
+    n, skipped, correct = 0, 0, {1: 0, 5: 0}
+    for images, target, bad in DataLoader(ImageFiles(files, preprocess, labels), batch_size=batch_size,
+                                          num_workers=num_workers, collate_fn=collate_labelled):
+        skipped += bad
+        if images is None:
+            continue
+        logits = model.encode_image(images.to(device), normalize=True).float() @ classifier.to(device).float()
+        for k, c in topk_correct(logits, target.to(device)).items():
+            correct[k] += c
+        n += len(target)
+    model.train(was_training)
+    if n == 0:
+        raise ValueError(f"eval.imagenet_val={str(root)!r}: no image could be decoded")
+    return {"zeroshot/imagenet_top1": correct[1] / n, "zeroshot/imagenet_top5": correct[5] / n,
+            "zeroshot/imagenet_images": float(n), "zeroshot/imagenet_skipped": float(skipped),
+            "zeroshot/imagenet_classifier_cached": float(hit)}

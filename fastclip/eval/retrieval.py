@@ -1,0 +1,54 @@
+"""Image-text retrieval with several captions per image (COCO 5k, Flickr): recall@K both ways.
+
+i2t: an image is a hit at K when ANY of its captions ranks in its top K captions.
+t2i: a caption is a hit at K when ITS image ranks in its top K images.
+"""
+import torch
+from torch.utils.data import DataLoader
+
+from fastclip.data.pairs import collate_labelled
+
+KS = (1, 5, 10)
+
+
+def recall_at_k(similarity: torch.Tensor, caption_image: torch.Tensor, ks=KS) -> dict[str, float]:
+    """similarity [n_images, n_captions]; caption_image[j] = index of caption j's image."""
+    n_images, n_captions = similarity.shape
+    out = {}
+    # i2t: rank of the best-ranked own caption of each image
+    own = caption_image[None, :] == torch.arange(n_images)[:, None]                    # [I, C]
+    best_own = similarity.masked_fill(~own, float("-inf")).max(1).values               # [I]
+    # ties count against the model: a constant similarity must not score R@1 = 1
+    i2t_rank = ((similarity >= best_own[:, None]) & ~own).sum(1)                       # other captions as good
+    # t2i: rank of the caption's own image
+    own_score = similarity[caption_image, torch.arange(n_captions)]                     # [C]
+    other = caption_image[None, :] != torch.arange(n_images)[:, None]
+    t2i_rank = ((similarity >= own_score[None, :]) & other).sum(0)                     # other images as good
+    for k in ks:
+        out[f"retrieval/i2t_r{k}"] = float((i2t_rank < k).float().mean())
+        out[f"retrieval/t2i_r{k}"] = float((t2i_rank < k).float().mean())
+    return out
+
+
+@torch.no_grad()
+def retrieval_eval(model, tokenizer, retrieval, device, batch_size=256, num_workers=0) -> dict[str, float]:
+    """retrieval: a RetrievalSet (ImageFiles yielding (tensor, image index), captions per image).
+    Images that fail to decode are left out together with their captions, and counted."""
+    was_training = model.training
+    model.eval()
+    features, kept, skipped = [], [], 0
+    for images, index, n_bad in DataLoader(retrieval.images, batch_size=batch_size, shuffle=False,
+                                           num_workers=num_workers, collate_fn=collate_labelled):
+        skipped += n_bad
+        if images is not None:
+            features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+            kept += index.tolist()
+    captions = [retrieval.captions[i] for i in kept]
+    flat = [c for caps in captions for c in caps]
+    caption_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    text_features = [model.encode_text(tokenizer(flat[s:s + batch_size]).to(device), normalize=True).float().cpu()
+                     for s in range(0, len(flat), batch_size)]
+    model.train(was_training)
+    similarity = torch.cat(features) @ torch.cat(text_features).T
+    return {**recall_at_k(similarity, caption_image), "retrieval/images": float(len(kept)),
+            "retrieval/skipped": float(skipped)}

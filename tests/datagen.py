@@ -1,0 +1,72 @@
+"""Tiny generated image-text data in the real layouts: COCO 2014, a Flickr-style CSV, a class
+folder, webdataset shards (with chosen bad samples). Images are solid colours named by their
+captions, so a CLIP can actually learn them."""
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+from webdataset import TarWriter
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def colour_image(name: str, i: int, size: int = 40) -> Image.Image:
+    r, g, b = COLOURS[name]
+    shade = (i * 7) % 30  # distinct files, same colour
+    return Image.new("RGB", (size, size + i % 5), (max(0, r - shade), max(0, g - shade), max(0, b - shade)))
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def make_csv(root: Path, per_colour: int = 6, captions_per_image: int = 2) -> Path:
+    """root/images/*.jpg + root/captions.csv (image,caption; several rows per image)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["image,caption"]
+    for name in COLOURS:
+        for i in range(per_colour):
+            file = f"{name}_{i}.jpg"
+            colour_image(name, i).save(root / "images" / file)
+            rows += [f"{file},a {name} square number {k}" for k in range(captions_per_image)]
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    return root / "captions.csv"
+
+
+def make_coco(root: Path, train_per_colour: int = 6, val_per_colour: int = 3) -> Path:
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    ann_id = 0
+    for split, n in (("train2014", train_per_colour), ("val2014", val_per_colour)):
+        (root / split).mkdir(exist_ok=True)
+        images, annotations = [], []
+        for c, name in enumerate(COLOURS):
+            for i in range(n):
+                image_id = 1000 * c + i
+                file = f"COCO_{split}_{image_id:012d}.jpg"
+                colour_image(name, i).save(root / split / file)
+                images.append({"id": image_id, "file_name": file})
+                for k in range(5):
+                    ann_id += 1
+                    annotations.append({"id": ann_id, "image_id": image_id, "caption": f"a {name} thing, take {k}"})
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def make_class_folder(root: Path, per_colour: int = 6) -> Path:
+    for name in COLOURS:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_colour):
+            colour_image(name, i).save(root / name / f"{i}.png")
+    return root
+
+
+def write_shard(path: Path, samples: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        writer = TarWriter(f, mtime=0.0)
+        for s in samples:
+            writer.write(s)
+        writer.close()

@@ -1,0 +1,219 @@
+"""Real-layout data sources on generated data: CSV, COCO 2014, class folder, shards (and the
+converter between them), bad samples skipped and counted, clear errors before training."""
+import json
+import os
+import time
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from conftest import SHARED_DATA, TINY_CLIP, compose_cfg
+from datagen import COLOURS, colour_image, jpeg_bytes, make_class_folder, make_coco, make_csv, write_shard
+from fastclip.data import make_shards
+from fastclip.data.shards import count_samples, expand_shards
+from fastclip.tasks.clip import ClipTask
+from fastclip.train import run
+
+FAST = TINY_CLIP + ["eval.boundary_picture=false", "trainer.batch_size=8"]
+RETRIEVAL = [f"retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+
+
+def shards_of(tmp_path, source, path, **kw):
+    out = tmp_path / f"shards_{source}"
+    summary = make_shards.main(["--source", source, "--path", str(path), "--out", str(out), "--shard-size", "10",
+                                "--image-size", "32"] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+    return out, summary
+
+
+@pytest.mark.parametrize("source", ["csv", "coco", "folder"])
+def test_converted_shards_train_and_report_retrieval(tmp_path, store, source):
+    make = {"csv": make_csv, "coco": make_coco, "folder": make_class_folder}[source]
+    path = make(tmp_path / source)
+    out, summary = shards_of(tmp_path, source, path)
+    expected = {"csv": 4 * 6 * 2, "coco": 4 * 6 * 5, "folder": 4 * 6}[source]
+    assert summary["written"] == expected and summary["skipped"] == {}
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sum(sizes.values()) == expected and max(sizes.values()) == 10
+    pattern = str(out / ("shard-{000000..%06d}.tar" % (len(sizes) - 1)))
+    assert count_samples(expand_shards(pattern)) == expected
+    cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards='{pattern}'",
+                              f"dataset.eval_shards='{pattern}'", "epochs=1"])
+    metrics = run(cfg, tmp_path / "run")
+    assert set(RETRIEVAL) <= set(metrics)
+    assert metrics["data/skipped"] == 0
+    assert metrics["throughput/train_samples_per_s"] > 0
+
+
+def test_conversion_is_deterministic_and_resizes(tmp_path):
+    path = make_csv(tmp_path / "csv")
+    a, _ = shards_of(tmp_path / "a", "csv", path)
+    b, _ = shards_of(tmp_path / "b", "csv", path)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    import tarfile
+    from PIL import Image
+    with tarfile.open(a / "shard-000000.tar") as tar:
+        jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        assert min(Image.open(tar.extractfile(jpg)).size) == 32
+
+
+def test_converter_skips_and_summarises_bad_records(tmp_path):
+    path = make_csv(tmp_path / "csv", per_colour=2, captions_per_image=1)
+    (tmp_path / "csv" / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with path.open("a") as f:
+        f.write("broken.jpg,a broken image\nnowhere.jpg,a missing file\nred_0.jpg,\n")
+    _, summary = shards_of(tmp_path, "csv", path)
+    assert summary["written"] == 8
+    assert summary["skipped"] == {"undecodable image": 1, "missing file": 1, "empty caption": 1}
+
+
+def bad_shard(tmp_path):
+    """16 samples: 13 good, a corrupt JPEG, an empty caption and a sample without its image."""
+    samples = []
+    for i in range(16):
+        name = list(COLOURS)[i % 4]
+        samples.append({"__key__": f"{i:05d}", "jpg": jpeg_bytes(colour_image(name, i)), "txt": f"a {name} square"})
+    samples[3]["jpg"] = b"\xff\xd8\xff\xe0 truncated garbage"
+    samples[7]["txt"] = "   "
+    del samples[11]["jpg"]
+    samples[11]["json"] = "{}"
+    path = tmp_path / "bad" / "shard-000000.tar"
+    write_shard(path, samples)
+    (path.parent / "sizes.json").write_text(json.dumps({path.name: 16}))
+    return path
+
+
+def test_a_shard_with_bad_samples_trains_and_counts_its_skips(tmp_path, store):
+    shard = bad_shard(tmp_path)
+    cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards={shard}",
+                              f"dataset.eval_shards={shard}", "epochs=2", "dataset.shuffle_buffer=4"])
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["data/skipped"] == 6  # 3 bad samples in each of 2 epochs
+    assert metrics["retrieval/images"] == 13  # eval: 2 unusable samples dropped, the corrupt JPEG fails to decode
+    assert metrics["retrieval/skipped"] == 1
+    import mlflow
+    history = mlflow.MlflowClient(tracking_uri=store).get_metric_history(metrics["mlflow_run_id"], "data/skipped")
+    assert [m.value for m in history] == [3, 6]
+
+
+def test_csv_and_coco_train_directly_with_retrieval(tmp_path, store):
+    csv = make_csv(tmp_path / "csv")
+    cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=csv", f"dataset.path={csv}", "dataset.eval_fraction=0.25",
+                              "epochs=1"])
+    task = ClipTask(cfg, torch.device("cpu"))
+    held = len(task.data.retrieval.captions)
+    assert held == 6 and all(len(c) == 2 for c in task.data.retrieval.captions)
+    train_images = {r[0] for r in task.data.train.records}
+    assert not train_images & {str(f) for f in task.data.retrieval.images.files}  # split by image
+    metrics = run(cfg, tmp_path / "csv_run")
+    assert set(RETRIEVAL) <= set(metrics)
+    coco = make_coco(tmp_path / "coco")
+    cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=coco2014", f"dataset.root={coco}", "epochs=1",
+                              "dataset.retrieval_images=8"])
+    task = ClipTask(cfg, torch.device("cpu"))
+    assert len(task.data.train) == 24  # one caption per train image
+    assert len(task.data.retrieval.captions) == 8 and all(len(c) == 5 for c in task.data.retrieval.captions)
+    cfg.dataset.pairs = "all"
+    assert len(ClipTask(cfg, torch.device("cpu")).data.train) == 120
+    assert set(RETRIEVAL) <= set(run(cfg, tmp_path / "coco_run"))
+
+
+def test_csv_bad_rows_are_counted_in_training(tmp_path):
+    csv = make_csv(tmp_path / "csv", per_colour=2, captions_per_image=2)  # 16 rows
+    (tmp_path / "csv" / "images" / "broken.jpg").write_bytes(b"junk")
+    with csv.open("a") as f:  # 4 more rows, 3 bad: 20 rows, no held-out split
+        f.write("broken.jpg,a broken one\nnowhere.jpg,a missing one\nred_1.jpg,\nred_1.jpg,a red square again\n")
+    cfg = compose_cfg(FAST + ["dataset=csv", f"dataset.path={csv}", "dataset.eval_fraction=0.0",
+                              "eval.imagenet_val=null", "trainer.batch_size=4"])
+    with pytest.raises(ValueError, match="no evaluation set"):
+        ClipTask(cfg, torch.device("cpu"))
+    cfg.dataset.eval_path = str(csv)
+    task = ClipTask(cfg, torch.device("cpu"))
+    total = 0
+    for batch in task.train_batches(0):
+        if task.loss(batch) is not None:
+            total += batch.images.shape[0]
+    assert task.skipped == 3 and total == 17
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["dataset=csv", "dataset.path=/nonexistent/captions.csv"], "dataset.path='/nonexistent/captions.csv'"),
+    (["dataset=coco2014", "dataset.root=/nonexistent/coco"], "dataset.root='/nonexistent/coco'"),
+    (["dataset=webdataset", "dataset.train_shards='/nonexistent/s-{000..003}.tar'"], "4 of 4 shards do not exist"),
+    (["dataset=webdataset", "dataset.train_shards=[]"], "empty list"),
+    (["dataset=image_folder", "dataset.path=/nonexistent/folder"], "dataset.path='/nonexistent/folder'"),
+])
+def test_missing_data_fails_before_training_naming_it(tmp_path, store, overrides, message):
+    cfg = compose_cfg(FAST + [f"tracking.uri={store}"] + overrides)
+    with pytest.raises((FileNotFoundError, ValueError), match=message.replace("{", r"\{").replace("}", r"\}")):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_weighted_resampled_sources_mix_by_weight(tmp_path):
+    for colour in ("red", "blue"):
+        write_shard(tmp_path / colour / "s-0.tar", [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image(colour, i)),
+                                                     "txt": f"a {colour} square"} for i in range(20)])
+    sources = (f"[{{shards: '{tmp_path}/red/s-0.tar', weight: 3, num_samples: 20}},"
+               f"{{shards: '{tmp_path}/blue/s-0.tar', weight: 1, num_samples: 20}}]")
+    cfg = compose_cfg(FAST + ["dataset=webdataset", f"dataset.train_shards={sources}", "dataset.resampled=true",
+                              f"dataset.eval_shards={tmp_path}/red/s-0.tar"])
+    task = ClipTask(cfg, torch.device("cpu"))
+    stream, red_tokens = task.data.train, task.tokenizer(["a red square"])[0]
+    stream.set_epoch(0, 0)
+    assert len(list(stream)) == 40  # an epoch is the sources' 20 + 20 samples
+    stream.num_samples = 400
+    tokens = [s[1] for s in stream]
+    red = sum(torch.equal(t, red_tokens) for t in tokens)
+    assert len(tokens) == 400 and 0.65 < red / 400 < 0.85  # weights 3:1 -> 0.75
+    again = [s[1] for s in stream]
+    assert all(torch.equal(a, b) for a, b in zip(tokens, again))  # same (seed, epoch): the same stream
+    stream.set_epoch(0, 1)
+    assert not all(torch.equal(a, b) for a, b in zip(tokens, (s[1] for s in stream)))
+
+
+class _DiesInWorker(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        os._exit(3)
+
+
+class _HangsInWorker(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        time.sleep(600)
+
+
+@pytest.mark.parametrize("dataset, error", [(_DiesInWorker, "exited unexpectedly"), (_HangsInWorker, "timed out")])
+def test_a_broken_loader_worker_raises_instead_of_hanging(dataset, error):
+    cfg = compose_cfg(FAST + ["trainer.num_workers=1", "trainer.loader_timeout_s=3"])
+    task = ClipTask(cfg, torch.device("cpu"))
+    task.data.train = dataset()
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=error):
+        next(iter(task.train_batches(0)))
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "flickr8k-1k" / "captions.csv").is_file(), reason="../shared/data/flickr8k-1k absent")
+def test_flickr8k_converts_trains_and_logs_retrieval(tmp_path, store):
+    rows = (SHARED_DATA / "flickr8k-1k" / "captions.csv").read_text().splitlines()
+    images = sorted({r.split(",", 1)[0] for r in rows[1:]})
+    held = set(images[:100])
+    for name, keep in (("train", lambda im: im not in held), ("eval", lambda im: im in held)):
+        (tmp_path / f"{name}.csv").write_text("\n".join([rows[0]] + [r for r in rows[1:] if keep(r.split(",", 1)[0])]))
+        make_shards.main(["--source", "csv", "--path", str(tmp_path / f"{name}.csv"), "--image-root",
+                          str(SHARED_DATA / "flickr8k-1k" / "images"), "--out", str(tmp_path / name), "--image-size", "32"])
+    cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset",
+                              f"dataset.train_shards='{tmp_path}/train/shard-{{000000..000004}}.tar'",
+                              f"dataset.eval_shards={tmp_path}/eval/shard-000000.tar",
+                              "trainer.max_steps=5", "epochs=1", "trainer.batch_size=32"])
+    metrics = run(cfg, tmp_path / "run")
+    assert set(RETRIEVAL) <= set(metrics) and metrics["retrieval/images"] == 100  # 5 captions each, regrouped by source image

@@ -1,0 +1,84 @@
+"""Evaluation orthogonal to the training data: ImageNet-layout zero-shot with a cached
+classifier, and retrieval recall with several captions per image."""
+import re
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+from conftest import TINY_CLIP, compose_cfg
+from fastclip.eval.imagenet import imagenet_eval
+from fastclip.eval.retrieval import recall_at_k
+from fastclip.train import run
+
+N_CLASSES = 1000
+
+
+class OracleClip(nn.Module):
+    """Text: class k's prompts embed to e_k. Image: its pixel spells its class k; the model
+    answers k, except for k % 4 == 0 where it answers k + 1 first and k second. So top-1 is
+    exactly 0.75 and top-5 exactly 1.0 when the evaluator maps folders, classes and prompts right."""
+
+    def __init__(self):
+        super().__init__()
+        self.text = nn.Linear(1, 1)  # the weights the classifier cache is keyed on
+
+    def encode_text(self, tokens, normalize=False):
+        return nn.functional.one_hot(tokens[:, 0], N_CLASSES).float()
+
+    def encode_image(self, images, normalize=False):
+        k = (images[:, 0, 0, 0] * 255).round().long() + 256 * (images[:, 1, 0, 0] * 255).round().long()
+        emb = nn.functional.one_hot(k, N_CLASSES).float()
+        wrong = k % 4 == 0
+        emb[wrong] = 0.5 * emb[wrong] + nn.functional.one_hot((k[wrong] + 1) % N_CLASSES, N_CLASSES).float()
+        return nn.functional.normalize(emb, dim=-1) if normalize else emb
+
+
+def class_tokenizer(texts):
+    return torch.tensor([[int(re.search(r"class(\d+)", t).group(1))] for t in texts])
+
+
+def test_imagenet_evaluator_gives_the_known_accuracy_and_caches_the_classifier(tmp_path):
+    root = tmp_path / "val"
+    for k in range(N_CLASSES):  # WNID-like folder names whose sorted order is the class index
+        (root / f"n{k:08d}").mkdir(parents=True)
+        Image.new("RGB", (4, 4), (k % 256, k // 256, 0)).save(root / f"n{k:08d}" / "ILSVRC2012_val.png")
+    names = [f"class{k}" for k in range(N_CLASSES)]
+    model, cache = OracleClip(), tmp_path / "cache"
+    first = imagenet_eval(model, class_tokenizer, root, transforms.ToTensor(), "cpu", "simple", 250,
+                          cache_dir=cache, classnames=names)
+    assert first["zeroshot/imagenet_top1"] == 0.75 and first["zeroshot/imagenet_top5"] == 1.0
+    assert first["zeroshot/imagenet_images"] == N_CLASSES and first["zeroshot/imagenet_classifier_cached"] == 0
+    again = imagenet_eval(model, class_tokenizer, root, transforms.ToTensor(), "cpu", "simple", 250,
+                          cache_dir=cache, classnames=names)
+    assert again["zeroshot/imagenet_classifier_cached"] == 1 and again["zeroshot/imagenet_top1"] == 0.75
+    with torch.no_grad():
+        model.text.weight.add_(1.0)  # another checkpoint: the cache must miss
+    assert imagenet_eval(model, class_tokenizer, root, transforms.ToTensor(), "cpu", "simple", 250,
+                         cache_dir=cache, classnames=names)["zeroshot/imagenet_classifier_cached"] == 0
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_imagenet_layout_errors_name_the_path(tmp_path, store):
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    cfg = compose_cfg(TINY_CLIP + [f"tracking.uri={store}", f"eval.imagenet_val={tmp_path / 'val'}", "trainer.max_steps=1"])
+    with pytest.raises(ValueError, match=r"eval.imagenet_val=.*has 1 class folders"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
+
+
+def test_recall_at_k_with_several_captions_per_image():
+    # 3 images; captions 0,1 -> image 0; 2 -> image 1; 3,4 -> image 2
+    caption_image = torch.tensor([0, 0, 1, 2, 2])
+    sim = torch.tensor([[0.1, 0.9, 0.5, 0.0, 0.0],   # image 0: its caption 1 ranks first -> i2t hit at 1
+                        [0.8, 0.0, 0.7, 0.0, 0.0],   # image 1: its caption 2 ranks second -> hit at 5, not 1
+                        [0.0, 0.0, 0.0, 0.3, 0.2]])  # image 2: caption 3 first
+    r = recall_at_k(sim, caption_image, ks=(1, 5))
+    assert r["retrieval/i2t_r1"] == pytest.approx(2 / 3) and r["retrieval/i2t_r5"] == 1.0
+    # t2i: caption 0 -> image 1 scores higher (miss at 1); 1 hit; 2 -> image 0 (0.5) < image 1 (0.7) hit;
+    # 3 hit; 4 hit
+    assert r["retrieval/t2i_r1"] == pytest.approx(4 / 5) and r["retrieval/t2i_r5"] == 1.0
+    flat = recall_at_k(torch.zeros(3, 5), caption_image, ks=(1,))  # ties count against the model
+    assert flat["retrieval/i2t_r1"] == 0.0 and flat["retrieval/t2i_r1"] == 0.0
