@@ -1,4 +1,5 @@
-"""make bench-clip: vanilla ViT vs DTP-ViT (gumbel prior 0.25, fixed k=4) vs ToMe at matched
+"""make bench-clip: vanilla ViT vs DTP-ViT (gumbel prior 0.25 with the default eval rule and
+with the confidence term, fixed k=4) vs ToMe at matched
 GFLOPs, equal steps, on digits and on CIFAR-10 (class-template captions; zero-shot on held-out
 images with unseen templates). Zero-shot top-1, image GFLOPs from the real eval boundaries,
 achieved compression, median step time and peak memory per run; then our training step vs
@@ -57,7 +58,9 @@ def main(argv=None):
                                             "tracking.experiment=bench-clip"]
         variants = [("vanilla ViT", ["boundary=none"]),
                     ("DTP-ViT gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]"]),
-                    ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"])]
+                    ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"]),
+                    ("DTP-ViT gumbel 0.25, confidence 1", ["boundary=gumbel", "boundary.prior=0.25",
+                                                           "boundary.apply_to=[image]", "boundary.confidence=1.0"])]
         rows = []
         for name, overrides in variants:
             print(f"== {ds}: {name}", flush=True)
