@@ -217,3 +217,32 @@ def test_flickr8k_converts_trains_and_logs_retrieval(tmp_path, store):
                               "trainer.max_steps=5", "epochs=1", "trainer.batch_size=32"])
     metrics = run(cfg, tmp_path / "run")
     assert set(RETRIEVAL) <= set(metrics) and metrics["retrieval/images"] == 100  # 5 captions each, regrouped by source image
+
+
+def test_a_killed_shard_run_resumes_mid_epoch_on_the_same_stream(tmp_path, store, monkeypatch):
+    shard = bad_shard(tmp_path)
+    common = FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards={shard}",
+                     f"dataset.eval_shards={shard}", "epochs=2", "trainer.batch_size=4", "trainer.ckpt_every_steps=1",
+                     "dataset.shuffle_buffer=8"]
+    full = run(compose_cfg(common), tmp_path / "full")
+    real_loss, calls = ClipTask.loss, {"n": 0}
+
+    def killed_mid_epoch_2(self, batch):  # 4 batches per epoch: dies on the 3rd batch of epoch 2
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(ClipTask, "loss", killed_mid_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg(common), tmp_path / "killed")
+    monkeypatch.setattr(ClipTask, "loss", real_loss)
+    ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
+    resumed = run(compose_cfg(common + [f"trainer.resume={ckpt}"]), tmp_path / "resumed")
+    end = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)
+    ref = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
+    for key, value in ref["model"].items():
+        torch.testing.assert_close(end["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert resumed["data/skipped"] == full["data/skipped"] == 6  # the count survives the kill, nothing twice

@@ -116,6 +116,11 @@ def test_gumbel_eval_rules_and_causality():
     cfg.eval_rule = "expected_count"
     with pytest.raises(ValueError, match="eval_rule=expected_count looks at the whole sequence"):
         build_boundary_method(cfg, causal=True)
+    cfg.eval_rule = "sample"  # draws are per token: allowed for the LM, repeatable, at the model's rate
+    method = build_boundary_method(cfg, causal=True).eval()
+    logits = torch.full((4, 2000), -1.0986)  # p = 0.25
+    first, second = method.boundaries(logits, None), method.boundaries(logits, None)
+    assert torch.equal(first, second) and abs(first.mean().item() - 0.25) < 0.02
     cfg.eval_rule = "median"
     with pytest.raises(ValueError, match="boundary.eval_rule='median'"):
         build_boundary_method(cfg)

@@ -128,8 +128,10 @@ class ShardStream(IterableDataset):
 
     def _samples(self, source: ShardSource, index: int):
         samples = tariterators.tarfile_samples(self._shard_urls(source, index), handler=_warn_and_continue)
-        yield from filters._shuffle(samples, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
-                                    rng=self._rng("shuffle", index)) if self.shuffle_buffer > 1 else samples
+        if self.shuffle_buffer > 1:
+            samples = filters.shuffle(bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
+                                      rng=self._rng("shuffle", index))(samples)
+        yield from samples
 
     def decode(self, sample: dict):
         what = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"

@@ -63,17 +63,19 @@ class Gumbel(BoundaryMethod):
     """Relaxed Bernoulli (temperature 0.5), hard = soft > 0.5, straight-through; a Binomial prior
     on the number of HARD boundaries sets the rate.
 
-    At evaluation there is no noise. eval_rule=threshold (the paper's rule; the only causal one,
-    so the LM's) keeps p > 0.5. It matches training only once the predictor is confident: a
+    At evaluation: eval_rule=threshold (the paper's rule, no noise; causal, so the LM's default)
+    keeps p > 0.5. It matches training only once the predictor is confident: a
     predictor sitting at p ~= prior everywhere samples the prior's rate in training but
     thresholds to ONE segment at eval. Two remedies, both measured in bench-clip:
     confidence > 0 adds confidence * mean binary entropy of p to the loss (pushes p to 0/1 while
     the prior holds the count), and eval_rule=expected_count keeps, per sequence, the
     round(sum p) most likely boundaries (non-causal: it looks at the whole sequence).
+    eval_rule=sample draws hard boundaries as training does, from a fixed seed (repeatable).
     """
     name = "gumbel"
     needs_predictor = True
-    EVAL_RULES = ("threshold", "expected_count")  # config also takes auto: threshold if causal, else expected_count
+    # config also takes auto: threshold if causal, else expected_count
+    EVAL_RULES = ("threshold", "expected_count", "sample")
 
     def __init__(self, prior: float, temperature: float = 0.5, confidence: float = 0.0,
                  eval_rule: str = "threshold", **kw):
@@ -93,6 +95,9 @@ class Gumbel(BoundaryMethod):
         if not self.training:
             if self.eval_rule == "expected_count":
                 return expected_count_boundaries(logits, token_mask)
+            if self.eval_rule == "sample":  # the training distribution, with noise fixed per call
+                g = torch.Generator(device=logits.device).manual_seed(0)
+                return torch.bernoulli(logits.sigmoid(), generator=g)
             return (logits > 0).float()
         soft = torch.distributions.RelaxedBernoulli(torch.tensor(self.temperature, device=logits.device),
                                                     logits=logits).rsample()
@@ -207,9 +212,9 @@ def build_boundary_method(cfg, space_id: int | None = None, causal: bool = False
         rule = cfg.get("eval_rule", "auto")
         if rule == "auto":  # measured in bench-clip: threshold collapsed CIFAR images to one segment
             rule = "threshold" if causal else "expected_count"
-        if causal and rule != "threshold":
+        if causal and rule == "expected_count":
             raise ValueError(f"boundary.eval_rule={rule} looks at the whole sequence; an autoregressive "
-                             "model (task=lm) needs eval_rule=threshold")
+                             "model (task=lm) needs eval_rule=threshold or sample")
         return Gumbel(cfg.prior, cfg.temperature, cfg.get("confidence", 0.0), rule, loss_weight=weight)
     if name == "entropy_spike":
         return EntropySpike(cfg.window, loss_weight=weight)
