@@ -34,6 +34,16 @@ def hydra_tags() -> dict[str, str]:
     return tags
 
 
+def run_name(cfg: DictConfig, tags: dict) -> str:
+    """tracking.run_name, else what the command line chose (Hydra's override_dirname), else the
+    main groups. Never MLflow's random name: it draws from `random`, which the run seed fixes, so
+    every run with the same seed would get the same name."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    chosen = tags.get("hydra.job.override_dirname")
+    return chosen or f"{cfg.task.name} {cfg.dataset.name} {cfg.encoder.name} boundary={cfg.boundary.name}"
+
+
 def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLike | None = None) -> dict:
     """Train and evaluate one configuration; returns the final metrics."""
     run_dir = Path(run_dir)
@@ -55,7 +65,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     commit, dirty = runtime.git_commit()
     tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
             "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags()}
-    tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name, tags=tags,
+    tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=run_name(cfg, tags), tags=tags,
                                run_id=resume_run_id)
     tracker.log_params(tracking.flatten(cfg))
     counts = task.params() if hasattr(task, "params") else {"model.params_total": sum(

@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 from fastclip import PROJECT_ROOT
 from fastclip.config import compose_train_config
 
@@ -32,3 +33,23 @@ def cli_env():
 
 
 PYTHON = sys.executable
+
+
+def run_killed_at_loss_call(cfg, run_dir, monkeypatch, call: int):
+    """Runs cfg but dies (KeyboardInterrupt, as a kill) on the call-th ClipTask.loss; returns the
+    state of the checkpoint it left."""
+    from fastclip.tasks.clip import ClipTask
+    from fastclip.train import run
+    real_loss, calls = ClipTask.loss, {"n": 0}
+
+    def dies(self, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(ClipTask, "loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, run_dir)
+    monkeypatch.setattr(ClipTask, "loss", real_loss)
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import SHARED_DATA, TINY_CLIP, compose_cfg
+from conftest import SHARED_DATA, TINY_CLIP, compose_cfg, run_killed_at_loss_call
 from datagen import COLOURS, colour_image, jpeg_bytes, make_class_folder, make_coco, make_csv, write_shard
 from fastclip.data import make_shards
 from fastclip.data.shards import count_samples, expand_shards
@@ -225,20 +225,9 @@ def test_a_killed_shard_run_resumes_mid_epoch_on_the_same_stream(tmp_path, store
                      f"dataset.eval_shards={shard}", "epochs=2", "trainer.batch_size=4", "trainer.ckpt_every_steps=1",
                      "dataset.shuffle_buffer=8"]
     full = run(compose_cfg(common), tmp_path / "full")
-    real_loss, calls = ClipTask.loss, {"n": 0}
-
-    def killed_mid_epoch_2(self, batch):  # 4 batches per epoch: dies on the 3rd batch of epoch 2
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_loss(self, batch)
-
-    monkeypatch.setattr(ClipTask, "loss", killed_mid_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(common), tmp_path / "killed")
-    monkeypatch.setattr(ClipTask, "loss", real_loss)
+    # 4 batches per epoch: dies on the 3rd batch of epoch 2
+    state = run_killed_at_loss_call(compose_cfg(common), tmp_path / "killed", monkeypatch, call=7)
     ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
-    state = torch.load(ckpt, weights_only=False)
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
     resumed = run(compose_cfg(common + [f"trainer.resume={ckpt}"]), tmp_path / "resumed")
     end = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)

@@ -5,7 +5,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import TINY_CLIP, compose_cfg
+from conftest import TINY_CLIP, compose_cfg, run_killed_at_loss_call
 from fastclip import runtime
 from fastclip.loop import TrainingDiverged
 from fastclip.tasks.clip import ClipTask
@@ -85,20 +85,9 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, store, monkeypatch):
     common = TINY_CLIP + [f"tracking.uri={store}", "trainer.batch_size=256", "trainer.warmup_steps=3", "epochs=2"]
     full = run(compose_cfg(common), tmp_path / "full")
 
-    real_loss, calls = ClipTask.loss, {"n": 0}
-
-    def killed_in_epoch_2(self, batch):  # 5 steps per epoch: the 7th step never happens
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_loss(self, batch)
-
-    monkeypatch.setattr(ClipTask, "loss", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(common), tmp_path / "killed")
-    monkeypatch.setattr(ClipTask, "loss", real_loss)
+    # 5 steps per epoch: dies on the 7th step
+    first = run_killed_at_loss_call(compose_cfg(common), tmp_path / "killed", monkeypatch, call=7)
     ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
-    first = torch.load(ckpt, weights_only=False)
     assert (first["step"], first["epoch"]) == (5, 1)
     client = mlflow.MlflowClient(tracking_uri=store)
     assert client.get_run(first["mlflow_run_id"]).info.status == "KILLED"
