@@ -16,6 +16,8 @@ from fastclip.loop import fit
 from fastclip.tasks import build_task
 
 log = logging.getLogger("fastclip")
+# what a run reports last and a sweeper would optimise, in order of preference
+HEADLINE_METRICS = ("zeroshot/top1", "zeroshot/imagenet_top1", "retrieval/i2t_r1", "lm/test_bpc")
 
 
 def hydra_tags() -> dict[str, str]:
@@ -83,7 +85,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     tracker.end("FINISHED")
     metrics["mlflow_run_id"] = tracker.run_id
     log.info("MLflow store: %s (run %s); view with `make ui`", uri, tracker.run_id)
-    for key in ("zeroshot/top1", "lm/test_bpc"):
+    for key in HEADLINE_METRICS:
         if key in metrics:
             log.info("final %s = %.4f", key, metrics[key])
     return metrics
@@ -95,7 +97,7 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd)
     # The returned value is what a sweeper would optimise.
-    return metrics.get("zeroshot/top1", metrics.get("lm/test_bpc"))
+    return next((metrics[k] for k in HEADLINE_METRICS if k in metrics), None)
 
 
 if __name__ == "__main__":
