@@ -48,3 +48,20 @@ def test_config_is_struct_so_typos_in_code_fail():
     cfg = compose_cfg()
     with pytest.raises(ConfigAttributeError):
         _ = cfg.trainer.learning_rate
+
+
+@pytest.mark.parametrize("experiment, data_key", [("seed_coco_rn50", "dataset.root"),
+                                                  ("seed_laion_rn50", "dataset.train_shards")])
+def test_seed_table_experiments(tmp_path, experiment, data_key):
+    """The seed's recipe: RN50 + transformer, batch 128 for 1 epoch else 32, lr 1e-4, wd 0.1, 50
+    warm-up steps; its data paths are required keys that fail naming themselves."""
+    for epochs, batch in ((1, 128), (10, 32), (30, 32)):
+        cfg = compose_cfg([f"experiment={experiment}", f"epochs={epochs}", f"{data_key}=/data/x",
+                           "eval.imagenet_val=null"])
+        assert cfg.trainer.batch_size == batch
+        assert (cfg.encoder.open_clip_name, cfg.boundary.name) == ("RN50", "none")
+        assert (cfg.trainer.lr, cfg.trainer.weight_decay, cfg.trainer.warmup_steps) == (1e-4, 0.1, 50)
+    from fastclip.train import run
+    cfg = compose_cfg([f"experiment={experiment}", "eval.imagenet_val=null", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    with pytest.raises(Exception, match=data_key.split(".")[-1]):
+        run(cfg, tmp_path / "run")
