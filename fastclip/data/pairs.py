@@ -42,7 +42,7 @@ class Batch:
     tokens: torch.Tensor | None
     skipped: int
 
-    def __iter__(self):  # images, tokens = batch
+    def __iter__(self):  # `images, texts = batch`, as open_clip_train.train_one_epoch unpacks it (bench/overhead)
         return iter((self.images, self.tokens))
 
 
