@@ -158,3 +158,20 @@ def test_run_logs_efficiency_params_and_boundary_pictures(tmp_path, store):
     assert "efficiency/image_gflops" in r.data.metrics and int(r.data.params["model.params_image"]) > 0
     pictures = [a.path for a in client.list_artifacts(r.info.run_id, "boundaries")]
     assert pictures == ["boundaries/eval_001.png"]
+
+
+def test_predictor_width_is_configurable_and_its_flops_are_counted():
+    from fastclip.eval.efficiency import count_gflops
+    images = None
+    gflops = {}
+    for ratio in (4, 1):
+        task = task_for("boundary=gumbel", "boundary.apply_to=[image]", f"boundary.predictor_ratio={ratio}")
+        tower = task.model.visual.eval()
+        width = tower.vit.conv1.out_channels
+        assert tower.predictor.mlp[0].out_features == ratio * width
+        torch.nn.init.zeros_(tower.predictor.mlp[-1].weight)  # the same boundaries for both: the bias alone
+        images = task.eval_batch(8)[0] if images is None else images
+        gflops[ratio] = count_gflops(tower, images)[0]
+    n_patches = tower.vit.grid_size[0] * tower.vit.grid_size[1]
+    saved = 2 * n_patches * (3 * width) * (width + 1) / 1e9  # 3d fewer hidden units: d in, 1 out, 2 FLOPs per MAC
+    assert gflops[4] - gflops[1] == pytest.approx(saved, rel=0.05)

@@ -18,6 +18,7 @@ class BoundaryMethod(nn.Module):
     name = "base"
     needs_predictor = False
     init_rate = None  # where the predictor starts (gumbel: at its prior)
+    predictor_ratio = 4  # the predictor MLP's hidden width / model width (boundary.predictor_ratio)
 
     def __init__(self, loss_weight: float = 1.0):
         super().__init__()
@@ -198,6 +199,16 @@ class Unigram(SupervisedBoundaries):
 def build_boundary_method(cfg, space_id: int | None = None, causal: bool = False) -> BoundaryMethod | None:
     """None for boundary=none (no pooling at all). causal: the sequence model is autoregressive
     (the LM), so no rule may look ahead."""
+    method = _build(cfg, space_id, causal)
+    if method is not None and method.needs_predictor:
+        ratio = cfg.get("predictor_ratio", 4)
+        if ratio <= 0:
+            raise ValueError(f"boundary.predictor_ratio={ratio}: expected > 0")
+        method.predictor_ratio = ratio
+    return method
+
+
+def _build(cfg, space_id: int | None, causal: bool) -> BoundaryMethod | None:
     name = cfg.name
     weight = cfg.get("loss_weight", 1.0)
     if name == "none":

@@ -29,7 +29,7 @@ class HourglassLM(nn.Module):
         self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
         self.drop = nn.Dropout(dropout)
         self.pre, self.short, self.post = blocks(pre_layers), blocks(short_layers), blocks(post_layers)
-        self.predictor = BoundaryPredictor(width, dropout, boundary.init_rate) if boundary is not None and boundary.needs_predictor else None
+        self.predictor = BoundaryPredictor(width, dropout, boundary.init_rate, boundary.predictor_ratio) if boundary is not None and boundary.needs_predictor else None
         self.null_group = nn.Parameter(torch.zeros(1, 1, width)) if boundary is not None else None
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size)

@@ -13,16 +13,17 @@ from torch import nn
 
 
 class BoundaryPredictor(nn.Module):
-    """MLP d -> 4d -> 1 on the pre-layer output; returns one logit per token.
+    """MLP d -> hidden_ratio * d -> 1 on the pre-layer output (the paper: 4); one logit per token.
 
     init_rate starts the predictor at a boundary rate (gumbel: its prior). Started at 0.5, the
     task's early gradients drove the logits deep negative, where the relaxed Bernoulli's
     gradient vanishes and the prior can no longer pull the rate back (collapse to one segment).
     """
 
-    def __init__(self, width: int, dropout: float = 0.0, init_rate: float | None = None):
+    def __init__(self, width: int, dropout: float = 0.0, init_rate: float | None = None, hidden_ratio: int = 4):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, 1))
+        hidden = max(1, int(hidden_ratio * width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
         if init_rate is not None:
             nn.init.constant_(self.mlp[-1].bias, math.log(init_rate / (1 - init_rate)))
 

@@ -57,7 +57,7 @@ class DTPTextTower(nn.Module):
         self.pre = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(pre_layers))
         self.short = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers - pre_layers))
         self.heads = heads
-        self.predictor = BoundaryPredictor(width, init_rate=method.init_rate) if method.needs_predictor else None
+        self.predictor = BoundaryPredictor(width, init_rate=method.init_rate, hidden_ratio=method.predictor_ratio) if method.needs_predictor else None
         # entropy_spike: next-char entropies come from an auxiliary LM head on the causal pre-layers
         self.next_char = nn.Linear(width, CharTokenizer.vocab_size) if isinstance(method, EntropySpike) else None
         self.unigram_model = unigram_model

@@ -48,7 +48,7 @@ class DTPImageTower(nn.Module):
             raise ValueError(f"boundary.image_pool={pool!r}: expected mean or cls")
         self.method, self.pre_layers, self.pool = method, pre_layers, pool
         width = self.vit.conv1.out_channels
-        self.predictor = BoundaryPredictor(width, init_rate=method.init_rate) if method.needs_predictor else None
+        self.predictor = BoundaryPredictor(width, init_rate=method.init_rate, hidden_ratio=method.predictor_ratio) if method.needs_predictor else None
         # entropy_spike's image analog: spikes of an auxiliary next-patch predictor's error
         self.next_patch = nn.Linear(width, next_patch_dim) if isinstance(method, EntropySpike) else None
 
