@@ -140,8 +140,7 @@ class ShardStream(IterableDataset):
             log.warning("skipping %s: no image file in the sample (has %s)", what,
                         sorted(k for k in sample if not k.startswith("__")))
             return None
-        raw = sample.get("txt")
-        caption = clean_caption(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw, what)
+        caption = clean_caption(_caption(sample), what)
         if caption is None:
             return None
         image = open_rgb(sample[image_key], what)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from fastclip.data.image_folder import scan
 from fastclip.data.pairs import ImageFiles, collate_labelled
-from fastclip.eval.zeroshot import topk_correct
+from fastclip.eval.zeroshot import classify
 
 log = logging.getLogger(__name__)
 TEMPLATE_SETS = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
@@ -68,16 +68,17 @@ def imagenet_eval(model, tokenizer, root, preprocess, device, templates: str = "
     was_training = model.training
     model.eval()
     classifier, hit = cached_classifier(model, tokenizer, classnames, templates, device, cache_dir)
-    n, skipped, correct = 0, 0, {1: 0, 5: 0}
-    for images, target, bad in DataLoader(ImageFiles(files, preprocess, labels), batch_size=batch_size,
-                                          num_workers=num_workers, collate_fn=collate_labelled):
-        skipped += bad
-        if images is None:
-            continue
-        logits = model.encode_image(images.to(device), normalize=True).float() @ classifier.to(device).float()
-        for k, c in topk_correct(logits, target.to(device)).items():
-            correct[k] += c
-        n += len(target)
+    skipped = 0
+
+    def decoded():  # batches without the images that failed to decode (counted)
+        nonlocal skipped
+        for images, target, bad in DataLoader(ImageFiles(files, preprocess, labels), batch_size=batch_size,
+                                              num_workers=num_workers, collate_fn=collate_labelled):
+            skipped += bad
+            if images is not None:
+                yield images, target
+
+    correct, n = classify(model, decoded(), classifier, device)
     model.train(was_training)
     if n == 0:
         raise ValueError(f"eval.imagenet_val={str(root)!r}: no image could be decoded")

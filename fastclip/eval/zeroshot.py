@@ -16,19 +16,25 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[
 
 
 @torch.no_grad()
+def classify(model, batches, classifier: torch.Tensor, device) -> tuple[dict[int, int], int]:
+    """Top-1/top-5 hits of (images, target) batches against a [dim, classes] classifier -> (hits, n)."""
+    n, correct = 0, {1: 0, 5: 0}
+    classifier = classifier.to(device).float()
+    for images, target in batches:
+        logits = model.encode_image(images.to(device), normalize=True).float() @ classifier
+        for k, c in topk_correct(logits, target.to(device)).items():
+            correct[k] += c
+        n += len(target)
+    return correct, n
+
+
+@torch.no_grad()
 def zero_shot_eval(model, tokenizer, images, classnames, templates, device, batch_size=256) -> dict[str, float]:
     """Returns {'top1': ..., 'top5': ...} over every image of `images` ((image, label) pairs)."""
     was_training = model.training
     model.eval()
     classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates,
                                             num_classes_per_batch=10, device=device)
-    n, correct = 0, {1: 0, 5: 0}
-    for image, target in DataLoader(images, batch_size=batch_size, shuffle=False):
-        image, target = image.to(device), target.to(device)
-        features = model.encode_image(image, normalize=True)
-        logits = features.float() @ classifier.float()
-        for k, c in topk_correct(logits, target).items():
-            correct[k] += c
-        n += len(target)
+    correct, n = classify(model, DataLoader(images, batch_size=batch_size, shuffle=False), classifier, device)
     model.train(was_training)
     return {"top1": correct[1] / n, "top5": correct[5] / n}
