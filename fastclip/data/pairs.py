@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,22 @@ def collate_labelled(samples: list):
     kept = [s for s in samples if s is not None]
     images = torch.stack([s[0] for s in kept]) if kept else None
     return images, torch.tensor([s[1] for s in kept], dtype=torch.long), len(samples) - len(kept)
+
+
+class DecodedBatches:
+    """(images, labels) batches of an ImageFiles set in order, without the images that failed to
+    decode; `skipped` counts those once iteration is done."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0):
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                 collate_fn=collate_labelled)
+        self.skipped = 0
+
+    def __iter__(self):
+        for images, labels, bad in self.loader:
+            self.skipped += bad
+            if images is not None:
+                yield images, labels
 
 
 @dataclass

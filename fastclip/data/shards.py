@@ -115,8 +115,8 @@ class ShardStream(IterableDataset):
         return random.Random("/".join(map(str, (self.seed, self.epoch, info.id if info else 0) + salt)))
 
     def _shard_urls(self, source: ShardSource, index: int):
-        rng = self._rng("shards", index)
         if self.resampled:
+            rng = self._rng("shards", index)
             while True:
                 yield {"url": rng.choice(source.urls)}
         urls = list(source.urls)

@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from open_clip import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-from torch.utils.data import DataLoader
 
 from fastclip.data.image_folder import scan
-from fastclip.data.pairs import ImageFiles, collate_labelled
+from fastclip.data.pairs import DecodedBatches, ImageFiles
 from fastclip.eval.zeroshot import classify
 
 log = logging.getLogger(__name__)
@@ -68,20 +67,11 @@ def imagenet_eval(model, tokenizer, root, preprocess, device, templates: str = "
     was_training = model.training
     model.eval()
     classifier, hit = cached_classifier(model, tokenizer, classnames, templates, device, cache_dir)
-    skipped = 0
-
-    def decoded():  # batches without the images that failed to decode (counted)
-        nonlocal skipped
-        for images, target, bad in DataLoader(ImageFiles(files, preprocess, labels), batch_size=batch_size,
-                                              num_workers=num_workers, collate_fn=collate_labelled):
-            skipped += bad
-            if images is not None:
-                yield images, target
-
-    correct, n = classify(model, decoded(), classifier, device)
+    batches = DecodedBatches(ImageFiles(files, preprocess, labels), batch_size, num_workers)
+    correct, n = classify(model, batches, classifier, device)
     model.train(was_training)
     if n == 0:
         raise ValueError(f"eval.imagenet_val={str(root)!r}: no image could be decoded")
     return {"zeroshot/imagenet_top1": correct[1] / n, "zeroshot/imagenet_top5": correct[5] / n,
-            "zeroshot/imagenet_images": float(n), "zeroshot/imagenet_skipped": float(skipped),
+            "zeroshot/imagenet_images": float(n), "zeroshot/imagenet_skipped": float(batches.skipped),
             "zeroshot/imagenet_classifier_cached": float(hit)}

@@ -4,9 +4,7 @@ i2t: an image is a hit at K when ANY of its captions ranks in its top K captions
 t2i: a caption is a hit at K when ITS image ranks in its top K images.
 """
 import torch
-from torch.utils.data import DataLoader
-
-from fastclip.data.pairs import collate_labelled
+from fastclip.data.pairs import DecodedBatches
 
 KS = (1, 5, 10)
 
@@ -36,13 +34,11 @@ def retrieval_eval(model, tokenizer, retrieval, device, batch_size=256, num_work
     Images that fail to decode are left out together with their captions, and counted."""
     was_training = model.training
     model.eval()
-    features, kept, skipped = [], [], 0
-    for images, index, n_bad in DataLoader(retrieval.images, batch_size=batch_size, shuffle=False,
-                                           num_workers=num_workers, collate_fn=collate_labelled):
-        skipped += n_bad
-        if images is not None:
-            features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
-            kept += index.tolist()
+    features, kept = [], []
+    batches = DecodedBatches(retrieval.images, batch_size, num_workers)
+    for images, index in batches:
+        features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+        kept += index.tolist()
     captions = [retrieval.captions[i] for i in kept]
     flat = [c for caps in captions for c in caps]
     caption_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
@@ -51,4 +47,4 @@ def retrieval_eval(model, tokenizer, retrieval, device, batch_size=256, num_work
     model.train(was_training)
     similarity = torch.cat(features) @ torch.cat(text_features).T
     return {**recall_at_k(similarity, caption_image), "retrieval/images": float(len(kept)),
-            "retrieval/skipped": float(skipped)}
+            "retrieval/skipped": float(batches.skipped)}
