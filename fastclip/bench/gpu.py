@@ -1,43 +1,87 @@
 """make bench-gpu: one short script for a single GPU (under 5 minutes on an H100). CLIP training
 steps of ViT-B/16 (open_clip geometry, BPE text tower) at batch 256 on synthetic images:
-vanilla vs DTP-ViT gumbel 0.25 vs DTP-ViT fixed k=4 (2 blocks at full length, 10 on segments).
-Prints step time, images/s, image GFLOPs (FlopCounterMode, real boundaries) and peak memory.
+vanilla vs DTP-ViT gumbel 0.25 vs DTP-ViT fixed k=4 (2 blocks at full length, 10 on segments)
+vs ToMe at the gumbel row's GFLOPs. Prints step time, images/s, image GFLOPs (FlopCounterMode,
+the boundaries the model produced), achieved compression and peak memory.
 
-    python -m fastclip.bench.gpu [--batch 256] [--steps 30] [--warmup 10]
+    python -m fastclip.bench.gpu [--batch 256] [--steps 30] [--warmup 10] [--out table.md]
+    python -m fastclip.bench.gpu --device cpu --batch 2 --steps 1 --warmup 0   # smoke check
 """
 import argparse
+import contextlib
+import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from open_clip import ClipLoss
 
 from fastclip.config import compose_train_config
-from fastclip.eval.efficiency import count_gflops
+from fastclip.eval.efficiency import count_gflops, unpadded_gflops
 from fastclip.models.clip import boundary_loss, build_clip
 
+DTP_IMAGE = ["boundary.apply_to=[image]", "boundary.image_pre_layers=2"]
 VARIANTS = [("vanilla ViT-B/16", ["boundary=none"]),
-            ("DTP gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]",
-                                 "boundary.image_pre_layers=2"]),
-            ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]",
-                               "boundary.image_pre_layers=2"])]
+            ("DTP gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE),
+            ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE)]
 
 
-def bench_variant(overrides, batch, steps, warmup, device):
+def build(overrides, device):
     cfg = compose_train_config(["encoder=vit_b16"] + overrides)
     torch.manual_seed(0)
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
-    model.to(device).train()
+    return model.to(device), tokenizer
+
+
+@torch.no_grad()
+def image_efficiency(model, images):
+    """GFLOPs per image of the padded batch (what runs), of each image alone, and the compression
+    the predictor actually produced, all in eval mode (the boundaries eval uses)."""
+    model.eval()
+    gflops, (_, info) = count_gflops(model.visual, images)
+    alone = unpadded_gflops(model.visual, images, 4) if model.image_method is not None else None
+    return gflops, alone, float(info["tokens"].sum() / info["segments"].sum())
+
+
+def tome_r_matching(gflops_target, device, images):
+    """The ToMe merge rate whose image GFLOPs come closest to the target (weight-independent;
+    GFLOPs fall as r grows, so the search stops once it passes the target)."""
+    best = None
+    for r in range(1, 49):
+        model, _ = build(["boundary=tome", f"boundary.r={r}"], device)
+        g = image_efficiency(model, images)[0]
+        if best is None or abs(g - gflops_target) < best[1]:
+            best = (r, abs(g - gflops_target))
+        if g < gflops_target:
+            break
+    return best[0]
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS (CPU smoke runs)
+
+
+def bench_variant(overrides, batch, steps, warmup, device):
+    model, tokenizer = build(overrides, device)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = ClipLoss()
-    images = torch.randn(batch, 3, 224, 224, device=device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(batch, 3, 224, 224, generator=gen).to(device)
     texts = tokenizer([f"a synthetic photo number {i}" for i in range(batch)]).to(device)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     times = []
-    torch.cuda.reset_peak_memory_stats(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     for i in range(warmup + steps):
-        torch.cuda.synchronize(device)
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast:
             out = model(images, texts)
             loss = criterion(out["image_features"], out["text_features"], out["logit_scale"])
             aux = boundary_loss(model.image_method, out["image_info"])
@@ -46,16 +90,29 @@ def bench_variant(overrides, batch, steps, warmup, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        torch.cuda.synchronize(device)
+        if cuda:
+            torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    model.eval()
-    gflops, (_, info) = count_gflops(model.visual, images[:16])
-    compression = float(info["tokens"].sum() / info["segments"].sum())
+    peak = peak_memory_gib(device)
+    gflops, alone, compression = image_efficiency(model, images[:16])
     step = statistics.median(times)
-    return {"step_s": step, "images_s": batch / step, "image_gflops": gflops, "peak_gib": peak,
-            "compression": compression}
+    return {"step_s": step, "images_s": batch / step, "image_gflops": gflops, "unpadded_gflops": alone,
+            "peak_gib": peak, "compression": compression, "train_compression":
+            float(out["image_info"]["tokens"].sum() / out["image_info"]["segments"].sum())}
+
+
+def table(rows) -> str:
+    base = rows[0][1]
+    lines = ["| variant | step (s) | images/s | step / vanilla | image GFLOPs/img | GFLOPs / vanilla | "
+             "unpadded GFLOPs/img | compression (eval / last train step) | peak mem (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        alone = "n/a" if r["unpadded_gflops"] is None else f"{r['unpadded_gflops']:.2f}"
+        lines.append(f"| {name} | {r['step_s']:.3f} | {r['images_s']:.0f} | {r['step_s'] / base['step_s']:.2f} | "
+                     f"{r['image_gflops']:.2f} | {r['image_gflops'] / base['image_gflops']:.2f} | {alone} | "
+                     f"{r['compression']:.2f} / {r['train_compression']:.2f} | {r['peak_gib']:.1f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -63,24 +120,33 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke check only)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench-gpu needs a CUDA device")
-    device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up, bf16 autocast")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench-gpu needs a CUDA device (--device cpu runs a smoke check)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = "cpu"
+    print(f"device: {name}, torch {torch.__version__}, batch {args.batch}, median of {args.steps} steps "
+          f"after {args.warmup} warm-up, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}", flush=True)
     rows = []
-    for name, overrides in VARIANTS:
-        r = bench_variant(overrides, args.batch, args.steps, args.warmup, device)
-        rows.append((name, r))
-        print(f"{name}: {r}", flush=True)
-    base = rows[0][1]
-    print("\n| variant | step (s) | images/s | image GFLOPs/img | compression | peak mem (GiB) | step / vanilla |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in rows:
-        print(f"| {name} | {r['step_s']:.3f} | {r['images_s']:.0f} | {r['image_gflops']:.2f} | "
-              f"{r['compression']:.2f} | {r['peak_gib']:.1f} | {r['step_s'] / base['step_s']:.2f} |")
+    for label, overrides in VARIANTS:
+        t0 = time.perf_counter()
+        rows.append((label, bench_variant(overrides, args.batch, args.steps, args.warmup, device)))
+        print(f"{label}: {rows[-1][1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    probe = torch.randn(2, 3, 224, 224, device=device)
+    r = tome_r_matching(rows[1][1]["image_gflops"], device, probe)
+    rows.append((f"ToMe r={r} (gumbel's GFLOPs)", bench_variant(["boundary=tome", f"boundary.r={r}"],
+                                                                 args.batch, args.steps, args.warmup, device)))
+    print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
+    text = table(rows)
+    print("\n" + text)
+    if args.out:
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
