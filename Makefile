@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-gpu clean
+.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-gpu bench-gpu-recipe clean
 
 install: $(STAMP)
 
@@ -48,6 +48,9 @@ bench-loader: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) -m fastclip.bench.gpu $(ARGS)
+
+bench-gpu-recipe: $(STAMP)
+	$(PY) -m fastclip.bench.gpu_recipe $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
