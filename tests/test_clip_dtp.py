@@ -63,6 +63,21 @@ def test_segment_masks_with_different_counts_in_one_batch():
     torch.testing.assert_close(emb[:1], alone, rtol=1e-4, atol=1e-5)
 
 
+def test_image_embedding_does_not_depend_on_the_batch_padding():
+    task = task_for("boundary=gumbel", "boundary.apply_to=[image]")
+    model = task.model.eval()
+    with torch.no_grad():
+        model.visual.predictor.mlp[-1].weight.mul_(20)  # spread the per-image boundary counts
+        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        emb, info = model.visual(images)
+        counts = info["segments"]
+        assert counts.min() < counts.max()  # this batch pads its shorter rows
+        i = int(counts.argmin())
+        alone, alone_info = model.visual(images[i:i + 1])  # alone: no padding, no mask
+    assert alone_info["segments"].item() == counts[i].item()
+    torch.testing.assert_close(emb[i:i + 1], alone, rtol=1e-4, atol=1e-5)
+
+
 def test_contrastive_loss_reaches_both_predictors():
     task = task_for("boundary=gumbel", "boundary.loss_weight=0", "trainer.batch_size=16")
     task.model.train()

@@ -66,7 +66,9 @@ class DTPImageTower(nn.Module):
         pooled, seg_mask = downsample(patches, b)
         seq = torch.cat([cls, pooled], dim=1)
         valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=images.device), seg_mask], dim=1)
-        mask = padding_attn_mask(valid, _heads(vit)).to(seq.dtype)
+        # No padded segment (fixed k, or equal counts): no mask, so the blocks keep the fused
+        # (flash) attention path that a mask rules out.
+        mask = None if bool(seg_mask.all()) else padding_attn_mask(valid, _heads(vit)).to(seq.dtype)
         for block in blocks[self.pre_layers:]:
             seq = block(seq, attn_mask=mask)
         seq = vit.ln_post(seq)
