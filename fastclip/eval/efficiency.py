@@ -3,7 +3,24 @@ batch, with the boundaries the model produced on it, and the achieved compressio
 same pass (tokens in / segments out). The seed counted FLOPs with simulated evenly spaced
 boundaries and labelled runs with the target rate; neither happens here."""
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+_aten = torch.ops.aten
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's counter has formulas for the CUDA attention kernels but not for the CPU flash kernel,
+# which it then counts as 0 FLOPs: attention scores and mixing vanished from CPU counts. Same
+# formulas (torch's own), registered for the CPU op.
+CPU_ATTENTION_FLOPS = {_aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+                       _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
 
 
 @torch.no_grad()
@@ -13,7 +30,7 @@ def count_gflops(fn, *inputs) -> tuple[float, object]:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             out = fn(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
