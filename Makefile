@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-gpu bench-gpu-recipe clean
+.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-step bench-gpu bench-gpu-recipe clean
 
 install: $(STAMP)
 
@@ -35,7 +35,7 @@ ui: $(STAMP)
 report: $(STAMP)
 	$(PY) -m fastclip.report $(ARGS)
 
-bench: bench-lm bench-clip bench-loader
+bench: bench-lm bench-clip bench-loader bench-step
 
 bench-lm: $(STAMP)
 	$(PY) -m fastclip.bench.lm $(ARGS)
@@ -45,6 +45,9 @@ bench-clip: $(STAMP)
 
 bench-loader: $(STAMP)
 	$(PY) -m fastclip.bench.loader $(ARGS)
+
+bench-step: $(STAMP)
+	$(PY) -m fastclip.bench.step $(ARGS)
 
 bench-gpu: $(STAMP)
 	$(PY) -m fastclip.bench.gpu $(ARGS)
