@@ -71,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--only", default="vanilla,gumbel,fixed,tome,gumbel_r1", help="variants, in this order")
     ap.add_argument("--tome-r", type=int, default=None, help="ToMe merge rate (default: matched to gumbel)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every variant run, e.g. boundary.image_pool=cls")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/gpu_recipe"))
     args = ap.parse_args(argv)
     steps_per_epoch = int(0.8 * sum(1 for p in Path(args.data).rglob("*") if p.is_file())) // 128
@@ -78,6 +79,7 @@ def main(argv=None):
     common = ["dataset=image_folder", f"dataset.path={args.data}"] + GEOMETRY + [
         f"trainer.max_steps={args.steps}", "epochs=100000", f"eval.every_epochs={every}", "trainer.progress=false",
         f"trainer.num_workers={args.workers}", f"device={args.device}"]
+    extra = list(args.set)
     rows, history = [], {}
     keys = args.only.split(",")
     unknown = [k for k in keys if k not in VARIANTS]
@@ -93,7 +95,7 @@ def main(argv=None):
         if key == "tome":
             name, overrides = f"ToMe r={tome_r}", ["boundary=tome", f"boundary.r={tome_r}"]
         t0 = time.perf_counter()
-        metrics, evals = train_one(common + overrides, args.out / key, device)
+        metrics, evals = train_one(common + overrides + extra, args.out / key, device)
         rows.append({"variant": name, **metrics, "wall_s": time.perf_counter() - t0})
         history[name] = evals
         print(f"== {name}: top1 {metrics['zeroshot/top1']:.3f} at {[round(e['zeroshot/top1'], 3) for e in evals]} "

@@ -38,7 +38,7 @@ class DTPImageTower(nn.Module):
     """pre-layers on all patches -> boundary predictor over patches in raster order -> segment
     means (padding mask) -> shortened layers on [class token, segments] -> pooled embedding."""
 
-    def __init__(self, visual, method, pre_layers: int, pool: str = "mean", next_patch_dim: int | None = None):
+    def __init__(self, visual, method, pre_layers: int, pool: str = "cls", next_patch_dim: int | None = None):
         super().__init__()
         self.vit = _require_vit(visual, f"boundary={method.name} on the image tower")
         n_layers = len(self.vit.transformer.resblocks)
