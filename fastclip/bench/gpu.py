@@ -19,7 +19,7 @@ from open_clip import ClipLoss
 
 from fastclip.config import compose_train_config
 from fastclip.eval.efficiency import count_gflops, unpadded_gflops
-from fastclip.models.clip import boundary_loss, build_clip
+from fastclip.models.clip import build_clip, clip_objective
 
 DTP_IMAGE = ["boundary.apply_to=[image]", "boundary.image_pre_layers=2"]
 VARIANTS = [("vanilla ViT-B/16", ["boundary=none"]),
@@ -83,10 +83,7 @@ def bench_variant(overrides, batch, steps, warmup, device):
         t0 = time.perf_counter()
         with autocast:
             out = model(images, texts)
-            loss = criterion(out["image_features"], out["text_features"], out["logit_scale"])
-            aux = boundary_loss(model.image_method, out["image_info"])
-            if aux is not None:
-                loss = loss + model.image_method.loss_weight * aux
+            loss, _ = clip_objective(model, criterion, out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -21,7 +21,7 @@ from fastclip import PROJECT_ROOT
 from fastclip.bench.common import emit, markdown_table
 from fastclip.config import compose_train_config
 from fastclip.eval.efficiency import count_gflops
-from fastclip.models.clip import boundary_loss, build_clip
+from fastclip.models.clip import boundary_loss, build_clip, clip_objective
 
 DTP = ["boundary.apply_to=[image]"]
 VARIANTS = [("vanilla ViT", ["boundary=none"]),
@@ -45,11 +45,7 @@ class Variant:
         self.times = {"step": [], "image": [], "text": []}
 
     def step(self):
-        out = self.model(self.images, self.tokens)
-        loss = self.criterion(out["image_features"], out["text_features"], out["logit_scale"])
-        aux = boundary_loss(self.model.image_method, out["image_info"])
-        if aux is not None:
-            loss = loss + self.model.image_method.loss_weight * aux
+        loss, _ = clip_objective(self.model, self.criterion, self.model(self.images, self.tokens))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

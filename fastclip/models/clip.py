@@ -92,6 +92,19 @@ def boundary_loss(method, info) -> torch.Tensor | None:
     return loss
 
 
+def clip_objective(model, criterion, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training objective: contrastive loss plus each DTP tower's boundary objective times its
+    loss_weight. -> (loss, its unweighted parts: contrastive_loss, boundary_loss_<tower>)."""
+    loss = criterion(out["image_features"], out["text_features"], out["logit_scale"])
+    parts = {"contrastive_loss": loss}
+    for tower, method in (("image", model.image_method), ("text", model.text_method)):
+        aux = boundary_loss(method, out[f"{tower}_info"])
+        if aux is not None:
+            parts[f"boundary_loss_{tower}"] = aux
+            loss = loss + method.loss_weight * aux
+    return loss, parts
+
+
 def build_clip(enc, boundary, caption_corpus=None, cache_dir=None):
     """-> (model, tokenizer). caption_corpus: training captions (unigram text boundaries)."""
     geometry = clip_geometry(enc)

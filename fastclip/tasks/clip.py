@@ -21,7 +21,7 @@ from fastclip.eval.efficiency import parameter_counts, tower_efficiency
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
-from fastclip.models.clip import boundary_loss, build_clip, build_transforms
+from fastclip.models.clip import build_clip, build_transforms, clip_objective
 
 
 @dataclass
@@ -114,15 +114,12 @@ class ClipTask:
         with torch.no_grad():  # as open_clip_train: temperature capped at 100
             self.model.logit_scale.clamp_(0, 4.6052)
         out = self.model(images, texts)
-        loss = self.criterion(out["image_features"], out["text_features"], out["logit_scale"])
-        extras = {"contrastive_loss": loss.item(), "logit_scale": out["logit_scale"].item()}
-        for tower, method in (("image", self.model.image_method), ("text", self.model.text_method)):
+        loss, parts = clip_objective(self.model, self.criterion, out)
+        extras = {name: part.item() for name, part in parts.items()}
+        extras["logit_scale"] = out["logit_scale"].item()
+        for tower in ("image", "text"):
             info = out[f"{tower}_info"]
             extras[f"compression_{tower}"] = float(info["tokens"].sum() / info["segments"].sum().clamp_min(1))
-            aux = boundary_loss(method, info)
-            if aux is not None:
-                extras[f"boundary_loss_{tower}"] = aux.item()
-                loss = loss + method.loss_weight * aux
         return loss, extras, images.shape[0]
 
     def eval_batch(self, n: int = 64):
