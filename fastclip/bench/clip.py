@@ -23,19 +23,26 @@ DATASETS = {"digits": ["dataset=digits"],
             "cifar10": ["dataset=image_folder", f"dataset.path={CIFAR}"]}
 
 
-def tome_r_for(gflops_target: float) -> int:
+def tome_r_for(gflops_target: float, geometry: list[str] = GEOMETRY, image_size: int = 32,
+               device: torch.device = torch.device("cpu")) -> int:
     """The ToMe merge rate whose image GFLOPs come closest to the target (ToMe's cost does not
-    depend on the weights, so an untrained tower measures it exactly)."""
+    depend on the weights, so an untrained tower measures it exactly; it falls as r grows, so
+    the search stops once it passes the target)."""
     from fastclip.config import compose_train_config
     from fastclip.eval.efficiency import count_gflops
     from fastclip.models.clip import build_clip
+    images = torch.randn(2, 3, image_size, image_size, device=device)
     best = None
-    for r in range(1, 33):
-        cfg = compose_train_config(GEOMETRY + ["boundary=tome", f"boundary.r={r}"])
+    for r in range(1, 49):
+        cfg = compose_train_config(geometry + ["boundary=tome", f"boundary.r={r}"])
         model, _ = build_clip(cfg.encoder, cfg.boundary)
-        g, _ = count_gflops(model.visual, torch.randn(4, 3, 32, 32))
+        model.to(device).eval()
+        with torch.no_grad():
+            g, _ = count_gflops(model.visual, images)
         if best is None or abs(g - gflops_target) < best[1]:
-            best = (r, abs(g - gflops_target), g)
+            best = (r, abs(g - gflops_target))
+        if g < gflops_target:
+            break
     return best[0]
 
 

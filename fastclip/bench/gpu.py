@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from open_clip import ClipLoss
 
+from fastclip.bench.clip import tome_r_for
 from fastclip.config import compose_train_config
 from fastclip.eval.efficiency import count_gflops, unpadded_gflops
 from fastclip.models.clip import build_clip, clip_objective
@@ -42,20 +43,6 @@ def image_efficiency(model, images):
     gflops, (_, info) = count_gflops(model.visual, images)
     alone = unpadded_gflops(model.visual, images, 4) if model.image_method is not None else None
     return gflops, alone, float(info["tokens"].sum() / info["segments"].sum())
-
-
-def tome_r_matching(gflops_target, device, images):
-    """The ToMe merge rate whose image GFLOPs come closest to the target (weight-independent;
-    GFLOPs fall as r grows, so the search stops once it passes the target)."""
-    best = None
-    for r in range(1, 49):
-        model, _ = build(["boundary=tome", f"boundary.r={r}"], device)
-        g = image_efficiency(model, images)[0]
-        if best is None or abs(g - gflops_target) < best[1]:
-            best = (r, abs(g - gflops_target))
-        if g < gflops_target:
-            break
-    return best[0]
 
 
 def peak_memory_gib(device):
@@ -135,8 +122,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         rows.append((label, bench_variant(overrides, args.batch, args.steps, args.warmup, device)))
         print(f"{label}: {rows[-1][1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    probe = torch.randn(2, 3, 224, 224, device=device)
-    r = tome_r_matching(rows[1][1]["image_gflops"], device, probe)
+    r = tome_r_for(rows[1][1]["image_gflops"], ["encoder=vit_b16"], 224, device)
     rows.append((f"ToMe r={r} (gumbel's GFLOPs)", bench_variant(["boundary=tome", f"boundary.r={r}"],
                                                                  args.batch, args.steps, args.warmup, device)))
     print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
