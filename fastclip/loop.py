@@ -98,20 +98,27 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
             "task": task.state_dict() if hasattr(task, "state_dict") else {}})
 
     metrics: dict[str, float] = {}
-    step_times: list[float] = []  # per optimizer step, data loading included
+    # Per optimizer step: the whole step (data wait included) and its data wait alone, as
+    # open_clip_train's batch_time / data_time; compute = step - data.
+    step_times: list[float] = []
+    data_times: list[float] = []
     bar = tqdm(total=total_steps, initial=step, disable=not tc.progress, desc="train", dynamic_ncols=True)
     model.train()
     while step < total_steps and epoch < cfg.epochs:
         batches = task.train_batches(epoch)
         micro, window_samples, window_t0 = 0, 0, time.perf_counter()
         tick = time.perf_counter()  # train_s counts data loading and steps, not evaluation
+        fetched_at, data_wait = tick, 0.0
         for i, batch in enumerate(batches):
             if i < skip_batches * accum:
-                tick = time.perf_counter()
+                tick = fetched_at = time.perf_counter()
                 continue
+            arrived = time.perf_counter()
+            data_wait += arrived - fetched_at
             with runtime.autocast(device, amp_dtype):
                 result = task.loss(batch)
             if result is None:  # a batch whose every sample was bad (the task counted them)
+                fetched_at = time.perf_counter()
                 continue
             loss, extras, n = result
             if not torch.isfinite(loss):
@@ -133,7 +140,8 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
                 now = time.perf_counter()
                 train_s += now - tick
                 step_times.append(now - tick)
-                tick = now
+                data_times.append(data_wait)
+                tick, data_wait = now, 0.0
                 if tracker:
                     tracker.log_metrics({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
                                          **{f"train/{k}": v for k, v in extras.items()}},
@@ -145,6 +153,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
                     checkpoint((i + 1) // accum, epoch)
                 if step >= total_steps:
                     break
+            fetched_at = time.perf_counter()
         skip_batches = 0
         epoch += 1
         end_of_run = step >= total_steps or epoch >= cfg.epochs
@@ -163,6 +172,8 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
                "throughput/train_samples_per_s": samples_seen / max(train_s, 1e-9)}
     if step_times:
         summary["time/step_median_s"] = float(np.median(step_times))
+        summary["time/data_median_s"] = float(np.median(data_times))
+        summary["time/compute_median_s"] = float(np.median(np.subtract(step_times, data_times)))
     metrics.update(summary)
     if tracker:
         tracker.log_metrics(summary, step)
