@@ -78,6 +78,32 @@ def test_image_embedding_does_not_depend_on_the_batch_padding():
     torch.testing.assert_close(emb[i:i + 1], alone, rtol=1e-4, atol=1e-5)
 
 
+def count_host_syncs(monkeypatch) -> dict:
+    """Counts tensor -> Python transfers (on a GPU each one waits for the queue to drain)."""
+    calls = {"n": 0}
+    for name in ("item", "tolist", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            calls["n"] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("boundary,syncs", [("fixed", 0), ("gumbel", 1)])
+def test_dtp_image_tower_host_syncs(boundary, syncs, monkeypatch):
+    """fixed k knows its pooled length in advance: no sync; gumbel needs one (the longest row)."""
+    task = task_for(f"boundary={boundary}", "boundary.apply_to=[image]")
+    task.model.train()
+    images = torch.randn(4, 3, 32, 32)
+    calls = count_host_syncs(monkeypatch)
+    emb, info = task.model.visual(images)
+    assert calls["n"] == syncs
+    monkeypatch.undo()
+    assert info["segments"].max() <= info["tokens"][0]
+
+
 def test_contrastive_loss_reaches_both_predictors():
     task = task_for("boundary=gumbel", "boundary.loss_weight=0", "trainer.batch_size=16")
     task.model.train()

@@ -27,6 +27,11 @@ class BoundaryMethod(nn.Module):
     def boundaries(self, logits, tokens, token_mask=None) -> torch.Tensor:
         raise NotImplementedError
 
+    def static_segments(self, length: int) -> int | None:
+        """Segments per full-length row when the rule fixes them in advance (no host sync needed
+        to size the pooled sequence); None when they depend on the data."""
+        return None
+
     def aux_loss(self, logits, hard, targets=None, token_mask=None) -> torch.Tensor | None:
         """Unweighted auxiliary loss; None when the method has none."""
         return None
@@ -46,6 +51,9 @@ class Fixed(BoundaryMethod):
         T = tokens.shape[1]
         b = ((torch.arange(T, device=tokens.device) + 1) % self.k == 0).float()
         return b.expand(tokens.shape[0], T).contiguous()
+
+    def static_segments(self, length: int) -> int:
+        return -(-length // self.k)
 
 
 class Whitespace(BoundaryMethod):
@@ -100,8 +108,11 @@ class Gumbel(BoundaryMethod):
                 g = torch.Generator(device=logits.device).manual_seed(0)
                 return torch.bernoulli(logits.sigmoid(), generator=g)
             return (logits > 0).float()
-        soft = torch.distributions.RelaxedBernoulli(torch.tensor(self.temperature, device=logits.device),
-                                                    logits=logits).rsample()
+        # The relaxed Bernoulli sample (logistic noise / temperature), written out: the distribution
+        # object wants the temperature as a device tensor, a host-to-device copy every step.
+        eps = torch.finfo(logits.dtype).eps
+        u = torch.rand_like(logits).clamp(eps, 1 - eps)
+        soft = torch.sigmoid((logits + u.log() - (-u).log1p()) / self.temperature)
         hard = (soft > 0.5).float()
         return hard - soft.detach() + soft
 

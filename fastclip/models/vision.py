@@ -63,12 +63,21 @@ class DTPImageTower(nn.Module):
         logits = self.predictor(patches) if self.predictor is not None else None
         order = torch.arange(N, device=images.device).expand(B, N)
         b = self.method.boundaries(logits, order)
-        pooled, seg_mask = downsample(patches, b)
+        counts = segment_counts(b)
+        # The pooled length must be known on the host. A fixed rule knows it in advance; otherwise
+        # ONE sync fetches the longest and shortest row (each sync stalls the GPU queue).
+        n_seg = self.method.static_segments(N)
+        if n_seg is None:
+            shortest, n_seg = torch.stack([counts.min(), counts.max()]).tolist()
+            padded = shortest != n_seg
+        else:
+            padded = False
+        pooled, seg_mask = downsample(patches, b, n_segments=n_seg)
         seq = torch.cat([cls, pooled], dim=1)
         valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=images.device), seg_mask], dim=1)
         # No padded segment (fixed k, or equal counts): no mask, so the blocks keep the fused
         # (flash) attention path that a mask rules out.
-        mask = None if bool(seg_mask.all()) else padding_attn_mask(valid, _heads(vit)).to(seq.dtype)
+        mask = padding_attn_mask(valid, _heads(vit)).to(seq.dtype) if padded else None
         for block in blocks[self.pre_layers:]:
             seq = block(seq, attn_mask=mask)
         seq = vit.ln_post(seq)
@@ -79,7 +88,7 @@ class DTPImageTower(nn.Module):
             emb = (seq[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1.0)
         if vit.proj is not None:
             emb = emb @ vit.proj
-        info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": segment_counts(b).float(), "boundaries": b, "logits": logits}
+        info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": counts.float(), "boundaries": b, "logits": logits}
         if self.next_patch is not None:
             info["targets"], info["extra_loss"] = self._next_patch_spikes(patches, images)
         return emb, info
