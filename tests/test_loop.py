@@ -1,7 +1,9 @@
 """The shared loop's timing: a step's data wait and its compute are told apart, as
 open_clip_train's data_time / batch_time, so a slow loader is not read as a slow model."""
+import shutil
 import time
 
+import pytest
 import torch
 
 from conftest import compose_cfg
@@ -45,3 +47,41 @@ def test_step_time_splits_into_data_wait_and_compute(tmp_path):
         assert abs(m["time/data_median_s"] + m["time/compute_median_s"] - m["time/step_median_s"]) < 0.02
     assert slow_loader["time/data_median_s"] >= 0.05 > slow_loader["time/compute_median_s"]
     assert slow_model["time/compute_median_s"] >= 0.05 > slow_model["time/data_median_s"]
+
+
+def trained_weights(tmp_path, *overrides):
+    from conftest import TINY_CLIP
+    from fastclip import runtime
+    from fastclip.tasks.clip import ClipTask
+    cfg = compose_cfg(TINY_CLIP + ["boundary=gumbel", "boundary.apply_to=[image]", "epochs=1",
+                                   "trainer.max_steps=3", "trainer.batch_size=64"] + list(overrides))
+    runtime.seed_everything(0)
+    task = ClipTask(cfg, torch.device("cpu"))
+    fit(task, cfg, None, tmp_path / "_".join(overrides), torch.device("cpu"))
+    return task.model
+
+
+def assert_same_weights(a, b, atol):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=atol, rtol=0), name
+
+
+def test_adamw_kernels_take_the_same_steps(tmp_path):
+    fused = trained_weights(tmp_path, "trainer.optimizer_impl=fused")
+    loop = trained_weights(tmp_path, "trainer.optimizer_impl=for_loop")
+    assert_same_weights(fused, loop, atol=1e-5)
+    with pytest.raises(ValueError, match="trainer.optimizer_impl='adam8bit'"):
+        trained_weights(tmp_path, "trainer.optimizer_impl=adam8bit")
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_blocks_train_like_eager(tmp_path):
+    """trainer.compile: every transformer block compiled, DTP's varying segment count included
+    (gumbel image tower), and the same training steps as eager up to float reordering."""
+    from open_clip.transformer import ResidualAttentionBlock
+    compiled = trained_weights(tmp_path, "trainer.compile=true")
+    eager = trained_weights(tmp_path, "trainer.compile=false")
+    blocks = [m for m in compiled.modules() if isinstance(m, ResidualAttentionBlock)]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    assert all(m._compiled_call_impl is None for m in eager.modules() if isinstance(m, ResidualAttentionBlock))
+    assert_same_weights(compiled, eager, atol=1e-4)

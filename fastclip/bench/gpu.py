@@ -2,9 +2,12 @@
 steps of ViT-B/16 (open_clip geometry, BPE text tower) at batch 256 on synthetic images:
 vanilla vs DTP-ViT gumbel 0.25 vs DTP-ViT fixed k=4 (2 blocks at full length, 10 on segments)
 vs ToMe at the gumbel row's GFLOPs. Prints step time, images/s, image GFLOPs (FlopCounterMode,
-the boundaries the model produced), achieved compression and peak memory.
+the boundaries the model produced), achieved compression and peak memory, and how busy the GPU
+was: kernel time per step (torch.profiler over 3 steps) / step time. A step well under 100%
+busy is bound by the host issuing kernels, not by the FLOPs DTP removes. AdamW uses the loop's
+kernel (trainer.optimizer_impl); --compile compiles every transformer block as trainer.compile.
 
-    python -m fastclip.bench.gpu [--batch 256] [--steps 30] [--warmup 10] [--out table.md]
+    python -m fastclip.bench.gpu [--batch 256] [--steps 30] [--warmup 10] [--compile] [--out table.md]
     python -m fastclip.bench.gpu --device cpu --batch 2 --steps 1 --warmup 0   # smoke check
 """
 import argparse
@@ -19,7 +22,9 @@ from open_clip import ClipLoss
 
 from fastclip.bench.clip import tome_r_for
 from fastclip.config import compose_train_config
+from fastclip import runtime
 from fastclip.eval.efficiency import count_gflops, unpadded_gflops
+from fastclip.loop import adamw_impl
 from fastclip.models.clip import build_clip, clip_objective
 
 DTP_IMAGE = ["boundary.apply_to=[image]", "boundary.image_pre_layers=2"]
@@ -32,7 +37,7 @@ def build(overrides, device):
     cfg = compose_train_config(["encoder=vit_b16"] + overrides)
     torch.manual_seed(0)
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
-    return model.to(device), tokenizer
+    return model.to(device), tokenizer, cfg.trainer.optimizer_impl
 
 
 @torch.no_grad()
@@ -51,16 +56,43 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS (CPU smoke runs)
 
 
-def bench_variant(overrides, batch, steps, warmup, device):
-    model, tokenizer = build(overrides, device)
+def kernel_seconds_per_step(step, steps: int = 3) -> float | None:
+    """Device time of the kernels (and copies) one step launches, from the profiler's device
+    events; None without CUDA or when the profiler saw no device event (no CUPTI)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    if not torch.cuda.is_available():
+        return None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return total_us / 1e6 / steps if total_us > 0 else None
+
+
+def bench_variant(overrides, batch, steps, warmup, device, compile_blocks=False):
+    model, tokenizer, optimizer_impl = build(overrides, device)
+    if compile_blocks:
+        runtime.compile_blocks(model)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw_impl(optimizer_impl))
     criterion = ClipLoss()
     gen = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randn(batch, 3, 224, 224, generator=gen).to(device)
     texts = tokenizer([f"a synthetic photo number {i}" for i in range(batch)]).to(device)
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    last = {}
+
+    def step():
+        with autocast:
+            last["out"] = out = model(images, texts)
+            loss, _ = clip_objective(model, criterion, out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -68,34 +100,33 @@ def bench_variant(overrides, batch, steps, warmup, device):
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        with autocast:
-            out = model(images, texts)
-            loss, _ = clip_objective(model, criterion, out)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step()
         if cuda:
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     peak = peak_memory_gib(device)
+    kernel_s = kernel_seconds_per_step(step) if cuda else None
+    out = last["out"]
     gflops, alone, compression = image_efficiency(model, images[:16])
-    step = statistics.median(times)
-    return {"step_s": step, "images_s": batch / step, "image_gflops": gflops, "unpadded_gflops": alone,
-            "peak_gib": peak, "compression": compression, "train_compression":
+    step_s = statistics.median(times)
+    return {"step_s": step_s, "images_s": batch / step_s, "image_gflops": gflops, "unpadded_gflops": alone,
+            "peak_gib": peak, "compression": compression, "kernel_s": kernel_s, "train_compression":
             float(out["image_info"]["tokens"].sum() / out["image_info"]["segments"].sum())}
 
 
 def table(rows) -> str:
     base = rows[0][1]
     lines = ["| variant | step (s) | images/s | step / vanilla | image GFLOPs/img | GFLOPs / vanilla | "
-             "unpadded GFLOPs/img | compression (eval / last train step) | peak mem (GiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "unpadded GFLOPs/img | compression (eval / last train step) | peak mem (GiB) | "
+             "kernel time / step (GPU busy) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         alone = "n/a" if r["unpadded_gflops"] is None else f"{r['unpadded_gflops']:.2f}"
+        busy = "n/a" if r["kernel_s"] is None else f"{r['kernel_s']:.3f} s ({100 * r['kernel_s'] / r['step_s']:.0f}%)"
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['images_s']:.0f} | {r['step_s'] / base['step_s']:.2f} | "
                      f"{r['image_gflops']:.2f} | {r['image_gflops'] / base['image_gflops']:.2f} | {alone} | "
-                     f"{r['compression']:.2f} / {r['train_compression']:.2f} | {r['peak_gib']:.1f} |")
+                     f"{r['compression']:.2f} / {r['train_compression']:.2f} | {r['peak_gib']:.1f} | {busy} |")
     return "\n".join(lines)
 
 
@@ -105,6 +136,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke check only)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every transformer block (trainer.compile)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -116,15 +148,16 @@ def main(argv=None):
     else:
         name = "cpu"
     print(f"device: {name}, torch {torch.__version__}, batch {args.batch}, median of {args.steps} steps "
-          f"after {args.warmup} warm-up, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}", flush=True)
+          f"after {args.warmup} warm-up, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+          f"{', blocks compiled' if args.compile else ''}", flush=True)
     rows = []
     for label, overrides in VARIANTS:
         t0 = time.perf_counter()
-        rows.append((label, bench_variant(overrides, args.batch, args.steps, args.warmup, device)))
+        rows.append((label, bench_variant(overrides, args.batch, args.steps, args.warmup, device, args.compile)))
         print(f"{label}: {rows[-1][1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     r = tome_r_for(rows[1][1]["image_gflops"], ["encoder=vit_b16"], 224, device)
-    rows.append((f"ToMe r={r} (gumbel's GFLOPs)", bench_variant(["boundary=tome", f"boundary.r={r}"],
-                                                                 args.batch, args.steps, args.warmup, device)))
+    rows.append((f"ToMe r={r} (gumbel's GFLOPs)", bench_variant(["boundary=tome", f"boundary.r={r}"], args.batch,
+                                                                 args.steps, args.warmup, device, args.compile)))
     print(f"{rows[-1][0]}: {rows[-1][1]}", flush=True)
     text = table(rows)
     print("\n" + text)

@@ -1,5 +1,5 @@
 """Harness overhead: our training step (fastclip.loop.fit, MLflow logging included) against
-open_clip_train's train_one_epoch on the same model, data, optimizer and schedule, alternated
+open_clip_train's train_one_epoch on the same model, data, optimizer (same AdamW kernel) and schedule, alternated
 in one process; mean seconds per step, median over repeats."""
 import statistics
 import tempfile
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastclip import runtime
-from fastclip.loop import fit
+from fastclip.loop import adamw_impl, fit
 from fastclip.tasks.clip import ClipTask
 from fastclip.tracking import Tracker
 
@@ -39,7 +39,7 @@ def open_clip_train_step_s(cfg, steps: int) -> float:
     model = ThreeKeys(task.model)
     tc = cfg.trainer
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
-                                  weight_decay=tc.weight_decay)
+                                  weight_decay=tc.weight_decay, **adamw_impl(tc.optimizer_impl))
     args = SimpleNamespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False,
                            horovod=False, grad_clip_norm=tc.grad_clip, log_every_n_steps=10 ** 9, world_size=1,
                            batch_size=tc.batch_size, rank=0, local_rank=0, wandb=False, save_logs=False)

@@ -1,7 +1,8 @@
 """make bench-step: where a training step's time goes, with the data already in memory (no
 loader in the timing). Per variant of bench-clip's CIFAR geometry (vit_tiny at patch 4, 64
 patches, 4 blocks, BPE text tower, batch 128): the whole step (forward, backward, AdamW), the
-image tower alone (forward + backward) and the text tower alone; variants alternate within each
+image tower alone (forward + backward) and the text tower alone (AdamW as the loop
+builds it: trainer.optimizer_impl); variants alternate within each
 repeat and the table gives medians. The text tower and the optimizer do not shrink with image
 compression, so `floor` = (step - image tower) / vanilla step is the step ratio that even a free
 image tower could not beat.
@@ -21,6 +22,7 @@ from fastclip import PROJECT_ROOT
 from fastclip.bench.common import emit, markdown_table
 from fastclip.config import compose_train_config
 from fastclip.eval.efficiency import count_gflops
+from fastclip.loop import adamw_impl
 from fastclip.models.clip import boundary_loss, build_clip, clip_objective
 
 DTP = ["boundary.apply_to=[image]"]
@@ -37,7 +39,7 @@ class Variant:
         torch.manual_seed(0)
         self.name = name
         self.model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **adamw_impl(cfg.trainer.optimizer_impl))
         self.criterion = ClipLoss()
         gen = torch.Generator().manual_seed(0)
         self.images = torch.randn(batch, 3, 32, 32, generator=gen)
