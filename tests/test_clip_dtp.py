@@ -78,10 +78,36 @@ def test_image_embedding_does_not_depend_on_the_batch_padding():
     torch.testing.assert_close(emb[i:i + 1], alone, rtol=1e-4, atol=1e-5)
 
 
+def test_segment_count_buckets_change_no_result_and_cut_padding():
+    """image_buckets > 1 runs the shortened layers per group of rows sorted by segment count:
+    the same embeddings and gradients as one padded batch, fewer FLOPs spent on padding."""
+    towers = {}
+    for buckets in (1, 3):
+        task = task_for("boundary=gumbel", "boundary.apply_to=[image]", f"boundary.image_buckets={buckets}",
+                        "boundary.image_pool=mean")
+        with torch.no_grad():
+            task.model.visual.predictor.mlp[-1].weight.mul_(20)  # spread the per-image counts
+        towers[buckets] = task.model.visual.eval()
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for buckets, tower in towers.items():
+        emb, info = tower(images)
+        emb.square().sum().backward()
+        out[buckets] = emb, info["segments"], tower.predictor.mlp[0].weight.grad, tower.vit.conv1.weight.grad
+    counts = out[1][1]
+    assert counts.min() < counts.max()
+    for a, b in zip(out[1], out[3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        padded, _ = count_gflops(towers[1], images)
+        bucketed, _ = count_gflops(towers[3], images)
+    assert bucketed < padded
+
+
 def count_host_syncs(monkeypatch) -> dict:
     """Counts tensor -> Python transfers (on a GPU each one waits for the queue to drain)."""
     calls = {"n": 0}
-    for name in ("item", "tolist", "__bool__"):
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
         real = getattr(torch.Tensor, name)
 
         def counted(self, *a, _real=real, **k):
@@ -91,17 +117,18 @@ def count_host_syncs(monkeypatch) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("boundary,syncs", [("fixed", 0), ("gumbel", 1)])
-def test_dtp_image_tower_host_syncs(boundary, syncs, monkeypatch):
-    """fixed k knows its pooled length in advance: no sync; gumbel needs one (the longest row)."""
-    task = task_for(f"boundary={boundary}", "boundary.apply_to=[image]")
+@pytest.mark.parametrize("boundary,tower,syncs", [("fixed", "image", 0), ("gumbel", "image", 1), ("gumbel", "text", 1)])
+def test_dtp_tower_host_syncs(boundary, tower, syncs, monkeypatch):
+    """A fixed k image tower knows its pooled length in advance: no sync; a learned one needs one
+    (the longest row), and so does a text tower (captions differ in length)."""
+    task = task_for(f"boundary={boundary}", f"boundary.apply_to=[{tower}]")
     task.model.train()
-    images = torch.randn(4, 3, 32, 32)
+    inputs = torch.randn(4, 3, 32, 32) if tower == "image" else task.tokenizer(["a cat", "two red buses", "x", "dogs"])
     calls = count_host_syncs(monkeypatch)
-    emb, info = task.model.visual(images)
+    emb, info = (task.model.visual if tower == "image" else task.model.text)(inputs)
     assert calls["n"] == syncs
     monkeypatch.undo()
-    assert info["segments"].max() <= info["tokens"][0]
+    assert emb.shape[0] == 4 and (info["segments"] <= info["tokens"]).all()
 
 
 def test_contrastive_loss_reaches_both_predictors():

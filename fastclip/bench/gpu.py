@@ -30,7 +30,10 @@ from fastclip.models.clip import build_clip, clip_objective
 DTP_IMAGE = ["boundary.apply_to=[image]", "boundary.image_pre_layers=2"]
 VARIANTS = [("vanilla ViT-B/16", ["boundary=none"]),
             ("DTP gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE),
-            ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE)]
+            ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE),
+            # the default runs gumbel's shortened layers in segment-count buckets; here one padded batch
+            ("DTP gumbel 0.25, one padded batch", ["boundary=gumbel", "boundary.prior=0.25",
+                                                   "boundary.image_buckets=1"] + DTP_IMAGE)]
 
 
 def build(overrides, device):

@@ -112,7 +112,8 @@ def main(argv=None):
         ("variant", "variant", "s"), ("zero-shot top-1", "zeroshot/top1", ".3f"), ("Δ top-1 (pts)", "top1_delta", "+.1f"),
         ("top-1 at each eval", "top1_curve", "s"), ("image GFLOPs", "efficiency/image_gflops", ".4f"),
         ("GFLOPs / vanilla", "gflops_ratio", ".2f"), ("achieved compression", "efficiency/compression_image", ".2f"),
-        ("median step (s)", "time/step_median_s", ".4f"), ("wall (s)", "wall_s", ".0f")])
+        ("median step (s)", "time/step_median_s", ".4f"), ("of which data wait (s)", "time/data_median_s", ".4f"),
+        ("wall (s)", "wall_s", ".0f")])
     header = (f"CIFAR-10, {args.steps} steps, batch 128, vit_tiny patch 4 (64 patches, 4 blocks), "
               f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
               f"evals every {every} epochs")

@@ -30,7 +30,9 @@ VARIANTS = [("vanilla ViT", ["boundary=none"]),
             ("DTP-ViT gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25"] + DTP),
             ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP),
             ("DTP-ViT gumbel 0.25, predictor d->d->1", ["boundary=gumbel", "boundary.prior=0.25",
-                                                        "boundary.predictor_ratio=1"] + DTP)]
+                                                        "boundary.predictor_ratio=1"] + DTP),
+            ("DTP-ViT gumbel 0.25, one padded batch", ["boundary=gumbel", "boundary.prior=0.25",
+                                                       "boundary.image_buckets=1"] + DTP)]
 
 
 class Variant:

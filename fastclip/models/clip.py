@@ -118,7 +118,8 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None):
         image_method = build_boundary_method(boundary)
         vc = geometry["vision_cfg"]
         image = DTPImageTower(visual, image_method, boundary.image_pre_layers, boundary.image_pool,
-                              next_patch_dim=3 * vc["patch_size"] ** 2 if vc.get("patch_size") else None)
+                              next_patch_dim=3 * vc["patch_size"] ** 2 if vc.get("patch_size") else None,
+                              buckets=boundary.image_buckets)
     else:
         image = VanillaImageTower(visual)
     if "text" in towers:

@@ -86,14 +86,15 @@ class DTPTextTower(nn.Module):
             x = block(x, attn_mask=cmask)
         logits = self.predictor(x) if self.predictor is not None else None
         b = self.method.boundaries(logits, tokens, token_mask) * token_mask
-        pooled, seg_mask = downsample(x, b, token_mask=token_mask)
+        counts = segment_counts(b, token_mask)
+        pooled, seg_mask = downsample(x, b, token_mask=token_mask, n_segments=int(counts.max()))  # the one host sync
         mask = padding_attn_mask(seg_mask, self.heads).to(pooled.dtype)
         for block in self.short:
             pooled = block(pooled, attn_mask=mask)
         pooled = self.ln_final(pooled)
         w = seg_mask.to(pooled.dtype)[..., None]
         emb = (pooled * w).sum(1) / w.sum(1).clamp_min(1.0)
-        info = {"tokens": token_mask.sum(1).float(), "segments": segment_counts(b, token_mask).float(),
+        info = {"tokens": token_mask.sum(1).float(), "segments": counts.float(),
                 "boundaries": b, "logits": logits, "token_mask": token_mask.float()}
         if self.next_char is not None:
             next_logits = self.next_char(x[:, :-1])

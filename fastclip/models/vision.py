@@ -38,8 +38,12 @@ class DTPImageTower(nn.Module):
     """pre-layers on all patches -> boundary predictor over patches in raster order -> segment
     means (padding mask) -> shortened layers on [class token, segments] -> pooled embedding."""
 
-    def __init__(self, visual, method, pre_layers: int, pool: str = "cls", next_patch_dim: int | None = None):
+    def __init__(self, visual, method, pre_layers: int, pool: str = "cls", next_patch_dim: int | None = None,
+                 buckets: int = 1):
         super().__init__()
+        if buckets < 1:
+            raise ValueError(f"boundary.image_buckets={buckets}: expected >= 1")
+        self.buckets = buckets
         self.vit = _require_vit(visual, f"boundary={method.name} on the image tower")
         n_layers = len(self.vit.transformer.resblocks)
         if not 0 < pre_layers < n_layers:
@@ -64,34 +68,58 @@ class DTPImageTower(nn.Module):
         order = torch.arange(N, device=images.device).expand(B, N)
         b = self.method.boundaries(logits, order)
         counts = segment_counts(b)
-        # The pooled length must be known on the host. A fixed rule knows it in advance; otherwise
-        # ONE sync fetches the longest and shortest row (each sync stalls the GPU queue).
-        n_seg = self.method.static_segments(N)
-        if n_seg is None:
-            shortest, n_seg = torch.stack([counts.min(), counts.max()]).tolist()
-            padded = shortest != n_seg
-        else:
-            padded = False
+        groups, n_seg = self._buckets(counts, N)
         pooled, seg_mask = downsample(patches, b, n_segments=n_seg)
         seq = torch.cat([cls, pooled], dim=1)
-        valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=images.device), seg_mask], dim=1)
-        # No padded segment (fixed k, or equal counts): no mask, so the blocks keep the fused
-        # (flash) attention path that a mask rules out.
-        mask = padding_attn_mask(valid, _heads(vit)).to(seq.dtype) if padded else None
-        for block in blocks[self.pre_layers:]:
-            seq = block(seq, attn_mask=mask)
-        seq = vit.ln_post(seq)
-        if self.pool == "cls":
-            emb = seq[:, 0]
+        if len(groups) == 1:
+            _, n, padded = groups[0]
+            emb = self._shortened(seq, seg_mask, padded)
         else:
-            w = seg_mask.to(seq.dtype)[..., None]
-            emb = (seq[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1.0)
+            parts = [self._shortened(seq[rows, :1 + n], seg_mask[rows, :n], padded) for rows, n, padded in groups]
+            by_count = torch.cat([rows for rows, _, _ in groups])
+            emb = torch.cat(parts)[by_count.argsort()]  # back to batch order
         if vit.proj is not None:
             emb = emb @ vit.proj
         info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": counts.float(), "boundaries": b, "logits": logits}
         if self.next_patch is not None:
             info["targets"], info["extra_loss"] = self._next_patch_spikes(patches, images)
         return emb, info
+
+    def _buckets(self, counts: torch.Tensor, n_patches: int):
+        """-> ([(rows, segments, padded)], longest). The pooled length must be known on the host:
+        a fixed rule knows it in advance (no sync); otherwise ONE sync fetches the sorted counts
+        (each sync drains the GPU queue). With image_buckets > 1 the rows, sorted by segment
+        count, are cut into that many equal groups, each padded only to its own longest row:
+        sampled counts spread (Binomial), and padding every row to the batch's longest wastes
+        shortened-layer work. Rows never interact, so this changes no result."""
+        n_seg = self.method.static_segments(n_patches)
+        if n_seg is not None:
+            return [(None, n_seg, False)], n_seg
+        sorted_counts, by_count = counts.sort()
+        host = sorted_counts.tolist()
+        B, k = len(host), min(self.buckets, len(host))
+        if k == 1:
+            return [(None, host[-1], host[0] != host[-1])], host[-1]
+        cuts = [round(i * B / k) for i in range(k + 1)]
+        return [(by_count[lo:hi], host[hi - 1], host[lo] != host[hi - 1])
+                for lo, hi in zip(cuts, cuts[1:]) if hi > lo], host[-1]
+
+    def _shortened(self, seq, seg_mask, padded: bool):
+        """Shortened blocks on [class token, segments] -> pooled embedding (before the projection).
+        No padded segment: no mask, so the blocks keep the fused (flash) attention path."""
+        vit = self.vit
+        if padded:
+            valid = torch.cat([torch.ones_like(seg_mask[:, :1]), seg_mask], dim=1)
+            mask = padding_attn_mask(valid, _heads(vit)).to(seq.dtype)
+        else:
+            mask = None
+        for block in vit.transformer.resblocks[self.pre_layers:]:
+            seq = block(seq, attn_mask=mask)
+        seq = vit.ln_post(seq)
+        if self.pool == "cls":
+            return seq[:, 0]
+        w = seg_mask.to(seq.dtype)[..., None]
+        return (seq[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1.0)
 
     def _next_patch_spikes(self, patches, images):
         """Predict patch t+1's pixels from patch t's features; boundary targets where that error
