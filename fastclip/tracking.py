@@ -99,7 +99,7 @@ class Tracker:
         else:  # resume: keep writing into the same run
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
-        self._buffer = []
+        self._buffer, self._pending = [], []
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -120,15 +120,24 @@ class Tracker:
             self.flush()
 
     def flush(self) -> None:
+        """Sends the buffered metrics in the background (MLflow's async logging): a synchronous
+        sqlite commit took ~100 ms, ~4% of a vit_tiny step at log_every=10. end() waits for them."""
         for i in range(0, len(self._buffer), 500):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 500])
+            self._pending.append(self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 500], synchronous=False))
         self._buffer = []
+
+    def wait(self) -> None:
+        """Blocks until every metric sent so far is in the store (raises what the store raised)."""
+        for operation in self._pending:
+            operation.wait()
+        self._pending = []
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
+        self.wait()
         self.client.set_terminated(self.run_id, status=status)
 
 
