@@ -49,7 +49,8 @@ ADAMW_IMPLS = ("fused", "foreach", "for_loop")
 
 def adamw_impl(name: str) -> dict:
     """torch AdamW's implementation switch. fused: one kernel over all parameters; on 2 CPU cores it
-    stepped 5.3M parameters (vit_tiny CLIP, mostly the BPE embedding) in 9 ms vs 32-56 ms."""
+    stepped 5.3M parameters (vit_tiny CLIP, mostly the BPE embedding) in 7 ms vs 48 ms for the
+    per-parameter loop (foreach: 22 ms)."""
     if name not in ADAMW_IMPLS:
         raise ValueError(f"trainer.optimizer_impl={name!r}: expected one of {', '.join(ADAMW_IMPLS)}")
     return {"fused": name == "fused", "foreach": name == "foreach"}

@@ -109,7 +109,7 @@ def bench_variant(overrides, batch, steps, warmup, device, compile_blocks=False)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     peak = peak_memory_gib(device)
-    kernel_s = kernel_seconds_per_step(step) if cuda else None
+    kernel_s = kernel_seconds_per_step(step)
     out = last["out"]
     gflops, alone, compression = image_efficiency(model, images[:16])
     step_s = statistics.median(times)

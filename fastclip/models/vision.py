@@ -68,16 +68,15 @@ class DTPImageTower(nn.Module):
         order = torch.arange(N, device=images.device).expand(B, N)
         b = self.method.boundaries(logits, order)
         counts = segment_counts(b)
-        groups, n_seg = self._buckets(counts, N)
+        groups, n_seg, by_count = self._buckets(counts, N)
         pooled, seg_mask = downsample(patches, b, n_segments=n_seg)
         seq = torch.cat([cls, pooled], dim=1)
-        if len(groups) == 1:
+        if by_count is None:
             _, n, padded = groups[0]
             emb = self._shortened(seq, seg_mask, padded)
         else:
             parts = [self._shortened(seq[rows, :1 + n], seg_mask[rows, :n], padded) for rows, n, padded in groups]
-            by_count = torch.cat([rows for rows, _, _ in groups])
-            emb = torch.cat(parts)[by_count.argsort()]  # back to batch order
+            emb = torch.cat(parts)[by_count.argsort()]  # the groups partition by_count in order: back to batch order
         if vit.proj is not None:
             emb = emb @ vit.proj
         info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": counts.float(), "boundaries": b, "logits": logits}
@@ -86,7 +85,8 @@ class DTPImageTower(nn.Module):
         return emb, info
 
     def _buckets(self, counts: torch.Tensor, n_patches: int):
-        """-> ([(rows, segments, padded)], longest). The pooled length must be known on the host:
+        """-> ([(rows, segments, padded)], longest, rows sorted by count or None for one group).
+        The pooled length must be known on the host:
         a fixed rule knows it in advance (no sync); otherwise ONE sync fetches the sorted counts
         (each sync drains the GPU queue). With image_buckets > 1 the rows, sorted by segment
         count, are cut into that many equal groups, each padded only to its own longest row:
@@ -94,15 +94,15 @@ class DTPImageTower(nn.Module):
         shortened-layer work. Rows never interact, so this changes no result."""
         n_seg = self.method.static_segments(n_patches)
         if n_seg is not None:
-            return [(None, n_seg, False)], n_seg
+            return [(None, n_seg, False)], n_seg, None
         sorted_counts, by_count = counts.sort()
         host = sorted_counts.tolist()
         B, k = len(host), min(self.buckets, len(host))
         if k == 1:
-            return [(None, host[-1], host[0] != host[-1])], host[-1]
+            return [(None, host[-1], host[0] != host[-1])], host[-1], None
         cuts = [round(i * B / k) for i in range(k + 1)]
         return [(by_count[lo:hi], host[hi - 1], host[lo] != host[hi - 1])
-                for lo, hi in zip(cuts, cuts[1:]) if hi > lo], host[-1]
+                for lo, hi in zip(cuts, cuts[1:]) if hi > lo], host[-1], by_count
 
     def _shortened(self, seq, seg_mask, padded: bool):
         """Shortened blocks on [class token, segments] -> pooled embedding (before the projection).
