@@ -3,7 +3,8 @@ steps of ViT-B/16 (open_clip geometry, BPE text tower) at batch 256 on synthetic
 vanilla vs DTP-ViT gumbel 0.25 vs DTP-ViT fixed k=4 (2 blocks at full length, 10 on segments)
 vs ToMe at the gumbel row's GFLOPs. Prints step time, images/s, image GFLOPs (FlopCounterMode,
 the boundaries the model produced), achieved compression and peak memory, and how busy the GPU
-was: kernel time per step (torch.profiler over 3 steps) / step time. A step well under 100%
+was: kernel time per step (torch.profiler over 3 steps) / step time, and how often one step
+synchronizes the host with the GPU (torch.cuda.set_sync_debug_mode). A step well under 100%
 busy is bound by the host issuing kernels, not by the FLOPs DTP removes. AdamW uses the loop's
 kernel (trainer.optimizer_impl); --compile compiles every transformer block as trainer.compile.
 
@@ -11,10 +12,13 @@ kernel (trainer.optimizer_impl); --compile compiles every transformer block as t
     python -m fastclip.bench.gpu --device cpu --batch 2 --steps 1 --warmup 0   # smoke check
 """
 import argparse
+import collections
 import contextlib
 import resource
 import statistics
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,9 +35,9 @@ DTP_IMAGE = ["boundary.apply_to=[image]", "boundary.image_pre_layers=2"]
 VARIANTS = [("vanilla ViT-B/16", ["boundary=none"]),
             ("DTP gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE),
             ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE),
-            # the default runs gumbel's shortened layers in segment-count buckets; here one padded batch
-            ("DTP gumbel 0.25, one padded batch", ["boundary=gumbel", "boundary.prior=0.25",
-                                                   "boundary.image_buckets=1"] + DTP_IMAGE)]
+            # image_buckets=auto runs one padded batch on CUDA; here 4 segment-count buckets
+            ("DTP gumbel 0.25, 4 buckets", ["boundary=gumbel", "boundary.prior=0.25",
+                                            "boundary.image_buckets=4"] + DTP_IMAGE)]
 
 
 def build(overrides, device):
@@ -78,6 +82,34 @@ def kernel_seconds_per_step(step, steps: int = 3) -> float | None:
     return total_us / 1e6 / steps if total_us > 0 else None
 
 
+def host_syncs_per_step(step) -> collections.Counter | None:
+    """Where one step synchronizes the host with the GPU: torch warns on every synchronizing CUDA
+    call in sync-debug mode; each is attributed to the innermost project frame (outside this
+    benchmark) on the Python stack at the time. None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    package = Path(__file__).resolve().parents[1]
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        ours = [f for f in traceback.extract_stack()[:-1]
+                if Path(f.filename).resolve().is_relative_to(package) and "bench" not in Path(f.filename).parts]
+        sites[f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else f"{Path(filename).name}:{lineno}"] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
+
+
 def bench_variant(overrides, batch, steps, warmup, device, compile_blocks=False):
     model, tokenizer, optimizer_impl = build(overrides, device)
     if compile_blocks:
@@ -114,11 +146,12 @@ def bench_variant(overrides, batch, steps, warmup, device, compile_blocks=False)
             times.append(time.perf_counter() - t0)
     peak = peak_memory_gib(device)
     kernel_s = kernel_seconds_per_step(step)
+    syncs = host_syncs_per_step(step)
     out = last["out"]
     gflops, alone, compression = image_efficiency(model, images[:16])
     step_s = statistics.median(times)
     return {"step_s": step_s, "images_s": batch / step_s, "image_gflops": gflops, "unpadded_gflops": alone,
-            "peak_gib": peak, "compression": compression, "kernel_s": kernel_s, "train_compression":
+            "peak_gib": peak, "compression": compression, "kernel_s": kernel_s, "syncs": syncs, "train_compression":
             float(out["image_info"]["tokens"].sum() / out["image_info"]["segments"].sum())}
 
 
@@ -126,14 +159,15 @@ def table(rows) -> str:
     base = rows[0][1]
     lines = ["| variant | step (s) | images/s | step / vanilla | image GFLOPs/img | GFLOPs / vanilla | "
              "unpadded GFLOPs/img | compression (eval / last train step) | peak mem (GiB) | "
-             "kernel time / step (GPU busy) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "kernel time / step (GPU busy) | host syncs / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         alone = "n/a" if r["unpadded_gflops"] is None else f"{r['unpadded_gflops']:.2f}"
         busy = "n/a" if r["kernel_s"] is None else f"{r['kernel_s']:.3f} s ({100 * r['kernel_s'] / r['step_s']:.0f}%)"
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['images_s']:.0f} | {r['step_s'] / base['step_s']:.2f} | "
                      f"{r['image_gflops']:.2f} | {r['image_gflops'] / base['image_gflops']:.2f} | {alone} | "
-                     f"{r['compression']:.2f} / {r['train_compression']:.2f} | {r['peak_gib']:.1f} | {busy} |")
+                     f"{r['compression']:.2f} / {r['train_compression']:.2f} | {r['peak_gib']:.1f} | {busy} | "
+                     f"{'n/a' if r['syncs'] is None else sum(r['syncs'].values())} |")
     return "\n".join(lines)
 
 

@@ -75,8 +75,11 @@ class FastCLIP(nn.Module):
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def forward(self, images, tokens):
-        img, image_info = self.visual(images)
+        # Text first: a data-dependent DTP image tower syncs the host once to size its pooled
+        # sequence, and everything queued before that sync (here the whole text tower) runs on
+        # the GPU while the host waits instead of being launched afterwards behind an idle GPU.
         txt, text_info = self.text(tokens)
+        img, image_info = self.visual(images)
         return {"image_features": F.normalize(img, dim=-1), "text_features": F.normalize(txt, dim=-1),
                 "logit_scale": self.logit_scale.exp(), "image_info": image_info, "text_info": text_info}
 
