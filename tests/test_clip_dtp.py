@@ -131,6 +131,50 @@ def test_dtp_tower_host_syncs(boundary, tower, syncs, monkeypatch):
     assert emb.shape[0] == 4 and (info["segments"] <= info["tokens"]).all()
 
 
+def test_bench_gpu_attributes_each_host_sync_to_the_line_that_made_it(monkeypatch):
+    """bench-gpu's sync column: torch warns on each synchronizing CUDA call (sync-debug mode);
+    emulated here by a warning from Tensor.tolist, the call the gumbel image tower syncs with."""
+    import inspect
+    import warnings
+    from fastclip.bench import gpu
+    from fastclip.models import vision
+    tower = task_for("boundary=gumbel", "boundary.apply_to=[image]").model.visual
+    for name in ("is_available", "synchronize", "set_sync_debug_mode"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: True)
+    real = torch.Tensor.tolist
+
+    def warning_tolist(self):
+        warnings.warn("called a synchronizing CUDA operation")
+        return real(self)
+    monkeypatch.setattr(torch.Tensor, "tolist", warning_tolist)
+    sites = gpu.host_syncs_per_step(lambda: tower(torch.randn(2, 3, 32, 32)))
+    line = next(n for n, text in enumerate(inspect.getsource(vision).splitlines(), 1) if "sorted_counts.tolist()" in text)
+    assert dict(sites) == {f"vision.py:{line}": 1}
+
+
+def test_image_buckets_auto_follows_the_device_and_bad_values_are_named():
+    """auto: buckets where compute bounds the step (CPU), one padded batch on CUDA, where each
+    bucket's extra kernel launches cost more than the padding they save (bench-gpu)."""
+    tower = task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_buckets=auto").model.visual
+    assert tower._bucket_count(torch.device("cpu")) == 4 and tower._bucket_count(torch.device("cuda")) == 1
+    assert task_for("boundary=gumbel", "boundary.apply_to=[image]",
+                    "boundary.image_buckets=3").model.visual._bucket_count(torch.device("cuda")) == 3
+    for bad in ("0", "many"):
+        with pytest.raises(ValueError, match=f"boundary.image_buckets={bad!r}" if bad == "many" else "image_buckets=0"):
+            task_for("boundary=gumbel", "boundary.apply_to=[image]", f"boundary.image_buckets={bad}")
+
+
+def test_clip_runs_the_text_tower_before_the_image_tower():
+    """The DTP image tower's one host sync then waits on text work already queued on the GPU,
+    instead of the text tower being launched after it behind an idle GPU."""
+    task = task_for("boundary=gumbel", "boundary.apply_to=[image]")
+    model, order = task.model, []
+    model.text.register_forward_pre_hook(lambda *_: order.append("text"))
+    model.visual.register_forward_pre_hook(lambda *_: order.append("image"))
+    model(torch.randn(2, 3, 32, 32), task.tokenizer(["a cat", "two dogs"]))
+    assert order == ["text", "image"]
+
+
 def test_contrastive_loss_reaches_both_predictors():
     task = task_for("boundary=gumbel", "boundary.loss_weight=0", "trainer.batch_size=16")
     task.model.train()

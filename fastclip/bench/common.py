@@ -19,10 +19,16 @@ def _child(overrides: list[str], run_dir: str) -> dict:
     return metrics
 
 
-def run_isolated(overrides: list[str], run_dir: Path) -> dict:
+def in_fresh_process(fn, *args):
+    """fn(*args) in a spawned process (fn importable by name, args and result picklable): nothing
+    one measurement leaves behind (peak memory, torch.compile's caches) reaches the next."""
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_child, list(overrides), str(run_dir)).result()
+        return pool.submit(fn, *args).result()
+
+
+def run_isolated(overrides: list[str], run_dir: Path) -> dict:
+    return in_fresh_process(_child, list(overrides), str(run_dir))
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
