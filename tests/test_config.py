@@ -7,7 +7,7 @@ from fastclip import CONF_DIR
 from conftest import compose_cfg
 from fastclip.config import compose_train_config
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra" and not p.name.startswith("_"))
 
 
 def options(group):
@@ -65,3 +65,16 @@ def test_seed_table_experiments(tmp_path, experiment, data_key):
     cfg = compose_cfg([f"experiment={experiment}", "eval.imagenet_val=null", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
     with pytest.raises(Exception, match=data_key.split(".")[-1]):
         run(cfg, tmp_path / "run")
+
+
+PLACEMENT = {"apply_to": "[image]", "image_pre_layers": "2", "text_pre_layers": "2", "image_pool": "mean",
+             "image_buckets": "1"}
+
+
+def test_sweeps_across_boundary_options_can_set_where_they_pool():
+    """Hydra checks a multirun's overrides against the default option (boundary=none) before it
+    sweeps, so `-m boundary=gumbel,fixed boundary.apply_to=[image]` needs every option, none
+    included, to carry the placement keys."""
+    for option in options("boundary"):
+        cfg = compose_cfg([f"boundary={option}"] + [f"boundary.{k}={v}" for k, v in PLACEMENT.items()])
+        assert {k: str(cfg.boundary[k]).replace("'", "") for k in PLACEMENT} == PLACEMENT, option
