@@ -2,8 +2,9 @@
 mixed precision, NaN guard, checkpoints that resume exactly (lr schedule included).
 
 A task supplies: .model, .train_batches(epoch) (a sized iterable of micro-batches),
-.loss(batch) -> (loss, {metric: float}, n_samples), .evaluate() -> {metric: float},
-and optionally .final_evaluate() -> {metric: float}.
+.loss(batch) -> (loss, {metric: float or 0-dim tensor}, n_samples), .evaluate() -> {metric: float},
+and optionally .final_evaluate() -> {metric: float}. Tensor metrics stay on the device until the
+loop reads them (see StepScalars).
 """
 import logging
 import math
@@ -54,6 +55,46 @@ def adamw_impl(name: str) -> dict:
     if name not in ADAMW_IMPLS:
         raise ValueError(f"trainer.optimizer_impl={name!r}: expected one of {', '.join(ADAMW_IMPLS)}")
     return {"fused": name == "fused", "foreach": name == "foreach"}
+
+
+class StepScalars:
+    """Per-step training scalars (loss, lr, the task's metrics, whether every loss was finite) kept
+    on the device until the loop needs them: a log flush, a checkpoint, the end of an epoch. Then
+    they come to the host in one transfer per device. Reading each with .item() as it is made
+    would sync the host with the GPU several times a step (four of them before backward), and
+    each sync drains the GPU's queue (open_clip_train, likewise, reads its loss at log steps only)."""
+
+    def __init__(self):
+        self._rows: list[tuple[int, int, torch.Tensor | bool, dict]] = []
+
+    def add(self, step: int, epoch: int, finite, values: dict) -> None:
+        self._rows.append((step, epoch, finite, values))
+
+    def fetch(self) -> list[tuple[int, int, bool, dict[str, float]]]:
+        """-> [(step, epoch, finite, {name: float})], oldest first; empties the buffer."""
+        tensors = [v for _, _, finite, values in self._rows for v in (finite, *values.values())
+                   if isinstance(v, torch.Tensor)]
+        host = iter(_to_host(tensors))
+
+        def read(v):
+            return next(host) if isinstance(v, torch.Tensor) else v
+        rows = [(step, epoch, bool(read(finite)), {k: float(read(v)) for k, v in values.items()})
+                for step, epoch, finite, values in self._rows]
+        self._rows = []
+        return rows
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[float]:
+    """0-dim tensors -> Python numbers, one stack and one transfer per device."""
+    out: list[float] = [0.0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        values = torch.stack([tensors[i].detach().reshape(()).float() for i in idx]).tolist()
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out
 
 
 def plan_steps(steps_per_epoch: int, epochs: int, max_steps) -> int:
@@ -112,6 +153,26 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
             "mlflow_run_id": tracker.run_id if tracker else None, "config": cfg_container(cfg),
             "task": task.state_dict() if hasattr(task, "state_dict") else {}})
 
+    scalars = StepScalars()
+    log_every = max(1, int(cfg.tracking.get("log_every", 10)))
+
+    def drain():
+        """Reads the buffered step scalars: stops at the first non-finite loss, naming its step
+        (callers drain before any checkpoint, so the last one written is good), else logs them."""
+        rows = scalars.fetch()
+        for bad_step, bad_epoch, finite, values in rows:
+            if not finite:
+                kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"
+                raise TrainingDiverged(f"train/loss is {values['train/loss']} at step {bad_step} (epoch {bad_epoch}); "
+                                       f"stopping; {kept}")
+        if tracker:
+            for index, _, _, values in rows:
+                tracker.log_metrics(values, index + 1, flush=False)  # a step's metrics carry the count after it
+            tracker.flush()
+        if rows:
+            rate = window_samples / max(1e-9, time.perf_counter() - window_t0)
+            bar.set_postfix(loss=f"{rows[-1][3]['train/loss']:.4f}", samples_s=f"{rate:.0f}")
+
     metrics: dict[str, float] = {}
     # Per optimizer step: the whole step (data wait included) and its data wait alone, as
     # open_clip_train's batch_time / data_time; compute = step - data.
@@ -122,6 +183,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
     while step < total_steps and epoch < cfg.epochs:
         batches = task.train_batches(epoch)
         micro, window_samples, window_t0 = 0, 0, time.perf_counter()
+        finite = True  # every micro-batch loss of the current step finite (a device tensor once set)
         tick = time.perf_counter()  # train_s counts data loading and steps, not evaluation
         fetched_at, data_wait = tick, 0.0
         for i, batch in enumerate(batches):
@@ -136,9 +198,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
                 fetched_at = time.perf_counter()
                 continue
             loss, extras, n = result
-            if not torch.isfinite(loss):
-                kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"
-                raise TrainingDiverged(f"train/loss is {loss.item()} at step {step} (epoch {epoch}); stopping; {kept}")
+            finite = torch.isfinite(loss.detach()) & finite  # read at the next drain(), not here (no sync)
             scaler.scale(loss / accum).backward()
             micro += 1
             samples_seen += n
@@ -151,24 +211,25 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                scalars.add(step, epoch, finite, {"train/loss": loss.detach(), "train/lr": scheduler.get_last_lr()[0],
+                                                  **{f"train/{k}": v for k, v in extras.items()}})
+                finite = True
                 step += 1
                 now = time.perf_counter()
                 train_s += now - tick
                 step_times.append(now - tick)
                 data_times.append(data_wait)
                 tick, data_wait = now, 0.0
-                if tracker:
-                    tracker.log_metrics({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
-                                         **{f"train/{k}": v for k, v in extras.items()}},
-                                        step, flush=step % cfg.tracking.log_every == 0)
-                rate = window_samples / max(1e-9, time.perf_counter() - window_t0)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
-                if tc.ckpt_every_steps and step % tc.ckpt_every_steps == 0:
+                checkpoint_now = bool(tc.ckpt_every_steps) and step % tc.ckpt_every_steps == 0
+                if step % log_every == 0 or checkpoint_now or step >= total_steps:
+                    drain()
+                if checkpoint_now:
                     checkpoint((i + 1) // accum, epoch)
                 if step >= total_steps:
                     break
             fetched_at = time.perf_counter()
+        drain()  # before this epoch's evaluation and checkpoint
         skip_batches = 0
         epoch += 1
         end_of_run = step >= total_steps or epoch >= cfg.epochs

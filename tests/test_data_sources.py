@@ -235,3 +235,16 @@ def test_a_killed_shard_run_resumes_mid_epoch_on_the_same_stream(tmp_path, store
     for key, value in ref["model"].items():
         torch.testing.assert_close(end["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert resumed["data/skipped"] == full["data/skipped"] == 6  # the count survives the kill, nothing twice
+
+
+def test_batches_pin_through_the_loaders_hook_for_asynchronous_gpu_copies(monkeypatch):
+    """On CUDA the loader pins (pin_memory=True): a non_blocking copy from pageable memory still
+    makes the host wait. Pinning itself needs CUDA, so Tensor.pin_memory is stood in for here."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+    from fastclip.data.pairs import Batch, collate_skipping
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(tuple(self.shape)) or self)
+    batch = pin_memory(collate_skipping([(torch.zeros(3, 2, 2), torch.zeros(5, dtype=torch.long)), None]))
+    assert isinstance(batch, Batch) and batch.skipped == 1 and pinned == [(1, 3, 2, 2), (1, 5)]
+    empty = pin_memory(collate_skipping([None, None]))
+    assert empty.images is None and empty.skipped == 2

@@ -65,7 +65,8 @@ def test_task_objective_includes_the_boundary_loss():
     total, extras, _ = task.loss(batch)
     weight = cfg.boundary.loss_weight
     assert weight > 0
-    assert total.item() == pytest.approx(extras["bpc"] * math.log(2) + weight * extras["boundary_loss"], rel=1e-4)
+    assert total.item() == pytest.approx(float(extras["bpc"]) * math.log(2) + weight * float(extras["boundary_loss"]),
+                                         rel=1e-4)
 
 
 def test_gumbel_achieved_rate_follows_the_prior_after_short_training():

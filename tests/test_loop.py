@@ -85,3 +85,66 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
     assert all(m._compiled_call_impl is None for m in eager.modules() if isinstance(m, ResidualAttentionBlock))
     assert_same_weights(compiled, eager, atol=1e-4)
+
+
+def test_training_steps_read_their_scalars_only_when_the_loop_logs(tmp_path, monkeypatch):
+    """On a GPU every tensor -> Python read drains the queue. A step used to make five of them
+    (the task's metrics and the NaN check before backward, the loss after); now the loss, lr and
+    metrics stay on the device and come over in one transfer per log_every steps."""
+    from conftest import TINY_CLIP
+    from fastclip import runtime
+    from fastclip.tasks.clip import ClipTask
+    cfg = compose_cfg(TINY_CLIP + ["epochs=1", "trainer.max_steps=8", "trainer.batch_size=32",
+                                   "tracking.log_every=4", "trainer.progress=false"])
+    runtime.seed_everything(0)
+    task = ClipTask(cfg, torch.device("cpu"))
+    task.evaluate = lambda: {}  # evaluation reads its results on purpose; the steps are under test
+    loading = {"now": False}
+    real_batches = task.train_batches
+
+    def batches(epoch):  # the loader's own reads (sampler, random crops) happen on the host anyway
+        loader = real_batches(epoch)
+
+        class Loading:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                it = None
+                while True:
+                    loading["now"] = True
+                    try:
+                        it = it or iter(loader)
+                        batch = next(it)
+                    except StopIteration:
+                        return
+                    finally:
+                        loading["now"] = False
+                    yield batch
+        return Loading()
+    task.train_batches = batches
+    reads = {}
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if not loading["now"]:
+                reads[_name] = reads.get(_name, 0) + 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    fit(task, cfg, None, tmp_path / "run", torch.device("cpu"))
+    monkeypatch.undo()
+    assert reads == {"tolist": 2}  # steps 4 and 8: one transfer each
+
+
+def test_step_scalars_keep_order_across_devices_and_plain_numbers():
+    from fastclip.loop import StepScalars
+    scalars = StepScalars()
+    scalars.add(0, 0, torch.tensor(True), {"train/loss": torch.tensor(2.5), "train/lr": 0.1})
+    scalars.add(1, 0, True, {"train/loss": torch.tensor(float("nan")), "train/lr": 0.2,
+                             "train/n": torch.tensor(3, dtype=torch.long)})
+    rows = scalars.fetch()
+    assert [(s, e, f) for s, e, f, _ in rows] == [(0, 0, True), (1, 0, True)]
+    assert rows[0][3] == {"train/loss": 2.5, "train/lr": 0.1}
+    assert rows[1][3]["train/lr"] == 0.2 and rows[1][3]["train/n"] == 3.0 and rows[1][3]["train/loss"] != rows[1][3]["train/loss"]
+    assert scalars.fetch() == []

@@ -45,6 +45,12 @@ class Batch:
     def __iter__(self):  # `images, texts = batch`, as open_clip_train.train_one_epoch unpacks it (bench/overhead)
         return iter((self.images, self.tokens))
 
+    def pin_memory(self) -> "Batch":
+        """The DataLoader's pin_memory hook: page-locked tensors copy to the GPU asynchronously
+        (from pageable memory a non_blocking copy still makes the host wait)."""
+        pin = (lambda t: None if t is None else t.pin_memory())  # noqa: E731
+        return Batch(pin(self.images), pin(self.tokens), self.skipped)
+
 
 def collate_skipping(samples: list) -> Batch:
     kept = [s for s in samples if s is not None]

@@ -104,7 +104,7 @@ class ClipTask:
                           generator=None if stream else runtime.epoch_generator(self.cfg.seed, epoch),
                           num_workers=workers, collate_fn=collate_skipping,
                           timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
-                          persistent_workers=False)
+                          persistent_workers=False, pin_memory=self.device.type == "cuda")
 
     def loss(self, batch):
         self.skipped += batch.skipped
@@ -115,11 +115,12 @@ class ClipTask:
             self.model.logit_scale.clamp_(0, 4.6052)
         out = self.model(images, texts)
         loss, parts = clip_objective(self.model, self.criterion, out)
-        extras = {name: part.item() for name, part in parts.items()}
-        extras["logit_scale"] = out["logit_scale"].item()
+        # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
+        extras = {name: part.detach() for name, part in parts.items()}
+        extras["logit_scale"] = out["logit_scale"].detach()
         for tower in ("image", "text"):
             info = out[f"{tower}_info"]
-            extras[f"compression_{tower}"] = float(info["tokens"].sum() / info["segments"].sum().clamp_min(1))
+            extras[f"compression_{tower}"] = (info["tokens"].sum() / info["segments"].sum().clamp_min(1)).detach()
         return loss, extras, images.shape[0]
 
     def eval_batch(self, n: int = 64):

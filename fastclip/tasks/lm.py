@@ -77,11 +77,12 @@ class LMTask:
         x, y = batch[0], batch[1]
         out = self.model(x)
         lm = F.cross_entropy(out["logits"].float().transpose(1, 2), y)
-        extras = {"bpc": lm.item() / math.log(2),
-                  "compression": x.numel() / float(out["segments"].sum())}
+        # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
+        extras = {"bpc": lm.detach() / math.log(2),
+                  "compression": x.numel() / out["segments"].detach().sum()}
         total = lm
         if self.method is not None:
-            extras["boundary_rate"] = float(out["boundaries"].detach().mean())
+            extras["boundary_rate"] = out["boundaries"].detach().float().mean()
             targets = None
             if isinstance(self.method, EntropySpike):
                 targets = self.method.targets(out["logits"].detach())
@@ -89,7 +90,7 @@ class LMTask:
                 targets = batch[2]
             aux = self.method.aux_loss(out["boundary_logits"], out["boundaries"], targets)
             if aux is not None:
-                extras["boundary_loss"] = aux.item()
+                extras["boundary_loss"] = aux.detach()
                 total = lm + self.method.loss_weight * aux
         return total, extras, x.shape[0]
 
