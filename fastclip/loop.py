@@ -160,15 +160,16 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
         """Reads the buffered step scalars: stops at the first non-finite loss, naming its step
         (callers drain before any checkpoint, so the last one written is good), else logs them."""
         rows = scalars.fetch()
-        for bad_step, bad_epoch, finite, values in rows:
-            if not finite:
-                kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"
-                raise TrainingDiverged(f"train/loss is {values['train/loss']} at step {bad_step} (epoch {bad_epoch}); "
-                                       f"stopping; {kept}")
-        if tracker:
-            for index, _, _, values in rows:
+        bad = next((row for row in rows if not row[2]), None)
+        if tracker:  # the steps before a non-finite one are still logged
+            for index, _, _, values in rows[:rows.index(bad) if bad else len(rows)]:
                 tracker.log_metrics(values, index + 1, flush=False)  # a step's metrics carry the count after it
             tracker.flush()
+        if bad:
+            bad_step, bad_epoch, _, values = bad
+            kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"
+            raise TrainingDiverged(f"train/loss is {values['train/loss']} at step {bad_step} (epoch {bad_epoch}); "
+                                   f"stopping; {kept}")
         if rows:
             rate = window_samples / max(1e-9, time.perf_counter() - window_t0)
             bar.set_postfix(loss=f"{rows[-1][3]['train/loss']:.4f}", samples_s=f"{rate:.0f}")
