@@ -223,7 +223,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
                 tick, data_wait = now, 0.0
                 bar.update(1)
                 checkpoint_now = bool(tc.ckpt_every_steps) and step % tc.ckpt_every_steps == 0
-                if step % log_every == 0 or checkpoint_now or step >= total_steps:
+                if step % log_every == 0 or checkpoint_now:  # the last step: the epoch-end drain below
                     drain()
                 if checkpoint_now:
                     checkpoint((i + 1) // accum, epoch)

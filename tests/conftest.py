@@ -14,6 +14,24 @@ TINY_CLIP = ["encoder.vision.width=32", "encoder.vision.layers=2", "encoder.visi
              "trainer.progress=false", "trainer.warmup_steps=2"]
 
 
+TENSOR_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def count_tensor_reads(monkeypatch, ignore=lambda: False) -> dict[str, int]:
+    """Counts tensor -> Python reads by name (on a GPU each one waits for the queue to drain),
+    except while ignore() is true. -> the live counts."""
+    reads: dict[str, int] = {}
+    for name in TENSOR_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if not ignore():
+                reads[_name] = reads.get(_name, 0) + 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
 def compose_cfg(overrides=()):
     return compose_train_config(overrides)
 

@@ -3,7 +3,7 @@ meaning of every boundary option, ToMe."""
 import pytest
 import torch
 
-from conftest import TINY_CLIP, compose_cfg
+from conftest import TINY_CLIP, compose_cfg, count_tensor_reads
 from fastclip import runtime
 from fastclip.eval.efficiency import count_gflops, tower_efficiency
 from fastclip.models.clip import build_clip
@@ -104,19 +104,6 @@ def test_segment_count_buckets_change_no_result_and_cut_padding():
     assert bucketed < padded
 
 
-def count_host_syncs(monkeypatch) -> dict:
-    """Counts tensor -> Python transfers (on a GPU each one waits for the queue to drain)."""
-    calls = {"n": 0}
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        real = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _real=real, **k):
-            calls["n"] += 1
-            return _real(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return calls
-
-
 @pytest.mark.parametrize("boundary,tower,syncs", [("fixed", "image", 0), ("gumbel", "image", 1), ("gumbel", "text", 1)])
 def test_dtp_tower_host_syncs(boundary, tower, syncs, monkeypatch):
     """A fixed k image tower knows its pooled length in advance: no sync; a learned one needs one
@@ -124,9 +111,9 @@ def test_dtp_tower_host_syncs(boundary, tower, syncs, monkeypatch):
     task = task_for(f"boundary={boundary}", f"boundary.apply_to=[{tower}]")
     task.model.train()
     inputs = torch.randn(4, 3, 32, 32) if tower == "image" else task.tokenizer(["a cat", "two red buses", "x", "dogs"])
-    calls = count_host_syncs(monkeypatch)
+    reads = count_tensor_reads(monkeypatch)
     emb, info = (task.model.visual if tower == "image" else task.model.text)(inputs)
-    assert calls["n"] == syncs
+    assert sum(reads.values()) == syncs
     monkeypatch.undo()
     assert emb.shape[0] == 4 and (info["segments"] <= info["tokens"]).all()
 

@@ -91,7 +91,7 @@ def test_training_steps_read_their_scalars_only_when_the_loop_logs(tmp_path, mon
     """On a GPU every tensor -> Python read drains the queue. A step used to make five of them
     (the task's metrics and the NaN check before backward, the loss after); now the loss, lr and
     metrics stay on the device and come over in one transfer per log_every steps."""
-    from conftest import TINY_CLIP
+    from conftest import TINY_CLIP, count_tensor_reads
     from fastclip import runtime
     from fastclip.tasks.clip import ClipTask
     cfg = compose_cfg(TINY_CLIP + ["epochs=1", "trainer.max_steps=8", "trainer.batch_size=32",
@@ -123,15 +123,7 @@ def test_training_steps_read_their_scalars_only_when_the_loop_logs(tmp_path, mon
                     yield batch
         return Loading()
     task.train_batches = batches
-    reads = {}
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        real = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _real=real, _name=name, **k):
-            if not loading["now"]:
-                reads[_name] = reads.get(_name, 0) + 1
-            return _real(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = count_tensor_reads(monkeypatch, ignore=lambda: loading["now"])
     fit(task, cfg, None, tmp_path / "run", torch.device("cpu"))
     monkeypatch.undo()
     assert reads == {"tolist": 2}  # steps 4 and 8: one transfer each
