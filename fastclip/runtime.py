@@ -95,9 +95,14 @@ def compile_blocks(model: torch.nn.Module) -> int:
     """torch.compile each transformer block in place (regional compilation): the blocks are where
     the FLOPs are, and compiling them alone leaves DTP's data-dependent pooling (its segment count
     changes every step) eager; dynamic shapes so a new segment count does not recompile.
-    ModifiedResNet (RN50) has no such blocks and stays eager. -> the number compiled."""
+    ModifiedResNet (RN50) has no such blocks and stays eager. A DTP-ViT's shortened blocks on
+    packed rows do not go through block.__call__: its packed block function is compiled too.
+    -> the number of blocks compiled."""
     from open_clip.transformer import ResidualAttentionBlock
     blocks = [m for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
     for block in blocks:
         block.compile(dynamic=True)
+    for module in model.modules():
+        if hasattr(module, "packed_block"):
+            module.packed_block = torch.compile(module.packed_block, dynamic=True)
     return len(blocks)

@@ -78,26 +78,34 @@ def test_image_embedding_does_not_depend_on_the_batch_padding():
     torch.testing.assert_close(emb[i:i + 1], alone, rtol=1e-4, atol=1e-5)
 
 
+def towers_agreeing_across_layouts(variants: dict, pool: str = "mean"):
+    """Gumbel image towers with the same weights, one per {key: placement overrides}, their
+    predictors sharpened so that the 12 test images get different segment counts. -> (towers,
+    images, {key: (embeddings, segment counts, predictor grad, patch-embedding grad)}); checks
+    that the counts differ and that every variant matches the first."""
+    towers, out = {}, {}
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for key, overrides in variants.items():
+        task = task_for("boundary=gumbel", "boundary.apply_to=[image]", f"boundary.image_pool={pool}", *overrides)
+        tower = towers[key] = task.model.visual.eval()
+        with torch.no_grad():
+            tower.predictor.mlp[-1].weight.mul_(20)  # spread the per-image counts
+        emb, info = tower(images)
+        emb.square().sum().backward()
+        out[key] = emb, info["segments"], tower.predictor.mlp[0].weight.grad, tower.vit.conv1.weight.grad
+    first, *rest = out.values()
+    assert first[1].min() < first[1].max()
+    for other in rest:
+        for a, b in zip(first, other):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    return towers, images, out
+
+
 def test_segment_count_buckets_change_no_result_and_cut_padding():
     """image_buckets > 1 runs the shortened layers per group of rows sorted by segment count:
     the same embeddings and gradients as one padded batch, fewer FLOPs spent on padding."""
-    towers = {}
-    for buckets in (1, 3):
-        task = task_for("boundary=gumbel", "boundary.apply_to=[image]", f"boundary.image_buckets={buckets}",
-                        "boundary.image_pool=mean")
-        with torch.no_grad():
-            task.model.visual.predictor.mlp[-1].weight.mul_(20)  # spread the per-image counts
-        towers[buckets] = task.model.visual.eval()
-    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    out = {}
-    for buckets, tower in towers.items():
-        emb, info = tower(images)
-        emb.square().sum().backward()
-        out[buckets] = emb, info["segments"], tower.predictor.mlp[0].weight.grad, tower.vit.conv1.weight.grad
-    counts = out[1][1]
-    assert counts.min() < counts.max()
-    for a, b in zip(out[1], out[3]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    towers, images, _ = towers_agreeing_across_layouts({b: ["boundary.image_layout=padded", f"boundary.image_buckets={b}"]
+                                                 for b in (1, 3)})
     with torch.no_grad():
         padded, _ = count_gflops(towers[1], images)
         bucketed, _ = count_gflops(towers[3], images)
@@ -135,8 +143,58 @@ def test_bench_gpu_attributes_each_host_sync_to_the_line_that_made_it(monkeypatc
         return real(self)
     monkeypatch.setattr(torch.Tensor, "tolist", warning_tolist)
     sites = gpu.host_syncs_per_step(lambda: tower(torch.randn(2, 3, 32, 32)))
-    line = next(n for n, text in enumerate(inspect.getsource(vision).splitlines(), 1) if "sorted_counts.tolist()" in text)
+    line = next(n for n, text in enumerate(inspect.getsource(vision).splitlines(), 1) if "longest, total = " in text)
     assert dict(sites) == {f"vision.py:{line}": 1}
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_packed_rows_change_no_result_and_count_no_padding(pool):
+    """image_layout=packed (the default) runs the shortened blocks on every row's segments laid end
+    to end: the same embeddings and gradients as one padded batch, and the counted FLOPs of the
+    shortened blocks' projections and MLPs those of the real segments only."""
+    towers, images, out = towers_agreeing_across_layouts(
+        {layout: [f"boundary.image_layout={layout}", "boundary.image_buckets=1"] for layout in ("padded", "packed")}, pool)
+    counts = out["padded"][1]
+    with torch.no_grad():
+        padded, _ = count_gflops(towers["padded"], images)
+        packed, _ = count_gflops(towers["packed"], images)
+    assert packed < padded
+    # each shortened block's MLP runs on the class token + the real segments of each row, no more
+    mlp_rows = []
+    hook = towers["packed"].vit.transformer.resblocks[-1].mlp.register_forward_hook(
+        lambda m, inp, _: mlp_rows.append(inp[0].shape[0]))
+    with torch.no_grad():
+        towers["packed"](images)
+    hook.remove()
+    assert mlp_rows == [int(counts.sum()) + len(images)]
+
+
+def test_packed_rows_round_trip():
+    from fastclip.models.packed import PackedRows
+    lengths = torch.tensor([3, 1, 4])
+    rows = PackedRows.from_lengths(lengths, 4, int(lengths.sum()))
+    padded = torch.arange(1, 13, dtype=torch.float).view(3, 4, 1)
+    packed = rows.pack(padded)
+    assert packed.squeeze(1).tolist() == [1, 2, 3, 5, 9, 10, 11, 12]
+    assert rows.starts.tolist() == [0, 3, 4]
+    back = rows.unpack(packed).squeeze(-1)
+    assert back.tolist() == [[1, 2, 3, 0], [5, 0, 0, 0], [9, 10, 11, 12]]
+
+
+def test_image_layout_errors_name_the_key():
+    with pytest.raises(ValueError, match="boundary.image_layout='jagged'"):
+        task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_layout=jagged")
+    with pytest.raises(ValueError, match="boundary.image_buckets=4 applies to boundary.image_layout=padded"):
+        task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_buckets=4")
+    from open_clip.transformer import ResidualAttentionBlock
+    from fastclip.models.packed import check_packable
+
+    class Custom(ResidualAttentionBlock):
+        pass
+    with pytest.raises(ValueError, match="image_layout=packed needs open_clip ResidualAttentionBlocks"):
+        check_packable(Custom(32, 2))
+    with pytest.raises(ValueError, match="cross-attention"):
+        check_packable(ResidualAttentionBlock(32, 2, is_cross_attention=True))
 
 
 def test_image_buckets_auto_follows_the_device_and_bad_values_are_named():
@@ -144,7 +202,7 @@ def test_image_buckets_auto_follows_the_device_and_bad_values_are_named():
     bucket's extra kernel launches cost more than the padding they save (bench-gpu)."""
     tower = task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_buckets=auto").model.visual
     assert tower._bucket_count(torch.device("cpu")) == 4 and tower._bucket_count(torch.device("cuda")) == 1
-    assert task_for("boundary=gumbel", "boundary.apply_to=[image]",
+    assert task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_layout=padded",
                     "boundary.image_buckets=3").model.visual._bucket_count(torch.device("cuda")) == 3
     for bad in ("0", "many"):
         with pytest.raises(ValueError, match=f"boundary.image_buckets={bad!r}" if bad == "many" else "image_buckets=0"):

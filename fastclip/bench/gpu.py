@@ -36,9 +36,9 @@ DTP_IMAGE = ["boundary.apply_to=[image]", "boundary.image_pre_layers=2"]
 VARIANTS = [("vanilla ViT-B/16", ["boundary=none"]),
             ("DTP gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE),
             ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE),
-            # image_buckets=auto runs one padded batch on CUDA; here 4 segment-count buckets
-            ("DTP gumbel 0.25, 4 buckets", ["boundary=gumbel", "boundary.prior=0.25",
-                                            "boundary.image_buckets=4"] + DTP_IMAGE)]
+            # the default packs the rows (image_layout=packed); session 5's layout was one padded batch
+            ("DTP gumbel 0.25, padded", ["boundary=gumbel", "boundary.prior=0.25",
+                                         "boundary.image_layout=padded", "boundary.image_buckets=1"] + DTP_IMAGE)]
 
 
 def build(overrides, device):

@@ -40,13 +40,14 @@ def count_gflops(fn, *inputs) -> tuple[float, object]:
 @torch.no_grad()
 def unpadded_gflops(tower, inputs: torch.Tensor, n: int) -> float:
     """Mean GFLOPs of the first n samples each run alone: each one's own segment count, none of
-    the padding a batch with different counts pays for (what a packed/varlen kernel would cost)."""
+    the padding a batch with different counts pays for. A packed image tower (image_layout=packed)
+    comes within its padded attention of this; a padded one pays for every row's padding."""
     return sum(count_gflops(tower, inputs[i:i + 1])[0] for i in range(min(n, len(inputs)))) / min(n, len(inputs))
 
 
 @torch.no_grad()
 def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor, unpadded_samples: int = 8) -> dict[str, float]:
-    """efficiency/*_gflops: per sample of the padded batch (what this implementation computes);
+    """efficiency/*_gflops: per sample of the batch as this implementation runs it (packed or padded);
     *_gflops_unpadded: per sample alone (DTP towers only, where segment counts differ)."""
     was_training = model.training
     model.eval()

@@ -8,6 +8,7 @@ from torch import nn
 
 from fastclip.models.boundaries import EntropySpike, spikes
 from fastclip.models.dtp import BoundaryPredictor, downsample, padding_attn_mask, segment_counts
+from fastclip.models.packed import PackedRows, check_packable, packed_block
 
 
 def _heads(vit: VisionTransformer) -> int:
@@ -39,15 +40,24 @@ class DTPImageTower(nn.Module):
     means (padding mask) -> shortened layers on [class token, segments] -> pooled embedding."""
 
     def __init__(self, visual, method, pre_layers: int, pool: str = "cls", next_patch_dim: int | None = None,
-                 buckets: int | str = 1):
+                 buckets: int | str = "auto", layout: str = "packed"):
         super().__init__()
         if not (buckets == "auto" or (isinstance(buckets, int) and buckets >= 1)):
             raise ValueError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
-        self.buckets = buckets
+        if layout not in ("packed", "padded"):
+            raise ValueError(f"boundary.image_layout={layout!r}: expected packed or padded")
+        if layout == "packed" and buckets not in ("auto", 1):
+            raise ValueError(f"boundary.image_buckets={buckets} applies to boundary.image_layout=padded only: "
+                             f"packed rows have no padding to bucket")
+        self.buckets, self.layout = buckets, layout
         self.vit = _require_vit(visual, f"boundary={method.name} on the image tower")
         n_layers = len(self.vit.transformer.resblocks)
         if not 0 < pre_layers < n_layers:
             raise ValueError(f"boundary.image_pre_layers={pre_layers}: expected 1 .. {n_layers - 1} for a {n_layers}-layer ViT")
+        if layout == "packed":
+            for block in self.vit.transformer.resblocks[pre_layers:]:
+                check_packable(block)
+        self.packed_block = packed_block  # trainer.compile swaps in a compiled copy (runtime.compile_blocks)
         if pool not in ("mean", "cls"):
             raise ValueError(f"boundary.image_pool={pool!r}: expected mean or cls")
         self.method, self.pre_layers, self.pool = method, pre_layers, pool
@@ -68,7 +78,36 @@ class DTPImageTower(nn.Module):
         order = torch.arange(N, device=images.device).expand(B, N)
         b = self.method.boundaries(logits, order)
         counts = segment_counts(b)
-        groups, n_seg, by_count = self._buckets(counts, N)
+        if self.layout == "packed" and self.method.static_segments(N) is None:
+            emb = self._shortened_packed(cls, patches, b, counts)
+        else:
+            emb = self._shortened_padded(cls, patches, b, counts)
+        if vit.proj is not None:
+            emb = emb @ vit.proj
+        info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": counts.float(), "boundaries": b, "logits": logits}
+        if self.next_patch is not None:
+            info["targets"], info["extra_loss"] = self._next_patch_spikes(patches, images)
+        return emb, info
+
+    def _shortened_packed(self, cls, patches, b, counts):
+        """Shortened blocks on every row's [class token, segments] laid end to end (models/packed.py).
+        ONE sync fetches the longest row and the total, which size the tensors (each sync drains
+        the GPU queue)."""
+        longest, total = torch.stack([counts.max(), counts.sum()]).tolist()
+        pooled, seg_mask = downsample(patches, b, n_segments=longest)
+        rows = PackedRows.from_lengths(counts + 1, 1 + longest, total + counts.shape[0])
+        x = rows.pack(torch.cat([cls, pooled], dim=1))
+        for block in self.vit.transformer.resblocks[self.pre_layers:]:
+            x = self.packed_block(block, x, rows)
+        x = self.vit.ln_post(x)
+        if self.pool == "cls":
+            return x[rows.starts]
+        return self._mean_of_segments(rows.unpack(x), seg_mask)
+
+    def _shortened_padded(self, cls, patches, b, counts):
+        """Shortened blocks on [class token, segments] padded to the longest row, in one batch or
+        in segment-count buckets (image_buckets)."""
+        groups, n_seg, by_count = self._buckets(counts, patches.shape[1])
         pooled, seg_mask = downsample(patches, b, n_segments=n_seg)
         seq = torch.cat([cls, pooled], dim=1)
         if by_count is None:
@@ -77,12 +116,7 @@ class DTPImageTower(nn.Module):
         else:
             parts = [self._shortened(seq[rows, :1 + n], seg_mask[rows, :n], padded) for rows, n, padded in groups]
             emb = torch.cat(parts)[by_count.argsort()]  # the groups partition by_count in order: back to batch order
-        if vit.proj is not None:
-            emb = emb @ vit.proj
-        info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": counts.float(), "boundaries": b, "logits": logits}
-        if self.next_patch is not None:
-            info["targets"], info["extra_loss"] = self._next_patch_spikes(patches, images)
-        return emb, info
+        return emb
 
     def _buckets(self, counts: torch.Tensor, n_patches: int):
         """-> ([(rows, segments, padded)], longest, rows sorted by count or None for one group).
@@ -125,8 +159,11 @@ class DTPImageTower(nn.Module):
         for block in vit.transformer.resblocks[self.pre_layers:]:
             seq = block(seq, attn_mask=mask)
         seq = vit.ln_post(seq)
-        if self.pool == "cls":
-            return seq[:, 0]
+        return seq[:, 0] if self.pool == "cls" else self._mean_of_segments(seq, seg_mask)
+
+    @staticmethod
+    def _mean_of_segments(seq, seg_mask):
+        """Mean over each row's valid segments of [class token, segments] (the class token left out)."""
         w = seg_mask.to(seq.dtype)[..., None]
         return (seq[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1.0)
 
