@@ -336,3 +336,28 @@ def test_predictor_width_is_configurable_and_its_flops_are_counted():
     n_patches = tower.vit.grid_size[0] * tower.vit.grid_size[1]
     saved = 2 * n_patches * (3 * width) * (width + 1) / 1e9  # 3d fewer hidden units: d in, 1 out, 2 FLOPs per MAC
     assert gflops[4] - gflops[1] == pytest.approx(saved, rel=0.05)
+
+
+def test_row_breaks_close_a_segment_at_every_patch_grid_row_end():
+    """image_row_breaks: segments follow the raster order but never wrap from one row's end to the
+    next row's start; in training and under every eval rule; the prior sees the forced boundaries;
+    a rule without a predictor is refused."""
+    task = task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_row_breaks=true",
+                    "boundary.prior=0.1")
+    tower = task.model.visual
+    width = tower.vit.grid_size[1]
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for rule in ("expected_count", "threshold", "sample"):
+        tower.method.eval_rule = rule
+        tower.eval()
+        with torch.no_grad():
+            _, info = tower(images)
+        assert (info["boundaries"][:, width - 1::width] == 1).all(), rule
+    tower.train()
+    emb, info = tower(images)
+    assert (info["boundaries"][:, width - 1::width] == 1).all()
+    assert (info["segments"] >= tower.vit.grid_size[0]).all()
+    (emb.sum() + task.model.image_method.aux_loss(info["logits"], info["boundaries"])).backward()
+    assert tower.predictor.mlp[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="boundary.image_row_breaks=true needs learned boundaries"):
+        task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_row_breaks=true")

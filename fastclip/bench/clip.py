@@ -5,9 +5,14 @@ templates). Zero-shot top-1, image GFLOPs from the real eval boundaries, achieve
 median step time (data wait included, and compute alone) and peak memory per run; then our
 training step vs open_clip_train's train_one_epoch (harness overhead).
 
-    python -m fastclip.bench.clip [--steps 300] [--datasets digits,cifar10]
+    python -m fastclip.bench.clip [--steps 300] [--datasets digits,cifar10] [--seeds 0,1,2]
+
+With several seeds every variant runs once per seed (the seed config key: weights, data order,
+boundary noise); the table gives the mean and each seed's top-1, so a gap can be read against
+the seed-to-seed spread.
 """
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -46,13 +51,23 @@ def tome_r_for(gflops_target: float, geometry: list[str] = GEOMETRY, image_size:
     return best[0]
 
 
+def over_seeds(name: str, overrides: list[str], run_dir: Path, seeds: list[int]) -> dict:
+    """One isolated run per seed -> the row: each metric's mean over the seeds, and the seeds' top-1s."""
+    runs = [run_isolated(overrides + [f"seed={s}"], run_dir / f"seed{s}") for s in seeds]
+    row = {k: statistics.mean(r[k] for r in runs) for k, v in runs[0].items()
+           if isinstance(v, (int, float)) and all(k in r for r in runs)}
+    return {"variant": name, **row, "top1_per_seed": " / ".join(f"{r['zeroshot/top1']:.3f}" for r in runs)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--datasets", default="digits,cifar10")
-    ap.add_argument("--overhead-epochs", type=int, default=3)
+    ap.add_argument("--seeds", default="0", help="comma-separated run seeds (seed=...); top-1 is their mean")
+    ap.add_argument("--overhead-epochs", type=int, default=3, help="0 skips the harness-overhead measurement")
     ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "clip.md"))
     args = ap.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",")]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = PROJECT_ROOT / "outputs" / "bench" / f"clip-{stamp}"
     sections = []
@@ -63,25 +78,30 @@ def main(argv=None):
         common = DATASETS[ds] + GEOMETRY + [f"trainer.max_steps={args.steps}", "epochs=100000",
                                             "eval.every_epochs=100000", "trainer.progress=false",
                                             "tracking.experiment=bench-clip"]
-        variants = [("vanilla ViT", ["boundary=none"]),
-                    ("DTP-ViT gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]"]),
-                    ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"]),
+        G = ["boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]"]
+        # (name, overrides, ToMe matched to its GFLOPs)
+        variants = [("vanilla ViT", ["boundary=none"], False),
+                    ("DTP-ViT gumbel 0.25", G, True),
+                    ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"], False),
                     # the predictor's hidden width cut to d: at this 4-block toy its d->4d->1 MLP over
                     # all 64 patches costs ~7% of the vanilla tower (at ViT-B/16 ~1%)
-                    ("DTP-ViT gumbel 0.25, predictor d->d->1", ["boundary=gumbel", "boundary.prior=0.25",
-                                                                "boundary.apply_to=[image]", "boundary.predictor_ratio=1"])]
+                    ("DTP-ViT gumbel 0.25, predictor d->d->1", G + ["boundary.predictor_ratio=1"], True),
+                    # segments never wrap from one patch row to the next (fixed k=4 is row-aligned here)
+                    ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks",
+                     G + ["boundary.predictor_ratio=1", "boundary.image_row_breaks=true"], False)]
         rows = []
-        for name, overrides in variants:
+        for name, overrides, _ in variants:
             print(f"== {ds}: {name}", flush=True)
-            m = run_isolated(common + overrides, root / ds / name.replace(" ", "_").replace(">", ""))
-            rows.append({"variant": name, **m})
+            rows.append(over_seeds(name, common + overrides, root / ds / name.replace(" ", "_").replace(">", ""), seeds))
         tome_runs = {}
-        for matched in (rows[1], rows[3]):  # ToMe at each gumbel row's padded (actually computed) GFLOPs
-            r = tome_r_for(matched["efficiency/image_gflops"])
+        for row, (_, _, match) in zip(list(rows), variants):  # ToMe at each such row's GFLOPs (as computed)
+            if not match:
+                continue
+            r = tome_r_for(row["efficiency/image_gflops"])
             if r not in tome_runs:
                 print(f"== {ds}: ToMe r={r}", flush=True)
-                m = run_isolated(common + ["boundary=tome", f"boundary.r={r}"], root / ds / f"tome_r{r}")
-                tome_runs[r] = {"variant": f"ToMe r={r} (GFLOPs of {matched['variant']})", **m}
+                tome_runs[r] = over_seeds(f"ToMe r={r} (GFLOPs of {row['variant']})",
+                                          common + ["boundary=tome", f"boundary.r={r}"], root / ds / f"tome_r{r}", seeds)
         rows.extend(tome_runs.values())
         base = rows[0]
         for row in rows:
@@ -91,9 +111,10 @@ def main(argv=None):
             if "efficiency/image_gflops_unpadded" in row:  # each image alone: no padding to the batch's longest
                 row["unpadded_ratio"] = row["efficiency/image_gflops_unpadded"] / base["efficiency/image_gflops"]
             row["top1_delta"] = 100 * (row["zeroshot/top1"] - base["zeroshot/top1"])
-        sections.append(f"### {ds} ({args.steps} steps, batch 128, vit_tiny at patch 4: 64 patches, 4 blocks)\n\n"
+        sections.append(f"### {ds} ({args.steps} steps, seeds {args.seeds}, batch 128, vit_tiny at patch 4: 64 patches, 4 blocks)\n\n"
                         + markdown_table(rows, [
                             ("variant", "variant", "s"), ("zero-shot top-1", "zeroshot/top1", ".3f"),
+                            *([("top-1 per seed", "top1_per_seed", "s")] if len(seeds) > 1 else []),
                             ("Δ top-1 (pts)", "top1_delta", "+.1f"),
                             ("image GFLOPs", "efficiency/image_gflops", ".4f"), ("GFLOPs / vanilla", "gflops_ratio", ".2f"),
                             ("unpadded GFLOPs / vanilla", "unpadded_ratio", ".2f"),
@@ -102,6 +123,9 @@ def main(argv=None):
                             ("of which data wait (s)", "time/data_median_s", ".3f"),
                             ("compute / vanilla", "compute_ratio", ".2f"),
                             ("peak RSS (MB)", "memory/peak_rss_mb", ".0f")]))
+    if args.overhead_epochs <= 0:
+        emit("\n\n".join(sections), Path(args.out))
+        return
     print("== harness overhead", flush=True)
     from fastclip.bench.overhead import measure
     from fastclip.config import compose_train_config

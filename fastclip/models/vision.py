@@ -40,7 +40,7 @@ class DTPImageTower(nn.Module):
     means (padding mask) -> shortened layers on [class token, segments] -> pooled embedding."""
 
     def __init__(self, visual, method, pre_layers: int, pool: str = "cls", next_patch_dim: int | None = None,
-                 buckets: int | str = "auto", layout: str = "packed"):
+                 buckets: int | str = "auto", layout: str = "packed", row_breaks: bool = False):
         super().__init__()
         if not (buckets == "auto" or (isinstance(buckets, int) and buckets >= 1)):
             raise ValueError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
@@ -58,6 +58,10 @@ class DTPImageTower(nn.Module):
             for block in self.vit.transformer.resblocks[pre_layers:]:
                 check_packable(block)
         self.packed_block = packed_block  # trainer.compile swaps in a compiled copy (runtime.compile_blocks)
+        if row_breaks and method.name != "gumbel":
+            raise ValueError(f"boundary.image_row_breaks=true needs learned boundaries (boundary=gumbel), "
+                             f"not boundary={method.name}")
+        self.row_breaks = row_breaks
         if pool not in ("mean", "cls"):
             raise ValueError(f"boundary.image_pool={pool!r}: expected mean or cls")
         self.method, self.pre_layers, self.pool = method, pre_layers, pool
@@ -75,6 +79,8 @@ class DTPImageTower(nn.Module):
         cls, patches = x[:, :1], x[:, 1:]
         B, N, _ = patches.shape
         logits = self.predictor(patches) if self.predictor is not None else None
+        if self.row_breaks:
+            logits = self._break_at_row_ends(logits)
         order = torch.arange(N, device=images.device).expand(B, N)
         b = self.method.boundaries(logits, order)
         counts = segment_counts(b)
@@ -88,6 +94,18 @@ class DTPImageTower(nn.Module):
         if self.next_patch is not None:
             info["targets"], info["extra_loss"] = self._next_patch_spikes(patches, images)
         return emb, info
+
+    # A logit no logistic noise overturns (p(noise < -30) ~ 1e-13): a sure boundary, which the prior
+    # counts like any other, and no gradient (masked_fill), as the predictor has nothing to decide there.
+    SURE_LOGIT = 30.0
+
+    def _break_at_row_ends(self, logits):
+        """image_row_breaks: the last patch of every patch-grid row closes its segment, so no segment
+        joins the right end of one row to the left end of the next (raster order wraps there).
+        Forced through the logits, so every eval rule (threshold, expected_count) keeps them too."""
+        width = self.vit.grid_size[1]
+        row_end = (torch.arange(logits.shape[1], device=logits.device) + 1) % width == 0
+        return logits.masked_fill(row_end, self.SURE_LOGIT)
 
     def _shortened_packed(self, cls, patches, b, counts):
         """Shortened blocks on every row's [class token, segments] laid end to end (models/packed.py).
