@@ -134,7 +134,8 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None):
             from fastclip.data.unigram import train_on_captions
             sp = train_on_captions(caption_corpus, boundary.vocab_size, cache_dir)
         text = DTPTextTower(text_method, embed_dim, enc.char_context_length, tc.get("width", 512), tc.get("heads", 8),
-                            tc.get("layers", 12), boundary.text_pre_layers, tc.get("mlp_ratio", 4.0), unigram_model=sp)
+                            tc.get("layers", 12), boundary.text_pre_layers, tc.get("mlp_ratio", 4.0), unigram_model=sp,
+                            layout=boundary.text_layout)
         tokenizer = text.tokenizer
     else:
         if enc.tokenizer == "char":

@@ -9,6 +9,7 @@ from torch import nn
 from fastclip.models.boundaries import EntropySpike, Unigram
 from fastclip.models.charlm import causal_mask
 from fastclip.models.dtp import BoundaryPredictor, downsample, padding_attn_mask, segment_counts
+from fastclip.models.packed import PackedRows, packed_block
 
 
 class CharTokenizer:
@@ -45,10 +46,14 @@ class VanillaTextTower(nn.Module):
 
 class DTPTextTower(nn.Module):
     def __init__(self, method, embed_dim: int, context_length: int, width: int, heads: int, layers: int,
-                 pre_layers: int, mlp_ratio: float = 4.0, unigram_model=None):
+                 pre_layers: int, mlp_ratio: float = 4.0, unigram_model=None, layout: str = "packed"):
         super().__init__()
         if not 0 < pre_layers < layers:
             raise ValueError(f"boundary.text_pre_layers={pre_layers}: expected 1 .. {layers - 1} for a {layers}-layer text tower")
+        if layout not in ("packed", "padded"):
+            raise ValueError(f"boundary.text_layout={layout!r}: expected packed or padded")
+        self.layout = layout
+        self.packed_block = packed_block  # trainer.compile swaps in a compiled copy (runtime.compile_blocks)
         self.method = method
         self.tokenizer = CharTokenizer(context_length)
         self.embed = nn.Embedding(CharTokenizer.vocab_size, width)
@@ -87,11 +92,19 @@ class DTPTextTower(nn.Module):
         logits = self.predictor(x) if self.predictor is not None else None
         b = self.method.boundaries(logits, tokens, token_mask) * token_mask
         counts = segment_counts(b, token_mask)
-        pooled, seg_mask = downsample(x, b, token_mask=token_mask, n_segments=int(counts.max()))  # the one host sync
-        mask = padding_attn_mask(seg_mask, self.heads).to(pooled.dtype)
-        for block in self.short:
-            pooled = block(pooled, attn_mask=mask)
-        pooled = self.ln_final(pooled)
+        longest, total = torch.stack([counts.max(), counts.sum()]).tolist()  # the one host sync
+        pooled, seg_mask = downsample(x, b, token_mask=token_mask, n_segments=longest)
+        if self.layout == "packed":  # the shortened blocks on every caption's segments end to end
+            rows = PackedRows.from_lengths(counts, longest, total)
+            h = rows.pack(pooled)
+            for block in self.short:
+                h = self.packed_block(block, h, rows)
+            pooled = rows.unpack(self.ln_final(h))
+        else:
+            mask = padding_attn_mask(seg_mask, self.heads).to(pooled.dtype)
+            for block in self.short:
+                pooled = block(pooled, attn_mask=mask)
+            pooled = self.ln_final(pooled)
         w = seg_mask.to(pooled.dtype)[..., None]
         emb = (pooled * w).sum(1) / w.sum(1).clamp_min(1.0)
         info = {"tokens": token_mask.sum(1).float(), "segments": counts.float(),
