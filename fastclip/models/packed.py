@@ -4,8 +4,9 @@ DTP's pooled rows differ in length (a sampled boundary count per image, a captio
 boundaries). Padding them all to the batch's longest makes every shortened layer pay for tokens that
 do not exist; for images, a Binomial spread of counts made that ~40% extra work (bench-clip
 geometry). Packed, the LayerNorms, the QKV and output projections and the MLP, which are nearly all
-of a block's FLOPs (12 L d^2 against attention's 2 L^2 d per row, L << d here), touch real tokens only. Attention alone is run on the padded
-[B, L] layout with a key mask: it is the only op where rows interact within themselves.
+of a block's FLOPs (12 L d^2 against attention's 2 L^2 d per row, L << d here), touch real tokens
+only. Attention alone is run on the padded [B, L] layout with a key mask: it is the only op where
+rows interact within themselves.
 
 Written by hand because nothing we use does it: open_clip's blocks take padded batches, and torch's
 jagged nested tensors (the library route) fail in scaled_dot_product_attention on a CPU machine with
