@@ -94,7 +94,7 @@ def main(argv=None):
             print(f"== {ds}: {name}", flush=True)
             rows.append(over_seeds(name, common + overrides, root / ds / name.replace(" ", "_").replace(">", ""), seeds))
         tome_runs = {}
-        for row, (_, _, match) in zip(list(rows), variants):  # ToMe at each such row's GFLOPs (as computed)
+        for row, (_, _, match) in zip(rows, variants):  # ToMe at each such row's GFLOPs (as computed)
             if not match:
                 continue
             r = tome_r_for(row["efficiency/image_gflops"])

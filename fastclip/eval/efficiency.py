@@ -40,8 +40,9 @@ def count_gflops(fn, *inputs) -> tuple[float, object]:
 @torch.no_grad()
 def unpadded_gflops(tower, inputs: torch.Tensor, n: int) -> float:
     """Mean GFLOPs of the first n samples each run alone: each one's own segment count, none of
-    the padding a batch with different counts pays for. A packed image tower (image_layout=packed)
-    comes within its padded attention of this; a padded one pays for every row's padding."""
+    the padding a batch with different counts pays for. A packed tower (image_layout / text_layout
+    =packed) comes within its padded attention and its filler rows of this; a padded one pays for
+    every row's padding."""
     return sum(count_gflops(tower, inputs[i:i + 1])[0] for i in range(min(n, len(inputs)))) / min(n, len(inputs))
 
 

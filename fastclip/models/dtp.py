@@ -70,6 +70,12 @@ def downsample(hidden: torch.Tensor, boundaries: torch.Tensor, token_mask: torch
     return torch.bmm(weights.to(hidden.dtype), hidden), segment_mask
 
 
+def mean_of_valid(seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """seq [B, S, D], valid [B, S] -> [B, D]: each row's mean over its valid positions (0 for none)."""
+    w = valid.to(seq.dtype)[..., None]
+    return (seq * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
 def causal_upsample(short: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
     """short [B, 1 + S, D] with the null group at index 0 -> [B, T, D].
 

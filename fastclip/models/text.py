@@ -8,7 +8,7 @@ from torch import nn
 
 from fastclip.models.boundaries import EntropySpike, Unigram
 from fastclip.models.charlm import causal_mask
-from fastclip.models.dtp import BoundaryPredictor, downsample, padding_attn_mask, segment_counts
+from fastclip.models.dtp import BoundaryPredictor, downsample, mean_of_valid, padding_attn_mask, segment_counts
 from fastclip.models.packed import PackedRows, packed_block
 
 
@@ -105,8 +105,7 @@ class DTPTextTower(nn.Module):
             for block in self.short:
                 pooled = block(pooled, attn_mask=mask)
             pooled = self.ln_final(pooled)
-        w = seg_mask.to(pooled.dtype)[..., None]
-        emb = (pooled * w).sum(1) / w.sum(1).clamp_min(1.0)
+        emb = mean_of_valid(pooled, seg_mask)
         info = {"tokens": token_mask.sum(1).float(), "segments": counts.float(),
                 "boundaries": b, "logits": logits, "token_mask": token_mask.float()}
         if self.next_char is not None:

@@ -7,7 +7,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from fastclip.models.boundaries import EntropySpike, spikes
-from fastclip.models.dtp import BoundaryPredictor, downsample, padding_attn_mask, segment_counts
+from fastclip.models.dtp import BoundaryPredictor, downsample, mean_of_valid, padding_attn_mask, segment_counts
 from fastclip.models.packed import PackedRows, check_packable, packed_block
 
 
@@ -120,7 +120,7 @@ class DTPImageTower(nn.Module):
         x = self.vit.ln_post(x)
         if self.pool == "cls":
             return x[rows.starts]
-        return self._mean_of_segments(rows.unpack(x), seg_mask)
+        return mean_of_valid(rows.unpack(x)[:, 1:], seg_mask)  # the class token left out
 
     def _shortened_padded(self, cls, patches, b, counts):
         """Shortened blocks on [class token, segments] padded to the longest row, in one batch or
@@ -177,13 +177,7 @@ class DTPImageTower(nn.Module):
         for block in vit.transformer.resblocks[self.pre_layers:]:
             seq = block(seq, attn_mask=mask)
         seq = vit.ln_post(seq)
-        return seq[:, 0] if self.pool == "cls" else self._mean_of_segments(seq, seg_mask)
-
-    @staticmethod
-    def _mean_of_segments(seq, seg_mask):
-        """Mean over each row's valid segments of [class token, segments] (the class token left out)."""
-        w = seg_mask.to(seq.dtype)[..., None]
-        return (seq[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return seq[:, 0] if self.pool == "cls" else mean_of_valid(seq[:, 1:], seg_mask)  # the class token left out
 
     def _next_patch_spikes(self, patches, images):
         """Predict patch t+1's pixels from patch t's features; boundary targets where that error
