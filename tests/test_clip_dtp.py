@@ -366,6 +366,36 @@ def test_row_breaks_close_a_segment_at_every_patch_grid_row_end():
         task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_row_breaks=true")
 
 
+def test_stride_start_begins_at_fixed_k_and_learns_from_there():
+    """image_start=stride: before training, the learned tower's eval boundaries are fixed k's, so
+    with the same ViT weights it gives fixed k=4's embeddings; training samples about the prior's
+    rate around them, and the task's gradient reaches the per-position logits."""
+    fixed = task_for("boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]").model.visual.eval()
+    task = task_for("boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]",
+                    "boundary.image_start=stride")
+    tower = task.model.visual
+    tower.vit.load_state_dict(fixed.vit.state_dict())
+    torch.nn.init.zeros_(tower.predictor.mlp[-1].weight)  # the predictor's content term: 0 at this check
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, fixed_info = fixed(images)
+        for rule in ("expected_count", "threshold"):
+            tower.method.eval_rule = rule
+            got, info = tower.eval()(images)
+            assert torch.equal(info["boundaries"], fixed_info["boundaries"]), rule
+            torch.testing.assert_close(got, want)
+    tower.train()
+    emb, info = tower(images)
+    assert 0.2 < info["boundaries"].mean().item() < 0.3
+    assert not torch.equal(info["boundaries"], fixed_info["boundaries"])  # sampled: it can move
+    emb.square().sum().backward()
+    assert tower.position_logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="boundary.image_start=stride starts learned boundaries"):
+        task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_start=stride")
+    with pytest.raises(ValueError, match="boundary.image_start='grid': expected prior or stride"):
+        task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_start=grid")
+
+
 @pytest.mark.parametrize("boundary", ["fixed", "gumbel"])
 def test_packed_text_tower_matches_padded_and_spends_less(boundary):
     """text_layout=packed (the default): the shortened text blocks on every caption's segments end to

@@ -40,7 +40,8 @@ class DTPImageTower(nn.Module):
     means (padding mask) -> shortened layers on [class token, segments] -> pooled embedding."""
 
     def __init__(self, visual, method, pre_layers: int, pool: str = "cls", next_patch_dim: int | None = None,
-                 buckets: int | str = "auto", layout: str = "packed", row_breaks: bool = False):
+                 buckets: int | str = "auto", layout: str = "packed", row_breaks: bool = False,
+                 start: str = "prior"):
         super().__init__()
         if not (buckets == "auto" or (isinstance(buckets, int) and buckets >= 1)):
             raise ValueError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
@@ -62,11 +63,14 @@ class DTPImageTower(nn.Module):
             raise ValueError(f"boundary.image_row_breaks=true needs learned boundaries (boundary=gumbel), "
                              f"not boundary={method.name}")
         self.row_breaks = row_breaks
+        if start not in ("prior", "stride"):
+            raise ValueError(f"boundary.image_start={start!r}: expected prior or stride")
         if pool not in ("mean", "cls"):
             raise ValueError(f"boundary.image_pool={pool!r}: expected mean or cls")
         self.method, self.pre_layers, self.pool = method, pre_layers, pool
         width = self.vit.conv1.out_channels
         self.predictor = BoundaryPredictor(width, init_rate=method.init_rate, hidden_ratio=method.predictor_ratio) if method.needs_predictor else None
+        self.position_logits = self._stride_start(method) if start == "stride" else None
         # entropy_spike's image analog: spikes of an auxiliary next-patch predictor's error
         self.next_patch = nn.Linear(width, next_patch_dim) if isinstance(method, EntropySpike) else None
 
@@ -79,6 +83,8 @@ class DTPImageTower(nn.Module):
         cls, patches = x[:, :1], x[:, 1:]
         B, N, _ = patches.shape
         logits = self.predictor(patches) if self.predictor is not None else None
+        if self.position_logits is not None:
+            logits = logits + self.position_logits
         if self.row_breaks:
             logits = self._break_at_row_ends(logits)
         order = torch.arange(N, device=images.device).expand(B, N)
@@ -106,6 +112,32 @@ class DTPImageTower(nn.Module):
         width = self.vit.grid_size[1]
         row_end = (torch.arange(logits.shape[1], device=logits.device) + 1) % width == 0
         return logits.masked_fill(row_end, self.SURE_LOGIT)
+
+    # image_start=stride: the probability a stride patch starts as a boundary (the others start low
+    # enough that the mean rate is the prior). High, but not saturated: the relaxed Bernoulli's
+    # straight-through gradient vanishes as |logit| grows, and then nothing could move.
+    STRIDE_START_P = 0.9
+
+    def _stride_start(self, method) -> nn.Parameter:
+        """A learned logit per patch position, added to the predictor's, that starts the boundaries
+        at fixed k's (every k = round(1/prior)-th patch in raster order) at the prior's rate; the
+        predictor's own bias starts at 0. Training begins from the fixed segmentation and moves a
+        boundary where the task pays for it."""
+        if method.name != "gumbel":
+            raise ValueError(f"boundary.image_start=stride starts learned boundaries (boundary=gumbel) at fixed "
+                             f"k's; boundary={method.name} has none to start")
+        k = round(1 / method.prior)
+        if k < 2:
+            raise ValueError(f"boundary.image_start=stride needs boundary.prior <= 0.5 (a stride k = round(1/prior) "
+                             f">= 2); got prior={method.prior}")
+        n = self.vit.grid_size[0] * self.vit.grid_size[1]
+        on = (torch.arange(n) + 1) % k == 0
+        hi = self.STRIDE_START_P
+        lo = (method.prior - hi * on.float().mean().item()) / (1 - on.float().mean().item())
+        lo = min(max(lo, 1e-3), 0.5)  # a grid whose stride share exceeds the prior: others near 0
+        logit = lambda p: torch.tensor(p / (1 - p)).log()  # noqa: E731
+        nn.init.zeros_(self.predictor.mlp[-1].bias)
+        return nn.Parameter(torch.where(on, logit(hi), logit(lo)))
 
     def _shortened_packed(self, cls, patches, b, counts):
         """Shortened blocks on every row's [class token, segments] laid end to end (models/packed.py).
