@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY_CLIP, compose_cfg, count_tensor_reads
 from fastclip import runtime
-from fastclip.eval.efficiency import count_gflops, tower_efficiency
+from fastclip.eval.efficiency import count_gflops, on_stride_share, tower_efficiency
 from fastclip.models.clip import build_clip
 from fastclip.models.vision import bipartite_merge
 from fastclip.tasks.clip import ClipTask
@@ -384,6 +384,8 @@ def test_stride_start_begins_at_fixed_k_and_learns_from_there():
             got, info = tower.eval()(images)
             assert torch.equal(info["boundaries"], fixed_info["boundaries"]), rule
             torch.testing.assert_close(got, want)
+        assert tower_efficiency(task.model, images[:8], task.tokenizer(["a cat"] * 8),
+                                unpadded_samples=0)["boundary/image_on_stride"] == 1.0
     tower.train()
     emb, info = tower(images)
     assert 0.2 < info["boundaries"].mean().item() < 0.3
@@ -394,6 +396,16 @@ def test_stride_start_begins_at_fixed_k_and_learns_from_there():
         task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_start=stride")
     with pytest.raises(ValueError, match="boundary.image_start='grid': expected prior or stride"):
         task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_start=grid")
+
+
+def test_on_stride_share_counts_boundaries_where_fixed_k_puts_them():
+    b = torch.zeros(2, 9)
+    b[0, [1, 3, 8]] = 1   # index 3 is on a k=4 stride, 1 is not, 8 (the last) is left out
+    b[1, [3, 7]] = 1      # both on
+    assert on_stride_share(b, compression=4.2) == 0.75
+    assert on_stride_share(b, compression=2.0) == 1.0  # k=2: odd indices, all of them
+    assert on_stride_share(b, compression=3.0) == 0.0  # k=3: indices 2 and 5, none of them
+    assert on_stride_share(torch.zeros(1, 5), 4.0) == 1.0  # no boundary: nothing off the grid
 
 
 @pytest.mark.parametrize("boundary", ["fixed", "gumbel"])

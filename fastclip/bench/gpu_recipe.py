@@ -1,13 +1,14 @@
 """make bench-gpu-recipe: does learned DTP close its accuracy gap with longer training? The
 bench-clip CIFAR-10 comparison (vit_tiny at patch 4, batch 128, class-template captions,
 zero-shot on held-out images with unseen templates) run 10x longer on one GPU: vanilla, DTP
-gumbel 0.25 (predictor d->4d->1 and d->d->1), fixed k=4, ToMe at gumbel's GFLOPs. Each run goes
+gumbel 0.25 (predictor d->4d->1 and d->d->1, the latter also with row breaks and a stride start),
+fixed k=4, ToMe at gumbel's GFLOPs. Each run goes
 through the same task and loop as `python -m fastclip.train`; zero-shot top-1 is recorded at
 every evaluation (about every third of the run). Not tracked in MLflow (the GPU machine has no
 store): the table and a JSON of every evaluation go to --out.
 
     python -m fastclip.bench.gpu_recipe [--data ../shared/data/cifar10-test] [--steps 3000] [--out DIR]
-        [--only vanilla,gumbel,fixed,tome,gumbel_r1] [--tome-r R] [--device cuda|cpu]
+        [--only vanilla,gumbel,fixed,tome,gumbel_r1,gumbel_r1_rb,gumbel_r1_rb_stride] [--tome-r R] [--device cuda|cpu]
 """
 import argparse
 import json
@@ -29,7 +30,12 @@ VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]),
             "gumbel": ("DTP-ViT gumbel 0.25", GUMBEL),
             "fixed": ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"]),
             "tome": ("ToMe", None),
-            "gumbel_r1": ("DTP-ViT gumbel 0.25, predictor d->d->1", GUMBEL + ["boundary.predictor_ratio=1"])}
+            "gumbel_r1": ("DTP-ViT gumbel 0.25, predictor d->d->1", GUMBEL + ["boundary.predictor_ratio=1"]),
+            "gumbel_r1_rb": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks",
+                             GUMBEL + ["boundary.predictor_ratio=1", "boundary.image_row_breaks=true"]),
+            "gumbel_r1_rb_stride": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks, stride start",
+                                    GUMBEL + ["boundary.predictor_ratio=1", "boundary.image_row_breaks=true",
+                                              "boundary.image_start=stride"])}
 
 
 class EvalRecorder:

@@ -64,9 +64,23 @@ def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor, unpadded
         segments = float(info["segments"].sum())
         return float(info["tokens"].sum()) / segments if segments > 0 else 1.0
 
+    if "boundaries" in image_info:
+        extra["boundary/image_on_stride"] = on_stride_share(image_info["boundaries"], compression(image_info))
     return {"efficiency/image_gflops": image_gflops, "efficiency/text_gflops": text_gflops,
             "efficiency/compression_image": compression(image_info),
             "efficiency/compression_text": compression(text_info), **extra}
+
+
+def on_stride_share(boundaries: torch.Tensor, compression: float) -> float:
+    """Share of the boundaries that sit where fixed k would put one (every k-th patch in raster
+    order, k = round(achieved compression)): 1.0 when a learned tower has settled on fixed k's
+    grid, ~1/k for placements unrelated to it. The last patch is left out (a boundary there
+    closes the last segment either way)."""
+    b = boundaries[:, :-1].detach().float()
+    k = max(1, round(compression))
+    on = (torch.arange(b.shape[1], device=b.device) + 1) % k == 0
+    total = b.sum()
+    return float((b * on).sum() / total) if total > 0 else 1.0
 
 
 def parameter_counts(model) -> dict[str, int]:
