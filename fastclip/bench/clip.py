@@ -26,6 +26,14 @@ from fastclip.bench.common import emit, markdown_table, run_isolated
 CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-test"
 # 64 patches (32 px, patch 4), 4 blocks: DTP runs 1 block on all patches and 3 on segments.
 GEOMETRY = ["encoder.vision.patch_size=4", "encoder.vision.layers=4"]  # DTP: boundary.image_pre_layers=1 (default)
+# DTP variants' overrides, shared with bench-gpu-recipe
+GUMBEL = ["boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]"]
+FIXED = ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"]
+# the predictor's hidden width cut to d (at this 4-block toy its d->4d->1 MLP over all 64 patches
+# costs ~7% of the vanilla tower, at ViT-B/16 ~1%), and segments never wrap from one patch row to
+# the next (fixed k=4 is row-aligned here)
+SMALL_PREDICTOR_ROW_BREAKS = ["boundary.predictor_ratio=1", "boundary.image_row_breaks=true"]
+STRIDE_START = ["boundary.image_start=stride"]  # boundaries started at fixed k=4's
 DATASETS = {"digits": ["dataset=digits"],
             "cifar10": ["dataset=image_folder", f"dataset.path={CIFAR}"]}
 
@@ -80,19 +88,13 @@ def main(argv=None):
         common = DATASETS[ds] + GEOMETRY + [f"trainer.max_steps={args.steps}", "epochs=100000",
                                             "eval.every_epochs=100000", "trainer.progress=false",
                                             "tracking.experiment=bench-clip"]
-        G = ["boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]"]
-        R1 = ["boundary.predictor_ratio=1", "boundary.image_row_breaks=true"]
         # (name, overrides, ToMe matched to its GFLOPs)
         variants = [("vanilla ViT", ["boundary=none"], False),
-                    ("DTP-ViT gumbel 0.25", G, True),
-                    ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"], False),
-                    # the predictor's hidden width cut to d (at this 4-block toy its d->4d->1 MLP over all
-                    # 64 patches costs ~7% of the vanilla tower, at ViT-B/16 ~1%), and segments never wrap
-                    # from one patch row to the next (fixed k=4 is row-aligned here)
-                    ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", G + R1, True),
-                    # the same, its boundaries started at fixed k=4's (image_start=stride)
+                    ("DTP-ViT gumbel 0.25", GUMBEL, True),
+                    ("DTP-ViT fixed k=4", FIXED, False),
+                    ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", GUMBEL + SMALL_PREDICTOR_ROW_BREAKS, True),
                     ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks, stride start",
-                     G + R1 + ["boundary.image_start=stride"], False)]
+                     GUMBEL + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START, False)]
         rows = []
         for name, overrides, _ in variants:
             print(f"== {ds}: {name}", flush=True)

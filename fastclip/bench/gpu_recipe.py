@@ -18,24 +18,22 @@ from pathlib import Path
 import torch
 
 from fastclip import runtime
-from fastclip.bench.clip import CIFAR, GEOMETRY, tome_r_for
+from fastclip.bench.clip import (CIFAR, FIXED, GEOMETRY, GUMBEL, SMALL_PREDICTOR_ROW_BREAKS, STRIDE_START,
+                                 tome_r_for)
 from fastclip.bench.common import markdown_table
 from fastclip.config import compose_train_config
 from fastclip.loop import fit
 from fastclip.tasks import build_task
 
-GUMBEL = ["boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]"]
 # key -> (table label, overrides); ToMe's r is matched to the gumbel run's GFLOPs unless --tome-r
 VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]),
             "gumbel": ("DTP-ViT gumbel 0.25", GUMBEL),
-            "fixed": ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"]),
+            "fixed": ("DTP-ViT fixed k=4", FIXED),
             "tome": ("ToMe", None),
             "gumbel_r1": ("DTP-ViT gumbel 0.25, predictor d->d->1", GUMBEL + ["boundary.predictor_ratio=1"]),
-            "gumbel_r1_rb": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks",
-                             GUMBEL + ["boundary.predictor_ratio=1", "boundary.image_row_breaks=true"]),
+            "gumbel_r1_rb": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", GUMBEL + SMALL_PREDICTOR_ROW_BREAKS),
             "gumbel_r1_rb_stride": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks, stride start",
-                                    GUMBEL + ["boundary.predictor_ratio=1", "boundary.image_row_breaks=true",
-                                              "boundary.image_start=stride"])}
+                                    GUMBEL + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START)}
 
 
 class EvalRecorder:

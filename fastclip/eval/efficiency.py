@@ -5,6 +5,8 @@ boundaries and labelled runs with the target rate; neither happens here."""
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from fastclip.models.boundaries import every_kth
+
 _aten = torch.ops.aten
 
 
@@ -64,10 +66,11 @@ def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor, unpadded
         segments = float(info["segments"].sum())
         return float(info["tokens"].sum()) / segments if segments > 0 else 1.0
 
+    image_compression = compression(image_info)
     if "boundaries" in image_info:
-        extra["boundary/image_on_stride"] = on_stride_share(image_info["boundaries"], compression(image_info))
+        extra["boundary/image_on_stride"] = on_stride_share(image_info["boundaries"], image_compression)
     return {"efficiency/image_gflops": image_gflops, "efficiency/text_gflops": text_gflops,
-            "efficiency/compression_image": compression(image_info),
+            "efficiency/compression_image": image_compression,
             "efficiency/compression_text": compression(text_info), **extra}
 
 
@@ -78,7 +81,7 @@ def on_stride_share(boundaries: torch.Tensor, compression: float) -> float:
     closes the last segment either way)."""
     b = boundaries[:, :-1].detach().float()
     k = max(1, round(compression))
-    on = (torch.arange(b.shape[1], device=b.device) + 1) % k == 0
+    on = every_kth(b.shape[1], k, b.device)
     total = b.sum()
     return float((b * on).sum() / total) if total > 0 else 1.0
 

@@ -37,6 +37,13 @@ class BoundaryMethod(nn.Module):
         return None
 
 
+def every_kth(length: int, k: int, device=None) -> torch.Tensor:
+    """[length] bool: True at every k-th token (indices k-1, 2k-1, ...), where fixed k closes a
+    segment. The one definition of fixed k's grid: Fixed, the stride start, row breaks and the
+    on-stride metric all read it."""
+    return (torch.arange(length, device=device) + 1) % k == 0
+
+
 class Fixed(BoundaryMethod):
     """Every k-th token closes a segment (k = 2, 3, 4 are the paper's baselines)."""
     name = "fixed"
@@ -49,7 +56,7 @@ class Fixed(BoundaryMethod):
 
     def boundaries(self, logits, tokens, token_mask=None):
         T = tokens.shape[1]
-        b = ((torch.arange(T, device=tokens.device) + 1) % self.k == 0).float()
+        b = every_kth(T, self.k, tokens.device).float()
         return b.expand(tokens.shape[0], T).contiguous()
 
     def static_segments(self, length: int) -> int:

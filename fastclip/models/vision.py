@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from fastclip.models.boundaries import EntropySpike, spikes
+from fastclip.models.boundaries import EntropySpike, every_kth, spikes
 from fastclip.models.dtp import BoundaryPredictor, downsample, mean_of_valid, padding_attn_mask, segment_counts
 from fastclip.models.packed import PackedRows, check_packable, packed_block
 
@@ -110,8 +110,7 @@ class DTPImageTower(nn.Module):
         joins the right end of one row to the left end of the next (raster order wraps there).
         Forced through the logits, so every eval rule (threshold, expected_count) keeps them too."""
         width = self.vit.grid_size[1]
-        row_end = (torch.arange(logits.shape[1], device=logits.device) + 1) % width == 0
-        return logits.masked_fill(row_end, self.SURE_LOGIT)
+        return logits.masked_fill(every_kth(logits.shape[1], width, logits.device), self.SURE_LOGIT)
 
     # image_start=stride: the probability a stride patch starts as a boundary (the others start low
     # enough that the mean rate is the prior). High, but not saturated: the relaxed Bernoulli's
@@ -131,13 +130,12 @@ class DTPImageTower(nn.Module):
             raise ValueError(f"boundary.image_start=stride needs boundary.prior <= 0.5 (a stride k = round(1/prior) "
                              f">= 2); got prior={method.prior}")
         n = self.vit.grid_size[0] * self.vit.grid_size[1]
-        on = (torch.arange(n) + 1) % k == 0
-        hi = self.STRIDE_START_P
-        lo = (method.prior - hi * on.float().mean().item()) / (1 - on.float().mean().item())
+        on = every_kth(n, k)
+        share, hi = on.float().mean().item(), self.STRIDE_START_P
+        lo = (method.prior - hi * share) / (1 - share)
         lo = min(max(lo, 1e-3), 0.5)  # a grid whose stride share exceeds the prior: others near 0
-        logit = lambda p: torch.tensor(p / (1 - p)).log()  # noqa: E731
         nn.init.zeros_(self.predictor.mlp[-1].bias)
-        return nn.Parameter(torch.where(on, logit(hi), logit(lo)))
+        return nn.Parameter(torch.where(on, torch.logit(torch.tensor(hi)), torch.logit(torch.tensor(lo))))
 
     def _shortened_packed(self, cls, patches, b, counts):
         """Shortened blocks on every row's [class token, segments] laid end to end (models/packed.py).
