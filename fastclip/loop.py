@@ -34,15 +34,31 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float):
-    """No decay on gains, biases, embeddings' scale and the logit scale (as open_clip_train)."""
-    decay, no_decay = [], []
+def boundary_decision_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters that decide where boundaries go: every BoundaryPredictor's, and the
+    stride start's per-position logits (vision tower, `position_logits`)."""
+    from fastclip.models.dtp import BoundaryPredictor
+    ids = {id(p) for m in model.modules() if isinstance(m, BoundaryPredictor) for p in m.parameters()}
+    return ids | {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "position_logits"}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, predictor_lr_scale: float = 1.0):
+    """No decay on gains, biases, embeddings' scale and the logit scale (as open_clip_train).
+    The boundary predictors' parameters learn at lr x predictor_lr_scale (their only task signal
+    is the straight-through estimate through the pooling, and in CLIP towers they stayed near the
+    prior: README)."""
+    if predictor_lr_scale <= 0:
+        raise ValueError(f"trainer.predictor_lr_scale={predictor_lr_scale}: expected > 0")
+    deciding = boundary_decision_parameters(model) if predictor_lr_scale != 1.0 else set()
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((id(p) in deciding, skip), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if skip else weight_decay,
+             "lr": lr * (predictor_lr_scale if predictor else 1.0)}
+            for (predictor, skip), params in sorted(groups.items())]
 
 
 ADAMW_IMPLS = ("fused", "foreach", "for_loop")
@@ -123,7 +139,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, fl
 
     if tc.compile:
         runtime.compile_blocks(model)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.predictor_lr_scale), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
                                   **adamw_impl(tc.optimizer_impl))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_steps))
     amp_dtype = runtime.autocast_dtype(tc.precision, device)

@@ -49,14 +49,18 @@ def test_step_time_splits_into_data_wait_and_compute(tmp_path):
     assert slow_model["time/compute_median_s"] >= 0.05 > slow_model["time/data_median_s"]
 
 
-def trained_weights(tmp_path, *overrides):
+def tiny_gumbel_task(*overrides):
     from conftest import TINY_CLIP
     from fastclip import runtime
     from fastclip.tasks.clip import ClipTask
     cfg = compose_cfg(TINY_CLIP + ["boundary=gumbel", "boundary.apply_to=[image]", "epochs=1",
                                    "trainer.max_steps=3", "trainer.batch_size=64"] + list(overrides))
     runtime.seed_everything(0)
-    task = ClipTask(cfg, torch.device("cpu"))
+    return ClipTask(cfg, torch.device("cpu")), cfg
+
+
+def trained_weights(tmp_path, *overrides):
+    task, cfg = tiny_gumbel_task(*overrides)
     fit(task, cfg, None, tmp_path / "_".join(overrides), torch.device("cpu"))
     return task.model
 
@@ -142,3 +146,35 @@ def test_step_scalars_keep_order_across_devices_and_plain_numbers():
     assert rows[0][3] == {"train/loss": 2.5, "train/lr": 0.1}
     assert rows[1][3]["train/lr"] == 0.2 and rows[1][3]["train/n"] == 3.0 and rows[1][3]["train/loss"] != rows[1][3]["train/loss"]
     assert scalars.fetch() == []
+
+
+def test_predictor_lr_scale_speeds_up_the_boundary_predictors_only(tmp_path):
+    """trainer.predictor_lr_scale: one AdamW step moves every boundary-deciding parameter (both
+    towers' predictors, the stride start's position logits) by that factor more and leaves every
+    other step unchanged; weight decay still follows the parameter's shape."""
+    from fastclip.loop import boundary_decision_parameters, param_groups
+    both_towers = ["boundary.apply_to=[image,text]", "boundary.image_start=stride", "trainer.max_steps=1"]
+    start = tiny_gumbel_task(*both_towers)[0].model
+    base = trained_weights(tmp_path, *both_towers)
+    fast = trained_weights(tmp_path, *both_towers, "trainer.predictor_lr_scale=10")
+    deciding = boundary_decision_parameters(start)
+    names = {n for n, p in start.named_parameters() if id(p) in deciding}
+    assert "visual.position_logits" in names
+    assert {n.split(".predictor.")[0] for n in names if ".predictor." in n} == {"visual", "text"}
+    s0, s1, s10 = start.state_dict(), base.state_dict(), fast.state_dict()
+    for name in s0:
+        if name in names:
+            # summed: single tiny steps lose their ratio to float rounding against the weight
+            step1, step10 = (s1[name] - s0[name]).abs().sum(), (s10[name] - s0[name]).abs().sum()
+            assert step1 > 0 and abs(step10 / step1 - 10) < 0.5, (name, step10 / step1)
+        else:
+            assert torch.equal(s1[name], s10[name]), name
+
+    groups = param_groups(start, weight_decay=0.1, lr=1e-3, predictor_lr_scale=10)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in start.parameters())
+    for g in groups:
+        fast_group = {id(p) in deciding for p in g["params"]}
+        assert len(fast_group) == 1 and g["lr"] == (1e-2 if fast_group.pop() else 1e-3)
+        assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    with pytest.raises(ValueError, match="trainer.predictor_lr_scale=0"):
+        param_groups(start, 0.1, 1e-3, predictor_lr_scale=0)
