@@ -82,3 +82,26 @@ def test_recall_at_k_with_several_captions_per_image():
     assert r["retrieval/t2i_r1"] == pytest.approx(4 / 5) and r["retrieval/t2i_r5"] == 1.0
     flat = recall_at_k(torch.zeros(3, 5), caption_image, ks=(1,))  # ties count against the model
     assert flat["retrieval/i2t_r1"] == 0.0 and flat["retrieval/t2i_r1"] == 0.0
+
+
+def test_overhead_bench_times_two_loops_that_take_the_same_steps(tmp_path):
+    """bench-clip's harness overhead compares fastclip.loop.fit with open_clip_train's
+    train_one_epoch: same model, data order, param groups, AdamW, clipping and schedule, so from
+    one seed both loops must reach the same weights, else the timing compares different work."""
+    from conftest import TINY_CLIP
+    from fastclip import runtime
+    from fastclip.bench.overhead import fastclip_step_s, open_clip_train_step_s
+    from fastclip.tasks.clip import ClipTask
+    cfg = compose_cfg(TINY_CLIP + ["epochs=2", "trainer.progress=false", "trainer.warmup_steps=2"])
+    steps = len(ClipTask(cfg, torch.device("cpu")).train_batches(0))
+    assert steps >= 2
+    t_theirs, theirs = open_clip_train_step_s(cfg, steps)
+    t_ours, t_whole, ours = fastclip_step_s(cfg, tmp_path / "run")
+    assert 0 < t_ours <= t_whole and t_theirs > 0
+    runtime.seed_everything(cfg.seed)  # the weights both runs started from
+    start = ClipTask(cfg, torch.device("cpu")).model
+    moved = 0
+    for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), name
+        moved += not torch.equal(a, start.state_dict()[name])
+    assert moved > 0

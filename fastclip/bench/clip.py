@@ -74,7 +74,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--datasets", default="digits,cifar10")
     ap.add_argument("--seeds", default="0", help="comma-separated run seeds (seed=...); top-1 is their mean")
-    ap.add_argument("--overhead-epochs", type=int, default=3, help="0 skips the harness-overhead measurement")
+    ap.add_argument("--overhead-epochs", type=int, default=10, help="0 skips the harness-overhead measurement")
     ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "clip.md"))
     args = ap.parse_args(argv)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -134,16 +134,10 @@ def main(argv=None):
         emit("\n\n".join(sections), Path(args.out))
         return
     print("== harness overhead", flush=True)
-    from fastclip.bench.overhead import measure
+    from fastclip.bench.overhead import markdown, measure
     from fastclip.config import compose_train_config
     cfg = compose_train_config([f"epochs={args.overhead_epochs}", "trainer.progress=false"])
-    o = measure(cfg, root / "overhead")
-    sections.append(
-        f"### harness overhead (vit_tiny on digits, vanilla, {o['steps'] * args.overhead_epochs} steps, "
-        f"median of {o['repeats']} alternated repeats)\n\n"
-        f"| loop | mean s/step |\n|---|---|\n| fastclip.loop.fit (MLflow logging on) | {o['fastclip_step_s']:.4f} |\n"
-        f"| open_clip_train.train_one_epoch | {o['open_clip_train_step_s']:.4f} |\n\n"
-        f"overhead: {100 * o['overhead']:+.1f}%")
+    sections.append(markdown(measure(cfg, root / "overhead")))
     emit("\n\n".join(sections), Path(args.out))
 
 
