@@ -398,6 +398,40 @@ def test_stride_start_begins_at_fixed_k_and_learns_from_there():
         task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_start=grid")
 
 
+def test_placement_control_keeps_each_images_count_and_drops_its_content():
+    """eval.placement_control: the learned image logits shuffled over the patches per image, so each
+    image keeps its boundary count (and the forced row ends) while the places no longer depend on
+    it; the tower is itself again afterwards; the final eval reports both top-1s' difference."""
+    from fastclip.models.boundaries import every_kth
+    from fastclip.models.vision import shuffled_placement
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for row_breaks in ("false", "true"):
+        task = task_for("boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]",
+                        f"boundary.image_row_breaks={row_breaks}", "eval.placement_control=true")
+        tower = task.model.visual.eval()
+        with torch.no_grad():
+            torch.nn.init.normal_(tower.predictor.mlp[-1].weight, std=1.0)  # content-dependent logits
+            _, learned = tower(images)
+            with shuffled_placement(tower):
+                _, shuffled = tower(images)
+            _, after = tower(images)
+        assert torch.equal(shuffled["segments"], learned["segments"])
+        assert not torch.equal(shuffled["boundaries"], learned["boundaries"])
+        assert torch.equal(after["boundaries"], learned["boundaries"])
+        assert torch.equal(shuffled["logits"].sort(1).values, learned["logits"].sort(1).values)
+        assert torch.equal(shuffled["logits"][:, -1], learned["logits"][:, -1])  # the last stays (the count)
+        if row_breaks == "true":
+            n, width = shuffled["boundaries"].shape[1], tower.vit.grid_size[1]
+            assert shuffled["boundaries"][:, every_kth(n, width)].all()
+    final = task.final_evaluate()
+    top1 = task.evaluate()["zeroshot/top1"]
+    assert 0 <= final["zeroshot/top1_shuffled_placement"] <= 1
+    assert final["zeroshot/top1_placement_gain"] == pytest.approx(top1 - final["zeroshot/top1_shuffled_placement"])
+    assert task_for("boundary=gumbel", "boundary.apply_to=[image]").final_evaluate() == {}  # off by default
+    with pytest.raises(ValueError, match="eval.placement_control=true compares learned image boundaries"):
+        task_for("boundary=fixed", "boundary.apply_to=[image]", "eval.placement_control=true")
+
+
 def test_on_stride_share_counts_boundaries_where_fixed_k_puts_them():
     b = torch.zeros(2, 9)
     b[0, [1, 3, 8]] = 1   # index 3 is on a k=4 stride, 1 is not, 8 (the last) is left out

@@ -1,6 +1,8 @@
 """Image towers on open_clip's VisionTransformer: DTP-ViT (boundaries over patches in raster
 order) and ToMe (bipartite soft matching, r tokens merged per layer), both reusing open_clip's
 patch embedding, blocks, final norm and projection, so their geometry comes from `encoder`."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
@@ -33,6 +35,34 @@ class VanillaImageTower(nn.Module):
         grid = getattr(self.visual, "grid_size", None)  # ModifiedResNet has no tokens: reported as 0
         n = torch.full((images.shape[0],), float(grid[0] * grid[1] if grid else 0), device=images.device)
         return self.visual(images), {"tokens": n, "segments": n}
+
+
+def shuffled_along_rows(logits: torch.Tensor, generator: torch.Generator, keep: torch.Tensor) -> torch.Tensor:
+    """Each row's logits permuted over the positions keep [N] leaves free (each row its own
+    permutation, from the generator): the same values there, so the same boundaries in number,
+    at places that no longer depend on the image."""
+    free = (~keep).nonzero().squeeze(1).to(logits.device)
+    order = torch.rand(logits.shape[0], len(free), generator=generator).argsort(1).to(logits.device)
+    out = logits.clone()
+    out[:, free] = logits[:, free].gather(1, order)
+    return out
+
+
+@contextlib.contextmanager
+def shuffled_placement(tower, seed: int = 0):
+    """The placement control (eval.placement_control): inside, a learned DTP image tower's boundary
+    logits are shuffled over the patch positions per image before the forced row ends, so its
+    boundaries keep their count but lose their content. A learned placement that carries
+    information beats this; one that does not, matches it."""
+    if getattr(tower, "predictor", None) is None:
+        raise ValueError("eval.placement_control=true compares learned image boundaries with shuffled ones: "
+                         f"this image tower ({type(tower).__name__}) has no boundary predictor "
+                         "(boundary=gumbel or entropy_spike with image in boundary.apply_to)")
+    tower.shuffle_placement = torch.Generator().manual_seed(seed)
+    try:
+        yield
+    finally:
+        tower.shuffle_placement = None
 
 
 class DTPImageTower(nn.Module):
@@ -71,6 +101,7 @@ class DTPImageTower(nn.Module):
         width = self.vit.conv1.out_channels
         self.predictor = BoundaryPredictor(width, init_rate=method.init_rate, hidden_ratio=method.predictor_ratio) if method.needs_predictor else None
         self.position_logits = self._stride_start(method) if start == "stride" else None
+        self.shuffle_placement: torch.Generator | None = None  # set by shuffled_placement() only
         # entropy_spike's image analog: spikes of an auxiliary next-patch predictor's error
         self.next_patch = nn.Linear(width, next_patch_dim) if isinstance(method, EntropySpike) else None
 
@@ -85,6 +116,8 @@ class DTPImageTower(nn.Module):
         logits = self.predictor(patches) if self.predictor is not None else None
         if self.position_logits is not None:
             logits = logits + self.position_logits
+        if self.shuffle_placement is not None:
+            logits = shuffled_along_rows(logits, self.shuffle_placement, self._fixed_places(N))
         if self.row_breaks:
             logits = self._break_at_row_ends(logits)
         order = torch.arange(N, device=images.device).expand(B, N)
@@ -104,6 +137,14 @@ class DTPImageTower(nn.Module):
     # A logit no logistic noise overturns (p(noise < -30) ~ 1e-13): a sure boundary, which the prior
     # counts like any other, and no gradient (masked_fill), as the predictor has nothing to decide there.
     SURE_LOGIT = 30.0
+
+    def _fixed_places(self, n: int) -> torch.Tensor:
+        """Where the placement control leaves the logits: the last patch (a boundary there closes the
+        last segment and adds none, so moving it would change the segment count, i.e. the compute)
+        and, with row breaks, the row ends (forced anyway; their logits would be lost)."""
+        keep = every_kth(n, self.vit.grid_size[1]) if self.row_breaks else torch.zeros(n, dtype=torch.bool)
+        keep[-1] = True
+        return keep
 
     def _break_at_row_ends(self, logits):
         """image_row_breaks: the last patch of every patch-grid row closes its segment, so no segment

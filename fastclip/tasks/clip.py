@@ -22,6 +22,7 @@ from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.models.clip import build_clip, build_transforms, clip_objective
+from fastclip.models.vision import shuffled_placement
 
 
 @dataclass
@@ -90,6 +91,12 @@ class ClipTask:
         self.skipped = getattr(self.data.train, "skipped", 0)  # bad samples so far, build time included
         if cfg.eval.imagenet_val:
             imagenet_files(cfg.eval.imagenet_val)  # a wrong path or layout fails now, not after training
+        if cfg.eval.placement_control:  # fail before training, not after it
+            if self.data.zeroshot is None:
+                raise ValueError(f"eval.placement_control=true reports zero-shot top-1; dataset={cfg.dataset.name} "
+                                 f"has no class-captioned held-out set")
+            with shuffled_placement(self.model.visual):
+                pass
         if not (self.data.zeroshot or self.data.retrieval or cfg.eval.imagenet_val):
             raise ValueError(f"dataset={cfg.dataset.name} brings no evaluation set here: set eval.imagenet_val "
                              f"or the dataset's held-out split (eval_path / eval_fraction / eval_shards)")
@@ -169,6 +176,20 @@ class ClipTask:
             draw(self.model, images, tokens, lambda t: decode_tokens(self.tokenizer, t), path)
             self._artifacts.append(path)
         return metrics
+
+    def final_evaluate(self) -> dict[str, float]:
+        """eval.placement_control: zero-shot again with the learned image boundaries shuffled over
+        the patch positions (same count per image); top1_placement_gain = as learned - shuffled."""
+        if not self.cfg.eval.placement_control:
+            return {}
+        z = self.data.zeroshot
+        with shuffled_placement(self.model.visual):
+            acc = zero_shot_eval(self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
+                                 batch_size=self.cfg.eval.batch_size)
+        learned = zero_shot_eval(self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
+                                 batch_size=self.cfg.eval.batch_size)["top1"]
+        return {"zeroshot/top1_shuffled_placement": acc["top1"],
+                "zeroshot/top1_placement_gain": learned - acc["top1"]}
 
     def new_artifacts(self) -> list[Path]:
         out, self._artifacts = self._artifacts, []
