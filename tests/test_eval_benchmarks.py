@@ -105,3 +105,18 @@ def test_overhead_bench_times_two_loops_that_take_the_same_steps(tmp_path):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), name
         moved += not torch.equal(a, start.state_dict()[name])
     assert moved > 0
+
+
+def test_gpu_recipe_runs_the_loop_with_its_recorder_and_keeps_every_eval(tmp_path):
+    """bench-gpu-recipe hands fit an EvalRecorder instead of the MLflow tracker; it must answer every
+    call the loop makes (a missing flush() once broke the GPU run), and keep each eval's top-1
+    plus the placement control of a learned row."""
+    from conftest import TINY_CLIP
+    from fastclip.bench.gpu_recipe import VARIANTS, train_one
+    overrides = TINY_CLIP + VARIANTS["gumbel"][1] + ["epochs=2", "trainer.batch_size=512",
+                                                     "eval.boundary_picture=false"]
+    metrics, evals = train_one(overrides, tmp_path, torch.device("cpu"))
+    steps = [e["step"] for e in evals]  # one eval per epoch
+    assert len(steps) == 2 and 0 < steps[0] < steps[1]
+    assert all(0 <= e["zeroshot/top1"] <= 1 for e in evals)
+    assert "zeroshot/top1_shuffled_placement" in metrics

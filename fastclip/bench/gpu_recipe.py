@@ -18,22 +18,24 @@ from pathlib import Path
 import torch
 
 from fastclip import runtime
-from fastclip.bench.clip import (CIFAR, FIXED, GEOMETRY, GUMBEL, SMALL_PREDICTOR_ROW_BREAKS, STRIDE_START,
-                                 tome_r_for)
+from fastclip.bench.clip import (CIFAR, FIXED, GEOMETRY, GUMBEL, PLACEMENT_CONTROL, SMALL_PREDICTOR_ROW_BREAKS,
+                                 STRIDE_START, tome_r_for)
 from fastclip.bench.common import markdown_table
 from fastclip.config import compose_train_config
 from fastclip.loop import fit
 from fastclip.tasks import build_task
 
-# key -> (table label, overrides); ToMe's r is matched to the gumbel run's GFLOPs unless --tome-r
+# key -> (table label, overrides); ToMe's r is matched to the gumbel run's GFLOPs unless --tome-r.
+# The learned rows also report top-1 with their boundaries shuffled (eval.placement_control).
+LEARNED = GUMBEL + PLACEMENT_CONTROL
 VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]),
-            "gumbel": ("DTP-ViT gumbel 0.25", GUMBEL),
+            "gumbel": ("DTP-ViT gumbel 0.25", LEARNED),
             "fixed": ("DTP-ViT fixed k=4", FIXED),
             "tome": ("ToMe", None),
-            "gumbel_r1": ("DTP-ViT gumbel 0.25, predictor d->d->1", GUMBEL + ["boundary.predictor_ratio=1"]),
-            "gumbel_r1_rb": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", GUMBEL + SMALL_PREDICTOR_ROW_BREAKS),
+            "gumbel_r1": ("DTP-ViT gumbel 0.25, predictor d->d->1", LEARNED + ["boundary.predictor_ratio=1"]),
+            "gumbel_r1_rb": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", LEARNED + SMALL_PREDICTOR_ROW_BREAKS),
             "gumbel_r1_rb_stride": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks, stride start",
-                                    GUMBEL + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START)}
+                                    LEARNED + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START)}
 
 
 class EvalRecorder:
@@ -48,6 +50,9 @@ class EvalRecorder:
             self.evals.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
 
     def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def flush(self):
         pass
 
 
@@ -114,7 +119,8 @@ def main(argv=None):
         row["top1_curve"] = " / ".join(f"{e['zeroshot/top1']:.3f}" for e in history[row["variant"]])
     table = markdown_table(rows, [
         ("variant", "variant", "s"), ("zero-shot top-1", "zeroshot/top1", ".3f"), ("Δ top-1 (pts)", "top1_delta", "+.1f"),
-        ("top-1 at each eval", "top1_curve", "s"), ("image GFLOPs", "efficiency/image_gflops", ".4f"),
+        ("top-1 at each eval", "top1_curve", "s"),
+        ("top-1, boundaries shuffled", "zeroshot/top1_shuffled_placement", ".3f"), ("image GFLOPs", "efficiency/image_gflops", ".4f"),
         ("GFLOPs / vanilla", "gflops_ratio", ".2f"), ("achieved compression", "efficiency/compression_image", ".2f"),
         ("median step (s)", "time/step_median_s", ".4f"), ("of which data wait (s)", "time/data_median_s", ".4f"),
         ("wall (s)", "wall_s", ".0f")])
