@@ -48,16 +48,20 @@ def shuffled_along_rows(logits: torch.Tensor, generator: torch.Generator, keep: 
     return out
 
 
+def require_learned_placement(tower) -> None:
+    if getattr(tower, "predictor", None) is None:
+        raise ValueError("eval.placement_control=true compares learned image boundaries with shuffled ones: "
+                         f"this image tower ({type(tower).__name__}) has no boundary predictor "
+                         "(boundary=gumbel or entropy_spike with image in boundary.apply_to)")
+
+
 @contextlib.contextmanager
 def shuffled_placement(tower, seed: int = 0):
     """The placement control (eval.placement_control): inside, a learned DTP image tower's boundary
     logits are shuffled over the patch positions per image before the forced row ends, so its
     boundaries keep their count but lose their content. A learned placement that carries
     information beats this; one that does not, matches it."""
-    if getattr(tower, "predictor", None) is None:
-        raise ValueError("eval.placement_control=true compares learned image boundaries with shuffled ones: "
-                         f"this image tower ({type(tower).__name__}) has no boundary predictor "
-                         "(boundary=gumbel or entropy_spike with image in boundary.apply_to)")
+    require_learned_placement(tower)
     tower.shuffle_placement = torch.Generator().manual_seed(seed)
     try:
         yield

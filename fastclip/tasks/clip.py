@@ -22,7 +22,7 @@ from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.models.clip import build_clip, build_transforms, clip_objective
-from fastclip.models.vision import shuffled_placement
+from fastclip.models.vision import require_learned_placement, shuffled_placement
 
 
 @dataclass
@@ -95,8 +95,7 @@ class ClipTask:
             if self.data.zeroshot is None:
                 raise ValueError(f"eval.placement_control=true reports zero-shot top-1; dataset={cfg.dataset.name} "
                                  f"has no class-captioned held-out set")
-            with shuffled_placement(self.model.visual):
-                pass
+            require_learned_placement(self.model.visual)
         if not (self.data.zeroshot or self.data.retrieval or cfg.eval.imagenet_val):
             raise ValueError(f"dataset={cfg.dataset.name} brings no evaluation set here: set eval.imagenet_val "
                              f"or the dataset's held-out split (eval_path / eval_fraction / eval_shards)")
