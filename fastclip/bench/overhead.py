@@ -52,7 +52,7 @@ def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
     tc = cfg.trainer
     # open_clip_train's own param groups (no decay on gains, biases, logit scale) are ours
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
-                                  weight_decay=tc.weight_decay, **adamw_impl(tc.optimizer_impl))
+                                  **adamw_impl(tc.optimizer_impl))
     args = SimpleNamespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False,
                            horovod=False, grad_clip_norm=tc.grad_clip, log_every_n_steps=10 ** 9, world_size=1,
                            batch_size=tc.batch_size, rank=0, local_rank=0, wandb=False, save_logs=False)
@@ -97,13 +97,16 @@ def measure(cfg, run_dir, repeats: int = 7, warmup: bool = True) -> dict:
             theirs.append(open_clip_train_step_s(cfg, steps)[0])
         ours.append(o)
         whole.append(w)
-    ratios = [o / t for o, t in zip(ours, theirs)]
-    whole_ratios = [w / t for w, t in zip(whole, theirs)]
+    def overhead(mine: list[float]) -> tuple[float, tuple[float, float]]:
+        """Per-repeat ratios to theirs -> (median - 1, (min - 1, max - 1))."""
+        ratios = [m / t - 1.0 for m, t in zip(mine, theirs)]
+        return statistics.median(ratios), (min(ratios), max(ratios))
+
+    (steps_o, steps_range), (whole_o, whole_range) = overhead(ours), overhead(whole)
     return {"fastclip_step_s": statistics.median(ours), "fastclip_whole_s": statistics.median(whole),
             "open_clip_train_step_s": statistics.median(theirs),
-            "overhead": statistics.median(ratios) - 1.0, "overhead_range": (min(ratios) - 1.0, max(ratios) - 1.0),
-            "overhead_whole": statistics.median(whole_ratios) - 1.0,
-            "overhead_whole_range": (min(whole_ratios) - 1.0, max(whole_ratios) - 1.0),
+            "overhead": steps_o, "overhead_range": steps_range,
+            "overhead_whole": whole_o, "overhead_whole_range": whole_range,
             "steps": steps * cfg.epochs, "repeats": repeats}
 
 

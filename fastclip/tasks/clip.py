@@ -153,8 +153,7 @@ class ClipTask:
         cfg, metrics = self.cfg, {}
         z = self.data.zeroshot
         if z is not None:
-            acc = zero_shot_eval(self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
-                                 batch_size=cfg.eval.batch_size)
+            acc = self._zero_shot()
             metrics.update({"zeroshot/top1": acc["top1"], "zeroshot/top5": acc["top5"]})
         if self.data.retrieval is not None:
             metrics.update(retrieval_eval(self.model, self.tokenizer, self.data.retrieval, self.device,
@@ -178,17 +177,20 @@ class ClipTask:
 
     def final_evaluate(self) -> dict[str, float]:
         """eval.placement_control: zero-shot again with the learned image boundaries shuffled over
-        the patch positions (same count per image); top1_placement_gain = as learned - shuffled."""
+        the patch positions (same count per image); top1_placement_gain = as learned - shuffled.
+        The learned top-1 is recomputed (one more zero-shot pass, opt-in) rather than taken from the
+        loop's last evaluate, so the pair always comes from the same weights whatever called this."""
         if not self.cfg.eval.placement_control:
             return {}
-        z = self.data.zeroshot
         with shuffled_placement(self.model.visual):
-            acc = zero_shot_eval(self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
-                                 batch_size=self.cfg.eval.batch_size)
-        learned = zero_shot_eval(self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
-                                 batch_size=self.cfg.eval.batch_size)["top1"]
-        return {"zeroshot/top1_shuffled_placement": acc["top1"],
-                "zeroshot/top1_placement_gain": learned - acc["top1"]}
+            shuffled = self._zero_shot()["top1"]
+        return {"zeroshot/top1_shuffled_placement": shuffled,
+                "zeroshot/top1_placement_gain": self._zero_shot()["top1"] - shuffled}
+
+    def _zero_shot(self) -> dict[str, float]:
+        z = self.data.zeroshot
+        return zero_shot_eval(self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
+                              batch_size=self.cfg.eval.batch_size)
 
     def new_artifacts(self) -> list[Path]:
         out, self._artifacts = self._artifacts, []
