@@ -6,7 +6,10 @@ import torch
 from conftest import TINY_CLIP, compose_cfg, count_tensor_reads
 from fastclip import runtime
 from fastclip.eval.efficiency import count_gflops, on_stride_share, tower_efficiency
+from fastclip.eval.boundary_picture import segment_grid
+from fastclip.models import vision
 from fastclip.models.clip import build_clip
+from fastclip.models.patch_order import patch_order
 from fastclip.models.vision import bipartite_merge
 from fastclip.tasks.clip import ClipTask
 
@@ -364,6 +367,63 @@ def test_row_breaks_close_a_segment_at_every_patch_grid_row_end():
     assert tower.predictor.mlp[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="boundary.image_row_breaks=true needs learned boundaries"):
         task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_row_breaks=true")
+
+
+def _cells(order, rows, cols):
+    return [divmod(i, cols) for i in patch_order(order, rows, cols).tolist()]
+
+
+@pytest.mark.parametrize("rows,cols", [(8, 8), (16, 16), (14, 14), (4, 6)])
+def test_hilbert_order_steps_to_neighbours_and_groups_squares(rows, cols):
+    """Every patch once; on a power-of-two square every step goes to a neighbouring patch; on any
+    even grid each aligned run of 4 is a 2x2 square (what fixed k=4 pools)."""
+    cells = _cells("hilbert", rows, cols)
+    assert sorted(cells) == [(r, c) for r in range(rows) for c in range(cols)]
+    steps = [abs(r1 - r0) + abs(c1 - c0) for (r0, c0), (r1, c1) in zip(cells, cells[1:])]
+    if rows == cols and rows & (rows - 1) == 0:
+        assert set(steps) == {1}
+    for i in range(0, len(cells), 4):
+        run = cells[i:i + 4]
+        assert {(r // 2, c // 2) for r, c in run} == {(run[0][0] // 2, run[0][1] // 2)}, run
+    assert patch_order("raster", rows, cols) is None
+    with pytest.raises(ValueError, match="boundary.image_order='zigzag': expected one of raster, hilbert"):
+        patch_order("zigzag", rows, cols)
+
+
+def test_hilbert_order_pools_2x2_squares_and_draws_them_in_place(monkeypatch):
+    """image_order=hilbert with fixed k=4: each segment is the mean of one 2x2 square of the
+    pre-layers' patch features, and the boundary picture puts each segment back on its square."""
+    task = task_for("boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]", "encoder.vision.patch_size=4",
+                    "boundary.image_order=hilbert")
+    tower = task.model.visual.eval()
+    rows, cols = tower.vit.grid_size
+    pooled = []
+    real = vision.downsample
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        pooled.append(out[0])
+        return out
+    monkeypatch.setattr(vision, "downsample", spy)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, info = tower(images)
+        x = tower.vit._embeds(images)
+        for block in tower.vit.transformer.resblocks[:tower.pre_layers]:
+            x = block(x)
+    grid = x[:, 1:].reshape(3, rows, cols, -1)
+    squares = grid.reshape(3, rows // 2, 2, cols // 2, 2, -1).mean((2, 4))  # [B, rows/2, cols/2, D]
+    cells = _cells("hilbert", rows, cols)
+    for j in range(rows * cols // 4):
+        r, c = cells[4 * j]
+        torch.testing.assert_close(pooled[0][:, j], squares[:, r // 2, c // 2])
+    assert info["segments"].tolist() == [rows * cols / 4] * 3
+    seg = segment_grid(info["boundaries"][0], rows, cols, info["scan"])
+    assert (seg == seg[::2, ::2].repeat(2, 0).repeat(2, 1)).all()  # one id per 2x2 square
+    assert len(set(seg.ravel().tolist())) == rows * cols // 4
+    with pytest.raises(ValueError, match="boundary.image_row_breaks=true forces breaks at raster row ends"):
+        task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_row_breaks=true",
+                 "boundary.image_order=hilbert")
 
 
 def test_stride_start_begins_at_fixed_k_and_learns_from_there():

@@ -69,7 +69,7 @@ def test_seed_table_experiments(tmp_path, experiment, data_key):
 
 PLACEMENT = {"apply_to": "[image]", "image_pre_layers": "2", "text_pre_layers": "2", "image_pool": "mean",
              "image_layout": "padded", "image_buckets": "1", "image_row_breaks": "True",
-             "image_start": "stride", "text_layout": "padded"}
+             "image_start": "stride", "image_order": "hilbert", "text_layout": "padded"}
 
 
 def test_sweeps_across_boundary_options_can_set_where_they_pool():

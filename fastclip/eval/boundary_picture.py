@@ -20,6 +20,15 @@ def caption_with_breaks(text: str, boundaries) -> str:
     return "".join(ch + ("|" if b > 0.5 else "") for ch, b in zip(text, boundaries))
 
 
+def segment_grid(boundaries: torch.Tensor, rows: int, cols: int, scan: torch.Tensor | None = None) -> np.ndarray:
+    """[rows, cols] segment id of every patch from one image's boundaries (in reading order);
+    scan (reading position -> raster index) puts a non-raster order back on the grid."""
+    seg = (boundaries.cumsum(0) - boundaries).cpu()
+    if scan is not None:
+        seg = torch.empty_like(seg).index_put_((scan.cpu(),), seg)
+    return seg.numpy().reshape(rows, cols)
+
+
 @torch.no_grad()
 def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int = 8) -> None:
     was_training = model.training
@@ -34,11 +43,11 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
         ax = axes[0, i]
         ax.imshow(_unnormalise(image))
         if b is not None:
-            seg = (b[i].cumsum(0) - b[i]).cpu().numpy()  # segment id of every patch, raster order
-            side = int(round(len(seg) ** 0.5))
-            ax.imshow(seg.reshape(side, side), cmap="tab20", alpha=0.45, interpolation="nearest",
+            rows, cols = model.visual.vit.grid_size
+            seg = segment_grid(b[i], rows, cols, image_info.get("scan"))
+            ax.imshow(seg, cmap="tab20", alpha=0.45, interpolation="nearest",
                       extent=(0, image.shape[-1], image.shape[-2], 0))
-            ax.set_title(f"{len(seg)} -> {int(image_info['segments'][i])}", fontsize=8)
+            ax.set_title(f"{seg.size} -> {int(image_info['segments'][i])}", fontsize=8)
         ax.axis("off")
         tb = text_info.get("boundaries")
         text = decode(tokens[i])

@@ -123,7 +123,8 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None):
         image = DTPImageTower(visual, image_method, boundary.image_pre_layers, boundary.image_pool,
                               next_patch_dim=3 * vc["patch_size"] ** 2 if vc.get("patch_size") else None,
                               buckets=boundary.image_buckets, layout=boundary.image_layout,
-                              row_breaks=boundary.image_row_breaks, start=boundary.image_start)
+                              row_breaks=boundary.image_row_breaks, start=boundary.image_start,
+                              order=boundary.image_order)
     else:
         image = VanillaImageTower(visual)
     if "text" in towers:

@@ -1,5 +1,5 @@
 """Image towers on open_clip's VisionTransformer: DTP-ViT (boundaries over patches in raster
-order) and ToMe (bipartite soft matching, r tokens merged per layer), both reusing open_clip's
+or Hilbert order, models/patch_order.py) and ToMe (bipartite soft matching, r tokens merged per layer), both reusing open_clip's
 patch embedding, blocks, final norm and projection, so their geometry comes from `encoder`."""
 import contextlib
 
@@ -11,6 +11,7 @@ from torch import nn
 from fastclip.models.boundaries import EntropySpike, every_kth, spikes
 from fastclip.models.dtp import BoundaryPredictor, downsample, mean_of_valid, padding_attn_mask, segment_counts
 from fastclip.models.packed import PackedRows, check_packable, packed_block
+from fastclip.models.patch_order import patch_order
 
 
 def _heads(vit: VisionTransformer) -> int:
@@ -70,12 +71,13 @@ def shuffled_placement(tower, seed: int = 0):
 
 
 class DTPImageTower(nn.Module):
-    """pre-layers on all patches -> boundary predictor over patches in raster order -> segment
-    means (padding mask) -> shortened layers on [class token, segments] -> pooled embedding."""
+    """pre-layers on all patches -> boundary predictor over the patches in reading order (raster or
+    Hilbert: image_order) -> segment means (padding mask) -> shortened layers on [class token,
+    segments] -> pooled embedding. Boundaries, logits and the stride grid are in reading order."""
 
     def __init__(self, visual, method, pre_layers: int, pool: str = "cls", next_patch_dim: int | None = None,
                  buckets: int | str = "auto", layout: str = "packed", row_breaks: bool = False,
-                 start: str = "prior"):
+                 start: str = "prior", order: str = "raster"):
         super().__init__()
         if not (buckets == "auto" or (isinstance(buckets, int) and buckets >= 1)):
             raise ValueError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
@@ -97,6 +99,13 @@ class DTPImageTower(nn.Module):
             raise ValueError(f"boundary.image_row_breaks=true needs learned boundaries (boundary=gumbel), "
                              f"not boundary={method.name}")
         self.row_breaks = row_breaks
+        # Position embeddings are added before the pre-layers, so reading the patches in another
+        # order changes only which patches can share a segment (None: raster, the identity).
+        scan = patch_order(order, *self.vit.grid_size)
+        if row_breaks and scan is not None:
+            raise ValueError(f"boundary.image_row_breaks=true forces breaks at raster row ends; with "
+                             f"boundary.image_order={order} runs never wrap across rows (set one of the two)")
+        self.register_buffer("scan", scan, persistent=False)
         if start not in ("prior", "stride"):
             raise ValueError(f"boundary.image_start={start!r}: expected prior or stride")
         if pool not in ("mean", "cls"):
@@ -116,6 +125,8 @@ class DTPImageTower(nn.Module):
         for block in blocks[:self.pre_layers]:
             x = block(x)
         cls, patches = x[:, :1], x[:, 1:]
+        if self.scan is not None:
+            patches = patches[:, self.scan]
         B, N, _ = patches.shape
         logits = self.predictor(patches) if self.predictor is not None else None
         if self.position_logits is not None:
@@ -134,6 +145,8 @@ class DTPImageTower(nn.Module):
         if vit.proj is not None:
             emb = emb @ vit.proj
         info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": counts.float(), "boundaries": b, "logits": logits}
+        if self.scan is not None:
+            info["scan"] = self.scan  # reading position -> raster index, for the boundary picture
         if self.next_patch is not None:
             info["targets"], info["extra_loss"] = self._next_patch_spikes(patches, images)
         return emb, info
@@ -164,7 +177,7 @@ class DTPImageTower(nn.Module):
 
     def _stride_start(self, method) -> nn.Parameter:
         """A learned logit per patch position, added to the predictor's, that starts the boundaries
-        at fixed k's (every k = round(1/prior)-th patch in raster order) at the prior's rate; the
+        at fixed k's (every k = round(1/prior)-th patch in reading order) at the prior's rate; the
         predictor's own bias starts at 0. Training begins from the fixed segmentation and moves a
         boundary where the task pays for it."""
         if method.name != "gumbel":
@@ -259,6 +272,8 @@ class DTPImageTower(nn.Module):
         spikes above the previous `window` errors (the image analog of next-token entropy)."""
         p = self.vit.conv1.kernel_size[0]
         pixels = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)  # [B, N, 3 p p], raster order
+        if self.scan is not None:
+            pixels = pixels[:, self.scan]  # the next patch in reading order
         pred = self.next_patch(patches[:, :-1])
         err = (pred.float() - pixels[:, 1:].float()).pow(2).mean(-1)     # [B, N-1]
         err = F.pad(err, (0, 1), value=0.0)                              # last patch has no next
