@@ -1,6 +1,7 @@
 """make bench-clip: vanilla ViT vs DTP-ViT (gumbel prior 0.25 with the paper's d->4d->1 boundary
 predictor, and with a d->d->1 one and row breaks, started at the prior's rate or at fixed k's grid;
-fixed k=4) vs ToMe at the learned rows' GFLOPs, equal steps, on digits and on CIFAR-10
+fixed k=4; fixed k=4 and the stride-started d->d->1 row again with the patches read along a Hilbert
+curve, where k=4 pools 2x2 squares) vs ToMe at the learned rows' GFLOPs, equal steps, on digits and on CIFAR-10
 (class-template captions; zero-shot on held-out images with unseen templates). Per run: zero-shot
 top-1 (learned rows: also with their boundaries shuffled over the patches, same count: what the
 placement itself is worth), image GFLOPs from the real eval boundaries, achieved compression, the
@@ -35,6 +36,7 @@ FIXED = ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"]
 # the next (fixed k=4 is row-aligned here)
 SMALL_PREDICTOR_ROW_BREAKS = ["boundary.predictor_ratio=1", "boundary.image_row_breaks=true"]
 STRIDE_START = ["boundary.image_start=stride"]  # boundaries started at fixed k=4's
+HILBERT = ["boundary.image_order=hilbert"]  # patches read along a Hilbert curve: fixed k=4 pools 2x2 squares
 PLACEMENT_CONTROL = ["eval.placement_control=true"]  # + zero-shot top-1 with the learned boundaries shuffled
 DATASETS = {"digits": ["dataset=digits"],
             "cifar10": ["dataset=image_folder", f"dataset.path={CIFAR}"]}
@@ -98,7 +100,10 @@ def main(argv=None):
                     ("DTP-ViT fixed k=4", FIXED, False),
                     ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", learned + SMALL_PREDICTOR_ROW_BREAKS, True),
                     ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks, stride start",
-                     learned + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START, False)]
+                     learned + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START, False),
+                    ("DTP-ViT fixed k=4, Hilbert order (2x2 squares)", FIXED + HILBERT, False),
+                    ("DTP-ViT gumbel 0.25, predictor d->d->1, Hilbert order, stride start",
+                     learned + ["boundary.predictor_ratio=1"] + HILBERT + STRIDE_START, False)]
         rows = []
         for name, overrides, _ in variants:
             print(f"== {ds}: {name}", flush=True)

@@ -1,14 +1,15 @@
 """make bench-gpu-recipe: does learned DTP close its accuracy gap with longer training? The
 bench-clip CIFAR-10 comparison (vit_tiny at patch 4, batch 128, class-template captions,
 zero-shot on held-out images with unseen templates) run 10x longer on one GPU: vanilla, DTP
-gumbel 0.25 (predictor d->4d->1 and d->d->1, the latter also with row breaks and a stride start),
-fixed k=4, ToMe at gumbel's GFLOPs. Each run goes
+gumbel 0.25 (predictor d->4d->1 and d->d->1, the latter also with row breaks and a stride start,
+or in Hilbert order with a stride start), fixed k=4 (raster strips or Hilbert 2x2 squares), ToMe at gumbel's GFLOPs. Each run goes
 through the same task and loop as `python -m fastclip.train`; zero-shot top-1 is recorded at
 every evaluation (about every third of the run). Not tracked in MLflow (the GPU machine has no
 store): the table and a JSON of every evaluation go to --out.
 
     python -m fastclip.bench.gpu_recipe [--data ../shared/data/cifar10-test] [--steps 3000] [--out DIR]
-        [--only vanilla,gumbel,fixed,tome,gumbel_r1,gumbel_r1_rb,gumbel_r1_rb_stride] [--tome-r R] [--device cuda|cpu]
+        [--only vanilla,gumbel,fixed,tome,gumbel_r1,gumbel_r1_rb,gumbel_r1_rb_stride,fixed_hilbert,gumbel_r1_hilbert_stride]
+        [--tome-r R] [--device cuda|cpu]
 """
 import argparse
 import json
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 
 from fastclip import runtime
-from fastclip.bench.clip import (CIFAR, FIXED, GEOMETRY, GUMBEL, PLACEMENT_CONTROL, SMALL_PREDICTOR_ROW_BREAKS,
-                                 STRIDE_START, tome_r_for)
+from fastclip.bench.clip import (CIFAR, FIXED, GEOMETRY, GUMBEL, HILBERT, PLACEMENT_CONTROL,
+                                 SMALL_PREDICTOR_ROW_BREAKS, STRIDE_START, tome_r_for)
 from fastclip.bench.common import markdown_table
 from fastclip.config import compose_train_config
 from fastclip.loop import fit
@@ -35,7 +36,10 @@ VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]),
             "gumbel_r1": ("DTP-ViT gumbel 0.25, predictor d->d->1", LEARNED + ["boundary.predictor_ratio=1"]),
             "gumbel_r1_rb": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", LEARNED + SMALL_PREDICTOR_ROW_BREAKS),
             "gumbel_r1_rb_stride": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks, stride start",
-                                    LEARNED + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START)}
+                                    LEARNED + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START),
+            "fixed_hilbert": ("DTP-ViT fixed k=4, Hilbert order (2x2 squares)", FIXED + HILBERT),
+            "gumbel_r1_hilbert_stride": ("DTP-ViT gumbel 0.25, predictor d->d->1, Hilbert order, stride start",
+                                         LEARNED + ["boundary.predictor_ratio=1"] + HILBERT + STRIDE_START)}
 
 
 class EvalRecorder:

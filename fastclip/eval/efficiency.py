@@ -75,7 +75,7 @@ def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor, unpadded
 
 
 def on_stride_share(boundaries: torch.Tensor, compression: float) -> float:
-    """Share of the boundaries that sit where fixed k would put one (every k-th patch in raster
+    """Share of the boundaries that sit where fixed k would put one (every k-th patch in reading
     order, k = round(achieved compression)): 1.0 when a learned tower has settled on fixed k's
     grid, ~1/k for placements unrelated to it. The last patch is left out (a boundary there
     closes the last segment either way)."""

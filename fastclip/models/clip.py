@@ -17,8 +17,8 @@ from fastclip.models.vision import DTPImageTower, ToMeImageTower, VanillaImageTo
 TOWERS = ("image", "text")
 # What each method means per tower; None = no meaning there (a clear error, never silent).
 MEANING = {
-    "fixed": {"image": "every k patches in raster order", "text": "every k characters"},
-    "gumbel": {"image": "learned, over patches in raster order", "text": "learned, over characters"},
+    "fixed": {"image": "every k patches in reading order (boundary.image_order: raster or hilbert)", "text": "every k characters"},
+    "gumbel": {"image": "learned, over patches in reading order (boundary.image_order)", "text": "learned, over characters"},
     "entropy_spike": {"image": "spikes of an auxiliary next-patch predictor's error",
                       "text": "spikes of an auxiliary next-character head's entropy"},
     "whitespace": {"image": None, "text": "a space closes its word"},
