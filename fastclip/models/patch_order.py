@@ -15,7 +15,7 @@ def _hilbert_index(side: int, row: int, col: int) -> int:
     x, y, d = col, row, 0
     s = side // 2
     while s > 0:
-        rx, ry = int(x & s > 0), int(y & s > 0)
+        rx, ry = int((x & s) > 0), int((y & s) > 0)
         d += s * s * ((3 * rx) ^ ry)
         if ry == 0:  # lower quadrants are visited transposed (and mirrored on the right)
             if rx == 1:
