@@ -38,6 +38,22 @@ SMALL_PREDICTOR_ROW_BREAKS = ["boundary.predictor_ratio=1", "boundary.image_row_
 STRIDE_START = ["boundary.image_start=stride"]  # boundaries started at fixed k=4's
 HILBERT = ["boundary.image_order=hilbert"]  # patches read along a Hilbert curve: fixed k=4 pools 2x2 squares
 PLACEMENT_CONTROL = ["eval.placement_control=true"]  # + zero-shot top-1 with the learned boundaries shuffled
+LEARNED = GUMBEL + PLACEMENT_CONTROL  # learned rows also report top-1 with their boundaries shuffled (same count)
+# The DTP rows both CIFAR benches run, one definition: key -> (table label, overrides)
+DTP_VARIANTS = {
+    "gumbel": ("DTP-ViT gumbel 0.25", LEARNED),
+    "fixed": ("DTP-ViT fixed k=4", FIXED),
+    "gumbel_r1": ("DTP-ViT gumbel 0.25, predictor d->d->1", LEARNED + ["boundary.predictor_ratio=1"]),
+    "gumbel_r1_rb": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", LEARNED + SMALL_PREDICTOR_ROW_BREAKS),
+    "gumbel_r1_rb_stride": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks, stride start",
+                            LEARNED + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START),
+    "fixed_hilbert": ("DTP-ViT fixed k=4, Hilbert order (2x2 squares)", FIXED + HILBERT),
+    "gumbel_r1_hilbert_stride": ("DTP-ViT gumbel 0.25, predictor d->d->1, Hilbert order, stride start",
+                                 LEARNED + ["boundary.predictor_ratio=1"] + HILBERT + STRIDE_START),
+}
+# bench-clip's rows after vanilla, in order, each with whether ToMe is matched to its GFLOPs
+BENCH_CLIP_ROWS = [("gumbel", True), ("fixed", False), ("gumbel_r1_rb", True), ("gumbel_r1_rb_stride", False),
+                   ("fixed_hilbert", False), ("gumbel_r1_hilbert_stride", False)]
 DATASETS = {"digits": ["dataset=digits"],
             "cifar10": ["dataset=image_folder", f"dataset.path={CIFAR}"]}
 
@@ -93,17 +109,8 @@ def main(argv=None):
                                             "eval.every_epochs=100000", "trainer.progress=false",
                                             "tracking.experiment=bench-clip"]
         # (name, overrides, ToMe matched to its GFLOPs)
-        # learned rows also report top-1 with their boundaries shuffled over the patches (same count)
-        learned = GUMBEL + PLACEMENT_CONTROL
-        variants = [("vanilla ViT", ["boundary=none"], False),
-                    ("DTP-ViT gumbel 0.25", learned, True),
-                    ("DTP-ViT fixed k=4", FIXED, False),
-                    ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", learned + SMALL_PREDICTOR_ROW_BREAKS, True),
-                    ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks, stride start",
-                     learned + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START, False),
-                    ("DTP-ViT fixed k=4, Hilbert order (2x2 squares)", FIXED + HILBERT, False),
-                    ("DTP-ViT gumbel 0.25, predictor d->d->1, Hilbert order, stride start",
-                     learned + ["boundary.predictor_ratio=1"] + HILBERT + STRIDE_START, False)]
+        variants = [("vanilla ViT", ["boundary=none"], False)] + [
+            (*DTP_VARIANTS[key], match) for key, match in BENCH_CLIP_ROWS]
         rows = []
         for name, overrides, _ in variants:
             print(f"== {ds}: {name}", flush=True)

@@ -19,28 +19,15 @@ from pathlib import Path
 import torch
 
 from fastclip import runtime
-from fastclip.bench.clip import (CIFAR, FIXED, GEOMETRY, GUMBEL, HILBERT, PLACEMENT_CONTROL,
-                                 SMALL_PREDICTOR_ROW_BREAKS, STRIDE_START, tome_r_for)
+from fastclip.bench.clip import CIFAR, DTP_VARIANTS, GEOMETRY, tome_r_for
 from fastclip.bench.common import markdown_table
 from fastclip.config import compose_train_config
 from fastclip.loop import fit
 from fastclip.tasks import build_task
 
-# key -> (table label, overrides); ToMe's r is matched to the gumbel run's GFLOPs unless --tome-r.
-# The learned rows also report top-1 with their boundaries shuffled (eval.placement_control).
-LEARNED = GUMBEL + PLACEMENT_CONTROL
-VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]),
-            "gumbel": ("DTP-ViT gumbel 0.25", LEARNED),
-            "fixed": ("DTP-ViT fixed k=4", FIXED),
-            "tome": ("ToMe", None),
-            "gumbel_r1": ("DTP-ViT gumbel 0.25, predictor d->d->1", LEARNED + ["boundary.predictor_ratio=1"]),
-            "gumbel_r1_rb": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", LEARNED + SMALL_PREDICTOR_ROW_BREAKS),
-            "gumbel_r1_rb_stride": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks, stride start",
-                                    LEARNED + SMALL_PREDICTOR_ROW_BREAKS + STRIDE_START),
-            "fixed_hilbert": ("DTP-ViT fixed k=4, Hilbert order (2x2 squares)", FIXED + HILBERT),
-            "gumbel_r1_hilbert_stride": ("DTP-ViT gumbel 0.25, predictor d->d->1, Hilbert order, stride start",
-                                         LEARNED + ["boundary.predictor_ratio=1"] + HILBERT + STRIDE_START)}
-
+# key -> (table label, overrides); the DTP rows are bench-clip's (their learned rows also report
+# top-1 with their boundaries shuffled); ToMe's r is matched to the gumbel run's GFLOPs unless --tome-r.
+VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]), "tome": ("ToMe", None), **DTP_VARIANTS}
 
 class EvalRecorder:
     """Stands in for the MLflow tracker: keeps every evaluation's metrics, drops the rest."""

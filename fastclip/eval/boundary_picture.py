@@ -8,6 +8,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
 
+from fastclip.models.dtp import segment_ids  # noqa: E402
+
 
 def _unnormalise(image: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]
@@ -23,7 +25,7 @@ def caption_with_breaks(text: str, boundaries) -> str:
 def segment_grid(boundaries: torch.Tensor, rows: int, cols: int, scan: torch.Tensor | None = None) -> np.ndarray:
     """[rows, cols] segment id of every patch from one image's boundaries (in reading order);
     scan (reading position -> raster index) puts a non-raster order back on the grid."""
-    seg = (boundaries.cumsum(0) - boundaries).cpu()
+    seg = segment_ids(boundaries).cpu()
     if scan is not None:
         seg = torch.empty_like(seg).index_put_((scan.cpu(),), seg)
     return seg.numpy().reshape(rows, cols)

@@ -50,6 +50,12 @@ def segment_counts(boundaries: torch.Tensor, token_mask: torch.Tensor | None = N
     return (inner - last_is_boundary).long() + (lengths > 0).long()
 
 
+def segment_ids(b: torch.Tensor) -> torch.Tensor:
+    """The segment each token belongs to along the last dim: the exclusive cumsum of b
+    (differentiable, so a straight-through b passes its gradient on)."""
+    return b.cumsum(-1) - b
+
+
 def downsample(hidden: torch.Tensor, boundaries: torch.Tensor, token_mask: torch.Tensor | None = None,
                n_segments: int | None = None):
     """Segment means. hidden [B, T, D], boundaries [B, T] -> (segments [B, S, D], segment_mask [B, S]).
@@ -58,7 +64,7 @@ def downsample(hidden: torch.Tensor, boundaries: torch.Tensor, token_mask: torch
     tokens (token_mask False) belong to no segment.
     """
     b = boundaries.to(hidden.dtype) if boundaries.dtype == torch.bool else boundaries
-    seg_id = b.cumsum(1) - b                      # exclusive cumsum, differentiable
+    seg_id = segment_ids(b)
     if n_segments is None:
         n_segments = int(segment_counts(b, token_mask).max().item()) if b.numel() else 1
     weights = _membership(seg_id, n_segments)      # [B, S, T]
