@@ -227,13 +227,24 @@ def test_clip_runs_the_text_tower_before_the_image_tower():
 
 
 def test_contrastive_loss_reaches_both_predictors():
-    task = task_for("boundary=gumbel", "boundary.loss_weight=0", "trainer.batch_size=16")
-    task.model.train()
-    loss, _, _ = task.loss(next(iter(task.train_batches(0))))
-    loss.backward()
-    for tower in (task.model.visual, task.model.text):
-        grad = tower.predictor.mlp[0].weight.grad
-        assert grad is not None and grad.abs().sum() > 0, type(tower).__name__
+    """... under either straight-through sign (boundary.pooling_grad), which both towers take:
+    the same data, weights and noise give the same loss and different predictor gradients."""
+    grads = {}
+    for sign in ("paper", "leave"):
+        task = task_for("boundary=gumbel", "boundary.loss_weight=0", "trainer.batch_size=16",
+                        f"boundary.pooling_grad={sign}")
+        task.model.train()
+        torch.manual_seed(0)
+        loss, _, _ = task.loss(next(iter(task.train_batches(0))))
+        loss.backward()
+        for tower in (task.model.visual, task.model.text):
+            assert tower.method.pooling_grad == sign
+            grad = tower.predictor.mlp[0].weight.grad
+            assert grad is not None and grad.abs().sum() > 0, type(tower).__name__
+        grads[sign] = (loss.item(), [t.predictor.mlp[0].weight.grad for t in (task.model.visual, task.model.text)])
+    assert grads["paper"][0] == pytest.approx(grads["leave"][0])
+    for paper, leave in zip(grads["paper"][1], grads["leave"][1]):
+        assert not torch.allclose(paper, leave)
 
 
 def test_gumbel_image_rate_follows_the_prior_after_short_training():

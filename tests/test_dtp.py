@@ -71,6 +71,30 @@ def test_gumbel_gradient_reaches_predictor_through_pooling():
     assert grad is not None and grad.abs().sum() > 0
 
 
+def test_pooling_grad_sign_against_actually_splitting_the_segment():
+    """boundary.pooling_grad: the values are the same either way; the derivative of a loss on a
+    segment's mean w.r.t. a boundary inside it has the sign of what inserting that boundary does
+    to the loss with `leave`, and the opposite sign with `paper` (the reference's estimator)."""
+    torch.manual_seed(0)
+    h, w = torch.randn(1, 6, 4), torch.randn(4)
+    closed = torch.tensor([[0.0, 0, 0, 0, 0, 1]])  # one segment of six tokens
+    loss_of = lambda b, grad="paper": (downsample(h, b, n_segments=6, grad=grad)[0][0, 0] @ w)  # noqa: E731
+    signs = {}
+    for grad in ("paper", "leave"):
+        b = closed.clone().requires_grad_(True)
+        loss = loss_of(b, grad)
+        loss.backward()
+        assert loss.item() == pytest.approx(loss_of(closed).item())
+        signs[grad] = b.grad[0, :5].sign()
+    for t in range(5):  # insert a boundary after token t: segment 0 keeps tokens 0..t
+        split = closed.clone()
+        split[0, t] = 1.0
+        actual = (loss_of(split) - loss_of(closed)).sign()
+        assert signs["leave"][t] == actual and signs["paper"][t] == -actual
+    with pytest.raises(ValueError, match="boundary.pooling_grad='up'"):
+        Gumbel(prior=0.25, pooling_grad="up")
+
+
 def test_gumbel_prior_loss_is_on_hard_boundaries():
     """Failure mode 1: the prior on SOFT boundaries pinned the achieved rate near 0.17."""
     method = Gumbel(prior=0.25)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastclip.models.dtp import POOLING_GRADS
+
 METHODS = ("none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram", "tome")
 
 
@@ -19,6 +21,7 @@ class BoundaryMethod(nn.Module):
     needs_predictor = False
     init_rate = None  # where the predictor starts (gumbel: at its prior)
     predictor_ratio = 4  # the predictor MLP's hidden width / model width (boundary.predictor_ratio)
+    pooling_grad = "paper"  # the straight-through estimator's sign in the pooling (gumbel's boundaries only carry one)
 
     def __init__(self, loss_weight: float = 1.0):
         super().__init__()
@@ -94,8 +97,11 @@ class Gumbel(BoundaryMethod):
     EVAL_RULES = ("threshold", "expected_count", "sample")
 
     def __init__(self, prior: float, temperature: float = 0.5, confidence: float = 0.0,
-                 eval_rule: str = "threshold", **kw):
+                 eval_rule: str = "threshold", pooling_grad: str = "paper", **kw):
         super().__init__(**kw)
+        if pooling_grad not in POOLING_GRADS:
+            raise ValueError(f"boundary.pooling_grad={pooling_grad!r}: expected one of {', '.join(POOLING_GRADS)}")
+        self.pooling_grad = pooling_grad
         if not 0.0 < prior < 1.0:
             raise ValueError(f"boundary.prior={prior}: expected a rate in (0, 1)")
         if eval_rule not in self.EVAL_RULES:
@@ -244,7 +250,8 @@ def _build(cfg, space_id: int | None, causal: bool) -> BoundaryMethod | None:
         if causal and rule == "expected_count":
             raise ValueError(f"boundary.eval_rule={rule} looks at the whole sequence; an autoregressive "
                              "model (task=lm) needs eval_rule=threshold or sample")
-        return Gumbel(cfg.prior, cfg.temperature, cfg.get("confidence", 0.0), rule, loss_weight=weight)
+        return Gumbel(cfg.prior, cfg.temperature, cfg.get("confidence", 0.0), rule,
+                      cfg.get("pooling_grad", "paper"), loss_weight=weight)
     if name == "entropy_spike":
         return EntropySpike(cfg.window, loss_weight=weight)
     if name == "unigram":

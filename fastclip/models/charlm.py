@@ -53,7 +53,7 @@ class HourglassLM(nn.Module):
             b = self.boundary.boundaries(logits, tokens)
             # Only closed segments are ever read; the open one at the end is dropped.
             n_closed = int(b.detach().sum(1).max().item())
-            pooled, _ = downsample(x, b, n_segments=max(n_closed, 1))
+            pooled, _ = downsample(x, b, n_segments=max(n_closed, 1), grad=self.boundary.pooling_grad)
             short = torch.cat([self.null_group.expand(B, 1, -1).to(x.dtype), pooled], dim=1)
             short = self._run(self.short, short)
             x = x + causal_upsample(short, b)

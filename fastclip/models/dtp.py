@@ -3,8 +3,16 @@
 Convention: boundaries b[B, T] in {0, 1}; b[t] = 1 means token t CLOSES its segment, so a
 token's segment id is the exclusive cumsum of b. Boundaries may carry a straight-through
 gradient (gumbel): the pooling weights are built so that their VALUES are exact 0/1 memberships
-while their DERIVATIVE w.r.t. the segment id is 1, which is how the task loss reaches the
-boundary predictor through the pooling. Never cast b to int/bool before pooling.
+while their DERIVATIVE w.r.t. the segment id is +1 (paper: the reference implementation's) or -1
+(leave), which is how the task loss reaches the boundary predictor through the pooling. Never
+cast b to int/bool before pooling.
+
+Why two signs (boundary.pooling_grad). A boundary inserted inside segment s raises the segment
+id of s's tail (and of every later token). Whole later segments cancel out of the segment-mean
+gradient either way (their tokens' deviations from their mean sum to 0), so what reaches b_t is
+s's tail. With +1, the tail counts as weighing MORE in s's mean: the linearised effect of
+splitting has the opposite sign to splitting's actual effect on s, which keeps only its head.
+With -1 (leave), the tail leaves s, as it does when the boundary is inserted.
 """
 import math
 
@@ -31,12 +39,16 @@ class BoundaryPredictor(nn.Module):
         return self.mlp(hidden).squeeze(-1)
 
 
-def _membership(index: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """[B, n_slots, T] with value 1 where index[b, t] == slot, else 0, and d/d index = 1 there."""
+POOLING_GRADS = ("paper", "leave")
+
+
+def _membership(index: torch.Tensor, n_slots: int, grad: str = "paper") -> torch.Tensor:
+    """[B, n_slots, T] with value 1 where index[b, t] == slot, else 0; there, d/d index = +1
+    (paper) or -1 (leave: a token whose index rises leaves its slot)."""
     slots = torch.arange(n_slots, device=index.device, dtype=index.dtype)
     diff = slots[None, :, None] - index[:, None, :]
     member = diff.detach() == 0
-    return torch.where(member, 1.0 - diff, torch.zeros_like(diff))
+    return torch.where(member, 1.0 + diff if grad == "leave" else 1.0 - diff, torch.zeros_like(diff))
 
 
 def segment_counts(boundaries: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,17 +69,18 @@ def segment_ids(b: torch.Tensor) -> torch.Tensor:
 
 
 def downsample(hidden: torch.Tensor, boundaries: torch.Tensor, token_mask: torch.Tensor | None = None,
-               n_segments: int | None = None):
+               n_segments: int | None = None, grad: str = "paper"):
     """Segment means. hidden [B, T, D], boundaries [B, T] -> (segments [B, S, D], segment_mask [B, S]).
 
     Rows with fewer segments are padded; segment_mask says which segments hold tokens. Padded
-    tokens (token_mask False) belong to no segment.
+    tokens (token_mask False) belong to no segment. grad: the straight-through estimator's sign
+    (module docstring); values do not depend on it.
     """
     b = boundaries.to(hidden.dtype) if boundaries.dtype == torch.bool else boundaries
     seg_id = segment_ids(b)
     if n_segments is None:
         n_segments = int(segment_counts(b, token_mask).max().item()) if b.numel() else 1
-    weights = _membership(seg_id, n_segments)      # [B, S, T]
+    weights = _membership(seg_id, n_segments, grad)      # [B, S, T]
     if token_mask is not None:
         weights = weights * token_mask[:, None, :].to(weights.dtype)
     counts = weights.sum(-1, keepdim=True)  # not detached: the mean's normaliser carries gradient too

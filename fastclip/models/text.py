@@ -93,7 +93,7 @@ class DTPTextTower(nn.Module):
         b = self.method.boundaries(logits, tokens, token_mask) * token_mask
         counts = segment_counts(b, token_mask)
         longest, total = torch.stack([counts.max(), counts.sum()]).tolist()  # the one host sync
-        pooled, seg_mask = downsample(x, b, token_mask=token_mask, n_segments=longest)
+        pooled, seg_mask = downsample(x, b, token_mask=token_mask, n_segments=longest, grad=self.method.pooling_grad)
         if self.layout == "packed":  # the shortened blocks on every caption's segments end to end
             rows = PackedRows.from_lengths(counts, longest, total)
             h = rows.pack(pooled)

@@ -200,7 +200,7 @@ class DTPImageTower(nn.Module):
         ONE sync fetches the longest row and the total, which size the tensors (each sync drains
         the GPU queue)."""
         longest, total = torch.stack([counts.max(), counts.sum()]).tolist()
-        pooled, seg_mask = downsample(patches, b, n_segments=longest)
+        pooled, seg_mask = downsample(patches, b, n_segments=longest, grad=self.method.pooling_grad)
         rows = PackedRows.from_lengths(counts + 1, 1 + longest, total + counts.shape[0])
         x = rows.pack(torch.cat([cls, pooled], dim=1))
         for block in self.vit.transformer.resblocks[self.pre_layers:]:
@@ -214,7 +214,7 @@ class DTPImageTower(nn.Module):
         """Shortened blocks on [class token, segments] padded to the longest row, in one batch or
         in segment-count buckets (image_buckets)."""
         groups, n_seg, by_count = self._buckets(counts, patches.shape[1])
-        pooled, seg_mask = downsample(patches, b, n_segments=n_seg)
+        pooled, seg_mask = downsample(patches, b, n_segments=n_seg, grad=self.method.pooling_grad)
         seq = torch.cat([cls, pooled], dim=1)
         if by_count is None:
             _, n, padded = groups[0]
