@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastclip.models.dtp import POOLING_GRADS
+from fastclip.models.dtp import POOLING_GRAD_SIGN
 
 METHODS = ("none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram", "tome")
 
@@ -99,8 +99,8 @@ class Gumbel(BoundaryMethod):
     def __init__(self, prior: float, temperature: float = 0.5, confidence: float = 0.0,
                  eval_rule: str = "threshold", pooling_grad: str = "paper", **kw):
         super().__init__(**kw)
-        if pooling_grad not in POOLING_GRADS:
-            raise ValueError(f"boundary.pooling_grad={pooling_grad!r}: expected one of {', '.join(POOLING_GRADS)}")
+        if pooling_grad not in POOLING_GRAD_SIGN:
+            raise ValueError(f"boundary.pooling_grad={pooling_grad!r}: expected one of {', '.join(POOLING_GRAD_SIGN)}")
         self.pooling_grad = pooling_grad
         if not 0.0 < prior < 1.0:
             raise ValueError(f"boundary.prior={prior}: expected a rate in (0, 1)")

@@ -39,16 +39,18 @@ class BoundaryPredictor(nn.Module):
         return self.mlp(hidden).squeeze(-1)
 
 
-POOLING_GRADS = ("paper", "leave")
+# boundary.pooling_grad -> d membership / d segment id at the member slot (module docstring)
+POOLING_GRAD_SIGN = {"paper": 1.0, "leave": -1.0}
 
 
 def _membership(index: torch.Tensor, n_slots: int, grad: str = "paper") -> torch.Tensor:
     """[B, n_slots, T] with value 1 where index[b, t] == slot, else 0; there, d/d index = +1
     (paper) or -1 (leave: a token whose index rises leaves its slot)."""
+    sign = POOLING_GRAD_SIGN[grad]  # an unknown name fails here rather than pooling as paper
     slots = torch.arange(n_slots, device=index.device, dtype=index.dtype)
     diff = slots[None, :, None] - index[:, None, :]
     member = diff.detach() == 0
-    return torch.where(member, 1.0 + diff if grad == "leave" else 1.0 - diff, torch.zeros_like(diff))
+    return torch.where(member, 1.0 - sign * diff, torch.zeros_like(diff))
 
 
 def segment_counts(boundaries: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
