@@ -23,12 +23,13 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def make_csv(root: Path, per_colour: int = 6, captions_per_image: int = 2) -> Path:
-    """root/images/*.jpg + root/captions.csv (image,caption; several rows per image)."""
+def make_csv(root: Path, per_colour: int = 6, captions_per_image: int = 2, first: int = 0) -> Path:
+    """root/images/*.jpg + root/captions.csv (image,caption; several rows per image); images
+    number `first` on (another `first` gives other images: a held-out set)."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = ["image,caption"]
     for name in COLOURS:
-        for i in range(per_colour):
+        for i in range(first, first + per_colour):
             file = f"{name}_{i}.jpg"
             colour_image(name, i).save(root / "images" / file)
             rows += [f"{file},a {name} square number {k}" for k in range(captions_per_image)]
@@ -70,3 +71,28 @@ def write_shard(path: Path, samples: list[dict]) -> None:
         for s in samples:
             writer.write(s)
         writer.close()
+
+
+def make_karpathy(coco_root: Path, path: Path) -> Path:
+    """Karpathy's dataset_coco.json for the images make_coco wrote. As in the real file, every
+    train2014 image is "train" and val2014 ones are "restval", "val" or "test" (here in turn);
+    sentences[].raw are the COCO captions + " (karpathy)", so a test can tell where they came from."""
+    images = []
+    for folder, splits in (("train2014", ("train",)), ("val2014", ("restval", "val", "test"))):
+        data = json.loads((coco_root / "annotations" / f"captions_{folder}.json").read_text())
+        for i, im in enumerate(sorted(data["images"], key=lambda im: im["id"])):
+            raws = [a["caption"] + " (karpathy)" for a in data["annotations"] if a["image_id"] == im["id"]]
+            images.append({"filepath": folder, "filename": im["file_name"], "imgid": len(images), "cocoid": im["id"],
+                           "split": splits[i % len(splits)], "sentids": [],
+                           "sentences": [{"raw": r, "tokens": r.lower().split(), "imgid": len(images), "sentid": 0}
+                                         for r in raws]})
+    path.write_text(json.dumps({"dataset": "coco", "images": images}))
+    return path
+
+
+def grey16_png(path: Path, value: int, size: int = 12) -> Path:
+    """A uniform 16-bit greyscale PNG (Pillow reads it back as mode I;16) of `value` in 0..65535."""
+    import numpy as np
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, dtype=np.uint16)).save(path)
+    return path

@@ -1,6 +1,7 @@
 """Image-text datasets built from labelled images: class captions drawn from templates for
 training, (image, label) pairs for zero-shot evaluation, and a deterministic stratified split."""
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,11 +34,28 @@ class CaptionedImages(Dataset):
     """(image, tokens) pairs; the caption template is drawn from (seed, epoch, index), so a
     resumed run sees the same captions as an uninterrupted one."""
 
-    def __init__(self, images: list[Image.Image], labels: np.ndarray, caption_tokens: torch.Tensor, transform):
+    def __init__(self, images: list[Image.Image], labels: np.ndarray, caption_tokens: torch.Tensor, transform,
+                 files: list | None = None):
         self.images, self.labels = images, labels
         self.caption_tokens = caption_tokens  # [num_classes, num_templates, context]
         self.transform = transform
+        self.files = files  # where each image came from (None: generated, as digits)
         self.seed, self.epoch = 0, 0
+
+    def exclude_eval(self, overlap) -> int:
+        """Leaves out the images that are evaluation images too (data.overlap) -> how many."""
+        if not self.files:
+            return 0
+        keep = []
+        for i, f in enumerate(self.files):
+            if overlap.has_path(f) or overlap.has_bytes(Path(f).read_bytes()):
+                overlap.found(str(f))  # fails (eval.overlap=fail), or warns and it is left out
+            else:
+                keep.append(i)
+        dropped = len(self.images) - len(keep)
+        self.images, self.labels = [self.images[i] for i in keep], self.labels[keep]
+        self.files = [self.files[i] for i in keep]
+        return dropped
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         self.seed, self.epoch = seed, epoch
@@ -51,14 +69,27 @@ class CaptionedImages(Dataset):
 
 
 class LabelledImages(Dataset):
-    def __init__(self, images: list[Image.Image], labels: np.ndarray, transform):
+    def __init__(self, images: list[Image.Image], labels: np.ndarray, transform, files: list | None = None):
         self.images, self.labels, self.transform = images, labels, transform
+        self.files = files  # where each image came from (None: generated)
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
         return self.transform(self.images[i]), int(self.labels[i])
+
+
+def check_unseen_templates(train_templates, eval_templates) -> None:
+    """Zero-shot evaluation must use templates training never saw: ValueError naming both keys and
+    the shared templates. Compared as the tokenizer sees them (lower case, whitespace collapsed)."""
+    def norm(t: str) -> str:
+        return " ".join(str(t).lower().split())
+    seen = {norm(t) for t in train_templates}
+    shared = [t for t in eval_templates if norm(t) in seen]
+    if shared:
+        raise ValueError(f"dataset.train_templates and dataset.eval_templates share {shared}: zero-shot evaluation "
+                         f"must use templates training never saw")
 
 
 def caption_table(classnames, templates, tokenizer) -> torch.Tensor:

@@ -8,7 +8,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
 
-from fastclip.data.captioned import CaptionedImages, LabelledImages, ZeroShotSet, caption_table, split_indices
+from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSet, caption_table,
+                                     check_unseen_templates, split_indices)
 
 
 def _to_pil(digit: np.ndarray) -> Image.Image:
@@ -17,6 +18,7 @@ def _to_pil(digit: np.ndarray) -> Image.Image:
 
 
 def build_digits(cfg, preprocess_train, preprocess_eval, tokenizer) -> tuple[Dataset, ZeroShotSet]:
+    check_unseen_templates(cfg.train_templates, cfg.eval_templates)
     digits = load_digits()
     images = [_to_pil(d) for d in digits.images]
     labels = digits.target

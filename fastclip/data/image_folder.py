@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastclip.data.captioned import CaptionedImages, LabelledImages, ZeroShotSet, caption_table, split_indices
+from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSet, caption_table,
+                                     check_unseen_templates, split_indices)
 from fastclip.data.pairs import open_rgb
+from fastclip.data.textfile import decode_utf8
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -48,7 +50,8 @@ def folder_classnames(cfg, classes: list[str] | None = None) -> list[str]:
     path = Path(cfg.classnames)
     if not path.is_file():
         raise FileNotFoundError(f"dataset.classnames={str(path)!r}: no such file")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    text = decode_utf8(path.read_bytes(), f"dataset.classnames={str(path)!r}")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != len(classes):
         raise ValueError(f"dataset.classnames={str(path)!r} has {len(names)} names; dataset.path has "
                          f"{len(classes)} class folders")
@@ -56,22 +59,24 @@ def folder_classnames(cfg, classes: list[str] | None = None) -> list[str]:
 
 
 def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer):
+    check_unseen_templates(cfg.train_templates, cfg.eval_templates)
     files, labels, classes = scan(cfg.path)
     classnames = folder_classnames(cfg, classes)
     images, ok = load_images(files)
-    labels = labels[ok]
-    skipped = len(files) - len(ok)
+    undecodable = len(files) - len(ok)  # counted in data/skipped (the held-out folder's too)
+    files, labels = [files[i] for i in ok], labels[ok]
     if cfg.eval_path:
         eval_files, eval_labels, _ = scan(cfg.eval_path)
         eval_images, eval_ok = load_images(eval_files)
-        train_images, train_labels, held_images, held_labels = images, labels, eval_images, eval_labels[eval_ok]
-        skipped += len(eval_files) - len(eval_ok)
+        undecodable += len(eval_files) - len(eval_ok)
+        train_images, train_labels, train_files = images, labels, files
+        held_images, held_labels, held_files = eval_images, eval_labels[eval_ok], [eval_files[i] for i in eval_ok]
     else:
         train_idx, held_idx = split_indices(labels, cfg.holdout_fraction, cfg.split_seed)
-        train_images, train_labels = [images[i] for i in train_idx], labels[train_idx]
-        held_images, held_labels = [images[i] for i in held_idx], labels[held_idx]
+        train_images, train_labels, train_files = [images[i] for i in train_idx], labels[train_idx], [files[i] for i in train_idx]
+        held_images, held_labels, held_files = [images[i] for i in held_idx], labels[held_idx], [files[i] for i in held_idx]
     tokens = caption_table(classnames, cfg.train_templates, tokenizer)
-    train = CaptionedImages(train_images, train_labels, tokens, preprocess_train)
-    train.skipped = skipped
-    held = LabelledImages(held_images, held_labels, preprocess_eval)
+    train = CaptionedImages(train_images, train_labels, tokens, preprocess_train, files=train_files)
+    train.skipped = {"undecodable image": undecodable} if undecodable else {}
+    held = LabelledImages(held_images, held_labels, preprocess_eval, files=held_files)
     return train, ZeroShotSet(held, classnames, list(cfg.eval_templates))

@@ -4,17 +4,24 @@ full-size JPEG costs as much as a tiny CPU model step, so training should never 
     python -m fastclip.data.make_shards --source csv --path captions.csv --out shards/ [--image-size 64]
     python -m fastclip.data.make_shards --source coco --path /data/coco --split train2014 --out shards/
     python -m fastclip.data.make_shards --source folder --path /data/cifar10 --out shards/ [--template "a photo of a {}"]
+    python -m fastclip.data.make_shards --source csv --path captions.csv --out shards/ --eval-fraction 0.1
 
 Output: <out>/<prefix>-000000.tar ... in img2dataset's layout (key.jpg + key.txt + key.json) and
 <out>/sizes.json (samples per shard). One sample per (image, caption) pair; the shorter image side
 is resized to --image-size (aspect kept), re-encoded as JPEG. Deterministic: records in a fixed
 order, keys numbered in that order, fixed tar mtime. Bad records (missing file, undecodable image,
-empty caption) are skipped and summarised at the end.
+empty caption; a CSV row that is not UTF-8 or has the wrong field count) are skipped and summarised
+at the end by reason.
+
+--eval-fraction F holds out that share of the source IMAGES (all captions of an image on one side,
+drawn with --split-seed) into <out>/eval/ (its own sizes.json), for dataset.eval_shards. The last
+line printed holds the overrides to paste, quoted for bash and Hydra.
 """
 import argparse
 import io
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -22,27 +29,47 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from fastclip.data.coco import read_coco
-from fastclip.data.csv_pairs import read_pairs
+from fastclip.data.coco import load_coco
+from fastclip.data.csv_pairs import load_pairs
 from fastclip.data.image_folder import scan
-from fastclip.data.pairs import clean_caption, open_rgb
+from fastclip.data.pairs import clean_caption, open_rgb, split_images
 
 log = logging.getLogger("fastclip.make_shards")
 
 
-def records_of(args) -> list[tuple[str, str, dict]]:
-    """(image path, caption, metadata) in a deterministic order."""
+def records_of(args) -> tuple[list[tuple[str, str, dict]], Counter]:
+    """([(image path, caption, metadata)] in a deterministic order, rows skipped while reading by reason)."""
     if args.source == "csv":
-        rows = read_pairs(args.path, args.image_root, args.image_column, args.caption_column, args.separator)
-        return [(im, cap, {}) for im, cap in rows]
+        rows, skipped = load_pairs(args.path, args.image_root, args.image_column, args.caption_column, args.separator)
+        return [(im, cap, {}) for im, cap in rows], skipped
     if args.source == "coco":
-        groups = read_coco(Path(args.path), args.split)
-        return [(im, cap, {}) for im in sorted(groups) for cap in (groups[im] or [""])]
+        groups, skipped = load_coco(Path(args.path), args.split)
+        return [(im, cap, {}) for im in sorted(groups) for cap in (groups[im] or [""])], skipped
     if args.source == "folder":
         files, labels, classes = scan(args.path)
         return [(str(f), args.template.format(classes[c].replace("_", " ")), {"label": int(c), "class": classes[c]})
-                for f, c in zip(files, labels)]
+                for f, c in zip(files, labels)], Counter()
     raise ValueError(f"--source {args.source!r}: expected csv, coco or folder")
+
+
+def split_records(records: list, eval_fraction: float, split_seed: int) -> tuple[list, list]:
+    """(training, held-out) records, split BY SOURCE IMAGE: all captions of an image on one side."""
+    images = list(dict.fromkeys(r[0] for r in records))
+    held = split_images(images, eval_fraction, split_seed)[1]
+    return [r for r in records if r[0] not in held], [r for r in records if r[0] in held]
+
+
+def shard_pattern(out: Path, prefix: str, shards: int) -> str:
+    """The brace pattern of the `shards` shards convert wrote to `out` (absolute)."""
+    return str(out.resolve() / f"{prefix}-{{000000..{shards - 1:06d}}}.tar")
+
+
+def pasteable_override(key: str, value: str) -> str:
+    """`key='value'` that survives a paste into bash (outer double quotes, which bash strips) AND
+    Hydra's parser (inner single quotes: a brace pattern is Hydra syntax unquoted)."""
+    # Hydra: \' is a quote inside the quoted value; backslashes before a quote or the end double
+    hydra = "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", f"{key}={hydra}") + '"'
 
 
 def resized_jpeg(image: Image.Image, size: int, quality: int) -> bytes:
@@ -119,12 +146,34 @@ def main(argv=None):
     ap.add_argument("--caption-column", default="caption")
     ap.add_argument("--separator", default=",")
     ap.add_argument("--template", default="a photo of a {}.", help="folder: caption template for the class name")
+    ap.add_argument("--eval-fraction", type=float, default=0.0,
+                    help="share of the source images held out into <out>/eval/ (0: none)")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the --eval-fraction split")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.eval_fraction < 1.0:
+        ap.error(f"--eval-fraction {args.eval_fraction}: expected a value in [0, 1)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    summary = convert(records_of(args), Path(args.out), args.prefix, args.shard_size, args.image_size, args.quality)
-    skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary["skipped"].items())) or "none"
-    print(f"wrote {summary['written']} samples in {summary['shards']} shards to {args.out}; skipped: {skipped}")
+    records, read_skipped = records_of(args)
+    train, held = split_records(records, args.eval_fraction, args.split_seed)
+    out = Path(args.out)
+    shape = dict(prefix=args.prefix, shard_size=args.shard_size, image_size=args.image_size, quality=args.quality)
+    summary = convert(train, out, **shape)
+    summary["skipped"] = dict(Counter(summary["skipped"]) + read_skipped)  # rows the reader dropped count too
+    written = {"dataset.train_shards": (out, summary)}
+    if args.eval_fraction > 0:
+        summary["eval"] = convert(held, out / "eval", **shape)
+        written["dataset.eval_shards"] = (out / "eval", summary["eval"])
+    for folder, part in written.values():
+        report(part, folder)
+    summary["overrides"] = [pasteable_override(key, shard_pattern(folder, args.prefix, part["shards"]))
+                            for key, (folder, part) in written.items() if part["shards"]]
+    print("overrides: " + " ".join(summary["overrides"]))
     return summary
+
+
+def report(summary: dict, out: Path) -> None:
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary["skipped"].items())) or "none"
+    print(f"wrote {summary['written']} samples in {summary['shards']} shards to {out}; skipped: {skipped}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 a collate that counts the skips (they travel with the batch, out of loader workers, into the
 `data/skipped` metric), and the held-out retrieval set (several captions per image).
 
-A bad sample (undecodable image, empty caption, missing file) becomes None in the worker;
-the collate drops it. A batch can therefore be smaller than trainer.batch_size.
+A bad sample (undecodable image, empty caption, missing file) becomes a Skip(reason) in the
+worker; the collate drops it and counts it by reason. A batch can therefore be smaller than trainer.batch_size.
 """
 import io
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +19,34 @@ from torch.utils.data import DataLoader, Dataset
 log = logging.getLogger(__name__)
 
 
+# Greyscale modes holding 16-bit values: 0..65535 maps to 0..255 (value / 257). Pillow opens a
+# 16-bit PNG / TIFF as I;16*, and a 16-bit PGM / PPM (any maxval) as "I" already scaled to 0..65535.
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+SIXTEEN_BIT_I_FORMATS = {"PNG", "PPM"}
+
+
 def open_rgb(source: str | Path | bytes, what: str) -> Image.Image | None:
-    """A decoded RGB image, or None (logged with `what` and the reason) when it cannot be read."""
+    """A decoded 8-bit RGB image, or None (logged with `what` and the reason) when it cannot be
+    read or its mode has no defined value range (32-bit integer "I" from TIFF etc., float "F")."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            if im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and im.format in SIXTEEN_BIT_I_FORMATS):
+                return sixteen_to_eight_bits(im).convert("RGB")
+            if im.mode in ("I", "F"):
+                log.warning("skipping %s: image mode %r (%s) has no defined value range; convert it to "
+                            "8 or 16 bits per channel", what, im.mode, im.format)
+                return None
             return im.convert("RGB")  # forces the full decode: truncated files fail here
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
         log.warning("skipping %s: undecodable image (%s: %s)", what, type(exc).__name__, exc)
         return None
+
+
+def sixteen_to_eight_bits(im: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (values 0..65535) as mode L, value / 257 rounded; convert("L")
+    would clip every value above 255 instead. Forces the decode."""
+    values = np.asarray(im, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def clean_caption(caption, what: str) -> str | None:
@@ -36,11 +57,18 @@ def clean_caption(caption, what: str) -> str | None:
     return text
 
 
+@dataclass(frozen=True)
+class Skip:
+    """What a dataset yields for a sample it leaves out: the reason, counted per reason in
+    data/skipped (a bare None counts as "bad sample")."""
+    reason: str
+
+
 @dataclass
 class Batch:
     images: torch.Tensor | None
     tokens: torch.Tensor | None
-    skipped: int
+    skipped: dict[str, int]           # reason -> samples of this batch left out
 
     def __iter__(self):  # `images, texts = batch`, as open_clip_train.train_one_epoch unpacks it (bench/overhead)
         return iter((self.images, self.tokens))
@@ -53,10 +81,12 @@ class Batch:
 
 
 def collate_skipping(samples: list) -> Batch:
-    kept = [s for s in samples if s is not None]
+    kept = [s for s in samples if s is not None and not isinstance(s, Skip)]
+    skipped = Counter(s.reason if isinstance(s, Skip) else "bad sample" for s in samples
+                      if s is None or isinstance(s, Skip))
     if not kept:
-        return Batch(None, None, len(samples))
-    return Batch(torch.stack([s[0] for s in kept]), torch.stack([s[1] for s in kept]), len(samples) - len(kept))
+        return Batch(None, None, dict(skipped))
+    return Batch(torch.stack([s[0] for s in kept]), torch.stack([s[1] for s in kept]), dict(skipped))
 
 
 class PairDataset(Dataset):
@@ -64,21 +94,37 @@ class PairDataset(Dataset):
 
     def __init__(self, records: list[tuple[str, str]], transform, tokenizer):
         self.records, self.transform, self.tokenizer = records, transform, tokenizer
+        self.overlap = None  # evaluation images' fingerprints (data.overlap), once exclude_eval has run
 
     def __len__(self):
         return len(self.records)
+
+    def exclude_eval(self, overlap) -> int:
+        """Leaves out the records whose image file is an evaluation image (by path now, by content
+        as they are read) -> how many were left out now."""
+        keep = []
+        for record in self.records:
+            if overlap.has_path(record[0]):
+                overlap.found(record[0])  # fails (eval.overlap=fail), or warns and it is left out
+            else:
+                keep.append(record)
+        dropped, self.records, self.overlap = len(self.records) - len(keep), keep, overlap
+        return dropped
 
     def __getitem__(self, i):
         path, caption = self.records[i]
         caption = clean_caption(caption, path)
         if caption is None:
-            return None
+            return Skip("empty caption")
         if not Path(path).is_file():
             log.warning("skipping %s: missing file", path)
-            return None
-        image = open_rgb(path, path)
+            return Skip("missing file")
+        data = Path(path).read_bytes()
+        if self.overlap and self.overlap.has_bytes(data):
+            return self.overlap.found(path)
+        image = open_rgb(data, path)
         if image is None:
-            return None
+            return Skip("undecodable image")
         return self.transform(image), self.tokenizer([caption])[0]
 
 
@@ -127,6 +173,28 @@ class DecodedBatches:
 class RetrievalSet:
     images: Dataset               # ImageFiles (or any dataset of (tensor, index))
     captions: list[list[str]]     # captions[i] belong to image i
+    skipped: int = 0              # rows of its caption file skipped while reading (bad encoding, field count)
+    description: str = ""         # which split the numbers come from: "coco2014 karpathy test split (5000 images)"
+
+
+def require_usable(images: Dataset, what: str) -> None:
+    """Before training: an evaluation set whose files all exist (missing ones are named and
+    counted) and at least one of whose images decodes; else ValueError naming `what`. Decodes
+    images in order until one works (usually the first)."""
+    if len(images) == 0:
+        raise ValueError(f"{what}: no image to evaluate on")
+    files = getattr(images, "files", None)
+    if files is not None and not isinstance(files[0], bytes):
+        missing = [f for f in files if not Path(f).is_file()]
+        if len(missing) == len(files):
+            raise ValueError(f"{what}: none of its {len(files)} image files exists (first: {missing[0]})")
+        if missing:
+            log.warning("%s: %d of %d image files do not exist (first: %s); evaluation leaves them out and "
+                        "counts them", what, len(missing), len(files), missing[0])
+    for i in range(len(images)):
+        if images[i] is not None:
+            return
+    raise ValueError(f"{what}: none of its {len(images)} images could be decoded (the warnings above say why)")
 
 
 def group_captions(records: list[tuple[str, str]]) -> dict[str, list[str]]:

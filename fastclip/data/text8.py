@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastclip.data.textfile import decode_utf8
+
 ALPHABET = " abcdefghijklmnopqrstuvwxyz"
 SPACE_ID = 0
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -44,7 +46,7 @@ def load_text(path: str | None, clean: bool = False) -> tuple[str, str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"dataset.path={str(path)!r}: no such file")
-    text = p.read_text(encoding="utf-8")
+    text = decode_utf8(p.read_bytes(), f"dataset.path={str(p)!r}")  # not UTF-8: names the byte offset
     text = text[:-1] if text.endswith("\n") else text
     if clean:
         text = clean_to_text8(text)
