@@ -31,8 +31,13 @@ def test_every_boundary_option_trains_and_evaluates_with_clip(boundary, tmp_path
     for key in ("zeroshot/top1", "efficiency/image_gflops", "efficiency/text_gflops",
                 "efficiency/compression_image", "efficiency/compression_text"):
         assert key in metrics, key
-    if boundary in ("fixed", "gumbel", "entropy_spike", "tome"):
-        assert metrics["efficiency/compression_image"] > 1.0 or boundary == "gumbel"
+    if boundary in ("fixed", "entropy_spike", "tome"):
+        assert metrics["efficiency/compression_image"] > 1.0
+    if boundary == "gumbel":
+        # untrained, p ~= prior 0.2 on each of the 16 patches: expected_count keeps round(sum p) = 3 or 4
+        # boundaries per image (the spread is the predictor's init), i.e. 3 to 5 segments (a boundary on
+        # the last patch adds none): 16/5 .. 16/3 (threshold would give one segment: 16)
+        assert 16 / 5 <= metrics["efficiency/compression_image"] <= 16 / 3
     if boundary in ("none", "tome"):
         assert metrics["efficiency/compression_text"] == 1.0
 
@@ -146,7 +151,7 @@ def test_bench_gpu_attributes_each_host_sync_to_the_line_that_made_it(monkeypatc
         return real(self)
     monkeypatch.setattr(torch.Tensor, "tolist", warning_tolist)
     sites = gpu.host_syncs_per_step(lambda: tower(torch.randn(2, 3, 32, 32)))
-    line = next(n for n, text in enumerate(inspect.getsource(vision).splitlines(), 1) if "longest, total = " in text)
+    line = next(n for n, text in enumerate(inspect.getsource(vision).splitlines(), 1) if "longest, total, finite = " in text)
     assert dict(sites) == {f"vision.py:{line}": 1}
 
 

@@ -111,7 +111,9 @@ def test_gumbel_prior_loss_is_on_hard_boundaries():
 
 
 def test_gumbel_is_deterministic_at_eval_and_finite_in_fp16():
-    """Failure mode 6: fp16 NaNs in the relaxed Bernoulli."""
+    """Failure mode 6: fp16 NaNs in the relaxed Bernoulli. The sample runs in fp32 whatever the
+    logits' dtype: in fp16 the uniform draw is clamped at fp16's eps (1e-3), which cuts the
+    logistic noise off at |6.9|, so a logit beyond that would never (or always) close a segment."""
     method = Gumbel(prior=0.2)
     logits = torch.tensor([[-70000.0, -3.0, 0.5, 3.0, 65000.0]]).half()
     method.eval()
@@ -121,6 +123,11 @@ def test_gumbel_is_deterministic_at_eval_and_finite_in_fp16():
         b = method.boundaries(logits, None)
         assert torch.isfinite(b).all()
         assert b[0, 0] == 0 and b[0, -1] == 1
+    torch.manual_seed(0)
+    for logit in (-8.0, 8.0):  # Bernoulli(sigmoid(logit)): 1e6 draws, ~335 of the rare outcome (sd 18)
+        rate = method.boundaries(torch.full((1, 1_000_000), logit).half(), None).mean().item()
+        want = torch.sigmoid(torch.tensor(logit)).item()
+        assert abs(rate - want) <= 0.2 * min(want, 1 - want), (logit, rate, want)
 
 
 def test_expected_count_keeps_the_most_likely_boundaries_at_the_sampled_rate():

@@ -17,9 +17,34 @@ def _unnormalise(image: torch.Tensor) -> np.ndarray:
     return (image.cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def caption_with_breaks(text: str, boundaries) -> str:
-    """'|' after every character that closes a segment."""
-    return "".join(ch + ("|" if b > 0.5 else "") for ch, b in zip(text, boundaries))
+def _characters(data: bytes):
+    """(begin, end, text) of each UTF-8 character of data; a byte that starts no whole valid
+    character (a caption cut mid-character by the context length) is a span of its own, text None."""
+    i = 0
+    while i < len(data):
+        lead = data[i]
+        width = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        try:
+            text = data[i:i + width].decode("utf-8")
+        except UnicodeDecodeError:
+            width, text = 1, None
+        yield i, i + width, text
+        i += width
+
+
+def caption_with_breaks(data: bytes, boundaries) -> str:
+    """A DTP text tower's segmentation of a caption's BYTES (its tokens), shown as text: '|' after a
+    character whose last byte closes a segment. A character with a boundary between its bytes, or
+    one cut by the context length, is shown as its bytes' \\xNN escapes, with the '|' where it falls.
+    boundaries: one per byte (more are ignored: padding)."""
+    closes = [float(b) > 0.5 for b in boundaries[:len(data)]]
+    out = []
+    for begin, end, text in _characters(data):
+        if text is None or any(closes[begin:end - 1]):
+            out.extend(f"\\x{byte:02x}" + ("|" if closes[j] else "") for j, byte in enumerate(data[begin:end], begin))
+        else:
+            out.append(text + ("|" if closes[end - 1] else ""))
+    return "".join(out)
 
 
 def segment_grid(boundaries: torch.Tensor, rows: int, cols: int, scan: torch.Tensor | None = None) -> np.ndarray:
@@ -51,9 +76,9 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
                       extent=(0, image.shape[-1], image.shape[-2], 0))
             ax.set_title(f"{seg.size} -> {int(image_info['segments'][i])}", fontsize=8)
         ax.axis("off")
-        tb = text_info.get("boundaries")
-        text = decode(tokens[i])
-        label = caption_with_breaks(text, tb[i].tolist()) if tb is not None else text
+        tb = text_info.get("boundaries")  # DTP text towers: per byte, so the label comes from the bytes
+        label = (caption_with_breaks(model.text.tokenizer.to_bytes(tokens[i].tolist()), tb[i].tolist())
+                 if tb is not None else decode(tokens[i]))
         axes[1, i].text(0, 0.5, "\n".join(label[j:j + 18] for j in range(0, len(label), 18)), fontsize=7,
                         family="monospace", va="center")
         axes[1, i].axis("off")

@@ -113,7 +113,9 @@ class Gumbel(BoundaryMethod):
         self.init_rate = prior
 
     def boundaries(self, logits, tokens, token_mask=None):
-        logits = logits.float()  # fp16 logits overflow in the relaxed sample (the seed's NaNs)
+        # fp32 whatever the logits' dtype (the seed's fp16 NaNs came from this sample); in fp16 the eps clamp
+        # of the uniform draw (1e-3) cuts the noise off at |6.9|: a logit beyond that would never flip
+        logits = logits.float()
         if not self.training:
             if self.eval_rule == "expected_count":
                 return expected_count_boundaries(logits, token_mask)
@@ -130,6 +132,9 @@ class Gumbel(BoundaryMethod):
         return hard - soft.detach() + soft
 
     def aux_loss(self, logits, hard, targets=None, token_mask=None):
+        """-log Binomial(n, prior).prob(hard count) / n per row (n: the row's valid tokens), averaged
+        over the rows that have tokens (an empty caption has no count to hold; none: 0), plus the
+        confidence term. No host sync."""
         hard = hard.float()
         if token_mask is None:
             n = torch.full((hard.shape[0],), hard.shape[1], device=hard.device, dtype=torch.float32)
@@ -139,7 +144,9 @@ class Gumbel(BoundaryMethod):
             n, count = m.sum(1), (hard * m).sum(1)
         prior = torch.distributions.Binomial(total_count=n, probs=torch.full_like(n, self.prior),
                                              validate_args=False)
-        loss = (-prior.log_prob(count) / n).mean()
+        nonempty = (n > 0).float()
+        per_row = -prior.log_prob(count) / n.clamp_min(1)  # clamped: 0 / 0 would be NaN, and NaN * 0 too
+        loss = (per_row * nonempty).sum() / nonempty.sum().clamp_min(1)
         if self.confidence > 0:
             logits = logits.float()
             p = logits.sigmoid()

@@ -8,7 +8,8 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from fastclip.models.dtp import BoundaryPredictor, causal_upsample, downsample, segment_counts
+from fastclip.models.dtp import (BoundaryPredictor, causal_upsample, check_finite, downsample, finite_flag,
+                                 segment_counts)
 
 
 def causal_mask(n: int, device) -> torch.Tensor:
@@ -51,8 +52,10 @@ class HourglassLM(nn.Module):
         else:
             logits = self.predictor(x) if self.predictor is not None else None
             b = self.boundary.boundaries(logits, tokens)
-            # Only closed segments are ever read; the open one at the end is dropped.
-            n_closed = int(b.detach().sum(1).max().item())
+            # Only closed segments are ever read; the open one at the end is dropped. One host sync.
+            closed = b.detach().sum(1).max().long()
+            n_closed, finite = torch.stack([closed, finite_flag(logits, closed)]).tolist()
+            check_finite(finite, "DTP char LM")
             pooled, _ = downsample(x, b, n_segments=max(n_closed, 1), grad=self.boundary.pooling_grad)
             short = torch.cat([self.null_group.expand(B, 1, -1).to(x.dtype), pooled], dim=1)
             short = self._run(self.short, short)

@@ -39,6 +39,27 @@ class BoundaryPredictor(nn.Module):
         return self.mlp(hidden).squeeze(-1)
 
 
+class NonFiniteBoundaries(FloatingPointError):
+    """A DTP tower's boundary predictor gave a non-finite logit (its weights have diverged).
+    Raised from the tower's one host sync, before a garbage segment count sizes any tensor; the
+    training loop reports it as TrainingDiverged, naming the step."""
+
+
+def finite_flag(logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """0-dim tensor of like's dtype and device: 1 if every logit is finite (or there are no logits:
+    a rule without a predictor), else 0. Stacked into a tower's size transfer, so the check
+    adds no host sync of its own; the host side is check_finite."""
+    if logits is None:
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    return torch.isfinite(logits.detach()).all().to(like.dtype)
+
+
+def check_finite(flag: int, tower: str) -> None:
+    """The host side of finite_flag. Raises NonFiniteBoundaries naming the tower."""
+    if not flag:
+        raise NonFiniteBoundaries(f"{tower}: the boundary predictor's logits are not finite (the weights have diverged)")
+
+
 # boundary.pooling_grad -> d membership / d segment id at the member slot (module docstring)
 POOLING_GRAD_SIGN = {"paper": 1.0, "leave": -1.0}
 

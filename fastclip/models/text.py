@@ -1,14 +1,18 @@
 """Text towers: open_clip's BPE TextTransformer for vanilla runs, and a tokenizer-free
 (character-level) DTP tower: causal pre-layers -> boundary predictor -> segment means ->
 bidirectional shortened layers over valid segments -> mean -> projection."""
+import codecs
+
 import numpy as np
 import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
+from fastclip.data.unigram import piece_end_bytes
 from fastclip.models.boundaries import EntropySpike, Unigram
 from fastclip.models.charlm import causal_mask
-from fastclip.models.dtp import BoundaryPredictor, downsample, mean_of_valid, padding_attn_mask, segment_counts
+from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, finite_flag, mean_of_valid,
+                                 padding_attn_mask, segment_counts)
 from fastclip.models.packed import PackedRows, packed_block
 
 
@@ -30,8 +34,17 @@ class CharTokenizer:
             out[row, :len(ids)] = torch.from_numpy(ids.astype(np.int64) + 1)
         return out
 
+    def to_bytes(self, ids) -> bytes:
+        """The caption's bytes (padding dropped): token t is byte t."""
+        return bytes(int(i) - 1 for i in ids if int(i) != self.pad_id)
+
     def decode(self, ids) -> str:
-        return bytes(int(i) - 1 for i in ids if int(i) != self.pad_id).decode("utf-8", errors="replace")
+        return self.to_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_prefix(self, ids) -> str:
+        """The text of the longest whole-character prefix of the bytes: a caption cut mid-character
+        by context_length loses that character's leading bytes, and nothing before them moves."""
+        return codecs.getincrementaldecoder("utf-8")().decode(self.to_bytes(ids))
 
 
 class VanillaTextTower(nn.Module):
@@ -72,14 +85,12 @@ class DTPTextTower(nn.Module):
         self.proj = nn.Parameter(torch.randn(width, embed_dim) * width ** -0.5)
 
     def unigram_targets(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Piece ends of each caption under the unigram model (computed on the fly, no gradient)."""
+        """[B, L] float: 1 on the last byte of every unigram piece of each caption (tokens are bytes;
+        computed on the fly, no gradient). The bytes of a character cut by context_length get none."""
+        texts = [self.tokenizer.decode_prefix(ids) for ids in tokens.tolist()]
         out = torch.zeros(tokens.shape, dtype=torch.float32)
-        for row, ids in enumerate(tokens.tolist()):
-            pos = 0
-            for piece in self.unigram_model.encode(self.tokenizer.decode(ids), out_type=str):
-                pos += len(piece.encode("utf-8"))
-                if pos - 1 < tokens.shape[1]:
-                    out[row, pos - 1] = 1.0
+        for row, ends in enumerate(piece_end_bytes(self.unigram_model, texts)):
+            out[row, torch.from_numpy(ends)] = 1.0
         return out.to(tokens.device)
 
     def forward(self, tokens):
@@ -92,7 +103,9 @@ class DTPTextTower(nn.Module):
         logits = self.predictor(x) if self.predictor is not None else None
         b = self.method.boundaries(logits, tokens, token_mask) * token_mask
         counts = segment_counts(b, token_mask)
-        longest, total = torch.stack([counts.max(), counts.sum()]).tolist()  # the one host sync
+        # the one host sync: the pooled sizes, and whether the predictor has diverged (before they size anything)
+        longest, total, finite = torch.stack([counts.max(), counts.sum(), finite_flag(logits, counts)]).tolist()
+        check_finite(finite, "DTP text tower")
         pooled, seg_mask = downsample(x, b, token_mask=token_mask, n_segments=longest, grad=self.method.pooling_grad)
         if self.layout == "packed":  # the shortened blocks on every caption's segments end to end
             rows = PackedRows.from_lengths(counts, longest, total)

@@ -9,7 +9,8 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from fastclip.models.boundaries import EntropySpike, every_kth, spikes
-from fastclip.models.dtp import BoundaryPredictor, downsample, mean_of_valid, padding_attn_mask, segment_counts
+from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, finite_flag, mean_of_valid,
+                                 padding_attn_mask, segment_counts)
 from fastclip.models.packed import PackedRows, check_packable, packed_block
 from fastclip.models.patch_order import patch_order
 
@@ -139,9 +140,9 @@ class DTPImageTower(nn.Module):
         b = self.method.boundaries(logits, order)
         counts = segment_counts(b)
         if self.layout == "packed" and self.method.static_segments(N) is None:
-            emb = self._shortened_packed(cls, patches, b, counts)
+            emb = self._shortened_packed(cls, patches, b, counts, logits)
         else:
-            emb = self._shortened_padded(cls, patches, b, counts)
+            emb = self._shortened_padded(cls, patches, b, counts, logits)
         if vit.proj is not None:
             emb = emb @ vit.proj
         info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": counts.float(), "boundaries": b, "logits": logits}
@@ -195,11 +196,13 @@ class DTPImageTower(nn.Module):
         nn.init.zeros_(self.predictor.mlp[-1].bias)
         return nn.Parameter(torch.where(on, torch.logit(torch.tensor(hi)), torch.logit(torch.tensor(lo))))
 
-    def _shortened_packed(self, cls, patches, b, counts):
+    def _shortened_packed(self, cls, patches, b, counts, logits):
         """Shortened blocks on every row's [class token, segments] laid end to end (models/packed.py).
         ONE sync fetches the longest row and the total, which size the tensors (each sync drains
-        the GPU queue)."""
-        longest, total = torch.stack([counts.max(), counts.sum()]).tolist()
+        the GPU queue), and whether the logits are finite (NonFiniteBoundaries before a diverged
+        predictor's garbage counts size anything)."""
+        longest, total, finite = torch.stack([counts.max(), counts.sum(), finite_flag(logits, counts)]).tolist()
+        check_finite(finite, "DTP image tower")
         pooled, seg_mask = downsample(patches, b, n_segments=longest, grad=self.method.pooling_grad)
         rows = PackedRows.from_lengths(counts + 1, 1 + longest, total + counts.shape[0])
         x = rows.pack(torch.cat([cls, pooled], dim=1))
@@ -210,10 +213,10 @@ class DTPImageTower(nn.Module):
             return x[rows.starts]
         return mean_of_valid(rows.unpack(x)[:, 1:], seg_mask)  # the class token left out
 
-    def _shortened_padded(self, cls, patches, b, counts):
+    def _shortened_padded(self, cls, patches, b, counts, logits):
         """Shortened blocks on [class token, segments] padded to the longest row, in one batch or
         in segment-count buckets (image_buckets)."""
-        groups, n_seg, by_count = self._buckets(counts, patches.shape[1])
+        groups, n_seg, by_count = self._buckets(counts, patches.shape[1], logits)
         pooled, seg_mask = downsample(patches, b, n_segments=n_seg, grad=self.method.pooling_grad)
         seq = torch.cat([cls, pooled], dim=1)
         if by_count is None:
@@ -224,19 +227,21 @@ class DTPImageTower(nn.Module):
             emb = torch.cat(parts)[by_count.argsort()]  # the groups partition by_count in order: back to batch order
         return emb
 
-    def _buckets(self, counts: torch.Tensor, n_patches: int):
+    def _buckets(self, counts: torch.Tensor, n_patches: int, logits: torch.Tensor | None):
         """-> ([(rows, segments, padded)], longest, rows sorted by count or None for one group).
         The pooled length must be known on the host:
         a fixed rule knows it in advance (no sync); otherwise ONE sync fetches the sorted counts
-        (each sync drains the GPU queue). With image_buckets > 1 the rows, sorted by segment
-        count, are cut into that many equal groups, each padded only to its own longest row:
+        and whether the logits are finite (each sync drains the GPU queue). With image_buckets > 1
+        the rows, sorted by segment count, are cut into that many equal groups, each padded only to
+        its own longest row:
         sampled counts spread (Binomial), and padding every row to the batch's longest wastes
         shortened-layer work. Rows never interact, so this changes no result. auto: by device."""
         n_seg = self.method.static_segments(n_patches)
         if n_seg is not None:
             return [(None, n_seg, False)], n_seg, None
         sorted_counts, by_count = counts.sort()
-        host = sorted_counts.tolist()
+        *host, finite = torch.cat([sorted_counts, finite_flag(logits, counts)[None]]).tolist()
+        check_finite(finite, "DTP image tower")
         B, k = len(host), min(self._bucket_count(counts.device), len(host))
         if k == 1:
             return [(None, host[-1], host[0] != host[-1])], host[-1], None
