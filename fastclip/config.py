@@ -1,4 +1,5 @@
-"""Composing the train config outside the CLI (tests, benchmarks): the same tree, no Hydra run."""
+"""Composing the train config outside the CLI (tests, benchmarks): the same tree, no Hydra run;
+and the config as flat dotted keys (MLflow params, resume's comparison)."""
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -10,3 +11,26 @@ def compose_train_config(overrides=(), return_hydra_config: bool = False) -> Dic
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and empty dicts are leaves."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree

@@ -1,22 +1,29 @@
-"""The training loop every task shares: AdamW, warmup + cosine, clipping, accumulation,
-mixed precision, NaN guard, checkpoints that resume exactly (lr schedule included).
+"""The training loop every task shares: AdamW, warm-up + cosine, clipping, accumulation, mixed
+precision, the NaN guard, and checkpoints that resume exactly. `fit()` reads top to bottom.
 
-A task supplies: .model, .train_batches(epoch) (a sized iterable of micro-batches),
-.loss(batch) -> (loss, {metric: float or 0-dim tensor}, n_samples), .evaluate() -> {metric: float},
-and optionally .final_evaluate() -> {metric: float}. Tensor metrics stay on the device until the
-loop reads them (see StepScalars).
+A task supplies:
+  .model
+  .train_batches(epoch, start=0)  a sized iterable of the epoch's micro-batches (len = the whole
+                                  epoch), beginning after its first `start` batches
+  .loss(batch) -> StepOutput      tensor metrics stay on the device until the loop reads them
+  .evaluate() -> {metric: float}
+and optionally .final_evaluate(), .epoch_samples() (samples the source declares per epoch),
+.build_skipped ({reason: n} left out while building the data), .new_artifacts(), .params().
 """
 import logging
 import math
-import os
 import time
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastclip import runtime
+from fastclip import checkpoint, runtime
+from fastclip.checkpoint import ResumeError
+from fastclip.optim import build_adamw, warmup_cosine, warmup_steps
 
 log = logging.getLogger(__name__)
 
@@ -25,66 +32,159 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+class NoTrainingData(RuntimeError):
+    pass
 
 
-def boundary_decision_parameters(model: torch.nn.Module) -> set[int]:
-    """ids of the parameters that decide where boundaries go: every BoundaryPredictor's, and the
-    stride start's per-position logits (vision tower, `position_logits`)."""
-    from fastclip.models.dtp import BoundaryPredictor
-    ids = {id(p) for m in model.modules() if isinstance(m, BoundaryPredictor) for p in m.parameters()}
-    return ids | {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "position_logits"}
+@dataclass
+class StepOutput:
+    """What a task's loss(batch) hands the loop."""
+    loss: torch.Tensor | None        # None: nothing to learn from (every sample of the batch was bad)
+    metrics: dict = field(default_factory=dict)   # name -> float or 0-dim device tensor (read when logged)
+    samples: int = 0                 # samples the loss was computed on
+    skipped: dict = field(default_factory=dict)   # reason -> samples of this batch left out
+
+    def __iter__(self):  # `loss, metrics, n = task.loss(batch)`, as the tuple it replaced
+        return iter((self.loss, self.metrics, self.samples))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, predictor_lr_scale: float = 1.0):
-    """No decay on gains, biases, embeddings' scale and the logit scale (as open_clip_train).
-    The boundary predictors' parameters learn at lr x predictor_lr_scale (their only task signal
-    is the straight-through estimate through the pooling, and in CLIP towers they stayed near the
-    prior: README)."""
-    if predictor_lr_scale <= 0:
-        raise ValueError(f"trainer.predictor_lr_scale={predictor_lr_scale}: expected > 0")
-    deciding = boundary_decision_parameters(model) if predictor_lr_scale != 1.0 else set()
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        groups.setdefault((id(p) in deciding, skip), []).append(p)
-    return [{"params": params, "weight_decay": 0.0 if skip else weight_decay,
-             "lr": lr * (predictor_lr_scale if predictor else 1.0)}
-            for (predictor, skip), params in sorted(groups.items())]
+@dataclass
+class TrainState:
+    """Where a run is, beyond its weights: what a checkpoint needs to continue exactly."""
+    step: int = 0                # optimizer steps taken
+    epoch: int = 0               # the epoch in progress (= epochs completed)
+    batch_in_epoch: int = 0      # loader batches of `epoch` consumed; a resume starts after them
+    steps_in_epoch: int = 0
+    samples_in_epoch: int = 0    # samples trained on in `epoch`
+    samples_seen: int = 0
+    train_s: float = 0.0         # data loading + steps, not evaluation
+    skipped: dict = field(default_factory=dict)   # reason -> samples left out so far (data/skipped)
+    trained_fraction: float | None = None         # last complete epoch: trained / declared samples
+    rng: dict | None = None      # Python, numpy, torch (and CUDA) generators, as of the last save
+
+    def count(self, out: StepOutput) -> None:
+        self.batch_in_epoch += 1
+        self.samples_in_epoch += out.samples
+        self.samples_seen += out.samples
+        for reason, n in out.skipped.items():
+            if n:
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = self.steps_in_epoch = self.samples_in_epoch = 0
+
+    def state_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"rng": runtime.rng_state()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TrainState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in known})
 
 
-ADAMW_IMPLS = ("fused", "foreach", "for_loop")
+class Trainer:
+    """The optimisation state of one run: AdamW over the task's model, the warm-up + cosine schedule,
+    the fp16 grad scaler and the TrainState; state_dict()/load_state_dict() round-trip all of it."""
+
+    def __init__(self, task, cfg, device: torch.device):
+        tc = cfg.trainer
+        self.task, self.model, self.cfg = task, task.model, cfg
+        self.accum = int(tc.accum_steps)
+        if self.accum < 1:
+            raise ValueError(f"trainer.accum_steps={self.accum}: expected >= 1")
+        self.batches_per_epoch = len(task.train_batches(0))
+        self.steps_per_epoch = self.batches_per_epoch // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"trainer.batch_size={tc.batch_size} x accum_steps={self.accum} leaves no full step "
+                             f"per epoch ({self.batches_per_epoch} batches)")
+        total = self.steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, tc.max_steps) if tc.max_steps else total
+        self.warmup_steps = warmup_steps(tc.warmup_steps, self.total_steps)
+        if tc.compile:
+            runtime.compile_blocks(self.model)
+        self.optimizer = build_adamw(self.model, tc)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.warmup_steps, self.total_steps))
+        self.amp_dtype = runtime.autocast_dtype(tc.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.device = device
+        self.state = TrainState()
+
+    def finished(self) -> bool:
+        return self.state.step >= self.total_steps or self.state.epoch >= self.cfg.epochs
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def forward_backward(self, batch) -> StepOutput:
+        with runtime.autocast(self.device, self.amp_dtype):
+            out = self.task.loss(batch)
+        if out.loss is not None:
+            self.scaler.scale(out.loss / self.accum).backward()
+        return out
+
+    def step(self) -> None:
+        if self.cfg.trainer.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.steps_in_epoch += 1
+
+    def weights_finite(self) -> bool:
+        """One host sync: every parameter finite (checked before a checkpoint replaces the last one)."""
+        return bool(torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all())
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "train_state": self.state.state_dict()}
+
+    def load_state_dict(self, ckpt: dict, source: str = "the checkpoint") -> None:
+        """Continues from a checkpoint. A model that does not match fails naming the differences.
+        The schedule is re-read from this run's config (trainer.lr, warmup, length), so a resume
+        that changes them takes them from the step it resumes at; unchanged, it is exactly the old one."""
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise ResumeError(f"{source} does not fit this model: {str(exc).splitlines()[0]} ...") from exc
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState.from_state_dict(ckpt["train_state"])
+        if self.state.batch_in_epoch is None:  # a version-1 checkpoint counted optimizer steps
+            self.state.batch_in_epoch = self.state.steps_in_epoch * self.accum
+        old_lr = ckpt["config"]["trainer"]["lr"]
+        scale = self.cfg.trainer.lr / old_lr if old_lr else 1.0
+        factor = warmup_cosine(self.warmup_steps, self.total_steps)(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["initial_lr"], group["lr"] = base, base * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.state.rng is not None:
+            runtime.set_rng_state(self.state.rng)
 
 
-def adamw_impl(name: str) -> dict:
-    """torch AdamW's implementation switch. fused: one kernel over all parameters; on 2 CPU cores it
-    stepped 5.3M parameters (vit_tiny CLIP, mostly the BPE embedding) in 7 ms vs 48 ms for the
-    per-parameter loop (foreach: 22 ms)."""
-    if name not in ADAMW_IMPLS:
-        raise ValueError(f"trainer.optimizer_impl={name!r}: expected one of {', '.join(ADAMW_IMPLS)}")
-    return {"fused": name == "fused", "foreach": name == "foreach"}
+class StepLog:
+    """Per-step training scalars (loss, lr, the task's metrics, whether the loss was finite) kept
+    on the device until drain(): a log step, a checkpoint, the end of an epoch. Then they come to
+    the host in one transfer per device (each read of a device tensor makes the host wait for
+    the GPU's queue to drain; open_clip_train, likewise, reads its loss at log steps only)."""
 
-
-class StepScalars:
-    """Per-step training scalars (loss, lr, the task's metrics, whether every loss was finite) kept
-    on the device until the loop needs them: a log flush, a checkpoint, the end of an epoch. Then
-    they come to the host in one transfer per device. Reading each with .item() as it is made
-    would sync the host with the GPU several times a step (four of them before backward), and
-    each sync drains the GPU's queue (open_clip_train, likewise, reads its loss at log steps only)."""
-
-    def __init__(self):
+    def __init__(self, tracker, every: int, bar, checkpoint_path: Path):
+        self.tracker, self.every, self.bar, self.checkpoint_path = tracker, max(1, int(every)), bar, checkpoint_path
         self._rows: list[tuple[int, int, torch.Tensor | bool, dict]] = []
+        self._window = (0, time.perf_counter())  # samples since the last drain, and its start
 
-    def add(self, step: int, epoch: int, finite, values: dict) -> None:
-        self._rows.append((step, epoch, finite, values))
+    def add(self, state: TrainState, loss: torch.Tensor, lr: float, metrics: dict) -> None:
+        self._rows.append((state.step - 1, state.epoch, torch.isfinite(loss.detach()),
+                           {"train/loss": loss.detach(), "train/lr": lr, **{f"train/{k}": v for k, v in metrics.items()}}))
+        self._window = (self._window[0] + 1, self._window[1])
 
     def fetch(self) -> list[tuple[int, int, bool, dict[str, float]]]:
         """-> [(step, epoch, finite, {name: float})], oldest first; empties the buffer."""
@@ -98,6 +198,29 @@ class StepScalars:
                 for step, epoch, finite, values in self._rows]
         self._rows = []
         return rows
+
+    def drain(self) -> None:
+        """Logs the buffered steps; stops at the first non-finite loss, naming its step (callers
+        drain before every checkpoint, so the last one written is good)."""
+        rows = self.fetch()
+        bad = next((row for row in rows if not row[2]), None)
+        if self.tracker:  # the steps before a non-finite one are still logged
+            for index, _, _, values in rows[:rows.index(bad) if bad else len(rows)]:
+                self.tracker.log_metrics(values, index + 1, flush=False)  # a step's metrics carry the count after it
+            self.tracker.flush()
+        if bad:
+            step, epoch, _, values = bad
+            diverged(f"train/loss is {values['train/loss']} at step {step} (epoch {epoch})", self.checkpoint_path)
+        if rows and self.bar is not None:
+            steps, t0 = self._window
+            self.bar.set_postfix(loss=f"{rows[-1][3]['train/loss']:.4f}", steps_s=f"{steps / max(1e-9, time.perf_counter() - t0):.2f}")
+        self._window = (0, time.perf_counter())
+
+
+
+def diverged(what: str, checkpoint_path: Path):
+    kept = f"last good checkpoint kept at {checkpoint_path}" if checkpoint_path.exists() else "no checkpoint written yet"
+    raise TrainingDiverged(f"{what}; stopping; {kept}")
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[float]:
@@ -113,178 +236,171 @@ def _to_host(tensors: list[torch.Tensor]) -> list[float]:
     return out
 
 
-def plan_steps(steps_per_epoch: int, epochs: int, max_steps) -> int:
-    total = steps_per_epoch * epochs
-    return min(total, max_steps) if max_steps else total
+class StepTimer:
+    """Per optimizer step: the whole step (data wait included) and its data wait alone, as
+    open_clip_train's batch_time / data_time; compute = step - data."""
+
+    def __init__(self):
+        self.step_times: list[float] = []
+        self.data_times: list[float] = []
+
+    def start(self) -> None:
+        self.tick = self.waiting_since = time.perf_counter()
+        self.data_wait = 0.0
+
+    def arrived(self) -> None:
+        self.data_wait += time.perf_counter() - self.waiting_since
+
+    def waiting(self) -> None:
+        self.waiting_since = time.perf_counter()
+
+    def stepped(self) -> float:
+        now = time.perf_counter()
+        self.step_times.append(now - self.tick)
+        self.data_times.append(self.data_wait)
+        elapsed, self.tick, self.data_wait = now - self.tick, now, 0.0
+        return elapsed
+
+    def summary(self, state: TrainState) -> dict[str, float]:
+        out = {"time/train_s": state.train_s,
+               "throughput/train_samples_per_s": state.samples_seen / max(state.train_s, 1e-9)}
+        if self.step_times:
+            out["time/step_median_s"] = float(np.median(self.step_times))
+            out["time/data_median_s"] = float(np.median(self.data_times))
+            out["time/compute_median_s"] = float(np.median(np.subtract(self.step_times, self.data_times)))
+        return out
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: a crash while writing never leaves a half-written last.pt behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def fit(task, cfg, tracker, run_dir: Path, device: torch.device) -> dict[str, float]:
-    tc = cfg.trainer
-    model = task.model
-    accum = int(tc.accum_steps)
-    if accum < 1:
-        raise ValueError(f"trainer.accum_steps={accum}: expected >= 1")
-    steps_per_epoch = len(task.train_batches(0)) // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"trainer.batch_size={tc.batch_size} x accum_steps={accum} leaves no full step per epoch")
-    total_steps = plan_steps(steps_per_epoch, cfg.epochs, tc.max_steps)
-
-    if tc.compile:
-        runtime.compile_blocks(model)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.predictor_lr_scale), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
-                                  **adamw_impl(tc.optimizer_impl))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_steps))
-    amp_dtype = runtime.autocast_dtype(tc.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Trainer | None = None,
+        provenance: dict | None = None) -> dict[str, float]:
+    """Trains `task` from `trainer`'s state (new, or loaded from a checkpoint) to the end of its
+    schedule; returns the final metrics. provenance: what checkpoints record beyond the training
+    state (the config group choices)."""
+    trainer = trainer or Trainer(task, cfg, device)
+    state, accum = trainer.state, trainer.accum
     ckpt_path = Path(run_dir) / "checkpoints" / "last.pt"
-
-    step, epoch, skip_batches, train_s, samples_seen = 0, 0, 0, 0.0, 0
-    if tc.resume:
-        state = torch.load(tc.resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
-        train_s, samples_seen = state["train_s"], state["samples_seen"]
-        runtime.set_rng_state(state["rng"])
-        if hasattr(task, "load_state_dict"):
-            task.load_state_dict(state.get("task", {}))
-        log.info("resumed from %s at step %d (epoch %d, batch %d), lr %.3g", tc.resume, step, epoch,
-                 skip_batches, scheduler.get_last_lr()[0])
-
-    def checkpoint(batch_in_epoch: int, epoch_now: int):
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "epoch": epoch_now, "batch_in_epoch": batch_in_epoch,
-            "train_s": train_s, "samples_seen": samples_seen, "rng": runtime.rng_state(),
-            "mlflow_run_id": tracker.run_id if tracker else None, "config": cfg_container(cfg),
-            "task": task.state_dict() if hasattr(task, "state_dict") else {}})
-
-    scalars = StepScalars()
-    log_every = max(1, int(cfg.tracking.get("log_every", 10)))
-
-    def drain():
-        """Reads the buffered step scalars: stops at the first non-finite loss, naming its step
-        (callers drain before any checkpoint, so the last one written is good), else logs them."""
-        rows = scalars.fetch()
-        bad = next((row for row in rows if not row[2]), None)
-        if tracker:  # the steps before a non-finite one are still logged
-            for index, _, _, values in rows[:rows.index(bad) if bad else len(rows)]:
-                tracker.log_metrics(values, index + 1, flush=False)  # a step's metrics carry the count after it
-            tracker.flush()
-        if bad:
-            bad_step, bad_epoch, _, values = bad
-            kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint written yet"
-            raise TrainingDiverged(f"train/loss is {values['train/loss']} at step {bad_step} (epoch {bad_epoch}); "
-                                   f"stopping; {kept}")
-        if rows:
-            rate = window_samples / max(1e-9, time.perf_counter() - window_t0)
-            bar.set_postfix(loss=f"{rows[-1][3]['train/loss']:.4f}", samples_s=f"{rate:.0f}")
-
+    extra = {"config": runtime.config_container(cfg), "run_dir": str(Path(run_dir).resolve()),
+             "mlflow_uri": getattr(tracker, "uri", None), "mlflow_run_id": getattr(tracker, "run_id", None),
+             **(provenance or {})}
+    bar = tqdm(total=trainer.total_steps, initial=state.step, disable=not cfg.trainer.progress, desc="train",
+               dynamic_ncols=True)
+    steps = StepLog(tracker, cfg.tracking.get("log_every", 10), bar, ckpt_path)
+    timer = StepTimer()
     metrics: dict[str, float] = {}
-    # Per optimizer step: the whole step (data wait included) and its data wait alone, as
-    # open_clip_train's batch_time / data_time; compute = step - data.
-    step_times: list[float] = []
-    data_times: list[float] = []
-    bar = tqdm(total=total_steps, initial=step, disable=not tc.progress, desc="train", dynamic_ncols=True)
-    model.train()
-    while step < total_steps and epoch < cfg.epochs:
-        batches = task.train_batches(epoch)
-        micro, window_samples, window_t0 = 0, 0, time.perf_counter()
-        finite = True  # every micro-batch loss of the current step finite (a device tensor once set)
-        tick = time.perf_counter()  # train_s counts data loading and steps, not evaluation
-        fetched_at, data_wait = tick, 0.0
-        for i, batch in enumerate(batches):
-            if i < skip_batches * accum:
-                tick = fetched_at = time.perf_counter()
+    task.model.train()
+    while not trainer.finished():
+        trainer.optimizer.zero_grad(set_to_none=True)  # nothing carries over from an unfinished accumulation
+        micro, epoch_done = 0, True  # the loader ran out, or the epoch's steps are done
+        timer.start()
+        for batch in task.train_batches(state.epoch, start=state.batch_in_epoch):
+            timer.arrived()
+            try:
+                out = trainer.forward_backward(batch)
+            except FloatingPointError as exc:  # models.dtp.NonFiniteBoundaries: the weights went non-finite
+                steps.drain()
+                diverged(f"{exc} at step {state.step} (epoch {state.epoch})", ckpt_path)
+            state.count(out)
+            micro += out.loss is not None
+            if micro < accum:
+                timer.waiting()
                 continue
-            arrived = time.perf_counter()
-            data_wait += arrived - fetched_at
-            with runtime.autocast(device, amp_dtype):
-                result = task.loss(batch)
-            if result is None:  # a batch whose every sample was bad (the task counted them)
-                fetched_at = time.perf_counter()
-                continue
-            loss, extras, n = result
-            finite = torch.isfinite(loss.detach()) & finite  # read at the next drain(), not here (no sync)
-            scaler.scale(loss / accum).backward()
-            micro += 1
-            samples_seen += n
-            window_samples += n
-            if micro % accum == 0:
-                if tc.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                scalars.add(step, epoch, finite, {"train/loss": loss.detach(), "train/lr": scheduler.get_last_lr()[0],
-                                                  **{f"train/{k}": v for k, v in extras.items()}})
-                finite = True
-                step += 1
-                now = time.perf_counter()
-                train_s += now - tick
-                step_times.append(now - tick)
-                data_times.append(data_wait)
-                tick, data_wait = now, 0.0
-                bar.update(1)
-                checkpoint_now = bool(tc.ckpt_every_steps) and step % tc.ckpt_every_steps == 0
-                if step % log_every == 0 or checkpoint_now:  # the last step: the epoch-end drain below
-                    drain()
-                if checkpoint_now:
-                    checkpoint((i + 1) // accum, epoch)
-                if step >= total_steps:
-                    break
-            fetched_at = time.perf_counter()
-        drain()  # before this epoch's evaluation and checkpoint
-        skip_batches = 0
-        epoch += 1
-        end_of_run = step >= total_steps or epoch >= cfg.epochs
-        if end_of_run or epoch % cfg.eval.every_epochs == 0:
-            metrics = evaluate(task, tracker, step, epoch)
-        checkpoint(0, epoch)
+            micro = 0
+            trainer.step()
+            steps.add(state, out.loss, trainer.lr, out.metrics)
+            state.train_s += timer.stepped()
+            bar.update(1)
+            checkpoint_now = bool(cfg.trainer.ckpt_every_steps) and state.step % cfg.trainer.ckpt_every_steps == 0
+            if state.step % steps.every == 0 or checkpoint_now:
+                steps.drain()
+            if checkpoint_now:
+                save(trainer, ckpt_path, extra)
+            if trainer.finished() or state.steps_in_epoch >= trainer.steps_per_epoch:
+                # the epoch's last len % accum_steps batches would not fill a step: left out, as drop_last does
+                epoch_done = state.steps_in_epoch >= trainer.steps_per_epoch
+                break
+            timer.waiting()
+        steps.drain()  # before this epoch's checkpoint and evaluation
+        if micro:
+            log.warning("epoch %d: %d micro-batch(es) at its end did not fill an optimizer step (trainer.accum_steps=%d, "
+                        "after batches whose every sample was bad); their gradients were dropped", state.epoch, micro, accum)
+        if epoch_done:
+            check_epoch_data(task, state)
+            state.next_epoch()
+        save(trainer, ckpt_path, extra)  # before evaluating: a failing evaluation never loses the training
+        if trainer.finished() or (epoch_done and state.epoch % cfg.eval.every_epochs == 0):
+            metrics = evaluate(task, tracker, state, ckpt_path)
     bar.close()
     if not metrics:  # resumed from a finished run: still report its numbers
-        metrics = evaluate(task, tracker, step, epoch)
+        metrics = evaluate(task, tracker, state, ckpt_path)
     if hasattr(task, "final_evaluate"):
         final = task.final_evaluate()
         metrics.update(final)
         if tracker:
-            tracker.log_metrics(final, step)
-    summary = {"time/train_s": train_s,
-               "throughput/train_samples_per_s": samples_seen / max(train_s, 1e-9)}
-    if step_times:
-        summary["time/step_median_s"] = float(np.median(step_times))
-        summary["time/data_median_s"] = float(np.median(data_times))
-        summary["time/compute_median_s"] = float(np.median(np.subtract(step_times, data_times)))
+            tracker.log_metrics(final, state.step)
+    summary = timer.summary(state)
     metrics.update(summary)
     if tracker:
-        tracker.log_metrics(summary, step)
+        tracker.log_metrics(summary, state.step)
     return metrics
 
 
-def evaluate(task, tracker, step: int, epoch: int) -> dict[str, float]:
+def save(trainer: Trainer, path: Path, extra: dict) -> None:
+    """Replaces the last checkpoint, unless the weights have gone non-finite (then the last good
+    one stays and the run stops)."""
+    if not trainer.weights_finite():
+        diverged(f"the weights are not finite after step {trainer.state.step}", path)
+    checkpoint.save(path, {**trainer.state_dict(), **extra})
+
+
+def check_epoch_data(task, state: TrainState) -> None:
+    """After a complete epoch: no sample trained on fails the run; fewer than half of what the source
+    declares is a warning and shows in data/trained_fraction."""
+    declared = task.epoch_samples() if hasattr(task, "epoch_samples") else None
+    trained = state.samples_in_epoch
+    reasons = ", ".join(f"{n} {why}" for why, n in sorted(_skip_counts(task, state).items())) or "none"
+    if trained == 0:
+        raise NoTrainingData(f"epoch {state.epoch} trained on no sample: every batch was left out (skipped so far: "
+                             f"{reasons}; the warnings above name each one)"
+                             + (f"; the source declares {declared} samples per epoch" if declared else ""))
+    if declared:
+        state.trained_fraction = trained / declared
+        if state.trained_fraction < 0.5:
+            log.warning("epoch %d trained on %d of the %d samples its source declares (%.0f%%); skipped so far: %s",
+                        state.epoch, trained, declared, 100 * state.trained_fraction, reasons)
+
+
+def _skip_counts(task, state: TrainState) -> Counter:
+    return Counter(getattr(task, "build_skipped", None) or {}) + Counter(state.skipped)
+
+
+def data_metrics(task, state: TrainState) -> dict[str, float]:
+    """data/skipped: every sample left out so far (while building the data, once; while training,
+    each time it comes round), data/eval_overlap: those left out for being in the evaluation set,
+    data/trained_fraction: the last complete epoch's trained / declared samples."""
+    counts = _skip_counts(task, state)
+    out = {"data/skipped": float(sum(counts.values()))}
+    if getattr(task, "checks_eval_overlap", False):
+        out["data/eval_overlap"] = float(counts.get("eval overlap", 0))
+    if state.trained_fraction is not None:
+        out["data/trained_fraction"] = state.trained_fraction
+    return out
+
+
+def evaluate(task, tracker, state: TrainState, ckpt_path: Path | None = None) -> dict[str, float]:
     t0 = time.perf_counter()
-    metrics = task.evaluate()
+    try:
+        metrics = task.evaluate()
+    except Exception as exc:
+        if ckpt_path is not None and ckpt_path.exists():
+            exc.add_note(f"fastclip: the training up to step {state.step} is saved in {ckpt_path}; once the evaluation "
+                         f"is fixed, `trainer.resume=...` with that path evaluates it without training again")
+        raise
     metrics["time/eval_s"] = time.perf_counter() - t0
-    log.info("epoch %d step %d: %s", epoch, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    metrics.update(data_metrics(task, state))
+    log.info("epoch %d step %d: %s", state.epoch, state.step,
+             " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v)))
     if tracker:
-        tracker.log_metrics({**metrics, "epoch": epoch}, step)
+        tracker.log_metrics({**metrics, "epoch": state.epoch}, state.step)
         for path in task.new_artifacts() if hasattr(task, "new_artifacts") else []:
             tracker.log_artifact(path, "boundaries")
     return metrics
-
-
-def cfg_container(cfg):
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -6,6 +6,7 @@ below creates store + experiment once, in the launching process, before any job 
 """
 import logging
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -54,6 +55,16 @@ def check_writable(uri: str) -> None:
         raise TrackingStoreError(f"tracking.uri={uri!r}: cannot write the MLflow store at {path.parent}: {exc}") from exc
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a local sqlite store (<store dir>/artifacts/
+    <experiment>), not MLflow's default ./mlruns under whatever directory the run was launched from.
+    None for remote stores (their server decides)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts" / folder).as_uri()
+
+
 def ensure_store(uri: str, experiment: str) -> str:
     """Create (or open) the store and the experiment; returns the experiment id."""
     import mlflow
@@ -61,9 +72,10 @@ def ensure_store(uri: str, experiment: str) -> str:
     client = mlflow.MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
+        _warn_if_artifacts_elsewhere(uri, found)
         return found.experiment_id
     try:
-        return client.create_experiment(experiment)
+        return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
     except Exception:  # another process won the race: take theirs
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -71,17 +83,43 @@ def ensure_store(uri: str, experiment: str) -> str:
         return found.experiment_id
 
 
-def flatten(cfg, prefix: str = "") -> dict[str, str]:
+def _warn_if_artifacts_elsewhere(uri: str, experiment) -> None:
+    """Experiments made before artifacts moved beside the store keep MLflow's ./mlruns location:
+    say once where their artifacts go."""
+    wanted = artifact_location(uri, experiment.name)
+    if wanted and not experiment.artifact_location.startswith(wanted.rsplit("/", 1)[0]):
+        log.warning("MLflow experiment %r keeps its artifacts at %s (it predates fastclip storing them beside the "
+                    "store, under %s)", experiment.name, experiment.artifact_location, wanted.rsplit("/", 1)[0])
+
+
+def require_run(uri: str, run_id: str | None, checkpoint_path) -> None:
+    """A resumed run must exist in the store it writes to (checked before the run is touched)."""
+    if run_id is None:
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from fastclip.checkpoint import ResumeError
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as exc:
+        raise ResumeError(f"{checkpoint_path}: its MLflow run {run_id} is not in the store {uri}; pass "
+                          f"tracking.uri=<the store the run was created in>") from exc
+
+
+def ui_hint(uri: str, tracker) -> str:
+    """How to look at the run in the MLflow UI."""
+    from fastclip import PROJECT_ROOT
+    page = f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+    if uri == default_store_uri(PROJECT_ROOT):
+        return f"view it with `make ui`, then {page}"
+    return f"view it with `mlflow ui --backend-store-uri {uri}`, then {page}"
+
+
+def flatten(cfg) -> dict[str, str]:
     """Resolved config as MLflow params: trainer.lr, epochs, boundary.name, ..."""
+    from fastclip.config import flatten as flat
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    out: dict[str, str] = {}
-    for key, value in container.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = str(value)[:6000]
-    return out
+    return {key: str(value)[:6000] for key, value in flat(container).items()}
 
 
 class Tracker:
@@ -92,12 +130,13 @@ class Tracker:
         import mlflow
         self.uri = uri
         self.client = mlflow.MlflowClient(tracking_uri=uri)
-        self.experiment_id = ensure_store(uri, experiment)
         if run_id is None:
+            self.experiment_id = ensure_store(uri, experiment)
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
             self.run_id = run.info.run_id
         else:  # resume: keep writing into the same run
             self.run_id = run_id
+            self.experiment_id = self.client.get_run(run_id).info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
         self._buffer, self._pending = [], []
 

@@ -1,19 +1,18 @@
 """fastclip's one entrypoint: `python -m fastclip.train [group=option ...] [-m for grids]`.
 
-Composes the config, checks it, opens the MLflow run (params = flattened resolved config,
-tags = git commit + Hydra job), builds the task and hands it to the shared loop.
+Composes the config and checks it (before torch and MLflow load), resolves a resume against its
+checkpoint, builds the task, opens the MLflow run (params = flattened resolved config, tags = git
+commit + Hydra job) and hands both to the shared loop.
 """
 import logging
 import os
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastclip import CONF_DIR, runtime, tracking
-from fastclip.loop import fit
-from fastclip.tasks import build_task
+from fastclip import CONF_DIR, tracking
+from fastclip.checks import check_config
 
 log = logging.getLogger("fastclip")
 # what a run reports last and a sweeper would optimise, in order of preference
@@ -46,29 +45,45 @@ def run_name(cfg: DictConfig, tags: dict) -> str:
     return chosen or f"{cfg.task.name} {cfg.dataset.name} {cfg.encoder.name} boundary={cfg.boundary.name}"
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLike | None = None) -> dict:
-    """Train and evaluate one configuration; returns the final metrics."""
+def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLike | None = None,
+        overrides: list[str] | None = None, choices: dict | None = None) -> dict:
+    """Train and evaluate one configuration; returns the final metrics.
+
+    overrides: the command line's overrides (Hydra's); with trainer.resume they alone apply on
+    top of the checkpoint's config (None: `cfg` is the whole intended config). choices: the config
+    group options cfg was composed with (recorded in checkpoints)."""
+    resume = None
+    if cfg.trainer.resume:  # the run it came from: its config, run dir and MLflow run
+        from fastclip.resume import prepare
+        resume = prepare(cfg, overrides)
+        cfg, run_dir = resume.config, resume.run_dir
+        choices = resume.checkpoint.get("choices") or choices
+    check_config(cfg)
+    uri = _store_uri(cfg, resume, launch_dir)
+    tracking.check_writable(uri)  # fail before any work, naming the path
+
+    import torch
+    from fastclip import runtime
+    from fastclip.loop import Trainer, fit
+    from fastclip.tasks import build_task
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    uri = tracking.resolve_uri(cfg.tracking.uri, launch_dir)
-    tracking.check_writable(uri)  # fail before any work, naming the path
     device = runtime.pick_device(cfg.device)
     runtime.seed_everything(cfg.seed)
     runtime.set_torch_threads(cfg.trainer.get("torch_threads"), cfg.trainer.num_workers, device)
     torch.set_float32_matmul_precision("high")
 
     task = build_task(cfg, device, run_dir)
-
-    resume_run_id = None
-    if cfg.trainer.resume:
-        if not Path(cfg.trainer.resume).is_file():
-            raise FileNotFoundError(f"trainer.resume={cfg.trainer.resume!r}: no such checkpoint file")
-        resume_run_id = torch.load(cfg.trainer.resume, map_location="cpu", weights_only=False).get("mlflow_run_id")
+    trainer = Trainer(task, cfg, device)
+    if resume:
+        trainer.load_state_dict(resume.checkpoint, str(resume.checkpoint_path))
+        tracking.require_run(uri, resume.checkpoint.get("mlflow_run_id"), resume.checkpoint_path)
+        _log_to_run_dir(run_dir)
     commit, dirty = runtime.git_commit()
     tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
-            "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags()}
+            "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **getattr(task, "tags", {})}
     tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=run_name(cfg, tags), tags=tags,
-                               run_id=resume_run_id)
+                               run_id=resume.checkpoint.get("mlflow_run_id") if resume else None)
     tracker.log_params(tracking.flatten(cfg))
     counts = task.params() if hasattr(task, "params") else {"model.params_total": sum(
         p.numel() for p in task.model.parameters())}
@@ -76,26 +91,73 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     resolved = run_dir / "config.yaml"
     resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker.log_artifact(resolved)
+    if resume:
+        _record_resume(resume, tracker, run_dir, trainer.state.step)
+    _log_plan(task, trainer, cfg, run_dir)
 
     try:
-        metrics = fit(task, cfg, tracker, run_dir, device)
+        metrics = fit(task, cfg, tracker, run_dir, device, trainer, provenance={"choices": choices or _choices(cfg)})
     except BaseException as exc:
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
     metrics["mlflow_run_id"] = tracker.run_id
-    log.info("MLflow store: %s (run %s); view with `make ui`", uri, tracker.run_id)
     for key in HEADLINE_METRICS:
         if key in metrics:
             log.info("final %s = %.4f", key, metrics[key])
+    log.info("run dir %s; checkpoint %s; MLflow run %s in %s; %s", run_dir.resolve(),
+             (run_dir / "checkpoints" / "last.pt").resolve(), tracker.run_id, uri, tracking.ui_hint(uri, tracker))
     return metrics
+
+
+def _store_uri(cfg: DictConfig, resume, launch_dir) -> str:
+    """tracking.uri, else (resuming) the store the run was created in, else the default."""
+    recorded = resume.checkpoint.get("mlflow_uri") if resume else None
+    if resume and not cfg.tracking.uri and recorded:
+        return recorded
+    return tracking.resolve_uri(cfg.tracking.uri, launch_dir)
+
+
+def _choices(cfg: DictConfig) -> dict[str, str]:
+    from hydra.core.hydra_config import HydraConfig
+    if HydraConfig.initialized():  # top-level groups only (not hydra/*, nor nested defaults like _shared/...)
+        return {k: v for k, v in HydraConfig.get().runtime.choices.items()
+                if v is not None and (CONF_DIR / k).is_dir() and not k.startswith(("_", "hydra"))}
+    return {g: cfg[g].name for g in ("task", "dataset", "encoder", "boundary", "compression") if "name" in cfg[g]}
+
+
+def _log_to_run_dir(run_dir: Path) -> None:
+    """A resumed run logs into the run dir it continues, beside its first part's log."""
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def _record_resume(resume, tracker, run_dir: Path, step: int) -> None:
+    from fastclip.resume import record
+    changed = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changes.items()) or "nothing changed"
+    log.info("resuming %s at step %d into %s (%s)", resume.checkpoint_path, step, run_dir, changed)
+    tags = hydra_tags()
+    path = record(resume, run_dir, step, tags.get("hydra.output_dir"))
+    tracker.log_artifact(path)
+    tracker.set_tags({"fastclip.resumed_changes": changed[:5000]})
+
+
+def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
+    sizes = task.sizes() if hasattr(task, "sizes") else {}
+    log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()) or "?")
+    log.info("plan: %d steps (%d per epoch = %d batches of %d / accum %d, %d epochs%s), warm-up %d, from step %d; run dir %s",
+             trainer.total_steps, trainer.steps_per_epoch, trainer.batches_per_epoch, cfg.trainer.batch_size,
+             trainer.accum, cfg.epochs, f", max_steps {cfg.trainer.max_steps}" if cfg.trainer.max_steps else "",
+             trainer.warmup_steps, trainer.state.step, run_dir)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     hc = HydraConfig.get()
-    metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd)
+    metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
+                  choices=_choices(cfg))
     # The returned value is what a sweeper would optimise.
     return next((metrics[k] for k in HEADLINE_METRICS if k in metrics), None)
 

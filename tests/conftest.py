@@ -53,9 +53,15 @@ def cli_env():
 PYTHON = sys.executable
 
 
+def load_checkpoint(path):
+    """A run's checkpoint, read as resume reads it (weights_only)."""
+    from fastclip import checkpoint
+    return checkpoint.load(path)
+
+
 def run_killed_at_loss_call(cfg, run_dir, monkeypatch, call: int):
     """Runs cfg but dies (KeyboardInterrupt, as a kill) on the call-th ClipTask.loss; returns the
-    state of the checkpoint it left."""
+    checkpoint it left."""
     from fastclip.tasks.clip import ClipTask
     from fastclip.train import run
     real_loss, calls = ClipTask.loss, {"n": 0}
@@ -70,4 +76,4 @@ def run_killed_at_loss_call(cfg, run_dir, monkeypatch, call: int):
     with pytest.raises(KeyboardInterrupt):
         run(cfg, run_dir)
     monkeypatch.setattr(ClipTask, "loss", real_loss)
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")

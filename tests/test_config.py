@@ -22,10 +22,19 @@ def test_every_option_composes(group, option):
         assert cfg[group].name == option
 
 
-@pytest.mark.parametrize("launcher", ["basic", "submitit_local", "submitit_slurm"])
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local", "submitit_slurm", "slurm"])
 def test_launchers_compose(launcher):
     cfg = compose_train_config([f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert launcher.split("_")[-1] in cfg.hydra.launcher._target_.lower()
+
+
+def test_the_projects_slurm_launcher_composes_with_its_settings():
+    """hydra/launcher=slurm is ours (conf/hydra/launcher/slurm.yaml) on top of submitit_slurm."""
+    cfg = compose_train_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.timeout_min, launcher.gpus_per_node, launcher.cpus_per_task, launcher.mem_gb) == (240, 1, 8, 64)
+    assert launcher.partition == "gpu" and launcher.submitit_folder.endswith("/.submitit/%j")
 
 
 def test_defaults_are_the_embedded_digits_run():

@@ -3,12 +3,13 @@ converter between them), bad samples skipped and counted, clear errors before tr
 import json
 import os
 import time
+from collections import Counter
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import SHARED_DATA, TINY_CLIP, compose_cfg, run_killed_at_loss_call
+from conftest import SHARED_DATA, TINY_CLIP, compose_cfg, load_checkpoint, run_killed_at_loss_call
 from datagen import COLOURS, colour_image, jpeg_bytes, make_class_folder, make_coco, make_csv, write_shard
 from fastclip.data import make_shards
 from fastclip.data.shards import count_samples, expand_shards
@@ -28,20 +29,22 @@ def shards_of(tmp_path, source, path, **kw):
 
 @pytest.mark.parametrize("source", ["csv", "coco", "folder"])
 def test_converted_shards_train_and_report_retrieval(tmp_path, store, source):
+    import shlex
     make = {"csv": make_csv, "coco": make_coco, "folder": make_class_folder}[source]
     path = make(tmp_path / source)
-    out, summary = shards_of(tmp_path, source, path)
+    out, summary = shards_of(tmp_path, source, path, eval_fraction=0.25)
     expected = {"csv": 4 * 6 * 2, "coco": 4 * 6 * 5, "folder": 4 * 6}[source]
-    assert summary["written"] == expected and summary["skipped"] == {}
+    held = summary["eval"]["written"]
+    assert summary["written"] + held == expected and held > 0 and summary["skipped"] == {}
     sizes = json.loads((out / "sizes.json").read_text())
-    assert sum(sizes.values()) == expected and max(sizes.values()) == 10
+    assert sum(sizes.values()) == summary["written"] and max(sizes.values()) == 10
     pattern = str(out / ("shard-{000000..%06d}.tar" % (len(sizes) - 1)))
-    assert count_samples(expand_shards(pattern)) == expected
-    cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards='{pattern}'",
-                              f"dataset.eval_shards='{pattern}'", "epochs=1"])
+    assert count_samples(expand_shards(pattern)) == summary["written"]
+    overrides = [arg for o in summary["overrides"] for arg in shlex.split(o)]  # as bash passes them on
+    cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset", *overrides, "epochs=1"])
     metrics = run(cfg, tmp_path / "run")
     assert set(RETRIEVAL) <= set(metrics)
-    assert metrics["data/skipped"] == 0
+    assert metrics["data/skipped"] == 0 and metrics["data/eval_overlap"] == 0
     assert metrics["throughput/train_samples_per_s"] > 0
 
 
@@ -70,12 +73,14 @@ def test_converter_skips_and_summarises_bad_records(tmp_path):
     assert summary["skipped"] == {"undecodable image": 1, "missing file": 1, "empty caption": 1}
 
 
-def bad_shard(tmp_path):
-    """16 samples: 13 good, a corrupt JPEG, an empty caption and a sample without its image."""
+def bad_shard(tmp_path, shade: int = 0):
+    """16 samples: 13 good, a corrupt JPEG, an empty caption and a sample without its image;
+    another `shade` gives other images (a held-out shard)."""
     samples = []
     for i in range(16):
         name = list(COLOURS)[i % 4]
-        samples.append({"__key__": f"{i:05d}", "jpg": jpeg_bytes(colour_image(name, i)), "txt": f"a {name} square"})
+        samples.append({"__key__": f"{i:05d}", "jpg": jpeg_bytes(colour_image(name, i, size=40 + 8 * shade)),
+                        "txt": f"a {name} square"})
     samples[3]["jpg"] = b"\xff\xd8\xff\xe0 truncated garbage"
     samples[7]["txt"] = "   "
     del samples[11]["jpg"]
@@ -89,11 +94,12 @@ def bad_shard(tmp_path):
 def test_a_shard_with_bad_samples_trains_and_counts_its_skips(tmp_path, store):
     shard = bad_shard(tmp_path)
     cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards={shard}",
-                              f"dataset.eval_shards={shard}", "epochs=2", "dataset.shuffle_buffer=4"])
+                              f"dataset.eval_shards={bad_shard(tmp_path / 'eval', shade=1)}", "epochs=2",
+                              "dataset.shuffle_buffer=4"])
     metrics = run(cfg, tmp_path / "run")
     assert metrics["data/skipped"] == 6  # 3 bad samples in each of 2 epochs
     assert metrics["retrieval/images"] == 13  # eval: 2 unusable samples dropped, the corrupt JPEG fails to decode
-    assert metrics["retrieval/skipped"] == 1
+    assert metrics["retrieval/skipped"] == 3  # the 2 unusable samples (read) and the corrupt JPEG (decoded)
     import mlflow
     history = mlflow.MlflowClient(tracking_uri=store).get_metric_history(metrics["mlflow_run_id"], "data/skipped")
     assert [m.value for m in history] == [3, 6]
@@ -130,20 +136,22 @@ def test_csv_bad_rows_are_counted_in_training(tmp_path):
                               "eval.imagenet_val=null", "trainer.batch_size=4"])
     with pytest.raises(ValueError, match="no evaluation set"):
         ClipTask(cfg, torch.device("cpu"))
-    cfg.dataset.eval_path = str(csv)
+    cfg.dataset.eval_path = str(make_csv(tmp_path / "held_out", per_colour=2, first=2))
     task = ClipTask(cfg, torch.device("cpu"))
-    total = 0
+    total, skipped = 0, Counter()
     for batch in task.train_batches(0):
-        if task.loss(batch) is not None:
-            total += batch.images.shape[0]
-    assert task.skipped == 3 and total == 17
+        out = task.loss(batch)
+        total += out.samples
+        skipped.update(out.skipped)
+    assert skipped == {"undecodable image": 1, "missing file": 1, "empty caption": 1} and total == 17
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["dataset=csv", "dataset.path=/nonexistent/captions.csv"], "dataset.path='/nonexistent/captions.csv'"),
     (["dataset=coco2014", "dataset.root=/nonexistent/coco"], "dataset.root='/nonexistent/coco'"),
-    (["dataset=webdataset", "dataset.train_shards='/nonexistent/s-{000..003}.tar'"], "4 of 4 shards do not exist"),
-    (["dataset=webdataset", "dataset.train_shards=[]"], "empty list"),
+    (["dataset=webdataset", "dataset.train_shards='/nonexistent/s-{000..003}.tar'", "dataset.eval_shards=/x.tar"],
+     "4 of 4 shards do not exist"),
+    (["dataset=webdataset", "dataset.train_shards=[]", "dataset.eval_shards=/x.tar"], "empty list"),
     (["dataset=image_folder", "dataset.path=/nonexistent/folder"], "dataset.path='/nonexistent/folder'"),
 ])
 def test_missing_data_fails_before_training_naming_it(tmp_path, store, overrides, message):
@@ -160,7 +168,7 @@ def test_weighted_resampled_sources_mix_by_weight(tmp_path):
     sources = (f"[{{shards: '{tmp_path}/red/s-0.tar', weight: 3, num_samples: 20}},"
                f"{{shards: '{tmp_path}/blue/s-0.tar', weight: 1, num_samples: 20}}]")
     cfg = compose_cfg(FAST + ["dataset=webdataset", f"dataset.train_shards={sources}", "dataset.resampled=true",
-                              f"dataset.eval_shards={tmp_path}/red/s-0.tar"])
+                              f"dataset.eval_shards={bad_shard(tmp_path / 'eval', shade=1)}"])
     task = ClipTask(cfg, torch.device("cpu"))
     stream, red_tokens = task.data.train, task.tokenizer(["a red square"])[0]
     stream.set_epoch(0, 0)
@@ -222,16 +230,16 @@ def test_flickr8k_converts_trains_and_logs_retrieval(tmp_path, store):
 def test_a_killed_shard_run_resumes_mid_epoch_on_the_same_stream(tmp_path, store, monkeypatch):
     shard = bad_shard(tmp_path)
     common = FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards={shard}",
-                     f"dataset.eval_shards={shard}", "epochs=2", "trainer.batch_size=4", "trainer.ckpt_every_steps=1",
-                     "dataset.shuffle_buffer=8"]
+                     f"dataset.eval_shards={bad_shard(tmp_path / 'eval', shade=1)}", "epochs=2", "trainer.batch_size=4",
+                     "trainer.ckpt_every_steps=1", "dataset.shuffle_buffer=8"]
     full = run(compose_cfg(common), tmp_path / "full")
     # 4 batches per epoch: dies on the 3rd batch of epoch 2
     state = run_killed_at_loss_call(compose_cfg(common), tmp_path / "killed", monkeypatch, call=7)
     ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
-    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
+    assert (state["train_state"]["epoch"], state["train_state"]["batch_in_epoch"]) == (1, 2)
     resumed = run(compose_cfg(common + [f"trainer.resume={ckpt}"]), tmp_path / "resumed")
-    end = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)
-    ref = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
+    end = load_checkpoint(ckpt)
+    ref = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     for key, value in ref["model"].items():
         torch.testing.assert_close(end["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert resumed["data/skipped"] == full["data/skipped"] == 6  # the count survives the kill, nothing twice
@@ -241,10 +249,10 @@ def test_batches_pin_through_the_loaders_hook_for_asynchronous_gpu_copies(monkey
     """On CUDA the loader pins (pin_memory=True): a non_blocking copy from pageable memory still
     makes the host wait. Pinning itself needs CUDA, so Tensor.pin_memory is stood in for here."""
     from torch.utils.data._utils.pin_memory import pin_memory
-    from fastclip.data.pairs import Batch, collate_skipping
+    from fastclip.data.pairs import Batch, Skip, collate_skipping
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(tuple(self.shape)) or self)
     batch = pin_memory(collate_skipping([(torch.zeros(3, 2, 2), torch.zeros(5, dtype=torch.long)), None]))
-    assert isinstance(batch, Batch) and batch.skipped == 1 and pinned == [(1, 3, 2, 2), (1, 5)]
-    empty = pin_memory(collate_skipping([None, None]))
-    assert empty.images is None and empty.skipped == 2
+    assert isinstance(batch, Batch) and batch.skipped == {"bad sample": 1} and pinned == [(1, 3, 2, 2), (1, 5)]
+    empty = pin_memory(collate_skipping([None, Skip("empty caption")]))
+    assert empty.images is None and empty.skipped == {"bad sample": 1, "empty caption": 1}

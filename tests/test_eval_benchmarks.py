@@ -63,7 +63,8 @@ def test_imagenet_evaluator_gives_the_known_accuracy_and_caches_the_classifier(t
 
 def test_imagenet_layout_errors_name_the_path(tmp_path, store):
     (tmp_path / "val" / "n01440764").mkdir(parents=True)
-    cfg = compose_cfg(TINY_CLIP + [f"tracking.uri={store}", f"eval.imagenet_val={tmp_path / 'val'}", "trainer.max_steps=1"])
+    cfg = compose_cfg(TINY_CLIP + [f"tracking.uri={store}", f"eval.imagenet_val={tmp_path / 'val'}", "trainer.max_steps=1",
+                                   "trainer.warmup_steps=1"])
     with pytest.raises(ValueError, match=r"eval.imagenet_val=.*has 1 class folders"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
@@ -120,3 +121,13 @@ def test_gpu_recipe_runs_the_loop_with_its_recorder_and_keeps_every_eval(tmp_pat
     assert len(steps) == 2 and 0 < steps[0] < steps[1]
     assert all(0 <= e["zeroshot/top1"] <= 1 for e in evals)
     assert "zeroshot/top1_shuffled_placement" in metrics
+
+
+def test_bench_lm_flags_a_collapsed_row_instead_of_reporting_its_bpc():
+    from fastclip.bench.lm import flag_collapsed
+    rows = [{"variant": "vanilla (12 full-length layers)", "lm/test_bpc": 3.2, "efficiency/compression_text": 1.0},
+            {"variant": "DTP gumbel prior 0.25", "lm/test_bpc": 3.9, "efficiency/compression_text": 256.0},
+            {"variant": "DTP whitespace", "lm/test_bpc": 3.3, "efficiency/compression_text": 5.7}]
+    flag_collapsed(rows, context=256)
+    assert rows[1]["lm/test_bpc"] is None and rows[1]["note"].startswith("collapsed: 256x")
+    assert rows[0]["lm/test_bpc"] == 3.2 and rows[2]["lm/test_bpc"] == 3.3 and rows[2]["note"] == ""

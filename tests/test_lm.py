@@ -161,7 +161,7 @@ def test_unigram_boundaries_are_piece_ends_and_cached(tmp_path):
 
 def test_lm_run_logs_bpc_on_valid_and_whole_test(tmp_path, store):
     cfg = compose_cfg(TINY_LM + ["boundary=whitespace", f"tracking.uri={store}", "epochs=1",
-                                 "trainer.max_steps=5"])
+                                 "trainer.max_steps=5", "trainer.warmup_steps=2"])
     metrics = run(cfg, tmp_path / "run")
     for key in ("lm/bpc", "lm/test_bpc", "efficiency/compression_text", "throughput/train_samples_per_s"):
         assert key in metrics

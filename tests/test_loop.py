@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from fastclip.loop import fit
+from fastclip.loop import StepOutput, fit
 
 
 class SleepyTask:
@@ -17,7 +17,7 @@ class SleepyTask:
         self.model = torch.nn.Linear(2, 1)
         self.load_s, self.compute_s, self.n = load_s, compute_s, n_batches
 
-    def train_batches(self, epoch):
+    def train_batches(self, epoch, start=0):
         task = self
 
         class Batches:
@@ -32,14 +32,14 @@ class SleepyTask:
 
     def loss(self, batch):
         time.sleep(self.compute_s)
-        return self.model(batch).square().mean(), {}, batch.shape[0]
+        return StepOutput(self.model(batch).square().mean(), {}, batch.shape[0])
 
     def evaluate(self):
         return {}
 
 
 def test_step_time_splits_into_data_wait_and_compute(tmp_path):
-    cfg = compose_cfg(["epochs=1", "trainer.progress=false"])
+    cfg = compose_cfg(["epochs=1", "trainer.progress=false", "trainer.warmup_steps=1"])
     slow_loader = fit(SleepyTask(load_s=0.05, compute_s=0.0), cfg, None, tmp_path / "a", torch.device("cpu"))
     slow_model = fit(SleepyTask(load_s=0.0, compute_s=0.05), cfg, None, tmp_path / "b", torch.device("cpu"))
     for m in (slow_loader, slow_model):
@@ -108,8 +108,8 @@ def test_training_steps_read_their_scalars_only_when_the_loop_logs(tmp_path, mon
     loading = {"now": False}
     real_batches = task.train_batches
 
-    def batches(epoch):  # the loader's own reads (sampler, random crops) happen on the host anyway
-        loader = real_batches(epoch)
+    def batches(epoch, start=0):  # the loader's own reads (sampler, random crops) happen on the host anyway
+        loader = real_batches(epoch, start)
 
         class Loading:
             def __len__(self):
@@ -132,28 +132,34 @@ def test_training_steps_read_their_scalars_only_when_the_loop_logs(tmp_path, mon
     reads = count_tensor_reads(monkeypatch, ignore=lambda: loading["now"])
     fit(task, cfg, None, tmp_path / "run", torch.device("cpu"))
     monkeypatch.undo()
-    assert reads == {"tolist": 2}  # steps 4 and 8: one transfer each
+    # steps 4 and 8: one transfer each; the epoch's checkpoint: one (are the weights finite?)
+    assert reads == {"tolist": 2, "__bool__": 1}
 
 
-def test_step_scalars_keep_order_across_devices_and_plain_numbers():
-    from fastclip.loop import StepScalars
-    scalars = StepScalars()
-    scalars.add(0, 0, torch.tensor(True), {"train/loss": torch.tensor(2.5), "train/lr": 0.1})
-    scalars.add(1, 0, True, {"train/loss": torch.tensor(float("nan")), "train/lr": 0.2,
-                             "train/n": torch.tensor(3, dtype=torch.long)})
-    rows = scalars.fetch()
-    assert [(s, e, f) for s, e, f, _ in rows] == [(0, 0, True), (1, 0, True)]
+def test_step_log_keeps_order_reads_plain_numbers_and_stops_at_the_first_non_finite_loss(tmp_path):
+    from fastclip.loop import StepLog, TrainingDiverged, TrainState
+    steps = StepLog(None, 10, None, tmp_path / "last.pt")
+    state = TrainState(step=1)
+    steps.add(state, torch.tensor(2.5), 0.1, {})
+    state.step = 2
+    steps.add(state, torch.tensor(float("nan")), 0.2, {"n": torch.tensor(3, dtype=torch.long)})
+    rows = steps.fetch()
+    assert [(s, e, f) for s, e, f, _ in rows] == [(0, 0, True), (1, 0, False)]
     assert rows[0][3] == {"train/loss": 2.5, "train/lr": 0.1}
     assert rows[1][3]["train/lr"] == 0.2 and rows[1][3]["train/n"] == 3.0 and rows[1][3]["train/loss"] != rows[1][3]["train/loss"]
-    assert scalars.fetch() == []
+    assert steps.fetch() == []
+    steps.add(state, torch.tensor(float("inf")), 0.2, {})
+    with pytest.raises(TrainingDiverged, match="train/loss is inf at step 1 .* no checkpoint written yet"):
+        steps.drain()
 
 
 def test_predictor_lr_scale_speeds_up_the_boundary_predictors_only(tmp_path):
     """trainer.predictor_lr_scale: one AdamW step moves every boundary-deciding parameter (both
     towers' predictors, the stride start's position logits) by that factor more and leaves every
     other step unchanged; weight decay still follows the parameter's shape."""
-    from fastclip.loop import boundary_decision_parameters, param_groups
-    both_towers = ["boundary.apply_to=[image,text]", "boundary.image_start=stride", "trainer.max_steps=1"]
+    from fastclip.optim import boundary_decision_parameters, param_groups
+    both_towers = ["boundary.apply_to=[image,text]", "boundary.image_start=stride", "trainer.max_steps=1",
+                   "trainer.warmup_steps=1"]
     start = tiny_gumbel_task(*both_towers)[0].model
     base = trained_weights(tmp_path, *both_towers)
     fast = trained_weights(tmp_path, *both_towers, "trainer.predictor_lr_scale=10")
@@ -178,3 +184,103 @@ def test_predictor_lr_scale_speeds_up_the_boundary_predictors_only(tmp_path):
         assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
     with pytest.raises(ValueError, match="trainer.predictor_lr_scale=0"):
         param_groups(start, 0.1, 1e-3, predictor_lr_scale=0)
+
+
+class CountingTask:
+    """A linear model on fixed batches: batch i of epoch e is x = e + i (2 features) and target 0;
+    `bad` lists (epoch, i) whose every sample is bad. Records the batches each loss saw."""
+
+    def __init__(self, n_batches: int, bad=()):
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(2, 1, bias=False)
+        self.n, self.bad, self.seen, self.kill_at = n_batches, set(bad), [], None
+
+    def batch(self, epoch, i):
+        return epoch, i, torch.full((4, 2), float(epoch + 1 + i) / 10)
+
+    def train_batches(self, epoch, start=0):
+        task = self
+
+        class Batches:
+            def __len__(self):
+                return task.n
+
+            def __iter__(self):
+                return (task.batch(epoch, i) for i in range(start, task.n))
+        return Batches()
+
+    def loss(self, batch):
+        epoch, i, x = batch
+        if len(self.seen) == self.kill_at:
+            raise KeyboardInterrupt
+        self.seen.append((epoch, i))
+        if (epoch, i) in self.bad:
+            return StepOutput(None, skipped={"bad sample": 4})
+        return StepOutput(self.model(x).square().mean(), {}, 4)
+
+    def evaluate(self):
+        return {}
+
+
+def steps_applied(trainer):
+    """Records (weights, gradient) at each optimizer step."""
+    applied = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: applied.append(
+        (trainer.model.weight.detach().clone(), trainer.model.weight.grad.clone())))
+    return applied
+
+
+@pytest.mark.parametrize("n, bad, steps", [
+    # 5 batches: two steps of (0, 1) and (2, 3); batch 4 would not fill a step and is left out
+    (5, set(), [(0, (0, 1)), (0, (2, 3)), (1, (0, 1)), (1, (2, 3))]),
+    # 4 batches, batch 1 all bad: (0, 2) fill the first step, batch 3 is left alone at the end
+    (4, {(0, 1)}, [(0, (0, 2)), (1, (0, 1)), (1, (2, 3))]),
+])
+def test_accumulation_never_carries_leftover_micro_batches_into_the_next_epoch(tmp_path, n, bad, steps):
+    """accum_steps=2: each optimizer step applies exactly the mean gradient of its own two
+    micro-batches; none of an epoch's leftover reaches the next epoch's first step."""
+    from fastclip.loop import Trainer
+    cfg = compose_cfg(["epochs=2", "trainer.progress=false", "trainer.warmup_steps=0", "trainer.accum_steps=2",
+                       "trainer.grad_clip=null"])
+    task = CountingTask(n, bad)
+    trainer = Trainer(task, cfg, torch.device("cpu"))
+    applied = steps_applied(trainer)
+    fit(task, cfg, None, tmp_path, torch.device("cpu"), trainer)
+    assert len(applied) == len(steps)
+    for (weights, grad), (epoch, pair) in zip(applied, steps):
+        w = weights.clone().requires_grad_(True)
+        expected = sum((task.batch(epoch, i)[2] @ w.T).square().mean() for i in pair) / 2
+        torch.testing.assert_close(grad, torch.autograd.grad(expected, w)[0])
+
+
+def test_a_resume_after_a_batch_whose_every_sample_was_bad_starts_at_the_right_batch(tmp_path):
+    """accum_steps=2 with batch 1 all bad: the first step is made of batches 0 and 2. A checkpoint
+    after it must resume at batch 3 (it used to count steps x accum = batch 2: trained twice)."""
+    from fastclip import checkpoint
+    from fastclip.loop import Trainer
+    cfg = compose_cfg(["epochs=1", "trainer.progress=false", "trainer.warmup_steps=0", "trainer.accum_steps=2",
+                       "trainer.ckpt_every_steps=1"])
+    full = CountingTask(8, bad={(0, 1)})
+    fit(full, cfg, None, tmp_path / "full", torch.device("cpu"))
+    killed = CountingTask(8, bad={(0, 1)})
+    killed.kill_at = 4  # dies in the second step (batches 3, 4), after the checkpoint of the first
+    with pytest.raises(KeyboardInterrupt):
+        fit(killed, cfg, None, tmp_path / "killed", torch.device("cpu"))
+    state = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert (state["train_state"]["step"], state["train_state"]["batch_in_epoch"]) == (1, 3)
+    assert state["train_state"]["skipped"] == {"bad sample": 4}
+    resumed = CountingTask(8, bad={(0, 1)})
+    trainer = Trainer(resumed, cfg, torch.device("cpu"))
+    trainer.load_state_dict(state)
+    fit(resumed, cfg, None, tmp_path / "killed", torch.device("cpu"), trainer)
+    assert resumed.seen == [(0, i) for i in range(3, 8)]
+    torch.testing.assert_close(resumed.model.weight, full.model.weight)
+
+
+def test_an_epoch_that_trains_on_no_sample_fails_naming_why(tmp_path):
+    from fastclip.loop import NoTrainingData
+    cfg = compose_cfg(["epochs=2", "trainer.progress=false", "trainer.warmup_steps=0"])
+    task = CountingTask(3, bad={(0, i) for i in range(3)})
+    with pytest.raises(NoTrainingData, match=r"epoch 0 trained on no sample.*12 bad sample"):
+        fit(task, cfg, None, tmp_path, torch.device("cpu"))
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()

@@ -5,7 +5,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import TINY_CLIP, compose_cfg, run_killed_at_loss_call
+from conftest import TINY_CLIP, compose_cfg, load_checkpoint, run_killed_at_loss_call
 from fastclip import runtime
 from fastclip.loop import TrainingDiverged
 from fastclip.tasks.clip import ClipTask
@@ -67,14 +67,16 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
 
     def poisoned(self, batch):  # epoch 1 has 5 steps; the 8th step's loss is NaN
         calls["n"] += 1
-        loss, extras, n = real_loss(self, batch)
-        return (loss * math.nan if calls["n"] == 8 else loss), extras, n
+        out = real_loss(self, batch)
+        if calls["n"] == 8:
+            out.loss = out.loss * math.nan
+        return out
 
     monkeypatch.setattr(ClipTask, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"train/loss is nan at step 7 .*last good checkpoint kept"):
         run(cfg, tmp_path / "run")
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
-    assert state["step"] == 5 and state["epoch"] == 1
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["train_state"]["step"] == 5 and state["train_state"]["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     failed = mlflow.MlflowClient(tracking_uri=store).search_runs(
         [mlflow.MlflowClient(tracking_uri=store).get_experiment_by_name("fastclip").experiment_id])
@@ -91,17 +93,18 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, store, monkeypatch):
     # 5 steps per epoch: dies on the 7th step
     first = run_killed_at_loss_call(compose_cfg(common), tmp_path / "killed", monkeypatch, call=7)
     ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
-    assert (first["step"], first["epoch"]) == (5, 1)
+    assert (first["train_state"]["step"], first["train_state"]["epoch"]) == (5, 1)
     client = mlflow.MlflowClient(tracking_uri=store)
     assert client.get_run(first["mlflow_run_id"]).info.status == "KILLED"
 
-    resumed = run(compose_cfg(common + [f"trainer.resume={ckpt}"]), tmp_path / "resumed")
+    resumed = run(compose_cfg(common + [f"trainer.resume={ckpt}"]), tmp_path / "elsewhere")
     assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
     assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED"
-    end = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)
-    ref = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
+    assert not (tmp_path / "elsewhere").exists()  # the resumed run writes into the run dir it continues
+    end = load_checkpoint(ckpt)
+    ref = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     # the schedule continues (no re-warm-up, no re-initialised lr) and lands on the same weights
-    assert end["step"] == ref["step"] == 10
+    assert end["train_state"]["step"] == ref["train_state"]["step"] == 10
     assert end["scheduler"] == ref["scheduler"]
     assert end["optimizer"]["param_groups"][0]["lr"] == ref["optimizer"]["param_groups"][0]["lr"]
     for key, value in ref["model"].items():

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fastclip import PROJECT_ROOT
-from fastclip.bench.common import emit, markdown_table, run_isolated
+from fastclip.bench.common import emit, markdown_table, run_isolated, schedule
 
 CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-test"
 # 64 patches (32 px, patch 4), 4 blocks: DTP runs 1 block on all patches and 3 on segments.
@@ -105,7 +105,7 @@ def main(argv=None):
         if ds == "cifar10" and not CIFAR.is_dir():
             print(f"skipping cifar10: {CIFAR} is absent")
             continue
-        common = DATASETS[ds] + GEOMETRY + [f"trainer.max_steps={args.steps}", "epochs=100000",
+        common = DATASETS[ds] + GEOMETRY + schedule(args.steps, warmup=20) + ["epochs=100000",
                                             "eval.every_epochs=100000", "trainer.progress=false",
                                             "tracking.experiment=bench-clip"]
         # (name, overrides, ToMe matched to its GFLOPs)

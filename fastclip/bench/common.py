@@ -31,6 +31,12 @@ def run_isolated(overrides: list[str], run_dir: Path) -> dict:
     return in_fresh_process(_child, list(overrides), str(run_dir))
 
 
+def schedule(steps: int, warmup: int) -> list[str]:
+    """A bench run's length: `steps` steps under the recipe's warm-up, shortened for a smoke run that
+    is shorter than it (a warm-up longer than the run is an error)."""
+    return [f"trainer.max_steps={steps}", f"trainer.warmup_steps={min(warmup, max(1, steps // 10))}"]
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """columns: (header, key, format)."""
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]

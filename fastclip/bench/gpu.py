@@ -29,7 +29,7 @@ from fastclip.bench.common import in_fresh_process
 from fastclip.config import compose_train_config
 from fastclip import runtime
 from fastclip.eval.efficiency import count_gflops, unpadded_gflops
-from fastclip.loop import adamw_impl
+from fastclip.optim import adamw_impl
 from fastclip.models.clip import build_clip, clip_objective
 
 DTP_IMAGE = ["boundary.apply_to=[image]", "boundary.image_pre_layers=2"]

@@ -20,7 +20,7 @@ import torch
 
 from fastclip import runtime
 from fastclip.bench.clip import CIFAR, DTP_VARIANTS, GEOMETRY, tome_r_for
-from fastclip.bench.common import markdown_table
+from fastclip.bench.common import markdown_table, schedule
 from fastclip.config import compose_train_config
 from fastclip.loop import fit
 from fastclip.tasks import build_task
@@ -77,7 +77,7 @@ def main(argv=None):
     steps_per_epoch = int(0.8 * sum(1 for p in Path(args.data).rglob("*") if p.is_file())) // 128
     every = max(1, args.steps // max(1, steps_per_epoch) // args.evals)
     common = ["dataset=image_folder", f"dataset.path={args.data}"] + GEOMETRY + [
-        f"trainer.max_steps={args.steps}", "epochs=100000", f"eval.every_epochs={every}", "trainer.progress=false",
+        *schedule(args.steps, warmup=20), "epochs=100000", f"eval.every_epochs={every}", "trainer.progress=false",
         f"trainer.num_workers={args.workers}", f"device={args.device}"]
     extra = list(args.set)
     rows, history = [], {}

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from fastclip import runtime
-from fastclip.loop import adamw_impl, fit, param_groups
+from fastclip.loop import fit
+from fastclip.optim import adamw_impl, param_groups
 from fastclip.tasks.clip import ClipTask
 from fastclip.tracking import Tracker
 

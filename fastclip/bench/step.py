@@ -22,7 +22,7 @@ from fastclip import PROJECT_ROOT
 from fastclip.bench.common import emit, markdown_table
 from fastclip.config import compose_train_config
 from fastclip.eval.efficiency import count_gflops
-from fastclip.loop import adamw_impl
+from fastclip.optim import adamw_impl
 from fastclip.models.clip import boundary_loss, build_clip, clip_objective
 
 DTP = ["boundary.apply_to=[image]"]

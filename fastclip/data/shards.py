@@ -18,7 +18,7 @@ from pathlib import Path
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import filters, shardlists, tariterators
 
-from fastclip.data.pairs import ImageFiles, RetrievalSet, clean_caption, open_rgb
+from fastclip.data.pairs import ImageFiles, RetrievalSet, Skip, clean_caption, open_rgb
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -36,25 +36,30 @@ def expand_shards(pattern: str, what: str = "dataset.train_shards") -> list[str]
     return urls
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """From sizes.json ({shard name: count}) or img2dataset's <shard>_stats.json ("successes");
-    None when some shard has neither."""
-    total = 0
-    sizes_cache: dict[Path, dict] = {}
+def shard_sizes(urls: list[str]) -> dict[str, int] | None:
+    """{url: samples} from sizes.json ({shard name: count}) or img2dataset's <shard>_stats.json
+    ("successes"); None when some shard has neither."""
+    sizes: dict[str, int] = {}
+    cache: dict[Path, dict] = {}
     for url in urls:
         path = Path(url)
         sizes_file = path.parent / "sizes.json"
         if sizes_file.is_file():
-            sizes = sizes_cache.setdefault(sizes_file, json.loads(sizes_file.read_text()))
-            if path.name in sizes:
-                total += int(sizes[path.name])
+            known = cache.setdefault(sizes_file, json.loads(sizes_file.read_text()))
+            if path.name in known:
+                sizes[url] = int(known[path.name])
                 continue
         stats = path.with_name(path.name.removesuffix(".tar") + "_stats.json")
         if stats.is_file():
-            total += int(json.loads(stats.read_text())["successes"])
+            sizes[url] = int(json.loads(stats.read_text())["successes"])
             continue
         return None
-    return total
+    return sizes
+
+
+def count_samples(urls: list[str]) -> int | None:
+    sizes = shard_sizes(urls)
+    return None if sizes is None else sum(sizes.values())
 
 
 def _warn_and_continue(exc: Exception) -> bool:
@@ -63,12 +68,13 @@ def _warn_and_continue(exc: Exception) -> bool:
 
 
 class ShardSource:
-    """One source: its shard list, weight and sample count."""
+    """One source: its shard list, weight, sample count and (when known) each shard's size."""
 
     def __init__(self, pattern: str, weight: float, num_samples: int | None):
         self.pattern, self.weight = pattern, float(weight)
         self.urls = expand_shards(pattern)
-        self.num_samples = num_samples or count_samples(self.urls)
+        self.sizes = shard_sizes(self.urls) or {}
+        self.num_samples = num_samples or (sum(self.sizes.values()) if self.sizes else None)
 
 
 def build_sources(cfg) -> list[ShardSource]:
@@ -87,7 +93,7 @@ def build_sources(cfg) -> list[ShardSource]:
 
 
 class ShardStream(IterableDataset):
-    """Decoded (image tensor, tokens) samples, or None for a bad one (counted by the collate)."""
+    """Decoded (image tensor, tokens) samples, or Skip(reason) for a bad one (counted by the collate)."""
 
     def __init__(self, sources: list[ShardSource], transform, tokenizer, shuffle_buffer: int, resampled: bool,
                  num_samples: int | None):
@@ -102,9 +108,15 @@ class ShardStream(IterableDataset):
             raise ValueError("dataset.train_shards lists several weighted sources: mixing by weight needs "
                              "dataset.resampled=true")
         self.seed, self.epoch = 0, 0
+        self.overlap = None  # evaluation images' fingerprints (data.overlap)
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         self.seed, self.epoch = seed, epoch
+
+    def exclude_eval(self, overlap) -> int:
+        """Samples that are evaluation images are left out as they are read (a stream is not listed)."""
+        self.overlap = overlap
+        return 0
 
     def __len__(self):
         return self.num_samples
@@ -127,28 +139,38 @@ class ShardStream(IterableDataset):
             yield {"url": url}
 
     def _samples(self, source: ShardSource, index: int):
-        samples = tariterators.tarfile_samples(self._shard_urls(source, index), handler=_warn_and_continue)
+        samples = (s for url in self._shard_urls(source, index) for s in _shard_samples(url["url"], source.sizes))
         if self.shuffle_buffer > 1:
             samples = filters.shuffle(bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
                                       rng=self._rng("shuffle", index))(samples)
         yield from samples
 
     def decode(self, sample: dict):
+        """(image tensor, tokens), or Skip(reason) for a sample that cannot train."""
+        if LOST in sample:
+            return Skip("unreadable in its shard")
         what = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if image_key is None:
             log.warning("skipping %s: no image file in the sample (has %s)", what,
                         sorted(k for k in sample if not k.startswith("__")))
-            return None
-        caption = clean_caption(_caption(sample), what)
+            return Skip("no image")
+        text = _caption(sample)
+        if text is None:
+            return Skip("caption not UTF-8")
+        caption = clean_caption(text, what)
         if caption is None:
-            return None
+            return Skip("empty caption")
+        if self.overlap and self.overlap.has_bytes(sample[image_key]):
+            return self.overlap.found(what)
         image = open_rgb(sample[image_key], what)
         if image is None:
-            return None
+            return Skip("undecodable image")
         return self.transform(image), self.tokenizer([caption])[0]
 
     def __iter__(self):
+        """Decoded samples; a non-resampled pass ends with the shards, a resampled one after
+        num_samples / workers per worker."""
         info = get_worker_info()
         workers = info.num_workers if info else 1
         streams = [iter(self._samples(s, i)) for i, s in enumerate(self.sources)]
@@ -170,6 +192,26 @@ def build_shards(cfg, preprocess_train, tokenizer) -> ShardStream:
     return ShardStream(sources, preprocess_train, tokenizer, cfg.shuffle_buffer, cfg.resampled, cfg.num_samples)
 
 
+# the key of a stand-in for a sample a shard declares but could not deliver (truncated or corrupt tar)
+LOST = "__lost__"
+
+
+def _shard_samples(url: str, sizes: dict[str, int]):
+    """One shard's samples; when it delivers fewer than sizes.json declares (webdataset's handler
+    drops what it cannot read: a truncated tar, a corrupt member), one LOST stand-in per missing
+    sample, so that data/skipped counts them like any other bad sample."""
+    n = 0
+    for sample in tariterators.tarfile_samples([{"url": url}], handler=_warn_and_continue):
+        n += 1
+        yield sample
+    declared = sizes.get(url)
+    if declared is not None and n != declared:
+        log.warning("%s: %d samples read, its sizes file declares %d%s", url, n, declared,
+                    "; the rest count as skipped" if n < declared else "")
+        for _ in range(declared - n):
+            yield {LOST: True, "__url__": url}
+
+
 def _read_samples(pattern: str, what: str, limit: int | None):
     """Raw samples of the shards in order (no shuffle), at most `limit`."""
     urls = [{"url": u} for u in expand_shards(pattern, what)]
@@ -179,15 +221,24 @@ def _read_samples(pattern: str, what: str, limit: int | None):
         yield sample
 
 
-def _caption(sample) -> str:
+def _caption(sample) -> str | None:
+    """The sample's caption (stripped), or None with a warning when its bytes are not UTF-8 (never
+    a caption with replacement characters in it)."""
     raw = sample.get("txt", b"")
-    return (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)).strip()
+    if not isinstance(raw, bytes):
+        return str(raw).strip()
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        log.warning("skipping %s:%s: caption not UTF-8 (byte 0x%02x at offset %d)", sample.get("__url__", "?"),
+                    sample.get("__key__", "?"), raw[exc.start], exc.start)
+        return None
 
 
 def shard_captions(pattern, limit: int = 100_000) -> list[str]:
     """Training captions (the unigram text-boundary corpus), the first `limit` of the shards."""
     patterns = [pattern] if isinstance(pattern, str) else [s["shards"] for s in pattern]
-    return [c for p in patterns for c in map(_caption, _read_samples(p, "dataset.train_shards", limit)) if c]
+    return [c for p in patterns for c in map(_caption, _read_samples(p, "dataset.train_shards", limit)) if c]  # None: not UTF-8
 
 
 def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None) -> RetrievalSet:
@@ -195,11 +246,14 @@ def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None) -
     json "source") are regrouped into one image with several captions; others stand alone.
     Encoded images are kept in memory (a few thousand small JPEGs)."""
     images: dict[str, tuple[bytes, str, list[str]]] = {}
+    skipped = 0
     for sample in _read_samples(pattern, "dataset.eval_shards", None):
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         caption = _caption(sample)
         if image_key is None or not caption:
-            log.warning("skipping eval sample %s: %s", sample.get("__key__"), "no image" if image_key is None else "empty caption")
+            log.warning("skipping eval sample %s: %s", sample.get("__key__"), "no image" if image_key is None else
+                        "no usable caption")
+            skipped += 1
             continue
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
         try:
@@ -214,4 +268,5 @@ def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None) -
     if not images:
         raise ValueError(f"dataset.eval_shards={pattern!r}: no usable sample")
     data, names, captions = zip(*images.values())
-    return RetrievalSet(ImageFiles(list(data), preprocess_eval, names=list(names)), list(captions))
+    return RetrievalSet(ImageFiles(list(data), preprocess_eval, names=list(names)), list(captions), skipped,
+                        f"webdataset eval_shards={pattern} ({len(data)} images)")

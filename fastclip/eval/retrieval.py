@@ -45,6 +45,9 @@ def retrieval_eval(model, tokenizer, retrieval, device, batch_size=256, num_work
     text_features = [model.encode_text(tokenizer(flat[s:s + batch_size]).to(device), normalize=True).float().cpu()
                      for s in range(0, len(flat), batch_size)]
     model.train(was_training)
+    if not kept:  # checked before training too (data.pairs.require_usable); files can vanish since
+        raise ValueError(f"{retrieval.description or 'the retrieval set'}: none of its {len(retrieval.images)} "
+                         f"images could be decoded at evaluation")
     similarity = torch.cat(features) @ torch.cat(text_features).T
     return {**recall_at_k(similarity, caption_image), "retrieval/images": float(len(kept)),
-            "retrieval/skipped": float(batches.skipped)}
+            "retrieval/skipped": float(batches.skipped + retrieval.skipped)}

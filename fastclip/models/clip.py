@@ -11,21 +11,9 @@ from open_clip.model import _build_text_tower, _build_vision_tower
 from torch import nn
 
 from fastclip.models.boundaries import build_boundary_method
+from fastclip.models.meaning import dtp_towers
 from fastclip.models.text import CharTokenizer, DTPTextTower, VanillaTextTower
 from fastclip.models.vision import DTPImageTower, ToMeImageTower, VanillaImageTower
-
-TOWERS = ("image", "text")
-# What each method means per tower; None = no meaning there (a clear error, never silent).
-MEANING = {
-    "fixed": {"image": "every k patches in reading order (boundary.image_order: raster or hilbert)", "text": "every k characters"},
-    "gumbel": {"image": "learned, over patches in reading order (boundary.image_order)", "text": "learned, over characters"},
-    "entropy_spike": {"image": "spikes of an auxiliary next-patch predictor's error",
-                      "text": "spikes of an auxiliary next-character head's entropy"},
-    "whitespace": {"image": None, "text": "a space closes its word"},
-    "unigram": {"image": None, "text": "sentencepiece Unigram piece ends of the training captions"},
-    "tome": {"image": "ToMe bipartite soft matching, r tokens per layer", "text": None},
-}
-
 
 def clip_geometry(enc) -> dict:
     """Model geometry as data: open_clip's shipped JSON when `open_clip_name` is set, with our overrides."""
@@ -42,21 +30,6 @@ def clip_geometry(enc) -> dict:
     base["vision_cfg"].update(enc.get("vision") or {})
     base["text_cfg"].update(enc.get("text") or {})
     return base
-
-
-def dtp_towers(boundary) -> tuple[str, ...]:
-    """Which towers the boundary config pools; fails at config time on a meaningless combination."""
-    if boundary.name == "none":
-        return ()
-    towers = tuple(boundary.apply_to)
-    for tower in towers:
-        if tower not in TOWERS:
-            raise ValueError(f"boundary.apply_to contains {tower!r}: expected image and/or text")
-        if MEANING[boundary.name][tower] is None:
-            raise ValueError(f"boundary={boundary.name} has no meaning on the {tower} tower "
-                             f"(boundary.apply_to={list(towers)}); apply it to "
-                             f"{[t for t in TOWERS if MEANING[boundary.name][t]]} only")
-    return towers
 
 
 class FastCLIP(nn.Module):

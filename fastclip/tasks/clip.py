@@ -1,28 +1,33 @@
 """Contrastive image-text pretraining: open_clip towers (vanilla, DTP or ToMe), open_clip's
 tokenizer, transforms and ClipLoss, plus each DTP tower's boundary loss. Every evaluation
 reports zero-shot accuracy and the efficiency the model actually achieved."""
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from open_clip import ClipLoss
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from fastclip import runtime
+from fastclip.checks import check_config
 from fastclip.data.captioned import ZeroShotSet
-from fastclip.data.coco import build_coco, read_coco
+from fastclip.data.coco import build_coco
+from fastclip.data.coco import training_captions as coco_training_captions
 from fastclip.data.csv_pairs import build_csv, read_pairs
 from fastclip.data.digits import build_digits
 from fastclip.data.image_folder import build_image_folder, folder_classnames
-from fastclip.data.pairs import ImageFiles, RetrievalSet, collate_skipping
+from fastclip.data.overlap import EVAL_OVERLAP, eval_overlap_of
+from fastclip.data.pairs import ImageFiles, RetrievalSet, collate_skipping, require_usable
 from fastclip.data.shards import build_shards, shard_captions, shard_retrieval_set
 from fastclip.eval.boundary_picture import draw
 from fastclip.eval.efficiency import parameter_counts, tower_efficiency
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
+from fastclip.loop import StepOutput
 from fastclip.models.clip import build_clip, build_transforms, clip_objective
-from fastclip.models.vision import require_learned_placement, shuffled_placement
+from fastclip.models.vision import shuffled_placement
 
 
 @dataclass
@@ -45,9 +50,10 @@ def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipDa
         train, retrieval = build_coco(cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
         return ClipData(train, retrieval=retrieval)
     if name == "webdataset":
+        train = build_shards(cfg.dataset, preprocess_train, tokenizer)
         retrieval = (shard_retrieval_set(cfg.dataset.eval_shards, preprocess_eval, cfg.dataset.eval_max_images)
                      if cfg.dataset.eval_shards else None)
-        return ClipData(build_shards(cfg.dataset, preprocess_train, tokenizer), retrieval=retrieval)
+        return ClipData(train, retrieval=retrieval)
     raise ValueError(f"dataset={name!r} is not an image-text dataset for task=clip "
                      f"(digits, image_folder, csv, coco2014, webdataset)")
 
@@ -61,7 +67,7 @@ def training_captions(ds) -> list[str]:
     if ds.name == "csv":
         return [c for _, c in read_pairs(ds.path, ds.image_root, ds.image_column, ds.caption_column, ds.separator) if c]
     if ds.name == "coco2014":
-        return [c for caps in read_coco(Path(ds.root), "train2014").values() for c in caps]
+        return coco_training_captions(ds)
     if ds.name == "webdataset":
         return shard_captions(ds.train_shards, limit=100_000)
     raise ValueError(f"dataset={ds.name!r}: no caption corpus for boundary=unigram")
@@ -76,10 +82,9 @@ def decode_tokens(tokenizer, ids: torch.Tensor) -> str:
 
 class ClipTask:
     def __init__(self, cfg, device: torch.device, run_dir: str | Path | None = None):
+        check_config(cfg)
         self.cfg, self.device = cfg, device
         self.run_dir = Path(run_dir) if run_dir else None
-        if "pre_layers" in cfg.encoder:
-            raise ValueError(f"encoder={cfg.encoder.name} is a char LM geometry; task=clip needs a CLIP encoder")
         preprocess_train, preprocess_eval = build_transforms(cfg.encoder)
         captions = training_captions(cfg.dataset) if cfg.boundary.name == "unigram" else None
         self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.get("cache_dir"))
@@ -88,34 +93,60 @@ class ClipTask:
         self.preprocess_eval = preprocess_eval
         self.criterion = ClipLoss()
         self.evals, self._artifacts = 0, []
-        self.skipped = getattr(self.data.train, "skipped", 0)  # bad samples so far, build time included
-        if cfg.eval.imagenet_val:
-            imagenet_files(cfg.eval.imagenet_val)  # a wrong path or layout fails now, not after training
-        if cfg.eval.placement_control:  # fail before training, not after it
-            if self.data.zeroshot is None:
-                raise ValueError(f"eval.placement_control=true reports zero-shot top-1; dataset={cfg.dataset.name} "
-                                 f"has no class-captioned held-out set")
-            require_learned_placement(self.model.visual)
-        if not (self.data.zeroshot or self.data.retrieval or cfg.eval.imagenet_val):
-            raise ValueError(f"dataset={cfg.dataset.name} brings no evaluation set here: set eval.imagenet_val "
-                             f"or the dataset's held-out split (eval_path / eval_fraction / eval_shards)")
+        skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
+        self.build_skipped = dict(skipped) if isinstance(skipped, dict) else {"bad sample": skipped} if skipped else {}
+        overlap = eval_overlap_of(self.data, cfg.eval.overlap)
+        self.checks_eval_overlap = bool(overlap) and hasattr(self.data.train, "exclude_eval")
+        if self.checks_eval_overlap:
+            dropped = self.data.train.exclude_eval(overlap)
+            if dropped:
+                self.build_skipped[EVAL_OVERLAP] = self.build_skipped.get(EVAL_OVERLAP, 0) + dropped
+        self._check_eval_sets()
+        retrieval = self.data.retrieval
+        self.tags = {"fastclip.retrieval_set": retrieval.description} if retrieval and retrieval.description else {}
 
-    def train_batches(self, epoch: int) -> DataLoader:
+    def _check_eval_sets(self) -> None:
+        """Every evaluation set exists and has a usable item before training starts, not after it."""
+        if self.data.zeroshot is not None:
+            require_usable(self.data.zeroshot.images, f"dataset={self.cfg.dataset.name}'s zero-shot set")
+        if self.data.retrieval is not None:
+            require_usable(self.data.retrieval.images, self.data.retrieval.description
+                           or f"dataset={self.cfg.dataset.name}'s retrieval set")
+        if self.cfg.eval.imagenet_val:
+            imagenet_files(self.cfg.eval.imagenet_val)  # a wrong path or layout fails now
+
+    def train_batches(self, epoch: int, start: int = 0):
+        """The epoch's batches from batch `start` on (len: the whole epoch). A map-style source
+        starts its sampler there (no decoding of the batches before it); a stream is read past them."""
         train, tc = self.data.train, self.cfg.trainer
         if hasattr(train, "set_epoch"):
             train.set_epoch(self.cfg.seed, epoch)
         stream = isinstance(train, IterableDataset)
         workers = tc.num_workers
-        return DataLoader(train, batch_size=tc.batch_size, shuffle=not stream, drop_last=True,
-                          generator=None if stream else runtime.epoch_generator(self.cfg.seed, epoch),
-                          num_workers=workers, collate_fn=collate_skipping,
-                          timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
-                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+        sampler = None if stream else EpochOrder(len(train), self.cfg.seed, epoch, start * tc.batch_size)
+        loader = DataLoader(train, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=workers, collate_fn=collate_skipping,
+                            timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
+                            persistent_workers=False, pin_memory=self.device.type == "cuda")
+        if stream and start:
+            return Skipping(loader, start)
+        return loader if not start else Sized(loader, len(train) // tc.batch_size)
 
-    def loss(self, batch):
-        self.skipped += batch.skipped
-        if batch.images is None:
-            return None  # every sample of this batch was bad: nothing to learn from
+    def epoch_samples(self) -> int:
+        """Samples the training source declares per epoch (rows, files, or the shards' sizes)."""
+        return len(self.data.train)
+
+    def sizes(self) -> dict[str, int]:
+        out = {"train samples/epoch": len(self.data.train)}
+        if self.data.zeroshot is not None:
+            out["zero-shot images"] = len(self.data.zeroshot.images)
+        if self.data.retrieval is not None:
+            out["retrieval images"] = len(self.data.retrieval.captions)
+        return out
+
+    def loss(self, batch) -> StepOutput:
+        if batch.images is None:  # every sample of this batch was bad: nothing to learn from
+            return StepOutput(None, skipped=batch.skipped)
         images, texts = batch.images.to(self.device, non_blocking=True), batch.tokens.to(self.device, non_blocking=True)
         with torch.no_grad():  # as open_clip_train: temperature capped at 100
             self.model.logit_scale.clamp_(0, 4.6052)
@@ -127,7 +158,7 @@ class ClipTask:
         for tower in ("image", "text"):
             info = out[f"{tower}_info"]
             extras[f"compression_{tower}"] = (info["tokens"].sum() / info["segments"].sum().clamp_min(1)).detach()
-        return loss, extras, images.shape[0]
+        return StepOutput(loss, extras, images.shape[0], batch.skipped)
 
     def eval_batch(self, n: int = 64):
         """A real eval batch for FLOP counting: held-out images with their own text (class prompts
@@ -166,9 +197,9 @@ class ClipTask:
                                          cfg.eval.num_workers, cache))
         images, tokens = self.eval_batch()
         metrics.update(tower_efficiency(self.model, images, tokens))
-        metrics["data/skipped"] = float(self.skipped)
         self.evals += 1
-        if self.run_dir is not None and cfg.eval.boundary_picture:
+        pools = self.model.image_method is not None or self.model.text_method is not None
+        if self.run_dir is not None and cfg.eval.boundary_picture and pools:  # nothing to draw otherwise
             path = self.run_dir / "boundaries" / f"eval_{self.evals:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             draw(self.model, images, tokens, lambda t: decode_tokens(self.tokenizer, t), path)
@@ -199,9 +230,42 @@ class ClipTask:
     def params(self) -> dict[str, int]:
         return parameter_counts(self.model)
 
-    def state_dict(self) -> dict:
-        """What a resumed run must carry beyond the model: the running skip count."""
-        return {"skipped": self.skipped}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.skipped = state.get("skipped", self.skipped)
+class EpochOrder(Sampler):
+    """The epoch's shuffled order (a function of seed and epoch only, so a resumed run replays it),
+    from position `start` on: the same permutation torch's RandomSampler draws from this generator."""
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+
+    def __len__(self):
+        return max(0, self.n - self.start)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=runtime.epoch_generator(self.seed, self.epoch))
+        return iter(order[self.start:].tolist())
+
+
+class Sized:
+    """An iterable with the length of the whole epoch (the loop plans steps from it)."""
+
+    def __init__(self, batches, length: int):
+        self.batches, self.length = batches, length
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class Skipping(Sized):
+    """A stream's batches after its first `skip` (read and dropped: a stream cannot seek)."""
+
+    def __init__(self, batches, skip: int):
+        super().__init__(batches, len(batches))
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.skip, None)
+

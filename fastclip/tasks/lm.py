@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from fastclip import runtime
+from fastclip.checks import check_config
 from fastclip.data import text8, unigram
 from fastclip.eval.bpc import evaluate_bpc
+from fastclip.loop import StepOutput
 from fastclip.models.boundaries import EntropySpike, Unigram, build_boundary_method
 from fastclip.models.charlm import HourglassLM
 
@@ -18,19 +20,22 @@ from fastclip.models.charlm import HourglassLM
 class RandomWindows:
     """One epoch = as many (batch of random windows) as the training split has windows' worth of chars."""
 
-    def __init__(self, ids, targets, context, batch_size, seed, epoch):
+    def __init__(self, ids, targets, context, batch_size, seed, epoch, start: int = 0):
         self.ids, self.targets = torch.from_numpy(ids.astype(np.int64)), targets
         self.context, self.batch_size = context, batch_size
         self.generator = runtime.epoch_generator(seed, epoch)
         self.n_batches = max(1, (len(ids) - 1) // (context * batch_size))
+        self.start = start  # batches drawn and dropped first (a resumed epoch)
 
     def __len__(self):
         return self.n_batches
 
     def __iter__(self):
         T = self.context
-        for _ in range(self.n_batches):
+        for i in range(self.n_batches):
             starts = torch.randint(0, len(self.ids) - T - 1, (self.batch_size,), generator=self.generator)
+            if i < self.start:
+                continue
             x = torch.stack([self.ids[s:s + T] for s in starts])
             y = torch.stack([self.ids[s + 1:s + T + 1] for s in starts])
             if self.targets is None:
@@ -40,9 +45,6 @@ class RandomWindows:
 
 
 def build_lm(enc, boundary, context: int) -> HourglassLM:
-    if "pre_layers" not in enc:
-        raise ValueError(f"encoder={enc.name} is a CLIP geometry; task=lm needs a char LM encoder "
-                         f"(char_lm_small, char_lm_paper)")
     return HourglassLM(vocab_size=len(text8.ALPHABET), width=enc.width, heads=enc.heads, mlp_ratio=enc.mlp_ratio,
                        pre_layers=enc.pre_layers, short_layers=enc.short_layers, post_layers=enc.post_layers,
                        max_len=context, boundary=boundary, dropout=enc.dropout)
@@ -50,9 +52,8 @@ def build_lm(enc, boundary, context: int) -> HourglassLM:
 
 class LMTask:
     def __init__(self, cfg, device: torch.device):
+        check_config(cfg)
         self.cfg, self.device = cfg, device
-        if cfg.dataset.name != "text8":
-            raise ValueError(f"task=lm needs dataset=text8 (a text8-format file), got dataset={cfg.dataset.name}")
         text, self.source = text8.load_text(cfg.dataset.path, cfg.dataset.clean)
         splits = text8.split(text, cfg.dataset.split)
         self.ids = dict(zip(("train", "valid", "test"), (text8.encode(s) for s in splits)))
@@ -68,9 +69,15 @@ class LMTask:
             self.train_targets = torch.from_numpy(unigram.piece_end_boundaries(sp, splits[0]).astype(np.float32))
         self.model = build_lm(cfg.encoder, self.method, self.context).to(device)
 
-    def train_batches(self, epoch: int) -> RandomWindows:
+    def train_batches(self, epoch: int, start: int = 0) -> RandomWindows:
         return RandomWindows(self.ids["train"], self.train_targets, self.context, self.cfg.trainer.batch_size,
-                             self.cfg.seed, epoch)
+                             self.cfg.seed, epoch, start)
+
+    def epoch_samples(self) -> int:
+        return len(self.train_batches(0)) * self.cfg.trainer.batch_size
+
+    def sizes(self) -> dict[str, int]:
+        return {f"{split} chars": len(ids) for split, ids in self.ids.items()}
 
     def loss(self, batch):
         batch = [t.to(self.device, non_blocking=True) for t in batch]
@@ -92,7 +99,7 @@ class LMTask:
             if aux is not None:
                 extras["boundary_loss"] = aux.detach()
                 total = lm + self.method.loss_weight * aux
-        return total, extras, x.shape[0]
+        return StepOutput(total, extras, x.shape[0])
 
     def _bpc(self, split: str) -> dict[str, float]:
         ids = self.ids[split]

@@ -1,0 +1,100 @@
+"""fastclip checkpoints: one file per run (`<run dir>/checkpoints/last.pt`) that continues the run
+exactly and carries everything needed to rebuild its model.
+
+The file is a dict that `torch.load(weights_only=True)` reads (tensors, numbers, strings, lists,
+dicts; no pickled objects):
+
+    format, version         "fastclip.checkpoint", 2
+    model, optimizer, scheduler, scaler   state dicts
+    train_state             loop.TrainState.state_dict(): step, epoch, data position, RNG, skip counts
+    config                  the resolved config the run trained with (plain containers)
+    choices                 the config group options it was composed with (Hydra's runtime choices)
+    run_dir, mlflow_uri, mlflow_run_id    where the run writes
+
+Version 1 (before the loop's state had a type) kept the state's fields at the top level and
+the RNG state as numpy objects; load() still reads it.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+FORMAT = "fastclip.checkpoint"
+VERSION = 2
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable fastclip checkpoint."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run; raised before anything of the run is touched."""
+
+
+def save(path: str | os.PathLike, payload: dict) -> None:
+    """Atomic: a crash while writing never leaves a half-written file behind (write, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The checkpoint at `path` as a version-2 dict. Errors name the file: FileNotFoundError when it
+    does not exist, CheckpointError when it is not a torch file or not a fastclip checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        state = _load_version_1(path, map_location, exc)
+    if not isinstance(state, dict) or ("format" in state and state["format"] != FORMAT):
+        raise CheckpointError(f"{path}: not a fastclip checkpoint (format {_describe(state)})")
+    if "format" not in state:
+        return _upgrade_version_1(path, state)
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {state['version']} is newer than this fastclip "
+                              f"reads ({VERSION}); update fastclip")
+    return state
+
+
+def _describe(state) -> str:
+    if isinstance(state, dict):
+        return repr(state.get("format", f"a dict with keys {sorted(map(str, state))[:6]}"))
+    return type(state).__name__
+
+
+def _load_version_1(path: Path, map_location, first_error: Exception) -> dict:
+    """Version 1 stored numpy's RNG state as numpy objects, which weights_only refuses unless
+    those types are allowed; nothing else is allowed."""
+    import numpy as np
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.core.multiarray._reconstruct] \
+        if hasattr(np, "core") else [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:
+        raise CheckpointError(f"{path}: not a readable fastclip checkpoint ({type(first_error).__name__}: "
+                              f"{str(first_error).splitlines()[0][:300]})") from first_error
+
+
+def _upgrade_version_1(path: Path, state: dict) -> dict:
+    required = ("model", "optimizer", "scheduler", "step", "epoch", "config")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a fastclip checkpoint (no {missing})")
+    rng = state.get("rng")
+    if rng is not None and not isinstance(rng["numpy"][1], list):
+        rng = {**rng, "numpy": (rng["numpy"][0], rng["numpy"][1].tolist(), *rng["numpy"][2:])}
+    task = state.get("task", {})
+    train_state = {"step": state["step"], "epoch": state["epoch"], "train_s": state.get("train_s", 0.0),
+                   "samples_seen": state.get("samples_seen", 0), "rng": rng,
+                   # version 1 counted the data position in optimizer steps, not loader batches
+                   "batch_in_epoch": None, "steps_in_epoch": state.get("batch_in_epoch", 0),
+                   "skipped": {"bad sample": task.get("skipped", 0)} if task.get("skipped") else {}}
+    return {"format": FORMAT, "version": VERSION, "model": state["model"], "optimizer": state["optimizer"],
+            "scheduler": state["scheduler"], "scaler": state.get("scaler", {}), "train_state": train_state,
+            "config": state["config"], "choices": None, "run_dir": str(path.resolve().parent.parent),
+            "mlflow_uri": None, "mlflow_run_id": state.get("mlflow_run_id")}

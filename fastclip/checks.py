@@ -1,0 +1,116 @@
+"""Config mistakes that need no data fail here: right after Hydra composes the config, before torch,
+open_clip, the data or MLflow load (a second, not the ~20 s a run takes to reach its data). What
+needs the data (its files, its size) is checked when the task builds it, still before training.
+
+Only omegaconf is imported at module level: keep it that way.
+"""
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from fastclip.models.meaning import dtp_towers
+
+CLIP_DATASETS = ("digits", "image_folder", "csv", "coco2014", "webdataset")
+# the datasets that bring a class-captioned held-out set (zero-shot top-1)
+ZERO_SHOT_DATASETS = ("digits", "image_folder")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ADAMW_IMPLS = ("fused", "foreach", "for_loop")
+LEARNED_IMAGE_BOUNDARIES = ("gumbel", "entropy_spike")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raises ConfigError naming the key, its value and what to set instead."""
+    _no_missing_values(cfg)
+    task = cfg.task.name
+    if task == "clip":
+        _check_clip(cfg)
+    elif task == "lm":
+        _check_lm(cfg)
+    else:
+        raise ConfigError(f"task={task!r}: expected clip or lm")
+    _check_trainer(cfg.trainer)
+    if cfg.eval.every_epochs < 1:
+        raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs}: expected >= 1")
+    if cfg.eval.overlap not in ("drop", "fail"):
+        raise ConfigError(f"eval.overlap={cfg.eval.overlap!r}: expected drop or fail")
+
+
+def _no_missing_values(cfg: DictConfig) -> None:
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "?"
+        raise ConfigError(f"{key} is required (it is ??? in the config): pass {key}=...") from None
+
+
+def _check_clip(cfg: DictConfig) -> None:
+    ds, enc, boundary = cfg.dataset, cfg.encoder, cfg.boundary
+    if "pre_layers" in enc:
+        raise ConfigError(f"encoder={enc.name} is a char LM geometry; task=clip needs a CLIP encoder "
+                          f"(vit_tiny, vit_b16, vit_b32, rn50)")
+    if ds.name not in CLIP_DATASETS:
+        raise ConfigError(f"dataset={ds.name} is not an image-text dataset for task=clip ({', '.join(CLIP_DATASETS)})")
+    try:
+        towers = dtp_towers(boundary)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if enc.tokenizer == "char" and "text" not in towers:
+        raise ConfigError("encoder.tokenizer=char needs a DTP text tower (a boundary applied to text); "
+                          "vanilla text towers use open_clip's BPE tokenizer")
+    if not _has_eval_set(cfg):
+        raise ConfigError(f"dataset={ds.name} brings no evaluation set as configured: "
+                          + {"webdataset": "set dataset.eval_shards (held-out shards: `make_shards --eval-fraction` "
+                                           "writes them) or eval.imagenet_val",
+                             "csv": "set dataset.eval_path (a held-out CSV), dataset.eval_fraction > 0 or "
+                                    "eval.imagenet_val"}.get(ds.name, "set eval.imagenet_val"))
+    if cfg.eval.placement_control:
+        if ds.name not in ZERO_SHOT_DATASETS:
+            raise ConfigError(f"eval.placement_control=true reports zero-shot top-1; dataset={ds.name} has no "
+                              f"class-captioned held-out set ({', '.join(ZERO_SHOT_DATASETS)} have one)")
+        if boundary.name not in LEARNED_IMAGE_BOUNDARIES or "image" not in towers:
+            raise ConfigError("eval.placement_control=true compares learned image boundaries with shuffled ones: "
+                              f"boundary={boundary.name} with boundary.apply_to={list(boundary.apply_to)} has none "
+                              f"(boundary=gumbel or entropy_spike with image in boundary.apply_to)")
+
+
+def _has_eval_set(cfg: DictConfig) -> bool:
+    ds = cfg.dataset
+    if cfg.eval.imagenet_val or ds.name in ("digits", "image_folder", "coco2014"):
+        return True
+    if ds.name == "csv":
+        return bool(ds.eval_path) or ds.eval_fraction > 0
+    if ds.name == "webdataset":
+        return bool(ds.eval_shards)
+    return False
+
+
+def _check_lm(cfg: DictConfig) -> None:
+    if cfg.dataset.name != "text8":
+        raise ConfigError(f"task=lm needs dataset=text8 (a text8-format file), got dataset={cfg.dataset.name}")
+    if "pre_layers" not in cfg.encoder:
+        raise ConfigError(f"encoder={cfg.encoder.name} is a CLIP geometry; task=lm needs a char LM encoder "
+                          f"(char_lm_small, char_lm_bench, char_lm_paper)")
+    if cfg.boundary.name == "tome":
+        raise ConfigError("boundary=tome merges image tokens inside a ViT; it is not a boundary method for "
+                          "character sequences (task=lm)")
+
+
+def _check_trainer(tc: DictConfig) -> None:
+    if tc.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={tc.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if tc.optimizer_impl not in ADAMW_IMPLS:
+        raise ConfigError(f"trainer.optimizer_impl={tc.optimizer_impl!r}: expected one of {', '.join(ADAMW_IMPLS)}")
+    for key in ("batch_size", "accum_steps"):
+        if tc[key] < 1:
+            raise ConfigError(f"trainer.{key}={tc[key]}: expected >= 1")
+    if tc.lr <= 0:
+        raise ConfigError(f"trainer.lr={tc.lr}: expected > 0")
+    warmup = tc.warmup_steps
+    if warmup is None or warmup < 0:
+        raise ConfigError(f"trainer.warmup_steps={warmup}: expected steps >= 0 or a fraction of the run in (0, 1)")
+    if tc.max_steps and warmup >= 1 and warmup > tc.max_steps:
+        raise ConfigError(f"trainer.warmup_steps={warmup} is longer than trainer.max_steps={tc.max_steps}: the learning "
+                          f"rate would never reach trainer.lr (a fraction, e.g. trainer.warmup_steps=0.1, scales with the run)")

@@ -1,0 +1,150 @@
+"""Resuming (`trainer.resume=<run dir>/checkpoints/last.pt`) continues the run the checkpoint came
+from: its resolved config is the base, and only what THIS command line overrides applies on top.
+Keys that may change mid-run (the schedule's length and lr, evaluation, I/O) are applied and
+recorded; keys that cannot (model geometry, boundary method, data, seed, ...) fail, naming each,
+before anything of the run is touched. The run keeps its run dir (a later resume finds the new
+last.pt there) and its MLflow run.
+"""
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fastclip import CONF_DIR, checkpoint
+from fastclip.checkpoint import ResumeError
+from fastclip.config import flatten, unflatten
+
+log = logging.getLogger(__name__)
+
+# May differ from the checkpoint's config: they change how long and how fast the run goes on,
+# what it evaluates and where it writes, not what the weights and optimizer state mean.
+MUTABLE = {"epochs", "device", "trainer.max_steps", "trainer.lr", "trainer.warmup_steps", "trainer.grad_clip",
+           "trainer.ckpt_every_steps", "trainer.progress", "trainer.num_workers", "trainer.loader_timeout_s",
+           "trainer.torch_threads", "trainer.compile", "trainer.optimizer_impl", "trainer.resume",
+           "tracking.uri", "tracking.log_every", "tracking.run_name"}
+MUTABLE_GROUPS = ("eval.",)
+# Config groups whose option is recorded as <group>.name (the checkpoint's choices when Hydra's are absent)
+NAMED_GROUPS = ("task", "dataset", "encoder", "boundary", "compression")
+
+
+def is_mutable(key: str) -> bool:
+    return key in MUTABLE or key.startswith(MUTABLE_GROUPS)
+
+
+@dataclass
+class Resume:
+    checkpoint_path: Path
+    checkpoint: dict
+    config: DictConfig              # what the resumed run trains with
+    changes: dict[str, tuple]       # key -> (the checkpoint's value, the value now)
+    run_dir: Path
+
+
+def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
+    """The resumed run's config and run dir. overrides: this command line's (Hydra's task
+    overrides); None when a caller hands over a composed config (then what it sets apart from
+    the defaults of its groups counts as overridden).
+    Raises FileNotFoundError / CheckpointError / ResumeError naming the problem."""
+    path = Path(cfg.trainer.resume)
+    ckpt = checkpoint.load(path)
+    old = flatten(ckpt["config"])
+    if overrides is None:
+        proposal, touched = _callers_choices(cfg, ckpt)
+    else:
+        proposal, touched = _apply_overrides(ckpt, overrides)
+    effective, added = dict(old), []
+    for key in touched:
+        if key in proposal:
+            effective[key] = proposal[key]
+        else:
+            effective.pop(key, None)  # `~key` on the command line
+    for key in proposal.keys() - old.keys() - touched:  # keys this version of fastclip added since the checkpoint
+        effective[key], added = proposal[key], added + [key]
+    effective["trainer.resume"] = str(path)
+    changes = {k: (old.get(k), effective.get(k)) for k in sorted(touched | {"trainer.resume"})
+               if k not in added and old.get(k) != effective.get(k)}
+    frozen = {k: v for k, v in changes.items() if not is_mutable(k)}
+    if frozen:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in frozen.items())
+        raise ResumeError(f"trainer.resume={path}: this command line changes what the checkpoint's run is, which a "
+                          f"resume cannot: {listed}. Start a new run for that (without trainer.resume), or drop these "
+                          f"overrides; a resume may change only {', '.join(sorted(MUTABLE - {'trainer.resume'}))} and eval.*")
+    if added:
+        log.info("resume: keys new since the checkpoint take their defaults: %s", ", ".join(sorted(added)))
+    config = OmegaConf.create(unflatten(effective))
+    OmegaConf.set_struct(config, True)
+    return Resume(path, ckpt, config, {k: v for k, v in changes.items() if k != "trainer.resume"},
+                  _run_dir(path, ckpt))
+
+
+def _apply_overrides(ckpt: dict, overrides: list[str]) -> tuple[dict, set]:
+    """(the config the checkpoint's group choices + these overrides compose to, the keys the
+    overrides set: named keys, whole groups they choose, and whatever else composing them changed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides))
+              if not o.key_or_group.startswith("hydra")]
+    chosen = {o.key_or_group for o in parsed if (CONF_DIR / o.key_or_group).is_dir()}
+    base = [f"{group}={option}" for group, option in _choices(ckpt).items() if group not in chosen]
+    mine = [o.input_line for o in parsed if o.key_or_group != "trainer.resume"]
+    try:
+        reference, proposal = (flatten(_compose(base)), flatten(_compose(base + mine)))
+    except Exception as exc:
+        raise ResumeError(f"resume: the checkpoint's config choices {base} with {mine} do not compose with this "
+                          f"fastclip's config tree: {exc}") from exc
+    touched = {k for k in reference.keys() | proposal.keys() if reference.get(k) != proposal.get(k)}
+    for o in parsed:
+        prefix = o.key_or_group.replace("/", ".")
+        touched |= {k for k in proposal if k == prefix or k.startswith(prefix + ".")}
+    return proposal, touched
+
+
+def _callers_choices(cfg: DictConfig, ckpt: dict) -> tuple[dict, set]:
+    """(cfg, the keys it sets: those that differ from the defaults of its own group options, and
+    every key of a group whose option differs from the checkpoint's)."""
+    proposal = flatten(OmegaConf.to_container(cfg, resolve=True))
+    mine = {g: cfg[g].name for g in NAMED_GROUPS if g in cfg and "name" in cfg[g]}
+    reference = flatten(_compose([f"{g}={o}" for g, o in mine.items()]))
+    touched = {k for k in proposal if proposal[k] != reference.get(k)}
+    theirs = _choices(ckpt)
+    for group in (g for g in mine if mine[g] != theirs.get(g)):
+        touched |= {k for k in proposal if k.startswith(group + ".")}
+    return proposal, touched
+
+
+def _choices(ckpt: dict) -> dict[str, str]:
+    """group -> option the checkpoint's run was composed with (Hydra's runtime choices, recorded
+    in the checkpoint; else read off the named groups of its config)."""
+    recorded = ckpt.get("choices") or {}
+    choices = {g: o for g, o in recorded.items() if o is not None and not g.startswith("hydra")}
+    if not choices:
+        choices = {g: ckpt["config"][g]["name"] for g in NAMED_GROUPS if "name" in ckpt["config"].get(g, {})}
+    return choices
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    if GlobalHydra.instance().is_initialized():  # inside the CLI's Hydra app: compose with it, leave it as it is
+        return OmegaConf.to_container(compose(config_name="train", overrides=overrides), resolve=True)
+    from fastclip.config import compose_train_config
+    return OmegaConf.to_container(compose_train_config(overrides), resolve=True)
+
+
+def _run_dir(path: Path, ckpt: dict) -> Path:
+    recorded = Path(ckpt["run_dir"]) if ckpt.get("run_dir") else None
+    if recorded is not None and recorded.is_dir():
+        return recorded
+    return path.resolve().parent.parent  # <run dir>/checkpoints/last.pt, moved with its run dir
+
+
+def record(resume: Resume, run_dir: Path, step: int, invocation_dir: str | None) -> Path:
+    """Appends this resume to <run dir>/resumes.yaml (what changed, from which step) -> its path."""
+    import datetime
+    path = run_dir / "resumes.yaml"
+    history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    history.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "from_step": step,
+                    "checkpoint": str(resume.checkpoint_path), "invocation_dir": invocation_dir,
+                    "changed": {k: {"from": a, "to": b} for k, (a, b) in resume.changes.items()}})
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(history)))
+    return path

@@ -1,0 +1,109 @@
+"""Resume continues the run it came from: the checkpoint's config is the base, only the command
+line's overrides apply on top (checked: a key that cannot change fails before anything is
+touched), and the run keeps its run dir and MLflow run."""
+import subprocess
+
+import mlflow
+import pytest
+
+from conftest import PYTHON, TINY_CLIP, compose_cfg, load_checkpoint, run_killed_at_loss_call
+from fastclip.checkpoint import CheckpointError, ResumeError
+from fastclip.train import run
+
+COMMON = TINY_CLIP + ["trainer.batch_size=256", "trainer.warmup_steps=3", "eval.boundary_picture=false"]
+
+
+def finished_run(tmp_path, store, *overrides):
+    """A finished 2-epoch run (5 steps an epoch) -> (its run dir, its checkpoint, its metrics)."""
+    run_dir = tmp_path / "first"
+    metrics = run(compose_cfg(COMMON + [f"tracking.uri={store}", "epochs=2", *overrides]), run_dir)
+    return run_dir, run_dir / "checkpoints" / "last.pt", metrics
+
+
+def snapshot(run_dir):
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_that_changes_the_model_fails_before_touching_the_run(tmp_path, store):
+    run_dir, ckpt, first = finished_run(tmp_path, store)
+    before = snapshot(run_dir)
+    client = mlflow.MlflowClient(tracking_uri=store)
+    for overrides, named in ((["boundary=fixed"], "boundary.name: 'none' -> 'fixed'"),
+                             (["encoder.vision.width=64"], "encoder.vision.width: 32 -> 64"),
+                             (["seed=3", "trainer.lr=1e-3"], "seed: 0 -> 3")):
+        with pytest.raises(ResumeError, match=named) as err:
+            run(compose_cfg(COMMON + [f"tracking.uri={store}", "epochs=2", f"trainer.resume={ckpt}", *overrides]),
+                tmp_path / "second", overrides=[f"trainer.resume={ckpt}", *overrides])
+        assert "trainer.lr" not in str(err.value).split("Start a new run")[0]  # a key that may change is not listed
+        assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED"
+        assert snapshot(run_dir) == before
+        assert not (tmp_path / "second").exists()
+
+
+def test_a_resume_with_a_new_lr_applies_and_records_it(tmp_path, store):
+    run_dir, ckpt, first = finished_run(tmp_path, store, "trainer.max_steps=6")
+    assert load_checkpoint(ckpt)["train_state"]["step"] == 6
+    changes = [f"trainer.resume={ckpt}", "trainer.lr=5e-3", "trainer.max_steps=8"]
+    metrics = run(compose_cfg(COMMON + [f"tracking.uri={store}", *changes]), tmp_path / "second", overrides=changes)
+    assert metrics["mlflow_run_id"] == first["mlflow_run_id"]
+    state = load_checkpoint(ckpt)
+    assert state["train_state"]["step"] == 8
+    assert state["config"]["trainer"]["lr"] == 5e-3 and state["config"]["epochs"] == 2  # epochs: the checkpoint's
+    # the schedule goes on from step 6 at the new peak lr: base lr x10 for every parameter group
+    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [5e-3] * len(state["optimizer"]["param_groups"])
+    client = mlflow.MlflowClient(tracking_uri=store)
+    logged = client.get_run(first["mlflow_run_id"])
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["trainer.lr"] == "0.0005"  # MLflow params are the run's first config...
+    assert "trainer.lr: 0.0005 -> 0.005" in logged.data.tags["fastclip.resumed_changes"]  # ...changes are recorded
+    assert "trainer.max_steps: 6 -> 8" in logged.data.tags["fastclip.resumed_changes"]
+    lrs = {m.step: m.value for m in client.get_metric_history(first["mlflow_run_id"], "train/lr")}
+    assert lrs[5] == pytest.approx(5e-4 * _cosine(5, 6, 3))  # the first part's schedule: 6 steps
+    assert lrs[7] == pytest.approx(5e-3 * _cosine(7, 8, 3))  # from step 6 on: 8 steps at the new lr
+    history = (run_dir / "resumes.yaml").read_text()
+    assert "from_step: 6" in history and "trainer.lr" in history
+    assert "lr: 0.005" in (run_dir / "config.yaml").read_text()
+
+
+def _cosine(step, total, warmup):
+    from fastclip.optim import warmup_cosine
+    return warmup_cosine(warmup, total)(step)
+
+
+def test_resume_from_the_command_line_continues_the_run_it_came_from(tmp_path, store, cli_env, monkeypatch):
+    """The README's command alone (`trainer.resume=...`, the original epochs=4 not repeated) goes on
+    under the original schedule, into the original run dir and MLflow run."""
+    killed = run_killed_at_loss_call(compose_cfg(COMMON + [f"tracking.uri={store}", "epochs=4"]), tmp_path / "run",
+                                     monkeypatch, call=8)
+    assert killed["train_state"]["step"] == 5
+    odd = tmp_path / "epoch=1"  # a path with '=' needs Hydra's quotes: the README says so
+    (tmp_path / "run").rename(odd)
+    resumed = subprocess.run([PYTHON, "-m", "fastclip.train", f"trainer.resume='{odd / 'checkpoints' / 'last.pt'}'",
+                              f"hydra.run.dir={tmp_path / 'resume'}"],
+                             cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = load_checkpoint(odd / "checkpoints" / "last.pt")
+    assert state["config"]["epochs"] == 4 and state["train_state"]["step"] == 20  # 4 epochs x 5 steps
+    assert state["config"]["encoder"]["vision"]["width"] == 32  # the checkpoint's model, not the defaults
+    assert not (tmp_path / "resume" / "checkpoints").exists()
+    client = mlflow.MlflowClient(tracking_uri=store)
+    (only,) = client.search_runs([client.get_experiment_by_name("fastclip").experiment_id])
+    assert only.info.run_id == killed["mlflow_run_id"] and only.info.status == "FINISHED"
+    lrs = [m.value for m in sorted(client.get_metric_history(only.info.run_id, "train/lr"), key=lambda m: m.step)]
+    assert len(lrs) == 20 and all(b < a for a, b in zip(lrs[2:], lrs[3:]))  # one warm-up, then cosine: no jump
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert "resuming" in (odd / "train.log").read_text()  # the resumed part logs into the run dir
+    assert "run dir " + str(odd) in resumed.stderr + resumed.stdout  # and says where things are
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, store):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="notes.pt: not a readable fastclip checkpoint"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={bad}"]), tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match="nowhere.pt: no such checkpoint file"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'nowhere.pt'}"]), tmp_path / "r")
+    import torch
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt: not a fastclip checkpoint"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'other.pt'}"]), tmp_path / "r")
