@@ -38,6 +38,21 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.overlap={cfg.eval.overlap!r}: expected drop or fail")
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """A key given more than once on the command line (Hydra keeps the last, silently): most often
+    bash expanding an unquoted brace pattern into one argument per file, so that a run would train
+    on the last shard alone."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    seen: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        seen.setdefault(o.key_or_group, []).append(o.input_line)
+    for key, given in seen.items():
+        if len(given) > 1:
+            raise ConfigError(f"{key} is given {len(given)} times on the command line ({', '.join(given[:3])}"
+                              f"{', ...' if len(given) > 3 else ''}): bash expands an unquoted brace pattern into one "
+                              f"argument per file; quote it for bash and Hydra: \"{key}='/path/{{000..009}}.tar'\"")
+
+
 def _no_missing_values(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -108,9 +123,20 @@ def _check_trainer(tc: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}={tc[key]}: expected >= 1")
     if tc.lr <= 0:
         raise ConfigError(f"trainer.lr={tc.lr}: expected > 0")
-    warmup = tc.warmup_steps
-    if warmup is None or warmup < 0:
-        raise ConfigError(f"trainer.warmup_steps={warmup}: expected steps >= 0 or a fraction of the run in (0, 1)")
-    if tc.max_steps and warmup >= 1 and warmup > tc.max_steps:
-        raise ConfigError(f"trainer.warmup_steps={warmup} is longer than trainer.max_steps={tc.max_steps}: the learning "
-                          f"rate would never reach trainer.lr (a fraction, e.g. trainer.warmup_steps=0.1, scales with the run)")
+    # before the data is read, the run's length is known only from max_steps; otherwise only the
+    # value's form is checked here, and its length once the data is read (loop.Trainer)
+    warmup_steps(tc.warmup_steps, tc.max_steps or 1 << 62, f"trainer.max_steps={tc.max_steps}")
+
+
+def warmup_steps(value, total: int, run: str) -> int:
+    """trainer.warmup_steps as steps: an integer, or a fraction of the run in (0, 1). A warm-up
+    longer than the run (`run` says how long it is) is an error: its lr would never reach trainer.lr
+    (the README's old grid at epochs=1 ran 11 steps under a 20-step warm-up and stayed at chance)."""
+    if value is None or value < 0:
+        raise ConfigError(f"trainer.warmup_steps={value}: expected steps >= 0 or a fraction of the run in (0, 1)")
+    steps = round(value * total) if 0 < value < 1 else int(value)
+    if steps > total:
+        raise ConfigError(f"trainer.warmup_steps={value} is longer than {run}: the learning rate would never reach "
+                          f"trainer.lr. Use fewer steps, or a fraction of the run (trainer.warmup_steps=0.1 warms up "
+                          f"over the first 10%)")
+    return steps

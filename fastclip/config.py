@@ -6,6 +6,9 @@ from omegaconf import DictConfig
 
 from fastclip import CONF_DIR
 
+# Config groups whose option is recorded as <group>.name (a run's choices when Hydra's are absent)
+NAMED_GROUPS = ("task", "dataset", "encoder", "boundary", "compression")
+
 
 def compose_train_config(overrides=(), return_hydra_config: bool = False) -> DictConfig:
     GlobalHydra.instance().clear()

@@ -12,6 +12,8 @@ and optionally .final_evaluate(), .epoch_samples() (samples the source declares 
 """
 import logging
 import math
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -23,13 +25,57 @@ from tqdm import tqdm
 
 from fastclip import checkpoint, runtime
 from fastclip.checkpoint import ResumeError
-from fastclip.optim import build_adamw, warmup_cosine, warmup_steps
+from fastclip.optim import adamw_impl, build_adamw, warmup_cosine, warmup_steps
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the run stopped after a step, its checkpoint written (the message says where)."""
+
+
+LEFT_OVER = "accumulation left over"  # micro-batches an epoch ended before they filled a step
+
+
+class StopRequests:
+    """While fit() runs, SIGINT (Ctrl-C) and SIGTERM (`kill`, a scheduler's notice) ask the loop to stop
+    after the step in progress, once its checkpoint is written; a second one stops at once
+    (KeyboardInterrupt). Handlers are installed only in the main thread and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # the second: now
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("%s received: the run stops after the step in progress, once its checkpoint is written "
+                    "(again to stop at once, losing the steps since the last checkpoint)", signal.Signals(signum).name)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """A loader worker's init: Ctrl-C and SIGTERM are the training process's to handle (a worker that
+    died of them would fail the batch the run needs to finish its step)."""
+    for s in StopRequests.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class NoTrainingData(RuntimeError):
@@ -55,7 +101,7 @@ class TrainState:
     epoch: int = 0               # the epoch in progress (= epochs completed)
     batch_in_epoch: int = 0      # loader batches of `epoch` consumed; a resume starts after them
     steps_in_epoch: int = 0
-    samples_in_epoch: int = 0    # samples trained on in `epoch`
+    samples_in_epoch: int = 0    # samples of `epoch` that reached an optimizer step
     samples_seen: int = 0
     train_s: float = 0.0         # data loading + steps, not evaluation
     skipped: dict = field(default_factory=dict)   # reason -> samples left out so far (data/skipped)
@@ -63,12 +109,20 @@ class TrainState:
     rng: dict | None = None      # Python, numpy, torch (and CUDA) generators, as of the last save
 
     def count(self, out: StepOutput) -> None:
+        """A loader batch consumed: its skips count now, its samples once their step is taken."""
         self.batch_in_epoch += 1
-        self.samples_in_epoch += out.samples
-        self.samples_seen += out.samples
-        for reason, n in out.skipped.items():
+        self.skip(out.skipped)
+
+    def skip(self, counts: dict) -> None:
+        for reason, n in counts.items():
             if n:
                 self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def stepped(self, samples: int) -> None:
+        self.step += 1
+        self.steps_in_epoch += 1
+        self.samples_in_epoch += samples
+        self.samples_seen += samples
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -125,6 +179,7 @@ class Trainer:
         return out
 
     def step(self) -> None:
+        """The optimizer step on the accumulated gradients (the caller counts it in the state)."""
         if self.cfg.trainer.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
@@ -132,8 +187,6 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.state.step += 1
-        self.state.steps_in_epoch += 1
 
     def weights_finite(self) -> bool:
         """One host sync: every parameter finite (checked before a checkpoint replaces the last one)."""
@@ -153,10 +206,16 @@ class Trainer:
         except RuntimeError as exc:
             raise ResumeError(f"{source} does not fit this model: {str(exc).splitlines()[0]} ...") from exc
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # the kernel is this run's choice (trainer.optimizer_impl)
+            group.update(adamw_impl(self.cfg.trainer.optimizer_impl))
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState.from_state_dict(ckpt["train_state"])
+        if self.total_steps < self.state.step:
+            raise ResumeError(f"{source} is at step {self.state.step}, beyond this run's {self.total_steps} steps "
+                              f"(epochs={self.cfg.epochs}, trainer.max_steps={self.cfg.trainer.max_steps}): a resume "
+                              f"can lengthen the schedule, not end it before where it is")
         if self.state.batch_in_epoch is None:  # a version-1 checkpoint counted optimizer steps
             self.state.batch_in_epoch = self.state.steps_in_epoch * self.accum
         old_lr = ckpt["config"]["trainer"]["lr"]
@@ -165,7 +224,7 @@ class Trainer:
         self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["initial_lr"], group["lr"] = base, base * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports; no setter
         if self.state.rng is not None:
             runtime.set_rng_state(self.state.rng)
 
@@ -179,10 +238,12 @@ class StepLog:
     def __init__(self, tracker, every: int, bar, checkpoint_path: Path):
         self.tracker, self.every, self.bar, self.checkpoint_path = tracker, max(1, int(every)), bar, checkpoint_path
         self._rows: list[tuple[int, int, torch.Tensor | bool, dict]] = []
-        self._window = (0, time.perf_counter())  # samples since the last drain, and its start
+        self._window = (0, time.perf_counter())  # steps since the last drain, and its start
 
-    def add(self, state: TrainState, loss: torch.Tensor, lr: float, metrics: dict) -> None:
-        self._rows.append((state.step - 1, state.epoch, torch.isfinite(loss.detach()),
+    def add(self, state: TrainState, loss: torch.Tensor, finite: torch.Tensor, lr: float, metrics: dict) -> None:
+        """The step just taken: its last micro-batch's loss and metrics, and whether every micro-batch
+        loss of the step was finite (a device tensor: read at the next drain, not now)."""
+        self._rows.append((state.step - 1, state.epoch, finite,
                            {"train/loss": loss.detach(), "train/lr": lr, **{f"train/{k}": v for k, v in metrics.items()}}))
         self._window = (self._window[0] + 1, self._window[1])
 
@@ -210,7 +271,9 @@ class StepLog:
             self.tracker.flush()
         if bad:
             step, epoch, _, values = bad
-            diverged(f"train/loss is {values['train/loss']} at step {step} (epoch {epoch})", self.checkpoint_path)
+            loss = values["train/loss"]
+            diverged(f"train/loss is {loss} at step {step} (epoch {epoch + 1})" if not math.isfinite(loss) else
+                     f"a micro-batch loss of step {step} (epoch {epoch + 1}) is not finite", self.checkpoint_path)
         if rows and self.bar is not None:
             steps, t0 = self._window
             self.bar.set_postfix(loss=f"{rows[-1][3]['train/loss']:.4f}", steps_s=f"{steps / max(1e-9, time.perf_counter() - t0):.2f}")
@@ -275,7 +338,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
         provenance: dict | None = None) -> dict[str, float]:
     """Trains `task` from `trainer`'s state (new, or loaded from a checkpoint) to the end of its
     schedule; returns the final metrics. provenance: what checkpoints record beyond the training
-    state (the config group choices)."""
+    state (the config group choices). Ctrl-C / SIGTERM stop it after a step, checkpointed (RunInterrupted)."""
     trainer = trainer or Trainer(task, cfg, device)
     state, accum = trainer.state, trainer.accum
     ckpt_path = Path(run_dir) / "checkpoints" / "last.pt"
@@ -288,52 +351,64 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
     timer = StepTimer()
     metrics: dict[str, float] = {}
     task.model.train()
-    while not trainer.finished():
-        trainer.optimizer.zero_grad(set_to_none=True)  # nothing carries over from an unfinished accumulation
-        micro, epoch_done = 0, True  # the loader ran out, or the epoch's steps are done
-        timer.start()
-        for batch in task.train_batches(state.epoch, start=state.batch_in_epoch):
-            timer.arrived()
-            try:
-                out = trainer.forward_backward(batch)
-            except FloatingPointError as exc:  # models.dtp.NonFiniteBoundaries: the weights went non-finite
-                steps.drain()
-                diverged(f"{exc} at step {state.step} (epoch {state.epoch})", ckpt_path)
-            state.count(out)
-            micro += out.loss is not None
-            if micro < accum:
+    with StopRequests() as stop:
+        while not trainer.finished():
+            trainer.optimizer.zero_grad(set_to_none=True)  # nothing carries over from an unfinished accumulation
+            micro, pending, finite = 0, 0, True  # micro-batches of the step being accumulated, their samples
+            timer.start()
+            # a checkpoint taken after an epoch's last step has nothing left of it to run (len % accum batches at most)
+            batches = task.train_batches(state.epoch, start=state.batch_in_epoch) \
+                if state.steps_in_epoch < trainer.steps_per_epoch else ()
+            for batch in batches:
+                timer.arrived()
+                try:
+                    out = trainer.forward_backward(batch)
+                except FloatingPointError as exc:  # models.dtp.NonFiniteBoundaries: the weights went non-finite
+                    steps.drain()
+                    diverged(f"{exc} at step {state.step} (epoch {state.epoch + 1})", ckpt_path)
+                state.count(out)
+                if out.loss is not None:
+                    micro, pending = micro + 1, pending + out.samples
+                    finite = torch.isfinite(out.loss.detach()) & finite  # read at the next drain (no sync)
+                if micro < accum:
+                    timer.waiting()
+                    continue
+                trainer.step()
+                state.stepped(pending)
+                steps.add(state, out.loss, finite, trainer.lr, out.metrics)
+                micro, pending, finite = 0, 0, True
+                state.train_s += timer.stepped()
+                bar.update(1)
+                checkpoint_now = bool(cfg.trainer.ckpt_every_steps) and state.step % cfg.trainer.ckpt_every_steps == 0
+                if state.step % steps.every == 0 or checkpoint_now or stop.received:
+                    steps.drain()
+                if checkpoint_now or stop.received:
+                    save(trainer, ckpt_path, extra)
+                if stop.received:
+                    raise RunInterrupted(f"{signal.Signals(stop.received).name}: stopped after step {state.step}; "
+                                         f"its checkpoint is {ckpt_path}: `trainer.resume=` it to continue")
+                if trainer.finished() or state.steps_in_epoch >= trainer.steps_per_epoch:
+                    break  # the epoch's last len % accum_steps batches would not fill a step: left out, as drop_last
                 timer.waiting()
-                continue
-            micro = 0
-            trainer.step()
-            steps.add(state, out.loss, trainer.lr, out.metrics)
-            state.train_s += timer.stepped()
-            bar.update(1)
-            checkpoint_now = bool(cfg.trainer.ckpt_every_steps) and state.step % cfg.trainer.ckpt_every_steps == 0
-            if state.step % steps.every == 0 or checkpoint_now:
-                steps.drain()
-            if checkpoint_now:
-                save(trainer, ckpt_path, extra)
-            if trainer.finished() or state.steps_in_epoch >= trainer.steps_per_epoch:
-                # the epoch's last len % accum_steps batches would not fill a step: left out, as drop_last does
-                epoch_done = state.steps_in_epoch >= trainer.steps_per_epoch
-                break
-            timer.waiting()
-        steps.drain()  # before this epoch's checkpoint and evaluation
-        if micro:
-            log.warning("epoch %d: %d micro-batch(es) at its end did not fill an optimizer step (trainer.accum_steps=%d, "
-                        "after batches whose every sample was bad); their gradients were dropped", state.epoch, micro, accum)
-        if epoch_done:
-            check_epoch_data(task, state)
-            state.next_epoch()
-        save(trainer, ckpt_path, extra)  # before evaluating: a failing evaluation never loses the training
-        if trainer.finished() or (epoch_done and state.epoch % cfg.eval.every_epochs == 0):
-            metrics = evaluate(task, tracker, state, ckpt_path)
+            steps.drain()  # before this epoch's checkpoint and evaluation
+            if micro:  # batches whose every sample was bad left the last step unfilled
+                log.warning("epoch %d: %d micro-batch(es) at its end did not fill an optimizer step "
+                            "(trainer.accum_steps=%d); their %d samples count as skipped", state.epoch + 1, micro,
+                            accum, pending)
+                state.skip({LEFT_OVER: pending})
+            epoch_done = state.steps_in_epoch >= trainer.steps_per_epoch or not trainer.finished()
+            if epoch_done:
+                check_epoch_data(task, state)
+                state.next_epoch()
+            save(trainer, ckpt_path, extra)  # before evaluating: a failing evaluation never loses the training
+            if trainer.finished() or (epoch_done and state.epoch % cfg.eval.every_epochs == 0):
+                metrics = evaluate(task, tracker, state, ckpt_path)
     bar.close()
     if not metrics:  # resumed from a finished run: still report its numbers
         metrics = evaluate(task, tracker, state, ckpt_path)
     if hasattr(task, "final_evaluate"):
-        final = task.final_evaluate()
+        with runtime.preserved_rng():
+            final = task.final_evaluate()
         metrics.update(final)
         if tracker:
             tracker.log_metrics(final, state.step)
@@ -353,20 +428,20 @@ def save(trainer: Trainer, path: Path, extra: dict) -> None:
 
 
 def check_epoch_data(task, state: TrainState) -> None:
-    """After a complete epoch: no sample trained on fails the run; fewer than half of what the source
-    declares is a warning and shows in data/trained_fraction."""
+    """After a complete epoch: no optimizer step (no sample trained on) fails the run; fewer than half
+    of what the source declares is a warning and shows in data/trained_fraction."""
     declared = task.epoch_samples() if hasattr(task, "epoch_samples") else None
     trained = state.samples_in_epoch
     reasons = ", ".join(f"{n} {why}" for why, n in sorted(_skip_counts(task, state).items())) or "none"
-    if trained == 0:
-        raise NoTrainingData(f"epoch {state.epoch} trained on no sample: every batch was left out (skipped so far: "
+    if trained == 0 or state.steps_in_epoch == 0:
+        raise NoTrainingData(f"epoch {state.epoch + 1} trained on no sample: every batch was left out (skipped so far: "
                              f"{reasons}; the warnings above name each one)"
                              + (f"; the source declares {declared} samples per epoch" if declared else ""))
     if declared:
         state.trained_fraction = trained / declared
         if state.trained_fraction < 0.5:
             log.warning("epoch %d trained on %d of the %d samples its source declares (%.0f%%); skipped so far: %s",
-                        state.epoch, trained, declared, 100 * state.trained_fraction, reasons)
+                        state.epoch + 1, trained, declared, 100 * state.trained_fraction, reasons)
 
 
 def _skip_counts(task, state: TrainState) -> Counter:
@@ -389,15 +464,17 @@ def data_metrics(task, state: TrainState) -> dict[str, float]:
 def evaluate(task, tracker, state: TrainState, ckpt_path: Path | None = None) -> dict[str, float]:
     t0 = time.perf_counter()
     try:
-        metrics = task.evaluate()
+        with runtime.preserved_rng():  # evaluation draws no number training would have drawn (exact resume)
+            metrics = task.evaluate()
     except Exception as exc:
         if ckpt_path is not None and ckpt_path.exists():
-            exc.add_note(f"fastclip: the training up to step {state.step} is saved in {ckpt_path}; once the evaluation "
-                         f"is fixed, `trainer.resume=...` with that path evaluates it without training again")
+            exc.add_note(f"fastclip: the training up to step {state.step} is saved in {ckpt_path}; `trainer.resume=` "
+                         f"that path continues from there once the evaluation is fixed (at the end of the run it only "
+                         f"evaluates)")
         raise
     metrics["time/eval_s"] = time.perf_counter() - t0
     metrics.update(data_metrics(task, state))
-    log.info("epoch %d step %d: %s", state.epoch, state.step,
+    log.info("step %d, epoch %s: %s", state.step, state.epoch if not state.batch_in_epoch else f"{state.epoch + 1} (part)",
              " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v)))
     if tracker:
         tracker.log_metrics({**metrics, "epoch": state.epoch}, state.step)

@@ -6,6 +6,7 @@ import math
 import torch
 
 from fastclip.checks import ADAMW_IMPLS
+from fastclip.checks import warmup_steps as checked_warmup
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +22,9 @@ def warmup_cosine(warmup: int, total: int):
 
 
 def warmup_steps(value, total: int) -> int:
-    """trainer.warmup_steps as steps: an integer, or a fraction of the run in (0, 1). A warm-up
-    longer than the run is an error: its lr would never reach trainer.lr (the README's old grid
-    at epochs=1 ran 11 steps under a 20-step warm-up and stayed at chance)."""
-    if value is None or value < 0:
-        raise ValueError(f"trainer.warmup_steps={value}: expected steps >= 0 or a fraction of the run in (0, 1)")
-    steps = round(value * total) if 0 < value < 1 else int(value)
-    if steps > total:
-        raise ValueError(f"trainer.warmup_steps={value} is longer than the run ({total} optimizer steps): the learning "
-                         f"rate would never reach trainer.lr. Use fewer steps, or a fraction of the run "
-                         f"(trainer.warmup_steps=0.1 warms up over the first 10%)")
+    """trainer.warmup_steps as steps of this run of `total` (checks.warmup_steps); a warm-up over half
+    the run is a warning."""
+    steps = checked_warmup(value, total, f"the run ({total} optimizer steps)")
     if steps > total / 2:
         log.warning("trainer.warmup_steps=%s takes %d of the run's %d steps: most of the run is warm-up",
                     value, steps, total)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlflow
 
-from fastclip import PROJECT_ROOT
 from fastclip.bench.common import emit, markdown_table
 from fastclip.tracking import resolve_uri
 
@@ -44,13 +43,15 @@ def compare(uri: str, experiment: str, metrics: list[str]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="fastclip")
-    ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db")
+    ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db (as training)")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
     ap.add_argument("--out", default=None, help="default: outputs/reports/<experiment>.md")
     args = ap.parse_args(argv)
-    uri = resolve_uri(args.uri, PROJECT_ROOT)
+    uri = resolve_uri(args.uri)  # the store training writes from this directory
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise SystemExit(f"no MLflow store at {uri} (runs launched from this directory write there; --uri names another)")
     text = compare(uri, args.experiment, args.metrics.split(","))
-    emit(text, Path(args.out) if args.out else PROJECT_ROOT / "outputs" / "reports" / f"{args.experiment}.md")
+    emit(text, Path(args.out) if args.out else Path("outputs") / "reports" / f"{args.experiment}.md")
     return text
 
 

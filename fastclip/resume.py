@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastclip import CONF_DIR, checkpoint
 from fastclip.checkpoint import ResumeError
-from fastclip.config import flatten, unflatten
+from fastclip.config import NAMED_GROUPS, flatten, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,6 @@ MUTABLE = {"epochs", "device", "trainer.max_steps", "trainer.lr", "trainer.warmu
            "trainer.torch_threads", "trainer.compile", "trainer.optimizer_impl", "trainer.resume",
            "tracking.uri", "tracking.log_every", "tracking.run_name"}
 MUTABLE_GROUPS = ("eval.",)
-# Config groups whose option is recorded as <group>.name (the checkpoint's choices when Hydra's are absent)
-NAMED_GROUPS = ("task", "dataset", "encoder", "boundary", "compression")
 
 
 def is_mutable(key: str) -> bool:
@@ -39,6 +37,7 @@ class Resume:
     config: DictConfig              # what the resumed run trains with
     changes: dict[str, tuple]       # key -> (the checkpoint's value, the value now)
     run_dir: Path
+    choices: dict[str, str]         # the config group options of the checkpoint's run
 
 
 def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
@@ -65,6 +64,10 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
     changes = {k: (old.get(k), effective.get(k)) for k in sorted(touched | {"trainer.resume"})
                if k not in added and old.get(k) != effective.get(k)}
     frozen = {k: v for k, v in changes.items() if not is_mutable(k)}
+    if "trainer.num_workers" in changes and ckpt["config"]["dataset"]["name"] == "webdataset" \
+            and ckpt["train_state"].get("batch_in_epoch"):
+        # a stream is split between the loader's workers: another count mid-epoch deals other samples
+        frozen["trainer.num_workers"] = changes["trainer.num_workers"]
     if frozen:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in frozen.items())
         raise ResumeError(f"trainer.resume={path}: this command line changes what the checkpoint's run is, which a "
@@ -74,8 +77,10 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
         log.info("resume: keys new since the checkpoint take their defaults: %s", ", ".join(sorted(added)))
     config = OmegaConf.create(unflatten(effective))
     OmegaConf.set_struct(config, True)
-    return Resume(path, ckpt, config, {k: v for k, v in changes.items() if k != "trainer.resume"},
-                  _run_dir(path, ckpt))
+    run_dir = _run_dir(path, ckpt)
+    _refuse_rewind(path, ckpt, run_dir)
+    return Resume(path, ckpt, config, {k: v for k, v in changes.items() if k != "trainer.resume"}, run_dir,
+                  _choices(ckpt))
 
 
 def _apply_overrides(ckpt: dict, overrides: list[str]) -> tuple[dict, set]:
@@ -132,19 +137,46 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _run_dir(path: Path, ckpt: dict) -> Path:
-    recorded = Path(ckpt["run_dir"]) if ckpt.get("run_dir") else None
-    if recorded is not None and recorded.is_dir():
+    """The run dir the checkpoint sits in (<run dir>/checkpoints/last.pt). A run dir that was moved
+    continues; a COPY of one whose original still exists cannot: both would write into the one
+    MLflow run the checkpoint names."""
+    resolved = path.resolve()
+    recorded = Path(ckpt["run_dir"]).resolve() if ckpt.get("run_dir") else None
+    if resolved.parent.name != "checkpoints":  # a checkpoint kept aside: it continues the run it came from
+        if recorded is None or not recorded.is_dir():
+            raise ResumeError(f"trainer.resume={path}: not in a run dir (<run dir>/checkpoints/{path.name}) and the run "
+                              f"dir it came from ({recorded}) is gone: put it back as <run dir>/checkpoints/{path.name}")
         return recorded
-    return path.resolve().parent.parent  # <run dir>/checkpoints/last.pt, moved with its run dir
+    here = resolved.parent.parent
+    if recorded is not None and recorded != here and (recorded / "checkpoints").is_dir():
+        raise ResumeError(f"trainer.resume={path}: this checkpoint was written by the run in {recorded}, which still "
+                          f"exists; resuming a copy would continue that run (its MLflow run "
+                          f"{ckpt.get('mlflow_run_id')}) from two places. Resume {recorded / 'checkpoints' / path.name}, "
+                          f"or move (not copy) the run dir")
+    return here
 
 
-def record(resume: Resume, run_dir: Path, step: int, invocation_dir: str | None) -> Path:
-    """Appends this resume to <run dir>/resumes.yaml (what changed, from which step) -> its path."""
+def _refuse_rewind(path: Path, ckpt: dict, run_dir: Path) -> None:
+    """A checkpoint kept aside that is older than the run's own last.pt would rewind the run: its
+    newer checkpoint replaced, two histories in one MLflow run. Refused."""
+    newest = run_dir / "checkpoints" / "last.pt"
+    if not newest.is_file() or newest.resolve() == path.resolve():
+        return
+    at, now = ckpt["train_state"]["step"], checkpoint.load(newest)["train_state"]["step"]
+    if now > at:
+        raise ResumeError(f"trainer.resume={path}: this checkpoint is at step {at}, but the run it belongs to "
+                          f"({run_dir}) is already at step {now}: resuming it would rewind that run (its newer "
+                          f"checkpoint replaced, two histories in one MLflow run). Resume {newest}, or start a new run")
+
+
+def record(resume: Resume, run_dir: Path, step: int, invocation_dir: str | None, commit: str) -> tuple[Path, int]:
+    """Appends this resume to <run dir>/resumes.yaml (what changed, from which step, with which code)
+    -> (its path, this resume's number, from 1)."""
     import datetime
     path = run_dir / "resumes.yaml"
     history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
     history.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "from_step": step,
-                    "checkpoint": str(resume.checkpoint_path), "invocation_dir": invocation_dir,
+                    "checkpoint": str(resume.checkpoint_path), "invocation_dir": invocation_dir, "git_commit": commit,
                     "changed": {k: {"from": a, "to": b} for k, (a, b) in resume.changes.items()}})
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(history)))
-    return path
+    return path, len(history)

@@ -63,6 +63,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Inside, any random draw (evaluation's loaders and crops, a probe) leaves every generator
+    (Python, numpy, torch CPU and CUDA) as it found it, so what training draws next does not depend
+    on whether or how often it evaluated: a resumed run replays an uninterrupted one exactly."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def sample_seed(*key: int) -> int:
+    """A seed from integers (seed, epoch, index ...), the same in every process and run."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded(*key: int):
+    """torch's CPU generator seeded from key inside, restored after: a sample's random crop depends
+    on (seed, epoch, index) alone, not on which worker made it or what it made before, so a resumed
+    epoch that starts mid-way, or runs with other loader workers, crops every sample as before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(*key))
+        yield
+
+
 def config_container(cfg) -> dict:
     """The resolved config as plain dicts and lists (what checkpoints and MLflow record)."""
     from omegaconf import OmegaConf

@@ -7,7 +7,6 @@ below creates store + experiment once, in the launching process, before any job 
 import logging
 import os
 import re
-import sqlite3
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,25 +33,39 @@ def resolve_uri(cfg_uri: str | None, launch_dir=None) -> str:
 
 
 def check_writable(uri: str) -> None:
-    """Fail before training, naming the path, when a local store cannot be written."""
+    """Fail before training, naming the path or server, when the store cannot be used: a local
+    store that cannot be written (nothing is created here), an MLflow server that does not answer
+    within a few seconds (MLflow's own client retries for minutes before it gives up)."""
     parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https", "databricks", "postgresql", "mysql", "mssql"):
-        return  # remote stores are checked by creating the experiment
+    if parsed.scheme in ("http", "https"):
+        _check_server(uri)
+        return
+    if parsed.scheme in ("databricks", "postgresql", "mysql", "mssql"):
+        return  # checked by creating the experiment
     if parsed.scheme == "sqlite":
         path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
         if path is None or not str(path):
             raise TrackingStoreError(f"tracking.uri={uri!r}: expected sqlite:///<absolute path to .db>")
     else:
-        path = Path(parsed.path or uri) / ".probe"  # a file: or plain-path store is a directory
+        path = Path(parsed.path or uri) / "store"  # a file: or plain-path store is a directory
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    problem = (None if (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+                        and (not path.exists() or os.access(path, os.W_OK)))
+               else f"{folder} is not a directory" if not folder.is_dir() else f"{folder if not path.exists() else path} "
+                                                                                f"is not writable")
+    if problem:
+        raise TrackingStoreError(f"tracking.uri={uri!r}: cannot write the MLflow store at {path.parent}: {problem}")
+
+
+def _check_server(uri: str, timeout_s: float = 5.0) -> None:
+    import urllib.request
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if parsed.scheme == "sqlite":
-            sqlite3.connect(path).close()
-        else:
-            path.touch()
-            path.unlink()
-    except (OSError, sqlite3.Error) as exc:
-        raise TrackingStoreError(f"tracking.uri={uri!r}: cannot write the MLflow store at {path.parent}: {exc}") from exc
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except OSError as exc:  # URLError, timeouts and refused connections are OSErrors
+        raise TrackingStoreError(f"tracking.uri={uri!r}: the MLflow server does not answer ({exc}); start it, or "
+                                 f"point tracking.uri (or MLFLOW_TRACKING_URI) at a store that exists") from None
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -83,10 +96,16 @@ def ensure_store(uri: str, experiment: str) -> str:
         return found.experiment_id
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
 def _warn_if_artifacts_elsewhere(uri: str, experiment) -> None:
     """Experiments made before artifacts moved beside the store keep MLflow's ./mlruns location:
-    say once where their artifacts go."""
+    say once per process where their artifacts go."""
     wanted = artifact_location(uri, experiment.name)
+    if (uri, experiment.name) in _WARNED:
+        return
+    _WARNED.add((uri, experiment.name))
     if wanted and not experiment.artifact_location.startswith(wanted.rsplit("/", 1)[0]):
         log.warning("MLflow experiment %r keeps its artifacts at %s (it predates fastclip storing them beside the "
                     "store, under %s)", experiment.name, experiment.artifact_location, wanted.rsplit("/", 1)[0])
@@ -181,14 +200,13 @@ class Tracker:
 
 
 class MlflowStoreCallback(Callback):
-    """Creates store + experiment once before a multirun fans out, plus a parent run for the sweep."""
+    """Creates store + experiment once before a multirun fans out, plus a parent run for the sweep.
+    A single run creates its own (in run(), after its config is checked: a config mistake fails
+    before MLflow loads or a store appears)."""
 
     def _setup(self, config: DictConfig) -> tuple[str, str]:
         uri = resolve_uri(config.tracking.uri)
         return uri, ensure_store(uri, config.tracking.experiment)
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._setup(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         import mlflow

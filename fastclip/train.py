@@ -6,13 +6,15 @@ commit + Hydra job) and hands both to the shared loop.
 """
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fastclip import CONF_DIR, tracking
-from fastclip.checks import check_config
+from fastclip.checks import ConfigError, check_config, check_overrides
+from fastclip.config import NAMED_GROUPS
 
 log = logging.getLogger("fastclip")
 # what a run reports last and a sweeper would optimise, in order of preference
@@ -56,8 +58,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     if cfg.trainer.resume:  # the run it came from: its config, run dir and MLflow run
         from fastclip.resume import prepare
         resume = prepare(cfg, overrides)
-        cfg, run_dir = resume.config, resume.run_dir
-        choices = resume.checkpoint.get("choices") or choices
+        cfg, run_dir, choices = resume.config, resume.run_dir, resume.choices
     check_config(cfg)
     uri = _store_uri(cfg, resume, launch_dir)
     tracking.check_writable(uri)  # fail before any work, naming the path
@@ -78,7 +79,6 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     if resume:
         trainer.load_state_dict(resume.checkpoint, str(resume.checkpoint_path))
         tracking.require_run(uri, resume.checkpoint.get("mlflow_run_id"), resume.checkpoint_path)
-        _log_to_run_dir(run_dir)
     commit, dirty = runtime.git_commit()
     tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
             "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **getattr(task, "tags", {})}
@@ -91,15 +91,19 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     resolved = run_dir / "config.yaml"
     resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker.log_artifact(resolved)
-    if resume:
-        _record_resume(resume, tracker, run_dir, trainer.state.step)
-    _log_plan(task, trainer, cfg, run_dir)
-
+    run_log = _log_to_run_dir(run_dir) if resume else None
     try:
+        if resume:
+            _record_resume(resume, tracker, run_dir, trainer.state.step, commit)
+        _log_plan(task, trainer, cfg, run_dir)
         metrics = fit(task, cfg, tracker, run_dir, device, trainer, provenance={"choices": choices or _choices(cfg)})
     except BaseException as exc:
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        if run_log is not None:
+            logging.getLogger().removeHandler(run_log)
+            run_log.close()
     tracker.end("FINISHED")
     metrics["mlflow_run_id"] = tracker.run_id
     for key in HEADLINE_METRICS:
@@ -123,24 +127,30 @@ def _choices(cfg: DictConfig) -> dict[str, str]:
     if HydraConfig.initialized():  # top-level groups only (not hydra/*, nor nested defaults like _shared/...)
         return {k: v for k, v in HydraConfig.get().runtime.choices.items()
                 if v is not None and (CONF_DIR / k).is_dir() and not k.startswith(("_", "hydra"))}
-    return {g: cfg[g].name for g in ("task", "dataset", "encoder", "boundary", "compression") if "name" in cfg[g]}
+    return {g: cfg[g].name for g in NAMED_GROUPS if "name" in cfg[g]}
 
 
-def _log_to_run_dir(run_dir: Path) -> None:
-    """A resumed run logs into the run dir it continues, beside its first part's log."""
+def _log_to_run_dir(run_dir: Path) -> logging.Handler:
+    """A resumed run logs into the run dir it continues, beside its first part's log (the caller
+    removes the handler when the run ends)."""
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
+    return handler
 
 
-def _record_resume(resume, tracker, run_dir: Path, step: int) -> None:
+def _record_resume(resume, tracker, run_dir: Path, step: int, commit: str) -> None:
+    """Each resume: a log line, an entry in resumes.yaml, and MLflow tags of its own (changes, from
+    which step, with which code), since the run's params cannot change."""
     from fastclip.resume import record
     changed = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changes.items()) or "nothing changed"
     log.info("resuming %s at step %d into %s (%s)", resume.checkpoint_path, step, run_dir, changed)
-    tags = hydra_tags()
-    path = record(resume, run_dir, step, tags.get("hydra.output_dir"))
+    path, n = record(resume, run_dir, step, hydra_tags().get("hydra.output_dir"), commit)
     tracker.log_artifact(path)
-    tracker.set_tags({"fastclip.resumed_changes": changed[:5000]})
+    tracker.set_tags({f"fastclip.resume.{n}.changes": changed[:5000], f"fastclip.resume.{n}.from_step": step,
+                      f"fastclip.resume.{n}.git_commit": commit, "fastclip.resumes": n})
+    if "tracking.run_name" in resume.changes:
+        tracker.client.update_run(tracker.run_id, name=resume.config.tracking.run_name)
 
 
 def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
@@ -155,9 +165,18 @@ def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from fastclip.checkpoint import CheckpointError, ResumeError
     hc = HydraConfig.get()
-    metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
-                  choices=_choices(cfg))
+    from fastclip.loop import NoTrainingData, RunInterrupted, TrainingDiverged
+    try:
+        check_overrides(hc.overrides.task)
+        metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
+                      choices=_choices(cfg))
+    except (ConfigError, ResumeError, CheckpointError, NoTrainingData, TrainingDiverged) as exc:
+        raise SystemExit(f"error: {exc}") from None  # what to do is in the message: no stack trace
+    except RunInterrupted as exc:
+        print(f"fastclip: {exc}", file=sys.stderr)
+        raise SystemExit(130) from None
     # The returned value is what a sweeper would optimise.
     return next((metrics[k] for k in HEADLINE_METRICS if k in metrics), None)
 

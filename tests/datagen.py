@@ -5,16 +5,23 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
-def colour_image(name: str, i: int, size: int = 40) -> Image.Image:
+def colour_image(name: str, i: int, size: int = 40, textured: bool = False) -> Image.Image:
+    """A solid colour square (slightly taller for some i); textured: with seeded noise on it, so
+    that a random crop of it changes the pixels (of a solid colour it cannot)."""
     r, g, b = COLOURS[name]
     shade = (i * 7) % 30  # distinct files, same colour
-    return Image.new("RGB", (size, size + i % 5), (max(0, r - shade), max(0, g - shade), max(0, b - shade)))
+    image = Image.new("RGB", (size, size + i % 5), (max(0, r - shade), max(0, g - shade), max(0, b - shade)))
+    if textured:
+        noise = np.random.default_rng(i).integers(-40, 40, (image.height, image.width, 1))
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) + noise, 0, 255).astype(np.uint8))
+    return image
 
 
 def jpeg_bytes(image: Image.Image) -> bytes:
@@ -23,7 +30,8 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def make_csv(root: Path, per_colour: int = 6, captions_per_image: int = 2, first: int = 0) -> Path:
+def make_csv(root: Path, per_colour: int = 6, captions_per_image: int = 2, first: int = 0,
+             textured: bool = False) -> Path:
     """root/images/*.jpg + root/captions.csv (image,caption; several rows per image); images
     number `first` on (another `first` gives other images: a held-out set)."""
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -31,7 +39,7 @@ def make_csv(root: Path, per_colour: int = 6, captions_per_image: int = 2, first
     for name in COLOURS:
         for i in range(first, first + per_colour):
             file = f"{name}_{i}.jpg"
-            colour_image(name, i).save(root / "images" / file)
+            colour_image(name, i, textured=textured).save(root / "images" / file)
             rows += [f"{file},a {name} square number {k}" for k in range(captions_per_image)]
     (root / "captions.csv").write_text("\n".join(rows) + "\n")
     return root / "captions.csv"

@@ -99,7 +99,8 @@ def test_a_shard_with_bad_samples_trains_and_counts_its_skips(tmp_path, store):
     metrics = run(cfg, tmp_path / "run")
     assert metrics["data/skipped"] == 6  # 3 bad samples in each of 2 epochs
     assert metrics["retrieval/images"] == 13  # eval: 2 unusable samples dropped, the corrupt JPEG fails to decode
-    assert metrics["retrieval/skipped"] == 3  # the 2 unusable samples (read) and the corrupt JPEG (decoded)
+    assert metrics["retrieval/skipped"] == 1  # the corrupt JPEG, at decoding
+    assert metrics["retrieval/skipped_rows"] == 2  # the samples without image or caption, when read
     import mlflow
     history = mlflow.MlflowClient(tracking_uri=store).get_metric_history(metrics["mlflow_run_id"], "data/skipped")
     assert [m.value for m in history] == [3, 6]

@@ -63,6 +63,10 @@ def test_imagenet_evaluator_gives_the_known_accuracy_and_caches_the_classifier(t
 
 def test_imagenet_layout_errors_name_the_path(tmp_path, store):
     (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"eval.imagenet_val=.*: no image file in its 1 class folders"):
+        run(compose_cfg(TINY_CLIP + [f"tracking.uri={store}", f"eval.imagenet_val={tmp_path / 'val'}"]), tmp_path / "run")
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "n01440764" / "x.jpg")
     cfg = compose_cfg(TINY_CLIP + [f"tracking.uri={store}", f"eval.imagenet_val={tmp_path / 'val'}", "trainer.max_steps=1",
                                    "trainer.warmup_steps=1"])
     with pytest.raises(ValueError, match=r"eval.imagenet_val=.*has 1 class folders"):

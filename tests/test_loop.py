@@ -140,16 +140,18 @@ def test_step_log_keeps_order_reads_plain_numbers_and_stops_at_the_first_non_fin
     from fastclip.loop import StepLog, TrainingDiverged, TrainState
     steps = StepLog(None, 10, None, tmp_path / "last.pt")
     state = TrainState(step=1)
-    steps.add(state, torch.tensor(2.5), 0.1, {})
+    steps.add(state, torch.tensor(2.5), torch.tensor(True), 0.1, {})
     state.step = 2
-    steps.add(state, torch.tensor(float("nan")), 0.2, {"n": torch.tensor(3, dtype=torch.long)})
+    nan = torch.tensor(float("nan"))
+    steps.add(state, nan, torch.isfinite(nan), 0.2, {"n": torch.tensor(3, dtype=torch.long)})
     rows = steps.fetch()
     assert [(s, e, f) for s, e, f, _ in rows] == [(0, 0, True), (1, 0, False)]
     assert rows[0][3] == {"train/loss": 2.5, "train/lr": 0.1}
     assert rows[1][3]["train/lr"] == 0.2 and rows[1][3]["train/n"] == 3.0 and rows[1][3]["train/loss"] != rows[1][3]["train/loss"]
     assert steps.fetch() == []
-    steps.add(state, torch.tensor(float("inf")), 0.2, {})
-    with pytest.raises(TrainingDiverged, match="train/loss is inf at step 1 .* no checkpoint written yet"):
+    # a step whose last micro-batch loss is finite but an earlier one was not is caught too
+    steps.add(state, torch.tensor(1.0), torch.tensor(False), 0.2, {})
+    with pytest.raises(TrainingDiverged, match=r"a micro-batch loss of step 1 \(epoch 1\) is not finite; .* no checkpoint written yet"):
         steps.drain()
 
 
@@ -281,6 +283,36 @@ def test_an_epoch_that_trains_on_no_sample_fails_naming_why(tmp_path):
     from fastclip.loop import NoTrainingData
     cfg = compose_cfg(["epochs=2", "trainer.progress=false", "trainer.warmup_steps=0"])
     task = CountingTask(3, bad={(0, i) for i in range(3)})
-    with pytest.raises(NoTrainingData, match=r"epoch 0 trained on no sample.*12 bad sample"):
+    with pytest.raises(NoTrainingData, match=r"epoch 1 trained on no sample.*12 bad sample"):
         fit(task, cfg, None, tmp_path, torch.device("cpu"))
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_ctrl_c_stops_after_the_step_in_progress_with_its_checkpoint_and_the_run_resumes_exactly(tmp_path):
+    """SIGINT during a step: the step finishes, its checkpoint is written, RunInterrupted names it; a
+    resume from there lands on the uninterrupted run's weights."""
+    import os
+    import signal
+    from fastclip import checkpoint
+    from fastclip.loop import RunInterrupted, Trainer
+    cfg = compose_cfg(["epochs=2", "trainer.progress=false", "trainer.warmup_steps=0"])
+    full = CountingTask(6)
+    fit(full, cfg, None, tmp_path / "full", torch.device("cpu"))
+
+    class Interrupted(CountingTask):
+        def loss(self, batch):
+            if len(self.seen) == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of step 4 (batch 3)
+            return super().loss(batch)
+    task = Interrupted(6)
+    with pytest.raises(RunInterrupted, match=r"SIGINT: stopped after step 4; its checkpoint is .*last.pt"):
+        fit(task, cfg, None, tmp_path / "run", torch.device("cpu"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (state["train_state"]["step"], state["train_state"]["batch_in_epoch"]) == (4, 4)
+    resumed = CountingTask(6)
+    trainer = Trainer(resumed, cfg, torch.device("cpu"))
+    trainer.load_state_dict(state)
+    fit(resumed, cfg, None, tmp_path / "run", torch.device("cpu"), trainer)
+    assert resumed.seen[0] == (0, 4)
+    torch.testing.assert_close(resumed.model.weight, full.model.weight, rtol=0, atol=0)

@@ -27,10 +27,17 @@ def used_by_commands() -> list[str]:
     return commands
 
 
-def composable(command: str) -> list[str]:
+def bash_words(shell, command: str) -> list[str]:
+    """The arguments bash passes on for `command` (its quoting, not Python's)."""
+    done = shell(f"printf '%s\\0' {command}")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("\0")[:-1]
+
+
+def composable(args: list[str]) -> list[str]:
     """A train command's arguments as one run that Hydra can print (`--cfg job`): without -m, each
     swept key at its first value."""
-    args = [a for a in shlex.split(command)[3:] if a != "-m"]
+    args = [a for a in args[3:] if a != "-m"]
     return [a.split(",")[0] if "=" in a and "," in a and not a.split("=", 1)[1].startswith(("[", "'", '"')) else a
             for a in args]
 
@@ -63,7 +70,8 @@ def test_every_used_by_command_works_as_pasted(shell):
         if not command.startswith("python -m fastclip.train"):
             continue  # make_shards on outside data: its own tests cover it
         if any(marker in command for marker in OUTSIDE):
-            done = shell(shlex.join(["python", "-m", "fastclip.train", *composable(command), "--cfg", "job"]))
+            done = shell(shlex.join(["python", "-m", "fastclip.train", *composable(bash_words(shell, command)),
+                                     "--cfg", "job"]))
             composed.append(command)
         else:
             runs = sorted(p for p in (shell.home / "outputs" / "runs").glob("*/*") if (p / "checkpoints").is_dir())

@@ -5,6 +5,7 @@ import subprocess
 
 import mlflow
 import pytest
+import torch
 
 from conftest import PYTHON, TINY_CLIP, compose_cfg, load_checkpoint, run_killed_at_loss_call
 from fastclip.checkpoint import CheckpointError, ResumeError
@@ -37,7 +38,7 @@ def test_a_resume_that_changes_the_model_fails_before_touching_the_run(tmp_path,
         assert "trainer.lr" not in str(err.value).split("Start a new run")[0]  # a key that may change is not listed
         assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED"
         assert snapshot(run_dir) == before
-        assert not (tmp_path / "second").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts", "first", "mlflow.db"]  # nothing new
 
 
 def test_a_resume_with_a_new_lr_applies_and_records_it(tmp_path, store):
@@ -55,8 +56,11 @@ def test_a_resume_with_a_new_lr_applies_and_records_it(tmp_path, store):
     logged = client.get_run(first["mlflow_run_id"])
     assert logged.info.status == "FINISHED"
     assert logged.data.params["trainer.lr"] == "0.0005"  # MLflow params are the run's first config...
-    assert "trainer.lr: 0.0005 -> 0.005" in logged.data.tags["fastclip.resumed_changes"]  # ...changes are recorded
-    assert "trainer.max_steps: 6 -> 8" in logged.data.tags["fastclip.resumed_changes"]
+    tags = logged.data.tags  # ...each resume's changes are recorded, from which step, with which code
+    assert "trainer.lr: 0.0005 -> 0.005" in tags["fastclip.resume.1.changes"]
+    assert "trainer.max_steps: 6 -> 8" in tags["fastclip.resume.1.changes"]
+    assert (tags["fastclip.resume.1.from_step"], tags["fastclip.resumes"]) == ("6", "1")
+    assert tags["fastclip.resume.1.git_commit"] == tags["mlflow.source.git.commit"]
     lrs = {m.step: m.value for m in client.get_metric_history(first["mlflow_run_id"], "train/lr")}
     assert lrs[5] == pytest.approx(5e-4 * _cosine(5, 6, 3))  # the first part's schedule: 6 steps
     assert lrs[7] == pytest.approx(5e-3 * _cosine(7, 8, 3))  # from step 6 on: 8 steps at the new lr
@@ -107,3 +111,54 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, store):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="other.pt: not a fastclip checkpoint"):
         run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'other.pt'}"]), tmp_path / "r")
+
+
+@pytest.mark.parametrize("workers, kill_at", [(0, 7), (0, 9), (1, 7), (1, 9)])
+def test_resume_is_exact_with_learned_boundaries_random_crops_and_loader_workers(tmp_path, store, monkeypatch,
+                                                                                 workers, kill_at):
+    """gumbel noise, random crops, evaluations between epochs, loader workers: a run killed mid-epoch
+    (call 7: epoch 1's third step) or at an epoch's start (call 9, after the evaluation) and resumed
+    lands on the very weights of an uninterrupted one."""
+    from datagen import make_csv
+    csv = make_csv(tmp_path / "csv", textured=True)  # 24 images x 2 captions; 18 train: 4 steps of 8 an epoch
+    common = COMMON + [f"tracking.uri={store}", "dataset=csv", f"dataset.path={csv}", "dataset.eval_fraction=0.25",
+                       "boundary=gumbel", "boundary.apply_to=[image]", "trainer.batch_size=8", "epochs=3",
+                       "trainer.ckpt_every_steps=1", "trainer.warmup_steps=1", f"trainer.num_workers={workers}"]
+    run(compose_cfg(common), tmp_path / "full")
+    run_killed_at_loss_call(compose_cfg(common), tmp_path / "killed", monkeypatch, call=kill_at)
+    ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
+    run(compose_cfg(common + [f"trainer.resume={ckpt}"]), tmp_path / "killed")
+    end, ref = load_checkpoint(ckpt), load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    assert end["train_state"]["step"] == ref["train_state"]["step"] == 12
+    for key, value in ref["model"].items():
+        assert torch.equal(end["model"][key], value), key
+
+
+def test_resuming_a_copy_of_a_run_dir_whose_original_exists_is_refused(tmp_path, store):
+    import shutil
+    run_dir, ckpt, first = finished_run(tmp_path, store)
+    shutil.copytree(run_dir, tmp_path / "copy")
+    with pytest.raises(ResumeError, match=r"was written by the run in .*first, which still exists"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'copy' / 'checkpoints' / 'last.pt'}"]),
+            tmp_path / "r")
+    shutil.rmtree(run_dir)  # moved, not copied: the run goes on from its new place
+    metrics = run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'copy' / 'checkpoints' / 'last.pt'}",
+                                        "epochs=3"]), tmp_path / "r")
+    assert metrics["mlflow_run_id"] == first["mlflow_run_id"]
+    assert load_checkpoint(tmp_path / "copy" / "checkpoints" / "last.pt")["train_state"]["step"] == 15
+
+
+
+def test_a_resume_that_would_rewind_or_end_its_run_before_where_it_is_is_refused(tmp_path, store):
+    import shutil
+    run_dir, ckpt, first = finished_run(tmp_path, store)  # 2 epochs: step 10
+    kept = tmp_path / "kept" / "last.pt"  # a checkpoint kept aside at step 10 ...
+    kept.parent.mkdir()
+    shutil.copy(ckpt, kept)
+    run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={ckpt}", "epochs=3"]), run_dir)  # ... the run: 15
+    with pytest.raises(ResumeError, match=r"this checkpoint is at step 10, but the run it belongs to .* is already at "
+                                          r"step 15: resuming it would rewind that run"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={kept}", "epochs=4"]), run_dir)
+    with pytest.raises(ResumeError, match=r"is at step 15, beyond this run's 5 steps \(epochs=1"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={ckpt}", "epochs=1"]), run_dir)
+    assert load_checkpoint(ckpt)["train_state"]["step"] == 15

@@ -31,7 +31,7 @@ def test_shards_whose_samples_all_lack_a_caption_fail_the_run(tmp_path, store):
     (shard.parent / "sizes.json").write_text(json.dumps({shard.name: 32}))
     cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards={shard}",
                               "eval.imagenet_val=null", f"dataset.eval_shards={_good_shard(tmp_path)}"])
-    with pytest.raises(NoTrainingData, match=r"epoch 0 trained on no sample.*32 empty caption.*declares 32"):
+    with pytest.raises(NoTrainingData, match=r"epoch 1 trained on no sample.*32 (empty|no) caption.*declares 32"):
         run(cfg, tmp_path / "run")
     (failed,) = runs_of(store)
     assert failed.info.status == "FAILED"
@@ -52,6 +52,10 @@ def test_an_evaluation_set_with_no_usable_image_fails_before_training(tmp_path, 
     with pytest.raises(ValueError, match=r"none of its 12 image files exists \(first: .*val2014"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() and runs_of(store) == []
+    for f in sorted((coco / "train2014").iterdir())[:3]:  # 3 of 12 there: it runs, saying the set is not complete
+        (coco / "val2014" / f.name.replace("train", "val")).write_bytes(f.read_bytes())
+    task = ClipTask(cfg, torch.device("cpu"))
+    assert task.tags["fastclip.retrieval_set"].endswith("9 of its 12 images missing: not the complete set")
     for f in (coco / "train2014").iterdir():  # files that exist but do not decode: named too
         (coco / "val2014" / f.name.replace("train", "val")).write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="none of its 12 images could be decoded"):
@@ -97,10 +101,8 @@ def test_a_diverging_dtp_run_stops_as_clearly_as_a_vanilla_one(tmp_path, store):
                                    "trainer.batch_size=64", "trainer.ckpt_every_steps=2", "eval.boundary_picture=false"])
     with pytest.raises(TrainingDiverged, match=r"at step \d+ \(epoch \d\); stopping"):
         run(cfg, tmp_path / "run")
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)["model"]
-        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]  # step 2's, at least
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     (failed,) = runs_of(store)
     assert failed.info.status == "FAILED"
 
@@ -214,7 +216,7 @@ def test_non_finite_boundary_logits_in_a_step_end_the_run_naming_tower_and_step(
         return real_loss(self, batch)
     monkeypatch.setattr(ClipTask, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"DTP image tower: the boundary predictor's logits are not finite .* "
-                                               r"at step 7 \(epoch 1\); stopping; last good checkpoint kept"):
+                                               r"at step 7 \(epoch 2\); stopping; last good checkpoint kept"):
         run(cfg, tmp_path / "run")
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["train_state"]["step"] == 5
 
@@ -237,3 +239,62 @@ def test_a_checkpoint_is_never_written_over_with_non_finite_weights(tmp_path, st
         run(cfg, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["train_state"]["step"] == 5 and torch.isfinite(state["model"]["logit_scale"])
+
+
+def test_a_shard_caption_that_is_not_utf8_is_skipped_not_garbled(tmp_path, caplog):
+    """Shard captions used to be decoded with replacement characters; now the sample is skipped,
+    counted and named (shard, key, byte offset)."""
+    shard = tmp_path / "s" / "shard-000000.tar"
+    samples = [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image(c, i)), "txt": f"a {c} square"}
+               for i, c in enumerate(list(COLOURS) * 2)]
+    samples[3]["txt"] = "un caf\xe9 rouge".encode("cp1252")
+    write_shard(shard, samples)
+    (shard.parent / "sizes.json").write_text(json.dumps({shard.name: 8}))
+    cfg = compose_cfg(FAST + ["dataset=webdataset", f"dataset.train_shards={shard}", "trainer.batch_size=8",
+                              f"dataset.eval_shards={_good_shard(tmp_path)}", "dataset.shuffle_buffer=0"])
+    task = ClipTask(cfg, torch.device("cpu"))
+    (out,) = [task.loss(batch) for batch in task.train_batches(0)]
+    assert out.samples == 7 and out.skipped == {"caption not UTF-8": 1}
+    assert "shard-000000.tar:0003: caption not UTF-8 (byte 0xe9 at offset 6)" in caplog.text
+
+
+def test_a_config_mistake_on_the_command_line_creates_no_store(tmp_path, cli_env):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "fastclip.train", "trainer.lr=-1"], cwd=tmp_path, env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "trainer.lr=-1: expected > 0" in done.stderr
+    assert "Traceback" not in done.stderr  # a config mistake is a message, not a stack trace
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_an_eval_folder_with_a_subset_of_the_classes_is_labelled_by_class_name(tmp_path):
+    """Its labels are the training classes' indices of its folders' names (they were its own sorted
+    folder index: an eval set of 'white' alone scored against 'grey')."""
+    from PIL import Image
+    from fastclip.data.image_folder import build_image_folder
+    for root, classes in (("train", ("black", "grey", "white")), ("eval", ("white",)), ("odd", ("pink",))):
+        for c in classes:
+            (tmp_path / root / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), {"black": 0, "grey": 128, "white": 255, "pink": 200}[c]).save(
+                    tmp_path / root / c / f"{i}.png")
+    cfg = compose_cfg(["dataset=image_folder", f"dataset.path={tmp_path / 'train'}", f"dataset.eval_path={tmp_path / 'eval'}"])
+    _, zeroshot = build_image_folder(cfg.dataset, lambda im: im, lambda im: im, lambda texts: torch.zeros(len(texts), 4))
+    assert zeroshot.classnames == ["black", "grey", "white"] and list(zeroshot.images.labels) == [2, 2, 2]
+    cfg.dataset.eval_path = str(tmp_path / "odd")
+    with pytest.raises(ValueError, match=r"dataset.eval_path has class folders training \(dataset.path\) has not: \['pink'\]"):
+        build_image_folder(cfg.dataset, lambda im: im, lambda im: im, lambda texts: torch.zeros(len(texts), 4))
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_fast_naming_it(tmp_path):
+    import socket
+    import time
+    from fastclip.tracking import TrackingStoreError
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingStoreError, match=rf"tracking.uri='http://127.0.0.1:{port}': the MLflow server does not answer"):
+        run(compose_cfg(TINY_CLIP + [f"tracking.uri=http://127.0.0.1:{port}"]), tmp_path / "run")
+    assert time.perf_counter() - t0 < 60  # not MLflow's minutes of retries

@@ -62,14 +62,15 @@ def train_steps(task, batches, steps: int) -> float:
     it = iter(batches)
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        batch = next(it)
-        loss, _, n = task.loss(batch)
+        out = task.loss(next(it))
+        if out.loss is None:  # a batch whose every sample was bad
+            continue
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         opt.step()
         if i:  # the first step pays for worker start-up
             times.append(time.perf_counter() - t0)
-            samples += n
+            samples += out.samples
     return samples / sum(times)
 
 

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fastclip.runtime import seeded
+
 
 @dataclass
 class ZeroShotSet:
@@ -31,8 +33,8 @@ def split_indices(labels: np.ndarray, holdout_fraction: float, split_seed: int) 
 
 
 class CaptionedImages(Dataset):
-    """(image, tokens) pairs; the caption template is drawn from (seed, epoch, index), so a
-    resumed run sees the same captions as an uninterrupted one."""
+    """(image, tokens) pairs; the caption template and the image's random crop are drawn from
+    (seed, epoch, index), so a resumed run sees the same captions and crops as an uninterrupted one."""
 
     def __init__(self, images: list[Image.Image], labels: np.ndarray, caption_tokens: torch.Tensor, transform,
                  files: list | None = None):
@@ -65,7 +67,9 @@ class CaptionedImages(Dataset):
 
     def __getitem__(self, i):
         template = np.random.default_rng((self.seed, self.epoch, i)).integers(self.caption_tokens.shape[1])
-        return self.transform(self.images[i]), self.caption_tokens[self.labels[i], template]
+        with seeded(self.seed, self.epoch, i):  # the crop too: a function of (seed, epoch, index)
+            image = self.transform(self.images[i])
+        return image, self.caption_tokens[self.labels[i], template]
 
 
 class LabelledImages(Dataset):

@@ -2,6 +2,7 @@
 captions come from templates, zero-shot runs on `eval_path` (same layout) or, when that is
 null, on a held-out stratified split of `path`. Class names are the folder names, or
 `classnames` (a file with one name per line, in sorted folder order)."""
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +13,34 @@ from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSe
 from fastclip.data.pairs import open_rgb
 from fastclip.data.textfile import decode_utf8
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".gif"}
 
 
-def scan(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
+def scan(root: str | Path, key: str = "dataset.path") -> tuple[list[Path], np.ndarray, list[str]]:
+    """(image files, their class index, class folder names sorted) of <root>/<class>/<image>.
+    Errors name `key` (the config key root came from); files of other suffixes are counted in a warning."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset.path={str(root)!r}: no such directory")
+        raise FileNotFoundError(f"{key}={str(root)!r}: no such directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"dataset.path={str(root)!r}: no class subfolders")
-    files, labels = [], []
+        raise ValueError(f"{key}={str(root)!r}: no class subfolders")
+    files, labels, other = [], [], 0
     for i, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(f)
                 labels.append(i)
+            elif f.is_file():
+                other += 1
+    if other:
+        log.warning("%s=%s: %d files without an image suffix (%s) left out", key, root, other,
+                    " ".join(sorted(IMAGE_SUFFIXES)))
+    if not files:
+        raise ValueError(f"{key}={str(root)!r}: no image file in its {len(classes)} class folders (suffixes "
+                         f"{' '.join(sorted(IMAGE_SUFFIXES))})")
     return files, np.array(labels), classes
 
 
@@ -58,6 +71,17 @@ def folder_classnames(cfg, classes: list[str] | None = None) -> list[str]:
     return names
 
 
+def training_labels(labels: np.ndarray, eval_classes: list[str], classes: list[str]) -> np.ndarray:
+    """An eval folder's labels as indices of the TRAINING classes (matched by folder name): an eval
+    set may hold a subset of the classes, in its own sorted order; a class training has not got
+    fails, naming it."""
+    unknown = sorted(set(eval_classes) - set(classes))
+    if unknown:
+        raise ValueError(f"dataset.eval_path has class folders training (dataset.path) has not: {unknown}")
+    index = np.array([classes.index(c) for c in eval_classes])
+    return index[labels]
+
+
 def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer):
     check_unseen_templates(cfg.train_templates, cfg.eval_templates)
     files, labels, classes = scan(cfg.path)
@@ -66,7 +90,8 @@ def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer):
     undecodable = len(files) - len(ok)  # counted in data/skipped (the held-out folder's too)
     files, labels = [files[i] for i in ok], labels[ok]
     if cfg.eval_path:
-        eval_files, eval_labels, _ = scan(cfg.eval_path)
+        eval_files, eval_labels, eval_classes = scan(cfg.eval_path, "dataset.eval_path")
+        eval_labels = training_labels(eval_labels, eval_classes, classes)
         eval_images, eval_ok = load_images(eval_files)
         undecodable += len(eval_files) - len(eval_ok)
         train_images, train_labels, train_files = images, labels, files

@@ -46,7 +46,7 @@ def records_of(args) -> tuple[list[tuple[str, str, dict]], Counter]:
         groups, skipped = load_coco(Path(args.path), args.split)
         return [(im, cap, {}) for im in sorted(groups) for cap in (groups[im] or [""])], skipped
     if args.source == "folder":
-        files, labels, classes = scan(args.path)
+        files, labels, classes = scan(args.path, "--path")
         return [(str(f), args.template.format(classes[c].replace("_", " ")), {"label": int(c), "class": classes[c]})
                 for f, c in zip(files, labels)], Counter()
     raise ValueError(f"--source {args.source!r}: expected csv, coco or folder")

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from fastclip.runtime import seeded
+
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +97,11 @@ class PairDataset(Dataset):
     def __init__(self, records: list[tuple[str, str]], transform, tokenizer):
         self.records, self.transform, self.tokenizer = records, transform, tokenizer
         self.overlap = None  # evaluation images' fingerprints (data.overlap), once exclude_eval has run
+        self.seed, self.epoch = 0, 0
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """A sample's random crop is drawn from (seed, epoch, index): the same in a resumed run."""
+        self.seed, self.epoch = seed, epoch
 
     def __len__(self):
         return len(self.records)
@@ -125,7 +132,9 @@ class PairDataset(Dataset):
         image = open_rgb(data, path)
         if image is None:
             return Skip("undecodable image")
-        return self.transform(image), self.tokenizer([caption])[0]
+        with seeded(self.seed, self.epoch, i):
+            image = self.transform(image)
+        return image, self.tokenizer([caption])[0]
 
 
 class ImageFiles(Dataset):
@@ -173,14 +182,14 @@ class DecodedBatches:
 class RetrievalSet:
     images: Dataset               # ImageFiles (or any dataset of (tensor, index))
     captions: list[list[str]]     # captions[i] belong to image i
-    skipped: int = 0              # rows of its caption file skipped while reading (bad encoding, field count)
+    skipped: int = 0              # caption rows / samples left out while reading it: retrieval/skipped_rows
     description: str = ""         # which split the numbers come from: "coco2014 karpathy test split (5000 images)"
 
 
-def require_usable(images: Dataset, what: str) -> None:
-    """Before training: an evaluation set whose files all exist (missing ones are named and
-    counted) and at least one of whose images decodes; else ValueError naming `what`. Decodes
-    images in order until one works (usually the first)."""
+def require_usable(images: Dataset, what: str) -> int:
+    """Before training: an evaluation set at least one of whose images exists and decodes; else
+    ValueError naming `what`. Decodes images in order until one works (usually the first).
+    -> how many of its image files do not exist (named in a warning; evaluation counts them)."""
     if len(images) == 0:
         raise ValueError(f"{what}: no image to evaluate on")
     files = getattr(images, "files", None)
@@ -191,9 +200,11 @@ def require_usable(images: Dataset, what: str) -> None:
         if missing:
             log.warning("%s: %d of %d image files do not exist (first: %s); evaluation leaves them out and "
                         "counts them", what, len(missing), len(files), missing[0])
+    else:
+        missing = []
     for i in range(len(images)):
         if images[i] is not None:
-            return
+            return len(missing)
     raise ValueError(f"{what}: none of its {len(images)} images could be decoded (the warnings above say why)")
 
 
@@ -212,6 +223,8 @@ def split_images(images: list[str], eval_fraction: float, split_seed: int) -> tu
         raise ValueError(f"dataset.eval_fraction={eval_fraction}: expected a value in [0, 1)")
     order = np.random.default_rng(split_seed).permutation(len(images))
     n_eval = round(len(images) * eval_fraction)
+    if eval_fraction > 0 and n_eval == 0 and len(images) > 1:
+        n_eval = 1  # a fraction too small for this few images still holds one out, rather than none
     held = {images[i] for i in order[:n_eval]}
     return {im for im in images if im not in held}, held
 

@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import filters, shardlists, tariterators
 
 from fastclip.data.pairs import ImageFiles, RetrievalSet, Skip, clean_caption, open_rgb
+from fastclip.runtime import seeded
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -107,11 +108,13 @@ class ShardStream(IterableDataset):
         if len(sources) > 1 and not resampled:
             raise ValueError("dataset.train_shards lists several weighted sources: mixing by weight needs "
                              "dataset.resampled=true")
-        self.seed, self.epoch = 0, 0
+        self.seed, self.epoch, self.skip_batches, self.batch_size = 0, 0, 0, 1
         self.overlap = None  # evaluation images' fingerprints (data.overlap)
 
-    def set_epoch(self, seed: int, epoch: int) -> None:
-        self.seed, self.epoch = seed, epoch
+    def set_epoch(self, seed: int, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        """The epoch to stream, and how many of its loader batches (of batch_size samples) a resumed
+        run has already trained on: each worker passes over its share of them without decoding."""
+        self.seed, self.epoch, self.skip_batches, self.batch_size = seed, epoch, skip_batches, batch_size
 
     def exclude_eval(self, overlap) -> int:
         """Samples that are evaluation images are left out as they are read (a stream is not listed)."""
@@ -145,8 +148,9 @@ class ShardStream(IterableDataset):
                                       rng=self._rng("shuffle", index))(samples)
         yield from samples
 
-    def decode(self, sample: dict):
-        """(image tensor, tokens), or Skip(reason) for a sample that cannot train."""
+    def decode(self, sample: dict, index: int = 0):
+        """(image tensor, tokens), or Skip(reason) for a sample that cannot train. index: the sample's
+        place in this worker's stream, which (with seed, epoch and worker) draws its random crop."""
         if LOST in sample:
             return Skip("unreadable in its shard")
         what = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
@@ -166,17 +170,23 @@ class ShardStream(IterableDataset):
         image = open_rgb(sample[image_key], what)
         if image is None:
             return Skip("undecodable image")
-        return self.transform(image), self.tokenizer([caption])[0]
+        info = get_worker_info()
+        with seeded(self.seed, self.epoch, info.id if info else 0, index):
+            image = self.transform(image)
+        return image, self.tokenizer([caption])[0]
 
     def __iter__(self):
         """Decoded samples; a non-resampled pass ends with the shards, a resampled one after
         num_samples / workers per worker."""
         info = get_worker_info()
-        workers = info.num_workers if info else 1
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         streams = [iter(self._samples(s, i)) for i, s in enumerate(self.sources)]
         weights = [s.weight for s in self.sources]
         pick = self._rng("mix")
         quota = self.num_samples // workers if self.resampled else None
+        # the loader takes batches from its workers in turn: of the first skip_batches, this worker made
+        # every workers-th one (exact while every worker still has data, i.e. but for an epoch's tail)
+        skip = len(range(worker, self.skip_batches, workers)) * self.batch_size
         produced = 0
         while quota is None or produced < quota:
             i = pick.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
@@ -184,7 +194,8 @@ class ShardStream(IterableDataset):
             if sample is None:  # a non-resampled pass is over
                 return
             produced += 1
-            yield self.decode(sample)
+            if produced > skip:
+                yield self.decode(sample, produced - 1)
 
 
 def build_shards(cfg, preprocess_train, tokenizer) -> ShardStream:

@@ -23,10 +23,7 @@ TEMPLATE_SETS = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_
 
 def imagenet_files(root: str | Path, classnames=IMAGENET_CLASSNAMES):
     """(files, labels) of a val folder; fails naming the path when the layout is not 1000 classes."""
-    try:
-        files, labels, wnids = scan(root)
-    except (FileNotFoundError, ValueError) as exc:
-        raise type(exc)(str(exc).replace("dataset.path", "eval.imagenet_val")) from None
+    files, labels, wnids = scan(root, "eval.imagenet_val")
     if len(wnids) != len(classnames):
         raise ValueError(f"eval.imagenet_val={str(root)!r} has {len(wnids)} class folders; the val layout has "
                          f"{len(classnames)} (one per WNID, sorted = class index)")

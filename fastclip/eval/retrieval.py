@@ -50,4 +50,5 @@ def retrieval_eval(model, tokenizer, retrieval, device, batch_size=256, num_work
                          f"images could be decoded at evaluation")
     similarity = torch.cat(features) @ torch.cat(text_features).T
     return {**recall_at_k(similarity, caption_image), "retrieval/images": float(len(kept)),
-            "retrieval/skipped": float(batches.skipped + retrieval.skipped)}
+            "retrieval/skipped": float(batches.skipped),  # images that did not decode
+            "retrieval/skipped_rows": float(retrieval.skipped)}  # caption rows / samples left out when read

@@ -1,8 +1,7 @@
 """Contrastive image-text pretraining: open_clip towers (vanilla, DTP or ToMe), open_clip's
 tokenizer, transforms and ClipLoss, plus each DTP tower's boundary loss. Every evaluation
 reports zero-shot accuracy and the efficiency the model actually achieved."""
-import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from fastclip.eval.efficiency import parameter_counts, tower_efficiency
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
-from fastclip.loop import StepOutput
+from fastclip.loop import StepOutput, ignore_stop_signals
 from fastclip.models.clip import build_clip, build_transforms, clip_objective
 from fastclip.models.vision import shuffled_placement
 
@@ -92,7 +91,7 @@ class ClipTask:
         self.data = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)
         self.preprocess_eval = preprocess_eval
         self.criterion = ClipLoss()
-        self.evals, self._artifacts = 0, []
+        self._artifacts = []
         skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
         self.build_skipped = dict(skipped) if isinstance(skipped, dict) else {"bad sample": skipped} if skipped else {}
         overlap = eval_overlap_of(self.data, cfg.eval.overlap)
@@ -107,30 +106,42 @@ class ClipTask:
 
     def _check_eval_sets(self) -> None:
         """Every evaluation set exists and has a usable item before training starts, not after it."""
+        if not (self.data.zeroshot or self.data.retrieval or self.cfg.eval.imagenet_val):
+            ds = self.cfg.dataset
+            raise ValueError(f"dataset={ds.name} holds out no image to evaluate on"
+                             + (f" (dataset.eval_fraction={ds.eval_fraction} of {len(self.data.train)} rows' images)"
+                                if ds.name == "csv" else "") + ": set a held-out split or eval.imagenet_val")
         if self.data.zeroshot is not None:
             require_usable(self.data.zeroshot.images, f"dataset={self.cfg.dataset.name}'s zero-shot set")
-        if self.data.retrieval is not None:
-            require_usable(self.data.retrieval.images, self.data.retrieval.description
-                           or f"dataset={self.cfg.dataset.name}'s retrieval set")
+        retrieval = self.data.retrieval
+        if retrieval is not None:
+            missing = require_usable(retrieval.images, retrieval.description
+                                     or f"dataset={self.cfg.dataset.name}'s retrieval set")
+            if missing:  # the numbers will not be the named split's: say so wherever its name goes
+                self.data.retrieval = replace(retrieval, description=(
+                    f"{retrieval.description or 'retrieval set'}, {missing} of its {len(retrieval.images)} "
+                    f"images missing: not the complete set"))
         if self.cfg.eval.imagenet_val:
             imagenet_files(self.cfg.eval.imagenet_val)  # a wrong path or layout fails now
 
     def train_batches(self, epoch: int, start: int = 0):
         """The epoch's batches from batch `start` on (len: the whole epoch). A map-style source
-        starts its sampler there (no decoding of the batches before it); a stream is read past them."""
+        starts its sampler there, a stream's workers pass over their share without decoding it."""
         train, tc = self.data.train, self.cfg.trainer
-        if hasattr(train, "set_epoch"):
-            train.set_epoch(self.cfg.seed, epoch)
         stream = isinstance(train, IterableDataset)
+        if stream:
+            train.set_epoch(self.cfg.seed, epoch, skip_batches=start, batch_size=tc.batch_size)
+        elif hasattr(train, "set_epoch"):
+            train.set_epoch(self.cfg.seed, epoch)
         workers = tc.num_workers
-        sampler = None if stream else EpochOrder(len(train), self.cfg.seed, epoch, start * tc.batch_size)
-        loader = DataLoader(train, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=workers, collate_fn=collate_skipping,
+        loader = DataLoader(train, batch_size=tc.batch_size, drop_last=True, num_workers=workers,
+                            sampler=None if stream else EpochOrder(len(train), self.cfg.seed, epoch, start * tc.batch_size),
+                            # the workers' base seed from (seed, epoch), not from the training process's generator
+                            generator=runtime.epoch_generator(self.cfg.seed, epoch), collate_fn=collate_skipping,
+                            worker_init_fn=ignore_stop_signals,  # Ctrl-C is the loop's: it stops after a step
                             timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
                             persistent_workers=False, pin_memory=self.device.type == "cuda")
-        if stream and start:
-            return Skipping(loader, start)
-        return loader if not start else Sized(loader, len(train) // tc.batch_size)
+        return Sized(loader, len(train) // tc.batch_size) if start else loader
 
     def epoch_samples(self) -> int:
         """Samples the training source declares per epoch (rows, files, or the shards' sizes)."""
@@ -197,11 +208,12 @@ class ClipTask:
                                          cfg.eval.num_workers, cache))
         images, tokens = self.eval_batch()
         metrics.update(tower_efficiency(self.model, images, tokens))
-        self.evals += 1
         pools = self.model.image_method is not None or self.model.text_method is not None
         if self.run_dir is not None and cfg.eval.boundary_picture and pools:  # nothing to draw otherwise
-            path = self.run_dir / "boundaries" / f"eval_{self.evals:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = self.run_dir / "boundaries"
+            folder.mkdir(parents=True, exist_ok=True)
+            # numbered after the pictures already there: a resumed run adds to its first part's
+            path = folder / f"eval_{len(list(folder.glob('eval_*.png'))) + 1:03d}.png"
             draw(self.model, images, tokens, lambda t: decode_tokens(self.tokenizer, t), path)
             self._artifacts.append(path)
         return metrics
@@ -233,7 +245,8 @@ class ClipTask:
 
 class EpochOrder(Sampler):
     """The epoch's shuffled order (a function of seed and epoch only, so a resumed run replays it),
-    from position `start` on: the same permutation torch's RandomSampler draws from this generator."""
+    from position `start` on. It is the order DataLoader(shuffle=True, generator=epoch_generator)
+    gave before this class: that loader drew its base seed from the generator, then the permutation."""
 
     def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
@@ -242,8 +255,9 @@ class EpochOrder(Sampler):
         return max(0, self.n - self.start)
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=runtime.epoch_generator(self.seed, self.epoch))
-        return iter(order[self.start:].tolist())
+        generator = runtime.epoch_generator(self.seed, self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the base seed the old loader drew
+        return iter(torch.randperm(self.n, generator=generator)[self.start:].tolist())
 
 
 class Sized:
@@ -257,15 +271,4 @@ class Sized:
 
     def __iter__(self):
         return iter(self.batches)
-
-
-class Skipping(Sized):
-    """A stream's batches after its first `skip` (read and dropped: a stream cannot seek)."""
-
-    def __init__(self, batches, skip: int):
-        super().__init__(batches, len(batches))
-        self.skip = skip
-
-    def __iter__(self):
-        return itertools.islice(iter(self.batches), self.skip, None)
 

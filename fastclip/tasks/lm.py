@@ -24,8 +24,12 @@ class RandomWindows:
         self.ids, self.targets = torch.from_numpy(ids.astype(np.int64)), targets
         self.context, self.batch_size = context, batch_size
         self.generator = runtime.epoch_generator(seed, epoch)
-        self.n_batches = max(1, (len(ids) - 1) // (context * batch_size))
+        self.n_batches = self.batches_in(len(ids), context, batch_size)
         self.start = start  # batches drawn and dropped first (a resumed epoch)
+
+    @staticmethod
+    def batches_in(n_chars: int, context: int, batch_size: int) -> int:
+        return max(1, (n_chars - 1) // (context * batch_size))
 
     def __len__(self):
         return self.n_batches
@@ -74,7 +78,8 @@ class LMTask:
                              self.cfg.seed, epoch, start)
 
     def epoch_samples(self) -> int:
-        return len(self.train_batches(0)) * self.cfg.trainer.batch_size
+        batch = self.cfg.trainer.batch_size
+        return RandomWindows.batches_in(len(self.ids["train"]), self.context, batch) * batch
 
     def sizes(self) -> dict[str, int]:
         return {f"{split} chars": len(ids) for split, ids in self.ids.items()}
