@@ -72,10 +72,10 @@ class StopRequests:
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """A loader worker's init: Ctrl-C and SIGTERM are the training process's to handle (a worker that
-    died of them would fail the batch the run needs to finish its step)."""
-    for s in StopRequests.SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    """A loader worker's init: Ctrl-C (sent to the whole process group) is the training process's to
+    handle; a worker that died of it would fail the batch the run needs to finish its step. SIGTERM
+    stays: it is how the loader (and multiprocessing at exit) stops its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class NoTrainingData(RuntimeError):

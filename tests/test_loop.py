@@ -10,6 +10,19 @@ from conftest import compose_cfg
 from fastclip.loop import StepOutput, fit
 
 
+class Batches:
+    """An epoch of `n` batches (its len), made afresh by `make()` on each pass."""
+
+    def __init__(self, n: int, make):
+        self.n, self.make = n, make
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(self.make())
+
+
 class SleepyTask:
     """Batches arrive after `load_s`; each loss takes `compute_s`."""
 
@@ -18,17 +31,11 @@ class SleepyTask:
         self.load_s, self.compute_s, self.n = load_s, compute_s, n_batches
 
     def train_batches(self, epoch, start=0):
-        task = self
-
-        class Batches:
-            def __len__(self):
-                return task.n
-
-            def __iter__(self):
-                for _ in range(task.n):
-                    time.sleep(task.load_s)
-                    yield torch.ones(4, 2)
-        return Batches()
+        def slowly():
+            for _ in range(self.n):
+                time.sleep(self.load_s)
+                yield torch.ones(4, 2)
+        return Batches(self.n, slowly)
 
     def loss(self, batch):
         time.sleep(self.compute_s)
@@ -201,15 +208,7 @@ class CountingTask:
         return epoch, i, torch.full((4, 2), float(epoch + 1 + i) / 10)
 
     def train_batches(self, epoch, start=0):
-        task = self
-
-        class Batches:
-            def __len__(self):
-                return task.n
-
-            def __iter__(self):
-                return (task.batch(epoch, i) for i in range(start, task.n))
-        return Batches()
+        return Batches(self.n, lambda: (self.batch(epoch, i) for i in range(start, self.n)))
 
     def loss(self, batch):
         epoch, i, x = batch

@@ -113,8 +113,32 @@ class ShardStream(IterableDataset):
 
     def set_epoch(self, seed: int, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
         """The epoch to stream, and how many of its loader batches (of batch_size samples) a resumed
-        run has already trained on: each worker passes over its share of them without decoding."""
+        run has already trained on: each worker passes over its share of them without decoding
+        (only where skips_in_workers says that is exact)."""
         self.seed, self.epoch, self.skip_batches, self.batch_size = seed, epoch, skip_batches, batch_size
+
+    def skips_in_workers(self, start: int, batch_size: int, workers: int) -> bool:
+        """Whether each loader worker can pass over its share of the epoch's first `start` batches
+        itself: exactly when every worker still makes batches through them (the loader takes one
+        from each worker in turn, and only from the others once one has run out)."""
+        counts = self._worker_batches(max(1, workers), batch_size)
+        return counts is not None and start <= min(counts) * len(counts)
+
+    def _worker_batches(self, workers: int, batch_size: int) -> list[int] | None:
+        """Full batches each worker makes this epoch, where the shard sizes say (None where they do not)."""
+        if self.resampled:
+            return [self.num_samples // workers // batch_size] * workers
+        source = self.sources[0]  # several sources need resampled
+        if not source.sizes:
+            return None
+        urls = self._epoch_order(source, 0)
+        return [sum(source.sizes[u] for u in urls[k::workers]) // batch_size for k in range(workers)]
+
+    def _epoch_order(self, source: ShardSource, index: int) -> list[str]:
+        """The epoch's shard order, the same in every worker."""
+        urls = list(source.urls)
+        random.Random(f"{self.seed}/{self.epoch}/order/{index}").shuffle(urls)
+        return urls
 
     def exclude_eval(self, overlap) -> int:
         """Samples that are evaluation images are left out as they are read (a stream is not listed)."""
@@ -124,21 +148,25 @@ class ShardStream(IterableDataset):
     def __len__(self):
         return self.num_samples
 
-    def _rng(self, *salt) -> random.Random:
+    def _worker(self) -> tuple[int, int]:
+        """(this worker's part of the epoch's stream, the number of parts). The loader asks its workers
+        for batches in turn from worker 0; a resumed epoch whose next batch is part p's gives part p
+        to worker 0, part p+1 to worker 1, ..., so the batches come in the order they did."""
         info = get_worker_info()
+        workers = info.num_workers if info else 1
+        return ((info.id if info else 0) + self.skip_batches) % workers, workers
+
+    def _rng(self, *salt) -> random.Random:
         # a str seed is hashed stably (unlike hash(), which is salted per process)
-        return random.Random("/".join(map(str, (self.seed, self.epoch, info.id if info else 0) + salt)))
+        return random.Random("/".join(map(str, (self.seed, self.epoch, self._worker()[0]) + salt)))
 
     def _shard_urls(self, source: ShardSource, index: int):
         if self.resampled:
             rng = self._rng("shards", index)
             while True:
                 yield {"url": rng.choice(source.urls)}
-        urls = list(source.urls)
-        rng = random.Random(f"{self.seed}/{self.epoch}/order/{index}")  # the same order in every worker
-        rng.shuffle(urls)
-        info = get_worker_info()
-        for url in urls[info.id::info.num_workers] if info else urls:
+        part, parts = self._worker()
+        for url in self._epoch_order(source, index)[part::parts]:
             yield {"url": url}
 
     def _samples(self, source: ShardSource, index: int):
@@ -170,23 +198,21 @@ class ShardStream(IterableDataset):
         image = open_rgb(sample[image_key], what)
         if image is None:
             return Skip("undecodable image")
-        info = get_worker_info()
-        with seeded(self.seed, self.epoch, info.id if info else 0, index):
+        with seeded(self.seed, self.epoch, self._worker()[0], index):
             image = self.transform(image)
         return image, self.tokenizer([caption])[0]
 
     def __iter__(self):
         """Decoded samples; a non-resampled pass ends with the shards, a resampled one after
         num_samples / workers per worker."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        part, parts = self._worker()
         streams = [iter(self._samples(s, i)) for i, s in enumerate(self.sources)]
         weights = [s.weight for s in self.sources]
         pick = self._rng("mix")
-        quota = self.num_samples // workers if self.resampled else None
-        # the loader takes batches from its workers in turn: of the first skip_batches, this worker made
-        # every workers-th one (exact while every worker still has data, i.e. but for an epoch's tail)
-        skip = len(range(worker, self.skip_batches, workers)) * self.batch_size
+        quota = self.num_samples // parts if self.resampled else None
+        # the loader took the first skip_batches from the parts in turn: this part made every parts-th
+        # one (exact while every part still had data: skips_in_workers)
+        skip = len(range(part, self.skip_batches, parts)) * self.batch_size
         produced = 0
         while quota is None or produced < quota:
             i = pick.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
@@ -194,7 +220,7 @@ class ShardStream(IterableDataset):
             if sample is None:  # a non-resampled pass is over
                 return
             produced += 1
-            if produced > skip:
+            if produced > skip:  # passed over undecoded, but through the shuffle buffer as before
                 yield self.decode(sample, produced - 1)
 
 

@@ -1,6 +1,7 @@
 """Contrastive image-text pretraining: open_clip towers (vanilla, DTP or ToMe), open_clip's
 tokenizer, transforms and ClipLoss, plus each DTP tower's boundary loss. Every evaluation
 reports zero-shot accuracy and the efficiency the model actually achieved."""
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -126,14 +127,16 @@ class ClipTask:
 
     def train_batches(self, epoch: int, start: int = 0):
         """The epoch's batches from batch `start` on (len: the whole epoch). A map-style source
-        starts its sampler there, a stream's workers pass over their share without decoding it."""
+        starts its sampler there, a stream's workers pass over their share without decoding it (or,
+        where a worker runs out before them, this process reads past them)."""
         train, tc = self.data.train, self.cfg.trainer
+        workers = tc.num_workers
         stream = isinstance(train, IterableDataset)
+        in_workers = stream and bool(start) and train.skips_in_workers(start, tc.batch_size, workers)
         if stream:
-            train.set_epoch(self.cfg.seed, epoch, skip_batches=start, batch_size=tc.batch_size)
+            train.set_epoch(self.cfg.seed, epoch, skip_batches=start if in_workers else 0, batch_size=tc.batch_size)
         elif hasattr(train, "set_epoch"):
             train.set_epoch(self.cfg.seed, epoch)
-        workers = tc.num_workers
         loader = DataLoader(train, batch_size=tc.batch_size, drop_last=True, num_workers=workers,
                             sampler=None if stream else EpochOrder(len(train), self.cfg.seed, epoch, start * tc.batch_size),
                             # the workers' base seed from (seed, epoch), not from the training process's generator
@@ -141,6 +144,8 @@ class ClipTask:
                             worker_init_fn=ignore_stop_signals,  # Ctrl-C is the loop's: it stops after a step
                             timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
                             persistent_workers=False, pin_memory=self.device.type == "cuda")
+        if stream and start and not in_workers:  # where the workers cannot: read past them here, decoded
+            return ReadPast(loader, start)
         return Sized(loader, len(train) // tc.batch_size) if start else loader
 
     def epoch_samples(self) -> int:
@@ -271,4 +276,15 @@ class Sized:
 
     def __iter__(self):
         return iter(self.batches)
+
+
+class ReadPast(Sized):
+    """A stream's batches after its first `skip`, read and dropped here (a stream cannot seek)."""
+
+    def __init__(self, batches, skip: int):
+        super().__init__(batches, len(batches))
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.skip, None)
 
