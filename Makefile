@@ -30,10 +30,11 @@ sweep: $(STAMP)
 	bash sweeps/$(SWEEP).sh $(ARGS)
 
 ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --port 5000
+	$(PY) -m fastclip.ui $(ARGS)
 
+# the latest sweep by default; ARGS="--sweep <parent run id>" or leave a sweep out with a plain python -m
 report: $(STAMP)
-	$(PY) -m fastclip.report $(ARGS)
+	$(PY) -m fastclip.report --sweep latest $(ARGS)
 
 bench: bench-lm bench-clip bench-loader bench-step
 

@@ -16,6 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, an assistant);
+# with it, on the runs table
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 class TrackingStoreError(RuntimeError):
@@ -86,9 +89,12 @@ def ensure_store(uri: str, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         _warn_if_artifacts_elsewhere(uri, found)
+        if found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made before fastclip set it
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     try:
-        return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+        return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
+                                        tags=dict([EXPERIMENT_KIND]))
     except Exception:  # another process won the race: take theirs
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -128,7 +134,7 @@ def require_run(uri: str, run_id: str | None, checkpoint_path) -> None:
 def ui_hint(uri: str, tracker) -> str:
     """How to look at the run in the MLflow UI."""
     from fastclip import PROJECT_ROOT
-    page = f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+    page = f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}?workflowType=machine_learning"
     if uri == default_store_uri(PROJECT_ROOT):
         return f"view it with `make ui`, then {page}"
     return f"view it with `mlflow ui --backend-store-uri {uri}`, then {page}"
@@ -199,6 +205,13 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def sweep_run_name(overrides: str, sweep_dir: Path, limit: int = 200) -> str:
+    """A sweep's parent run is named after what it swept ("sweep boundary=none,fixed seed=0,1"), so
+    sweeps can be told apart in the UI's runs table; its dir's time where the command line set nothing."""
+    name = f"sweep {overrides}" if overrides else f"sweep {sweep_dir.parent.name} {sweep_dir.name}"
+    return name if len(name) <= limit else name[:limit - 3] + "..."
+
+
 class MlflowStoreCallback(Callback):
     """Creates store + experiment once before a multirun fans out, plus a parent run for the sweep.
     A single run creates its own (in run(), after its config is checked: a config mistake fails
@@ -214,9 +227,10 @@ class MlflowStoreCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         client = mlflow.MlflowClient(tracking_uri=uri)
-        parent = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}",
+        overrides = " ".join(config.hydra.overrides.task)
+        parent = client.create_run(experiment_id, run_name=sweep_run_name(overrides, sweep_dir),
                                    tags={"fastclip.sweep_dir": str(sweep_dir.resolve()), "fastclip.role": "sweep",
-                                         "fastclip.sweep_overrides": " ".join(config.hydra.overrides.task)})
+                                         "fastclip.sweep_overrides": overrides})
         (sweep_dir / PARENT_RUN_FILE).write_text(parent.info.run_id)
         log.info("MLflow store %s, sweep parent run %s", uri, parent.info.run_id)
 

@@ -1,0 +1,101 @@
+"""make report: compare runs from any MLflow store as a table, a Pareto plot and training curves.
+
+    python -m fastclip.report --experiment NAME [--sweep PARENT_RUN_ID|latest] [--out DIR]
+                              [--metric zeroshot/top1] [--cost efficiency/image_gflops] [--uri URI]
+
+Writes DIR/report.md (one row per group of runs that differ only in seed: mean ± std, n),
+DIR/report.csv (one row per run), DIR/pareto.png (the metric against the cost, the frontier
+marked) and DIR/curves.png (train/loss and the metric over steps). Where the runs are one sweep's,
+the four files are also logged as artifacts of the sweep's parent run (under report/).
+"""
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastclip.report.runs import ReportError, Selection, load_histories, select_runs
+from fastclip.report.table import Group, group_by_seed, markdown, write_csv
+
+log = logging.getLogger(__name__)
+FILES = ("report.md", "report.csv", "pareto.png", "curves.png")
+
+
+@dataclass
+class Report:
+    selection: Selection
+    groups: list[Group]
+    frontier: list[Group]
+    text: str
+    out: Path
+
+
+def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str | None = None,
+                 metric: str = "zeroshot/top1", cost: str = "efficiency/image_gflops") -> Report:
+    """Reads the runs, writes the four files into `out` (default outputs/reports/<experiment>/<the
+    sweep's dir, or all>), logs them to the sweep's parent run. Raises ReportError naming what is missing."""
+    from fastclip.report.plots import curves_plot, pareto_plot
+    selection = select_runs(uri, experiment, sweep)
+    if not selection.runs:
+        raise ReportError(f"experiment {experiment!r}{_scope(selection)} in {uri}: no FINISHED run"
+                          + (f" ({_counts(selection.left_out)})" if selection.left_out else ""))
+    if not any(metric in r.metrics for r in selection.runs):
+        logged = sorted({m for r in selection.runs for m in r.metrics if "/" in m})
+        raise ReportError(f"--metric {metric}: no run logged it (they logged {logged})")
+    out = out or Path("outputs") / "reports" / experiment / (selection.sweep_folder or "all")
+    out.mkdir(parents=True, exist_ok=True)
+    load_histories(uri, selection.runs, ["train/loss", metric])
+    groups = group_by_seed(selection.runs)
+    title = f"{experiment}{_scope(selection)}: {len(selection.runs)} runs in {len(groups)} groups"
+    frontier = pareto_plot(groups, metric, cost, out / "pareto.png", title)
+    curves_plot(groups, ["train/loss", metric], out / "curves.png", title)
+    write_csv(groups, out / "report.csv")
+    text = "\n".join([
+        f"### {title}", "",
+        f"Store {uri}." + (f" Not shown: {_counts(selection.left_out)}." if selection.left_out else ""),
+        "Groups are runs that differ only in seed: mean ± sample std over n seeds.", "",
+        markdown(groups), "",
+        f"Pareto frontier of {metric} against {cost} (pareto.png): "
+        + (", ".join(g.label for g in frontier) if frontier else f"none (no run logged {cost})"), ""])
+    (out / "report.md").write_text(text)
+    if selection.sweep_id:
+        import mlflow
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        for name in FILES:
+            client.log_artifact(selection.sweep_id, str(out / name), "report")
+    return Report(selection, groups, frontier, text, out)
+
+
+def _scope(selection: Selection) -> str:
+    if not selection.sweep_id:
+        return ""
+    name = selection.sweep_name or selection.sweep_id
+    return f", {name}" if name.startswith("sweep") else f", sweep {name}"
+
+
+def _counts(left_out: dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in sorted(left_out.items()))
+
+
+def main(argv=None) -> Report:
+    from fastclip.tracking import resolve_uri
+    ap = argparse.ArgumentParser(prog="python -m fastclip.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="fastclip", help="MLflow experiment (tracking.experiment); default fastclip")
+    ap.add_argument("--sweep", default=None, help="a sweep's parent run id, latest, or all (the default: every run of the experiment)")
+    ap.add_argument("--out", default=None, help="default: outputs/reports/<experiment>[/<sweep>]")
+    ap.add_argument("--metric", default="zeroshot/top1")
+    ap.add_argument("--cost", default="efficiency/image_gflops")
+    ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db (as training)")
+    args = ap.parse_args(argv)
+    uri = resolve_uri(args.uri)  # the store training writes from this directory
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise SystemExit(f"no MLflow store at {uri} (runs launched from this directory write there; --uri names another)")
+    try:
+        report = build_report(uri, args.experiment, Path(args.out) if args.out else None, args.sweep, args.metric,
+                              args.cost)
+    except ReportError as exc:
+        raise SystemExit(f"fastclip.report: {exc}") from None
+    print(report.text)
+    print(f"wrote {', '.join(str(report.out / f) for f in FILES)}"
+          + (f"; logged to the sweep's parent run {report.selection.sweep_id}" if report.selection.sweep_id else ""))
+    return report

@@ -1,0 +1,3 @@
+from fastclip.report import main
+
+main()

@@ -1,0 +1,81 @@
+"""The report's pictures: the metric against the cost with the Pareto frontier marked (pareto.png),
+and the training curves (curves.png). matplotlib, drawn off-screen (Agg)."""
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from fastclip.report.table import Group  # noqa: E402
+
+LOWER_IS_BETTER = ("lm/", "loss", "bpc")  # metrics where a smaller value wins (BPC, losses)
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(part in metric for part in LOWER_IS_BETTER)
+
+
+def pareto_frontier(points: list[tuple[float, float]], lower_better: bool = False) -> list[int]:
+    """Indices of the points (cost, value) that no other point dominates: none costs no more and is
+    no worse, being strictly better in one. Sorted by cost."""
+    sign = -1 if lower_better else 1
+
+    def dominates(a, b):
+        return a[0] <= b[0] and sign * a[1] >= sign * b[1] and (a[0] < b[0] or sign * a[1] > sign * b[1])
+    keep = [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+    return sorted(keep, key=lambda i: points[i])
+
+
+def pareto_plot(groups: list[Group], metric: str, cost: str, path: Path, title: str) -> list[Group]:
+    """Each group at (mean cost, mean metric) with std error bars, labelled by its choices; the
+    frontier joined and filled. Returns the frontier's groups (cheapest first); groups that did not
+    log both metrics are left out (and named in the picture's footnote)."""
+    placed = [(g, g.stat(cost), g.stat(metric)) for g in groups]
+    missing = [g.label for g, c, m in placed if c is None or m is None]
+    placed = [(g, c, m) for g, c, m in placed if c is not None and m is not None]
+    lower = lower_is_better(metric)
+    front = pareto_frontier([(c[0], m[0]) for _, c, m in placed], lower)
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for i, (g, c, m) in enumerate(placed):
+        on = i in front
+        ax.errorbar(c[0], m[0], xerr=c[1] or 0, yerr=m[1] or 0, fmt="o", capsize=3,
+                    color="C3" if on else "C0", mfc="C3" if on else "white", ms=7)
+        ax.annotate(f"{g.label} (n={m[2]})", (c[0], m[0]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    if front:
+        xs, ys = zip(*[(placed[i][1][0], placed[i][2][0]) for i in front])
+        ax.step(xs, ys, where="post", color="C3", lw=1, alpha=0.7, label="Pareto frontier")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel(cost)
+    ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
+    ax.grid(alpha=0.3)
+    if missing:
+        fig.text(0.01, 0.01, f"not placed (no {cost} or {metric}): {', '.join(missing)}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [placed[i][0] for i in front]
+
+
+def curves_plot(groups: list[Group], metrics: list[str], path: Path, title: str) -> None:
+    """One panel per metric (value against step), one line per run, coloured by group."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for n, g in enumerate(groups):
+            for k, run in enumerate(g.runs):
+                points = run.history.get(metric)
+                if points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, color=f"C{n % 10}", lw=1, marker="." if len(points) < 30 else None,
+                            alpha=0.85, label=g.label if k == 0 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle("\n".join(textwrap.wrap(title, 160)), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,111 @@
+"""make report over a store whose runs are made here with known numbers: the rows, the seed
+grouping, the Pareto frontier, both pictures, the sweep's artifacts, and the errors."""
+import csv
+
+import mlflow
+import pytest
+from PIL import Image
+
+from fastclip.report import FILES, main
+from fastclip.report.plots import pareto_frontier
+from fastclip.report.runs import ReportError, select_runs
+
+# boundary -> (image GFLOPs, zero-shot top-1 for seed 0, seed 1)
+KNOWN = {"none": (1.0, 0.50, 0.60), "fixed": (0.40, 0.48, 0.52), "gumbel": (0.45, 0.40, 0.44)}
+
+
+def log_run(client, exp_id, boundary, seed, gflops, top1, parent=None, status="FINISHED"):
+    tags = {"mlflow.parentRunId": parent} if parent else {}
+    run = client.create_run(exp_id, run_name=f"boundary={boundary} seed={seed}", tags=tags)
+    rid = run.info.run_id
+    params = {"task.name": "clip", "dataset.name": "digits", "encoder.name": "vit_tiny", "boundary.name": boundary,
+              "compression.name": "none", "epochs": "15", "trainer.max_steps": "60", "seed": str(seed),
+              "tracking.run_name": f"r{seed}{boundary}", "model.params_total": "250000",
+              "boundary.k": "4" if boundary == "fixed" else "None"}  # decided by the option: not in the label
+    for k, v in params.items():
+        client.log_param(rid, k, v)
+    for step in (10, 20, 30):
+        client.log_metric(rid, "train/loss", 3.0 - step / 20, step=step)
+    client.log_metric(rid, "zeroshot/top1", top1 - 0.1, step=30)
+    client.log_metric(rid, "zeroshot/top1", top1, step=60)
+    client.log_metric(rid, "efficiency/image_gflops", gflops, step=60)
+    client.set_terminated(rid, status)
+    return rid
+
+
+@pytest.fixture
+def sweep_store(tmp_path):
+    """Experiment demo: an older run outside any sweep, then a sweep of 3 boundaries x 2 seeds plus
+    one FAILED job."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("demo", artifact_location=(tmp_path / "artifacts").as_uri())
+    log_run(client, exp, "none", 7, 1.0, 0.99)  # not the sweep's: must not show in its report
+    parent = client.create_run(exp, run_name="sweep boundary=none,fixed,gumbel seed=0,1",
+                               tags={"fastclip.role": "sweep", "fastclip.sweep_dir": str(tmp_path / "2026-11-30" / "10-00-00")})
+    pid = parent.info.run_id
+    for boundary, (gflops, *tops) in KNOWN.items():
+        for seed, top1 in enumerate(tops):
+            log_run(client, exp, boundary, seed, gflops, top1, parent=pid)
+    log_run(client, exp, "fixed", 2, 0.4, 0.0, parent=pid, status="FAILED")
+    client.set_terminated(pid)
+    return uri, client, pid
+
+
+def test_a_sweep_report_groups_seeds_marks_the_frontier_and_logs_to_the_parent(sweep_store, tmp_path, capsys):
+    uri, client, pid = sweep_store
+    out = tmp_path / "report"
+    report = main(["--experiment", "demo", "--sweep", "latest", "--uri", uri, "--out", str(out)])
+    assert report.selection.sweep_id == pid and report.selection.left_out == {"FAILED": 1}
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| boundary=")]
+    assert len(rows) == 3  # one per group, the run outside the sweep and the FAILED job left out
+    by_label = {row.split(" | ")[0][2:]: row for row in rows}
+    none = by_label["boundary=none"]
+    assert "| 2 | 0,1 |" in none  # n and the seeds
+    assert "| 0.5500 ± 0.0707 |" in none  # mean ± sample std of 0.50 and 0.60
+    assert "| 0.5000 ± 0.0283 |" in by_label["boundary=fixed"] and "| 0.4 ± 0 |" in by_label["boundary=fixed"]
+    assert "| 0.25 ± 0 |" in none  # params (M)
+    # fixed is cheaper and better than gumbel: gumbel is off the frontier
+    assert [g.label for g in report.frontier] == ["boundary=fixed", "boundary=none"]
+    assert "frontier" in report.text and "Not shown: 1 FAILED" in report.text
+    with open(out / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and {r["seed"] for r in table} == {"0", "1"}
+    assert sorted(float(r["zeroshot/top1"]) for r in table if r["boundary"] == "gumbel") == [0.40, 0.44]
+    for name in ("pareto.png", "curves.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 400
+    logged = {a.path for a in client.list_artifacts(pid, "report")}
+    assert logged == {f"report/{f}" for f in FILES}
+    assert str(out / "report.md") in capsys.readouterr().out
+
+
+def test_without_a_sweep_the_report_covers_the_experiments_finished_runs(sweep_store, tmp_path):
+    uri, client, _ = sweep_store
+    report = main(["--experiment", "demo", "--uri", uri, "--out", str(tmp_path / "all")])
+    assert len(report.selection.runs) == 7 and report.selection.sweep_id is None
+    assert {g.label for g in report.groups} == {"boundary=none", "boundary=fixed", "boundary=gumbel"}
+    assert [len(g.runs) for g in report.groups if g.label == "boundary=none"] == [3]  # seeds 7, 0, 1
+
+
+def test_the_frontier_of_a_hand_made_case():
+    points = [(1.0, 0.5), (2.0, 0.7), (2.0, 0.6), (3.0, 0.65), (0.5, 0.2), (1.0, 0.5)]
+    # (2, 0.6) and (3, 0.65) are dominated by (2, 0.7); the two equal points dominate neither
+    assert pareto_frontier(points) == [4, 0, 5, 1]
+    # BPC: lower is better, so the cheapest lowest wins
+    assert pareto_frontier([(1.0, 1.5), (2.0, 1.2), (3.0, 1.3)], lower_better=True) == [0, 1]
+
+
+def test_report_errors_name_what_is_missing(sweep_store, tmp_path):
+    uri, client, _ = sweep_store
+    with pytest.raises(ReportError, match="'nope'.*it has.*demo"):
+        select_runs(uri, "nope")
+    with pytest.raises(ReportError, match="--sweep 123: not a sweep parent run"):
+        select_runs(uri, "demo", "123")
+    client.create_experiment("plain")
+    with pytest.raises(ReportError, match="has no sweep.*--sweep all"):
+        select_runs(uri, "plain", "latest")
+    with pytest.raises(SystemExit, match="--metric lm/test_bpc: no run logged it"):
+        main(["--experiment", "demo", "--uri", uri, "--metric", "lm/test_bpc", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no MLflow store at"):
+        main(["--uri", f"sqlite:///{tmp_path / 'none.db'}"])

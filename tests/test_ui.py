@@ -1,0 +1,76 @@
+"""make ui: MLflow's UI on 127.0.0.1 only, on a free port where the asked one is taken, answering
+the REST API with the store's runs; started and stopped here."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pytest
+
+from conftest import PYTHON
+from fastclip.tracking import EXPERIMENT_KIND, ensure_store
+
+
+def listeners(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} writes them) listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.append(address)
+    return found
+
+
+@pytest.mark.slow
+def test_ui_serves_the_runs_on_localhost_only_and_moves_off_a_taken_port(tmp_path, cli_env):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    legacy = client.create_experiment("old")  # made before fastclip tagged its experiments
+    exp_id = ensure_store(uri, "demo")
+    run_id = client.create_run(exp_id, run_name="a run").info.run_id
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    ui = subprocess.Popen([PYTHON, "-m", "fastclip.ui", "--uri", uri, "--experiment", "old", "--port", str(port)],
+                          env=cli_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+    try:
+        first = ui.stdout.readline()
+        assert first.startswith(f"port {port} is taken: using "), first
+        served = int(first.split()[-1])
+        lines = [ui.stdout.readline() for _ in range(2)]
+        assert f"http://127.0.0.1:{served}/#/experiments/{legacy}/runs" in lines[1]
+        body = json.dumps({"experiment_ids": [exp_id]}).encode()
+        deadline, answer = time.time() + 90, None
+        while time.time() < deadline and answer is None:
+            assert ui.poll() is None, ui.stdout.read()
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{served}/api/2.0/mlflow/runs/search", body,
+                                                 {"Content-Type": "application/json"})
+                answer = json.load(urllib.request.urlopen(request, timeout=5))
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, "the UI did not answer within 90 s"
+        assert [r["info"]["run_id"] for r in answer["runs"]] == [run_id]
+        assert listeners(served) == ["0100007F"]  # 127.0.0.1, and nothing on 0.0.0.0 or ::
+        for exp in (legacy, exp_id):  # MLflow 3 opens both on their runs table, not the GenAI view
+            assert client.get_experiment(exp).tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+        taken.close()
+    assert listeners(served) == []
+
+
+def test_ui_without_a_store_says_to_train_first(tmp_path, cli_env):
+    done = subprocess.run([PYTHON, "-m", "fastclip.ui", "--uri", f"sqlite:///{tmp_path / 'none.db'}"], env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no MLflow store at" in done.stderr and "make train" in done.stderr
