@@ -14,3 +14,11 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+def __getattr__(name):
+    # fastclip.load without importing torch and open_clip for every `import fastclip`
+    if name == "load":
+        from fastclip.inference import load
+        return load
+    raise AttributeError(f"module 'fastclip' has no attribute {name!r}")

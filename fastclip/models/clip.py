@@ -81,8 +81,9 @@ def clip_objective(model, criterion, out) -> tuple[torch.Tensor, dict[str, torch
     return loss, parts
 
 
-def build_clip(enc, boundary, caption_corpus=None, cache_dir=None):
-    """-> (model, tokenizer). caption_corpus: training captions (unigram text boundaries)."""
+def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bool = False):
+    """-> (model, tokenizer). caption_corpus: training captions (unigram text boundaries; not needed
+    with inference=True, a model to load trained weights into and run, never train)."""
     geometry = clip_geometry(enc)
     towers = dtp_towers(boundary)
     embed_dim, quick_gelu = geometry["embed_dim"], geometry.get("quick_gelu", False)
@@ -104,12 +105,12 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None):
         text_method = build_boundary_method(boundary, space_id=CharTokenizer.space_id)
         tc = geometry["text_cfg"]
         sp = None
-        if boundary.name == "unigram":
+        if boundary.name == "unigram" and not inference:
             from fastclip.data.unigram import train_on_captions
             sp = train_on_captions(caption_corpus, boundary.vocab_size, cache_dir)
         text = DTPTextTower(text_method, embed_dim, enc.char_context_length, tc.get("width", 512), tc.get("heads", 8),
                             tc.get("layers", 12), boundary.text_pre_layers, tc.get("mlp_ratio", 4.0), unigram_model=sp,
-                            layout=boundary.text_layout)
+                            layout=boundary.text_layout, inference=inference)
         tokenizer = text.tokenizer
     else:
         if enc.tokenizer == "char":

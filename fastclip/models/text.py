@@ -59,7 +59,8 @@ class VanillaTextTower(nn.Module):
 
 class DTPTextTower(nn.Module):
     def __init__(self, method, embed_dim: int, context_length: int, width: int, heads: int, layers: int,
-                 pre_layers: int, mlp_ratio: float = 4.0, unigram_model=None, layout: str = "packed"):
+                 pre_layers: int, mlp_ratio: float = 4.0, unigram_model=None, layout: str = "packed",
+                 inference: bool = False):
         super().__init__()
         if not 0 < pre_layers < layers:
             raise ValueError(f"boundary.text_pre_layers={pre_layers}: expected 1 .. {layers - 1} for a {layers}-layer text tower")
@@ -79,7 +80,7 @@ class DTPTextTower(nn.Module):
         # entropy_spike: next-char entropies come from an auxiliary LM head on the causal pre-layers
         self.next_char = nn.Linear(width, CharTokenizer.vocab_size) if isinstance(method, EntropySpike) else None
         self.unigram_model = unigram_model
-        if isinstance(method, Unigram) and unigram_model is None:
+        if isinstance(method, Unigram) and unigram_model is None and not inference:  # its targets train the predictor
             raise ValueError("boundary=unigram on the text tower needs a unigram model of the training captions")
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, embed_dim) * width ** -0.5)

@@ -1,0 +1,104 @@
+"""Unit inference: a trained CLIP checkpoint on your own images.
+
+    python -m fastclip.infer --checkpoint PATH|runs:/RUN_ID --image IMG [--image IMG ...]
+                             --text "a dog" --text "a cat"
+    python -m fastclip.infer --checkpoint ... --image IMG --classes FILE [--templates openai|simple]
+
+With --text: per image, each text's probability (a softmax over the texts at the model's learned
+temperature: they sum to 1). With --classes (one class name per line): zero-shot classification
+over the class names in the template set's prompts, the top 5 per image. For DTP models, how many
+tokens each tower kept (tokens in -> segments).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from fastclip.checkpoint import CheckpointError
+from fastclip.data.pairs import open_rgb
+from fastclip.data.textfile import decode_utf8
+from fastclip.eval.imagenet import TEMPLATE_SETS
+from fastclip.inference import classify, load, score
+
+
+def read_images(paths: list[str], preprocess) -> torch.Tensor:
+    """[N, 3, H, W]; an image that cannot be read fails naming it (a user's own file: no skipping)."""
+    out = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"--image {path}: no such file")
+        image = open_rgb(path, path)
+        if image is None:
+            raise SystemExit(f"--image {path}: not a readable image (the warning above says why)")
+        out.append(preprocess(image))
+    return torch.stack(out)
+
+
+def read_classes(path: str) -> list[str]:
+    if not Path(path).is_file():
+        raise SystemExit(f"--classes {path}: no such file")
+    names = [line.strip() for line in decode_utf8(Path(path).read_bytes(), f"--classes {path}").splitlines()]
+    names = [n for n in names if n]
+    if len(names) < 2:
+        raise SystemExit(f"--classes {path}: {len(names)} class name(s); one per line, at least 2")
+    return names
+
+
+def tokens_line(kind: str, counts: torch.Tensor) -> str:
+    n_in, kept = int(counts[0]), int(counts[1])
+    return f"{kind} tower kept {kept} of {n_in} tokens ({n_in / max(kept, 1):.2f}x shorter)"
+
+
+def shortens(model) -> tuple[bool, bool]:
+    """Whether the image and the text tower shorten their sequence (DTP or ToMe)."""
+    from fastclip.models.text import VanillaTextTower
+    from fastclip.models.vision import VanillaImageTower
+    return not isinstance(model.visual, VanillaImageTower), not isinstance(model.text, VanillaTextTower)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m fastclip.infer", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint file, or runs:/<MLflow run id>")
+    ap.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", action="append", help="a caption to score (repeat: the probabilities are over them)")
+    what.add_argument("--classes", help="a file of class names, one per line: zero-shot top 5")
+    ap.add_argument("--templates", choices=sorted(TEMPLATE_SETS), default="openai",
+                    help="prompt templates for --classes (open_clip's ImageNet sets)")
+    ap.add_argument("--uri", default=None, help="the MLflow store of a runs:/ checkpoint (default as training)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    try:
+        model, preprocess, tokenizer = load(args.checkpoint, args.device, args.uri)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise SystemExit(f"--checkpoint {args.checkpoint}: {exc}") from None
+    images = read_images(args.image, preprocess).to(args.device)
+    pools_image, pools_text = shortens(model)
+    if args.classes:
+        classnames = read_classes(args.classes)
+        probs, top = classify(model, tokenizer, images, classnames, TEMPLATE_SETS[args.templates])
+        kept = score(model, images, tokenizer(classnames[:1]).to(args.device)).image_tokens if pools_image else None
+        for i, path in enumerate(args.image):
+            print(path)
+            for rank, c in enumerate(top[i].tolist(), 1):
+                print(f"  {rank}. {probs[i, c]:.4f}  {classnames[c]}")
+            if kept is not None:
+                print("  " + tokens_line("image", kept[i]))
+        return
+    scores = score(model, images, tokenizer(args.text).to(args.device))
+    for i, path in enumerate(args.image):
+        print(path)
+        for j, text in enumerate(args.text):
+            print(f"  {scores.probs[i, j]:.4f}  {text}")
+        if pools_image:
+            print("  " + tokens_line("image", scores.image_tokens[i]))
+    if pools_text:
+        for j, text in enumerate(args.text):
+            print(f"{text!r}: " + tokens_line("text", scores.text_tokens[j]))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Using a trained CLIP checkpoint: `fastclip.load` in open_clip's style, and what `python -m
+fastclip.infer` prints (text probabilities per image, zero-shot top-5 over class names).
+
+    model, preprocess, tokenizer = fastclip.load("outputs/runs/.../checkpoints/last.pt")
+    image = preprocess(PIL.Image.open("dog.jpg")).unsqueeze(0)
+    probs = (100 * model.encode_image(image, normalize=True)
+             @ model.encode_text(tokenizer(["a dog", "a cat"]), normalize=True).T).softmax(-1)
+
+A checkpoint carries its resolved config, so nothing else is needed to rebuild its model (read
+with torch.load(weights_only=True)). The model scores with its own learned temperature
+(logit_scale), as open_clip's models do.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastclip.checkpoint import CheckpointError
+
+RUNS_PREFIX = "runs:/"
+
+
+def checkpoint_path(spec: str | Path, uri: str | None = None) -> Path:
+    """A checkpoint file from a path or `runs:/<MLflow run id>` (that run's last checkpoint, found
+    through its `fastclip.run_dir` tag in the store `uri`, default as training's). Raises
+    FileNotFoundError / CheckpointError naming what is missing."""
+    spec = str(spec)
+    if not spec.startswith(RUNS_PREFIX):
+        return Path(spec)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from fastclip.tracking import resolve_uri
+    uri = resolve_uri(uri)
+    run_id = spec[len(RUNS_PREFIX):].strip("/").split("/")[0]
+    try:
+        run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException:
+        raise CheckpointError(f"{spec}: no MLflow run {run_id!r} in {uri} (--uri names the store it is in)") from None
+    run_dir = run.data.tags.get("fastclip.run_dir")
+    if run_dir is None:
+        raise CheckpointError(f"{spec}: MLflow run {run_id} is not a fastclip training run (no fastclip.run_dir tag)")
+    path = Path(run_dir) / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: the run's checkpoint {path} is not there (moved or deleted?)")
+    return path
+
+
+def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | None = None):
+    """A trained CLIP from a fastclip checkpoint -> (model, preprocess, tokenizer), as open_clip's
+    create_model_and_transforms: model.encode_image(images [B, 3, H, W]) / model.encode_text(tokens
+    [B, L]) give [B, embed_dim] embeddings (normalize=True for unit length); preprocess is the eval
+    transform (PIL image -> [3, H, W] tensor); tokenizer(list of str) -> [B, L] token ids (open_clip's
+    BPE, or bytes for a DTP text tower). The model is in eval mode on `device`.
+
+    checkpoint: a path, or runs:/<MLflow run id> (see checkpoint_path). Raises FileNotFoundError
+    (no such file), CheckpointError (not a fastclip checkpoint, or a task=lm one), naming the file."""
+    from omegaconf import OmegaConf
+    from fastclip import checkpoint as ckpt
+    from fastclip.models.clip import build_clip, build_transforms
+    path = checkpoint_path(checkpoint, uri)
+    state = ckpt.load(path)
+    cfg = OmegaConf.create(state["config"])
+    task = OmegaConf.select(cfg, "task.name")
+    if task != "clip":
+        raise CheckpointError(f"{path}: a task={task} checkpoint (a character language model), not a CLIP model: "
+                              f"fastclip.load and fastclip.infer read task=clip checkpoints")
+    model, tokenizer = build_clip(cfg.encoder, cfg.boundary, inference=True)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return model, build_transforms(cfg.encoder)[1], tokenizer
+
+
+@dataclass
+class Scores:
+    """Image-text scores of one batch: probs [images, texts] (each row a softmax over the texts,
+    at the model's learned temperature), and the tokens each tower kept per input (sequence length
+    in, segments out; equal for a tower that does not pool)."""
+    probs: torch.Tensor
+    image_tokens: torch.Tensor    # [images, 2]: tokens in, segments kept
+    text_tokens: torch.Tensor     # [texts, 2]
+
+
+@torch.no_grad()
+def score(model, images: torch.Tensor, tokens: torch.Tensor) -> Scores:
+    """images [B, 3, H, W] (preprocessed), tokens [T, L] -> Scores."""
+    img, image_info = model.visual(images)
+    txt, text_info = model.text(tokens)
+    img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.T
+    kept = lambda info: torch.stack([info["tokens"], info["segments"]], 1).round().long().cpu()  # noqa: E731
+    return Scores(logits.softmax(-1).cpu(), kept(image_info), kept(text_info))
+
+
+@torch.no_grad()
+def classify(model, tokenizer, images: torch.Tensor, classnames: list[str], templates, k: int = 5):
+    """Zero-shot: each class's prompts ("a photo of a {c}.", ...) averaged into one text embedding
+    (open_clip's build_zero_shot_classifier) -> (probs [images, classes], top-k indices [images, k])."""
+    from open_clip import build_zero_shot_classifier
+    classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, num_classes_per_batch=10,
+                                            device=images.device)
+    logits = model.logit_scale.exp() * model.encode_image(images, normalize=True) @ classifier
+    probs = logits.softmax(-1).cpu()
+    return probs, probs.topk(min(k, len(classnames)), dim=-1).indices

@@ -1,0 +1,135 @@
+"""Unit inference from a checkpoint trained here for a few steps: fastclip.infer prints
+probabilities that sum to 1 and equal the model's own softmax; fastclip.load rebuilds the model
+from the checkpoint alone; bad checkpoints are named."""
+import re
+
+import mlflow
+import pytest
+import torch
+from PIL import Image
+
+import fastclip
+from conftest import TINY_CLIP, compose_cfg
+from fastclip.checkpoint import CheckpointError
+from fastclip.infer import main
+from fastclip.train import run
+
+FEW = TINY_CLIP + ["eval.boundary_picture=false", "trainer.batch_size=8", "trainer.max_steps=3",
+                   "trainer.warmup_steps=1"]
+TEXTS = ["a photo of the number 3.", "a photo of the number 7.", "a blurry zero"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """{name: (checkpoint, store uri, MLflow run id)} for a vanilla CLIP and two DTP ones (gumbel and
+    unigram boundaries on both towers: unigram's sentencepiece model only trains, never loads)."""
+    home = tmp_path_factory.mktemp("infer")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    out = {}
+    for name, extra in (("vanilla", []), ("dtp", ["boundary=gumbel"]), ("unigram", ["boundary=unigram"])):
+        run(compose_cfg(FEW + extra + [f"tracking.uri={uri}"]), home / name)
+        run_id = mlflow.MlflowClient(tracking_uri=uri).search_runs(
+            [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("fastclip").experiment_id],
+            filter_string=f"tags.`fastclip.run_dir` = '{(home / name).resolve()}'")[0].info.run_id
+        out[name] = (home / name / "checkpoints" / "last.pt", uri, run_id)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, colour in enumerate([(250, 250, 250), (20, 20, 20)]):
+        im = Image.new("RGB", (40, 30), colour)
+        im.paste((200, 30, 30), (5 + 10 * i, 5, 20 + 10 * i, 25))
+        paths.append(folder / f"image {i}.png")
+        im.save(paths[-1])
+    return paths
+
+
+def printed_probabilities(out: str, n_images: int, n_texts: int) -> torch.Tensor:
+    values = [float(v) for v in re.findall(r"^  (\d\.\d{4})  ", out, flags=re.M)]
+    assert len(values) == n_images * n_texts, out
+    return torch.tensor(values).view(n_images, n_texts)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "dtp"])
+def test_infer_prints_the_models_own_softmax(trained, images, name, capsys):
+    checkpoint = trained[name][0]
+    args = ["--checkpoint", str(checkpoint)]
+    for path in images:
+        args += ["--image", str(path)]
+    for text in TEXTS:
+        args += ["--text", text]
+    main(args)
+    out = capsys.readouterr().out
+    probs = printed_probabilities(out, len(images), len(TEXTS))
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(images)), atol=2e-4, rtol=0)
+    # the same numbers from the model itself: its forward, its learned temperature
+    model, preprocess, tokenizer = fastclip.load(checkpoint)
+    assert not model.training
+    batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in images])
+    with torch.no_grad():
+        forward = model(batch, tokenizer(TEXTS))
+    expected = (forward["logit_scale"] * forward["image_features"] @ forward["text_features"].T).softmax(-1)
+    torch.testing.assert_close(probs, expected, atol=6e-5, rtol=0)
+    kept = re.findall(r"(image|text) tower kept (\d+) of (\d+) tokens", out)
+    if name == "vanilla":
+        assert kept == []
+    else:  # per image and per text: what the towers kept, from their own counts
+        assert [k[0] for k in kept] == ["image"] * len(images) + ["text"] * len(TEXTS)
+        text_lengths = [int(n) for kind, _, n in kept if kind == "text"]
+        assert text_lengths == [len(t.encode()) for t in TEXTS]  # a DTP text tower reads bytes
+        assert all(0 < int(k) <= int(n) for _, k, n in kept)
+
+
+@pytest.mark.parametrize("name", ["dtp", "unigram"])
+def test_the_loaded_model_matches_the_checkpoint_weights(trained, name):
+    checkpoint = trained[name][0]
+    model, _, _ = fastclip.load(checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)["model"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_classes_give_a_top_5_from_the_templates(trained, images, tmp_path, capsys):
+    classes = tmp_path / "classes.txt"
+    names = ["zero", "one", "two", "three", "four", "five", "six"]
+    classes.write_text("\n".join(names) + "\n\n")
+    checkpoint, uri, run_id = trained["dtp"]
+    main(["--checkpoint", f"runs:/{run_id}", "--uri", uri, "--image", str(images[0]), "--classes", str(classes),
+          "--templates", "simple"])
+    out = capsys.readouterr().out
+    ranked = re.findall(r"^  (\d)\. (\d\.\d{4})  (\w+)$", out, flags=re.M)
+    assert [int(r[0]) for r in ranked] == [1, 2, 3, 4, 5]
+    values = [float(r[1]) for r in ranked]
+    assert values == sorted(values, reverse=True) and sum(values) <= 1.0001
+    assert {r[2] for r in ranked} <= set(names)
+    assert "image tower kept" in out
+
+
+def test_bad_checkpoints_and_inputs_are_named(trained, images, tmp_path):
+    image = ["--image", str(images[0]), "--text", "a", "--text", "b"]
+    with pytest.raises(SystemExit, match="nowhere.pt: no such checkpoint file"):
+        main(["--checkpoint", str(tmp_path / "nowhere.pt"), *image])
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(SystemExit, match="other.pt: not a fastclip checkpoint"):
+        main(["--checkpoint", str(other), *image])
+    with pytest.raises(SystemExit, match="no MLflow run 'abc'"):
+        main(["--checkpoint", "runs:/abc", "--uri", trained["dtp"][1], *image])
+    with pytest.raises(SystemExit, match="--image .*missing.png: no such file"):
+        main(["--checkpoint", str(trained["vanilla"][0]), "--image", str(tmp_path / "missing.png"), "--text", "a"])
+    with pytest.raises(SystemExit, match="classes.txt: 1 class name"):
+        (tmp_path / "classes.txt").write_text("dog\n")
+        main(["--checkpoint", str(trained["vanilla"][0]), "--image", str(images[0]), "--classes",
+              str(tmp_path / "classes.txt")])
+
+
+def test_a_language_model_checkpoint_is_refused_naming_its_task(tmp_path):
+    lm = ["task=lm", "encoder.width=32", "encoder.heads=2", "task.context=64", "task.eval_stride=32",
+          "trainer.batch_size=8", "trainer.progress=false", "trainer.max_steps=2", "trainer.warmup_steps=1",
+          f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    run(compose_cfg(lm), tmp_path / "lm")
+    with pytest.raises(CheckpointError, match="last.pt: a task=lm checkpoint"):
+        fastclip.load(tmp_path / "lm" / "checkpoints" / "last.pt")
