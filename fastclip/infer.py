@@ -17,7 +17,7 @@ import torch
 
 from fastclip.checkpoint import CheckpointError
 from fastclip.data.pairs import open_rgb
-from fastclip.data.textfile import decode_utf8
+from fastclip.data.textfile import read_names
 from fastclip.eval.imagenet import TEMPLATE_SETS
 from fastclip.inference import classify, load, score
 
@@ -38,8 +38,10 @@ def read_images(paths: list[str], preprocess) -> torch.Tensor:
 def read_classes(path: str) -> list[str]:
     if not Path(path).is_file():
         raise SystemExit(f"--classes {path}: no such file")
-    names = [line.strip() for line in decode_utf8(Path(path).read_bytes(), f"--classes {path}").splitlines()]
-    names = [n for n in names if n]
+    try:
+        names = read_names(Path(path), f"--classes {path}")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if len(names) < 2:
         raise SystemExit(f"--classes {path}: {len(names)} class name(s); one per line, at least 2")
     return names
@@ -72,19 +74,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     try:
         model, preprocess, tokenizer = load(args.checkpoint, args.device, args.uri)
-    except (FileNotFoundError, CheckpointError) as exc:
-        raise SystemExit(f"--checkpoint {args.checkpoint}: {exc}") from None
+    except (FileNotFoundError, CheckpointError) as exc:  # their messages name the file or run
+        raise SystemExit(f"--checkpoint: {exc}") from None
     images = read_images(args.image, preprocess).to(args.device)
     pools_image, pools_text = shortens(model)
     if args.classes:
         classnames = read_classes(args.classes)
-        probs, top = classify(model, tokenizer, images, classnames, TEMPLATE_SETS[args.templates])
-        kept = score(model, images, tokenizer(classnames[:1]).to(args.device)).image_tokens if pools_image else None
+        probs, top, kept = classify(model, tokenizer, images, classnames, TEMPLATE_SETS[args.templates])
         for i, path in enumerate(args.image):
             print(path)
             for rank, c in enumerate(top[i].tolist(), 1):
                 print(f"  {rank}. {probs[i, c]:.4f}  {classnames[c]}")
-            if kept is not None:
+            if pools_image:
                 print("  " + tokens_line("image", kept[i]))
         return
     scores = score(model, images, tokenizer(args.text).to(args.device))

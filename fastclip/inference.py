@@ -3,12 +3,12 @@ fastclip.infer` prints (text probabilities per image, zero-shot top-5 over class
 
     model, preprocess, tokenizer = fastclip.load("outputs/runs/.../checkpoints/last.pt")
     image = preprocess(PIL.Image.open("dog.jpg")).unsqueeze(0)
-    probs = (100 * model.encode_image(image, normalize=True)
+    probs = (model.logit_scale.exp() * model.encode_image(image, normalize=True)
              @ model.encode_text(tokenizer(["a dog", "a cat"]), normalize=True).T).softmax(-1)
 
 A checkpoint carries its resolved config, so nothing else is needed to rebuild its model (read
-with torch.load(weights_only=True)). The model scores with its own learned temperature
-(logit_scale), as open_clip's models do.
+with torch.load(weights_only=True)). Probabilities use the model's own learned temperature
+(logit_scale, capped at 100 in training as open_clip's), not a fixed 100.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +29,21 @@ def checkpoint_path(spec: str | Path, uri: str | None = None) -> Path:
         return Path(spec)
     import mlflow
     from mlflow.exceptions import MlflowException
-    from fastclip.tracking import resolve_uri
+    from fastclip.tracking import TrackingStoreError, redacted, require_store, resolve_uri
     uri = resolve_uri(uri)
-    run_id = spec[len(RUNS_PREFIX):].strip("/").split("/")[0]
+    run_id, _, rest = spec[len(RUNS_PREFIX):].strip("/").partition("/")
+    if rest:
+        raise CheckpointError(f"{spec}: runs:/<run id> names a run's last checkpoint; for another file of the run "
+                              f"pass its path")
+    try:
+        require_store(uri, "--uri names the store the run is in")
+    except TrackingStoreError as exc:
+        raise CheckpointError(f"{spec}: {exc}") from None
     try:
         run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
     except MlflowException:
-        raise CheckpointError(f"{spec}: no MLflow run {run_id!r} in {uri} (--uri names the store it is in)") from None
+        raise CheckpointError(f"{spec}: no MLflow run {run_id!r} in {redacted(uri)} (--uri names the store it is "
+                              f"in)") from None
     run_dir = run.data.tags.get("fastclip.run_dir")
     if run_dir is None:
         raise CheckpointError(f"{spec}: MLflow run {run_id} is not a fastclip training run (no fastclip.run_dir tag)")
@@ -62,8 +70,9 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
     cfg = OmegaConf.create(state["config"])
     task = OmegaConf.select(cfg, "task.name")
     if task != "clip":
-        raise CheckpointError(f"{path}: a task={task} checkpoint (a character language model), not a CLIP model: "
-                              f"fastclip.load and fastclip.infer read task=clip checkpoints")
+        what = " (a character language model)" if task == "lm" else ""
+        raise CheckpointError(f"{path}: a task={task} checkpoint{what}, not a CLIP model: fastclip.load and "
+                              f"fastclip.infer read task=clip checkpoints")
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary, inference=True)
     model.load_state_dict(state["model"])
     model.to(device).eval()
@@ -80,24 +89,28 @@ class Scores:
     text_tokens: torch.Tensor     # [texts, 2]
 
 
+def kept_tokens(info: dict) -> torch.Tensor:
+    """[B, 2]: each input's tokens in and segments kept, from a tower's info."""
+    return torch.stack([info["tokens"], info["segments"]], 1).round().long().cpu()
+
+
 @torch.no_grad()
 def score(model, images: torch.Tensor, tokens: torch.Tensor) -> Scores:
-    """images [B, 3, H, W] (preprocessed), tokens [T, L] -> Scores."""
-    img, image_info = model.visual(images)
-    txt, text_info = model.text(tokens)
-    img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
-    logits = model.logit_scale.exp() * img @ txt.T
-    kept = lambda info: torch.stack([info["tokens"], info["segments"]], 1).round().long().cpu()  # noqa: E731
-    return Scores(logits.softmax(-1).cpu(), kept(image_info), kept(text_info))
+    """images [B, 3, H, W] (preprocessed), tokens [T, L] -> Scores (the model's own forward)."""
+    out = model(images, tokens)
+    logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    return Scores(logits.softmax(-1).cpu(), kept_tokens(out["image_info"]), kept_tokens(out["text_info"]))
 
 
 @torch.no_grad()
 def classify(model, tokenizer, images: torch.Tensor, classnames: list[str], templates, k: int = 5):
     """Zero-shot: each class's prompts ("a photo of a {c}.", ...) averaged into one text embedding
-    (open_clip's build_zero_shot_classifier) -> (probs [images, classes], top-k indices [images, k])."""
+    (open_clip's build_zero_shot_classifier) -> (probs [images, classes], top-k indices [images, k],
+    the image tower's kept tokens [images, 2])."""
     from open_clip import build_zero_shot_classifier
     classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, num_classes_per_batch=10,
                                             device=images.device)
-    logits = model.logit_scale.exp() * model.encode_image(images, normalize=True) @ classifier
+    features, info = model.visual(images)
+    logits = model.logit_scale.exp() * torch.nn.functional.normalize(features, dim=-1) @ classifier
     probs = logits.softmax(-1).cpu()
-    return probs, probs.topk(min(k, len(classnames)), dim=-1).indices
+    return probs, probs.topk(min(k, len(classnames)), dim=-1).indices, kept_tokens(info)

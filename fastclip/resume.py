@@ -17,12 +17,15 @@ from fastclip.config import NAMED_GROUPS, flatten, unflatten
 
 log = logging.getLogger(__name__)
 
+# How a run executes and where it writes, never what it learns or measures (the report does not
+# tell runs apart by them).
+RUNTIME = {"device", "trainer.ckpt_every_steps", "trainer.progress", "trainer.num_workers", "trainer.loader_timeout_s",
+           "trainer.torch_threads", "trainer.compile", "trainer.optimizer_impl", "trainer.resume", "tracking.uri",
+           "tracking.log_every", "tracking.run_name", "eval.batch_size", "eval.num_workers", "eval.lm_batch_size",
+           "eval.classifier_cache_dir", "eval.boundary_picture"}
 # May differ from the checkpoint's config: they change how long and how fast the run goes on,
 # what it evaluates and where it writes, not what the weights and optimizer state mean.
-MUTABLE = {"epochs", "device", "trainer.max_steps", "trainer.lr", "trainer.warmup_steps", "trainer.grad_clip",
-           "trainer.ckpt_every_steps", "trainer.progress", "trainer.num_workers", "trainer.loader_timeout_s",
-           "trainer.torch_threads", "trainer.compile", "trainer.optimizer_impl", "trainer.resume",
-           "tracking.uri", "tracking.log_every", "tracking.run_name"}
+MUTABLE = RUNTIME | {"epochs", "trainer.max_steps", "trainer.lr", "trainer.warmup_steps", "trainer.grad_clip"}
 MUTABLE_GROUPS = ("eval.",)
 
 

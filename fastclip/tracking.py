@@ -62,6 +62,31 @@ def check_writable(uri: str) -> None:
         raise TrackingStoreError(f"tracking.uri={uri!r}: cannot write the MLflow store at {path.parent}: {problem}")
 
 
+def require_store(uri: str, hint: str = "train something first (make train), or pass the store's URI") -> None:
+    """Fail naming the store when there is nothing to read: a local sqlite store that does not exist
+    (MLflow would create an empty one), an MLflow server that does not answer within a few seconds."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise TrackingStoreError(f"no MLflow store at {uri} yet: {hint}")
+    if urlparse(uri).scheme in ("http", "https"):
+        _check_server(uri)
+
+
+def redacted(uri: str) -> str:
+    """`uri` without a password (postgresql://user:secret@host/db -> postgresql://user:***@host/db)."""
+    return re.sub(r"(//[^/:@]+:)[^/@]+@", r"\1***@", uri)
+
+
+def mark_model_training(client, experiment) -> None:
+    """Tags an experiment as model training (EXPERIMENT_KIND) where it is not yet; cosmetic, so a
+    store that refuses (a concurrent writer, a read-only server) only gets a warning."""
+    if experiment.tags.get(EXPERIMENT_KIND[0]) == EXPERIMENT_KIND[1]:
+        return
+    try:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    except Exception as exc:  # MLflow raises its own and the store's errors
+        log.warning("could not tag MLflow experiment %r as model training: %s", experiment.name, exc)
+
+
 def _check_server(uri: str, timeout_s: float = 5.0) -> None:
     import urllib.request
     try:
@@ -89,8 +114,7 @@ def ensure_store(uri: str, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         _warn_if_artifacts_elsewhere(uri, found)
-        if found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made before fastclip set it
-            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
+        mark_model_training(client, found)  # made before fastclip set it
         return found.experiment_id
     try:
         return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
@@ -134,10 +158,11 @@ def require_run(uri: str, run_id: str | None, checkpoint_path) -> None:
 def ui_hint(uri: str, tracker) -> str:
     """How to look at the run in the MLflow UI."""
     from fastclip import PROJECT_ROOT
-    page = f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}?workflowType=machine_learning"
+    page = (f"#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}?workflowType=machine_learning "
+            f"after the URL it prints")
     if uri == default_store_uri(PROJECT_ROOT):
-        return f"view it with `make ui`, then {page}"
-    return f"view it with `mlflow ui --backend-store-uri {uri}`, then {page}"
+        return f"view it with `make ui`: {page}"
+    return f"view it with `python -m fastclip.ui --uri {redacted(uri)}`: {page}"
 
 
 def flatten(cfg) -> dict[str, str]:

@@ -10,7 +10,6 @@ import argparse
 import os
 import socket
 import sys
-from pathlib import Path
 
 HOST = "127.0.0.1"
 
@@ -31,19 +30,18 @@ def runs_page(uri: str, experiment: str, port: int) -> str:
     """The URL of `experiment`'s runs table (the UI's home page where it has no such experiment).
     Marks the experiment as model training, so MLflow 3 opens it on its runs, not its GenAI view."""
     import mlflow
-    from fastclip.tracking import EXPERIMENT_KIND
+    from fastclip.tracking import mark_model_training
     client = mlflow.MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return f"http://{HOST}:{port}/"
-    if found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-        client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
+    mark_model_training(client, found)
     # workflowType: the UI's "Model training" side (runs, models), not its GenAI default
     return f"http://{HOST}:{port}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning"
 
 
 def main(argv=None) -> None:
-    from fastclip.tracking import resolve_uri
+    from fastclip.tracking import TrackingStoreError, redacted, require_store, resolve_uri
     ap = argparse.ArgumentParser(prog="python -m fastclip.ui", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="fastclip", help="whose runs table the printed URL opens")
@@ -51,15 +49,17 @@ def main(argv=None) -> None:
     ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db (as training)")
     args = ap.parse_args(argv)
     uri = resolve_uri(args.uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise SystemExit(f"no MLflow store at {uri} yet: train something first (make train), or --uri names another")
+    try:
+        require_store(uri, "train something first (make train), or --uri names another")
+    except TrackingStoreError as exc:
+        raise SystemExit(str(exc)) from None
     port = free_port(args.port)
     if port != args.port:
         print(f"port {args.port} is taken: using {port}")
-    print(f"MLflow UI for {uri}\nruns of {args.experiment!r}: {runs_page(uri, args.experiment, port)}", flush=True)
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    os.execv(mlflow_cli, [str(mlflow_cli), "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
-                          "--workers", "1"])
+    print(f"MLflow UI for {redacted(uri)}\nruns of {args.experiment!r}: {runs_page(uri, args.experiment, port)}", flush=True)
+    # MLflow binds the port a moment later: another program taking it in between makes MLflow fail, saying so
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST,
+                              "--port", str(port), "--workers", "1"])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from PIL import Image
 
 from fastclip.report import FILES, main
 from fastclip.report.plots import pareto_frontier
-from fastclip.report.runs import ReportError, select_runs
+from fastclip.report.runs import ReportError, RunRecord, select_runs
+from fastclip.report.table import group_by_seed, markdown, write_csv
 
 # boundary -> (image GFLOPs, zero-shot top-1 for seed 0, seed 1)
 KNOWN = {"none": (1.0, 0.50, 0.60), "fixed": (0.40, 0.48, 0.52), "gumbel": (0.45, 0.40, 0.44)}
@@ -78,6 +79,10 @@ def test_a_sweep_report_groups_seeds_marks_the_frontier_and_logs_to_the_parent(s
     logged = {a.path for a in client.list_artifacts(pid, "report")}
     assert logged == {f"report/{f}" for f in FILES}
     assert str(out / "report.md") in capsys.readouterr().out
+    # the curves' data: each run's history, by step
+    gumbel0 = next(r for g in report.groups if g.label == "boundary=gumbel" for r in g.runs if r.params["seed"] == "0")
+    assert gumbel0.history["zeroshot/top1"] == [(30, pytest.approx(0.30)), (60, 0.40)]
+    assert gumbel0.history["train/loss"] == [(10, 2.5), (20, 2.0), (30, 1.5)]
 
 
 def test_without_a_sweep_the_report_covers_the_experiments_finished_runs(sweep_store, tmp_path):
@@ -86,6 +91,26 @@ def test_without_a_sweep_the_report_covers_the_experiments_finished_runs(sweep_s
     assert len(report.selection.runs) == 7 and report.selection.sweep_id is None
     assert {g.label for g in report.groups} == {"boundary=none", "boundary=fixed", "boundary=gumbel"}
     assert [len(g.runs) for g in report.groups if g.label == "boundary=none"] == [3]  # seeds 7, 0, 1
+
+
+def record(name, metrics=None, **params):
+    return RunRecord(name, name, {k.replace("__", "."): str(v) for k, v in params.items()}, metrics or {}, {}, 0)
+
+
+def test_labels_name_options_and_the_csv_names_each_column_once(tmp_path):
+    """A swept encoder= decides its nested keys (not in the label); a swept epochs is one CSV column;
+    runtime keys (workers) never split a seed group; a metric some runs lack shows its own n."""
+    runs = [record(f"r{seed}{enc}", {"zeroshot/top1": top1}, encoder__name=enc, encoder__vision__width=width,
+                   epochs=epochs, seed=seed, trainer__num_workers=seed)
+            for enc, width, epochs in (("vit_tiny", 96, 5), ("vit_s", 384, 10))
+            for seed, top1 in ((0, 0.5), (1, float("nan")))]
+    groups = group_by_seed(runs)
+    assert [g.label for g in groups] == ["encoder=vit_tiny epochs=5", "encoder=vit_s epochs=10"]
+    assert all(len(g.runs) == 2 for g in groups)
+    assert "| 0.5000 (n=1) |" in markdown(groups)  # the NaN seed is not counted as agreeing
+    write_csv(groups, tmp_path / "r.csv")
+    header = (tmp_path / "r.csv").read_text().splitlines()[0].split(",")
+    assert len(header) == len(set(header)) and header.count("epochs") == 1 and "encoder.vision.width" not in header
 
 
 def test_the_frontier_of_a_hand_made_case():
@@ -105,6 +130,8 @@ def test_report_errors_name_what_is_missing(sweep_store, tmp_path):
     client.create_experiment("plain")
     with pytest.raises(ReportError, match="has no sweep.*--sweep all"):
         select_runs(uri, "plain", "latest")
+    with pytest.raises(SystemExit, match="--cost efficiency/imag_gflops: no run logged it"):
+        main(["--experiment", "demo", "--uri", uri, "--cost", "efficiency/imag_gflops", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--metric lm/test_bpc: no run logged it"):
         main(["--experiment", "demo", "--uri", uri, "--metric", "lm/test_bpc", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="no MLflow store at"):

@@ -11,7 +11,7 @@ from PIL import Image
 from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSet, caption_table,
                                      check_unseen_templates, split_indices)
 from fastclip.data.pairs import open_rgb
-from fastclip.data.textfile import decode_utf8
+from fastclip.data.textfile import read_names
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def folder_classnames(cfg, classes: list[str] | None = None) -> list[str]:
     path = Path(cfg.classnames)
     if not path.is_file():
         raise FileNotFoundError(f"dataset.classnames={str(path)!r}: no such file")
-    text = decode_utf8(path.read_bytes(), f"dataset.classnames={str(path)!r}")
-    names = [line.strip() for line in text.splitlines() if line.strip()]
+    names = read_names(path, f"dataset.classnames={str(path)!r}")
     if len(names) != len(classes):
         raise ValueError(f"dataset.classnames={str(path)!r} has {len(names)} names; dataset.path has "
                          f"{len(classes)} class folders")

@@ -58,6 +58,12 @@ def undecoded_repr(text: str) -> str:
     return repr(text.encode("utf-8", "surrogateescape"))[2:-1]
 
 
+def read_names(path: Path, source: str) -> list[str]:
+    """The non-blank lines of a UTF-8 file, stripped (class names): ValueError naming `source` and
+    the byte offset where it is not UTF-8."""
+    return [line.strip() for line in decode_utf8(path.read_bytes(), source).splitlines() if line.strip()]
+
+
 def read_json(path: Path, source: str):
     """The parsed JSON of a UTF-8 file. ValueError naming `source` and, when the file is not
     UTF-8, the byte offset of the first bad byte, or, when the JSON is malformed, its line and column."""

@@ -1,11 +1,11 @@
 """make report: compare runs from any MLflow store as a table, a Pareto plot and training curves.
 
-    python -m fastclip.report --experiment NAME [--sweep PARENT_RUN_ID|latest] [--out DIR]
+    python -m fastclip.report --experiment NAME [--sweep PARENT_RUN_ID|latest|all] [--out DIR]
                               [--metric zeroshot/top1] [--cost efficiency/image_gflops] [--uri URI]
 
 Writes DIR/report.md (one row per group of runs that differ only in seed: mean ± std, n),
 DIR/report.csv (one row per run), DIR/pareto.png (the metric against the cost, the frontier
-marked) and DIR/curves.png (train/loss and the metric over steps). Where the runs are one sweep's,
+marked; a lower cost is better) and DIR/curves.png (train/loss and the metric over steps). Where the runs are one sweep's,
 the four files are also logged as artifacts of the sweep's parent run (under report/).
 """
 import argparse
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastclip.report.runs import ReportError, Selection, load_histories, select_runs
 from fastclip.report.table import Group, group_by_seed, markdown, write_csv
+from fastclip.tracking import redacted
 
 log = logging.getLogger(__name__)
 FILES = ("report.md", "report.csv", "pareto.png", "curves.png")
@@ -36,11 +37,12 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
     from fastclip.report.plots import curves_plot, pareto_plot
     selection = select_runs(uri, experiment, sweep)
     if not selection.runs:
-        raise ReportError(f"experiment {experiment!r}{_scope(selection)} in {uri}: no FINISHED run"
+        raise ReportError(f"experiment {experiment!r}{_scope(selection)} in {redacted(uri)}: no FINISHED run"
                           + (f" ({_counts(selection.left_out)})" if selection.left_out else ""))
-    if not any(metric in r.metrics for r in selection.runs):
-        logged = sorted({m for r in selection.runs for m in r.metrics if "/" in m})
-        raise ReportError(f"--metric {metric}: no run logged it (they logged {logged})")
+    for flag, name in (("--metric", metric), ("--cost", cost)):
+        if not any(name in r.metrics for r in selection.runs):
+            logged = sorted({m for r in selection.runs for m in r.metrics if "/" in m})
+            raise ReportError(f"{flag} {name}: no run logged it (they logged {logged})")
     out = out or Path("outputs") / "reports" / experiment / (selection.sweep_folder or "all")
     out.mkdir(parents=True, exist_ok=True)
     load_histories(uri, selection.runs, ["train/loss", metric])
@@ -51,7 +53,7 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
     write_csv(groups, out / "report.csv")
     text = "\n".join([
         f"### {title}", "",
-        f"Store {uri}." + (f" Not shown: {_counts(selection.left_out)}." if selection.left_out else ""),
+        f"Store {redacted(uri)}." + (f" Not shown: {_counts(selection.left_out)}." if selection.left_out else ""),
         "Groups are runs that differ only in seed: mean ± sample std over n seeds.", "",
         markdown(groups), "",
         f"Pareto frontier of {metric} against {cost} (pareto.png): "
@@ -77,7 +79,7 @@ def _counts(left_out: dict[str, int]) -> str:
 
 
 def main(argv=None) -> Report:
-    from fastclip.tracking import resolve_uri
+    from fastclip.tracking import TrackingStoreError, require_store, resolve_uri
     ap = argparse.ArgumentParser(prog="python -m fastclip.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="fastclip", help="MLflow experiment (tracking.experiment); default fastclip")
@@ -88,12 +90,11 @@ def main(argv=None) -> Report:
     ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db (as training)")
     args = ap.parse_args(argv)
     uri = resolve_uri(args.uri)  # the store training writes from this directory
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise SystemExit(f"no MLflow store at {uri} (runs launched from this directory write there; --uri names another)")
     try:
+        require_store(uri, "runs launched from this directory write there; --uri names another")
         report = build_report(uri, args.experiment, Path(args.out) if args.out else None, args.sweep, args.metric,
                               args.cost)
-    except ReportError as exc:
+    except (ReportError, TrackingStoreError) as exc:
         raise SystemExit(f"fastclip.report: {exc}") from None
     print(report.text)
     print(f"wrote {', '.join(str(report.out / f) for f in FILES)}"

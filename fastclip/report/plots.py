@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from fastclip.report.table import Group  # noqa: E402
 
-LOWER_IS_BETTER = ("lm/", "loss", "bpc")  # metrics where a smaller value wins (BPC, losses)
+LOWER_IS_BETTER = ("loss", "bpc")  # metrics where a smaller value wins (BPC, losses)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -30,7 +30,7 @@ def pareto_frontier(points: list[tuple[float, float]], lower_better: bool = Fals
 
 def pareto_plot(groups: list[Group], metric: str, cost: str, path: Path, title: str) -> list[Group]:
     """Each group at (mean cost, mean metric) with std error bars, labelled by its choices; the
-    frontier joined and filled. Returns the frontier's groups (cheapest first); groups that did not
+    frontier's points in red, joined by a staircase. A lower cost is better. Returns the frontier's groups (cheapest first); groups that did not
     log both metrics are left out (and named in the picture's footnote)."""
     placed = [(g, g.stat(cost), g.stat(metric)) for g in groups]
     missing = [g.label for g, c, m in placed if c is None or m is None]

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import mlflow
 
+from fastclip.tracking import redacted
+
 SWEEP_ROLE = ("fastclip.role", "sweep")  # the tag fastclip's sweep parent runs carry
 
 
@@ -42,20 +44,20 @@ def select_runs(uri: str, experiment: str, sweep: str | None = None) -> Selectio
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ReportError(f"--experiment {experiment!r}: no such experiment in {uri} (it has {names})")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=50_000)
+        raise ReportError(f"--experiment {experiment!r}: no such experiment in {redacted(uri)} (it has {names})")
+    runs = all_runs(client, exp.experiment_id)
     parent = None
     if sweep and sweep != "all":
         parents = [r for r in runs if r.data.tags.get(SWEEP_ROLE[0]) == SWEEP_ROLE[1]]
         if sweep == "latest":
             if not parents:
-                raise ReportError(f"--sweep latest: experiment {experiment!r} in {uri} has no sweep (a `-m` run); "
+                raise ReportError(f"--sweep latest: experiment {experiment!r} in {redacted(uri)} has no sweep (a `-m` run); "
                                   f"--sweep all reports all its runs")
             parent = parents[-1]
         else:
             parent = next((r for r in parents if r.info.run_id == sweep), None)
             if parent is None:
-                raise ReportError(f"--sweep {sweep}: not a sweep parent run of experiment {experiment!r} in {uri}")
+                raise ReportError(f"--sweep {sweep}: not a sweep parent run of experiment {experiment!r} in {redacted(uri)}")
         runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     else:
         runs = [r for r in runs if r.data.tags.get(SWEEP_ROLE[0]) != SWEEP_ROLE[1]]
@@ -71,6 +73,18 @@ def select_runs(uri: str, experiment: str, sweep: str | None = None) -> Selectio
     sweep_dir = Path(parent.data.tags.get("fastclip.sweep_dir", parent.info.run_id))
     return Selection(experiment, uri, records, parent.info.run_id, parent.info.run_name,
                      "_".join(sweep_dir.parts[-2:]), left_out)
+
+
+def all_runs(client, experiment_id: str) -> list:
+    """Every run of the experiment, oldest first, page by page (a store caps one page)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"], max_results=1000,
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def load_histories(uri: str, runs: list[RunRecord], metrics: list[str]) -> None:

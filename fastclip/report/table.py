@@ -6,7 +6,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastclip.bench.common import markdown_table
 from fastclip.report.runs import RunRecord
+from fastclip.resume import RUNTIME
 
 # what a run is (from its params: the flattened resolved config), in the order the table shows it
 DESCRIBE = [("task", "task.name"), ("dataset", "dataset.name"), ("encoder", "encoder.name"),
@@ -24,8 +26,13 @@ MEASURES = [("compression image", "efficiency/compression_image", ".3g"),
             ("i2t R@10", "retrieval/i2t_r10", ".4f"), ("t2i R@1", "retrieval/t2i_r1", ".4f"),
             ("t2i R@5", "retrieval/t2i_r5", ".4f"), ("t2i R@10", "retrieval/t2i_r10", ".4f"),
             ("test BPC", "lm/test_bpc", ".4f"), ("data skipped", "data/skipped", ".0f")]
-# params that never tell runs apart: bookkeeping, and counts derived from the model
-NOT_A_CHOICE = ("seed", "tracking.", "trainer.resume", "trainer.progress", "model.")
+# params that never tell runs apart: the seed (grouped over), bookkeeping, counts derived from the
+# model, and how a run executed (resume.RUNTIME: workers, threads, device, ...)
+NOT_A_CHOICE_PREFIXES = ("tracking.", "model.")
+
+
+def is_choice(key: str) -> bool:
+    return key != "seed" and key not in RUNTIME and not key.startswith(NOT_A_CHOICE_PREFIXES)
 
 
 def measured(run: RunRecord) -> dict[str, float]:
@@ -38,17 +45,19 @@ def measured(run: RunRecord) -> dict[str, float]:
 
 def varied_keys(runs: list[RunRecord]) -> list[str]:
     """The config keys whose values differ between the runs (what a grid varied), seed excluded. A
-    key of a config group whose option varies (boundary.k where boundary.name does) is left out
-    where the option alone decides it: `boundary=fixed` says it, not every key of fixed.yaml."""
-    keys = sorted({k for r in runs for k in r.params if not k.startswith(NOT_A_CHOICE)})
+    key under a config group whose option varies (boundary.k where boundary.name does,
+    encoder.vision.width where encoder.name does) is left out where the option alone decides it:
+    `boundary=fixed` says it, not every key of fixed.yaml."""
+    keys = sorted({k for r in runs for k in r.params if is_choice(k)})
     varied = [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
 
     def decided_by_option(key: str) -> bool:
-        option = key.rsplit(".", 1)[0] + ".name"
-        if key == option or option not in varied:
-            return False
-        seen: dict[str | None, str | None] = {}
-        return all(seen.setdefault(r.params.get(option), r.params.get(key)) == r.params.get(key) for r in runs)
+        parts = key.split(".")
+        options = [".".join(parts[:i]) + ".name" for i in range(len(parts) - 1, 0, -1)]
+        return any(option != key and option in varied
+                   and len({(r.params.get(option), r.params.get(key)) for r in runs})
+                   == len({r.params.get(option) for r in runs})  # one value of the key per option
+                   for option in options)
     return [k for k in varied if not decided_by_option(k)]
 
 
@@ -92,29 +101,34 @@ def _present(runs: list[RunRecord]) -> list[tuple[str, str, str]]:
     return [m for m in MEASURES if any(m[1] in measured(r) for r in runs)]
 
 
+def cell(stat: tuple[float, float | None, int] | None, fmt: str, runs: int) -> str:
+    """mean ± std; the count where fewer runs than the group's logged the metric (or it was NaN)."""
+    if stat is None:
+        return "n/a"
+    mean, std, n = stat
+    text = format(mean, fmt) if std is None else f"{mean:{fmt}} ± {std:{fmt}}"
+    return text if n == runs else f"{text} (n={n})"
+
+
 def markdown(groups: list[Group]) -> str:
     """One row per group: what the runs are, n and their seeds, each metric as mean ± std."""
     runs = [r for g in groups for r in g.runs]
     measures = _present(runs)
     describe = [(h, k) for h, k in DESCRIBE if any(k in r.params for r in runs)]
-    header = ["runs", *(h for h, _ in describe), "n", "seeds", *(h for h, _, _ in measures)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for g in groups:
-        first = g.runs[0].params
-        cells = [g.label, *(first.get(k, "") for _, k in describe), str(len(g.runs)), ",".join(g.seeds)]
-        for _, metric, fmt in measures:
-            stat = g.stat(metric)
-            cells.append("n/a" if stat is None else format(stat[0], fmt) if stat[1] is None
-                         else f"{stat[0]:{fmt}} ± {stat[1]:{fmt}}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [{"runs": g.label, **{k: g.runs[0].params.get(k, "") for _, k in describe}, "n": str(len(g.runs)),
+             "seeds": ",".join(g.seeds), **{m: cell(g.stat(m), fmt, len(g.runs)) for _, m, fmt in measures}}
+            for g in groups]
+    columns = [("runs", "runs", "s"), *((h, k, "s") for h, k in describe), ("n", "n", "s"), ("seeds", "seeds", "s"),
+               *((h, m, "s") for h, m, _ in measures)]
+    return markdown_table(rows, columns)
 
 
 def write_csv(groups: list[Group], path: Path) -> None:
     """One row per run: its group, run id and name, what it is, its seed, every measure logged."""
     runs = [r for g in groups for r in g.runs]
     measures = _present(runs)
-    varied = varied_keys(runs)
+    described = {k for _, k in DESCRIBE}
+    varied = [k for k in varied_keys(runs) if k not in described]  # each column once
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["group", "run_id", "run_name", *(h for h, _ in DESCRIBE), *varied, "seed",
