@@ -15,6 +15,7 @@ Version 1 (before the loop's state had a type) kept the state's fields at the to
 the RNG state as numpy objects; load() still reads it.
 """
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -45,7 +46,9 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     does not exist, CheckpointError when it is not a torch file or not a fastclip checkpoint."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise FileNotFoundError(f"{path}: {'a directory, not a checkpoint file' if path.is_dir() else 'no such checkpoint file'}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -75,9 +78,10 @@ def _load_version_1(path: Path, map_location, first_error: Exception) -> dict:
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:
-        raise CheckpointError(f"{path}: not a readable fastclip checkpoint ({type(first_error).__name__}: "
-                              f"{str(first_error).splitlines()[0][:300]})") from first_error
+    except Exception:  # torch's own text suggests weights_only=False: not for a file that is not ours
+        raise CheckpointError(f"{path}: not a readable fastclip checkpoint (torch.load(weights_only=True) refused it: "
+                              f"{type(first_error).__name__}; a fastclip checkpoint holds only tensors, numbers, "
+                              f"strings, lists and dicts)") from first_error
 
 
 def _upgrade_version_1(path: Path, state: dict) -> dict:

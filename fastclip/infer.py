@@ -16,34 +16,41 @@ from pathlib import Path
 import torch
 
 from fastclip.checkpoint import CheckpointError
-from fastclip.data.pairs import open_rgb
+from fastclip.data.pairs import UnusableImage, open_rgb
 from fastclip.data.textfile import read_names
 from fastclip.eval.imagenet import TEMPLATE_SETS
 from fastclip.inference import classify, load, score
+
+
+def require_file(flag: str, path: str) -> Path:
+    if Path(path).is_dir():
+        raise SystemExit(f"{flag} {path}: a directory, not a file")
+    if not Path(path).is_file():
+        raise SystemExit(f"{flag} {path}: no such file")
+    return Path(path)
 
 
 def read_images(paths: list[str], preprocess) -> torch.Tensor:
     """[N, 3, H, W]; an image that cannot be read fails naming it (a user's own file: no skipping)."""
     out = []
     for path in paths:
-        if not Path(path).is_file():
-            raise SystemExit(f"--image {path}: no such file")
-        image = open_rgb(path, path)
-        if image is None:
-            raise SystemExit(f"--image {path}: not a readable image (the warning above says why)")
-        out.append(preprocess(image))
+        try:
+            out.append(preprocess(open_rgb(require_file("--image", path), f"--image {path}", skip=False)))
+        except UnusableImage as exc:
+            raise SystemExit(str(exc)) from None
     return torch.stack(out)
 
 
 def read_classes(path: str) -> list[str]:
-    if not Path(path).is_file():
-        raise SystemExit(f"--classes {path}: no such file")
     try:
-        names = read_names(Path(path), f"--classes {path}")
+        names = read_names(require_file("--classes", path), f"--classes {path}")
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if len(names) < 2:
         raise SystemExit(f"--classes {path}: {len(names)} class name(s); one per line, at least 2")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SystemExit(f"--classes {path}: {twice} appear more than once")
     return names
 
 
@@ -70,13 +77,21 @@ def main(argv=None) -> None:
     ap.add_argument("--templates", choices=sorted(TEMPLATE_SETS), default="openai",
                     help="prompt templates for --classes (open_clip's ImageNet sets)")
     ap.add_argument("--uri", default=None, help="the MLflow store of a runs:/ checkpoint (default as training)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     args = ap.parse_args(argv)
+    if args.text is not None and (len(args.text) < 2 or not all(t.strip() for t in args.text)):
+        raise SystemExit("--text: give at least two non-empty texts (the probabilities are a softmax over them; "
+                         "one text would always get 1.0)")
     try:
-        model, preprocess, tokenizer = load(args.checkpoint, args.device, args.uri)
+        device = torch.device(args.device)
+        torch.empty(0, device=device)  # a device this machine lacks fails here, named
+    except RuntimeError as exc:
+        raise SystemExit(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
+    try:
+        model, preprocess, tokenizer = load(args.checkpoint, device, args.uri)
     except (FileNotFoundError, CheckpointError) as exc:  # their messages name the file or run
         raise SystemExit(f"--checkpoint: {exc}") from None
-    images = read_images(args.image, preprocess).to(args.device)
+    images = read_images(args.image, preprocess).to(device)
     pools_image, pools_text = shortens(model)
     if args.classes:
         classnames = read_classes(args.classes)
@@ -88,7 +103,7 @@ def main(argv=None) -> None:
             if pools_image:
                 print("  " + tokens_line("image", kept[i]))
         return
-    scores = score(model, images, tokenizer(args.text).to(args.device))
+    scores = score(model, images, tokenizer(args.text).to(device))
     for i, path in enumerate(args.image):
         print(path)
         for j, text in enumerate(args.text):

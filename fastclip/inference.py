@@ -21,12 +21,21 @@ RUNS_PREFIX = "runs:/"
 
 
 def checkpoint_path(spec: str | Path, uri: str | None = None) -> Path:
-    """A checkpoint file from a path or `runs:/<MLflow run id>` (that run's last checkpoint, found
+    """A checkpoint file from a path, a run dir (its checkpoints/last.pt) or `runs:/<MLflow run id>`
+    (that run's last checkpoint, found
     through its `fastclip.run_dir` tag in the store `uri`, default as training's). Raises
     FileNotFoundError / CheckpointError naming what is missing."""
     spec = str(spec)
+    if not spec.strip():
+        raise CheckpointError("no checkpoint given: a checkpoint file, a run dir, or runs:/<MLflow run id>")
     if not spec.startswith(RUNS_PREFIX):
-        return Path(spec)
+        path = Path(spec)
+        if path.is_dir():  # a run dir: its last checkpoint
+            inside = [p for p in (path / "checkpoints" / "last.pt", path / "last.pt") if p.is_file()]
+            if not inside:
+                raise CheckpointError(f"{path}: a directory without checkpoints/last.pt (not a fastclip run dir)")
+            return inside[0]
+        return path
     import mlflow
     from mlflow.exceptions import MlflowException
     from fastclip.tracking import TrackingStoreError, redacted, require_store, resolve_uri

@@ -34,6 +34,8 @@ def runs_page(uri: str, experiment: str, port: int) -> str:
     client = mlflow.MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        print(f"no experiment {experiment!r} in this store (it has {names}): the URL opens the experiment list")
         return f"http://{HOST}:{port}/"
     mark_model_training(client, found)
     # workflowType: the UI's "Model training" side (runs, models), not its GenAI default
@@ -56,7 +58,8 @@ def main(argv=None) -> None:
     port = free_port(args.port)
     if port != args.port:
         print(f"port {args.port} is taken: using {port}")
-    print(f"MLflow UI for {redacted(uri)}\nruns of {args.experiment!r}: {runs_page(uri, args.experiment, port)}", flush=True)
+    print(f"MLflow UI for {redacted(uri)}\nruns of {args.experiment!r}: {runs_page(uri, args.experiment, port)}\n"
+          f"(the page answers once MLflow says 'Uvicorn running': some seconds; Ctrl-C stops it)", flush=True)
     # MLflow binds the port a moment later: another program taking it in between makes MLflow fail, saying so
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST,
                               "--port", str(port), "--workers", "1"])

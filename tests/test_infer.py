@@ -135,11 +135,37 @@ def test_bad_checkpoints_and_inputs_are_named(trained, images, tmp_path):
         main(["--checkpoint", "runs:/abc", "--uri", nowhere, *image])
     assert not (tmp_path / "no.db").exists()  # not created by asking
     with pytest.raises(SystemExit, match="--image .*missing.png: no such file"):
-        main(["--checkpoint", str(trained["vanilla"][0]), "--image", str(tmp_path / "missing.png"), "--text", "a"])
+        main(["--checkpoint", str(trained["vanilla"][0]), "--image", str(tmp_path / "missing.png"), "--text", "a",
+              "--text", "b"])
+    vanilla = ["--checkpoint", str(trained["vanilla"][0])]
     with pytest.raises(SystemExit, match="classes.txt: 1 class name"):
         (tmp_path / "classes.txt").write_text("dog\n")
-        main(["--checkpoint", str(trained["vanilla"][0]), "--image", str(images[0]), "--classes",
-              str(tmp_path / "classes.txt")])
+        main([*vanilla, "--image", str(images[0]), "--classes", str(tmp_path / "classes.txt")])
+    with pytest.raises(SystemExit, match=r"classes.txt: \['dog'\] appear more than once"):
+        (tmp_path / "classes.txt").write_text("dog\ncat\ndog\n")
+        main([*vanilla, "--image", str(images[0]), "--classes", str(tmp_path / "classes.txt")])
+    with pytest.raises(SystemExit, match="--image .*classes.txt: undecodable image"):
+        main([*vanilla, "--image", str(tmp_path / "classes.txt"), "--text", "a", "--text", "b"])
+    with pytest.raises(SystemExit, match="--image .*: a directory, not a file"):
+        main([*vanilla, "--image", str(tmp_path), "--text", "a", "--text", "b"])
+    with pytest.raises(SystemExit, match="--text: give at least two non-empty texts"):
+        main([*vanilla, "--image", str(images[0]), "--text", "a dog"])
+    with pytest.raises(SystemExit, match="--device nonsense: "):
+        main([*vanilla, "--image", str(images[0]), "--text", "a", "--text", "b", "--device", "nonsense"])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="notes.txt: not a PyTorch checkpoint"):
+        main(["--checkpoint", str(notes), *image])
+    with pytest.raises(SystemExit, match="a directory without checkpoints/last.pt"):
+        main(["--checkpoint", str(tmp_path), *image])
+
+
+def test_a_run_dir_names_its_last_checkpoint(trained, images, capsys):
+    checkpoint = trained["vanilla"][0]
+    main(["--checkpoint", str(checkpoint.parent.parent), "--image", str(images[0]), "--text", "a", "--text", "b"])
+    by_dir = capsys.readouterr().out
+    main(["--checkpoint", str(checkpoint), "--image", str(images[0]), "--text", "a", "--text", "b"])
+    assert by_dir == capsys.readouterr().out
 
 
 def test_a_language_model_checkpoint_is_refused_naming_its_task(tmp_path):

@@ -100,14 +100,22 @@ def test_resume_from_the_command_line_continues_the_run_it_came_from(tmp_path, s
     assert "run dir " + str(odd) in resumed.stderr + resumed.stdout  # and says where things are
 
 
+class _Pickled:
+    """Anything torch.load(weights_only=True) will not unpickle."""
+
+
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, store):
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="notes.pt: not a readable fastclip checkpoint"):
+    with pytest.raises(CheckpointError, match="notes.pt: not a PyTorch checkpoint"):
         run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={bad}"]), tmp_path / "r")
+    import torch
+    torch.save({"model": _Pickled()}, tmp_path / "pickled.pt")  # a zip whose pickle weights_only refuses
+    with pytest.raises(CheckpointError, match=r"pickled.pt: not a readable fastclip checkpoint \(torch.load\(weights_only"
+                                              r"=True\) refused it: UnpicklingError; a fastclip checkpoint holds only"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'pickled.pt'}"]), tmp_path / "r")
     with pytest.raises(FileNotFoundError, match="nowhere.pt: no such checkpoint file"):
         run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'nowhere.pt'}"]), tmp_path / "r")
-    import torch
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="other.pt: not a fastclip checkpoint"):
         run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'other.pt'}"]), tmp_path / "r")

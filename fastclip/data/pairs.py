@@ -27,21 +27,29 @@ SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 SIXTEEN_BIT_I_FORMATS = {"PNG", "PPM"}
 
 
-def open_rgb(source: str | Path | bytes, what: str) -> Image.Image | None:
+class UnusableImage(ValueError):
+    """An image file that cannot be decoded, or whose mode has no defined value range."""
+
+
+def open_rgb(source: str | Path | bytes, what: str, skip: bool = True) -> Image.Image | None:
     """A decoded 8-bit RGB image, or None (logged with `what` and the reason) when it cannot be
-    read or its mode has no defined value range (32-bit integer "I" from TIFF etc., float "F")."""
+    read or its mode has no defined value range (32-bit integer "I" from TIFF etc., float "F").
+    skip=False raises UnusableImage naming `what` and the reason instead (a user's own file)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             if im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and im.format in SIXTEEN_BIT_I_FORMATS):
                 return sixteen_to_eight_bits(im).convert("RGB")
             if im.mode in ("I", "F"):
-                log.warning("skipping %s: image mode %r (%s) has no defined value range; convert it to "
-                            "8 or 16 bits per channel", what, im.mode, im.format)
-                return None
-            return im.convert("RGB")  # forces the full decode: truncated files fail here
+                reason = (f"image mode {im.mode!r} ({im.format}) has no defined value range; convert it to 8 or 16 "
+                          f"bits per channel")
+            else:
+                return im.convert("RGB")  # forces the full decode: truncated files fail here
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        log.warning("skipping %s: undecodable image (%s: %s)", what, type(exc).__name__, exc)
-        return None
+        reason = f"undecodable image ({type(exc).__name__}: {exc})"
+    if not skip:
+        raise UnusableImage(f"{what}: {reason}")
+    log.warning("skipping %s: %s", what, reason)
+    return None
 
 
 def sixteen_to_eight_bits(im: Image.Image) -> Image.Image:
