@@ -11,6 +11,7 @@ and optionally .final_evaluate(), .epoch_samples() (samples the source declares 
 .build_skipped ({reason: n} left out while building the data), .new_artifacts(), .params().
 """
 import logging
+import os
 import math
 import signal
 import threading
@@ -35,22 +36,25 @@ class TrainingDiverged(RuntimeError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: the run stopped after a step, its checkpoint written (the message says where)."""
+    """Ctrl-C, SIGTERM or SIGUSR2: the run stopped after a step, its checkpoint written (the message says where)."""
 
 
 LEFT_OVER = "accumulation left over"  # micro-batches an epoch ended before they filled a step
 
 
 class StopRequests:
-    """While fit() runs, SIGINT (Ctrl-C) and SIGTERM (`kill`, a scheduler's notice) ask the loop to stop
-    after the step in progress, once its checkpoint is written; a second one stops at once
-    (KeyboardInterrupt). Handlers are installed only in the main thread and restored on exit."""
+    """While fit() runs, SIGINT (Ctrl-C), SIGTERM (`kill`, SLURM's preemption) and SIGUSR2 (the
+    notice Submitit asks SLURM to send before a time limit) ask the loop to stop after the step in
+    progress, once its checkpoint is written; a second one stops at once (KeyboardInterrupt).
+    Handlers are installed only in the main thread and restored on exit; then `hand_over()` gives a
+    SIGUSR2 to the handler that was there before (Submitit's: it requeues the job and exits)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict = {}
+        self._handed: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -60,7 +64,15 @@ class StopRequests:
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-        self._previous = {}
+        self._handed, self._previous = self._previous, {}
+
+    def hand_over(self) -> None:
+        """After the stop's checkpoint (and __exit__): a SIGUSR2 goes on to the handler installed before
+        fit (Submitit's requeues the job and exits the process); nothing else does."""
+        previous = self._handed.get(getattr(signal, "SIGUSR2", None))
+        if self.received == getattr(signal, "SIGUSR2", None) and callable(previous):
+            log.info("handing SIGUSR2 on to %s (the job's requeue)", getattr(previous, "__qualname__", previous))
+            previous(self.received, None)
 
     def _handle(self, signum, frame):
         if self.received is not None:  # the second: now
@@ -71,11 +83,26 @@ class StopRequests:
                     "(again to stop at once, losing the steps since the last checkpoint)", signal.Signals(signum).name)
 
 
+WORKER_STOP_GRACE_S = 60.0
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """A loader worker's init: Ctrl-C (sent to the whole process group) is the training process's to
-    handle; a worker that died of it would fail the batch the run needs to finish its step. SIGTERM
-    stays: it is how the loader (and multiprocessing at exit) stops its workers."""
+    """A loader worker's init. Ctrl-C and SIGUSR2, sent to the whole process group (a terminal, SLURM),
+    are the training process's to handle: a worker that died of them would fail the batch the run
+    needs to finish its step. SIGTERM reaches workers both from a scheduler (the whole job) and from
+    the loader stopping a hung worker (and multiprocessing at exit): a worker leaves WORKER_STOP_GRACE_S
+    later, exit code 0 (time for the training process to finish its step and checkpoint; the loader
+    ends a worker it no longer needs sooner, as always)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGUSR2"):
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave_after_grace)
+
+
+def _leave_after_grace(signum, frame) -> None:
+    timer = threading.Timer(WORKER_STOP_GRACE_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
 
 
 class NoTrainingData(RuntimeError):
@@ -385,8 +412,11 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
                 if checkpoint_now or stop.received:
                     save(trainer, ckpt_path, extra)
                 if stop.received:
+                    stop.__exit__()
+                    stop.hand_over()  # SIGUSR2 under Submitit: requeued, and this process exits here
                     raise RunInterrupted(f"{signal.Signals(stop.received).name}: stopped after step {state.step}; "
-                                         f"its checkpoint is {ckpt_path}: `trainer.resume=` it to continue")
+                                         f"its checkpoint is {ckpt_path}: `trainer.resume=` it (or "
+                                         f"`trainer.resume=auto` with the same run dir) to continue")
                 if trainer.finished() or state.steps_in_epoch >= trainer.steps_per_epoch:
                     break  # the epoch's last len % accum_steps batches would not fill a step: left out, as drop_last
                 timer.waiting()

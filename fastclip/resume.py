@@ -3,13 +3,15 @@ from: its resolved config is the base, and only what THIS command line overrides
 Keys that may change mid-run (the schedule's length and lr, evaluation, I/O) are applied and
 recorded; keys that cannot (model geometry, boundary method, data, seed, ...) fail, naming each,
 before anything of the run is touched. The run keeps its run dir (a later resume finds the new
-last.pt there) and its MLflow run.
+last.pt there) and its MLflow run. `trainer.resume=auto` resumes the run dir's own last.pt where
+there is one (a requeued job), else starts the run.
 """
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fastclip import CONF_DIR, checkpoint
 from fastclip.checkpoint import ResumeError
@@ -41,6 +43,21 @@ class Resume:
     changes: dict[str, tuple]       # key -> (the checkpoint's value, the value now)
     run_dir: Path
     choices: dict[str, str]         # the config group options of the checkpoint's run
+
+
+AUTO = "auto"
+
+
+def resolve_auto(cfg: DictConfig, run_dir: str | os.PathLike) -> DictConfig:
+    """trainer.resume=auto: the run dir's own last checkpoint where there is one (a requeued SLURM job
+    re-runs in the same Hydra job dir), else a new run. -> cfg with trainer.resume a path or null."""
+    ckpt = Path(run_dir) / "checkpoints" / "last.pt"
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.trainer.resume = str(ckpt) if ckpt.is_file() else None
+    log.info("trainer.resume=auto: %s", f"continuing from {ckpt}" if ckpt.is_file()
+             else f"no checkpoint in {run_dir} yet, a new run")
+    return cfg
 
 
 def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:

@@ -55,6 +55,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     top of the checkpoint's config (None: `cfg` is the whole intended config). choices: the config
     group options cfg was composed with (recorded in checkpoints)."""
     resume = None
+    if cfg.trainer.resume == "auto":  # a requeued job: its own run dir's checkpoint, if it got that far
+        from fastclip.resume import resolve_auto
+        cfg = resolve_auto(cfg, run_dir)
     if cfg.trainer.resume:  # the run it came from: its config, run dir and MLflow run
         from fastclip.resume import prepare
         resume = prepare(cfg, overrides)

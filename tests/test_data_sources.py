@@ -197,7 +197,7 @@ class _HangsInWorker(Dataset):
         return 64
 
     def __getitem__(self, i):
-        time.sleep(120)  # bounded: a worker the loader fails to stop still ends
+        time.sleep(8)  # > loader_timeout_s; bounded, as the loader's SIGTERM only starts a worker's grace
 
 
 @pytest.mark.parametrize("dataset, error", [(_DiesInWorker, "exited unexpectedly"), (_HangsInWorker, "timed out")])

@@ -315,3 +315,39 @@ def test_ctrl_c_stops_after_the_step_in_progress_with_its_checkpoint_and_the_run
     fit(resumed, cfg, None, tmp_path / "run", torch.device("cpu"), trainer)
     assert resumed.seen[0] == (0, 4)
     torch.testing.assert_close(resumed.model.weight, full.model.weight, rtol=0, atol=0)
+
+
+def test_sigusr2_stops_after_the_step_with_its_checkpoint_then_goes_on_to_submitits_handler(tmp_path):
+    """Submitit asks SLURM for SIGUSR2 before a time limit, and its handler requeues the job and exits.
+    fit() takes the signal first: the step finishes, its checkpoint is written, then the handler that
+    was installed before fit (here a stand-in for Submitit's) gets it, once."""
+    import os
+    import signal
+    from fastclip import checkpoint
+    from fastclip.loop import RunInterrupted
+    cfg = compose_cfg(["epochs=2", "trainer.progress=false", "trainer.warmup_steps=0"])
+    handed = []
+
+    def submitits(signum, frame):  # requeue + sys.exit(-1), as submitit's checkpoint_and_try_requeue
+        handed.append((signum, (tmp_path / "run" / "checkpoints" / "last.pt").is_file()))
+        raise SystemExit(-1)
+
+    class Noticed(CountingTask):
+        def loss(self, batch):
+            if len(self.seen) == 2:
+                os.kill(os.getpid(), signal.SIGUSR2)  # arrives in the middle of step 3
+            return super().loss(batch)
+    before = signal.signal(signal.SIGUSR2, submitits)
+    try:
+        fit(Noticed(6), cfg, None, tmp_path / "run", torch.device("cpu"))
+        ended = "finished"
+    except SystemExit:
+        ended = "exited in Submitit's handler"
+    except RunInterrupted:  # a KeyboardInterrupt: caught here, or pytest would stop the whole session
+        ended = "RunInterrupted"
+    finally:
+        restored = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, before)
+    assert ended == "exited in Submitit's handler" and restored is submitits
+    assert handed == [(signal.SIGUSR2, True)]  # after the checkpoint, once
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["train_state"]["step"] == 3
