@@ -14,12 +14,22 @@ def options(group):
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+APPENDED = {"cluster"}  # groups not in train.yaml's defaults: chosen with +group=option
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group, option):
-    cfg = compose_cfg([f"{group}={option}"])
+    cfg = compose_cfg([f"{'+' if group in APPENDED else ''}{group}={option}"])
     assert "epochs" in cfg and "seed" in cfg
     if group in ("task", "dataset", "encoder", "boundary", "compression"):
         assert cfg[group].name == option
+
+
+def test_a_cluster_profile_chooses_the_slurm_launcher_and_requeues_after_time_limits():
+    cfg = compose_train_config(["+cluster=example_gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_ and launcher.account == "my_account"
+    assert launcher.max_num_timeout > 0 and cfg.trainer.resume == "auto"
 
 
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local", "submitit_slurm", "slurm"])

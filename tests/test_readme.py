@@ -14,7 +14,7 @@ from conftest import PYTHON
 from fastclip import PROJECT_ROOT
 
 FEW_STEPS = "trainer.max_steps=2 trainer.warmup_steps=1 trainer.progress=false eval.boundary_picture=false"
-OUTSIDE = ("/data/", "slurm")  # what a line needs that this machine has not: data, a cluster
+OUTSIDE = ("/data/", "slurm", "+cluster=")  # what a line needs that this machine has not: data, a cluster
 
 
 def used_by_commands() -> list[str]:
