@@ -16,6 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+# "<sweep dir>::<parent run id>": set by the launching process, so jobs find their sweep's parent run
+# through the environment they inherit (sbatch exports it) where they cannot see its sweep dir
+PARENT_RUN_ENV = "FASTCLIP_SWEEP_PARENT"
+
+
+def sweep_parent(sweep_dir: str | os.PathLike) -> str | None:
+    """The MLflow parent run of the sweep in `sweep_dir`: its marker file, else the environment."""
+    marker = Path(sweep_dir) / PARENT_RUN_FILE
+    if marker.exists():
+        return marker.read_text().strip()
+    where, _, run_id = os.environ.get(PARENT_RUN_ENV, "").partition("::")
+    return run_id if run_id and where == str(Path(sweep_dir).resolve()) else None
 # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, an assistant);
 # with it, on the runs table
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -257,11 +269,13 @@ class MlflowStoreCallback(Callback):
                                    tags={"fastclip.sweep_dir": str(sweep_dir.resolve()), "fastclip.role": "sweep",
                                          "fastclip.sweep_overrides": overrides})
         (sweep_dir / PARENT_RUN_FILE).write_text(parent.info.run_id)
+        os.environ[PARENT_RUN_ENV] = f"{sweep_dir.resolve()}::{parent.info.run_id}"
         log.info("MLflow store %s, sweep parent run %s", uri, parent.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         import mlflow
-        marker = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
-        if marker.exists():
+        parent = sweep_parent(config.hydra.sweep.dir)
+        os.environ.pop(PARENT_RUN_ENV, None)
+        if parent:
             client = mlflow.MlflowClient(tracking_uri=resolve_uri(config.tracking.uri))
-            client.set_terminated(marker.read_text().strip(), status="FINISHED")
+            client.set_terminated(parent, status="FINISHED")

@@ -31,9 +31,9 @@ def hydra_tags() -> dict[str, str]:
     if str(hc.mode) == "RunMode.MULTIRUN":
         sweep_dir = Path(hc.sweep.dir)
         tags.update({"hydra.job.num": str(hc.job.num), "hydra.sweep.dir": str(sweep_dir.resolve())})
-        parent = sweep_dir / tracking.PARENT_RUN_FILE
-        if parent.exists():
-            tags["mlflow.parentRunId"] = parent.read_text().strip()
+        parent = tracking.sweep_parent(sweep_dir)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
     return tags
 
 

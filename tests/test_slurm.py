@@ -42,3 +42,14 @@ def test_a_grid_on_the_example_cluster_renders_its_sbatch_lines_and_both_jobs_lo
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.data.params["trainer.resume"] == "None"  # auto, and nothing to resume in a new job dir
     assert parent.info.status == "FINISHED"
+
+
+def test_a_job_that_cannot_see_its_sweep_dir_finds_the_parent_run_in_its_environment(tmp_path, monkeypatch):
+    from fastclip.tracking import PARENT_RUN_ENV, PARENT_RUN_FILE, sweep_parent
+    sweep = tmp_path / "sweep"
+    monkeypatch.setenv(PARENT_RUN_ENV, f"{sweep.resolve()}::abc123")
+    assert sweep_parent(sweep) == "abc123"  # no marker file here (another node's disk)
+    assert sweep_parent(tmp_path / "other") is None  # another sweep's variable is not ours
+    sweep.mkdir()
+    (sweep / PARENT_RUN_FILE).write_text("fromfile\n")
+    assert sweep_parent(sweep) == "fromfile"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Hyperparameter search with hydra-optuna-sweeper (TPE): each trial is one run, and the value it
+# maximises is what the entrypoint returns, the headline metric (zeroshot/top1 for task=clip; for
+# task=lm it is lm/test_bpc: pass hydra.sweeper.direction=minimize). The best trial is printed and
+# written to <sweep dir>/optimization_results.yaml; every trial is an MLflow run under one parent.
+#   make sweep SWEEP=optuna_lr ARGS="hydra.sweeper.n_trials=4 epochs=5"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec .venv/bin/python -m fastclip.train -m hydra/sweeper=optuna hydra.sweeper.direction=maximize \
+  hydra.sweeper.n_trials=12 hydra.sweeper.sampler.seed=0 \
+  "trainer.lr=interval(1e-4,3e-3)" "trainer.weight_decay=interval(0.0,0.2)" \
+  tracking.experiment=optuna_lr trainer.progress=false "$@"
