@@ -32,6 +32,13 @@ def test_a_cluster_profile_chooses_the_slurm_launcher_and_requeues_after_time_li
     assert launcher.max_num_timeout > 0 and cfg.trainer.resume == "auto"
 
 
+def test_the_local_profile_runs_submitit_jobs_a_few_at_a_time():
+    cfg = compose_train_config(["+cluster=local"], return_hydra_config=True)
+    assert "LocalLauncher" in cfg.hydra.launcher._target_ and cfg.hydra.sweeper.max_batch_size == 2
+    capped = compose_train_config(["+cluster=local", "hydra.sweeper.max_batch_size=3"], return_hydra_config=True)
+    assert capped.hydra.sweeper.max_batch_size == 3
+
+
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local", "submitit_slurm", "slurm"])
 def test_launchers_compose(launcher):
     cfg = compose_train_config([f"hydra/launcher={launcher}"], return_hydra_config=True)
