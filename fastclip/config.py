@@ -8,6 +8,9 @@ from fastclip import CONF_DIR
 
 # Config groups whose option is recorded as <group>.name (a run's choices when Hydra's are absent)
 NAMED_GROUPS = ("task", "dataset", "encoder", "boundary", "compression")
+# Groups chosen with +group=option (not in train.yaml's defaults): where a job runs, never what it
+# trains; a checkpoint does not record them, so a resume need not repeat them
+APPENDED_GROUPS = ("cluster",)
 
 
 def compose_train_config(overrides=(), return_hydra_config: bool = False) -> DictConfig:

@@ -45,14 +45,17 @@ LEFT_OVER = "accumulation left over"  # micro-batches an epoch ended before they
 class StopRequests:
     """While fit() runs, SIGINT (Ctrl-C), SIGTERM (`kill`, SLURM's preemption) and SIGUSR2 (the
     notice Submitit asks SLURM to send before a time limit) ask the loop to stop after the step in
-    progress, once its checkpoint is written; a second one stops at once (KeyboardInterrupt).
-    Handlers are installed only in the main thread and restored on exit; then `hand_over()` gives a
-    SIGUSR2 to the handler that was there before (Submitit's: it requeues the job and exits)."""
+    progress, once its checkpoint is written. A second Ctrl-C stops at once (KeyboardInterrupt); a
+    scheduler's further signals do not (SLURM sends SIGTERM at the limit, then waits KillWait before
+    SIGKILL: time to finish the step and its checkpoint). Handlers are installed only in the main
+    thread and restored on exit; then `hand_over()` gives a SIGUSR2, if one came, to the handler that
+    was there before (Submitit's: it requeues the job and exits)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the first
+        self.all: set[int] = set()
         self._previous: dict = {}
         self._handed: dict = {}
 
@@ -69,18 +72,24 @@ class StopRequests:
     def hand_over(self) -> None:
         """After the stop's checkpoint (and __exit__): a SIGUSR2 goes on to the handler installed before
         fit (Submitit's requeues the job and exits the process); nothing else does."""
-        previous = self._handed.get(getattr(signal, "SIGUSR2", None))
-        if self.received == getattr(signal, "SIGUSR2", None) and callable(previous):
+        usr2 = getattr(signal, "SIGUSR2", None)
+        previous = self._handed.get(usr2)
+        if usr2 in self.all and callable(previous):
             log.info("handing SIGUSR2 on to %s (the job's requeue)", getattr(previous, "__qualname__", previous))
-            previous(self.received, None)
+            previous(usr2, None)
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # the second: now
+        if signum == signal.SIGINT and signal.SIGINT in self.all:  # a second Ctrl-C: now
             self.__exit__()
             raise KeyboardInterrupt
+        self.all.add(signum)
+        if self.received is not None:
+            log.warning("%s received as well: still stopping after the step in progress", signal.Signals(signum).name)
+            return
         self.received = signum
         log.warning("%s received: the run stops after the step in progress, once its checkpoint is written "
-                    "(again to stop at once, losing the steps since the last checkpoint)", signal.Signals(signum).name)
+                    "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)",
+                    signal.Signals(signum).name)
 
 
 WORKER_STOP_GRACE_S = 60.0
@@ -89,20 +98,27 @@ WORKER_STOP_GRACE_S = 60.0
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """A loader worker's init. Ctrl-C and SIGUSR2, sent to the whole process group (a terminal, SLURM),
     are the training process's to handle: a worker that died of them would fail the batch the run
-    needs to finish its step. SIGTERM reaches workers both from a scheduler (the whole job) and from
-    the loader stopping a hung worker (and multiprocessing at exit): a worker leaves WORKER_STOP_GRACE_S
-    later, exit code 0 (time for the training process to finish its step and checkpoint; the loader
-    ends a worker it no longer needs sooner, as always)."""
+    needs to finish its step. SIGTERM: from the training process (the loader ending a hung worker,
+    multiprocessing at exit) the worker leaves at once; from anyone else (a scheduler stopping the
+    whole job) it leaves WORKER_STOP_GRACE_S later, time for the training process to finish its step
+    and checkpoint (which ends the worker sooner, as the loader always does). SIGTERM is taken by a
+    thread (sigwaitinfo names the sender), so this holds while the worker's main thread is busy."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "SIGUSR2"):
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _leave_after_grace)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_watch_sigterm, args=(os.getppid(),), daemon=True, name="sigterm").start()
 
 
-def _leave_after_grace(signum, frame) -> None:
-    timer = threading.Timer(WORKER_STOP_GRACE_S, os._exit, args=(0,))
-    timer.daemon = True
-    timer.start()
+def _watch_sigterm(parent: int) -> None:
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == parent:
+            os._exit(0)
+        timer = threading.Timer(WORKER_STOP_GRACE_S, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
 
 
 class NoTrainingData(RuntimeError):
@@ -380,6 +396,8 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
     task.model.train()
     with StopRequests() as stop:
         while not trainer.finished():
+            if stop.received:  # came during an evaluation: the checkpoint before it holds this state
+                stopped(stop, state, ckpt_path)
             trainer.optimizer.zero_grad(set_to_none=True)  # nothing carries over from an unfinished accumulation
             micro, pending, finite = 0, 0, True  # micro-batches of the step being accumulated, their samples
             timer.start()
@@ -412,11 +430,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
                 if checkpoint_now or stop.received:
                     save(trainer, ckpt_path, extra)
                 if stop.received:
-                    stop.__exit__()
-                    stop.hand_over()  # SIGUSR2 under Submitit: requeued, and this process exits here
-                    raise RunInterrupted(f"{signal.Signals(stop.received).name}: stopped after step {state.step}; "
-                                         f"its checkpoint is {ckpt_path}: `trainer.resume=` it (or "
-                                         f"`trainer.resume=auto` with the same run dir) to continue")
+                    stopped(stop, state, ckpt_path)
                 if trainer.finished() or state.steps_in_epoch >= trainer.steps_per_epoch:
                     break  # the epoch's last len % accum_steps batches would not fill a step: left out, as drop_last
                 timer.waiting()
@@ -431,8 +445,12 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
                 check_epoch_data(task, state)
                 state.next_epoch()
             save(trainer, ckpt_path, extra)  # before evaluating: a failing evaluation never loses the training
+            if stop.received and not trainer.finished():  # not an evaluation the time left may not hold
+                stopped(stop, state, ckpt_path)
             if trainer.finished() or (epoch_done and state.epoch % cfg.eval.every_epochs == 0):
                 metrics = evaluate(task, tracker, state, ckpt_path)
+        if stop.received:  # during the last evaluation: the run is complete, nothing to continue
+            log.warning("%s came during the final evaluation: the run completes", signal.Signals(stop.received).name)
     bar.close()
     if not metrics:  # resumed from a finished run: still report its numbers
         metrics = evaluate(task, tracker, state, ckpt_path)
@@ -447,6 +465,17 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
     if tracker:
         tracker.log_metrics(summary, state.step)
     return metrics
+
+
+def stopped(stop: StopRequests, state: TrainState, ckpt_path: Path):
+    """The run stops at a checkpoint written for this state: a SIGUSR2 goes on to the handler from
+    before fit (Submitit's requeues the job and exits the process), else RunInterrupted."""
+    stop.__exit__()
+    log.warning("stopped after step %d; its checkpoint is %s: `trainer.resume=` it (or `trainer.resume=auto` with "
+                "the same run dir) to continue", state.step, ckpt_path)
+    stop.hand_over()
+    raise RunInterrupted(f"{signal.Signals(stop.received).name}: stopped after step {state.step}; its checkpoint is "
+                         f"{ckpt_path}: `trainer.resume=` it (or `trainer.resume=auto` with the same run dir) to continue")
 
 
 def save(trainer: Trainer, path: Path, extra: dict) -> None:

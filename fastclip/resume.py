@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fastclip import CONF_DIR, checkpoint
 from fastclip.checkpoint import ResumeError
-from fastclip.config import NAMED_GROUPS, flatten, unflatten
+from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS, flatten, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,6 @@ class Resume:
     choices: dict[str, str]         # the config group options of the checkpoint's run
 
 
-AUTO = "auto"
-
-
 def resolve_auto(cfg: DictConfig, run_dir: str | os.PathLike) -> DictConfig:
     """trainer.resume=auto: the run dir's own last checkpoint where there is one (a requeued SLURM job
     re-runs in the same Hydra job dir), else a new run. -> cfg with trainer.resume a path or null."""
@@ -58,6 +55,16 @@ def resolve_auto(cfg: DictConfig, run_dir: str | os.PathLike) -> DictConfig:
     log.info("trainer.resume=auto: %s", f"continuing from {ckpt}" if ckpt.is_file()
              else f"no checkpoint in {run_dir} yet, a new run")
     return cfg
+
+
+def refuse_changes_under_auto(resume: "Resume") -> None:
+    """A requeued job re-runs its own command: under trainer.resume=auto a checkpoint whose config this
+    command line changes is another run's (a reused run or sweep dir), not this job's."""
+    if resume.changes:
+        listed = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(resume.changes.items()))
+        raise ResumeError(f"trainer.resume=auto found {resume.checkpoint_path}, but this command line changes its run "
+                          f"({listed}): a requeued job changes nothing. Use a new run dir, or continue that run with "
+                          f"these changes by naming it: trainer.resume={resume.checkpoint_path}")
 
 
 def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
@@ -141,7 +148,8 @@ def _choices(ckpt: dict) -> dict[str, str]:
     """group -> option the checkpoint's run was composed with (Hydra's runtime choices, recorded
     in the checkpoint; else read off the named groups of its config)."""
     recorded = ckpt.get("choices") or {}
-    choices = {g: o for g, o in recorded.items() if o is not None and not g.startswith("hydra")}
+    choices = {g: o for g, o in recorded.items()
+               if o is not None and not g.startswith("hydra") and g not in APPENDED_GROUPS}
     if not choices:
         choices = {g: ckpt["config"][g]["name"] for g in NAMED_GROUPS if "name" in ckpt["config"].get(g, {})}
     return choices

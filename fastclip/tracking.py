@@ -22,12 +22,13 @@ PARENT_RUN_ENV = "FASTCLIP_SWEEP_PARENT"
 
 
 def sweep_parent(sweep_dir: str | os.PathLike) -> str | None:
-    """The MLflow parent run of the sweep in `sweep_dir`: its marker file, else the environment."""
-    marker = Path(sweep_dir) / PARENT_RUN_FILE
-    if marker.exists():
-        return marker.read_text().strip()
+    """The MLflow parent run of the sweep in `sweep_dir`: the one the launching process exported for
+    this sweep dir, else the dir's marker file (which a later launch into the same dir replaces)."""
     where, _, run_id = os.environ.get(PARENT_RUN_ENV, "").partition("::")
-    return run_id if run_id and where == str(Path(sweep_dir).resolve()) else None
+    if run_id and where == str(Path(sweep_dir).resolve()):
+        return run_id
+    marker = Path(sweep_dir) / PARENT_RUN_FILE
+    return marker.read_text().strip() if marker.exists() else None
 # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, an assistant);
 # with it, on the runs table
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastclip import CONF_DIR, tracking
 from fastclip.checks import ConfigError, check_config, check_overrides
-from fastclip.config import NAMED_GROUPS
+from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS
 
 log = logging.getLogger("fastclip")
 # what a run reports last and a sweeper would optimise, in order of preference
@@ -55,12 +55,15 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     top of the checkpoint's config (None: `cfg` is the whole intended config). choices: the config
     group options cfg was composed with (recorded in checkpoints)."""
     resume = None
-    if cfg.trainer.resume == "auto":  # a requeued job: its own run dir's checkpoint, if it got that far
+    auto = cfg.trainer.resume == "auto"
+    if auto:  # a requeued job: its own run dir's checkpoint, if it got that far
         from fastclip.resume import resolve_auto
         cfg = resolve_auto(cfg, run_dir)
     if cfg.trainer.resume:  # the run it came from: its config, run dir and MLflow run
-        from fastclip.resume import prepare
+        from fastclip.resume import prepare, refuse_changes_under_auto
         resume = prepare(cfg, overrides)
+        if auto:
+            refuse_changes_under_auto(resume)
         cfg, run_dir, choices = resume.config, resume.run_dir, resume.choices
     check_config(cfg)
     uri = _store_uri(cfg, resume, launch_dir)
@@ -101,7 +104,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
         _log_plan(task, trainer, cfg, run_dir)
         metrics = fit(task, cfg, tracker, run_dir, device, trainer, provenance={"choices": choices or _choices(cfg)})
     except BaseException as exc:
-        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        # KeyboardInterrupt: Ctrl-C or a signal's stop; SystemExit: Submitit's handler requeued the job
+        tracker.end("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     finally:
         if run_log is not None:
@@ -129,7 +133,8 @@ def _choices(cfg: DictConfig) -> dict[str, str]:
     from hydra.core.hydra_config import HydraConfig
     if HydraConfig.initialized():  # top-level groups only (not hydra/*, nor nested defaults like _shared/...)
         return {k: v for k, v in HydraConfig.get().runtime.choices.items()
-                if v is not None and (CONF_DIR / k).is_dir() and not k.startswith(("_", "hydra"))}
+                if v is not None and (CONF_DIR / k).is_dir() and not k.startswith(("_", "hydra"))
+                and k not in APPENDED_GROUPS}
     return {g: cfg[g].name for g in NAMED_GROUPS if "name" in cfg[g]}
 
 
@@ -176,6 +181,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
                       choices=_choices(cfg))
     except (ConfigError, ResumeError, CheckpointError, NoTrainingData, TrainingDiverged) as exc:
+        if str(hc.mode) == "RunMode.MULTIRUN":  # the sweeper's to handle (Optuna counts a failed trial), not the end
+            raise
         raise SystemExit(f"error: {exc}") from None  # what to do is in the message: no stack trace
     except RunInterrupted as exc:
         print(f"fastclip: {exc}", file=sys.stderr)

@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 exec .venv/bin/python -m fastclip.train -m hydra/sweeper=optuna hydra.sweeper.direction=maximize \
   hydra.sweeper.n_trials=12 hydra.sweeper.sampler.seed=0 \
-  "trainer.lr=interval(1e-4,3e-3)" "trainer.weight_decay=interval(0.0,0.2)" \
+  "trainer.lr=tag(log,interval(1e-4,3e-3))" "trainer.weight_decay=interval(0.0,0.2)" \
   tracking.experiment=optuna_lr trainer.progress=false "$@"

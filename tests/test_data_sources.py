@@ -2,6 +2,7 @@
 converter between them), bad samples skipped and counted, clear errors before training."""
 import json
 import os
+import subprocess
 import time
 from collections import Counter
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import SHARED_DATA, TINY_CLIP, compose_cfg, load_checkpoint, run_killed_at_loss_call
+from conftest import PYTHON, SHARED_DATA, TINY_CLIP, compose_cfg, load_checkpoint, run_killed_at_loss_call
 from datagen import COLOURS, colour_image, jpeg_bytes, make_class_folder, make_coco, make_csv, write_shard
 from fastclip.data import make_shards
 from fastclip.data.shards import count_samples, expand_shards
@@ -198,6 +199,27 @@ class _HangsInWorker(Dataset):
 
     def __getitem__(self, i):
         time.sleep(8)  # > loader_timeout_s; bounded, as the loader's SIGTERM only starts a worker's grace
+
+
+def test_a_hung_worker_does_not_hold_the_process_at_exit(tmp_path, cli_env):
+    """The loader ends a worker it gave up on with SIGTERM; a worker that waits out a scheduler's
+    SIGTERM (ignore_stop_signals) still leaves at once when its own training process sends it."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import time, torch\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "from fastclip.loop import ignore_stop_signals\n"
+        "class Hangs(Dataset):\n"
+        "    def __len__(self): return 4\n"
+        "    def __getitem__(self, i): time.sleep(600)\n"
+        "try:\n"
+        "    next(iter(DataLoader(Hangs(), num_workers=1, timeout=2, worker_init_fn=ignore_stop_signals)))\n"
+        "except RuntimeError as exc:\n"
+        "    print('raised', exc)\n")
+    t0 = time.time()
+    done = subprocess.run([PYTHON, str(script)], env=cli_env, capture_output=True, text=True, timeout=120)
+    assert "raised" in done.stdout and "timed out" in done.stdout, done.stderr[-2000:]
+    assert time.time() - t0 < 60  # not the 600 s the worker sleeps, nor its 60 s grace
 
 
 @pytest.mark.parametrize("dataset, error", [(_DiesInWorker, "exited unexpectedly"), (_HangsInWorker, "timed out")])

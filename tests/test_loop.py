@@ -320,7 +320,7 @@ def test_ctrl_c_stops_after_the_step_in_progress_with_its_checkpoint_and_the_run
 def test_sigusr2_stops_after_the_step_with_its_checkpoint_then_goes_on_to_submitits_handler(tmp_path):
     """Submitit asks SLURM for SIGUSR2 before a time limit, and its handler requeues the job and exits.
     fit() takes the signal first: the step finishes, its checkpoint is written, then the handler that
-    was installed before fit (here a stand-in for Submitit's) gets it, once."""
+    was installed before fit (here a stand-in for Submitit's) gets it, once, even after a SIGTERM."""
     import os
     import signal
     from fastclip import checkpoint
@@ -334,8 +334,9 @@ def test_sigusr2_stops_after_the_step_with_its_checkpoint_then_goes_on_to_submit
 
     class Noticed(CountingTask):
         def loss(self, batch):
-            if len(self.seen) == 2:
-                os.kill(os.getpid(), signal.SIGUSR2)  # arrives in the middle of step 3
+            if len(self.seen) == 2:  # in the middle of step 3: SLURM's SIGTERM, then the USR2 notice
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGUSR2)  # a second signal, not a Ctrl-C: not an immediate stop
             return super().loss(batch)
     before = signal.signal(signal.SIGUSR2, submitits)
     try:
@@ -345,6 +346,8 @@ def test_sigusr2_stops_after_the_step_with_its_checkpoint_then_goes_on_to_submit
         ended = "exited in Submitit's handler"
     except RunInterrupted:  # a KeyboardInterrupt: caught here, or pytest would stop the whole session
         ended = "RunInterrupted"
+    except KeyboardInterrupt:  # an immediate stop, without the step's checkpoint
+        ended = "KeyboardInterrupt"
     finally:
         restored = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, before)

@@ -79,3 +79,25 @@ def test_resume_auto_in_a_new_run_dir_starts_the_run(tmp_path, cli_env):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trainer.resume=auto: no checkpoint in" in done.stdout + done.stderr
     assert load_checkpoint(tmp_path / "new" / "checkpoints" / "last.pt")["train_state"]["step"] == 3
+
+
+@pytest.mark.slow
+def test_a_profile_run_resumes_without_its_profile_and_auto_never_continues_another_run(tmp_path, cli_env):
+    """+cluster= says where a job runs, not what it trains: a checkpoint does not record it, so a
+    resume by hand elsewhere needs no +cluster. Under trainer.resume=auto a run dir whose checkpoint this
+    command line would change is another run's (a reused dir), not a requeue: refused, naming the changes."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [PYTHON, "-m", "fastclip.train", *TINY_CLIP, "eval.boundary_picture=false", f"tracking.uri={store}"]
+    job = tmp_path / "job"
+    first = subprocess.run([*common, "+cluster=local", "trainer.max_steps=3", f"hydra.run.dir={job}"], cwd=tmp_path,
+                           env=cli_env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    by_hand = subprocess.run([*common, f"trainer.resume={job / 'checkpoints' / 'last.pt'}", "trainer.max_steps=4"],
+                             cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert by_hand.returncode == 0, by_hand.stderr[-3000:]
+    assert load_checkpoint(job / "checkpoints" / "last.pt")["train_state"]["step"] == 4
+    reused = subprocess.run([*common, "+cluster=local", "trainer.max_steps=6", f"hydra.run.dir={job}"], cwd=tmp_path,
+                            env=cli_env, capture_output=True, text=True, timeout=600)
+    assert reused.returncode != 0
+    assert "trainer.resume=auto found" in reused.stderr and "trainer.max_steps: 4 -> 6" in reused.stderr
+    assert load_checkpoint(job / "checkpoints" / "last.pt")["train_state"]["step"] == 4  # untouched

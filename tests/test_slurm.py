@@ -3,13 +3,13 @@ the stub sbatch records its script and runs each array task in the background). 
 profile renders its #SBATCH lines and setup, and both jobs of a grid really run and log to MLflow
 under one parent run."""
 import os
+import subprocess
 
 import mlflow
 import pytest
 
 from conftest import PYTHON, TINY_CLIP
 from fastclip import PROJECT_ROOT
-import subprocess
 
 STUBS = PROJECT_ROOT / "tests" / "slurm_stub"
 
@@ -17,6 +17,9 @@ STUBS = PROJECT_ROOT / "tests" / "slurm_stub"
 @pytest.mark.slow
 def test_a_grid_on_the_example_cluster_renders_its_sbatch_lines_and_both_jobs_log_to_mlflow(tmp_path, cli_env):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    venv = tmp_path / ".venv" / "bin"  # the profile's setup line sources the launch dir's venv: this one says it ran
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text(f'echo "$SLURM_ARRAY_TASK_ID" >> "{tmp_path / "setup_ran"}"\n')
     env = dict(cli_env, PATH=f"{STUBS}{os.pathsep}{cli_env['PATH']}", STUB_SLURM_DIR=str(tmp_path / "slurm"),
                PWD=str(tmp_path))  # as a shell sets it in the directory it launches from
     cmd = [PYTHON, "-m", "fastclip.train", "-m", "+cluster=example_gpu", "boundary=none,gumbel", "trainer.max_steps=5",
@@ -32,6 +35,7 @@ def test_a_grid_on_the_example_cluster_renders_its_sbatch_lines_and_both_jobs_lo
                  "#SBATCH --signal=USR2@120", "module load cuda/12.4",
                  f"source {tmp_path}/.venv/bin/activate"):
         assert line in script, line
+    assert sorted((tmp_path / "setup_ran").read_text().split()) == ["0", "1"]  # in each array task
     client = mlflow.MlflowClient(tracking_uri=store)
     runs = client.search_runs([client.get_experiment_by_name("fastclip").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("fastclip.role") == "sweep"]
@@ -52,4 +56,6 @@ def test_a_job_that_cannot_see_its_sweep_dir_finds_the_parent_run_in_its_environ
     assert sweep_parent(tmp_path / "other") is None  # another sweep's variable is not ours
     sweep.mkdir()
     (sweep / PARENT_RUN_FILE).write_text("fromfile\n")
+    assert sweep_parent(sweep) == "abc123"  # the job's own launch wins over a marker a later launch may replace
+    monkeypatch.delenv(PARENT_RUN_ENV)
     assert sweep_parent(sweep) == "fromfile"

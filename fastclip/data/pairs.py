@@ -175,8 +175,9 @@ class DecodedBatches:
     decode; `skipped` counts those once iteration is done."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0):
+        from fastclip.loop import ignore_stop_signals  # evaluation's workers get a job's signals too
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                 collate_fn=collate_labelled)
+                                 collate_fn=collate_labelled, worker_init_fn=ignore_stop_signals)
         self.skipped = 0
 
     def __iter__(self):
