@@ -181,8 +181,6 @@ def main(cfg: DictConfig) -> float | None:
         metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
                       choices=_choices(cfg))
     except (ConfigError, ResumeError, CheckpointError, NoTrainingData, TrainingDiverged) as exc:
-        if str(hc.mode) == "RunMode.MULTIRUN":  # the sweeper's to handle (Optuna counts a failed trial), not the end
-            raise
         raise SystemExit(f"error: {exc}") from None  # what to do is in the message: no stack trace
     except RunInterrupted as exc:
         print(f"fastclip: {exc}", file=sys.stderr)
