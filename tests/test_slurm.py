@@ -3,12 +3,14 @@ the stub sbatch records its script and runs each array task in the background). 
 profile renders its #SBATCH lines and setup, and both jobs of a grid really run and log to MLflow
 under one parent run."""
 import os
+import signal
 import subprocess
+import time
 
 import mlflow
 import pytest
 
-from conftest import PYTHON, TINY_CLIP
+from conftest import PYTHON, TINY_CLIP, load_checkpoint
 from fastclip import PROJECT_ROOT
 
 STUBS = PROJECT_ROOT / "tests" / "slurm_stub"
@@ -59,3 +61,44 @@ def test_a_job_that_cannot_see_its_sweep_dir_finds_the_parent_run_in_its_environ
     assert sweep_parent(sweep) == "abc123"  # the job's own launch wins over a marker a later launch may replace
     monkeypatch.delenv(PARENT_RUN_ENV)
     assert sweep_parent(sweep) == "fromfile"
+
+
+@pytest.mark.slow
+def test_a_job_noticed_before_its_time_limit_is_requeued_by_submitit_and_finishes_its_run(tmp_path, cli_env):
+    """SLURM's SIGUSR2 to the job step: the run checkpoints after its step, Submitit's own handler
+    requeues the job (scontrol requeue), SLURM runs the job's script again, hydra-submitit-launcher
+    re-runs the Hydra job in its job dir, trainer.resume=auto (the profile's) continues the checkpoint,
+    and the job ends at its last step in the same MLflow run."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stub = tmp_path / "slurm"
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text("")  # the profile's setup line sources it
+    env = dict(cli_env, PATH=f"{STUBS}{os.pathsep}{cli_env['PATH']}", STUB_SLURM_DIR=str(stub), PWD=str(tmp_path))
+    cmd = [PYTHON, "-m", "fastclip.train", "-m", "+cluster=example_gpu", "boundary=gumbel", "trainer.max_steps=40",
+           "tracking.log_every=1", *TINY_CLIP, "eval.boundary_picture=false", f"tracking.uri={store}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    client = mlflow.MlflowClient(tracking_uri=store)
+    deadline, stepped, job = time.time() + 300, 0, None
+    while stepped < 5 and time.time() < deadline:  # the notice comes once a few steps are logged
+        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+        exp = client.get_experiment_by_name("fastclip")
+        jobs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("fastclip.role") != "sweep"] \
+            if exp else []
+        if jobs:
+            job = jobs[0].info.run_id
+            stepped = max((m.step for m in client.get_metric_history(job, "train/loss")), default=0)
+        time.sleep(0.05)
+    assert stepped >= 5, "the job did not log 5 steps in 300 s"
+    os.kill(int((stub / "step_pid_1000").read_text()), signal.SIGUSR2)  # as --signal=USR2@120 does (one job: no array)
+    stderr = launcher.communicate(timeout=900)[1]
+    logs = "\n".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*.out"))
+    assert launcher.returncode == 0, stderr[-2000:] + logs[-3000:]
+
+    assert (stub / "scontrol.log").read_text().splitlines() == ["requeue 1000"]  # Submitit's requeue, once
+    runs = client.search_runs([client.get_experiment_by_name("fastclip").experiment_id])
+    [resumed] = [r for r in runs if r.data.tags.get("fastclip.role") != "sweep"]  # the same run, continued
+    assert resumed.info.run_id == job and resumed.info.status == "FINISHED"
+    assert 5 <= int(resumed.data.tags["fastclip.resume.1.from_step"]) < 40
+    assert load_checkpoint(tmp_path / "sweep" / "0" / "checkpoints" / "last.pt")["train_state"]["step"] == 40
