@@ -1,6 +1,6 @@
 """Unit inference: a trained CLIP checkpoint on your own images.
 
-    python -m fastclip.infer --checkpoint PATH|runs:/RUN_ID --image IMG [--image IMG ...]
+    python -m fastclip.infer --checkpoint PATH|RUN_DIR|runs:/RUN_ID --image IMG [--image IMG ...]
                              --text "a dog" --text "a cat"
     python -m fastclip.infer --checkpoint ... --image IMG --classes FILE [--templates openai|simple]
 
@@ -69,7 +69,7 @@ def shortens(model) -> tuple[bool, bool]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fastclip.infer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a checkpoint file, or runs:/<MLflow run id>")
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint file, a run dir, or runs:/<MLflow run id>")
     ap.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", action="append", help="a caption to score (repeat: the probabilities are over them)")

@@ -22,9 +22,8 @@ RUNS_PREFIX = "runs:/"
 
 def checkpoint_path(spec: str | Path, uri: str | None = None) -> Path:
     """A checkpoint file from a path, a run dir (its checkpoints/last.pt) or `runs:/<MLflow run id>`
-    (that run's last checkpoint, found
-    through its `fastclip.run_dir` tag in the store `uri`, default as training's). Raises
-    FileNotFoundError / CheckpointError naming what is missing."""
+    (that run's last checkpoint, found through its `fastclip.run_dir` tag in the store `uri`, default
+    as training's). Raises FileNotFoundError / CheckpointError naming what is missing."""
     spec = str(spec)
     if not spec.strip():
         raise CheckpointError("no checkpoint given: a checkpoint file, a run dir, or runs:/<MLflow run id>")
@@ -69,7 +68,7 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
     transform (PIL image -> [3, H, W] tensor); tokenizer(list of str) -> [B, L] token ids (open_clip's
     BPE, or bytes for a DTP text tower). The model is in eval mode on `device`.
 
-    checkpoint: a path, or runs:/<MLflow run id> (see checkpoint_path). Raises FileNotFoundError
+    checkpoint: a path, a run dir, or runs:/<MLflow run id> (see checkpoint_path). Raises FileNotFoundError
     (no such file), CheckpointError (not a fastclip checkpoint, or a task=lm one), naming the file."""
     from omegaconf import OmegaConf
     from fastclip import checkpoint as ckpt

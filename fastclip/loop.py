@@ -471,11 +471,11 @@ def stopped(stop: StopRequests, state: TrainState, ckpt_path: Path):
     """The run stops at a checkpoint written for this state: a SIGUSR2 goes on to the handler from
     before fit (Submitit's requeues the job and exits the process), else RunInterrupted."""
     stop.__exit__()
-    log.warning("stopped after step %d; its checkpoint is %s: `trainer.resume=` it (or `trainer.resume=auto` with "
-                "the same run dir) to continue", state.step, ckpt_path)
+    message = (f"{signal.Signals(stop.received).name}: stopped after step {state.step}; its checkpoint is {ckpt_path}: "
+               f"`trainer.resume=` it (or `trainer.resume=auto` with the same run dir) to continue")
+    log.warning(message)  # said before the hand-over too, which exits the process
     stop.hand_over()
-    raise RunInterrupted(f"{signal.Signals(stop.received).name}: stopped after step {state.step}; its checkpoint is "
-                         f"{ckpt_path}: `trainer.resume=` it (or `trainer.resume=auto` with the same run dir) to continue")
+    raise RunInterrupted(message)
 
 
 def save(trainer: Trainer, path: Path, extra: dict) -> None:

@@ -19,6 +19,9 @@ PARENT_RUN_FILE = "mlflow_parent_run_id"
 # "<sweep dir>::<parent run id>": set by the launching process, so jobs find their sweep's parent run
 # through the environment they inherit (sbatch exports it) where they cannot see its sweep dir
 PARENT_RUN_ENV = "FASTCLIP_SWEEP_PARENT"
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, an assistant);
+# with it, on the runs table
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def sweep_parent(sweep_dir: str | os.PathLike) -> str | None:
@@ -29,9 +32,6 @@ def sweep_parent(sweep_dir: str | os.PathLike) -> str | None:
         return run_id
     marker = Path(sweep_dir) / PARENT_RUN_FILE
     return marker.read_text().strip() if marker.exists() else None
-# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, an assistant);
-# with it, on the runs table
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 class TrackingStoreError(RuntimeError):

@@ -9,7 +9,6 @@ marked; a lower cost is better) and DIR/curves.png (train/loss and the metric ov
 the four files are also logged as artifacts of the sweep's parent run (under report/).
 """
 import argparse
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from fastclip.report.runs import ReportError, Selection, load_histories, select_
 from fastclip.report.table import Group, group_by_seed, markdown, write_csv
 from fastclip.tracking import redacted
 
-log = logging.getLogger(__name__)
 FILES = ("report.md", "report.csv", "pareto.png", "curves.png")
 
 

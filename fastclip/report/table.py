@@ -79,8 +79,7 @@ class Group:
 
     def stat(self, metric: str) -> tuple[float, float | None, int] | None:
         """(mean, sample std or None for one run, n) of the runs that logged `metric`."""
-        values = [measured(r)[metric] for r in self.runs if metric in measured(r)]
-        values = [v for v in values if not math.isnan(v)]
+        values = [v for v in (measured(r).get(metric) for r in self.runs) if v is not None and not math.isnan(v)]
         if not values:
             return None
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
