@@ -5,14 +5,17 @@ A task supplies:
   .model
   .train_batches(epoch, start=0)  a sized iterable of the epoch's micro-batches (len = the whole
                                   epoch), beginning after its first `start` batches
-  .loss(batch) -> StepOutput      tensor metrics stay on the device until the loop reads them
+  .loss(batch[, forward]) -> StepOutput   tensor metrics stay on the device until the loop reads them;
+                                  forward (data-parallel runs): the DistributedDataParallel wrapper to
+                                  run the model through
   .evaluate() -> {metric: float}
 and optionally .final_evaluate(), .epoch_samples() (samples the source declares per epoch),
 .build_skipped ({reason: n} left out while building the data), .new_artifacts(), .params().
 """
+import contextlib
 import logging
-import os
 import math
+import os
 import signal
 import threading
 import time
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastclip import checkpoint, runtime
+from fastclip import checkpoint, distributed, runtime
 from fastclip.checkpoint import ResumeError
 from fastclip.optim import adamw_impl, build_adamw, warmup_cosine, warmup_steps
 
@@ -69,14 +72,24 @@ class StopRequests:
             signal.signal(s, handler)
         self._handed, self._previous = self._previous, {}
 
+    def handing_over(self) -> bool:
+        """Whether hand_over() passes a SIGUSR2 on (one came, and a handler was there before fit)."""
+        usr2 = getattr(signal, "SIGUSR2", None)
+        return usr2 in self.all and callable(self._handed.get(usr2))
+
     def hand_over(self) -> None:
         """After the stop's checkpoint (and __exit__): a SIGUSR2 goes on to the handler installed before
         fit (Submitit's requeues the job and exits the process); nothing else does."""
         usr2 = getattr(signal, "SIGUSR2", None)
         previous = self._handed.get(usr2)
-        if usr2 in self.all and callable(previous):
+        if self.handing_over():
             log.info("handing SIGUSR2 on to %s (the job's requeue)", getattr(previous, "__qualname__", previous))
             previous(usr2, None)
+
+    def requested(self) -> bool:
+        """Whether the run stops now: a signal came to this process or, data-parallel, to any rank
+        (one host all-reduce, so every rank stops after the same step)."""
+        return distributed.any_rank(self.received is not None)
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and signal.SIGINT in self.all:  # a second Ctrl-C: now
@@ -149,7 +162,8 @@ class TrainState:
     train_s: float = 0.0         # data loading + steps, not evaluation
     skipped: dict = field(default_factory=dict)   # reason -> samples left out so far (data/skipped)
     trained_fraction: float | None = None         # last complete epoch: trained / declared samples
-    rng: dict | None = None      # Python, numpy, torch (and CUDA) generators, as of the last save
+    rng: dict | list | None = None  # Python, numpy, torch (and CUDA) generators as of the last save (a list: by rank)
+    world_size: int = 1          # data-parallel processes (the data split and the RNG states depend on it)
 
     def count(self, out: StepOutput) -> None:
         """A loader batch consumed: its skips count now, its samples once their step is taken."""
@@ -172,7 +186,16 @@ class TrainState:
         self.batch_in_epoch = self.steps_in_epoch = self.samples_in_epoch = 0
 
     def state_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)} | {"rng": runtime.rng_state()}
+        """Every rank's generators (a collective when data-parallel: every rank calls it)."""
+        rng = distributed.gather(runtime.rng_state())
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"rng": rng if len(rng) > 1 else rng[0]}
+
+    def gather_skips(self) -> None:
+        """Data-parallel: every rank's skip counts added into rank 0's (the one that saves and logs them);
+        the others start counting afresh (a collective: every rank calls it)."""
+        counts = distributed.gather(self.skipped)
+        if len(counts) > 1:
+            self.skipped = dict(sum(map(Counter, counts), Counter())) if distributed.current().main else {}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "TrainState":
@@ -205,7 +228,13 @@ class Trainer:
         self.amp_dtype = runtime.autocast_dtype(tc.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.device = device
-        self.state = TrainState()
+        self.world = distributed.current()
+        self.state = TrainState(world_size=self.world.size)
+        # the training forward goes through DistributedDataParallel (gradients averaged over ranks);
+        # evaluation and checkpoints use the model itself
+        self.forward = distributed.wrap(self.model, device, bool(tc.get("ddp_find_unused_parameters", False)))
+        if self.world.rank:  # each rank its own noise (gumbel, dropout); the weights are rank 0's (DDP)
+            runtime.seed_everything(runtime.sample_seed(cfg.seed, self.world.rank) % 2**32)
 
     def finished(self) -> bool:
         return self.state.step >= self.total_steps or self.state.epoch >= self.cfg.epochs
@@ -214,11 +243,20 @@ class Trainer:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def forward_backward(self, batch) -> StepOutput:
-        with runtime.autocast(self.device, self.amp_dtype):
-            out = self.task.loss(batch)
-        if out.loss is not None:
-            self.scaler.scale(out.loss / self.accum).backward()
+    def forward_backward(self, batch, sync: bool = True) -> StepOutput:
+        """sync=False: a micro-batch before the step's last; data-parallel, its gradients stay local
+        (DDP's no_sync) and are averaged with the last one's."""
+        if not self.world.distributed:
+            with runtime.autocast(self.device, self.amp_dtype):
+                out = self.task.loss(batch)
+            if out.loss is not None:
+                self.scaler.scale(out.loss / self.accum).backward()
+            return out
+        with contextlib.nullcontext() if sync else self.forward.no_sync():
+            with runtime.autocast(self.device, self.amp_dtype):
+                out = self.task.loss(batch, forward=self.forward)
+            if out.loss is not None:
+                self.scaler.scale(out.loss / self.accum).backward()
         return out
 
     def step(self) -> None:
@@ -255,6 +293,12 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState.from_state_dict(ckpt["train_state"])
+        if self.state.world_size != self.world.size:
+            raise ResumeError(f"{source} was written by {self.state.world_size} data-parallel process(es) and this "
+                              f"run has {self.world.size}: the data split, the batch and the random states depend on "
+                              f"it; resume with {self.state.world_size} (torchrun --nproc_per_node, SLURM tasks)")
+        if not self.world.main:
+            self.state.skipped = {}  # counted into rank 0's, which saved them
         if self.total_steps < self.state.step:
             raise ResumeError(f"{source} is at step {self.state.step}, beyond this run's {self.total_steps} steps "
                               f"(epochs={self.cfg.epochs}, trainer.max_steps={self.cfg.trainer.max_steps}): a resume "
@@ -268,8 +312,9 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["initial_lr"], group["lr"] = base, base * factor
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports; no setter
-        if self.state.rng is not None:
-            runtime.set_rng_state(self.state.rng)
+        rng = self.state.rng
+        if rng is not None:
+            runtime.set_rng_state(rng[self.world.rank] if isinstance(rng, list) else rng)
 
 
 class StepLog:
@@ -291,14 +336,16 @@ class StepLog:
         self._window = (self._window[0] + 1, self._window[1])
 
     def fetch(self) -> list[tuple[int, int, bool, dict[str, float]]]:
-        """-> [(step, epoch, finite, {name: float})], oldest first; empties the buffer."""
+        """-> [(step, epoch, finite, {name: float})], oldest first; empties the buffer. Data-parallel:
+        each value is the mean over ranks (the contrastive loss is the global batch's on every rank,
+        a boundary loss or a compression is each rank's own), finite only where every rank's was."""
         tensors = [v for _, _, finite, values in self._rows for v in (finite, *values.values())
                    if isinstance(v, torch.Tensor)]
         host = iter(_to_host(tensors))
 
         def read(v):
             return next(host) if isinstance(v, torch.Tensor) else v
-        rows = [(step, epoch, bool(read(finite)), {k: float(read(v)) for k, v in values.items()})
+        rows = [(step, epoch, read(finite) >= 1.0, {k: float(read(v)) for k, v in values.items()})
                 for step, epoch, finite, values in self._rows]
         self._rows = []
         return rows
@@ -330,13 +377,14 @@ def diverged(what: str, checkpoint_path: Path):
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[float]:
-    """0-dim tensors -> Python numbers, one stack and one transfer per device."""
+    """0-dim tensors -> Python numbers, one stack and one transfer per device (data-parallel: the
+    means over ranks, one all-reduce per device)."""
     out: list[float] = [0.0] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
     for idx in by_device.values():
-        values = torch.stack([tensors[i].detach().reshape(()).float() for i in idx]).tolist()
+        values = distributed.mean(torch.stack([tensors[i].detach().reshape(()).float() for i in idx])).tolist()
         for i, v in zip(idx, values):
             out[i] = v
     return out
@@ -388,15 +436,16 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
     extra = {"config": runtime.config_container(cfg), "run_dir": str(Path(run_dir).resolve()),
              "mlflow_uri": getattr(tracker, "uri", None), "mlflow_run_id": getattr(tracker, "run_id", None),
              **(provenance or {})}
-    bar = tqdm(total=trainer.total_steps, initial=state.step, disable=not cfg.trainer.progress, desc="train",
-               dynamic_ncols=True)
+    world = trainer.world
+    bar = tqdm(total=trainer.total_steps, initial=state.step, disable=not cfg.trainer.progress or not world.main,
+               desc="train", dynamic_ncols=True)
     steps = StepLog(tracker, cfg.tracking.get("log_every", 10), bar, ckpt_path)
     timer = StepTimer()
     metrics: dict[str, float] = {}
     task.model.train()
     with StopRequests() as stop:
         while not trainer.finished():
-            if stop.received:  # came during an evaluation: the checkpoint before it holds this state
+            if stop.requested():  # came during an evaluation: the checkpoint before it holds this state
                 stopped(stop, state, ckpt_path)
             trainer.optimizer.zero_grad(set_to_none=True)  # nothing carries over from an unfinished accumulation
             micro, pending, finite = 0, 0, True  # micro-batches of the step being accumulated, their samples
@@ -407,9 +456,10 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
             for batch in batches:
                 timer.arrived()
                 try:
-                    out = trainer.forward_backward(batch)
+                    out = trainer.forward_backward(batch, sync=micro == accum - 1)
                 except FloatingPointError as exc:  # models.dtp.NonFiniteBoundaries: the weights went non-finite
-                    steps.drain()
+                    if not world.distributed:  # (data-parallel, the other ranks are not draining now)
+                        steps.drain()
                     diverged(f"{exc} at step {state.step} (epoch {state.epoch + 1})", ckpt_path)
                 state.count(out)
                 if out.loss is not None:
@@ -419,17 +469,18 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
                     timer.waiting()
                     continue
                 trainer.step()
-                state.stepped(pending)
+                state.stepped(pending * world.size)  # the ranks' batches are the same size (distributed.Lockstep)
                 steps.add(state, out.loss, finite, trainer.lr, out.metrics)
                 micro, pending, finite = 0, 0, True
                 state.train_s += timer.stepped()
                 bar.update(1)
                 checkpoint_now = bool(cfg.trainer.ckpt_every_steps) and state.step % cfg.trainer.ckpt_every_steps == 0
-                if state.step % steps.every == 0 or checkpoint_now or stop.received:
+                stop_now = stop.requested()
+                if state.step % steps.every == 0 or checkpoint_now or stop_now:
                     steps.drain()
-                if checkpoint_now or stop.received:
+                if checkpoint_now or stop_now:
                     save(trainer, ckpt_path, extra)
-                if stop.received:
+                if stop_now:
                     stopped(stop, state, ckpt_path)
                 if trainer.finished() or state.steps_in_epoch >= trainer.steps_per_epoch:
                     break  # the epoch's last len % accum_steps batches would not fill a step: left out, as drop_last
@@ -445,7 +496,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
                 check_epoch_data(task, state)
                 state.next_epoch()
             save(trainer, ckpt_path, extra)  # before evaluating: a failing evaluation never loses the training
-            if stop.received and not trainer.finished():  # not an evaluation the time left may not hold
+            if stop.requested() and not trainer.finished():  # not an evaluation the time left may not hold
                 stopped(stop, state, ckpt_path)
             if trainer.finished() or (epoch_done and state.epoch % cfg.eval.every_epochs == 0):
                 metrics = evaluate(task, tracker, state, ckpt_path)
@@ -456,7 +507,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
         metrics = evaluate(task, tracker, state, ckpt_path)
     if hasattr(task, "final_evaluate"):
         with runtime.preserved_rng():
-            final = task.final_evaluate()
+            final = distributed.on_main(task.final_evaluate, "the final evaluation")
         metrics.update(final)
         if tracker:
             tracker.log_metrics(final, state.step)
@@ -471,24 +522,34 @@ def stopped(stop: StopRequests, state: TrainState, ckpt_path: Path):
     """The run stops at a checkpoint written for this state: a SIGUSR2 goes on to the handler from
     before fit (Submitit's requeues the job and exits the process), else RunInterrupted."""
     stop.__exit__()
-    message = (f"{signal.Signals(stop.received).name}: stopped after step {state.step}; its checkpoint is {ckpt_path}: "
+    usr2 = getattr(signal, "SIGUSR2", None)
+    if usr2 is not None and distributed.any_rank(usr2 in stop.all):  # the job's notice reached some rank: requeue
+        stop.all.add(usr2)
+    why = signal.Signals(stop.received).name if stop.received else "another data-parallel rank's stop signal"
+    message = (f"{why}: stopped after step {state.step}; its checkpoint is {ckpt_path}: "
                f"`trainer.resume=` it (or `trainer.resume=auto` with the same run dir) to continue")
     log.warning(message)  # said before the hand-over too, which exits the process
+    if not distributed.current().main and stop.handing_over():
+        raise SystemExit(0)  # rank 0 requeues the job; a failing exit here could end the job step before it does
     stop.hand_over()
     raise RunInterrupted(message)
 
 
 def save(trainer: Trainer, path: Path, extra: dict) -> None:
     """Replaces the last checkpoint, unless the weights have gone non-finite (then the last good
-    one stays and the run stops)."""
+    one stays and the run stops). Data-parallel: every rank calls it, rank 0 writes, and no rank goes
+    on (or exits) before the file is complete."""
     if not trainer.weights_finite():
         diverged(f"the weights are not finite after step {trainer.state.step}", path)
-    checkpoint.save(path, {**trainer.state_dict(), **extra})
+    trainer.state.gather_skips()
+    state = trainer.state_dict()
+    distributed.on_main(lambda: checkpoint.save(path, {**state, **extra}), f"writing the checkpoint {path}")
 
 
 def check_epoch_data(task, state: TrainState) -> None:
     """After a complete epoch: no optimizer step (no sample trained on) fails the run; fewer than half
     of what the source declares is a warning and shows in data/trained_fraction."""
+    state.gather_skips()  # data-parallel: rank 0's counts are every rank's (a collective: every rank is here)
     declared = task.epoch_samples() if hasattr(task, "epoch_samples") else None
     trained = state.samples_in_epoch
     reasons = ", ".join(f"{n} {why}" for why, n in sorted(_skip_counts(task, state).items())) or "none"
@@ -498,7 +559,7 @@ def check_epoch_data(task, state: TrainState) -> None:
                              + (f"; the source declares {declared} samples per epoch" if declared else ""))
     if declared:
         state.trained_fraction = trained / declared
-        if state.trained_fraction < 0.5:
+        if state.trained_fraction < 0.5 and distributed.current().main:  # rank 0 holds every rank's skip counts
             log.warning("epoch %d trained on %d of the %d samples its source declares (%.0f%%); skipped so far: %s",
                         state.epoch + 1, trained, declared, 100 * state.trained_fraction, reasons)
 
@@ -521,6 +582,12 @@ def data_metrics(task, state: TrainState) -> dict[str, float]:
 
 
 def evaluate(task, tracker, state: TrainState, ckpt_path: Path | None = None) -> dict[str, float]:
+    """The task's evaluation, its time and the data counts, logged. Data-parallel: rank 0 evaluates
+    the whole sets (the numbers are one process's) while the others wait; every rank returns them."""
+    return distributed.on_main(lambda: _evaluate(task, tracker, state, ckpt_path), f"the evaluation at step {state.step}")
+
+
+def _evaluate(task, tracker, state: TrainState, ckpt_path: Path | None) -> dict[str, float]:
     t0 = time.perf_counter()
     try:
         with runtime.preserved_rng():  # evaluation draws no number training would have drawn (exact resume)

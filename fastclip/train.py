@@ -53,7 +53,59 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
 
     overrides: the command line's overrides (Hydra's); with trainer.resume they alone apply on
     top of the checkpoint's config (None: `cfg` is the whole intended config). choices: the config
-    group options cfg was composed with (recorded in checkpoints)."""
+    group options cfg was composed with (recorded in checkpoints).
+
+    Data-parallel (torchrun, or a SLURM job's tasks): every process calls this; the ranks join one
+    process group first and take rank 0's run dir; only rank 0 writes (MLflow, checkpoints, the run
+    dir's files) and evaluates, and every rank returns its metrics."""
+    world = device = None
+    if _launched_data_parallel():
+        from fastclip import distributed
+        world, device = distributed.init(cfg.device)
+        run_dir = distributed.broadcast(str(Path(run_dir).resolve()))
+        if not world.main:
+            _leave_the_run_dir_to_rank_0(run_dir)
+        log.info("process %d of %d (local rank %d) on %s", world.rank, world.size, world.local_rank, device)
+    try:
+        return _run(cfg, run_dir, launch_dir, overrides, choices, device)
+    finally:
+        if world is not None:
+            distributed.shutdown()
+
+
+def _launched_data_parallel() -> bool:
+    """torchrun's variables, or a job Submitit runs on SLURM (which may have several tasks): then
+    torch.distributed decides (cheap to ask, without importing torch for a plain run)."""
+    return "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def _leave_the_run_dir_to_rank_0(rank_0_dir: str) -> None:
+    """A rank other than 0 logs to its console only (torchrun and SLURM keep each task's output): the
+    log file in the job dir is rank 0's. Under torchrun each process composed its own Hydra job dir;
+    where this one's differs from rank 0's (named after a later second) and holds nothing but
+    Hydra's record of the job, it goes."""
+    import shutil
+    from hydra.core.hydra_config import HydraConfig
+    logged = set()  # the files this process logged to (device, inode): its own, not a namesake's
+    for handler in list(logging.getLogger().handlers):
+        if isinstance(handler, logging.FileHandler):
+            if handler.stream is not None:
+                stat = os.fstat(handler.stream.fileno())
+                logged.add((stat.st_dev, stat.st_ino))
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.RUN":
+        return
+    own = Path(HydraConfig.get().runtime.output_dir).resolve()
+    log_file = own / f"{HydraConfig.get().job.name}.log"
+    if own == Path(rank_0_dir) or not log_file.is_file():
+        return
+    stat = log_file.stat()
+    if (stat.st_dev, stat.st_ino) in logged and {p.name for p in own.iterdir()} <= {".hydra", log_file.name}:
+        shutil.rmtree(own)
+
+
+def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> dict:
     resume = None
     auto = cfg.trainer.resume == "auto"
     if auto:  # a requeued job: its own run dir's checkpoint, if it got that far
@@ -70,33 +122,32 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     tracking.check_writable(uri)  # fail before any work, naming the path
 
     import torch
-    from fastclip import runtime
+    from fastclip import distributed, runtime
     from fastclip.loop import Trainer, fit
     from fastclip.tasks import build_task
+    world = distributed.current()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = runtime.pick_device(cfg.device)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    device = device or runtime.pick_device(cfg.device)
     runtime.seed_everything(cfg.seed)
     runtime.set_torch_threads(cfg.trainer.get("torch_threads"), cfg.trainer.num_workers, device)
     torch.set_float32_matmul_precision("high")
 
+    if not world.main:  # rank 0 builds first: what it caches (a unigram model, a zero-shot classifier) the others read
+        distributed.barrier()
     task = build_task(cfg, device, run_dir)
+    if world.main:
+        distributed.barrier()
     trainer = Trainer(task, cfg, device)
     if resume:
         trainer.load_state_dict(resume.checkpoint, str(resume.checkpoint_path))
-        tracking.require_run(uri, resume.checkpoint.get("mlflow_run_id"), resume.checkpoint_path)
-    commit, dirty = runtime.git_commit()
-    tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
-            "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **getattr(task, "tags", {})}
-    tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=run_name(cfg, tags), tags=tags,
-                               run_id=resume.checkpoint.get("mlflow_run_id") if resume else None)
-    tracker.log_params(tracking.flatten(cfg))
-    counts = task.params() if hasattr(task, "params") else {"model.params_total": sum(
-        p.numel() for p in task.model.parameters())}
-    tracker.log_params({k: str(v) for k, v in counts.items()})
-    resolved = run_dir / "config.yaml"
-    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker.log_artifact(resolved)
+    opened = distributed.on_main(lambda: _open_run(cfg, task, resume, uri, run_dir), "opening the MLflow run",
+                                 share=lambda run: run[0].run_id)
+    if not world.main:  # the others train and wait; rank 0 tracks, writes and evaluates
+        return {**fit(task, cfg, None, run_dir, device, trainer), "mlflow_run_id": opened}
+    tracker, commit = opened
     run_log = _log_to_run_dir(run_dir) if resume else None
     try:
         if resume:
@@ -119,6 +170,30 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
     log.info("run dir %s; checkpoint %s; MLflow run %s in %s; %s", run_dir.resolve(),
              (run_dir / "checkpoints" / "last.pt").resolve(), tracker.run_id, uri, tracking.ui_hint(uri, tracker))
     return metrics
+
+
+def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):
+    """The MLflow run (new, or the resumed one) with its params, tags and resolved config -> (tracker, commit)."""
+    from fastclip import distributed, runtime
+    if resume:
+        tracking.require_run(uri, resume.checkpoint.get("mlflow_run_id"), resume.checkpoint_path)
+    commit, dirty = runtime.git_commit()
+    tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
+            "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **getattr(task, "tags", {})}
+    tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=run_name(cfg, tags), tags=tags,
+                               run_id=resume.checkpoint.get("mlflow_run_id") if resume else None)
+    tracker.log_params(tracking.flatten(cfg))
+    counts = task.params() if hasattr(task, "params") else {"model.params_total": sum(
+        p.numel() for p in task.model.parameters())}
+    tracker.log_params({k: str(v) for k, v in counts.items()})
+    world = distributed.current().size
+    if world > 1:  # the batch one optimizer step averages over: per process x processes x accumulation
+        tracker.log_params({"distributed.world_size": str(world),
+                            "trainer.global_batch_size": str(cfg.trainer.batch_size * world * cfg.trainer.accum_steps)})
+    resolved = run_dir / "config.yaml"
+    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker.log_artifact(resolved)
+    return tracker, commit
 
 
 def _store_uri(cfg: DictConfig, resume, launch_dir) -> str:
@@ -164,9 +239,11 @@ def _record_resume(resume, tracker, run_dir: Path, step: int, commit: str) -> No
 def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
     sizes = task.sizes() if hasattr(task, "sizes") else {}
     log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()) or "?")
-    log.info("plan: %d steps (%d per epoch = %d batches of %d / accum %d, %d epochs%s), warm-up %d, from step %d; run dir %s",
+    world = trainer.world.size
+    log.info("plan: %d steps (%d per epoch = %d batches of %d%s / accum %d, %d epochs%s), warm-up %d, from step %d; run dir %s",
              trainer.total_steps, trainer.steps_per_epoch, trainer.batches_per_epoch, cfg.trainer.batch_size,
-             trainer.accum, cfg.epochs, f", max_steps {cfg.trainer.max_steps}" if cfg.trainer.max_steps else "",
+             f" per process x {world} processes" if world > 1 else "", trainer.accum, cfg.epochs,
+             f", max_steps {cfg.trainer.max_steps}" if cfg.trainer.max_steps else "",
              trainer.warmup_steps, trainer.state.step, run_dir)
 
 
@@ -175,12 +252,17 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from fastclip.checkpoint import CheckpointError, ResumeError
     hc = HydraConfig.get()
+    from fastclip.distributed import RankFailed
     from fastclip.loop import NoTrainingData, RunInterrupted, TrainingDiverged
     try:
         check_overrides(hc.overrides.task)
+        if "TORCHELASTIC_RUN_ID" in os.environ and str(hc.mode) == "RunMode.MULTIRUN":
+            raise ConfigError("torchrun with -m: every process would launch the whole grid. Data-parallel jobs "
+                              "of a grid: hydra/launcher=slurm with hydra.launcher.tasks_per_node=N (README: "
+                              "Data-parallel training), or one torchrun per configuration")
         metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
                       choices=_choices(cfg))
-    except (ConfigError, ResumeError, CheckpointError, NoTrainingData, TrainingDiverged) as exc:
+    except (ConfigError, ResumeError, CheckpointError, NoTrainingData, TrainingDiverged, RankFailed) as exc:
         raise SystemExit(f"error: {exc}") from None  # what to do is in the message: no stack trace
     except RunInterrupted as exc:
         print(f"fastclip: {exc}", file=sys.stderr)

@@ -109,13 +109,19 @@ class ShardStream(IterableDataset):
             raise ValueError("dataset.train_shards lists several weighted sources: mixing by weight needs "
                              "dataset.resampled=true")
         self.seed, self.epoch, self.skip_batches, self.batch_size = 0, 0, 0, 1
+        self.rank, self.world_size = 0, 1
         self.overlap = None  # evaluation images' fingerprints (data.overlap)
 
-    def set_epoch(self, seed: int, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+    def set_epoch(self, seed: int, epoch: int, skip_batches: int = 0, batch_size: int = 1, rank: int = 0,
+                  world_size: int = 1) -> None:
         """The epoch to stream, and how many of its loader batches (of batch_size samples) a resumed
         run has already trained on: each worker passes over its share of them without decoding
-        (only where skips_in_workers says that is exact)."""
+        (only where skips_in_workers says that is exact). rank / world_size: data-parallel training,
+        where each worker's stream is cut into global batches of batch_size x world_size and this rank
+        decodes the rank-th run of batch_size in each (every rank reads the whole stream, undecoded):
+        together the ranks' batches are the batch one process would take at batch_size x world_size."""
         self.seed, self.epoch, self.skip_batches, self.batch_size = seed, epoch, skip_batches, batch_size
+        self.rank, self.world_size = rank, world_size
 
     def skips_in_workers(self, start: int, batch_size: int, workers: int) -> bool:
         """Whether each loader worker can pass over its share of the epoch's first `start` batches
@@ -212,16 +218,22 @@ class ShardStream(IterableDataset):
         quota = self.num_samples // parts if self.resampled else None
         # the loader took the first skip_batches from the parts in turn: this part made every parts-th
         # one (exact while every part still had data: skips_in_workers)
-        skip = len(range(part, self.skip_batches, parts)) * self.batch_size
-        produced = 0
+        window = self.batch_size * self.world_size  # one global batch; this rank's part of it is kept
+        skip = len(range(part, self.skip_batches, parts)) * window
+        produced, mine = 0, []
         while quota is None or produced < quota:
             i = pick.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
             sample = next(streams[i], None)
-            if sample is None:  # a non-resampled pass is over
+            if sample is None:  # a non-resampled pass is over (a last global batch it did not fill is dropped)
                 return
             produced += 1
-            if produced > skip:  # passed over undecoded, but through the shuffle buffer as before
-                yield self.decode(sample, produced - 1)
+            if produced <= skip:  # passed over undecoded, but through the shuffle buffer as before
+                continue
+            if (produced - 1) % window // self.batch_size == self.rank:
+                mine.append((sample, produced - 1))
+            if produced % window == 0:  # decoded once the global batch is complete, so every rank has its part
+                yield from (self.decode(sample, index) for sample, index in mine)
+                mine = []
 
 
 def build_shards(cfg, preprocess_train, tokenizer) -> ShardStream:

@@ -9,7 +9,7 @@ import torch
 from open_clip import ClipLoss
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from fastclip import runtime
+from fastclip import distributed, runtime
 from fastclip.checks import check_config
 from fastclip.data.captioned import ZeroShotSet
 from fastclip.data.coco import build_coco
@@ -18,7 +18,7 @@ from fastclip.data.csv_pairs import build_csv, read_pairs
 from fastclip.data.digits import build_digits
 from fastclip.data.image_folder import build_image_folder, folder_classnames
 from fastclip.data.overlap import EVAL_OVERLAP, eval_overlap_of
-from fastclip.data.pairs import ImageFiles, RetrievalSet, collate_skipping, require_usable
+from fastclip.data.pairs import Batch, ImageFiles, RetrievalSet, collate_skipping, require_usable
 from fastclip.data.shards import build_shards, shard_captions, shard_retrieval_set
 from fastclip.eval.boundary_picture import draw
 from fastclip.eval.efficiency import parameter_counts, tower_efficiency
@@ -91,7 +91,11 @@ class ClipTask:
         self.model.to(device)
         self.data = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)
         self.preprocess_eval = preprocess_eval
-        self.criterion = ClipLoss()
+        world = distributed.current()
+        # over the GLOBAL batch: every rank's features gathered with their gradients (open_clip_train's
+        # choice); with one process it is the plain loss
+        self.criterion = ClipLoss(gather_with_grad=world.distributed, cache_labels=True, rank=world.rank,
+                                  world_size=world.size)
         self._artifacts = []
         skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
         self.build_skipped = dict(skipped) if isinstance(skipped, dict) else {"bad sample": skipped} if skipped else {}
@@ -128,25 +132,32 @@ class ClipTask:
     def train_batches(self, epoch: int, start: int = 0):
         """The epoch's batches from batch `start` on (len: the whole epoch). A map-style source
         starts its sampler there, a stream's workers pass over their share without decoding it (or,
-        where a worker runs out before them, this process reads past them)."""
-        train, tc = self.data.train, self.cfg.trainer
+        where a worker runs out before them, this process reads past them). Data-parallel: this rank's
+        run of each global batch (EpochOrder, ShardStream.set_epoch), in step with the other ranks'
+        (distributed.Lockstep)."""
+        train, tc, world = self.data.train, self.cfg.trainer, distributed.current()
         workers = tc.num_workers
         stream = isinstance(train, IterableDataset)
-        in_workers = stream and bool(start) and train.skips_in_workers(start, tc.batch_size, workers)
+        in_workers = stream and bool(start) and train.skips_in_workers(start, tc.batch_size * world.size, workers)
         if stream:
-            train.set_epoch(self.cfg.seed, epoch, skip_batches=start if in_workers else 0, batch_size=tc.batch_size)
+            train.set_epoch(self.cfg.seed, epoch, skip_batches=start if in_workers else 0, batch_size=tc.batch_size,
+                            rank=world.rank, world_size=world.size)
         elif hasattr(train, "set_epoch"):
             train.set_epoch(self.cfg.seed, epoch)
-        loader = DataLoader(train, batch_size=tc.batch_size, drop_last=True, num_workers=workers,
-                            sampler=None if stream else EpochOrder(len(train), self.cfg.seed, epoch, start * tc.batch_size),
+        order = None if stream else EpochOrder(len(train), self.cfg.seed, epoch, start, tc.batch_size, world.rank,
+                                               world.size)
+        loader = DataLoader(train, batch_size=tc.batch_size, drop_last=True, num_workers=workers, sampler=order,
                             # the workers' base seed from (seed, epoch), not from the training process's generator
                             generator=runtime.epoch_generator(self.cfg.seed, epoch), collate_fn=collate_skipping,
                             worker_init_fn=ignore_stop_signals,  # Ctrl-C is the loop's: it stops after a step
                             timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
                             persistent_workers=False, pin_memory=self.device.type == "cuda")
+        batches = len(train) // (tc.batch_size * world.size)
         if stream and start and not in_workers:  # where the workers cannot: read past them here, decoded
-            return ReadPast(loader, start)
-        return Sized(loader, len(train) // tc.batch_size) if start else loader
+            loader = ReadPast(loader, start, batches)
+        elif start or stream:
+            loader = Sized(loader, batches)
+        return distributed.Lockstep(loader, _batch_size, _trim) if world.distributed else loader
 
     def epoch_samples(self) -> int:
         """Samples the training source declares per epoch (rows, files, or the shards' sizes)."""
@@ -160,13 +171,14 @@ class ClipTask:
             out["retrieval images"] = len(self.data.retrieval.captions)
         return out
 
-    def loss(self, batch) -> StepOutput:
+    def loss(self, batch, forward=None) -> StepOutput:
+        """forward: what runs the model (the loop's DistributedDataParallel wrapper; else the model)."""
         if batch.images is None:  # every sample of this batch was bad: nothing to learn from
             return StepOutput(None, skipped=batch.skipped)
         images, texts = batch.images.to(self.device, non_blocking=True), batch.tokens.to(self.device, non_blocking=True)
         with torch.no_grad():  # as open_clip_train: temperature capped at 100
             self.model.logit_scale.clamp_(0, 4.6052)
-        out = self.model(images, texts)
+        out = (forward or self.model)(images, texts)
         loss, parts = clip_objective(self.model, self.criterion, out)
         # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
         extras = {name: part.detach() for name, part in parts.items()}
@@ -249,20 +261,44 @@ class ClipTask:
 
 
 class EpochOrder(Sampler):
-    """The epoch's shuffled order (a function of seed and epoch only, so a resumed run replays it),
-    from position `start` on. It is the order DataLoader(shuffle=True, generator=epoch_generator)
-    gave before this class: that loader drew its base seed from the generator, then the permutation."""
+    """One rank's part of the epoch's shuffled order (a function of seed and epoch only, so a resumed
+    run replays it), from its batch `start` on. The order is cut into global batches of
+    batch_size x world_size; rank r takes the r-th run of batch_size in each, so the ranks' batches
+    together are the batch one process would take at batch_size x world_size. With one process it is
+    the order DataLoader(shuffle=True, generator=epoch_generator) gave before this class: that loader
+    drew its base seed from the generator, then the permutation."""
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, batch_size: int = 1, rank: int = 0,
+                 world_size: int = 1):
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def __len__(self):
-        return max(0, self.n - self.start)
+        return max(0, self.n // (self.batch_size * self.world_size) - self.start) * self.batch_size
 
     def __iter__(self):
         generator = runtime.epoch_generator(self.seed, self.epoch)
         torch.empty((), dtype=torch.int64).random_(generator=generator)  # the base seed the old loader drew
-        return iter(torch.randperm(self.n, generator=generator)[self.start:].tolist())
+        order = torch.randperm(self.n, generator=generator)
+        per_step = self.batch_size * self.world_size
+        mine = order[:self.n // per_step * per_step].view(-1, self.world_size, self.batch_size)[:, self.rank]
+        return iter(mine[self.start:].flatten().tolist())
+
+
+def _batch_size(batch: Batch) -> int:
+    return 0 if batch.images is None else len(batch.images)
+
+
+def _trim(batch: Batch, n: int) -> Batch:
+    """The batch cut to its first n samples; the rest count as skipped (another rank's batch was smaller)."""
+    skipped = dict(batch.skipped)
+    skipped[RANK_MATCH] = skipped.get(RANK_MATCH, 0) + _batch_size(batch) - n
+    if n == 0:
+        return Batch(None, None, skipped)
+    return Batch(batch.images[:n], batch.tokens[:n], skipped)
+
+
+RANK_MATCH = "cut to another rank's smaller batch"
 
 
 class Sized:
@@ -281,8 +317,8 @@ class Sized:
 class ReadPast(Sized):
     """A stream's batches after its first `skip`, read and dropped here (a stream cannot seek)."""
 
-    def __init__(self, batches, skip: int):
-        super().__init__(batches, len(batches))
+    def __init__(self, batches, skip: int, length: int):
+        super().__init__(batches, length)
         self.skip = skip
 
     def __iter__(self):

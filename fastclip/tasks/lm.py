@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastclip import runtime
+from fastclip import distributed, runtime
 from fastclip.checks import check_config
 from fastclip.data import text8, unigram
 from fastclip.eval.bpc import evaluate_bpc
@@ -18,13 +18,16 @@ from fastclip.models.charlm import HourglassLM
 
 
 class RandomWindows:
-    """One epoch = as many (batch of random windows) as the training split has windows' worth of chars."""
+    """One epoch = as many (batch of random windows) as the training split has windows' worth of chars.
+    Data-parallel: each global batch of batch_size x world_size windows is drawn the same on every
+    rank, and rank r takes the r-th run of batch_size of it."""
 
-    def __init__(self, ids, targets, context, batch_size, seed, epoch, start: int = 0):
+    def __init__(self, ids, targets, context, batch_size, seed, epoch, start: int = 0, rank: int = 0,
+                 world_size: int = 1):
         self.ids, self.targets = torch.from_numpy(ids.astype(np.int64)), targets
-        self.context, self.batch_size = context, batch_size
+        self.context, self.batch_size, self.rank, self.world_size = context, batch_size, rank, world_size
         self.generator = runtime.epoch_generator(seed, epoch)
-        self.n_batches = self.batches_in(len(ids), context, batch_size)
+        self.n_batches = self.batches_in(len(ids), context, batch_size * world_size)
         self.start = start  # batches drawn and dropped first (a resumed epoch)
 
     @staticmethod
@@ -37,7 +40,8 @@ class RandomWindows:
     def __iter__(self):
         T = self.context
         for i in range(self.n_batches):
-            starts = torch.randint(0, len(self.ids) - T - 1, (self.batch_size,), generator=self.generator)
+            starts = torch.randint(0, len(self.ids) - T - 1, (self.batch_size * self.world_size,),
+                                   generator=self.generator)[self.rank * self.batch_size:][:self.batch_size]
             if i < self.start:
                 continue
             x = torch.stack([self.ids[s:s + T] for s in starts])
@@ -74,20 +78,22 @@ class LMTask:
         self.model = build_lm(cfg.encoder, self.method, self.context).to(device)
 
     def train_batches(self, epoch: int, start: int = 0) -> RandomWindows:
+        world = distributed.current()
         return RandomWindows(self.ids["train"], self.train_targets, self.context, self.cfg.trainer.batch_size,
-                             self.cfg.seed, epoch, start)
+                             self.cfg.seed, epoch, start, world.rank, world.size)
 
     def epoch_samples(self) -> int:
-        batch = self.cfg.trainer.batch_size
+        batch = self.cfg.trainer.batch_size * distributed.current().size
         return RandomWindows.batches_in(len(self.ids["train"]), self.context, batch) * batch
 
     def sizes(self) -> dict[str, int]:
         return {f"{split} chars": len(ids) for split, ids in self.ids.items()}
 
-    def loss(self, batch):
+    def loss(self, batch, forward=None):
+        """forward: what runs the model (the loop's DistributedDataParallel wrapper; else the model)."""
         batch = [t.to(self.device, non_blocking=True) for t in batch]
         x, y = batch[0], batch[1]
-        out = self.model(x)
+        out = (forward or self.model)(x)
         lm = F.cross_entropy(out["logits"].float().transpose(1, 2), y)
         # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
         extras = {"bpc": lm.detach() / math.log(2),

@@ -1,0 +1,214 @@
+"""Data-parallel training on torch.distributed: which process this is, the process group, and the
+few collectives the loop needs. Everything here is a no-op in a single process (World(0, 1, 0)).
+
+The process group comes from the environment, as torchrun sets it (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT) or, in a SLURM job of several tasks launched by Submitit, from Submitit's
+TorchDistributedEnvironment (which also sets CUDA_VISIBLE_DEVICES to one GPU per task, so that
+task's device is cuda:0, not cuda:local_rank). nccl on CUDA, gloo on CPU. The loop's small host-side
+agreements (batch sizes, a stop request, skip counts, evaluation results) go over a gloo group, so
+on CUDA they never wait for the GPU's queue.
+"""
+import datetime
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# the training collectives (gradients, the gathered loss): a rank that stopped answering fails the others
+# after this, not after hours
+TRAINING_TIMEOUT = datetime.timedelta(minutes=30)
+# the host group: the others wait here while rank 0 evaluates on the whole sets or writes a checkpoint
+HOST_TIMEOUT = datetime.timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """The process that writes: MLflow, checkpoints, the run dir's files, evaluation."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+_world = World()
+_host_group = None  # gloo: the host-side agreements
+
+
+def current() -> World:
+    return _world
+
+
+def from_environment() -> World:
+    """The world the launcher describes, without joining it: torchrun's variables, else a Submitit
+    SLURM job's tasks (exported as torchrun's), else a single process."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        import submitit
+        from submitit.helpers import TorchDistributedEnvironment
+        if submitit.JobEnvironment().num_tasks > 1:  # overwrite: a MASTER_PORT set by the user is the one it takes
+            TorchDistributedEnvironment().export(overwrite=True)
+    if "RANK" not in os.environ:
+        return World()
+    return World(int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device_name: str) -> tuple[World, torch.device]:
+    """Joins the process group the environment describes (once per process) -> (world, this rank's
+    device). device_name: the config's `device` (auto, cpu, cuda)."""
+    global _world, _host_group
+    world = from_environment()
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("device=cuda but torch.cuda.is_available() is False")
+    device = _cuda_device(world) if cuda else torch.device(device_name if device_name != "auto" else "cpu")
+    if not world.distributed:
+        return world, device
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TRAINING_TIMEOUT,
+                                device_id=device if cuda else None)
+    # open_clip's ClipLoss gathers with torch.distributed.nn.all_gather, which warns of its deprecation every step
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
+    _host_group = dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
+    _world = world
+    return world, device
+
+
+def _cuda_device(world: World) -> torch.device:
+    """cuda:local_rank where every process sees the node's GPUs (torchrun); cuda:0 where each process
+    was given one (Submitit's export sets CUDA_VISIBLE_DEVICES to one GPU per task, as a site's own
+    binding may). More processes on the node than GPUs they can tell apart is an error: NCCL cannot
+    run two ranks on one GPU."""
+    visible, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if visible >= per_node:
+        return torch.device("cuda", world.local_rank)
+    narrowed = "," not in os.environ.get("CUDA_VISIBLE_DEVICES", ",")
+    if visible == 1 and narrowed:
+        return torch.device("cuda", 0)
+    raise ValueError(f"{per_node} processes on this node but {visible} GPU(s) visible to each: one GPU per process "
+                     f"(torchrun --nproc_per_node <= the GPUs; on SLURM tasks_per_node = gpus_per_node), or device=cpu")
+
+
+def shutdown() -> None:
+    global _world, _host_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _world, _host_group = World(), None
+
+
+def barrier() -> None:
+    if _world.distributed:
+        dist.barrier(group=_host_group)
+
+
+def broadcast(obj):
+    """Rank 0's `obj` (any picklable) on every rank."""
+    if not _world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_host_group)
+    return box[0]
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not _world.distributed:
+        return [obj]
+    out = [None] * _world.size
+    dist.all_gather_object(out, obj, group=_host_group)
+    return out
+
+
+def host_min(values: list[int]) -> list[int]:
+    """Elementwise minimum over ranks of a few host integers (one gloo all-reduce)."""
+    if not _world.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_host_group)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any."""
+    return -host_min([-int(bool(flag))])[0] > 0
+
+
+def mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a device tensor (in place on a copy; over the training backend)."""
+    if not _world.distributed:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / _world.size
+
+
+def wrap(model: torch.nn.Module, device: torch.device, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around `model` for the training forward (gradients averaged over ranks,
+    rank 0's weights broadcast at the start); the model itself when there is one process.
+    find_unused_parameters: for a model some of whose parameters get no gradient on some steps (an extra
+    pass over the autograd graph each step; every boundary method here uses all its parameters)."""
+    if not _world.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
+
+
+class Lockstep:
+    """A rank's micro-batches kept in step with every other rank's: before each, the ranks agree on
+    the smallest batch among them (one host all-reduce); a larger one is cut to it (the contrastive
+    loss gathers features of the same size from every rank), and the epoch ends for all when any
+    rank's data runs out (a rank that went on would wait forever in the next gradient all-reduce).
+    size_of(batch) -> samples in it; trim(batch, n) -> the batch cut to its first n (n may be 0)."""
+
+    def __init__(self, batches, size_of, trim):
+        self.batches, self.size_of, self.trim = batches, size_of, trim
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        batches = iter(self.batches)
+        while True:
+            batch = next(batches, None)
+            size = -1 if batch is None else self.size_of(batch)
+            agreed = host_min([size])[0]
+            if agreed < 0:
+                return
+            yield self.trim(batch, agreed) if agreed < size else batch
+
+
+class RankFailed(RuntimeError):
+    """What rank 0 did for every rank (a checkpoint, an evaluation) failed there; its log says why."""
+
+
+def on_main(fn, what: str, share=None):
+    """fn() on rank 0: its result there, and share(result) (default: the result) on the other ranks,
+    which wait for it and raise RankFailed if it failed (rather than waiting in the next collective
+    until the timeout)."""
+    if not _world.distributed:
+        return fn()
+    if not _world.main:
+        status, value = broadcast(None)
+        if status == "failed":
+            raise RankFailed(f"{what} failed on rank 0: {value}")
+        return value
+    try:
+        result = fn()
+    except BaseException as exc:
+        broadcast(("failed", f"{type(exc).__name__}: {exc}"))
+        raise
+    broadcast(("ok", share(result) if share else result))
+    return result

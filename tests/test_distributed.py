@@ -1,0 +1,178 @@
+"""Data-parallel training: two gloo processes on CPU against one process on their whole batch, the
+torchrun command as the README writes it, and the pieces that keep ranks in step."""
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import PYTHON, TINY_CLIP, load_checkpoint
+from datagen import colour_image, jpeg_bytes, write_shard
+from fastclip import PROJECT_ROOT, distributed
+from fastclip.tasks.clip import EpochOrder
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+STEP = str(PROJECT_ROOT / "tests" / "ddp_step.py")
+
+
+def test_ranks_take_their_runs_of_each_global_batch():
+    one = list(EpochOrder(100, 0, 3, batch_size=16))
+    ranks = [list(EpochOrder(100, 0, 3, batch_size=8, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 6 * 8  # 100 // 16 global batches of 8 + 8
+    for b in range(6):
+        assert ranks[0][8 * b:8 * b + 8] + ranks[1][8 * b:8 * b + 8] == one[16 * b:16 * b + 16]
+    resumed = list(EpochOrder(100, 0, 3, start=2, batch_size=8, rank=1, world_size=2))
+    assert resumed == ranks[1][16:]
+
+
+def test_each_rank_decodes_its_part_of_every_global_batch_of_a_shard_stream(tmp_path):
+    from fastclip.data.shards import ShardSource, ShardStream
+    for shard in range(3):
+        write_shard(tmp_path / f"shard-{shard:06d}.tar", [
+            {"__key__": f"{shard}-{i}", "jpg": jpeg_bytes(colour_image("red", i)), "txt": f"{shard}-{i}"}
+            for i in range(14)])
+    source = ShardSource(str(tmp_path / "shard-{000000..000002}.tar"), 1.0, None)
+
+    def captions(rank, world, batch, skip=0):
+        stream = ShardStream([source], lambda image: torch.zeros(1), lambda texts: texts, 0, False, 42)
+        stream.set_epoch(0, 0, skip_batches=skip, batch_size=batch, rank=rank, world_size=world)
+        return [caption for _, caption in stream]
+
+    one = captions(0, 1, 10)
+    assert len(one) == 40  # the last 2 of 42 do not fill a batch
+    parts = [captions(r, 2, 5) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 20
+    assert [c for b in range(4) for r in range(2) for c in parts[r][5 * b:5 * b + 5]] == one
+    assert captions(1, 2, 5, skip=1) == parts[1][5:]  # a resumed epoch passes over its first global batch
+
+
+def _lockstep(rank: int, sizes: list[int], init: str, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    distributed._world, distributed._host_group = distributed.World(rank, 2, rank), dist.group.WORLD
+    batches = [list(range(n)) for n in sizes[rank]]
+    out[rank] = [len(b) for b in distributed.Lockstep(batches, len, lambda b, n: b[:n])]
+    distributed.shutdown()
+
+
+def test_lockstep_cuts_to_the_smallest_rank_batch_and_ends_every_rank_with_the_first_that_runs_out(tmp_path):
+    """A bad sample on one rank makes its batch smaller: the other ranks cut theirs to it (the gathered
+    contrastive loss needs equal sizes); an epoch that runs out on one rank ends on all (no hang)."""
+    out = mp.Manager().dict()
+    sizes = [[8, 8, 0, 8, 8], [8, 6, 8, 8]]
+    mp.spawn(_lockstep, args=(sizes, f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
+    assert out[0] == out[1] == [8, 6, 0, 8]
+
+
+@pytest.mark.parametrize("boundary", ["none", "fixed"])
+def test_two_processes_on_2b_give_the_loss_and_gradients_of_one_process_on_the_whole_batch(tmp_path, boundary,
+                                                                                           cli_env):
+    common = [*TINY_CLIP, f"boundary={boundary}"]
+    for command in ([*TORCHRUN, STEP, str(tmp_path / "two.pt"), *common, "trainer.batch_size=8"],
+                    [PYTHON, STEP, str(tmp_path / "one.pt"), *common, "trainer.batch_size=16"]):
+        done = subprocess.run(command, env=cli_env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["world_size"], one["local_batch"], two["world_size"], two["local_batch"]) == (1, 16, 2, 8)
+    torch.testing.assert_close(two["loss"], one["loss"], atol=1e-5, rtol=0)
+    assert set(two["grads"]) == set(one["grads"]) == set(one["trainable"])  # every parameter got its gradient
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, atol=1e-5, rtol=0, msg=name)
+    for name, weight in one["weights"].items():  # and two optimizer steps after them
+        torch.testing.assert_close(two["weights"][name], weight, atol=1e-5, rtol=0, msg=name)
+
+
+def test_torchrun_as_written_trains_one_run_with_one_checkpoint_then_a_resume_needs_the_same_world(tmp_path, cli_env):
+    if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "fastclip.train",
+                           "trainer.max_steps=10"], env=cli_env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoints = glob.glob(str(tmp_path / "**" / "last.pt"), recursive=True)
+    assert len(checkpoints) == 1, checkpoints
+    run_dirs = [p for p in (tmp_path / "outputs" / "runs").glob("*/*")]
+    assert len(run_dirs) == 1, run_dirs  # rank 1's Hydra dir, if it had its own second, is gone
+    ckpt = load_checkpoint(checkpoints[0])
+    assert ckpt["train_state"]["step"] == 10 and ckpt["train_state"]["world_size"] == 2
+    assert isinstance(ckpt["train_state"]["rng"], list) and len(ckpt["train_state"]["rng"]) == 2
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["distributed.world_size"] == "2"  # (logged where there are several processes)
+    assert run.data.params["trainer.global_batch_size"] == str(2 * int(run.data.params["trainer.batch_size"]))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 11))
+    assert "zeroshot/top1" in run.data.metrics
+
+    refused = subprocess.run([PYTHON, "-m", "fastclip.train", f"trainer.resume={checkpoints[0]}",
+                              "trainer.max_steps=12"], env=cli_env, cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "written by 2 data-parallel process(es) and this run has 1" in refused.stderr
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def _worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker process with this RANK (from /proc: its children's environments)."""
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        for grandchild in [child, *Path(f"/proc/{child}/task/{child}/children").read_text().split()]:
+            environ = Path(f"/proc/{grandchild}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ and f"LOCAL_RANK={rank}".encode() in environ:
+                return int(grandchild)
+    raise LookupError(f"no worker of rank {rank} under {launcher}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+def test_a_sigterm_to_one_rank_mid_epoch_stops_both_after_the_same_step_and_resumes_to_the_uninterrupted_run(
+        tmp_path, cli_env):
+    """SIGTERM to rank 1 alone (as a scheduler's signal to one task): the ranks agree to stop after
+    the same step with one checkpoint (rank 0 did not see the signal); trainer.resume=auto in the same
+    run dir continues the same MLflow run and ends with the metrics of a run never stopped (learned
+    gumbel boundaries: each rank's noise restored)."""
+    common = [*TORCHRUN, "-m", "fastclip.train", *TINY_CLIP, "boundary=gumbel", "trainer.batch_size=32",
+              "trainer.max_steps=30", "tracking.log_every=1", "eval.boundary_picture=false", "trainer.resume=auto"]
+
+    def final(store):
+        client = mlflow.tracking.MlflowClient(store)
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        return {k: v for k, v in runs[0].data.metrics.items() if k.startswith(("train/", "zeroshot/"))}
+
+    whole = f"sqlite:///{tmp_path / 'whole.db'}"
+    done = subprocess.run([*common, f"tracking.uri={whole}", f"hydra.run.dir={tmp_path / 'whole'}"], env=cli_env,
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cut = [*common, f"tracking.uri=sqlite:///{tmp_path / 'cut.db'}", f"hydra.run.dir={tmp_path / 'cut'}"]
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(cut, env=cli_env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while "plan:" not in log.read_text() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few steps into the first epoch (22 steps)
+        os.kill(_worker_of_rank(first.pid, 1), signal.SIGTERM)
+        first.wait(timeout=120)
+    text = log.read_text()
+    stops = re.findall(r"^fastclip: (SIGTERM|another data-parallel rank's stop signal): stopped after step (\d+)",
+                       text, re.MULTILINE)
+    assert stops and {why for why, _ in stops} <= {"SIGTERM", "another data-parallel rank's stop signal"}, text[-3000:]
+    step = int(stops[0][1])
+    assert {int(s) for _, s in stops} == {step} and 0 < step < 22, text[-3000:]  # mid-epoch, the same step
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["train_state"]["step"] == step
+    done = subprocess.run(cut, env=cli_env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"at step {step} into" in done.stdout + done.stderr
+    expected, resumed = final(whole), final(f"sqlite:///{tmp_path / 'cut.db'}")
+    assert resumed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-6), key
