@@ -2,7 +2,7 @@
 few collectives the loop needs. Everything here is a no-op in a single process (World(0, 1, 0)).
 
 The process group comes from the environment, as torchrun sets it (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR/PORT) or, in a SLURM job of several tasks launched by Submitit, from Submitit's
+MASTER_ADDR/PORT) or, in a job of several tasks launched by Submitit (SLURM, or local), from Submitit's
 TorchDistributedEnvironment (which also sets CUDA_VISIBLE_DEVICES to one GPU per task, so that
 task's device is cuda:0, not cuda:local_rank). nccl on CUDA, gloo on CPU. The loop's small host-side
 agreements (batch sizes, a stop request, skip counts, evaluation results) go over a gloo group, so
@@ -51,9 +51,10 @@ def current() -> World:
 
 
 def from_environment() -> World:
-    """The world the launcher describes, without joining it: torchrun's variables, else a Submitit
-    SLURM job's tasks (exported as torchrun's), else a single process."""
-    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+    """The world the launcher describes, without joining it: torchrun's variables, else the tasks of a
+    job Submitit runs (on SLURM, or its local executor's processes), exported as torchrun's, else a
+    single process."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):
         import submitit
         from submitit.helpers import TorchDistributedEnvironment
         if submitit.JobEnvironment().num_tasks > 1:  # overwrite: a MASTER_PORT set by the user is the one it takes

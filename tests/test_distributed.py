@@ -176,3 +176,21 @@ def test_a_sigterm_to_one_rank_mid_epoch_stops_both_after_the_same_step_and_resu
     assert resumed.keys() == expected.keys()
     for key, value in expected.items():
         assert resumed[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_a_job_of_two_submitit_tasks_trains_as_one_data_parallel_run(tmp_path, cli_env):
+    """The SLURM path without a cluster: Submitit's local executor runs a job's tasks as processes
+    with the same JobEnvironment a SLURM job has; TorchDistributedEnvironment makes them one process
+    group, and the job logs one MLflow run (under the sweep's parent) that says it had 2 processes."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([PYTHON, "-m", "fastclip.train", "-m", "hydra/launcher=submitit_local",
+                           "hydra.launcher.tasks_per_node=2", *TINY_CLIP, "trainer.max_steps=4",
+                           "eval.boundary_picture=false", f"tracking.uri={store}"], env=cli_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.tracking.MlflowClient(store)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    jobs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 2 and len(jobs) == 1  # the sweep's parent and its one job
+    assert jobs[0].info.status == "FINISHED" and jobs[0].data.params["distributed.world_size"] == "2"
+    assert len(glob.glob(str(tmp_path / "outputs" / "multirun" / "*" / "*" / "0" / "checkpoints" / "last.pt"))) == 1
