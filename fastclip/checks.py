@@ -32,10 +32,24 @@ def check_config(cfg: DictConfig) -> None:
     else:
         raise ConfigError(f"task={task!r}: expected clip or lm")
     _check_trainer(cfg.trainer)
+    _check_compression(cfg)
     if cfg.eval.every_epochs < 1:
         raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs}: expected >= 1")
     if cfg.eval.overlap not in ("drop", "fail"):
         raise ConfigError(f"eval.overlap={cfg.eval.overlap!r}: expected drop or fail")
+
+
+def _check_compression(cfg: DictConfig) -> None:
+    name = cfg.compression.name
+    if name == "none":
+        return
+    if name != "quant":
+        raise ConfigError(f"compression={name!r}: expected none or quant")
+    if cfg.task.name != "clip":
+        raise ConfigError(f"compression=quant with task={cfg.task.name}: quantization is evaluated by zero-shot and "
+                          f"retrieval (task=clip)")
+    if cfg.compression.scheme not in ("dynamic", "weight_only"):
+        raise ConfigError(f"compression.scheme={cfg.compression.scheme!r}: expected dynamic or weight_only")
 
 
 def check_overrides(overrides: list[str]) -> None:

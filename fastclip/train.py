@@ -154,6 +154,11 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> di
             _record_resume(resume, tracker, run_dir, trainer.state.step, commit)
         _log_plan(task, trainer, cfg, run_dir)
         metrics = fit(task, cfg, tracker, run_dir, device, trainer, provenance={"choices": choices or _choices(cfg)})
+        if cfg.compression.name != "none":  # the trained model compressed, measured beside the dense one
+            from fastclip.compression.quant import compress
+            compressed = compress(task, cfg)
+            tracker.log_metrics(compressed, trainer.state.step)
+            metrics.update(compressed)
     except BaseException as exc:
         # KeyboardInterrupt: Ctrl-C or a signal's stop; SystemExit: Submitit's handler requeued the job
         tracker.end("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")

@@ -208,21 +208,30 @@ class ClipTask:
             texts = [f"a photo of a {IMAGENET_CLASSNAMES[c]}." for _, c in samples]
         return torch.stack(list(images)).to(self.device), self.tokenizer(list(texts)).to(self.device)
 
-    def evaluate(self) -> dict[str, float]:
+    def quality(self, model=None) -> dict[str, float]:
+        """Zero-shot, retrieval and ImageNet numbers of `model` (default: the task's own; another one,
+        a compressed copy, never reads or writes the ImageNet classifier cache, which is the task
+        model's)."""
         cfg, metrics = self.cfg, {}
+        own = model is None
+        model = self.model if own else model
         z = self.data.zeroshot
         if z is not None:
-            acc = self._zero_shot()
+            acc = self._zero_shot(model)
             metrics.update({"zeroshot/top1": acc["top1"], "zeroshot/top5": acc["top5"]})
         if self.data.retrieval is not None:
-            metrics.update(retrieval_eval(self.model, self.tokenizer, self.data.retrieval, self.device,
+            metrics.update(retrieval_eval(model, self.tokenizer, self.data.retrieval, self.device,
                                           cfg.eval.batch_size, cfg.eval.num_workers))
         if cfg.eval.imagenet_val:
             cache = Path(cfg.eval.classifier_cache_dir) if cfg.eval.classifier_cache_dir else (
                 self.run_dir / "cache" if self.run_dir else None)
-            metrics.update(imagenet_eval(self.model, self.tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
+            metrics.update(imagenet_eval(model, self.tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
                                          self.device, cfg.eval.imagenet_templates, cfg.eval.batch_size,
-                                         cfg.eval.num_workers, cache))
+                                         cfg.eval.num_workers, cache if own else None))
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        cfg, metrics = self.cfg, self.quality()
         images, tokens = self.eval_batch()
         metrics.update(tower_efficiency(self.model, images, tokens))
         pools = self.model.image_method is not None or self.model.text_method is not None
@@ -247,9 +256,9 @@ class ClipTask:
         return {"zeroshot/top1_shuffled_placement": shuffled,
                 "zeroshot/top1_placement_gain": self._zero_shot()["top1"] - shuffled}
 
-    def _zero_shot(self) -> dict[str, float]:
+    def _zero_shot(self, model=None) -> dict[str, float]:
         z = self.data.zeroshot
-        return zero_shot_eval(self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
+        return zero_shot_eval(model or self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
                               batch_size=self.cfg.eval.batch_size)
 
     def new_artifacts(self) -> list[Path]:

@@ -1,0 +1,90 @@
+"""compression=quant: int8 post-training quantization of the trained model with torchao, evaluated
+as quantized beside the dense model it came from.
+
+scheme=dynamic: torchao's Int8DynamicActivationInt8WeightConfig (int8 weights, activations
+quantized per token at run time); scheme=weight_only: Int8WeightOnlyConfig (int8 weights, float
+activations). Attention is converted to plain Linears first (compression.attention), so its
+projections are quantized too, not only the MLPs.
+"""
+import copy
+import io
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from fastclip.compression.attention import project_attention
+
+SCHEMES = ("dynamic", "weight_only")
+
+
+def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
+    """An int8 copy of `model` (the model itself is left dense) in eval mode. Raises ValueError for
+    an unknown scheme."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    configs = {"dynamic": Int8DynamicActivationInt8WeightConfig, "weight_only": Int8WeightOnlyConfig}
+    if scheme not in configs:
+        raise ValueError(f"compression.scheme={scheme!r}: expected one of {', '.join(SCHEMES)}")
+    out = copy.deepcopy(model).eval()
+    project_attention(out)
+    quantize_(out, configs[scheme]())
+    return out
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the serialized state_dict (torch.save): what the model costs on disk. Counted from the
+    bytes written, not numel x element_size, which counts an int8 tensor subclass as its float view."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def int8_weight_fraction(model: nn.Module) -> float:
+    """The share of the model's parameters (by count) stored as int8 (torchao tensor subclasses
+    whose data is int8): 1.0 would be every weight, embeddings and norms included."""
+    total = quantized = 0
+    for p in model.parameters():
+        total += p.numel()
+        data = getattr(p, "qdata", None)
+        if data is not None and data.dtype == torch.int8:
+            quantized += p.numel()
+    return quantized / max(total, 1)
+
+
+@torch.no_grad()
+def eval_batch_ms(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 7) -> float:
+    """Median wall time (ms) of one forward of the whole model on the batch, after one warm-up
+    forward; CUDA is synchronised around each."""
+    model.eval()
+    times = []
+    for i in range(repeats + 1):
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(images, tokens)
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def compress(task, cfg) -> dict[str, float]:
+    """The trained task.model quantized and evaluated: zeroshot/top1 (etc.) of the quantized model,
+    the dense numbers as <name>_dense, sizes, the int8 share, eval latency of both on the same batch."""
+    dense = task.model
+    was_training = dense.training
+    dense.eval()
+    quantized = quantized_copy(dense, cfg.compression.scheme)
+    images, tokens = task.eval_batch()
+    dense_ms = eval_batch_ms(dense, images, tokens)
+    quant_ms = eval_batch_ms(quantized, images, tokens)
+    metrics = {f"{k}_dense": v for k, v in task.quality().items()}
+    metrics.update(task.quality(quantized))
+    metrics.update({"compression/model_mb": model_bytes(quantized) / 1e6,
+                    "compression/model_mb_dense": model_bytes(dense) / 1e6,
+                    "compression/int8_weight_fraction": int8_weight_fraction(quantized),
+                    "time/eval_batch_ms": quant_ms, "time/eval_batch_ms_dense": dense_ms})
+    dense.train(was_training)
+    return metrics

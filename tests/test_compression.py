@@ -1,0 +1,108 @@
+"""compression=quant: attention as Linears equals nn.MultiheadAttention; the int8 copy runs, is
+smaller by its measured bytes and stays close to the dense model; a run logs both."""
+import io
+
+import mlflow
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY_CLIP, compose_cfg
+from fastclip.checks import ConfigError, check_config
+from fastclip.compression.attention import ProjectedAttention, project_attention
+from fastclip.compression.quant import int8_weight_fraction, model_bytes, quantized_copy
+from fastclip.models.clip import build_clip
+
+
+def test_attention_as_linears_gives_multihead_attentions_results_under_each_mask():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    projected = ProjectedAttention(mha).eval()
+    x = torch.randn(3, 7, 32)
+    causal = torch.triu(torch.ones(7, 7, dtype=torch.bool), 1)
+    masks = [dict(), dict(attn_mask=causal), dict(attn_mask=torch.zeros(7, 7).masked_fill(causal, float("-inf"))),
+             dict(attn_mask=torch.randn(3 * 4, 7, 7)),  # per head, as DTP's padding masks and ToMe's size bias
+             dict(key_padding_mask=torch.tensor([[False] * 7, [False] * 5 + [True] * 2, [False] * 6 + [True]]))]
+    for mask in masks:
+        expected = mha(x, x, x, need_weights=False, **mask)[0]
+        torch.testing.assert_close(projected(x, x, x, need_weights=False, **mask)[0], expected, atol=1e-6, rtol=0)
+
+
+# wide enough that the per-row scales and the serialization's per-tensor overhead (about 30% of an int8
+# 32x32 matrix) do not hide the 4x of int8 weights
+SMALL_CLIP = [*TINY_CLIP, "encoder.vision.width=128", "encoder.vision.head_width=32", "encoder.text.width=128",
+              "encoder.embed_dim=64"]
+
+
+def tiny(boundary: str):
+    cfg = compose_cfg([*SMALL_CLIP, f"boundary={boundary}"])
+    model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
+    return model.eval(), tokenizer
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Serialized bytes of every Linear's weight (what quantization converts)."""
+    buffer = io.BytesIO()
+    torch.save({n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}, buffer)
+    return buffer.tell()
+
+
+@pytest.mark.parametrize("boundary,scheme", [("none", "dynamic"), ("none", "weight_only"), ("fixed", "dynamic")])
+def test_the_int8_copy_runs_is_smaller_by_its_bytes_covers_attention_and_stays_close(boundary, scheme):
+    torch.manual_seed(0)
+    model, tokenizer = tiny(boundary)
+    images = torch.randn(6, 3, 32, 32)
+    tokens = tokenizer(["a red square", "a blue one", "the digit seven", "a cat", "two dogs", "nothing at all"])
+    quantized = quantized_copy(model, scheme)
+    attention = [m for m in quantized.modules() if isinstance(m, ProjectedAttention)]
+    assert len(attention) == 4 and not any(isinstance(m, nn.MultiheadAttention) for m in quantized.modules())
+    linears = [m for m in quantized.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m.weight).__name__ == "Int8Tensor" for m in linears)  # attention's projections too
+    # MHA's out_proj already is a (NonDynamicallyQuantizable)Linear; its bare in_proj_weight becomes one
+    dense_linears = sum(isinstance(m, nn.Linear) for m in model.modules()) + 4
+    assert len(linears) == dense_linears
+    ratio = linear_weight_bytes(project_attention_copy(model)) / linear_weight_bytes(quantized)
+    assert ratio >= 3, ratio
+    assert model_bytes(quantized) < model_bytes(model)
+    assert 0 < int8_weight_fraction(quantized) < 1 and int8_weight_fraction(model) == 0
+    with torch.no_grad():
+        dense, int8 = model(images, tokens), quantized(images, tokens)
+    logits = dense["image_features"] @ dense["text_features"].T * dense["logit_scale"]
+    logits_q = int8["image_features"] @ int8["text_features"].T * int8["logit_scale"]
+    assert (logits_q - logits).abs().max() < 0.05 * logits.abs().max()
+    assert torch.equal(logits_q.argmax(1), logits.argmax(1))
+    assert all(type(p).__name__ == "Parameter" or type(p).__name__ == "Tensor" for p in model.parameters())  # untouched
+
+
+def project_attention_copy(model):
+    import copy
+    out = copy.deepcopy(model)
+    project_attention(out)
+    return out
+
+
+def test_compression_options_are_checked_before_training():
+    with pytest.raises(ConfigError, match="compression=quant with task=lm"):
+        check_config(compose_cfg(["task=lm", "compression=quant"]))
+    with pytest.raises(ConfigError, match="compression.scheme='int4'"):
+        check_config(compose_cfg(["compression=quant", "compression.scheme=int4"]))
+
+
+@pytest.mark.slow
+def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path):
+    from fastclip.train import run
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg([*TINY_CLIP, "compression=quant", "trainer.max_steps=4", "trainer.warmup_steps=1",
+                       "eval.boundary_picture=false", f"tracking.uri={store}"])
+    metrics = run(cfg, tmp_path / "run")
+    for key in ("zeroshot/top1", "zeroshot/top1_dense", "compression/model_mb", "compression/model_mb_dense",
+                "compression/int8_weight_fraction", "time/eval_batch_ms", "time/eval_batch_ms_dense"):
+        assert key in metrics, key
+    assert metrics["compression/model_mb"] < metrics["compression/model_mb_dense"]
+    client = mlflow.tracking.MlflowClient(store)
+    history = client.get_metric_history(metrics["mlflow_run_id"], "zeroshot/top1")
+    # the loop's last evaluation (dense), then the int8 model's at the same step, logged last
+    assert history[-2].value == pytest.approx(metrics["zeroshot/top1_dense"])
+    assert history[-1].value == pytest.approx(metrics["zeroshot/top1"])
+    assert client.get_run(metrics["mlflow_run_id"]).data.metrics["zeroshot/top1"] == pytest.approx(
+        metrics["zeroshot/top1"])
