@@ -154,11 +154,8 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> di
             _record_resume(resume, tracker, run_dir, trainer.state.step, commit)
         _log_plan(task, trainer, cfg, run_dir)
         metrics = fit(task, cfg, tracker, run_dir, device, trainer, provenance={"choices": choices or _choices(cfg)})
-        if cfg.compression.name != "none":  # the trained model compressed, measured beside the dense one
-            from fastclip.compression.quant import compress
-            compressed = compress(task, cfg)
-            tracker.log_metrics(compressed, trainer.state.step)
-            metrics.update(compressed)
+        if cfg.compression.name != "none":
+            metrics.update(_compressed(task, cfg, tracker, metrics, trainer.state.step, run_dir))
     except BaseException as exc:
         # KeyboardInterrupt: Ctrl-C or a signal's stop; SystemExit: Submitit's handler requeued the job
         tracker.end("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
@@ -175,6 +172,23 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> di
     log.info("run dir %s; checkpoint %s; MLflow run %s in %s; %s", run_dir.resolve(),
              (run_dir / "checkpoints" / "last.pt").resolve(), tracker.run_id, uri, tracking.ui_hint(uri, tracker))
     return metrics
+
+
+def _compressed(task, cfg: DictConfig, tracker, dense: dict, step: int, run_dir: Path) -> dict:
+    """The trained model compressed and measured beside the dense one (fastclip.compression), logged
+    at the final step: zeroshot/top1 and the other quality numbers become the compressed model's
+    (MLflow's latest value), the dense ones stay as <name>_dense. A failure here does not fail the
+    training it follows: the run ends FINISHED with the error in the tag fastclip.compression_error."""
+    from fastclip.compression.quant import compress
+    try:
+        compressed = compress(task, cfg, dense)
+    except Exception as exc:
+        log.exception("compression=%s failed; the trained model is in %s", cfg.compression.name,
+                      run_dir / "checkpoints" / "last.pt")
+        tracker.set_tags({"fastclip.compression_error": f"{type(exc).__name__}: {exc}"[:5000]})
+        return {}
+    tracker.log_metrics(compressed, step)
+    return compressed
 
 
 def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):

@@ -81,6 +81,43 @@ def project_attention_copy(model):
     return out
 
 
+@pytest.mark.parametrize("boundary", ["none", "fixed", "gumbel", "tome"])
+def test_a_model_with_attention_as_linears_computes_what_it_did(boundary):
+    """Through open_clip's blocks, DTP's packed rows (fixed) and padded rows, and ToMe's size bias."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny(boundary)
+    images, tokens = torch.randn(4, 3, 32, 32), tokenizer(["a red square", "a cat", "the digit one", "two"])
+    with torch.no_grad():
+        before, after = model(images, tokens), project_attention_copy(model)(images, tokens)
+    for key in ("image_features", "text_features"):
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0)
+
+
+def test_predictors_stay_float_and_the_int8_share_counts_the_int8_weights():
+    model, _ = tiny("gumbel")
+    quantized = quantized_copy(model, "dynamic")
+    int8 = {n for n, m in quantized.named_modules() if isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor"}
+    floats = {n for n, m in quantized.named_modules() if isinstance(m, nn.Linear)} - int8
+    assert floats and all("predictor" in n for n in floats) and not any("predictor" in n for n in int8)
+    counted = sum(m.weight.numel() for n, m in quantized.named_modules() if n in int8)
+    assert int8_weight_fraction(quantized) == pytest.approx(counted / sum(p.numel() for p in model.parameters()))
+
+
+def test_rn50s_attention_pooling_stays_float_and_the_int8_copy_runs():
+    cfg = compose_cfg(["encoder=rn50", "+encoder.vision.width=8", "+encoder.vision.image_size=64",
+                       "+encoder.vision.layers=[1,1,1,1]", "+encoder.text.width=32", "+encoder.text.layers=1",
+                       "+encoder.text.heads=2", "encoder.embed_dim=32"])
+    model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
+    quantized = quantized_copy(model.eval(), "dynamic")
+    pooling = [n for n, m in quantized.named_modules() if type(m).__name__ == "AttentionPool2d"]
+    assert pooling and all(type(m.weight).__name__ == "Parameter" for n, m in quantized.named_modules()
+                           if n.startswith(pooling[0] + ".") and isinstance(m, nn.Linear))
+    images, tokens = torch.randn(2, 3, 64, 64), tokenizer(["a red square", "a cat"])
+    with torch.no_grad():
+        dense, int8 = model(images, tokens), quantized(images, tokens)
+    assert torch.nn.functional.cosine_similarity(int8["image_features"], dense["image_features"]).min() > 0.95
+
+
 def test_compression_options_are_checked_before_training():
     with pytest.raises(ConfigError, match="compression=quant with task=lm"):
         check_config(compose_cfg(["task=lm", "compression=quant"]))
@@ -106,3 +143,21 @@ def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path
     assert history[-1].value == pytest.approx(metrics["zeroshot/top1"])
     assert client.get_run(metrics["mlflow_run_id"]).data.metrics["zeroshot/top1"] == pytest.approx(
         metrics["zeroshot/top1"])
+
+
+@pytest.mark.slow
+def test_a_failing_compression_leaves_the_trained_run_finished_and_says_why(tmp_path, monkeypatch):
+    from fastclip.compression import quant
+    from fastclip.train import run
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory in the int8 copy")
+    monkeypatch.setattr(quant, "compress", fails)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg([*TINY_CLIP, "compression=quant", "trainer.max_steps=2", "trainer.warmup_steps=1",
+                       "eval.boundary_picture=false", f"tracking.uri={store}"])
+    metrics = run(cfg, tmp_path / "run")
+    finished = mlflow.tracking.MlflowClient(store).get_run(metrics["mlflow_run_id"])
+    assert finished.info.status == "FINISHED" and "zeroshot/top1" in finished.data.metrics
+    assert finished.data.tags["fastclip.compression_error"] == "RuntimeError: out of memory in the int8 copy"
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()

@@ -51,9 +51,15 @@ class ProjectedAttention(nn.Module):
     def in_proj_bias(self):
         return self.in_proj.bias
 
-    def forward(self, query, key, value, need_weights: bool = False, attn_mask=None, key_padding_mask=None, **_):
+    def forward(self, query, key, value, need_weights: bool = True, attn_mask=None, key_padding_mask=None,
+                is_causal: bool = False, average_attn_weights: bool = True):
         if key is not query or value is not query:
             raise ValueError("ProjectedAttention is self-attention: query, key and value must be the same tensor")
+        if need_weights or is_causal:
+            raise ValueError("ProjectedAttention returns no attention weights and takes causality as attn_mask "
+                             "(need_weights=False, is_causal=False), as open_clip's blocks call it")
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            raise ValueError("ProjectedAttention takes a bool key_padding_mask (True: ignored)")
         b, length, d = query.shape
         heads = self.num_heads
         q, k, v = self.in_proj(query).unflatten(-1, (3, heads, d // heads)).permute(2, 0, 3, 1, 4)
@@ -72,7 +78,7 @@ def _additive_mask(attn_mask, key_padding_mask, batch: int, heads: int, length: 
         out = mask.to(dtype).view(batch, heads, length, -1) if mask.dim() == 3 else mask.to(dtype)
     if key_padding_mask is not None:
         pad = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
-        pad = pad.masked_fill(key_padding_mask.bool(), float("-inf"))[:, None, None, :]
+        pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
         out = pad if out is None else out + pad
     return out
 

@@ -4,7 +4,10 @@ as quantized beside the dense model it came from.
 scheme=dynamic: torchao's Int8DynamicActivationInt8WeightConfig (int8 weights, activations
 quantized per token at run time); scheme=weight_only: Int8WeightOnlyConfig (int8 weights, float
 activations). Attention is converted to plain Linears first (compression.attention), so its
-projections are quantized too, not only the MLPs.
+projections are quantized too, not only the MLPs. Left in float: DTP's boundary predictors and
+their auxiliary heads (int8 there would move the boundaries, so the compute, not only the weights'
+precision) and RN50's attention pooling (open_clip's AttentionPool2d runs its Linears' weights
+through F.multi_head_attention_forward, which torchao's int8 tensors do not support).
 """
 import copy
 import io
@@ -17,6 +20,9 @@ from torch import nn
 from fastclip.compression.attention import project_attention
 
 SCHEMES = ("dynamic", "weight_only")
+FLOAT_PARTS = ("predictor", "next_patch", "next_char")  # module names whose Linears stay float
+# what a quantized run reports under its own name and, with _dense, for the model before it
+QUALITY = ("zeroshot/top1", "zeroshot/top5", "zeroshot/imagenet_top1", "zeroshot/imagenet_top5", "retrieval/")
 
 
 def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
@@ -26,9 +32,17 @@ def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
     configs = {"dynamic": Int8DynamicActivationInt8WeightConfig, "weight_only": Int8WeightOnlyConfig}
     if scheme not in configs:
         raise ValueError(f"compression.scheme={scheme!r}: expected one of {', '.join(SCHEMES)}")
+    from open_clip.modified_resnet import AttentionPool2d
     out = copy.deepcopy(model).eval()
     project_attention(out)
-    quantize_(out, configs[scheme]())
+    pooled = {name for name, m in out.named_modules() if isinstance(m, AttentionPool2d)}
+
+    def quantizable(module: nn.Module, name: str) -> bool:
+        parts = name.split(".")
+        return (isinstance(module, nn.Linear) and not set(parts) & set(FLOAT_PARTS)
+                and not any(".".join(parts[:i]) in pooled for i in range(1, len(parts))))
+    # set_inductor_config=False: torchao would otherwise change torch.compile's settings for the whole process
+    quantize_(out, configs[scheme](set_inductor_config=False), filter_fn=quantizable)
     return out
 
 
@@ -70,21 +84,25 @@ def eval_batch_ms(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, 
     return statistics.median(times)
 
 
-def compress(task, cfg) -> dict[str, float]:
-    """The trained task.model quantized and evaluated: zeroshot/top1 (etc.) of the quantized model,
-    the dense numbers as <name>_dense, sizes, the int8 share, eval latency of both on the same batch."""
+def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
+    """The trained task.model quantized and evaluated. dense_metrics: the final evaluation of the
+    model as trained (the loop's), whose quality numbers come back as <name>_dense. -> the quantized
+    model's quality numbers under their own names (zeroshot/top1, retrieval/..., ImageNet), sizes, the
+    int8 share, and the eval latency of both models on the same batch."""
     dense = task.model
     was_training = dense.training
-    dense.eval()
-    quantized = quantized_copy(dense, cfg.compression.scheme)
-    images, tokens = task.eval_batch()
-    dense_ms = eval_batch_ms(dense, images, tokens)
-    quant_ms = eval_batch_ms(quantized, images, tokens)
-    metrics = {f"{k}_dense": v for k, v in task.quality().items()}
-    metrics.update(task.quality(quantized))
+    try:
+        dense.eval()
+        quantized = quantized_copy(dense, cfg.compression.scheme)
+        images, tokens = task.eval_batch()
+        dense_ms = eval_batch_ms(dense, images, tokens)
+        quant_ms = eval_batch_ms(quantized, images, tokens)
+        metrics = {f"{k}_dense": v for k, v in dense_metrics.items() if k.startswith(QUALITY)}
+        metrics.update({k: v for k, v in task.quality(quantized).items() if k.startswith(QUALITY)})
+    finally:
+        dense.train(was_training)
     metrics.update({"compression/model_mb": model_bytes(quantized) / 1e6,
                     "compression/model_mb_dense": model_bytes(dense) / 1e6,
                     "compression/int8_weight_fraction": int8_weight_fraction(quantized),
                     "time/eval_batch_ms": quant_ms, "time/eval_batch_ms_dense": dense_ms})
-    dense.train(was_training)
     return metrics

@@ -258,7 +258,7 @@ class ClipTask:
 
     def _zero_shot(self, model=None) -> dict[str, float]:
         z = self.data.zeroshot
-        return zero_shot_eval(model or self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
+        return zero_shot_eval(model if model is not None else self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
                               batch_size=self.cfg.eval.batch_size)
 
     def new_artifacts(self) -> list[Path]:
