@@ -7,6 +7,7 @@ Only omegaconf is imported at module level: keep it that way.
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from fastclip.compression import QUANT_SCHEMES
 from fastclip.models.meaning import dtp_towers
 
 CLIP_DATASETS = ("digits", "image_folder", "csv", "coco2014", "webdataset")
@@ -48,8 +49,8 @@ def _check_compression(cfg: DictConfig) -> None:
     if cfg.task.name != "clip":
         raise ConfigError(f"compression=quant with task={cfg.task.name}: quantization is evaluated by zero-shot and "
                           f"retrieval (task=clip)")
-    if cfg.compression.scheme not in ("dynamic", "weight_only"):
-        raise ConfigError(f"compression.scheme={cfg.compression.scheme!r}: expected dynamic or weight_only")
+    if cfg.compression.scheme not in QUANT_SCHEMES:
+        raise ConfigError(f"compression.scheme={cfg.compression.scheme!r}: expected {' or '.join(QUANT_SCHEMES)}")
 
 
 def check_overrides(overrides: list[str]) -> None:

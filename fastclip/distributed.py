@@ -68,11 +68,12 @@ def init(device_name: str) -> tuple[World, torch.device]:
     """Joins the process group the environment describes (once per process) -> (world, this rank's
     device). device_name: the config's `device` (auto, cpu, cuda)."""
     global _world, _host_group
+    from fastclip.runtime import pick_device
     world = from_environment()
-    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("device=cuda but torch.cuda.is_available() is False")
-    device = _cuda_device(world) if cuda else torch.device(device_name if device_name != "auto" else "cpu")
+    device = pick_device(device_name)
+    cuda = device.type == "cuda"
+    if cuda:
+        device = _cuda_device(world)
     if not world.distributed:
         return world, device
     if not dist.is_initialized():

@@ -246,15 +246,10 @@ class Trainer:
     def forward_backward(self, batch, sync: bool = True) -> StepOutput:
         """sync=False: a micro-batch before the step's last; data-parallel, its gradients stay local
         (DDP's no_sync) and are averaged with the last one's."""
-        if not self.world.distributed:
+        ddp = self.world.distributed
+        with self.forward.no_sync() if ddp and not sync else contextlib.nullcontext():
             with runtime.autocast(self.device, self.amp_dtype):
-                out = self.task.loss(batch)
-            if out.loss is not None:
-                self.scaler.scale(out.loss / self.accum).backward()
-            return out
-        with contextlib.nullcontext() if sync else self.forward.no_sync():
-            with runtime.autocast(self.device, self.amp_dtype):
-                out = self.task.loss(batch, forward=self.forward)
+                out = self.task.loss(batch, forward=self.forward) if ddp else self.task.loss(batch)
             if out.loss is not None:
                 self.scaler.scale(out.loss / self.accum).backward()
         return out

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 # How a run executes and where it writes, never what it learns or measures (the report does not
 # tell runs apart by them).
 RUNTIME = {"device", "trainer.ckpt_every_steps", "trainer.progress", "trainer.num_workers", "trainer.loader_timeout_s",
-           "trainer.torch_threads", "trainer.compile", "trainer.ddp_find_unused_parameters", "trainer.optimizer_impl", "trainer.resume", "tracking.uri",
+           "trainer.torch_threads", "trainer.compile", "trainer.ddp_find_unused_parameters", "trainer.optimizer_impl",
+           "trainer.resume", "tracking.uri",
            "tracking.log_every", "tracking.run_name", "eval.batch_size", "eval.num_workers", "eval.lm_batch_size",
            "eval.classifier_cache_dir", "eval.boundary_picture"}
 # May differ from the checkpoint's config: they change how long and how fast the run goes on,

@@ -127,9 +127,8 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> di
     from fastclip.tasks import build_task
     world = distributed.current()
     run_dir = Path(run_dir)
-    if world.main:
+    if world.main:  # (the others wait for rank 0's build below, which comes after this)
         run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
     device = device or runtime.pick_device(cfg.device)
     runtime.seed_everything(cfg.seed)
     runtime.set_torch_threads(cfg.trainer.get("torch_threads"), cfg.trainer.num_workers, device)

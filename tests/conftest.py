@@ -42,6 +42,13 @@ def store(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+def store_runs(store: str) -> list:
+    """Every run in an MLflow store, whatever its experiment."""
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=store)
+    return [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
+
+
 @pytest.fixture
 def cli_env():
     env = dict(os.environ)

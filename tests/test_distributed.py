@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import PYTHON, TINY_CLIP, load_checkpoint
+from conftest import PYTHON, TINY_CLIP, load_checkpoint, store_runs
 from datagen import colour_image, jpeg_bytes, write_shard
 from fastclip import PROJECT_ROOT, distributed
 from fastclip.tasks.clip import EpochOrder
@@ -107,7 +107,7 @@ def test_torchrun_as_written_trains_one_run_with_one_checkpoint_then_a_resume_ne
     assert isinstance(ckpt["train_state"]["rng"], list) and len(ckpt["train_state"]["rng"]) == 2
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    runs = store_runs(client.tracking_uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     assert run.data.params["distributed.world_size"] == "2"  # (logged where there are several processes)
@@ -143,8 +143,7 @@ def test_a_sigterm_to_one_rank_mid_epoch_stops_both_after_the_same_step_and_resu
               "trainer.max_steps=30", "tracking.log_every=1", "eval.boundary_picture=false", "trainer.resume=auto"]
 
     def final(store):
-        client = mlflow.tracking.MlflowClient(store)
-        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        runs = store_runs(store)
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         return {k: v for k, v in runs[0].data.metrics.items() if k.startswith(("train/", "zeroshot/"))}
 
@@ -188,8 +187,7 @@ def test_a_job_of_two_submitit_tasks_trains_as_one_data_parallel_run(tmp_path, c
                            "eval.boundary_picture=false", f"tracking.uri={store}"], env=cli_env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    client = mlflow.tracking.MlflowClient(store)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    runs = store_runs(store)
     jobs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 2 and len(jobs) == 1  # the sweep's parent and its one job
     assert jobs[0].info.status == "FINISHED" and jobs[0].data.params["distributed.world_size"] == "2"

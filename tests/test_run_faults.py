@@ -9,7 +9,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import TINY_CLIP, compose_cfg, load_checkpoint
+from conftest import TINY_CLIP, compose_cfg, load_checkpoint, store_runs
 from datagen import COLOURS, colour_image, jpeg_bytes, make_coco, write_shard
 from fastclip.checks import ConfigError
 from fastclip.loop import NoTrainingData, TrainingDiverged
@@ -17,12 +17,6 @@ from fastclip.tasks.clip import ClipTask
 from fastclip.train import run
 
 FAST = TINY_CLIP + ["eval.boundary_picture=false", "trainer.batch_size=8"]
-
-
-def runs_of(store):
-    client = mlflow.MlflowClient(tracking_uri=store)
-    exp = client.get_experiment_by_name("fastclip")
-    return client.search_runs([exp.experiment_id]) if exp else []
 
 
 def test_shards_whose_samples_all_lack_a_caption_fail_the_run(tmp_path, store):
@@ -33,7 +27,7 @@ def test_shards_whose_samples_all_lack_a_caption_fail_the_run(tmp_path, store):
                               "eval.imagenet_val=null", f"dataset.eval_shards={_good_shard(tmp_path)}"])
     with pytest.raises(NoTrainingData, match=r"epoch 1 trained on no sample.*32 (empty|no) caption.*declares 32"):
         run(cfg, tmp_path / "run")
-    (failed,) = runs_of(store)
+    (failed,) = store_runs(store)
     assert failed.info.status == "FAILED"
 
 
@@ -51,7 +45,7 @@ def test_an_evaluation_set_with_no_usable_image_fails_before_training(tmp_path, 
     cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=coco2014", f"dataset.root={coco}"])
     with pytest.raises(ValueError, match=r"none of its 12 image files exists \(first: .*val2014"):
         run(cfg, tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoints").exists() and runs_of(store) == []
+    assert not (tmp_path / "run" / "checkpoints").exists() and store_runs(store) == []
     for f in sorted((coco / "train2014").iterdir())[:3]:  # 3 of 12 there: it runs, saying the set is not complete
         (coco / "val2014" / f.name.replace("train", "val")).write_bytes(f.read_bytes())
     task = ClipTask(cfg, torch.device("cpu"))
@@ -76,7 +70,7 @@ def test_a_failing_evaluation_never_loses_the_training_before_it(tmp_path, store
     monkeypatch.undo()  # fixed: resuming evaluates the finished training without training again
     metrics = run(compose_cfg(FAST + [f"tracking.uri={store}", f"trainer.resume={ckpt}"]), tmp_path / "run")
     assert "zeroshot/top1" in metrics and load_checkpoint(ckpt)["train_state"]["step"] == 3
-    (only,) = runs_of(store)
+    (only,) = store_runs(store)
     assert only.info.status == "FINISHED" and "zeroshot/top1" in only.data.metrics
 
 
@@ -87,7 +81,7 @@ def test_a_warm_up_longer_than_the_run_is_an_error_and_a_fraction_scales_with_it
     digits = [f"tracking.uri={store}", "epochs=1", "eval.boundary_picture=false", *TINY_CLIP[:-1]]
     with pytest.raises(ValueError, match=r"trainer.warmup_steps=20 is longer than the run \(11 optimizer steps\)"):
         run(compose_cfg(digits + ["trainer.warmup_steps=20"]), tmp_path / "b")
-    assert runs_of(store) == [] and not (tmp_path / "b" / "checkpoints").exists()
+    assert store_runs(store) == [] and not (tmp_path / "b" / "checkpoints").exists()
     from fastclip.loop import Trainer
     task = ClipTask(compose_cfg(digits + ["trainer.warmup_steps=0.25"]), torch.device("cpu"))
     assert Trainer(task, task.cfg, torch.device("cpu")).warmup_steps == 3  # round(0.25 x 11)
@@ -103,7 +97,7 @@ def test_a_diverging_dtp_run_stops_as_clearly_as_a_vanilla_one(tmp_path, store):
         run(cfg, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]  # step 2's, at least
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    (failed,) = runs_of(store)
+    (failed,) = store_runs(store)
     assert failed.info.status == "FAILED"
 
 

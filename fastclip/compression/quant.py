@@ -17,9 +17,9 @@ import time
 import torch
 from torch import nn
 
+from fastclip.compression import QUANT_SCHEMES
 from fastclip.compression.attention import project_attention
 
-SCHEMES = ("dynamic", "weight_only")
 FLOAT_PARTS = ("predictor", "next_patch", "next_char")  # module names whose Linears stay float
 # what a quantized run reports under its own name and, with _dense, for the model before it
 QUALITY = ("zeroshot/top1", "zeroshot/top5", "zeroshot/imagenet_top1", "zeroshot/imagenet_top5", "retrieval/")
@@ -31,7 +31,7 @@ def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     configs = {"dynamic": Int8DynamicActivationInt8WeightConfig, "weight_only": Int8WeightOnlyConfig}
     if scheme not in configs:
-        raise ValueError(f"compression.scheme={scheme!r}: expected one of {', '.join(SCHEMES)}")
+        raise ValueError(f"compression.scheme={scheme!r}: expected one of {', '.join(QUANT_SCHEMES)}")
     from open_clip.modified_resnet import AttentionPool2d
     out = copy.deepcopy(model).eval()
     project_attention(out)

@@ -178,7 +178,7 @@ class ClipTask:
         images, texts = batch.images.to(self.device, non_blocking=True), batch.tokens.to(self.device, non_blocking=True)
         with torch.no_grad():  # as open_clip_train: temperature capped at 100
             self.model.logit_scale.clamp_(0, 4.6052)
-        out = (forward or self.model)(images, texts)
+        out = (forward if forward is not None else self.model)(images, texts)
         loss, parts = clip_objective(self.model, self.criterion, out)
         # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
         extras = {name: part.detach() for name, part in parts.items()}
@@ -258,8 +258,8 @@ class ClipTask:
 
     def _zero_shot(self, model=None) -> dict[str, float]:
         z = self.data.zeroshot
-        return zero_shot_eval(model if model is not None else self.model, self.tokenizer, z.images, z.classnames, z.templates, self.device,
-                              batch_size=self.cfg.eval.batch_size)
+        return zero_shot_eval(model if model is not None else self.model, self.tokenizer, z.images, z.classnames,
+                              z.templates, self.device, batch_size=self.cfg.eval.batch_size)
 
     def new_artifacts(self) -> list[Path]:
         out, self._artifacts = self._artifacts, []
@@ -294,6 +294,9 @@ class EpochOrder(Sampler):
         return iter(mine[self.start:].flatten().tolist())
 
 
+RANK_MATCH = "cut to another rank's smaller batch"  # data/skipped's reason for what distributed.Lockstep cut
+
+
 def _batch_size(batch: Batch) -> int:
     return 0 if batch.images is None else len(batch.images)
 
@@ -305,9 +308,6 @@ def _trim(batch: Batch, n: int) -> Batch:
     if n == 0:
         return Batch(None, None, skipped)
     return Batch(batch.images[:n], batch.tokens[:n], skipped)
-
-
-RANK_MATCH = "cut to another rank's smaller batch"
 
 
 class Sized:

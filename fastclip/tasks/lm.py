@@ -93,7 +93,7 @@ class LMTask:
         """forward: what runs the model (the loop's DistributedDataParallel wrapper; else the model)."""
         batch = [t.to(self.device, non_blocking=True) for t in batch]
         x, y = batch[0], batch[1]
-        out = (forward or self.model)(x)
+        out = (forward if forward is not None else self.model)(x)
         lm = F.cross_entropy(out["logits"].float().transpose(1, 2), y)
         # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
         extras = {"bpc": lm.detach() / math.log(2),
