@@ -187,6 +187,13 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, step: int, run_dir:
         tracker.set_tags({"fastclip.compression_error": f"{type(exc).__name__}: {exc}"[:5000]})
         return {}
     tracker.log_metrics(compressed, step)
+    quality = ", ".join(f"{k} {v:.4f} (dense {compressed[k + '_dense']:.4f})" for k, v in compressed.items()
+                        if k + "_dense" in compressed and not k.startswith(("compression/", "time/")))
+    log.info("compression=%s (%s): %s; %.1f MB (dense %.1f MB, %.0f%% of the parameters int8); eval batch %.1f ms "
+             "(dense %.1f ms). The final numbers below are the compressed model's", cfg.compression.name,
+             cfg.compression.scheme, quality or "no quality metric", compressed["compression/model_mb"],
+             compressed["compression/model_mb_dense"], 100 * compressed["compression/int8_weight_fraction"],
+             compressed["time/eval_batch_ms"], compressed["time/eval_batch_ms_dense"])
     return compressed
 
 

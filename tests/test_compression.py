@@ -126,8 +126,10 @@ def test_compression_options_are_checked_before_training():
 
 
 @pytest.mark.slow
-def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path):
+def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path, caplog):
+    import logging
     from fastclip.train import run
+    caplog.set_level(logging.INFO, logger="fastclip")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = compose_cfg([*TINY_CLIP, "compression=quant", "trainer.max_steps=4", "trainer.warmup_steps=1",
                        "eval.boundary_picture=false", f"tracking.uri={store}"])
@@ -136,6 +138,8 @@ def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path
                 "compression/int8_weight_fraction", "time/eval_batch_ms", "time/eval_batch_ms_dense"):
         assert key in metrics, key
     assert metrics["compression/model_mb"] < metrics["compression/model_mb_dense"]
+    said = f"zeroshot/top1 {metrics['zeroshot/top1']:.4f} (dense {metrics['zeroshot/top1_dense']:.4f})"
+    assert f"compression=quant (dynamic): {said}" in caplog.text  # the console says it too, not only MLflow
     client = mlflow.tracking.MlflowClient(store)
     history = client.get_metric_history(metrics["mlflow_run_id"], "zeroshot/top1")
     # the loop's last evaluation (dense), then the int8 model's at the same step, logged last
