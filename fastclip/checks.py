@@ -7,7 +7,7 @@ Only omegaconf is imported at module level: keep it that way.
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from fastclip.compression import QUANT_SCHEMES
+from fastclip.compression import PRUNE_SCHEDULES, PRUNE_STRUCTURES, QUANT_SCHEMES
 from fastclip.models.meaning import dtp_towers
 
 CLIP_DATASETS = ("digits", "image_folder", "csv", "coco2014", "webdataset")
@@ -41,16 +41,23 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_compression(cfg: DictConfig) -> None:
-    name = cfg.compression.name
+    cc = cfg.compression
+    name = cc.name
     if name == "none":
         return
-    if name != "quant":
-        raise ConfigError(f"compression={name!r}: expected none or quant")
+    if name not in ("quant", "prune"):
+        raise ConfigError(f"compression={name!r}: expected none, quant or prune")
     if cfg.task.name != "clip":
-        raise ConfigError(f"compression=quant with task={cfg.task.name}: quantization is evaluated by zero-shot and "
+        raise ConfigError(f"compression={name} with task={cfg.task.name}: compression is evaluated by zero-shot and "
                           f"retrieval (task=clip)")
-    if cfg.compression.scheme not in QUANT_SCHEMES:
-        raise ConfigError(f"compression.scheme={cfg.compression.scheme!r}: expected {' or '.join(QUANT_SCHEMES)}")
+    if name == "quant" and cc.scheme not in QUANT_SCHEMES:
+        raise ConfigError(f"compression.scheme={cc.scheme!r}: expected {' or '.join(QUANT_SCHEMES)}")
+    if name == "prune":
+        if not isinstance(cc.sparsity, (int, float)) or not 0 <= cc.sparsity < 1:
+            raise ConfigError(f"compression.sparsity={cc.sparsity}: expected a share of the weights in [0, 1)")
+        for key, allowed in (("structure", PRUNE_STRUCTURES), ("schedule", PRUNE_SCHEDULES)):
+            if cc[key] not in allowed:
+                raise ConfigError(f"compression.{key}={cc[key]!r}: expected {' or '.join(allowed)}")
 
 
 def check_overrides(overrides: list[str]) -> None:

@@ -233,8 +233,19 @@ class Trainer:
         # the training forward goes through DistributedDataParallel (gradients averaged over ranks);
         # evaluation and checkpoints use the model itself
         self.forward = distributed.wrap(self.model, device, bool(tc.get("ddp_find_unused_parameters", False)))
+        self.pruner = self._pruner(task, cfg) if cfg.compression.name == "prune" else None
         if self.world.rank:  # each rank its own noise (gumbel, dropout); the weights are rank 0's (DDP)
             runtime.seed_everything(runtime.sample_seed(cfg.seed, self.world.rank) % 2**32)
+
+    def _pruner(self, task, cfg):
+        """compression=prune: the masks and their schedule (compression/prune.py). A oneshot pruning asks
+        first for the dense model's quality (rank 0 evaluates; no random number training draws is used)."""
+        from fastclip.compression.prune import Pruner
+
+        def dense_quality() -> dict[str, float]:
+            with runtime.preserved_rng():
+                return distributed.on_main(task.quality, "the dense model's evaluation before pruning")
+        return Pruner(self.model, cfg.compression, self.total_steps, self.warmup_steps, dense_quality)
 
     def finished(self) -> bool:
         return self.state.step >= self.total_steps or self.state.epoch >= self.cfg.epochs
@@ -254,8 +265,9 @@ class Trainer:
                 self.scaler.scale(out.loss / self.accum).backward()
         return out
 
-    def step(self) -> None:
-        """The optimizer step on the accumulated gradients (the caller counts it in the state)."""
+    def step(self, samples: int = 0) -> None:
+        """The optimizer step on the accumulated gradients, counted in the state with the `samples` it
+        trained on; compression=prune then holds its masks (the pruned weights zero again)."""
         if self.cfg.trainer.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
@@ -263,6 +275,9 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.state.stepped(samples)
+        if self.pruner is not None:
+            self.pruner.after_step(self.state.step)
 
     def weights_finite(self) -> bool:
         """One host sync: every parameter finite (checked before a checkpoint replaces the last one)."""
@@ -271,7 +286,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "train_state": self.state.state_dict()}
+                "train_state": self.state.state_dict(),
+                **({"pruner": self.pruner.state_dict()} if self.pruner is not None else {})}
 
     def load_state_dict(self, ckpt: dict, source: str = "the checkpoint") -> None:
         """Continues from a checkpoint. A model that does not match fails naming the differences.
@@ -288,6 +304,8 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState.from_state_dict(ckpt["train_state"])
+        if self.pruner is not None and ckpt.get("pruner"):
+            self.pruner.load_state_dict(ckpt["pruner"])
         if self.state.world_size != self.world.size:
             raise ResumeError(f"{source} was written by {self.state.world_size} data-parallel process(es) and this "
                               f"run has {self.world.size}: the data split, the batch and the random states depend on "
@@ -463,8 +481,7 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
                 if micro < accum:
                     timer.waiting()
                     continue
-                trainer.step()
-                state.stepped(pending * world.size)  # the ranks' batches are the same size (distributed.Lockstep)
+                trainer.step(pending * world.size)  # the ranks' batches are the same size (distributed.Lockstep)
                 steps.add(state, out.loss, finite, trainer.lr, out.metrics)
                 micro, pending, finite = 0, 0, True
                 state.train_s += timer.stepped()

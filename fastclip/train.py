@@ -154,7 +154,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> di
         _log_plan(task, trainer, cfg, run_dir)
         metrics = fit(task, cfg, tracker, run_dir, device, trainer, provenance={"choices": choices or _choices(cfg)})
         if cfg.compression.name != "none":
-            metrics.update(_compressed(task, cfg, tracker, metrics, trainer.state.step, run_dir))
+            metrics.update(_compressed(task, cfg, tracker, metrics, trainer, run_dir))
     except BaseException as exc:
         # KeyboardInterrupt: Ctrl-C or a signal's stop; SystemExit: Submitit's handler requeued the job
         tracker.end("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
@@ -173,28 +173,35 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> di
     return metrics
 
 
-def _compressed(task, cfg: DictConfig, tracker, dense: dict, step: int, run_dir: Path) -> dict:
+def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: Path) -> dict:
     """The trained model compressed and measured beside the dense one (fastclip.compression), logged
     at the final step: zeroshot/top1 and the other quality numbers become the compressed model's
     (MLflow's latest value), the dense ones stay as <name>_dense. A failure here does not fail the
     training it follows: the run ends FINISHED with the error in the tag fastclip.compression_error."""
-    from fastclip.compression.quant import compress
+    from fastclip.compression import prune, quant
     try:
-        compressed = compress(task, cfg, dense)
+        if cfg.compression.name == "quant":
+            compressed = quant.compress(task, cfg, dense)
+        else:
+            compressed = prune.compress(task, cfg, trainer.pruner, dense)
     except Exception as exc:
         log.exception("compression=%s failed; the trained model is in %s", cfg.compression.name,
                       run_dir / "checkpoints" / "last.pt")
         tracker.set_tags({"fastclip.compression_error": f"{type(exc).__name__}: {exc}"[:5000]})
         return {}
-    tracker.log_metrics(compressed, step)
-    quality = ", ".join(f"{k} {v:.4f} (dense {compressed[k + '_dense']:.4f})" for k, v in compressed.items()
-                        if k + "_dense" in compressed and not k.startswith(("compression/", "time/")))
-    log.info("compression=%s (%s): %s; %.1f MB (dense %.1f MB, %.0f%% of the parameters int8); eval batch %.1f ms "
-             "(dense %.1f ms). The final numbers below are the compressed model's", cfg.compression.name,
-             cfg.compression.scheme, quality or "no quality metric", compressed["compression/model_mb"],
-             compressed["compression/model_mb_dense"], 100 * compressed["compression/int8_weight_fraction"],
-             compressed["time/eval_batch_ms"], compressed["time/eval_batch_ms_dense"])
+    tracker.log_metrics(compressed, trainer.state.step)
+    log.info("%s. The final numbers below are the compressed model's", _compression_summary(cfg.compression, compressed))
     return compressed
+
+
+def _compression_summary(cc: DictConfig, m: dict) -> str:
+    """One console line: each number beside its dense twin."""
+    how = {"quant": lambda: cc.scheme, "prune": lambda: f"{cc.structure} {cc.schedule}, {m['compression/sparsity']:.1%} "
+           f"of the weights zero"}[cc.name]()
+    pairs = ", ".join(f"{k} {v:.4g} (dense {m[k + '_dense']:.4g})" for k, v in m.items() if k + "_dense" in m)
+    extra = f", {m['compression/int8_weight_fraction']:.0%} of the parameters int8" \
+        if "compression/int8_weight_fraction" in m else ""
+    return f"compression={cc.name} ({how}): {pairs}{extra}"
 
 
 def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):

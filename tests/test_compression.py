@@ -34,8 +34,8 @@ SMALL_CLIP = [*TINY_CLIP, "encoder.vision.width=128", "encoder.vision.head_width
               "encoder.embed_dim=64"]
 
 
-def tiny(boundary: str):
-    cfg = compose_cfg([*SMALL_CLIP, f"boundary={boundary}"])
+def tiny(boundary: str, *overrides: str):
+    cfg = compose_cfg([*SMALL_CLIP, f"boundary={boundary}", *overrides])
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
     return model.eval(), tokenizer
 
@@ -138,7 +138,7 @@ def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path
                 "compression/int8_weight_fraction", "time/eval_batch_ms", "time/eval_batch_ms_dense"):
         assert key in metrics, key
     assert metrics["compression/model_mb"] < metrics["compression/model_mb_dense"]
-    said = f"zeroshot/top1 {metrics['zeroshot/top1']:.4f} (dense {metrics['zeroshot/top1_dense']:.4f})"
+    said = f"zeroshot/top1 {metrics['zeroshot/top1']:.4g} (dense {metrics['zeroshot/top1_dense']:.4g})"
     assert f"compression=quant (dynamic): {said}" in caplog.text  # the console says it too, not only MLflow
     client = mlflow.tracking.MlflowClient(store)
     history = client.get_metric_history(metrics["mlflow_run_id"], "zeroshot/top1")

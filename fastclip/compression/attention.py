@@ -21,7 +21,11 @@ class ProjectedAttention(nn.Module):
     forward(query, key, value, need_weights=False, attn_mask=None, key_padding_mask=None)
     -> (out [B, L, d], None). query, key and value must be the same tensor (self-attention, as
     every fastclip tower calls it). attn_mask as MHA takes it: [L, S] or [B * heads, L, S], bool
-    (True: masked out) or float (added to the logits); key_padding_mask [B, S] bool (True: ignored)."""
+    (True: masked out) or float (added to the logits); key_padding_mask [B, S] bool (True: ignored).
+
+    keep_heads(index) removes the other heads (structured pruning): the projections shrink to
+    3 x kept x head_dim rows and kept x head_dim columns; per-head masks built for the original
+    head count still apply (their kept heads are taken)."""
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
@@ -31,6 +35,8 @@ class ProjectedAttention(nn.Module):
         d = mha.embed_dim
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = d, mha.num_heads, mha.dropout, True
         self._qkv_same_embed_dim, self.bias_k, self.add_zero_attn = True, None, False  # what callers check on MHA
+        self.head_dim = d // mha.num_heads
+        self.register_buffer("kept", torch.arange(mha.num_heads), persistent=False)  # of the original heads
         bias = mha.in_proj_bias is not None
         self.in_proj = nn.Linear(d, 3 * d, bias=bias, device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
         self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None, device=mha.out_proj.weight.device,
@@ -51,6 +57,18 @@ class ProjectedAttention(nn.Module):
     def in_proj_bias(self):
         return self.in_proj.bias
 
+    @torch.no_grad()
+    def keep_heads(self, index: torch.Tensor) -> None:
+        """Keeps the heads `index` (of the current ones, ascending) and drops the rest, in place."""
+        hd, d = self.head_dim, self.embed_dim
+        rows = (torch.arange(3)[:, None, None] * self.num_heads * hd + index[None, :, None] * hd
+                + torch.arange(hd)[None, None, :]).flatten().to(self.in_proj.weight.device)
+        cols = (index[:, None] * hd + torch.arange(hd)[None, :]).flatten().to(self.out_proj.weight.device)
+        self.in_proj = _sliced(self.in_proj, rows=rows)
+        self.out_proj = _sliced(self.out_proj, cols=cols)
+        self.kept = self.kept[index.to(self.kept.device)]
+        self.num_heads = len(index)
+
     def forward(self, query, key, value, need_weights: bool = True, attn_mask=None, key_padding_mask=None,
                 is_causal: bool = False, average_attn_weights: bool = True):
         if key is not query or value is not query:
@@ -62,20 +80,37 @@ class ProjectedAttention(nn.Module):
             raise ValueError("ProjectedAttention takes a bool key_padding_mask (True: ignored)")
         b, length, d = query.shape
         heads = self.num_heads
-        q, k, v = self.in_proj(query).unflatten(-1, (3, heads, d // heads)).permute(2, 0, 3, 1, 4)
-        mask = _additive_mask(attn_mask, key_padding_mask, b, heads, length, q.dtype)
+        q, k, v = self.in_proj(query).unflatten(-1, (3, heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        mask = _additive_mask(attn_mask, key_padding_mask, b, self.kept, length, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(-2)), None
 
 
-def _additive_mask(attn_mask, key_padding_mask, batch: int, heads: int, length: int, dtype):
-    """MHA's masks (bool True = masked, or float added) as one float mask SDPA broadcasts, or None."""
+def _sliced(linear: nn.Linear, rows=None, cols=None) -> nn.Linear:
+    """A new Linear holding the given output rows and input columns of `linear`'s weight (and bias rows)."""
+    weight = linear.weight if rows is None else linear.weight[rows]
+    weight = weight if cols is None else weight[:, cols]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    out.weight.copy_(weight)
+    if linear.bias is not None:
+        out.bias.copy_(linear.bias if rows is None else linear.bias[rows])
+    return out
+
+
+def _additive_mask(attn_mask, key_padding_mask, batch: int, kept: torch.Tensor, length: int, dtype):
+    """MHA's masks (bool True = masked, or float added) as one float mask SDPA broadcasts, or None.
+    kept: the heads this attention has, of the heads a per-head mask may have been built for."""
     out = None
     if attn_mask is not None:
         mask = attn_mask
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-        out = mask.to(dtype).view(batch, heads, length, -1) if mask.dim() == 3 else mask.to(dtype)
+        out = mask.to(dtype)
+        if mask.dim() == 3:
+            out = out.view(batch, -1, length, out.shape[-1])
+            if out.shape[1] != len(kept):  # built for the heads before some were pruned
+                out = out[:, kept.to(out.device)]
     if key_padding_mask is not None:
         pad = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
         pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]

@@ -83,9 +83,10 @@ def packed_block(block: ResidualAttentionBlock, x: torch.Tensor, rows: PackedRow
     """open_clip's ResidualAttentionBlock.forward on packed tokens x [total, d]: the same weights
     and the same ops; only attention sees the padded layout (padded keys masked out)."""
     attn = block.attn
-    heads, d = attn.num_heads, x.shape[-1]
+    heads = attn.num_heads
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = rows.unpack(qkv).unflatten(-1, (3, heads, d // heads)).permute(2, 0, 3, 1, 4)
+    # the head width from the projection: a structurally pruned block has fewer heads than width // heads
+    q, k, v = rows.unpack(qkv).unflatten(-1, (3, heads, qkv.shape[-1] // (3 * heads))).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.key_mask,
                                          dropout_p=attn.dropout if block.training else 0.0)
     out = rows.pack(out.transpose(1, 2).flatten(-2))

@@ -1,0 +1,234 @@
+"""compression=prune: the sparsity reached, masks that hold through optimizer steps and act where the
+weights are read (MultiheadAttention's in_proj_weight and out_proj.weight included), structured pruning
+that really shrinks the matrices and still trains, the schedules, resume, and the run's metrics."""
+import mlflow
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import TINY_CLIP, compose_cfg
+from fastclip.checks import ConfigError, check_config
+from fastclip.compression.attention import ProjectedAttention
+from fastclip.compression.prune import (Pruner, blocks, prunable_weights, shrunk_copy, structured_masks,
+                                        unstructured_masks, weight_sparsity)
+from test_compression import tiny
+
+
+def prune_cfg(**kw):
+    base = dict(name="prune", sparsity=0.5, structure="unstructured", schedule="oneshot", finetune_steps=0,
+                start_step=None, prune_every=None)
+    return OmegaConf.create({**base, **kw})
+
+
+def batch(tokenizer, n=6):
+    texts = ["a red square", "a blue one", "the digit seven", "a cat", "two dogs", "nothing at all"][:n]
+    return torch.randn(n, 3, 32, 32), tokenizer(texts)
+
+
+def clip_loss(out):
+    logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+@pytest.mark.parametrize("boundary", ["none", "fixed"])
+def test_unstructured_pruning_reaches_the_target_and_its_zeros_hold_through_optimizer_steps(boundary):
+    torch.manual_seed(0)
+    model, tokenizer = tiny(boundary)
+    model.train()
+    pruner = Pruner(model, prune_cfg(sparsity=0.5), total_steps=4, warmup_steps=0)
+    pruner.after_step(4)  # the oneshot point: finetune_steps=0 prunes after the last step
+    assert weight_sparsity(model) == pytest.approx(0.5, abs=0.01)
+    names = set(pruner.masks)
+    assert any(n.endswith("attn.in_proj_weight") for n in names) and any(n.endswith("out_proj.weight") for n in names)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    params = dict(model.named_parameters())
+    for _ in range(3):
+        images, tokens = batch(tokenizer)
+        clip_loss(model(images, tokens)).backward()
+        optimizer.step()
+        moved = sum(int(params[n][~m].ne(0).sum()) for n, m in pruner.masks.items())
+        assert moved > 0  # the optimizer does move pruned weights (momentum, their gradients) ...
+        optimizer.zero_grad()
+        pruner.after_step(4)
+        for name, mask in pruner.masks.items():  # ... and the masks put them back to zero
+            assert params[name][~mask].eq(0).all(), name
+    assert weight_sparsity(model) == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_masks_act_where_multihead_attention_reads_its_weights():
+    """pytorch#69353: MultiheadAttention reads out_proj.weight (and in_proj_weight) directly, so a
+    torch.nn.utils.prune hook on out_proj never runs; the pruned model's attention must compute with
+    the pruned weights."""
+    torch.manual_seed(0)
+    model, _ = tiny("none")
+    attn = next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    dense_in, dense_out = attn.in_proj_weight.detach().clone(), attn.out_proj.weight.detach().clone()
+    pruner = Pruner(model, prune_cfg(sparsity=0.6), total_steps=1, warmup_steps=0)
+    pruner.after_step(1)
+    name = next(n for n, m in model.named_modules() if m is attn)
+    in_mask, out_mask = pruner.masks[f"{name}.in_proj_weight"], pruner.masks[f"{name}.out_proj.weight"]
+    assert (~in_mask).any() and (~out_mask).any()
+    x = torch.randn(2, 5, attn.embed_dim)
+
+    def attention(w_in, w_out):
+        return F.multi_head_attention_forward(
+            x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), attn.embed_dim, attn.num_heads, w_in,
+            attn.in_proj_bias, None, None, False, 0.0, w_out, attn.out_proj.bias, training=False,
+            need_weights=False)[0].transpose(0, 1)
+    with torch.no_grad():
+        got = attn(x, x, x, need_weights=False)[0]
+        torch.testing.assert_close(got, attention(dense_in * in_mask, dense_out * out_mask), atol=1e-6, rtol=0)
+        assert not torch.allclose(got, attention(dense_in, dense_out), atol=1e-3)
+
+
+def test_structured_pruning_removes_heads_and_channels_and_the_shrunk_model_computes_the_same_and_trains():
+    torch.manual_seed(0)
+    model, tokenizer = tiny("none")  # image blocks: 4 heads of 32; text blocks: 2 heads of 64; MLP 512
+    pruner = Pruner(model, prune_cfg(sparsity=0.5, structure="structured"), total_steps=1, warmup_steps=0)
+    pruner.after_step(1)
+    shrunk = shrunk_copy(model).eval()
+    model.eval()
+    heads = {}
+    for name, block in blocks(model).items():
+        h, hd = block.attn.num_heads, block.attn.embed_dim // block.attn.num_heads
+        heads[name] = h
+        heads_alive = block.attn.in_proj_weight.view(3, h, hd, -1).ne(0).flatten(2).any(-1).any(0)
+        assert int(heads_alive.sum()) == h - h // 2  # half the heads pruned
+        assert int(block.mlp.c_fc.weight.ne(0).any(1).sum()) == 256  # and half the channels
+    small = {name: block for name, block in blocks(shrunk).items()} or {
+        n: m for n, m in shrunk.named_modules() if hasattr(m, "attn") and hasattr(m, "mlp")}
+    assert set(small) == set(heads)
+    for name, block in small.items():
+        a = block.attn
+        assert isinstance(a, ProjectedAttention) and a.num_heads == heads[name] // 2
+        assert a.in_proj.weight.shape == (3 * 64, 128) and a.out_proj.weight.shape == (128, 64)  # half of 384, 128
+        assert block.mlp.c_fc.weight.shape == (256, 128) and block.mlp.c_proj.weight.shape == (128, 256)
+    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in model.parameters())
+    images, tokens = batch(tokenizer)
+    with torch.no_grad():
+        masked, small = model(images, tokens), shrunk(images, tokens)
+    for key in ("image_features", "text_features"):
+        torch.testing.assert_close(small[key], masked[key], atol=1e-5, rtol=0)
+    shrunk.train()
+    optimizer = torch.optim.AdamW(shrunk.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):  # the same batch: a model that trains fits it
+        loss = clip_loss(shrunk(images, tokens))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("boundary", [["fixed"], ["gumbel", "boundary.text_layout=padded",
+                                                  "boundary.image_layout=padded"], ["tome"]])
+def test_the_shrunk_model_computes_the_masked_ones_results_through_dtp_and_tome(boundary):
+    """DTP's packed rows read the attention weights directly; its padded rows' masks and ToMe's size
+    bias are built per head (the text tower's for the head count it was built with)."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny(*boundary)
+    Pruner(model, prune_cfg(sparsity=0.5, structure="structured"), total_steps=1, warmup_steps=0).after_step(1)
+    model.eval()
+    images, tokens = batch(tokenizer, 4)
+    with torch.no_grad():
+        masked, small = model(images, tokens), shrunk_copy(model).eval()(images, tokens)
+    for key in ("image_features", "text_features"):
+        torch.testing.assert_close(small[key], masked[key], atol=1e-5, rtol=0)
+
+
+def test_unstructured_masks_prune_exactly_the_smallest_magnitudes_over_the_whole_model():
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(12.).view(3, 4) - 5.5)  # |w|: 5.5 4.5 ... 0.5 ... 5.5
+        model[1].weight.copy_(torch.tensor([[0.25, -9.0, 1.0], [7.0, -0.75, 3.0]]))
+    masks = unstructured_masks(model, 5 / 18)
+    weights = prunable_weights(model)
+    kept = torch.cat([w[masks[n]].abs() for n, w in weights.items()])
+    pruned = torch.cat([w[~masks[n]].abs() for n, w in weights.items()])
+    assert len(pruned) == 5 and pruned.max() < kept.min()
+    assert sorted(pruned.tolist()) == [0.25, 0.5, 0.5, 0.75, 1.0]
+
+
+def test_predictors_are_not_pruned():
+    model, _ = tiny("gumbel")
+    names = set(prunable_weights(model))
+    assert names and not any("predictor" in n for n in names)
+    assert any("predictor" in n for n, _ in model.named_parameters())
+    assert not any("predictor" in n for n in structured_masks(model, 0.5))
+
+
+def test_the_gradual_schedule_is_zhu_and_guptas_cubic_ramp():
+    model, _ = tiny("none")
+    pruner = Pruner(model, prune_cfg(sparsity=0.8, schedule="gradual", finetune_steps=20, prune_every=10),
+                    total_steps=120, warmup_steps=0)
+    assert (pruner.start, pruner.end) == (0, 100)
+    for step in (0, 9, 10, 55, 99):
+        t = step // 10 * 10
+        assert pruner.target(step) == pytest.approx(0.8 * (1 - (1 - t / 100) ** 3))
+    assert pruner.target(100) == pruner.target(120) == 0.8
+    targets = [pruner.target(s) for s in range(121)]
+    assert all(a <= b for a, b in zip(targets, targets[1:]))
+    oneshot = Pruner(model, prune_cfg(sparsity=0.8, finetune_steps=0.25), total_steps=120, warmup_steps=10)
+    assert [oneshot.target(s) for s in (0, 89, 90, 120)] == [0.0, 0.0, 0.8, 0.8]
+
+
+def test_a_resumed_pruner_holds_the_same_masks():
+    torch.manual_seed(0)
+    model, _ = tiny("none")
+    pruner = Pruner(model, prune_cfg(sparsity=0.5, structure="structured"), total_steps=2, warmup_steps=0)
+    pruner.after_step(2)
+    state = pruner.state_dict()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # what an optimizer step would leave before the masks hold again
+        for p in model.parameters():
+            p.add_(0.01)
+    again = Pruner(model, prune_cfg(sparsity=0.5, structure="structured"), total_steps=2, warmup_steps=0)
+    model.load_state_dict(weights)
+    again.load_state_dict(state)
+    assert again.applied == 0.5 and set(again.masks) == set(pruner.masks)
+    assert all(torch.equal(again.masks[k], pruner.masks[k]) for k in pruner.masks)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_prune_options_are_checked_before_training():
+    for value in ("1.0", "-0.1", "1.5"):
+        with pytest.raises(ConfigError, match=f"compression.sparsity={value}"):
+            check_config(compose_cfg(["compression=prune", f"compression.sparsity={value}"]))
+    with pytest.raises(ConfigError, match="compression.structure='channels'"):
+        check_config(compose_cfg(["compression=prune", "compression.structure=channels"]))
+    with pytest.raises(ConfigError, match="compression.schedule='cubic'"):
+        check_config(compose_cfg(["compression=prune", "compression.schedule=cubic"]))
+    with pytest.raises(ConfigError, match="compression=prune with task=lm"):
+        check_config(compose_cfg(["task=lm", "compression=prune"]))
+    model, _ = tiny("none")
+    with pytest.raises(ConfigError, match="compression.finetune_steps=50 leaves no steps"):
+        Pruner(model, prune_cfg(finetune_steps=50), total_steps=50, warmup_steps=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", ["unstructured", "structured"])
+def test_a_prune_run_logs_the_sparsity_it_reached_beside_the_dense_numbers(tmp_path, structure):
+    from fastclip.train import run
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg([*TINY_CLIP, "compression=prune", f"compression.structure={structure}", "trainer.max_steps=6",
+                       "compression.finetune_steps=2", "eval.boundary_picture=false", f"tracking.uri={store}"])
+    metrics = run(cfg, tmp_path / "run")
+    for key in ("zeroshot/top1", "zeroshot/top1_dense", "compression/sparsity", "compression/params_nonzero",
+                "compression/model_mb", "time/eval_batch_ms", "time/eval_batch_ms_dense"):
+        assert key in metrics, key
+    if structure == "unstructured":
+        assert metrics["compression/sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert metrics["compression/model_mb"] == metrics["compression/model_mb_dense"]  # stored dense: no smaller
+    else:  # 2 heads per block: round(0.5 x 2) = 1 pruned, so half the attention; half the MLP
+        assert metrics["compression/sparsity"] >= 0.5
+        assert metrics["compression/model_mb"] < metrics["compression/model_mb_dense"]
+    assert metrics["compression/params_nonzero"] < metrics["compression/params_nonzero_dense"]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["pruner"]["applied"] == 0.5 and checkpoint["pruner"]["dense"]["zeroshot/top1"] == \
+        pytest.approx(metrics["zeroshot/top1_dense"])
+    run_data = mlflow.tracking.MlflowClient(store).get_run(metrics["mlflow_run_id"]).data
+    assert run_data.metrics["compression/sparsity"] == pytest.approx(metrics["compression/sparsity"])
