@@ -45,8 +45,8 @@ def _check_compression(cfg: DictConfig) -> None:
     name = cc.name
     if name == "none":
         return
-    if name not in ("quant", "prune"):
-        raise ConfigError(f"compression={name!r}: expected none, quant or prune")
+    if name not in ("quant", "prune", "distill"):
+        raise ConfigError(f"compression={name!r}: expected none, quant, prune or distill")
     if cfg.task.name != "clip":
         raise ConfigError(f"compression={name} with task={cfg.task.name}: compression is evaluated by zero-shot and "
                           f"retrieval (task=clip)")
@@ -58,6 +58,16 @@ def _check_compression(cfg: DictConfig) -> None:
         for key, allowed in (("structure", PRUNE_STRUCTURES), ("schedule", PRUNE_SCHEDULES)):
             if cc[key] not in allowed:
                 raise ConfigError(f"compression.{key}={cc[key]!r}: expected {' or '.join(allowed)}")
+    if name == "distill":
+        if not cc.teacher:
+            raise ConfigError("compression=distill needs compression.teacher: a fastclip checkpoint, a run dir or "
+                              "runs:/<MLflow run id> (a task=clip run)")
+        if not 0 <= cc.alpha <= 1:
+            raise ConfigError(f"compression.alpha={cc.alpha}: expected the distillation's share in [0, 1]")
+        if cc.beta < 0:
+            raise ConfigError(f"compression.beta={cc.beta}: expected a feature-MSE weight >= 0")
+        if cc.temperature <= 0:
+            raise ConfigError(f"compression.temperature={cc.temperature}: expected > 0")
 
 
 def check_overrides(overrides: list[str]) -> None:

@@ -82,7 +82,9 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
         raise CheckpointError(f"{path}: a task={task} checkpoint{what}, not a CLIP model: fastclip.load and "
                               f"fastclip.infer read task=clip checkpoints")
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary, inference=True)
-    model.load_state_dict(state["model"])
+    from fastclip.compression.distill import PROJECTION
+    # a distilled student's projection to its teacher's width served the training only
+    model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith(PROJECTION + ".")})
     model.to(device).eval()
     return model, build_transforms(cfg.encoder)[1], tokenizer
 

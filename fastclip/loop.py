@@ -5,7 +5,8 @@ A task supplies:
   .model
   .train_batches(epoch, start=0)  a sized iterable of the epoch's micro-batches (len = the whole
                                   epoch), beginning after its first `start` batches
-  .loss(batch[, forward]) -> StepOutput   tensor metrics stay on the device until the loop reads them;
+  .loss(batch[, forward]) -> StepOutput   tensor metrics stay on the device until the loop reads them
+                                  (logged as train/<name>; a name with its own prefix, distill/kl, as is);
                                   forward (data-parallel runs): the DistributedDataParallel wrapper to
                                   run the model through
   .evaluate() -> {metric: float}
@@ -345,7 +346,7 @@ class StepLog:
         """The step just taken: its last micro-batch's loss and metrics, and whether every micro-batch
         loss of the step was finite (a device tensor: read at the next drain, not now)."""
         self._rows.append((state.step - 1, state.epoch, finite,
-                           {"train/loss": loss.detach(), "train/lr": lr, **{f"train/{k}": v for k, v in metrics.items()}}))
+                           {"train/loss": loss.detach(), "train/lr": lr, **{k if "/" in k else f"train/{k}": v for k, v in metrics.items()}}))
         self._window = (self._window[0] + 1, self._window[1])
 
     def fetch(self) -> list[tuple[int, int, bool, dict[str, float]]]:

@@ -178,12 +178,14 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: P
     at the final step: zeroshot/top1 and the other quality numbers become the compressed model's
     (MLflow's latest value), the dense ones stay as <name>_dense. A failure here does not fail the
     training it follows: the run ends FINISHED with the error in the tag fastclip.compression_error."""
-    from fastclip.compression import prune, quant
+    from fastclip.compression import distill, prune, quant
     try:
         if cfg.compression.name == "quant":
             compressed = quant.compress(task, cfg, dense)
-        else:
+        elif cfg.compression.name == "prune":
             compressed = prune.compress(task, cfg, trainer.pruner, dense)
+        else:
+            compressed = distill.compress(task, dense)
     except Exception as exc:
         log.exception("compression=%s failed; the trained model is in %s", cfg.compression.name,
                       run_dir / "checkpoints" / "last.pt")
@@ -195,10 +197,11 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: P
 
 
 def _compression_summary(cc: DictConfig, m: dict) -> str:
-    """One console line: each number beside its dense twin."""
+    """One console line: each number beside its dense (or teacher's) twin."""
     how = {"quant": lambda: cc.scheme, "prune": lambda: f"{cc.structure} {cc.schedule}, {m['compression/sparsity']:.1%} "
-           f"of the weights zero"}[cc.name]()
-    pairs = ", ".join(f"{k} {v:.4g} (dense {m[k + '_dense']:.4g})" for k, v in m.items() if k + "_dense" in m)
+           f"of the weights zero", "distill": lambda: f"teacher {cc.teacher}"}[cc.name]()
+    pairs = ", ".join(f"{k} {v:.4g} ({twin} {m[f'{k}_{twin}']:.4g})" for k, v in m.items()
+                      for twin in ("dense", "teacher") if f"{k}_{twin}" in m)
     extra = f", {m['compression/int8_weight_fraction']:.0%} of the parameters int8" \
         if "compression/int8_weight_fraction" in m else ""
     return f"compression={cc.name} ({how}): {pairs}{extra}"

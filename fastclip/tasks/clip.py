@@ -89,6 +89,7 @@ class ClipTask:
         captions = training_captions(cfg.dataset) if cfg.boundary.name == "unigram" else None
         self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.get("cache_dir"))
         self.model.to(device)
+        self.distiller = self._distiller(cfg, device) if cfg.compression.name == "distill" else None
         self.data = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)
         self.preprocess_eval = preprocess_eval
         world = distributed.current()
@@ -108,6 +109,14 @@ class ClipTask:
         self._check_eval_sets()
         retrieval = self.data.retrieval
         self.tags = {"fastclip.retrieval_set": retrieval.description} if retrieval and retrieval.description else {}
+
+    def _distiller(self, cfg, device):
+        """compression=distill: the frozen teacher, loaded before any data is read (a bad
+        compression.teacher fails first)."""
+        from fastclip.compression.distill import build_distiller
+        from fastclip.models.clip import clip_geometry
+        size = clip_geometry(cfg.encoder)["vision_cfg"].get("image_size", 224)
+        return build_distiller(cfg.compression, self.model, self.tokenizer, size, device, cfg.tracking.uri)
 
     def _check_eval_sets(self) -> None:
         """Every evaluation set exists and has a usable item before training starts, not after it."""
@@ -182,6 +191,9 @@ class ClipTask:
         loss, parts = clip_objective(self.model, self.criterion, out)
         # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
         extras = {name: part.detach() for name, part in parts.items()}
+        if self.distiller is not None:
+            loss, distilled = self.distiller(loss, parts, out, images, texts)
+            extras.update(distilled)
         extras["logit_scale"] = out["logit_scale"].detach()
         for tower in ("image", "text"):
             info = out[f"{tower}_info"]
@@ -208,24 +220,25 @@ class ClipTask:
             texts = [f"a photo of a {IMAGENET_CLASSNAMES[c]}." for _, c in samples]
         return torch.stack(list(images)).to(self.device), self.tokenizer(list(texts)).to(self.device)
 
-    def quality(self, model=None) -> dict[str, float]:
+    def quality(self, model=None, tokenizer=None) -> dict[str, float]:
         """Zero-shot, retrieval and ImageNet numbers of `model` (default: the task's own; another one,
-        a compressed copy, never reads or writes the ImageNet classifier cache, which is the task
-        model's)."""
+        a compressed copy or a distillation teacher, never reads or writes the ImageNet classifier
+        cache, which is the task model's), reading text with `tokenizer` (default: the task's)."""
         cfg, metrics = self.cfg, {}
         own = model is None
         model = self.model if own else model
+        tokenizer = tokenizer or self.tokenizer
         z = self.data.zeroshot
         if z is not None:
-            acc = self._zero_shot(model)
+            acc = self._zero_shot(model, tokenizer)
             metrics.update({"zeroshot/top1": acc["top1"], "zeroshot/top5": acc["top5"]})
         if self.data.retrieval is not None:
-            metrics.update(retrieval_eval(model, self.tokenizer, self.data.retrieval, self.device,
+            metrics.update(retrieval_eval(model, tokenizer, self.data.retrieval, self.device,
                                           cfg.eval.batch_size, cfg.eval.num_workers))
         if cfg.eval.imagenet_val:
             cache = Path(cfg.eval.classifier_cache_dir) if cfg.eval.classifier_cache_dir else (
                 self.run_dir / "cache" if self.run_dir else None)
-            metrics.update(imagenet_eval(model, self.tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
+            metrics.update(imagenet_eval(model, tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
                                          self.device, cfg.eval.imagenet_templates, cfg.eval.batch_size,
                                          cfg.eval.num_workers, cache if own else None))
         return metrics
@@ -256,10 +269,10 @@ class ClipTask:
         return {"zeroshot/top1_shuffled_placement": shuffled,
                 "zeroshot/top1_placement_gain": self._zero_shot()["top1"] - shuffled}
 
-    def _zero_shot(self, model=None) -> dict[str, float]:
+    def _zero_shot(self, model=None, tokenizer=None) -> dict[str, float]:
         z = self.data.zeroshot
-        return zero_shot_eval(model if model is not None else self.model, self.tokenizer, z.images, z.classnames,
-                              z.templates, self.device, batch_size=self.cfg.eval.batch_size)
+        return zero_shot_eval(model if model is not None else self.model, tokenizer or self.tokenizer, z.images,
+                              z.classnames, z.templates, self.device, batch_size=self.cfg.eval.batch_size)
 
     def new_artifacts(self) -> list[Path]:
         out, self._artifacts = self._artifacts, []

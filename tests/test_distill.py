@@ -1,0 +1,119 @@
+"""compression=distill: the terms vanish for a student that is its teacher, no gradient reaches the
+teacher, a character-level DTP student learns from a BPE teacher, and a bad teacher fails before
+training, naming compression.teacher."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import TINY_CLIP, compose_cfg
+from fastclip.checks import ConfigError, check_config
+from fastclip.compression.distill import PROJECTION, affinity_kl, build_distiller, feature_mse
+from fastclip.models.clip import build_clip
+
+STEPS = ["trainer.warmup_steps=1", "eval.boundary_picture=false"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A vanilla tiny CLIP trained 3 steps: its checkpoint and MLflow store."""
+    from fastclip.train import run
+    root = tmp_path_factory.mktemp("teacher")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    metrics = run(compose_cfg([*TINY_CLIP, *STEPS, "trainer.max_steps=3", f"tracking.uri={store}"]), root / "run")
+    return {"path": root / "run" / "checkpoints" / "last.pt", "store": store, "run_id": metrics["mlflow_run_id"]}
+
+
+def distill_cfg(teacher_spec, **kw):
+    return OmegaConf.create({"name": "distill", "teacher": str(teacher_spec), "alpha": 0.5, "beta": 1.0,
+                             "temperature": 1.0, **kw})
+
+
+def test_the_distillation_terms_are_zero_when_student_and_teacher_are_the_same_weights(teacher):
+    from fastclip.inference import load
+    student, _, tokenizer = load(teacher["path"])
+    distiller = build_distiller(distill_cfg(teacher["path"], temperature=2.0), student, tokenizer, 32, "cpu")
+    assert not hasattr(student, PROJECTION)  # the same width: no projection
+    images, tokens = torch.randn(5, 3, 32, 32), tokenizer(["a red square", "a cat", "two", "the digit one", "sky"])
+    with torch.no_grad():
+        out = student(images, tokens)
+    loss = torch.tensor(3.0)
+    total, metrics = distiller(loss, {"contrastive_loss": loss}, out, images, tokens)
+    assert metrics["distill/kl"].abs() < 1e-6 and metrics["distill/feature_mse"].abs() < 1e-10
+    assert total == pytest.approx(0.5 * 3.0, abs=1e-5)  # (1 - alpha) x contrastive, nothing else
+    assert metrics["time/teacher_ms"] > 0
+    other = dict(out, image_features=out["image_features"].roll(1, 0))  # a student that pairs differently
+    assert affinity_kl(other, out) > 0.01 and feature_mse(other, out) > 0.01
+
+
+@pytest.mark.slow
+def test_a_char_level_dtp_student_distills_from_a_bpe_teacher_and_no_gradient_reaches_the_teacher(teacher, tmp_path):
+    from fastclip.loop import Trainer
+    from fastclip.tasks.clip import ClipTask
+    cfg = compose_cfg([*TINY_CLIP, *STEPS, "boundary=fixed", "encoder.tokenizer=char", "encoder.embed_dim=16",
+                       "compression=distill", f"compression.teacher={teacher['path']}", "trainer.max_steps=2",
+                       "tracking.uri=sqlite:///" + str(tmp_path / "m.db")])
+    task = ClipTask(cfg, torch.device("cpu"), tmp_path)
+    distiller = task.distiller
+    assert type(distiller.teacher_tokenizer).__name__ != type(task.tokenizer).__name__ and not distiller.same_tokens
+    projection = getattr(task.model, PROJECTION)
+    assert projection.weight.shape == (32, 16)  # student width 16 -> teacher width 32
+    teacher_before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+    projection_before = projection.weight.detach().clone()
+    trainer = Trainer(task, cfg, torch.device("cpu"))
+    batch = next(iter(task.train_batches(0)))
+    # the teacher reads the student's captions as BPE tokens of the same text
+    texts = [bytes(int(i) - 1 for i in row if int(i)).decode() for row in batch.tokens]
+    assert torch.equal(distiller.teacher_tokens(batch.tokens), distiller.teacher_tokenizer(texts))
+    out = trainer.forward_backward(batch)
+    assert {"distill/kl", "distill/feature_mse", "time/teacher_ms"} <= set(out.metrics)
+    assert all(p.grad is None and not p.requires_grad for p in distiller.teacher.parameters())
+    assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+    trainer.step(len(batch.images))
+    assert all(torch.equal(v, teacher_before[k]) for k, v in distiller.teacher.state_dict().items())
+    assert not torch.equal(projection.weight, projection_before)  # the projection learns with the student
+    assert not distiller.teacher.training
+
+
+@pytest.mark.slow
+def test_a_distill_run_logs_its_terms_and_the_teachers_numbers_and_loads_for_inference(teacher, tmp_path):
+    import mlflow
+    from fastclip.inference import load
+    from fastclip.train import run
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = f"runs:/{teacher['run_id']}"
+    cfg = compose_cfg([*TINY_CLIP, *STEPS, "encoder.embed_dim=16", "compression=distill", f"compression.teacher={spec}",
+                       "trainer.max_steps=3", "tracking.log_every=1", f"tracking.uri={teacher['store']}"])
+    metrics = run(cfg, tmp_path / "run")
+    for key in ("zeroshot/top1", "zeroshot/top1_teacher", "time/eval_batch_ms", "time/eval_batch_ms_teacher"):
+        assert key in metrics, key
+    client = mlflow.tracking.MlflowClient(teacher["store"])
+    for key in ("distill/kl", "distill/feature_mse", "time/teacher_ms"):
+        assert len(client.get_metric_history(metrics["mlflow_run_id"], key)) == 3, key
+    model, _, tokenizer = load(tmp_path / "run" / "checkpoints" / "last.pt")  # the projection is training-only
+    assert not hasattr(model, PROJECTION)
+
+
+def test_a_bad_teacher_fails_before_training_naming_it(teacher, tmp_path):
+    from fastclip.tasks.clip import ClipTask
+    model, tokenizer = build_clip(compose_cfg(TINY_CLIP).encoder, compose_cfg(TINY_CLIP).boundary)
+    with pytest.raises(ConfigError, match=r"compression.teacher=/no/such/teacher.pt: .*no/such/teacher.pt"):
+        build_distiller(distill_cfg("/no/such/teacher.pt"), model, tokenizer, 32, "cpu")
+    with pytest.raises(ConfigError, match="compression.teacher=runs:/0123abcd: .*no MLflow run"):
+        build_distiller(distill_cfg("runs:/0123abcd"), model, tokenizer, 32, "cpu", teacher["store"])
+    lm = tmp_path / "lm.pt"
+    state = torch.load(teacher["path"], weights_only=False)
+    state["config"] = OmegaConf.to_container(compose_cfg(["task=lm"]), resolve=True)  # a char LM's checkpoint
+    torch.save(state, lm)
+    with pytest.raises(ConfigError, match=f"compression.teacher={lm}: .*task=lm"):
+        build_distiller(distill_cfg(lm), model, tokenizer, 32, "cpu")
+    cfg = compose_cfg([*TINY_CLIP, "compression=distill", "compression.teacher=/no/such/teacher.pt"])
+    with pytest.raises(ConfigError, match="compression.teacher=/no/such/teacher.pt"):
+        ClipTask(cfg, torch.device("cpu"), tmp_path)  # as the task is built: before the data is read
+
+
+def test_distill_options_are_checked_before_training():
+    with pytest.raises(ConfigError, match="compression=distill needs compression.teacher"):
+        check_config(compose_cfg(["compression=distill"]))
+    for key, value in (("alpha", "1.5"), ("beta", "-1"), ("temperature", "0")):
+        with pytest.raises(ConfigError, match=f"compression.{key}={value}"):
+            check_config(compose_cfg(["compression=distill", "compression.teacher=x.pt", f"compression.{key}={value}"]))
