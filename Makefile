@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-step bench-ddp bench-overhead bench-gpu bench-gpu-recipe clean
+.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-step bench-ddp bench-compress bench-overhead bench-gpu bench-gpu-recipe clean
 
 install: $(STAMP)
 
@@ -52,6 +52,9 @@ bench-step: $(STAMP)
 
 bench-ddp: $(STAMP)
 	$(PY) -m fastclip.bench.ddp $(ARGS)
+
+bench-compress: $(STAMP)
+	$(PY) -m fastclip.bench.compress $(ARGS)
 
 bench-overhead: $(STAMP)
 	$(PY) -m fastclip.bench.overhead $(ARGS)

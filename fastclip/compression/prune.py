@@ -255,11 +255,21 @@ def dense_layout(model: nn.Module) -> nn.Module:
     return out
 
 
+@torch.no_grad()
+def _gflops(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    from fastclip.eval.efficiency import count_gflops
+    return {"efficiency/image_gflops": count_gflops(model.visual, images)[0],
+            "efficiency/text_gflops": count_gflops(model.text, tokens)[0]}
+
+
 def compress(task, cfg, pruner: Pruner, final: dict[str, float]) -> dict[str, float]:
     """The pruned model measured: the sparsity counted from its weights, its nonzero parameters, its
     bytes, its eval latency beside the unpruned layout's, and (oneshot) the zero-shot the dense model had
     just before pruning as <name>_dense. structured: the pruned heads and channels removed first; its
-    zero-shot is the shrunk model's own (it equals the masked model's, which the loop evaluated)."""
+    zero-shot is the shrunk model's own (it equals the masked model's, which the loop evaluated), and
+    efficiency/{image,text}_gflops are counted on it (beside the dense layout's as *_dense).
+    Unstructured zeros stay in dense matrices: the FLOPs and the latency do not fall, and the
+    numbers show it."""
     from fastclip.compression.quant import QUALITY, eval_batch_ms, model_bytes
     model = task.model
     was_training = model.training
@@ -273,6 +283,8 @@ def compress(task, cfg, pruner: Pruner, final: dict[str, float]) -> dict[str, fl
         metrics = {f"{k}_dense": v for k, v in pruner.dense.items() if k.startswith(QUALITY)}
         if deployed is not model:
             metrics.update({k: v for k, v in task.quality(deployed).items() if k.startswith(QUALITY)})
+            metrics.update(_gflops(deployed, images, tokens))  # the shrunk towers' own count
+            metrics.update({f"{k}_dense": v for k, v in _gflops(model, images, tokens).items()})
         else:
             metrics.update({k: v for k, v in final.items() if k.startswith(QUALITY)})
     finally:
