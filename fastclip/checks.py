@@ -52,6 +52,8 @@ def _check_compression(cfg: DictConfig) -> None:
                           f"retrieval (task=clip)")
     if name == "quant" and cc.scheme not in QUANT_SCHEMES:
         raise ConfigError(f"compression.scheme={cc.scheme!r}: expected {' or '.join(QUANT_SCHEMES)}")
+    if name == "quant" and not isinstance(cc.get("qat", False), bool):
+        raise ConfigError(f"compression.qat={cc.qat!r}: expected true or false")
     if name == "prune":
         if not isinstance(cc.sparsity, (int, float)) or not 0 <= cc.sparsity < 1:
             raise ConfigError(f"compression.sparsity={cc.sparsity}: expected a share of the weights in [0, 1)")

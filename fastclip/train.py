@@ -198,7 +198,7 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: P
 
 def _compression_summary(cc: DictConfig, m: dict) -> str:
     """One console line: each number beside its dense (or teacher's) twin."""
-    how = {"quant": lambda: cc.scheme, "prune": lambda: f"{cc.structure} {cc.schedule}, {m['compression/sparsity']:.1%} "
+    how = {"quant": lambda: cc.scheme + (", quantization-aware training" if cc.get("qat") else ""), "prune": lambda: f"{cc.structure} {cc.schedule}, {m['compression/sparsity']:.1%} "
            f"of the weights zero", "distill": lambda: f"teacher {cc.teacher}"}[cc.name]()
     pairs = ", ".join(f"{k} {v:.4g} ({twin} {m[f'{k}_{twin}']:.4g})" for k, v in m.items()
                       for twin in ("dense", "teacher") if f"{k}_{twin}" in m)

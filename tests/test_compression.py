@@ -165,3 +165,57 @@ def test_a_failing_compression_leaves_the_trained_run_finished_and_says_why(tmp_
     assert finished.info.status == "FINISHED" and "zeroshot/top1" in finished.data.metrics
     assert finished.data.tags["fastclip.compression_error"] == "RuntimeError: out of memory in the int8 copy"
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("boundary", ["none", "fixed"])
+def test_quantization_aware_training_fake_quantizes_attention_too_and_keeps_multihead_checkpoints(boundary):
+    """DTP's packed rows call attention's own projections, so fake quantization acts there as well;
+    the prepared model's state_dict loads into a model built with nn.MultiheadAttention (fastclip.load)."""
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+    from fastclip.compression.quant import from_qat, prepare_qat
+    torch.manual_seed(0)
+    dense, tokenizer = tiny(boundary)
+    model = project_attention_copy(dense)
+    prepare_qat(model, "dynamic")
+    fake = [n for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)]
+    assert any(n.endswith("attn.in_proj") for n in fake) and any(n.endswith("attn.out_proj") for n in fake)
+    assert set(model.state_dict()) == set(dense.state_dict())  # MultiheadAttention's keys
+    images, tokens = torch.randn(4, 3, 32, 32), tokenizer(["a red square", "a cat", "the digit one", "two"])
+    called = set()
+    for name in fake:  # every fake-quantized projection runs (not only its weight read)
+        dict(model.named_modules())[name].register_forward_hook(lambda m, i, o, name=name: called.add(name))
+    with torch.no_grad():
+        before, simulated = dense(images, tokens), model(images, tokens)
+    assert called == set(fake)
+    gap = (simulated["image_features"] - before["image_features"]).abs().max()
+    assert 0 < gap < 0.05  # int8 rounding, simulated
+    fresh, _ = tiny(boundary)
+    fresh.load_state_dict(model.state_dict())  # what fastclip.load does with a QAT run's checkpoint
+    model.train()
+    out = model(images, tokens)
+    (out["image_features"] @ out["text_features"].T).sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "attn.in_proj" in n)
+    from_qat(model)
+    assert not any(isinstance(m, FakeQuantizedLinear) for m in model.modules())
+
+
+def test_qat_options_are_checked_before_training():
+    with pytest.raises(ConfigError, match="compression.qat='yes'"):
+        check_config(compose_cfg(["compression=quant", "compression.qat=yes"]))
+
+
+@pytest.mark.slow
+def test_a_quantization_aware_run_ends_with_the_int8_model_beside_its_float_weights(tmp_path, caplog):
+    import logging
+    from fastclip.inference import load
+    from fastclip.train import run
+    caplog.set_level(logging.INFO, logger="fastclip")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg([*TINY_CLIP, "compression=quant", "compression.qat=true", "trainer.max_steps=3",
+                       "eval.boundary_picture=false", f"tracking.uri={store}"])
+    metrics = run(cfg, tmp_path / "run")
+    for key in ("zeroshot/top1", "zeroshot/top1_dense", "compression/model_mb", "compression/int8_weight_fraction"):
+        assert key in metrics, key
+    assert "quantization-aware training" in caplog.text
+    model, _, _ = load(tmp_path / "run" / "checkpoints" / "last.pt")  # a plain float model
+    assert any(isinstance(m, nn.MultiheadAttention) for m in model.modules())

@@ -25,7 +25,11 @@ class ProjectedAttention(nn.Module):
 
     keep_heads(index) removes the other heads (structured pruning): the projections shrink to
     3 x kept x head_dim rows and kept x head_dim columns; per-head masks built for the original
-    head count still apply (their kept heads are taken)."""
+    head count still apply (their kept heads are taken).
+
+    Its state_dict has MultiheadAttention's keys (in_proj_weight, in_proj_bias, out_proj.*), and it
+    loads them: a model trained with it (quantization-aware training) saves checkpoints that a model
+    built with MultiheadAttention loads, and the other way round."""
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
@@ -37,6 +41,8 @@ class ProjectedAttention(nn.Module):
         self._qkv_same_embed_dim, self.bias_k, self.add_zero_attn = True, None, False  # what callers check on MHA
         self.head_dim = d // mha.num_heads
         self.register_buffer("kept", torch.arange(mha.num_heads), persistent=False)  # of the original heads
+        self.register_state_dict_post_hook(_as_multihead_keys)
+        self.register_load_state_dict_pre_hook(_from_multihead_keys)
         bias = mha.in_proj_bias is not None
         self.in_proj = nn.Linear(d, 3 * d, bias=bias, device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
         self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None, device=mha.out_proj.weight.device,
@@ -84,6 +90,22 @@ class ProjectedAttention(nn.Module):
         mask = _additive_mask(attn_mask, key_padding_mask, b, self.kept, length, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(-2)), None
+
+
+# ProjectedAttention's keys <-> MultiheadAttention's
+_KEYS = {"in_proj.weight": "in_proj_weight", "in_proj.bias": "in_proj_bias"}
+
+
+def _as_multihead_keys(module, state_dict, prefix, local_metadata) -> None:
+    for own, mha in _KEYS.items():
+        if prefix + own in state_dict:
+            state_dict[prefix + mha] = state_dict.pop(prefix + own)
+
+
+def _from_multihead_keys(module, state_dict, prefix, *args) -> None:
+    for own, mha in _KEYS.items():
+        if prefix + mha in state_dict:
+            state_dict[prefix + own] = state_dict.pop(prefix + mha)
 
 
 def _sliced(linear: nn.Linear, rows=None, cols=None) -> nn.Linear:

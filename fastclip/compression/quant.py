@@ -32,18 +32,70 @@ def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
     configs = {"dynamic": Int8DynamicActivationInt8WeightConfig, "weight_only": Int8WeightOnlyConfig}
     if scheme not in configs:
         raise ValueError(f"compression.scheme={scheme!r}: expected one of {', '.join(QUANT_SCHEMES)}")
-    from open_clip.modified_resnet import AttentionPool2d
     out = copy.deepcopy(model).eval()
+    from_qat(out)
     project_attention(out)
-    pooled = {name for name, m in out.named_modules() if isinstance(m, AttentionPool2d)}
+    # set_inductor_config=False: torchao would otherwise change torch.compile's settings for the whole process
+    quantize_(out, configs[scheme](set_inductor_config=False), filter_fn=quantizable(out))
+    return out
 
-    def quantizable(module: nn.Module, name: str) -> bool:
+
+def quantizable(model: nn.Module):
+    """torchao's filter_fn for `model`: its nn.Linear modules outside FLOAT_PARTS and RN50's attention pooling."""
+    from open_clip.modified_resnet import AttentionPool2d
+    pooled = {name for name, m in model.named_modules() if isinstance(m, AttentionPool2d)}
+
+    def keep(module: nn.Module, name: str) -> bool:
         parts = name.split(".")
         return (isinstance(module, nn.Linear) and not set(parts) & set(FLOAT_PARTS)
                 and not any(".".join(parts[:i]) in pooled for i in range(1, len(parts))))
-    # set_inductor_config=False: torchao would otherwise change torch.compile's settings for the whole process
-    quantize_(out, configs[scheme](set_inductor_config=False), filter_fn=quantizable)
-    return out
+    return keep
+
+
+def qat_config(scheme: str):
+    """The fake quantization that quantization-aware training applies for compression.scheme: torchao 0.18
+    derives none from the int8 configs quantized_copy deploys (QATConfig raises "Unexpected base config"
+    for Int8DynamicActivationInt8WeightConfig and Int8WeightOnlyConfig), so the int8 equivalents it does
+    support are used: per-channel symmetric int8 weights, as deployed, and (dynamic) per-token int8
+    activations, asymmetric where the deployed kernel's are symmetric. Checked on a probe Linear, so a
+    scheme this torchao does not support fails here, before training. Raises ConfigError naming the key."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization.qat import QATConfig
+    from fastclip.checks import ConfigError
+    bases = {"dynamic": lambda: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
+                                                                      weight_granularity=PerAxis(0)),
+             "weight_only": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))}
+    if scheme not in bases:
+        raise ConfigError(f"compression.scheme={scheme!r} with compression.qat=true: quantization-aware training "
+                          f"supports {' or '.join(bases)}")
+    config = QATConfig(bases[scheme](), step="prepare")
+    try:
+        quantize_(nn.Sequential(nn.Linear(8, 8)), config)
+    except (ValueError, AssertionError, NotImplementedError) as exc:
+        raise ConfigError(f"compression.scheme={scheme!r} with compression.qat=true: this torchao cannot fake-"
+                          f"quantize it ({exc})") from None
+    return config
+
+
+def prepare_qat(model: nn.Module, scheme: str) -> None:
+    """Quantization-aware training (compression.qat=true), in place, before the optimizer is built:
+    attention becomes Linears (compression.attention; its checkpoints keep MultiheadAttention's keys)
+    and every Linear quantized_copy would quantize trains through torchao's fake quantization."""
+    from torchao.quantization import quantize_
+    config = qat_config(scheme)
+    project_attention(model)
+    quantize_(model, config, filter_fn=quantizable(model))
+
+
+def from_qat(model: nn.Module) -> None:
+    """Fake-quantized Linears back to plain float ones, in place (torchao's QAT convert step without a
+    base config); a model never prepared is left as it is."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+    if any(isinstance(m, FakeQuantizedLinear) for m in model.modules()):
+        quantize_(model, QATConfig(step="convert"), filter_fn=lambda m, _: isinstance(m, FakeQuantizedLinear))
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -86,13 +138,20 @@ def eval_batch_ms(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, 
 
 def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
     """The trained task.model quantized and evaluated. dense_metrics: the final evaluation of the
-    model as trained (the loop's), whose quality numbers come back as <name>_dense. -> the quantized
+    model as trained (the loop's), whose quality numbers come back as <name>_dense (after
+    quantization-aware training: the trained weights evaluated without fake quantization instead). -> the quantized
     model's quality numbers under their own names (zeroshot/top1, retrieval/..., ImageNet), sizes, the
     int8 share, and the eval latency of both models on the same batch."""
-    dense = task.model
-    was_training = dense.training
+    trained = task.model
+    was_training = trained.training
+    qat = bool(cfg.compression.get("qat", False))
     try:
-        dense.eval()
+        trained.eval()
+        dense = trained
+        if qat:  # the dense twin: the trained weights without the fake quantization the loop evaluated with
+            dense = copy.deepcopy(trained)
+            from_qat(dense)
+            dense_metrics = task.quality(dense)
         quantized = quantized_copy(dense, cfg.compression.scheme)
         images, tokens = task.eval_batch()
         dense_ms = eval_batch_ms(dense, images, tokens)
@@ -100,7 +159,7 @@ def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
         metrics = {f"{k}_dense": v for k, v in dense_metrics.items() if k.startswith(QUALITY)}
         metrics.update({k: v for k, v in task.quality(quantized).items() if k.startswith(QUALITY)})
     finally:
-        dense.train(was_training)
+        trained.train(was_training)
     metrics.update({"compression/model_mb": model_bytes(quantized) / 1e6,
                     "compression/model_mb_dense": model_bytes(dense) / 1e6,
                     "compression/int8_weight_fraction": int8_weight_fraction(quantized),

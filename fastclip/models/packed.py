@@ -84,11 +84,15 @@ def packed_block(block: ResidualAttentionBlock, x: torch.Tensor, rows: PackedRow
     and the same ops; only attention sees the padded layout (padded keys masked out)."""
     attn = block.attn
     heads = attn.num_heads
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    # attention as Linears (compression/attention.py: quantization-aware training, a pruned copy) runs its
+    # own in_proj, so that what wraps it (fake quantization) acts here too
+    in_proj = getattr(attn, "in_proj", None)
+    qkv = in_proj(block.ln_1(x)) if in_proj is not None else F.linear(block.ln_1(x), attn.in_proj_weight,
+                                                                         attn.in_proj_bias)
     # the head width from the projection: a structurally pruned block has fewer heads than width // heads
     q, k, v = rows.unpack(qkv).unflatten(-1, (3, heads, qkv.shape[-1] // (3 * heads))).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.key_mask,
                                          dropout_p=attn.dropout if block.training else 0.0)
     out = rows.pack(out.transpose(1, 2).flatten(-2))
-    x = x + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
+    x = x + block.ls_1(attn.out_proj(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))

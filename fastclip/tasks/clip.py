@@ -90,6 +90,9 @@ class ClipTask:
         self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.get("cache_dir"))
         self.model.to(device)
         self.distiller = self._distiller(cfg, device) if cfg.compression.name == "distill" else None
+        if cfg.compression.name == "quant" and cfg.compression.get("qat"):  # before the optimizer sees the model
+            from fastclip.compression.quant import prepare_qat
+            prepare_qat(self.model, cfg.compression.scheme)
         self.data = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)
         self.preprocess_eval = preprocess_eval
         world = distributed.current()
