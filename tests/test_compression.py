@@ -123,17 +123,24 @@ def test_compression_options_are_checked_before_training():
         check_config(compose_cfg(["task=lm", "compression=quant"]))
     with pytest.raises(ConfigError, match="compression.scheme='int4'"):
         check_config(compose_cfg(["compression=quant", "compression.scheme=int4"]))
+    with pytest.raises(ConfigError, match="compression.qat='yes'"):
+        check_config(compose_cfg(["compression=quant", "compression.qat=yes"]))
+
+
+def quant_run(tmp_path, *overrides: str) -> tuple[dict, str]:
+    """A tiny compression=quant run -> (its metrics, its MLflow store)."""
+    from fastclip.train import run
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg([*TINY_CLIP, "compression=quant", "trainer.warmup_steps=1", "eval.boundary_picture=false",
+                       f"tracking.uri={store}", *overrides])
+    return run(cfg, tmp_path / "run"), store
 
 
 @pytest.mark.slow
 def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path, caplog):
     import logging
-    from fastclip.train import run
     caplog.set_level(logging.INFO, logger="fastclip")
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = compose_cfg([*TINY_CLIP, "compression=quant", "trainer.max_steps=4", "trainer.warmup_steps=1",
-                       "eval.boundary_picture=false", f"tracking.uri={store}"])
-    metrics = run(cfg, tmp_path / "run")
+    metrics, store = quant_run(tmp_path, "trainer.max_steps=4")
     for key in ("zeroshot/top1", "zeroshot/top1_dense", "compression/model_mb", "compression/model_mb_dense",
                 "compression/int8_weight_fraction", "time/eval_batch_ms", "time/eval_batch_ms_dense"):
         assert key in metrics, key
@@ -152,15 +159,11 @@ def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path
 @pytest.mark.slow
 def test_a_failing_compression_leaves_the_trained_run_finished_and_says_why(tmp_path, monkeypatch):
     from fastclip.compression import quant
-    from fastclip.train import run
 
     def fails(*args, **kwargs):
         raise RuntimeError("out of memory in the int8 copy")
     monkeypatch.setattr(quant, "compress", fails)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = compose_cfg([*TINY_CLIP, "compression=quant", "trainer.max_steps=2", "trainer.warmup_steps=1",
-                       "eval.boundary_picture=false", f"tracking.uri={store}"])
-    metrics = run(cfg, tmp_path / "run")
+    metrics, store = quant_run(tmp_path, "trainer.max_steps=2")
     finished = mlflow.tracking.MlflowClient(store).get_run(metrics["mlflow_run_id"])
     assert finished.info.status == "FINISHED" and "zeroshot/top1" in finished.data.metrics
     assert finished.data.tags["fastclip.compression_error"] == "RuntimeError: out of memory in the int8 copy"
@@ -199,21 +202,12 @@ def test_quantization_aware_training_fake_quantizes_attention_too_and_keeps_mult
     assert not any(isinstance(m, FakeQuantizedLinear) for m in model.modules())
 
 
-def test_qat_options_are_checked_before_training():
-    with pytest.raises(ConfigError, match="compression.qat='yes'"):
-        check_config(compose_cfg(["compression=quant", "compression.qat=yes"]))
-
-
 @pytest.mark.slow
 def test_a_quantization_aware_run_ends_with_the_int8_model_beside_its_float_weights(tmp_path, caplog):
     import logging
     from fastclip.inference import load
-    from fastclip.train import run
     caplog.set_level(logging.INFO, logger="fastclip")
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = compose_cfg([*TINY_CLIP, "compression=quant", "compression.qat=true", "trainer.max_steps=3",
-                       "eval.boundary_picture=false", f"tracking.uri={store}"])
-    metrics = run(cfg, tmp_path / "run")
+    metrics, _ = quant_run(tmp_path, "compression.qat=true", "trainer.max_steps=3")
     for key in ("zeroshot/top1", "zeroshot/top1_dense", "compression/model_mb", "compression/int8_weight_fraction"):
         assert key in metrics, key
     assert "quantization-aware training" in caplog.text
