@@ -127,6 +127,19 @@ def test_compression_options_are_checked_before_training():
         check_config(compose_cfg(["compression=quant", "compression.qat=yes"]))
 
 
+def test_a_qat_scheme_torchao_cannot_fake_quantize_fails_before_training_naming_it(monkeypatch, tmp_path):
+    """torchao 0.18 has no QAT for the int8 config quantized_copy deploys: were it chosen, the run stops
+    while the task is built, naming the key, its value and torchao's reason."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from fastclip.compression import quant
+    from fastclip.tasks.clip import ClipTask
+    monkeypatch.setitem(quant.QAT_BASES, "dynamic", Int8DynamicActivationInt8WeightConfig)
+    cfg = compose_cfg([*TINY_CLIP, "compression=quant", "compression.qat=true"])
+    with pytest.raises(ConfigError, match=r"compression.scheme='dynamic' with compression.qat=true: this torchao "
+                                          r"cannot fake-quantize it \(Unexpected base config"):
+        ClipTask(cfg, torch.device("cpu"), tmp_path)
+
+
 def quant_run(tmp_path, *overrides: str) -> tuple[dict, str]:
     """A tiny compression=quant run -> (its metrics, its MLflow store)."""
     from fastclip.train import run

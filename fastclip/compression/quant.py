@@ -52,6 +52,22 @@ def quantizable(model: nn.Module):
     return keep
 
 
+def _intx_dynamic():
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+
+
+def _intx_weight_only():
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis
+    return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+
+
+# compression.scheme -> the torchao config whose fake quantization QAT trains under (qat_config)
+QAT_BASES = {"dynamic": _intx_dynamic, "weight_only": _intx_weight_only}
+
+
 def qat_config(scheme: str):
     """The fake quantization that quantization-aware training applies for compression.scheme: torchao 0.18
     derives none from the int8 configs quantized_copy deploys (QATConfig raises "Unexpected base config"
@@ -59,18 +75,14 @@ def qat_config(scheme: str):
     support are used: per-channel symmetric int8 weights, as deployed, and (dynamic) per-token int8
     activations, asymmetric where the deployed kernel's are symmetric. Checked on a probe Linear, so a
     scheme this torchao does not support fails here, before training. Raises ConfigError naming the key."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
     from fastclip.checks import ConfigError
-    bases = {"dynamic": lambda: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
-                                                                      weight_granularity=PerAxis(0)),
-             "weight_only": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))}
-    if scheme not in bases:
+    if scheme not in QAT_BASES:
         raise ConfigError(f"compression.scheme={scheme!r} with compression.qat=true: quantization-aware training "
-                          f"supports {' or '.join(bases)}")
-    config = QATConfig(bases[scheme](), step="prepare")
+                          f"supports {' or '.join(QAT_BASES)}")
     try:
+        config = QATConfig(QAT_BASES[scheme](), step="prepare")
         quantize_(nn.Sequential(nn.Linear(8, 8)), config)
     except (ValueError, AssertionError, NotImplementedError) as exc:
         raise ConfigError(f"compression.scheme={scheme!r} with compression.qat=true: this torchao cannot fake-"
