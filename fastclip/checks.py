@@ -16,6 +16,7 @@ ZERO_SHOT_DATASETS = ("digits", "image_folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ADAMW_IMPLS = ("fused", "foreach", "for_loop")
 LEARNED_IMAGE_BOUNDARIES = ("gumbel", "entropy_spike")
+IMAGE_ONLY_BOUNDARIES = ("tome", "patch_dropout", "evit")  # the peer baselines: token reduction in a ViT
 
 
 class ConfigError(ValueError):
@@ -142,9 +143,9 @@ def _check_lm(cfg: DictConfig) -> None:
     if "pre_layers" not in cfg.encoder:
         raise ConfigError(f"encoder={cfg.encoder.name} is a CLIP geometry; task=lm needs a char LM encoder "
                           f"(char_lm_small, char_lm_bench, char_lm_paper)")
-    if cfg.boundary.name == "tome":
-        raise ConfigError("boundary=tome merges image tokens inside a ViT; it is not a boundary method for "
-                          "character sequences (task=lm)")
+    if cfg.boundary.name in IMAGE_ONLY_BOUNDARIES:
+        raise ConfigError(f"boundary={cfg.boundary.name} reduces image tokens inside a ViT; it is not a boundary "
+                          f"method for character sequences (task=lm)")
 
 
 def _check_trainer(tc: DictConfig) -> None:

@@ -10,7 +10,7 @@ from fastclip.eval.boundary_picture import segment_grid
 from fastclip.models import vision
 from fastclip.models.clip import build_clip
 from fastclip.models.patch_order import patch_order
-from fastclip.models.vision import bipartite_merge
+from fastclip.models.tome import bipartite_merge
 from fastclip.tasks.clip import ClipTask
 
 CPU = torch.device("cpu")

@@ -13,7 +13,10 @@ from torch import nn
 from fastclip.models.boundaries import build_boundary_method
 from fastclip.models.meaning import dtp_towers
 from fastclip.models.text import CharTokenizer, DTPTextTower, VanillaTextTower
-from fastclip.models.vision import DTPImageTower, ToMeImageTower, VanillaImageTower
+from fastclip.models.evit import EViTImageTower
+from fastclip.models.patch_dropout import PatchDropoutImageTower
+from fastclip.models.tome import ToMeImageTower
+from fastclip.models.vision import DTPImageTower, VanillaImageTower
 
 def clip_geometry(enc) -> dict:
     """Model geometry as data: open_clip's shipped JSON when `open_clip_name` is set, with our overrides."""
@@ -91,6 +94,10 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
     image_method = text_method = None
     if boundary.name == "tome" and "image" in towers:
         image = ToMeImageTower(visual, boundary.r)
+    elif boundary.name == "patch_dropout" and "image" in towers:
+        image = PatchDropoutImageTower(visual, boundary.keep, boundary.eval_keep)
+    elif boundary.name == "evit" and "image" in towers:
+        image = EViTImageTower(visual, boundary.keep, boundary.layers)
     elif "image" in towers:
         image_method = build_boundary_method(boundary)
         vc = geometry["vision_cfg"]

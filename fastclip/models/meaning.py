@@ -11,7 +11,9 @@ MEANING = {
                       "text": "spikes of an auxiliary next-character head's entropy"},
     "whitespace": {"image": None, "text": "a space closes its word"},
     "unigram": {"image": None, "text": "sentencepiece Unigram piece ends of the training captions"},
-    "tome": {"image": "ToMe bipartite soft matching, r tokens per layer", "text": None},
+    "tome": {"image": "ToMe bipartite soft matching on the keys, r tokens per layer", "text": None},
+    "patch_dropout": {"image": "FLIP: a random keep fraction of the patches in training", "text": None},
+    "evit": {"image": "EViT: the top keep fraction of patches by class attention, the rest fused", "text": None},
 }
 
 

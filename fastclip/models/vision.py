@@ -1,6 +1,7 @@
-"""Image towers on open_clip's VisionTransformer: DTP-ViT (boundaries over patches in raster
-or Hilbert order, models/patch_order.py) and ToMe (bipartite soft matching, r tokens merged per layer), both reusing open_clip's
-patch embedding, blocks, final norm and projection, so their geometry comes from `encoder`."""
+"""Image towers on open_clip's VisionTransformer: vanilla, and DTP-ViT (boundaries over patches in
+raster or Hilbert order, models/patch_order.py), reusing open_clip's patch embedding, blocks, final
+norm and projection, so its geometry comes from `encoder`. The peer baselines have rooms of their
+own: models/tome.py, patch_dropout.py, evit.py."""
 import contextlib
 
 import torch
@@ -19,7 +20,7 @@ def _heads(vit: VisionTransformer) -> int:
     return vit.transformer.resblocks[0].attn.num_heads
 
 
-def _require_vit(visual, what: str) -> VisionTransformer:
+def require_vit(visual, what: str) -> VisionTransformer:
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"{what} needs a ViT image tower; this encoder's image tower is {type(visual).__name__} "
                          f"(set boundary.apply_to=[text] to keep it vanilla)")
@@ -88,7 +89,7 @@ class DTPImageTower(nn.Module):
             raise ValueError(f"boundary.image_buckets={buckets} applies to boundary.image_layout=padded only: "
                              f"packed rows have no padding to bucket")
         self.buckets, self.layout = buckets, layout
-        self.vit = _require_vit(visual, f"boundary={method.name} on the image tower")
+        self.vit = require_vit(visual, f"boundary={method.name} on the image tower")
         n_layers = len(self.vit.transformer.resblocks)
         if not 0 < pre_layers < n_layers:
             raise ValueError(f"boundary.image_pre_layers={pre_layers}: expected 1 .. {n_layers - 1} for a {n_layers}-layer ViT")
@@ -287,57 +288,3 @@ class DTPImageTower(nn.Module):
             spike[:, :self.method.window] = False  # patches need a full window of history here
             spike[:, -1] = False                   # the last patch has no next-patch error
         return spike.float(), err[:, :-1].mean()
-
-
-def bipartite_merge(x: torch.Tensor, size: torch.Tensor, r: int):
-    """ToMe's bipartite soft matching on [B, 1 + N, D] (class token kept): alternate tokens form
-    sets A and B, each A token's most similar B token is its match, the r best-matched A tokens
-    are merged into their matches by size-weighted average. Returns (x, size) with N - r tokens."""
-    cls, tokens = x[:, :1], x[:, 1:]
-    cls_size, tok_size = size[:, :1], size[:, 1:]
-    r = min(r, tokens.shape[1] // 2)
-    if r <= 0:
-        return x, size
-    a, b = tokens[:, ::2], tokens[:, 1::2]
-    sa, sb = tok_size[:, ::2], tok_size[:, 1::2]
-    an, bn = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    score = an @ bn.transpose(1, 2)
-    best, match = score.max(dim=-1)                       # per A token
-    order = best.argsort(dim=-1, descending=True)
-    merged_idx, kept_idx = order[:, :r], order[:, r:]
-    D = x.shape[-1]
-    gather = lambda t, idx, d: t.gather(1, idx[..., None].expand(-1, -1, d))  # noqa: E731
-    a_kept, sa_kept = gather(a, kept_idx, D), gather(sa, kept_idx, 1)
-    a_m, sa_m = gather(a, merged_idx, D), gather(sa, merged_idx, 1)
-    dst = match.gather(1, merged_idx)
-    b_sum = (b * sb).scatter_add(1, dst[..., None].expand(-1, -1, D), a_m * sa_m)
-    sb_new = sb.scatter_add(1, dst[..., None], sa_m)
-    b_new = b_sum / sb_new
-    return (torch.cat([cls, a_kept, b_new], dim=1), torch.cat([cls_size, sa_kept, sb_new], dim=1))
-
-
-class ToMeImageTower(nn.Module):
-    """Token merging in every block (after attention+MLP), with proportional attention
-    (log token size added to the attention logits) as in ToMe."""
-
-    def __init__(self, visual, r: int):
-        super().__init__()
-        self.vit = _require_vit(visual, "boundary=tome")
-        self.r = r
-
-    def forward(self, images):
-        vit = self.vit
-        x = vit._embeds(images)
-        B, n_in = x.shape[0], x.shape[1] - 1
-        size = torch.ones(B, x.shape[1], 1, device=x.device, dtype=x.dtype)
-        heads = _heads(vit)
-        for block in vit.transformer.resblocks:
-            bias = size.squeeze(-1).log()[:, None, :].expand(B, x.shape[1], x.shape[1])
-            x = block(x, attn_mask=bias.repeat_interleave(heads, dim=0))
-            x, size = bipartite_merge(x, size, self.r)
-        x = vit.ln_post(x)
-        emb = x[:, 0]
-        if vit.proj is not None:
-            emb = emb @ vit.proj
-        return emb, {"tokens": torch.full((B,), float(n_in), device=x.device),
-                     "segments": torch.full((B,), float(x.shape[1] - 1), device=x.device)}

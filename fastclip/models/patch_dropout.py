@@ -1,0 +1,47 @@
+"""FLIP's random patch dropout (Li et al. 2023, "Scaling Language-Image Pre-training via Masking"):
+in training each image keeps a random `keep` fraction of its patches (the class token always) and
+the whole ViT runs on them; evaluation sees every patch, or with eval_keep=true the same random
+fraction, so that its GFLOPs match training's. The dropping is open_clip's PatchDropout (the module
+open_clip's `patch_dropout` option installs after the positional embedding)."""
+import torch
+from open_clip.transformer import PatchDropout
+from torch import nn
+
+from fastclip.models.vision import require_vit
+
+
+class _EvalToo(PatchDropout):
+    """open_clip's PatchDropout, acting in eval mode as well (it checks self.training)."""
+
+    def forward(self, x):
+        was_training = self.training
+        self.training = True
+        try:
+            return super().forward(x)
+        finally:
+            self.training = was_training
+
+
+class PatchDropoutImageTower(nn.Module):
+    """open_clip's ViT with its patch_dropout set to drop 1 - keep of the patches."""
+
+    def __init__(self, visual, keep: float, eval_keep: bool = False):
+        super().__init__()
+        if not 0 < keep <= 1:
+            raise ValueError(f"boundary.keep={keep}: expected the fraction of patches kept, in (0, 1]")
+        self.vit = require_vit(visual, "boundary=patch_dropout")
+        self.keep, self.eval_keep = keep, eval_keep
+        self.vit.patch_dropout = (_EvalToo if eval_keep else PatchDropout)(1.0 - keep) if keep < 1 else nn.Identity()
+
+    def kept(self, n: int) -> int:
+        """Patches the tower runs on out of n (open_clip's count: int(n x keep), at least 1)."""
+        active = self.keep < 1 and (self.training or self.eval_keep)
+        return max(1, int(n * self.keep)) if active else n
+
+    def forward(self, images):
+        grid = self.vit.grid_size
+        n = grid[0] * grid[1]
+        emb = self.vit(images)
+        B = images.shape[0]
+        return emb, {"tokens": torch.full((B,), float(n), device=emb.device),
+                     "segments": torch.full((B,), float(self.kept(n)), device=emb.device)}

@@ -1,0 +1,177 @@
+"""The peer baselines at matched FLOPs: ToMe as published (keys, inside the block, proportional
+attention), FLIP's patch dropout, EViT, and a coarser patch grid; each one's counted GFLOPs match an
+analytic count."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_CLIP, compose_cfg
+from fastclip.checks import ConfigError, check_config
+from fastclip.eval.efficiency import count_gflops
+from fastclip.models import tome
+from fastclip.models.clip import build_clip
+from fastclip.models.evit import keep_attentive
+from fastclip.models.tome import bipartite_merge
+from fastclip.models.vit_block import attention_half
+
+# 64 patches (32 px at patch 4), width 32 in 2 heads of 16, 4 blocks, MLP 128
+GEOMETRY = [*TINY_CLIP, "encoder.vision.patch_size=4", "encoder.vision.layers=4"]
+D, HEADS, MLP = 32, 2, 128
+
+
+def tower(*overrides):
+    cfg = compose_cfg([*GEOMETRY, *overrides])
+    model, _ = build_clip(cfg.encoder, cfg.boundary)
+    return model.visual
+
+
+def test_tome_merges_the_pairs_the_metric_says_not_the_hidden_states():
+    """Patches t0..t3: A = {t0, t2}, B = {t1, t3}. By the hidden states t0 is t1's twin; by the metric
+    (the keys) t0 is t3's, and that pair is the best match, so with r = 1 t0 goes into t3."""
+    e = torch.eye(4)
+    x = torch.stack([torch.zeros(4), e[0], e[0], e[1], e[2]])[None]  # cls, t0 ~ t1 by x
+    metric = torch.stack([torch.zeros(4), e[2], e[1], e[1] + 0.5 * e[3], e[2]])[None]  # t0 ~ t3 by the keys
+    size = torch.ones(1, 5, 1)
+    merged, new_size = bipartite_merge(x, size, 1, metric=metric)
+    # [cls, the unmerged A (t2), B: t1, then t3 holding t0]
+    torch.testing.assert_close(merged[0], torch.stack([torch.zeros(4), e[1], e[0], (e[0] + e[2]) / 2]))
+    assert new_size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 2.0]
+    by_states, _ = bipartite_merge(x, size, 1)  # what merging on the hidden states would have done: t0 into t1
+    torch.testing.assert_close(by_states[0, 2], e[0])
+
+
+def test_tome_keeps_the_size_weighted_mass_and_never_merges_the_class_token():
+    torch.manual_seed(0)
+    x, size = torch.randn(2, 17, 8), torch.randint(1, 4, (2, 17, 1)).float()
+    merged, new_size = bipartite_merge(x, size, 5, metric=torch.randn(2, 17, 6))
+    assert merged.shape == (2, 12, 8) and new_size.sum(1).tolist() == size.sum(1).tolist()
+    torch.testing.assert_close((merged * new_size).sum(1), (x * size).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged[:, 0], x[:, 0])
+
+
+def test_the_tome_tower_merges_on_the_keys_between_attention_and_mlp(monkeypatch):
+    torch.manual_seed(0)
+    visual = tower("boundary=tome", "boundary.r=4").eval()
+    seen = []
+    real = tome.bipartite_merge
+
+    def spy(x, size, r, metric=None):
+        seen.append((x.detach().clone(), metric.detach().clone()))
+        return real(x, size, r, metric)
+    monkeypatch.setattr(tome, "bipartite_merge", spy)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, info = visual(images)
+        vit = visual.vit
+        block = vit.transformer.resblocks[0]
+        x0 = vit._embeds(images)
+        keys = F.linear(block.ln_1(x0), block.attn.in_proj_weight, block.attn.in_proj_bias)[..., D:2 * D]
+        after_attention = x0 + block.attn(block.ln_1(x0), block.ln_1(x0), block.ln_1(x0), need_weights=False)[0]
+    assert len(seen) == 4 and info["segments"][0] == 64 - 4 * 4
+    torch.testing.assert_close(seen[0][1], keys.unflatten(-1, (HEADS, D // HEADS)).mean(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen[0][0], after_attention, atol=1e-5, rtol=0)  # merged before the MLP
+
+
+def test_proportional_attention_adds_log_size_to_every_keys_logit():
+    torch.manual_seed(0)
+    block = tower("boundary=tome").vit.transformer.resblocks[0].eval()
+    x, size = torch.randn(2, 6, D), torch.tensor([[1., 2, 1, 3, 1, 1], [1, 1, 4, 1, 2, 1]])
+    with torch.no_grad():
+        got, _, _ = attention_half(block, x, bias=size.log()[:, None, None, :])
+        h = block.ln_1(x)
+        q, k, v = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias).unflatten(-1, (3, HEADS, -1)).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-1, -2) / math.sqrt(D // HEADS) + size.log()[:, None, None, :]).softmax(-1)
+        expected = x + block.attn.out_proj((weights @ v).transpose(1, 2).flatten(-2))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def first_block_lengths(visual, images, train: bool) -> list[int]:
+    lengths = []
+    hook = visual.vit.transformer.resblocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    visual.train(train)
+    with torch.no_grad():
+        visual(images)
+    hook.remove()
+    return lengths
+
+
+def test_patch_dropout_keeps_its_fraction_in_training_and_every_patch_at_eval_unless_eval_keep():
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    visual = tower("boundary=patch_dropout", "boundary.keep=0.25")
+    assert first_block_lengths(visual, images, train=True) == [1 + 16]
+    assert first_block_lengths(visual, images, train=False) == [1 + 64]
+    visual = tower("boundary=patch_dropout", "boundary.keep=0.25", "boundary.eval_keep=true")
+    assert first_block_lengths(visual, images, train=False) == [1 + 16]
+    _, info = visual.eval()(images)
+    assert info["tokens"].tolist() == [64.0] * 3 and info["segments"].tolist() == [16.0] * 3
+
+
+def test_evit_keeps_the_top_k_by_class_attention_and_fuses_the_rest_by_that_attention():
+    x = torch.arange(6 * 2, dtype=torch.float).view(1, 6, 2)  # cls + 5 patches
+    attention = torch.tensor([[0.3, 0.05, 0.4, 0.1, 0.05, 0.1]])  # cls, then patches p0..p4
+    out = keep_attentive(x, attention, keep=0.4)  # ceil(0.4 x 5) = 2 kept: p1 (0.4) and p2 (0.1 tie p4: first)
+    kept = out[0, 1:3]
+    assert out.shape == (1, 1 + 2 + 1, 2)
+    torch.testing.assert_close(out[0, 0], x[0, 0])
+    top = attention[0, 1:].topk(2).indices.sort().values
+    torch.testing.assert_close(kept, x[0, 1:][top])
+    rest = [i for i in range(5) if i not in top.tolist()]
+    w = attention[0, 1:][rest]
+    torch.testing.assert_close(out[0, 3], (w[:, None] * x[0, 1:][rest]).sum(0) / w.sum())
+
+
+def test_the_evit_tower_drops_and_fuses_at_its_layers():
+    torch.manual_seed(0)
+    visual = tower("boundary=evit", "boundary.keep=0.5", "boundary.layers=[1,2]").eval()
+    lengths = []
+    for block in visual.vit.transformer.resblocks:
+        block.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    with torch.no_grad():
+        _, info = visual(torch.randn(2, 3, 32, 32))
+    # blocks 1 and 2 run in halves (no forward call); block 3 sees cls + 17 kept + 1 fused: 64 patches -> 32 kept
+    # + 1 fused at block 1, 33 -> 17 + 1 at block 2
+    assert lengths == [65, 1 + 17 + 1] and info["segments"].tolist() == [18.0, 18.0]
+
+
+def analytic_gflops(attention_lengths: list[int], mlp_lengths: list[int], patches: int, patch: int,
+                    extra: float = 0.0) -> float:
+    """Multiply-adds x 2 per image: patch embedding, per block qkv + attention (QK^T, AV) + out
+    projection at its attention length and the MLP at its MLP length, and the final projection."""
+    flops = 2 * patches * 3 * patch * patch * D
+    for la, lm in zip(attention_lengths, mlp_lengths):
+        flops += 2 * la * D * 3 * D + 2 * 2 * la * la * D + 2 * la * D * D + 2 * lm * 2 * D * MLP
+    return (flops + 2 * D * 32 + extra) / 1e9
+
+
+@pytest.mark.parametrize("name,overrides,attention,mlp,patches,patch,extra", [
+    ("vanilla", ["boundary=none"], [65] * 4, [65] * 4, 64, 4, 0.0),
+    ("coarser grid", ["boundary=none", "encoder.vision.patch_size=8"], [17] * 4, [17] * 4, 16, 8, 0.0),
+    # r = 8 per block: 64 -> 56 -> 48 -> 40 -> 32 patches after each block's attention; matching scores 32x32 ... x 16
+    ("tome", ["boundary=tome", "boundary.r=8"], [65, 57, 49, 41], [57, 49, 41, 33], 64, 4,
+     sum(2 * (n // 2) * (n - n // 2) * (D // HEADS) for n in (64, 56, 48, 40))),
+    ("patch dropout, eval at keep", ["boundary=patch_dropout", "boundary.keep=0.5", "boundary.eval_keep=true"],
+     [33] * 4, [33] * 4, 64, 4, 0.0),
+    ("evit", ["boundary=evit", "boundary.keep=0.5", "boundary.layers=[1]"], [65, 65, 34, 34], [65, 34, 34, 34],
+     64, 4, 0.0),
+])
+def test_counted_gflops_match_an_analytic_count(name, overrides, attention, mlp, patches, patch, extra):
+    visual = tower(*overrides).eval()
+    with torch.no_grad():
+        counted, _ = count_gflops(visual, torch.randn(2, 3, 32, 32))
+    expected = analytic_gflops(attention, mlp, patches, patch, extra)
+    assert counted == pytest.approx(expected, rel=0.05), (name, counted, expected)
+
+
+def test_peer_baselines_are_image_only_and_checked_before_training():
+    for name in ("patch_dropout", "evit", "tome"):
+        with pytest.raises(ConfigError, match=f"boundary={name} has no meaning on the text tower"):
+            check_config(compose_cfg([f"boundary={name}", "boundary.apply_to=[image,text]"]))
+        with pytest.raises(ConfigError, match=f"boundary={name} reduces image tokens"):
+            check_config(compose_cfg(["task=lm", f"boundary={name}"]))
+    with pytest.raises(ValueError, match=r"boundary.keep=1.5"):
+        tower("boundary=patch_dropout", "boundary.keep=1.5")
+    with pytest.raises(ValueError, match=r"boundary.layers=\[7\]"):
+        tower("boundary=evit", "boundary.layers=[7]")
