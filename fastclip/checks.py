@@ -61,10 +61,27 @@ def _check_compression(cfg: DictConfig) -> None:
         for key, allowed in (("structure", PRUNE_STRUCTURES), ("schedule", PRUNE_SCHEDULES)):
             if cc[key] not in allowed:
                 raise ConfigError(f"compression.{key}={cc[key]!r}: expected {' or '.join(allowed)}")
+        for key in ("finetune_steps", "start_step", "prune_every"):
+            value = cc.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+                                      or (key == "prune_every" and (value < 1 or value != int(value)))):
+                raise ConfigError(f"compression.{key}={value}: expected "
+                                  + ("a number of steps >= 1 (or null)" if key == "prune_every" else
+                                     "steps >= 0 or a fraction of the run in (0, 1)"))
+        if cfg.trainer.max_steps:  # the run's length is known before the data: the pruning must fit in it
+            total = cfg.trainer.max_steps
+            value = cc.finetune_steps
+            finetune = round(value * total) if 0 < value < 1 else int(value)
+            if total - finetune < 1:
+                raise ConfigError(f"compression.finetune_steps={cc.finetune_steps} leaves no steps to train before "
+                                  f"pruning (trainer.max_steps={total})")
     if name == "distill":
         if not cc.teacher:
             raise ConfigError("compression=distill needs compression.teacher: a fastclip checkpoint, a run dir or "
                               "runs:/<MLflow run id> (a task=clip run)")
+        for key in ("alpha", "beta", "temperature"):
+            if isinstance(cc[key], bool) or not isinstance(cc[key], (int, float)):
+                raise ConfigError(f"compression.{key}={cc[key]!r}: expected a number")
         if not 0 <= cc.alpha <= 1:
             raise ConfigError(f"compression.alpha={cc.alpha}: expected the distillation's share in [0, 1]")
         if cc.beta < 0:

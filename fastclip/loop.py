@@ -269,6 +269,8 @@ class Trainer:
     def step(self, samples: int = 0) -> None:
         """The optimizer step on the accumulated gradients, counted in the state with the `samples` it
         trained on; compression=prune then holds its masks (the pruned weights zero again)."""
+        if self.pruner is not None:
+            self.pruner.mask_gradients()
         if self.cfg.trainer.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)

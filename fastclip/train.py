@@ -183,7 +183,7 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: P
         if cfg.compression.name == "quant":
             compressed = quant.compress(task, cfg, dense)
         elif cfg.compression.name == "prune":
-            compressed = prune.compress(task, cfg, trainer.pruner, dense)
+            compressed = prune.compress(task, cfg, trainer.pruner, dense, trainer.state.step)
         else:
             compressed = distill.compress(task, dense)
     except Exception as exc:

@@ -124,6 +124,17 @@ def test_structured_pruning_removes_heads_and_channels_and_the_shrunk_model_comp
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_shrunk_copy_is_built_on_the_gpu():
+    model, tokenizer = tiny("fixed")
+    model.cuda()
+    Pruner(model, prune_cfg(sparsity=0.5, structure="structured"), total_steps=1, warmup_steps=0).after_step(1)
+    images, tokens = batch(tokenizer, 4)
+    with torch.no_grad():
+        out = shrunk_copy(model).eval()(images.cuda(), tokens.cuda())
+    assert out["image_features"].is_cuda
+
+
 @pytest.mark.parametrize("boundary", [["fixed"], ["gumbel", "boundary.text_layout=padded",
                                                   "boundary.image_layout=padded"], ["tome"]])
 def test_the_shrunk_model_computes_the_masked_ones_results_through_dtp_and_tome(boundary):
@@ -176,22 +187,57 @@ def test_the_gradual_schedule_is_zhu_and_guptas_cubic_ramp():
     assert [oneshot.target(s) for s in (0, 89, 90, 120)] == [0.0, 0.0, 0.8, 0.8]
 
 
-def test_a_resumed_pruner_holds_the_same_masks():
+def test_a_resumed_run_holds_the_same_masks_and_clipping_ignores_pruned_gradients(tmp_path, monkeypatch):
+    """Through the Trainer's checkpoint round trip: the masks come back, and they act on weights that
+    an optimizer step moved (the loaded pruned entries are zeroed again)."""
+    from fastclip.loop import Trainer
+    from fastclip.tasks.clip import ClipTask
+    cfg = compose_cfg([*TINY_CLIP, "compression=prune", "compression.structure=unstructured", "trainer.max_steps=3",
+                       "compression.finetune_steps=2", "trainer.warmup_steps=0", "trainer.batch_size=16"])
+    task = ClipTask(cfg, torch.device("cpu"), tmp_path)
+    trainer = Trainer(task, cfg, torch.device("cpu"))
+    batch = next(iter(task.train_batches(0)))
+    trainer.forward_backward(batch)
+    trainer.step(16)  # step 1 = total - finetune_steps: pruned here
+    assert trainer.pruner.applied == 0.5
+    norms = []  # the clipping sees no pruned weight's gradient (it would scale down the surviving ones; a structured
+    # pruning gives them none anyway: a removed head or channel has no path to the loss)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, c: norms.append(
+        [p.grad.clone() for p in dict(task.model.named_parameters()).values()]) or torch.tensor(0.0))
+    trainer.forward_backward(batch)
+    trainer.step(16)
+    grads = dict(zip(dict(task.model.named_parameters()), norms[0]))
+    assert all(grads[name][~mask].eq(0).all() for name, mask in trainer.pruner.masks.items())
+    state = trainer.state_dict()
+    moved = {k: v + 0.01 for k, v in state["model"].items()}  # pruned entries no longer zero
+    again = Trainer(ClipTask(cfg, torch.device("cpu"), tmp_path), cfg, torch.device("cpu"))
+    again.load_state_dict({**state, "model": moved, "config": state.get("config") or {"trainer": {"lr": cfg.trainer.lr}}})
+    assert again.pruner.applied == 0.5 and set(again.pruner.masks) == set(trainer.pruner.masks)
+    params = dict(again.model.named_parameters())
+    for name, mask in trainer.pruner.masks.items():
+        assert torch.equal(again.pruner.masks[name], mask)
+        assert params[name][~mask].eq(0).all() and params[name][mask].ne(0).all(), name
+
+
+def test_gradual_masks_only_grow_and_reach_the_target():
     torch.manual_seed(0)
-    model, _ = tiny("none")
-    pruner = Pruner(model, prune_cfg(sparsity=0.5, structure="structured"), total_steps=2, warmup_steps=0)
-    pruner.after_step(2)
-    state = pruner.state_dict()
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():  # what an optimizer step would leave before the masks hold again
-        for p in model.parameters():
-            p.add_(0.01)
-    again = Pruner(model, prune_cfg(sparsity=0.5, structure="structured"), total_steps=2, warmup_steps=0)
-    model.load_state_dict(weights)
-    again.load_state_dict(state)
-    assert again.applied == 0.5 and set(again.masks) == set(pruner.masks)
-    assert all(torch.equal(again.masks[k], pruner.masks[k]) for k in pruner.masks)
-    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    model, tokenizer = tiny("none")
+    pruner = Pruner(model, prune_cfg(sparsity=0.6, schedule="gradual", finetune_steps=2, prune_every=2),
+                    total_steps=10, warmup_steps=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    previous = {}
+    for step in range(1, 11):
+        images, tokens = batch(tokenizer)
+        clip_loss(model(images, tokens)).backward()
+        pruner.mask_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.after_step(step)
+        for name, mask in previous.items():  # what was pruned stays pruned as the ramp climbs
+            assert not (pruner.masks[name] & ~mask).any(), (step, name)
+        previous = {k: v.clone() for k, v in pruner.masks.items()}
+        assert weight_sparsity(model) == pytest.approx(pruner.target(step), abs=0.01)
+    assert weight_sparsity(model) == pytest.approx(0.6, abs=0.01)
 
 
 def test_prune_options_are_checked_before_training():
@@ -207,6 +253,12 @@ def test_prune_options_are_checked_before_training():
     model, _ = tiny("none")
     with pytest.raises(ConfigError, match="compression.finetune_steps=50 leaves no steps"):
         Pruner(model, prune_cfg(finetune_steps=50), total_steps=50, warmup_steps=0)
+    for key, value in (("prune_every", "0"), ("finetune_steps", "-1"), ("finetune_steps", "many"), ("start_step", "-2")):
+        with pytest.raises(ConfigError, match=f"compression.{key}={value}"):
+            check_config(compose_cfg(["compression=prune", f"compression.{key}={value}"]))
+    for value in (50, 60):  # known before the data
+        with pytest.raises(ConfigError, match=f"compression.finetune_steps={value} leaves no steps"):
+            check_config(compose_cfg(["compression=prune", f"compression.finetune_steps={value}", "trainer.max_steps=50"]))
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ image GFLOPs, eval latency (ms per batch of 64, median), train step time (median
 Then latency-only rows at ViT-B/32 size (random weights, batch 16 at 224 px): dense vs int8 dynamic
 vs 30% structured vs 50% unstructured, where matmuls dominate the forward.
 
-    python -m fastclip.bench.compress [--steps 1000] [--seed 0] [--b32-batch 16] [--skip-training]
+    python -m fastclip.bench.compress [--steps 1000] [--seed 0] [--b32-batch 16] [--skip-training] [--device cuda]
 """
 import argparse
 import statistics
@@ -72,12 +72,12 @@ def train_rows(steps: int, seed: int, root: Path) -> tuple[list[dict], dict]:
         # against the same run's dense twin where it has one (measured back to back in one process), else the
         # plain model's (distill: the same architecture)
         base = r["extra"].get("time/eval_batch_ms_dense") if r["option"] != "none" else None
-        r["eval_ratio"] = r["eval_ms"] / (base or none["eval_ms"])
+        r["eval_ratio"] = r["eval_ms"] / (base or none["eval_ms"]) if r["eval_ms"] and none["eval_ms"] else None
     return rows, teacher
 
 
 @torch.no_grad()
-def b32_latency(batch: int, repeats: int = 5) -> list[dict]:
+def b32_latency(batch: int, repeats: int = 5, device: str = "cpu") -> list[dict]:
     """ViT-B/32 CLIP (random weights): eval latency of the dense model, its int8 dynamic copy, a 30%
     structured copy (heads and channels removed) and a 50% unstructured one (zeros in dense matrices).
     Each variant's median over `repeats` rounds, the rounds interleaved so drift hits all alike."""
@@ -89,9 +89,9 @@ def b32_latency(batch: int, repeats: int = 5) -> list[dict]:
     torch.manual_seed(0)
     cfg = compose_train_config(["encoder=vit_b32"])
     dense, tokenizer = build_clip(cfg.encoder, cfg.boundary)
-    dense.eval()
-    images = torch.randn(batch, 3, 224, 224)
-    tokens = tokenizer([f"a photo of a thing number {i}" for i in range(batch)])
+    dense.to(device).eval()
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    tokens = tokenizer([f"a photo of a thing number {i}" for i in range(batch)]).to(device)
 
     def pruned(sparsity, structure):
         import copy
@@ -116,6 +116,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--b32-batch", type=int, default=16)
     ap.add_argument("--skip-training", action="store_true", help="the ViT-B/32 latency rows only")
+    ap.add_argument("--device", default="cpu", help="where the ViT-B/32 latency rows run (cpu, cuda)")
     ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "compress.md"))
     args = ap.parse_args(argv)
     sections = []
@@ -128,8 +129,8 @@ def main(argv=None):
                         f"ViT at {3 * args.steps} steps, zero-shot top-1 {teacher['zeroshot/top1']:.3f}\n\n"
                         + markdown_table(rows, COLUMNS))
     print("== ViT-B/32 latency (random weights)", flush=True)
-    b32 = b32_latency(args.b32_batch)
-    sections.append(f"### ViT-B/32 CLIP, random weights, batch {args.b32_batch} at 224 px: eval latency (median of 5 "
+    b32 = b32_latency(args.b32_batch, device=args.device)
+    sections.append(f"### ViT-B/32 CLIP on {args.device}, random weights, batch {args.b32_batch} at 224 px: eval latency (median of 5 "
                     f"interleaved rounds)\n\n" + markdown_table(b32, [
                         ("variant", "variant", "s"), ("ms / batch", "ms", ".0f"), ("/ dense", "ratio", ".2f"),
                         ("model MB", "mb", ".0f")]))

@@ -66,10 +66,11 @@ class ProjectedAttention(nn.Module):
     @torch.no_grad()
     def keep_heads(self, index: torch.Tensor) -> None:
         """Keeps the heads `index` (of the current ones, ascending) and drops the rest, in place."""
-        hd, d = self.head_dim, self.embed_dim
-        rows = (torch.arange(3)[:, None, None] * self.num_heads * hd + index[None, :, None] * hd
-                + torch.arange(hd)[None, None, :]).flatten().to(self.in_proj.weight.device)
-        cols = (index[:, None] * hd + torch.arange(hd)[None, :]).flatten().to(self.out_proj.weight.device)
+        hd, device = self.head_dim, self.in_proj.weight.device
+        index = index.to(device)
+        rows = (torch.arange(3, device=device)[:, None, None] * self.num_heads * hd + index[None, :, None] * hd
+                + torch.arange(hd, device=device)[None, None, :]).flatten()
+        cols = (index[:, None] * hd + torch.arange(hd, device=device)[None, :]).flatten()
         self.in_proj = _sliced(self.in_proj, rows=rows)
         self.out_proj = _sliced(self.out_proj, cols=cols)
         self.kept = self.kept[index.to(self.kept.device)]

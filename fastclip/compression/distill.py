@@ -10,6 +10,8 @@ boundary objectives, unscaled).
   distance between the student's unit embeddings, projected to the teacher's width by a learned
   linear map where the widths differ (renormalised), and the teacher's, summed over the width,
   averaged over the batch and the two towers.
+Data-parallel, both terms are over each rank's own batch (the teacher's affinities are a local
+batch's): the objective's distillation part depends on the per-process batch, not the global one.
 
 The teacher is a fastclip checkpoint (`compression.teacher`: a file, a run dir or runs:/<MLflow run
 id>, through fastclip.inference.load). It runs in eval mode under no_grad, is never in the optimizer,
@@ -45,11 +47,11 @@ class Distiller:
         self.same_tokens = (type(teacher_tokenizer) is type(student_tokenizer)
                             and getattr(teacher_tokenizer, "context_length", None)
                             == getattr(student_tokenizer, "context_length", None))
-        self.projection = getattr(student, PROJECTION, None)
 
     @torch.no_grad()
     def teacher_outputs(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[dict, float]:
-        """The teacher's forward on the student's batch, read its own way -> (outputs, milliseconds)."""
+        """The teacher's forward on the student's batch, read its own way -> (outputs, milliseconds: the
+        caption re-tokenization and the forward; on CUDA synchronised around it, one wait per step)."""
         if images.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -72,7 +74,7 @@ class Distiller:
     def __call__(self, loss, parts: dict, out: dict, images: torch.Tensor, tokens: torch.Tensor):
         teacher, ms = self.teacher_outputs(images, tokens)
         kl = affinity_kl(out, teacher, self.temperature)
-        mse = feature_mse(out, teacher, self.projection)
+        mse = feature_mse(out, teacher)
         total = loss - self.alpha * parts["contrastive_loss"] + self.alpha * kl + self.beta * mse
         return total, {"distill/kl": kl.detach(), "distill/feature_mse": mse.detach(), "time/teacher_ms": ms}
 
@@ -89,17 +91,22 @@ def affinity_kl(student: dict, teacher: dict, temperature: float = 1.0) -> torch
     return (kl(s, t) + kl(s.T, t.T)) / 2 * temperature ** 2
 
 
-def feature_mse(student: dict, teacher: dict, projection: nn.Module | None = None) -> torch.Tensor:
-    """Squared distance between the student's unit embeddings (projected to the teacher's width and
-    renormalised, where a projection is given) and the teacher's, summed over the width, averaged
-    over the batch and the two towers."""
+def feature_mse(student: dict, teacher: dict) -> torch.Tensor:
+    """Squared distance between the student's unit embeddings (projected_<key> where the student has a
+    projection to the teacher's width) and the teacher's, summed over the width, averaged over the
+    batch and the two towers."""
     total = 0.0
     for key in ("image_features", "text_features"):
-        s = student[key]
-        if projection is not None:
-            s = F.normalize(projection(s), dim=-1)
+        s = student.get(f"projected_{key}", student[key])
         total = total + (s.float() - teacher[key].float()).pow(2).sum(-1).mean()
     return total / 2
+
+
+def _with_projected_features(model: nn.Module, args, out: dict) -> dict:
+    """The student's forward hook: its unit embeddings mapped to the teacher's width, renormalised."""
+    projection = getattr(model, PROJECTION)
+    return {**out, **{f"projected_{key}": F.normalize(projection(out[key]), dim=-1)
+                      for key in ("image_features", "text_features")}}
 
 
 def build_distiller(cc, student: nn.Module, student_tokenizer, student_image_size: int, device,
@@ -120,6 +127,9 @@ def build_distiller(cc, student: nn.Module, student_tokenizer, student_image_siz
     width_s, width_t = _embed_width(student, student_tokenizer, device), _embed_width(teacher, tokenizer, device)
     if width_s != width_t:
         setattr(student, PROJECTION, nn.Linear(width_s, width_t, bias=False, device=device))
+        # projected inside the student's forward: data-parallel, DistributedDataParallel then sees the
+        # projection used in the forward it wraps (with find_unused_parameters too)
+        student.register_forward_hook(_with_projected_features)
     size = _image_size(preprocess)
     return Distiller(teacher, tokenizer, student, student_tokenizer, cc, size, student_image_size)
 

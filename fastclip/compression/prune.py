@@ -8,10 +8,11 @@ and its out_proj columns; a channel: its c_fc row and c_proj column); at the end
 (`shrunk_copy`), so the matrices shrink and the dense forward gets cheaper.
 
 schedule=oneshot: the model trains dense until `compression.finetune_steps` before the end, is pruned
-to `compression.sparsity` there, and fine-tunes the rest with the masks held. schedule=gradual: the
-cubic schedule of Zhu & Gupta 2017 ("To prune, or not to prune"): s_t = s_f (1 - (t - t0) / (t1 - t0))^3
-from the warm-up's end t0 to t1 = the start of the fine-tuning, masks recomputed every
-`compression.prune_every` steps.
+to `compression.sparsity` there, and fine-tunes the rest with the masks held (inside the run's one
+schedule, so a pruned run trains as many steps as a dense one; the fine-tuning has the schedule's
+tail learning rate). schedule=gradual: the cubic schedule of Zhu & Gupta 2017 ("To prune, or not to
+prune"): s_t = s_f (1 - (1 - (t - t0) / (t1 - t0))^3) from the warm-up's end t0 to t1 = the start of
+the fine-tuning, masks recomputed every `compression.prune_every` steps.
 
 Masks act on the weights themselves: after every optimizer step the pruned entries are set to zero
 again, so every reader of a weight sees them (open_clip's MultiheadAttention reads
@@ -223,6 +224,24 @@ class Pruner:
         self.apply()
 
     @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zeroes the pruned entries' gradients (before clipping: a pruned weight's gradient must not
+        count in the norm that scales the surviving ones)."""
+        params = dict(self.model.named_parameters())
+        for name, mask in self.masks.items():
+            grad = params[name].grad
+            if grad is not None:
+                grad.mul_(mask)
+
+    def finish(self) -> bool:
+        """The schedule's final masks, if the run ended before reaching them (an epoch limit, skipped
+        batches) -> whether they had to be applied now (then without fine-tuning)."""
+        if self.applied == self.sparsity:
+            return False
+        self.after_step(self.end)
+        return True
+
+    @torch.no_grad()
     def apply(self) -> None:
         """Zeroes the pruned entries (after each optimizer step, and after loading weights)."""
         params = dict(self.model.named_parameters())
@@ -240,21 +259,6 @@ class Pruner:
         self.apply()
 
 
-def dense_layout(model: nn.Module) -> nn.Module:
-    """A copy with every zero of the prunable weights refilled with noise at its tensor's scale: the
-    model as it would be unpruned, to time beside the pruned one (dense kernels take the same time
-    whatever the values; the refill rules out any shortcut a zero might take)."""
-    out = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in prunable_weights(out).values():
-            zero = w == 0
-            if zero.any():
-                noise = torch.randn(w.shape, generator=generator).to(w) * float(w.std() or 1e-3)
-                w.copy_(torch.where(zero, noise, w))
-    return out
-
-
 @torch.no_grad()
 def _gflops(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
     from fastclip.eval.efficiency import count_gflops
@@ -262,31 +266,39 @@ def _gflops(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dic
             "efficiency/text_gflops": count_gflops(model.text, tokens)[0]}
 
 
-def compress(task, cfg, pruner: Pruner, final: dict[str, float]) -> dict[str, float]:
+def compress(task, cfg, pruner: Pruner, final: dict[str, float], step: int) -> dict[str, float]:
     """The pruned model measured: the sparsity counted from its weights, its nonzero parameters, its
-    bytes, its eval latency beside the unpruned layout's, and (oneshot) the zero-shot the dense model had
+    bytes, its eval latency beside its dense layout's, and (oneshot) the zero-shot the dense model had
     just before pruning as <name>_dense. structured: the pruned heads and channels removed first; its
     zero-shot is the shrunk model's own (it equals the masked model's, which the loop evaluated), and
-    efficiency/{image,text}_gflops are counted on it (beside the dense layout's as *_dense).
+    efficiency/{image,text}_gflops are counted on it (beside the dense layout's as *_dense). A run that
+    ended (step) before its schedule's final masks gets them now, unfine-tuned, and says so
+    (compression/pruned_at_end = 1).
     Unstructured zeros stay in dense matrices: the FLOPs and the latency do not fall, and the
     numbers show it."""
     from fastclip.compression.quant import QUALITY, eval_batch_ms, model_bytes
     model = task.model
     was_training = model.training
+    late = pruner.finish()
+    if late:
+        log.warning("the run ended at step %d, before its pruning schedule's end (step %d): the final masks were "
+                    "applied now, without fine-tuning", step, pruner.end)
     try:
         model.eval()
         deployed = shrunk_copy(model) if pruner.structure == "structured" else model
-        reference = dense_layout(model)
         images, tokens = task.eval_batch()
-        dense_ms = eval_batch_ms(reference, images, tokens)
+        # the dense twin is the pruned model in its dense layout: dense kernels take the same time whatever
+        # the values (unstructured: it is the deployed model itself, timed again)
+        dense_ms = eval_batch_ms(model, images, tokens)
         pruned_ms = eval_batch_ms(deployed, images, tokens)
         metrics = {f"{k}_dense": v for k, v in pruner.dense.items() if k.startswith(QUALITY)}
-        if deployed is not model:
+        if deployed is not model or late:  # the loop's final evaluation was of another model
             metrics.update({k: v for k, v in task.quality(deployed).items() if k.startswith(QUALITY)})
-            metrics.update(_gflops(deployed, images, tokens))  # the shrunk towers' own count
-            metrics.update({f"{k}_dense": v for k, v in _gflops(model, images, tokens).items()})
         else:
             metrics.update({k: v for k, v in final.items() if k.startswith(QUALITY)})
+        if deployed is not model:
+            metrics.update(_gflops(deployed, images, tokens))  # the shrunk towers' own count
+            metrics.update({f"{k}_dense": v for k, v in _gflops(model, images, tokens).items()})
     finally:
         model.train(was_training)
     metrics.update({
@@ -295,6 +307,5 @@ def compress(task, cfg, pruner: Pruner, final: dict[str, float]) -> dict[str, fl
         "compression/params_nonzero_dense": float(sum(p.numel() for p in model.parameters())),
         "compression/model_mb": model_bytes(deployed) / 1e6, "compression/model_mb_dense": model_bytes(model) / 1e6,
         "time/eval_batch_ms": pruned_ms, "time/eval_batch_ms_dense": dense_ms})
-    if abs(metrics["compression/sparsity"] - pruner.sparsity) > 0.01 and pruner.structure == "unstructured":
-        log.warning("compression.sparsity=%s, reached %.4f", pruner.sparsity, metrics["compression/sparsity"])
+    metrics["compression/pruned_at_end"] = float(late)
     return metrics
