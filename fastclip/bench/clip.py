@@ -1,7 +1,9 @@
 """make bench-clip: vanilla ViT vs DTP-ViT (gumbel prior 0.25 with the paper's d->4d->1 boundary
 predictor, and with a d->d->1 one and row breaks, started at the prior's rate or at fixed k's grid;
 fixed k=4; fixed k=4 and the stride-started d->d->1 row again with the patches read along a Hilbert
-curve, where k=4 pools 2x2 squares) vs ToMe at the learned rows' GFLOPs, equal steps, on digits and on CIFAR-10
+curve, where k=4 pools 2x2 squares) vs ToMe at the learned rows' GFLOPs, and the peer baselines (ToMe,
+FLIP patch dropout, EViT, a coarser patch grid) each at the fixed-Hilbert row's GFLOPs with a ranking
+by zero-shot top-1 among the rows at matched GFLOPs, equal steps, on digits and on CIFAR-10
 (class-template captions; zero-shot on held-out images with unseen templates). Per run: zero-shot
 top-1 (learned rows: also with their boundaries shuffled over the patches, same count: what the
 placement itself is worth), image GFLOPs from the real eval boundaries, achieved compression, the
@@ -10,6 +12,7 @@ step time (data wait included, and compute alone) and peak memory; then our trai
 open_clip_train's train_one_epoch (harness overhead).
 
     python -m fastclip.bench.clip [--steps 300] [--datasets digits,cifar10] [--seeds 0,1,2]
+        [--peers tome,patch_dropout,evit,coarser_grid] [--only-matched]
 
 With several seeds every variant runs once per seed (the seed config key: weights, data order,
 boundary noise); the table gives the mean and each seed's top-1, so a gap can be read against
@@ -58,27 +61,57 @@ DATASETS = {"digits": ["dataset=digits"],
             "cifar10": ["dataset=image_folder", f"dataset.path={CIFAR}"]}
 
 
-def tome_r_for(gflops_target: float, geometry: list[str] = GEOMETRY, image_size: int = 32,
-               device: torch.device = torch.device("cpu")) -> int:
-    """The ToMe merge rate whose image GFLOPs come closest to the target (ToMe's cost does not
-    depend on the weights, so an untrained tower measures it exactly; it falls as r grows, so
-    the search stops once it passes the target)."""
+def matched_knob(candidates, overrides_for, gflops_target: float, geometry: list[str] = GEOMETRY,
+                 image_size: int = 32, device: torch.device = torch.device("cpu")):
+    """The knob value among `candidates` whose image tower's GFLOPs (eval mode, untrained: the count does
+    not depend on the weights) come closest to the target -> (value, its GFLOPs). overrides_for(value):
+    the config overrides that set it."""
     from fastclip.config import compose_train_config
     from fastclip.eval.efficiency import count_gflops
     from fastclip.models.clip import build_clip
     images = torch.randn(2, 3, image_size, image_size, device=device)
     best = None
-    for r in range(1, 49):
-        cfg = compose_train_config(geometry + ["boundary=tome", f"boundary.r={r}"])
+    for value in candidates:
+        cfg = compose_train_config(geometry + overrides_for(value))
         model, _ = build_clip(cfg.encoder, cfg.boundary)
         model.to(device).eval()
         with torch.no_grad():
             g, _ = count_gflops(model.visual, images)
-        if best is None or abs(g - gflops_target) < best[1]:
-            best = (r, abs(g - gflops_target))
-        if g < gflops_target:
-            break
-    return best[0]
+        if best is None or abs(g - gflops_target) < abs(best[1] - gflops_target):
+            best = (value, g)
+    return best
+
+
+def tome_r_for(gflops_target: float, geometry: list[str] = GEOMETRY, image_size: int = 32,
+               device: torch.device = torch.device("cpu")) -> int:
+    """The ToMe merge rate whose image GFLOPs come closest to the target."""
+    return matched_knob(range(1, 49), lambda r: ["boundary=tome", f"boundary.r={r}"], gflops_target, geometry,
+                        image_size, device)[0]
+
+
+# The peer baselines bench-clip matches to the DTP fixed-Hilbert row's image GFLOPs: key -> (label with
+# {} for the knob, the knob's candidates, its overrides). Patch dropout evaluates at its keep rate
+# (eval_keep) so that its logged GFLOPs are the matched ones; its train-only row evaluates on all patches.
+PEERS = {
+    "tome": ("ToMe r={}", range(1, 49), lambda r: ["boundary=tome", f"boundary.r={r}"]),
+    "patch_dropout": ("patch dropout keep={:.3f}, eval at keep", [k / 64 for k in range(4, 64)],
+                      lambda keep: ["boundary=patch_dropout", f"boundary.keep={keep}", "boundary.eval_keep=true"]),
+    # at block 0, where DTP pools (after block 0): matched, it keeps 0.35 (at block 1 it would keep 0.10)
+    "evit": ("EViT keep={:.2f} at block 0", [k / 100 for k in range(5, 100, 5)],
+             lambda keep: ["boundary=evit", f"boundary.keep={keep}", "boundary.layers=[0]"]),
+    "coarser_grid": ("vanilla ViT, patch {} (coarser grid)", range(5, 9),
+                     lambda p: ["boundary=none", f"encoder.vision.patch_size={p}"]),
+}
+MATCH_BAND = 0.10  # rows within 10% of the target GFLOPs count as matched in the ranking
+
+
+def ranking(rows: list[dict], target: float) -> str:
+    """The rows within MATCH_BAND of the target image GFLOPs, best zero-shot top-1 first."""
+    matched = [r for r in rows if abs(r["efficiency/image_gflops"] / target - 1) <= MATCH_BAND]
+    matched.sort(key=lambda r: -r["zeroshot/top1"])
+    lines = [f"{i + 1}. {r['variant']}: top-1 {r['zeroshot/top1']:.3f}, GFLOPs / vanilla {r['gflops_ratio']:.2f}"
+             for i, r in enumerate(matched)]
+    return f"Ranking at matched image GFLOPs ({target:.4f} +- {MATCH_BAND:.0%}):\n\n" + "\n".join(lines)
 
 
 def over_seeds(name: str, overrides: list[str], run_dir: Path, seeds: list[int]) -> dict:
@@ -95,6 +128,9 @@ def main(argv=None):
     ap.add_argument("--datasets", default="digits,cifar10")
     ap.add_argument("--seeds", default="0", help="comma-separated run seeds (seed=...); top-1 is their mean")
     ap.add_argument("--overhead-epochs", type=int, default=10, help="0 skips the harness-overhead measurement")
+    ap.add_argument("--peers", default=",".join(PEERS), help="peer baselines matched to DTP fixed k=4 Hilbert's "
+                    f"GFLOPs (comma-separated of {', '.join(PEERS)}; empty: none)")
+    ap.add_argument("--only-matched", action="store_true", help="vanilla, DTP fixed k=4 Hilbert and the peers only")
     ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "clip.md"))
     args = ap.parse_args(argv)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -110,7 +146,8 @@ def main(argv=None):
                                             "tracking.experiment=bench-clip"]
         # (name, overrides, ToMe matched to its GFLOPs)
         variants = [("vanilla ViT", ["boundary=none"], False)] + [
-            (*DTP_VARIANTS[key], match) for key, match in BENCH_CLIP_ROWS]
+            (*DTP_VARIANTS[key], match) for key, match in BENCH_CLIP_ROWS
+            if not args.only_matched or key == "fixed_hilbert"]
         rows = []
         for name, overrides, _ in variants:
             print(f"== {ds}: {name}", flush=True)
@@ -125,6 +162,17 @@ def main(argv=None):
                 tome_runs[r] = over_seeds(f"ToMe r={r} (GFLOPs of {row['variant']})",
                                           common + ["boundary=tome", f"boundary.r={r}"], root / ds / f"tome_r{r}", seeds)
         rows.extend(tome_runs.values())
+        target = next(r for r in rows if r["variant"] == DTP_VARIANTS["fixed_hilbert"][0])["efficiency/image_gflops"]
+        for key in args.peers.split(",") if args.peers else []:
+            label, candidates, overrides_for = PEERS[key]
+            value, _ = matched_knob(candidates, overrides_for, target)
+            name = label.format(value)
+            print(f"== {ds}: {name}", flush=True)
+            rows.append(over_seeds(name, common + overrides_for(value), root / ds / f"{key}_{value}", seeds))
+            if key == "patch_dropout":  # the same training, evaluated on every patch
+                train_only = [o for o in overrides_for(value) if not o.startswith("boundary.eval_keep")]
+                rows.append(over_seeds(name.replace("eval at keep", "eval on all patches"), common + train_only,
+                                       root / ds / f"{key}_{value}_eval_all", seeds))
         base = rows[0]
         for row in rows:
             row["gflops_ratio"] = row["efficiency/image_gflops"] / base["efficiency/image_gflops"]
@@ -146,7 +194,8 @@ def main(argv=None):
                             ("median step (s)", "time/step_median_s", ".3f"), ("step / vanilla", "step_ratio", ".2f"),
                             ("of which data wait (s)", "time/data_median_s", ".3f"),
                             ("compute / vanilla", "compute_ratio", ".2f"),
-                            ("peak RSS (MB)", "memory/peak_rss_mb", ".0f")]))
+                            ("peak RSS (MB)", "memory/peak_rss_mb", ".0f")])
+                        + "\n\n" + ranking(rows, target))
     if args.overhead_epochs <= 0:
         emit("\n\n".join(sections), Path(args.out))
         return
