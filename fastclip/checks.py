@@ -71,7 +71,7 @@ def _check_compression(cfg: DictConfig) -> None:
         if cfg.trainer.max_steps:  # the run's length is known before the data: the pruning must fit in it
             total = cfg.trainer.max_steps
             value = cc.finetune_steps
-            finetune = round(value * total) if 0 < value < 1 else int(value)
+            finetune = steps_of(value, total)
             if total - finetune < 1:
                 raise ConfigError(f"compression.finetune_steps={cc.finetune_steps} leaves no steps to train before "
                                   f"pruning (trainer.max_steps={total})")
@@ -180,13 +180,18 @@ def _check_trainer(tc: DictConfig) -> None:
     warmup_steps(tc.warmup_steps, tc.max_steps or 1 << 62, f"trainer.max_steps={tc.max_steps}")
 
 
+def steps_of(value, total: int) -> int:
+    """A step-count key's value as steps of a `total`-step run: an integer, or a fraction of the run in (0, 1)."""
+    return round(value * total) if 0 < value < 1 else int(value)
+
+
 def warmup_steps(value, total: int, run: str) -> int:
     """trainer.warmup_steps as steps: an integer, or a fraction of the run in (0, 1). A warm-up
     longer than the run (`run` says how long it is) is an error: its lr would never reach trainer.lr
     (the README's old grid at epochs=1 ran 11 steps under a 20-step warm-up and stayed at chance)."""
     if value is None or value < 0:
         raise ConfigError(f"trainer.warmup_steps={value}: expected steps >= 0 or a fraction of the run in (0, 1)")
-    steps = round(value * total) if 0 < value < 1 else int(value)
+    steps = steps_of(value, total)
     if steps > total:
         raise ConfigError(f"trainer.warmup_steps={value} is longer than {run}: the learning rate would never reach "
                           f"trainer.lr. Use fewer steps, or a fraction of the run (trainer.warmup_steps=0.1 warms up "

@@ -38,7 +38,7 @@ class Distiller:
     tokens) -> (loss, metrics): the student's objective (clip_objective's loss and parts) with the
     distillation terms mixed in, and distill/kl, distill/feature_mse, time/teacher_ms."""
 
-    def __init__(self, teacher: nn.Module, teacher_tokenizer, student: nn.Module, student_tokenizer, cc,
+    def __init__(self, teacher: nn.Module, teacher_tokenizer, student_tokenizer, cc,
                  teacher_image_size: int, student_image_size: int):
         self.teacher, self.teacher_tokenizer, self.student_tokenizer = teacher, teacher_tokenizer, student_tokenizer
         self.alpha, self.beta, self.temperature = float(cc.alpha), float(cc.beta), float(cc.temperature)
@@ -131,7 +131,7 @@ def build_distiller(cc, student: nn.Module, student_tokenizer, student_image_siz
         # projection used in the forward it wraps (with find_unused_parameters too)
         student.register_forward_hook(_with_projected_features)
     size = _image_size(preprocess)
-    return Distiller(teacher, tokenizer, student, student_tokenizer, cc, size, student_image_size)
+    return Distiller(teacher, tokenizer, student_tokenizer, cc, size, student_image_size)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from fastclip.checks import ConfigError
+from fastclip.checks import ConfigError, steps_of
 from fastclip.compression import PRUNE_SCHEDULES, PRUNE_STRUCTURES
 from fastclip.compression.attention import ProjectedAttention, project_attention
 from fastclip.compression.quant import FLOAT_PARTS
@@ -167,7 +167,7 @@ def steps_value(value, total: int, key: str) -> int:
     """An integer number of steps, or a fraction of the run's `total` steps in (0, 1)."""
     if value is None or value < 0:
         raise ConfigError(f"{key}={value}: expected steps >= 0 or a fraction of the run in (0, 1)")
-    return round(value * total) if 0 < value < 1 else int(value)
+    return steps_of(value, total)
 
 
 class Pruner:
