@@ -107,6 +107,23 @@ def test_patch_dropout_keeps_its_fraction_in_training_and_every_patch_at_eval_un
     assert first_block_lengths(visual, images, train=False) == [1 + 16]
     _, info = visual.eval()(images)
     assert info["tokens"].tolist() == [64.0] * 3 and info["segments"].tolist() == [16.0] * 3
+    with visual.all_patches():  # the eval_keep run's weights read on every patch (zeroshot/top1_all_patches)
+        assert first_block_lengths(visual, images, train=False) == [1 + 64]
+        assert visual.eval()(images)[1]["segments"].tolist() == [64.0] * 3
+    assert first_block_lengths(visual, images, train=False) == [1 + 16]  # and back
+
+
+def test_a_patch_dropout_run_at_keep_also_scores_every_patch_at_the_end(tmp_path):
+    """One training gives bench-clip both patch-dropout rows: top-1 at the keep rate (the matched
+    GFLOPs) and, from the same weights, on every patch."""
+    from fastclip.tasks.clip import ClipTask
+    cfg = compose_cfg(TINY_CLIP + ["boundary=patch_dropout", "boundary.keep=0.5", "boundary.eval_keep=true"])
+    task = ClipTask(cfg, torch.device("cpu"))
+    final = task.final_evaluate()
+    with task.model.visual.all_patches():
+        assert final["zeroshot/top1_all_patches"] == task._zero_shot()["top1"]
+    assert "zeroshot/top1_all_patches" not in ClipTask(compose_cfg(TINY_CLIP + ["boundary=patch_dropout"]),
+                                                       torch.device("cpu")).final_evaluate()
 
 
 def test_evit_keeps_the_top_k_by_class_attention_and_fuses_the_rest_by_that_attention():
@@ -175,3 +192,22 @@ def test_peer_baselines_are_image_only_and_checked_before_training():
         tower("boundary=patch_dropout", "boundary.keep=1.5")
     with pytest.raises(ValueError, match=r"boundary.layers=\[7\]"):
         tower("boundary=evit", "boundary.layers=[7]")
+
+
+@pytest.mark.parametrize("values", [list(range(1, 49)), list(range(48, 0, -1)), [5, 6, 7, 8], [3]])
+def test_bench_knob_bisection_finds_what_trying_every_candidate_finds(values):
+    """The bench matches each peer's knob to a GFLOPs target by bisection (a ViT-B/16 build per
+    candidate made the exhaustive search minutes long): on rising, falling and flat-topped costs it
+    must pick the candidate an exhaustive search picks, with O(log n) evaluations."""
+    from fastclip.bench.clip import closest_monotone
+    calls = []
+
+    def cost(v):  # falls with v, with a plateau where ToMe runs out of tokens
+        calls.append(v)
+        return 100.0 / min(v, 30)
+
+    for target in [1.0, 3.4, 3.3334, 5.1, 17.0, 40.0, 200.0]:
+        calls.clear()
+        value, got = closest_monotone(values, cost, target)
+        assert got == cost(value) and len(calls) - 1 <= 3 + math.ceil(math.log2(len(values)))
+        assert abs(got - target) == min(abs(cost(v) - target) for v in values)

@@ -1,33 +1,44 @@
-"""make bench-gpu-recipe: does learned DTP close its accuracy gap with longer training? The
-bench-clip CIFAR-10 comparison (vit_tiny at patch 4, batch 128, class-template captions,
-zero-shot on held-out images with unseen templates) run 10x longer on one GPU: vanilla, DTP
-gumbel 0.25 (predictor d->4d->1 and d->d->1, the latter also with row breaks and a stride start,
-or in Hilbert order with a stride start), fixed k=4 (raster strips or Hilbert 2x2 squares), ToMe at gumbel's GFLOPs. Each run goes
-through the same task and loop as `python -m fastclip.train`; zero-shot top-1 is recorded at
-every evaluation (about every third of the run). Not tracked in MLflow (the GPU machine has no
-store): the table and a JSON of every evaluation go to --out.
+"""make bench-gpu-recipe: bench-clip's comparison (vit_tiny at patch 4, batch 128, class-template
+captions, zero-shot on held-out images with unseen templates) on one GPU, longer and over seeds:
+vanilla, the DTP rows (gumbel 0.25 with the d->4d->1 or d->d->1 predictor, row breaks, a stride
+start, Hilbert order; fixed k=4 as raster strips or Hilbert 2x2 squares), and the peer baselines
+(ToMe, patch dropout, EViT, a coarser grid) with their knob solved for the DTP fixed k=4 Hilbert
+row's image GFLOPs, as bench-clip does. Each run goes through the same task and loop as
+`python -m fastclip.train` in a fresh process; zero-shot top-1 is recorded at every evaluation
+(about every third of the run). --jobs runs that many at once on the one GPU (this tower is far too
+small to fill it alone), which makes their step times shared-machine times: read top-1 from such a
+table, speed from bench-gpu. Not tracked in MLflow (the GPU machine has no store): the table, the
+ranking at matched GFLOPs and a JSON per run go to --out.
 
-    python -m fastclip.bench.gpu_recipe [--data ../shared/data/cifar10-test] [--steps 3000] [--out DIR]
-        [--only vanilla,gumbel,fixed,tome,gumbel_r1,gumbel_r1_rb,gumbel_r1_rb_stride,fixed_hilbert,gumbel_r1_hilbert_stride]
-        [--tome-r R] [--device cuda|cpu]
+    python -m fastclip.bench.gpu_recipe [--datasets cifar10,digits] [--data ../shared/data/cifar10-test]
+        [--steps 3000] [--seeds 0,1,2] [--jobs 8] [--out DIR] [--device cuda|cpu]
+        [--only vanilla,fixed_hilbert,tome,patch_dropout,evit,coarser_grid,...]
 """
 import argparse
+import concurrent.futures as cf
 import json
+import multiprocessing as mp
+import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from fastclip import runtime
-from fastclip.bench.clip import CIFAR, DTP_VARIANTS, GEOMETRY, tome_r_for
+from fastclip.bench.clip import CIFAR, DATASETS, DTP_VARIANTS, GEOMETRY, PEERS, all_patches_row, matched_knob, ranking
 from fastclip.bench.common import markdown_table, schedule
 from fastclip.config import compose_train_config
 from fastclip.loop import fit
 from fastclip.tasks import build_task
 
 # key -> (table label, overrides); the DTP rows are bench-clip's (their learned rows also report
-# top-1 with their boundaries shuffled); ToMe's r is matched to the gumbel run's GFLOPs unless --tome-r.
-VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]), "tome": ("ToMe", None), **DTP_VARIANTS}
+# top-1 with their boundaries shuffled); the peers' labels and overrides come from their matched knob.
+VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]), **DTP_VARIANTS}
+PEER_KEYS = list(PEERS)  # patch dropout's row is followed by its runs scored on every patch
+MATCH_TO = "fixed_hilbert"  # the row whose image GFLOPs the peers are matched to
+DIGITS_IMAGES = 1797
+
 
 class EvalRecorder:
     """Stands in for the MLflow tracker: keeps every evaluation's metrics, drops the rest."""
@@ -62,65 +73,143 @@ def train_one(overrides: list[str], run_dir: Path, device: torch.device) -> tupl
     return metrics, recorder.evals
 
 
+def _job(overrides: list[str], run_dir: str, device: str) -> dict:
+    """One run in a spawned process -> its metrics, evaluations and wall time (also left in result.json)."""
+    t0 = time.perf_counter()
+    metrics, evals = train_one(overrides, Path(run_dir), runtime.pick_device(device))
+    result = {"metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+              "evals": evals, "wall_s": time.perf_counter() - t0}
+    Path(run_dir, "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def peer_variants(keys: list[str], tome_r: int | None) -> dict:
+    """The requested peers with their knob solved for the DTP fixed k=4 Hilbert row's image GFLOPs
+    (fixed boundaries do not depend on the weights, so an untrained tower gives the trained one's count)."""
+    wanted = [k for k in keys if k in PEER_KEYS]
+    if not wanted:
+        return {}
+    from fastclip.eval.efficiency import count_gflops
+    from fastclip.models.clip import build_clip
+    cfg = compose_train_config(GEOMETRY + DTP_VARIANTS[MATCH_TO][1])
+    model, _ = build_clip(cfg.encoder, cfg.boundary)
+    with torch.no_grad():
+        target, _ = count_gflops(model.eval().visual, torch.randn(2, 3, 32, 32))
+    out = {}
+    for key in wanted:
+        label, candidates, overrides_for = PEERS[key]
+        value = tome_r if key == "tome" and tome_r is not None else matched_knob(candidates, overrides_for, target)[0]
+        out[key] = (label.format(value), overrides_for(value))
+        print(f"{out[key][0]}: matched to {target:.4f} image GFLOPs of {DTP_VARIANTS[MATCH_TO][0]}", flush=True)
+    return out
+
+
+def dataset_overrides(name: str, cifar: str) -> tuple[list[str], int]:
+    """A dataset's overrides and its training images (for the evaluation spacing)."""
+    if name == "cifar10":
+        return ["dataset=image_folder", f"dataset.path={cifar}"], int(0.8 * sum(1 for p in Path(cifar).rglob("*") if p.is_file()))
+    return list(DATASETS[name]), int(0.8 * DIGITS_IMAGES)
+
+
+def summarize(label: str, results: list[dict | None]) -> dict:
+    """The row of one variant: each metric's mean over the seeds that finished, each seed's top-1
+    ("-": failed or not finished), and the mean top-1 at each evaluation."""
+    done = [r for r in results if r is not None]
+    if not done:
+        return {"variant": label, "top1_per_seed": " / ".join("-" for _ in results)}
+    keys = [k for k in done[0]["metrics"] if all(k in r["metrics"] for r in done)]
+    row = {"variant": label, **{k: statistics.mean(r["metrics"][k] for r in done) for k in keys},
+           "wall_s": statistics.mean(r["wall_s"] for r in done)}
+    row["top1_per_seed"] = " / ".join("-" if r is None else f"{r['metrics']['zeroshot/top1']:.3f}" for r in results)
+    curves = [[e["zeroshot/top1"] for e in r["evals"]] for r in done]
+    row["top1_curve"] = " / ".join(f"{statistics.mean(c):.3f}" for c in zip(*curves))
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--datasets", default="cifar10", help="comma-separated of cifar10, digits")
     ap.add_argument("--data", default=str(CIFAR), help="CIFAR-10 test set as class folders")
     ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--seeds", default="0", help="comma-separated run seeds; top-1 is their mean")
     ap.add_argument("--evals", type=int, default=3, help="evaluations spread over the run")
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once on the device (their times are then shared)")
+    ap.add_argument("--workers", type=int, default=8, help="loader workers per run")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--only", default="vanilla,gumbel,fixed,tome,gumbel_r1", help="variants, in this order")
-    ap.add_argument("--tome-r", type=int, default=None, help="ToMe merge rate (default: matched to gumbel)")
-    ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every variant run, e.g. boundary.image_pool=cls")
+    ap.add_argument("--only", default="vanilla,fixed_hilbert,tome,gumbel_r1_hilbert_stride",
+                    help=f"variants, in this order, of {', '.join([*VARIANTS, *PEER_KEYS])}")
+    ap.add_argument("--tome-r", type=int, default=None, help="ToMe merge rate (default: matched to fixed k=4 Hilbert)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every run, e.g. boundary.image_pool=cls")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/gpu_recipe"))
     args = ap.parse_args(argv)
-    steps_per_epoch = int(0.8 * sum(1 for p in Path(args.data).rglob("*") if p.is_file())) // 128
-    every = max(1, args.steps // max(1, steps_per_epoch) // args.evals)
-    common = ["dataset=image_folder", f"dataset.path={args.data}"] + GEOMETRY + [
-        *schedule(args.steps, warmup=20), "epochs=100000", f"eval.every_epochs={every}", "trainer.progress=false",
-        f"trainer.num_workers={args.workers}", f"device={args.device}"]
-    extra = list(args.set)
-    rows, history = [], {}
-    keys = args.only.split(",")
-    unknown = [k for k in keys if k not in VARIANTS]
+    keys, seeds, datasets = args.only.split(","), [int(s) for s in args.seeds.split(",")], args.datasets.split(",")
+    unknown = [k for k in keys if k not in VARIANTS and k not in PEER_KEYS]
     if unknown:
-        raise SystemExit(f"--only {args.only!r}: unknown {unknown}; choose from {list(VARIANTS)}")
-    if "tome" in keys and args.tome_r is None and ("gumbel" not in keys or keys.index("tome") < keys.index("gumbel")):
-        raise SystemExit("--only: ToMe is matched to the gumbel run's GFLOPs, so gumbel must run first (or give --tome-r)")
-    tome_r = args.tome_r
+        raise SystemExit(f"--only {args.only!r}: unknown {unknown}; choose from {[*VARIANTS, *PEER_KEYS]}")
+    bad = [d for d in datasets if d not in DATASETS]
+    if bad:
+        raise SystemExit(f"--datasets {args.datasets!r}: unknown {bad}; choose from {list(DATASETS)}")
+    variants = {**VARIANTS, **peer_variants(keys, args.tome_r)}
     device = runtime.pick_device(args.device)
+    header = (f"{args.steps} steps, seeds {args.seeds}, batch 128, vit_tiny patch 4 (64 patches, 4 blocks), device "
+              f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {args.jobs} run(s) at a time")
+    plans, jobs = {}, []
+    for ds in datasets:
+        data, train_images = dataset_overrides(ds, args.data)
+        every = max(1, args.steps // max(1, train_images // 128) // args.evals)
+        plans[ds] = (every, data + GEOMETRY + [
+            *schedule(args.steps, warmup=20), "epochs=100000", f"eval.every_epochs={every}", "trainer.progress=false",
+            f"trainer.num_workers={args.workers}", f"device={args.device}"])
+    # seed-major: a run cut short by a time limit still leaves every row's first seeds
+    jobs = [(ds, key, seed) for seed in seeds for ds in datasets for key in keys]
+    results = {job: None for job in jobs}
     args.out.mkdir(parents=True, exist_ok=True)
+    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_job, plans[ds][1] + variants[key][1] + [f"seed={seed}"] + list(args.set),
+                               str(args.out / ds / key / f"seed{seed}"), args.device): (ds, key, seed)
+                   for ds, key, seed in jobs}
+        for future in cf.as_completed(futures):
+            ds, key, seed = job = futures[future]
+            try:
+                results[job] = r = future.result()
+                print(f"== {ds} {variants[key][0]} seed {seed}: top1 {r['metrics']['zeroshot/top1']:.3f} at "
+                      f"{[round(e['zeroshot/top1'], 3) for e in r['evals']]}, image GFLOPs "
+                      f"{r['metrics']['efficiency/image_gflops']:.4f} ({r['wall_s']:.0f} s)", flush=True)
+            except Exception:  # one failed run costs its row's seed, not the table
+                print(f"== {ds} {variants[key][0]} seed {seed}: FAILED\n{traceback.format_exc()}", flush=True)
+            # rewritten after every run: a time limit leaves the table of the runs that finished
+            text = "\n\n".join(section(ds, plans[ds][0], keys, variants, results, seeds, header) for ds in datasets)
+            (args.out / "table.md").write_text(text + "\n")
+    print(text, flush=True)
+
+
+def section(ds: str, every: int, keys: list[str], variants: dict, results: dict, seeds: list[int], header: str) -> str:
+    """One dataset's table (runs not finished count as missing seeds) and its ranking at matched GFLOPs."""
+    rows = []
     for key in keys:
-        name, overrides = VARIANTS[key]
-        if key == "tome":
-            name, overrides = f"ToMe r={tome_r}", ["boundary=tome", f"boundary.r={tome_r}"]
-        t0 = time.perf_counter()
-        metrics, evals = train_one(common + overrides + extra, args.out / key, device)
-        rows.append({"variant": name, **metrics, "wall_s": time.perf_counter() - t0})
-        history[name] = evals
-        print(f"== {name}: top1 {metrics['zeroshot/top1']:.3f} at {[round(e['zeroshot/top1'], 3) for e in evals]} "
-              f"({rows[-1]['wall_s']:.0f} s)", flush=True)
-        (args.out / "history.json").write_text(json.dumps(history, indent=1))
-        if key == "gumbel" and tome_r is None:  # ToMe matched to the gumbel run's padded GFLOPs
-            tome_r = tome_r_for(metrics["efficiency/image_gflops"])
+        rows.append(summarize(variants[key][0], [results[ds, key, s] for s in seeds]))
+        if key == "patch_dropout" and "zeroshot/top1_all_patches" in rows[-1] and "efficiency/image_gflops" in rows[0]:
+            runs = [results[ds, key, s] for s in seeds]
+            rows[-1]["top1_all_patches_per_seed"] = " / ".join(
+                "-" if r is None else f"{r['metrics']['zeroshot/top1_all_patches']:.3f}" for r in runs)
+            rows.append(all_patches_row(rows[-1], rows[0]["efficiency/image_gflops"]))
     base = rows[0]
     for row in rows:
-        row["gflops_ratio"] = row["efficiency/image_gflops"] / base["efficiency/image_gflops"]
-        row["top1_delta"] = 100 * (row["zeroshot/top1"] - base["zeroshot/top1"])
-        row["top1_curve"] = " / ".join(f"{e['zeroshot/top1']:.3f}" for e in history[row["variant"]])
-    table = markdown_table(rows, [
+        if "efficiency/image_gflops" in row and "efficiency/image_gflops" in base:
+            row["gflops_ratio"] = row["efficiency/image_gflops"] / base["efficiency/image_gflops"]
+            row["top1_delta"] = 100 * (row["zeroshot/top1"] - base["zeroshot/top1"])
+    text = f"### {ds}: {header}, evals every {every} epochs\n\n" + markdown_table(rows, [
         ("variant", "variant", "s"), ("zero-shot top-1", "zeroshot/top1", ".3f"), ("Δ top-1 (pts)", "top1_delta", "+.1f"),
-        ("top-1 at each eval", "top1_curve", "s"),
-        ("top-1, boundaries shuffled", "zeroshot/top1_shuffled_placement", ".3f"), ("image GFLOPs", "efficiency/image_gflops", ".4f"),
-        ("GFLOPs / vanilla", "gflops_ratio", ".2f"), ("achieved compression", "efficiency/compression_image", ".2f"),
+        ("top-1 per seed", "top1_per_seed", "s"), ("top-1 at each eval (mean)", "top1_curve", "s"),
+        ("top-1, boundaries shuffled", "zeroshot/top1_shuffled_placement", ".3f"),
+        ("image GFLOPs", "efficiency/image_gflops", ".4f"), ("GFLOPs / vanilla", "gflops_ratio", ".2f"),
+        ("achieved compression", "efficiency/compression_image", ".2f"),
         ("median step (s)", "time/step_median_s", ".4f"), ("of which data wait (s)", "time/data_median_s", ".4f"),
         ("wall (s)", "wall_s", ".0f")])
-    header = (f"CIFAR-10, {args.steps} steps, batch 128, vit_tiny patch 4 (64 patches, 4 blocks), "
-              f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-              f"evals every {every} epochs")
-    print(header + "\n\n" + table, flush=True)
-    (args.out / "table.md").write_text(header + "\n\n" + table + "\n")
-
+    target = next((r.get("efficiency/image_gflops") for r, k in zip(rows, keys) if k == MATCH_TO), None)
+    if target is not None:
+        text += "\n\n" + ranking([r for r in rows if "gflops_ratio" in r], target)
+    return text
 
 if __name__ == "__main__":
     main()

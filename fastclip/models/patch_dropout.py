@@ -3,6 +3,8 @@ in training each image keeps a random `keep` fraction of its patches (the class 
 the whole ViT runs on them; evaluation sees every patch, or with eval_keep=true the same random
 fraction, so that its GFLOPs match training's. The dropping is open_clip's PatchDropout (the module
 open_clip's `patch_dropout` option installs after the positional embedding)."""
+import contextlib
+
 import torch
 from open_clip.transformer import PatchDropout
 from torch import nn
@@ -45,3 +47,14 @@ class PatchDropoutImageTower(nn.Module):
         B = images.shape[0]
         return emb, {"tokens": torch.full((B,), float(n), device=emb.device),
                      "segments": torch.full((B,), float(self.kept(n)), device=emb.device)}
+
+    @contextlib.contextmanager
+    def all_patches(self):
+        """Inside, evaluation runs on every patch whatever eval_keep says (training is untouched):
+        the eval_keep run's own weights read at full cost, its `zeroshot/top1_all_patches`."""
+        saved = self.vit.patch_dropout, self.eval_keep
+        self.vit.patch_dropout, self.eval_keep = nn.Identity(), False
+        try:
+            yield self
+        finally:
+            self.vit.patch_dropout, self.eval_keep = saved

@@ -27,6 +27,7 @@ from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.loop import StepOutput, ignore_stop_signals
 from fastclip.models.clip import build_clip, build_transforms, clip_objective
+from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import shuffled_placement
 
 
@@ -261,16 +262,23 @@ class ClipTask:
         return metrics
 
     def final_evaluate(self) -> dict[str, float]:
-        """eval.placement_control: zero-shot again with the learned image boundaries shuffled over
-        the patch positions (same count per image); top1_placement_gain = as learned - shuffled.
+        """At the end of a run. boundary=patch_dropout with eval_keep: zero-shot top-1 again on every
+        patch (`zeroshot/top1_all_patches`). eval.placement_control: zero-shot again with the learned
+        image boundaries shuffled over the patch positions (same count per image);
+        top1_placement_gain = as learned - shuffled.
         The learned top-1 is recomputed (one more zero-shot pass, opt-in) rather than taken from the
         loop's last evaluate, so the pair always comes from the same weights whatever called this."""
-        if not self.cfg.eval.placement_control:
-            return {}
-        with shuffled_placement(self.model.visual):
-            shuffled = self._zero_shot()["top1"]
-        return {"zeroshot/top1_shuffled_placement": shuffled,
-                "zeroshot/top1_placement_gain": self._zero_shot()["top1"] - shuffled}
+        metrics = {}
+        visual = self.model.visual
+        if isinstance(visual, PatchDropoutImageTower) and visual.eval_keep and visual.keep < 1:
+            with visual.all_patches():  # the same weights at full cost: a second bench row for free
+                metrics["zeroshot/top1_all_patches"] = self._zero_shot()["top1"]
+        if self.cfg.eval.placement_control:
+            with shuffled_placement(visual):
+                shuffled = self._zero_shot()["top1"]
+            metrics.update({"zeroshot/top1_shuffled_placement": shuffled,
+                            "zeroshot/top1_placement_gain": self._zero_shot()["top1"] - shuffled})
+        return metrics
 
     def _zero_shot(self, model=None, tokenizer=None) -> dict[str, float]:
         z = self.data.zeroshot
