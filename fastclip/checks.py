@@ -7,7 +7,7 @@ Only omegaconf is imported at module level: keep it that way.
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from fastclip.compression import PRUNE_SCHEDULES, PRUNE_STRUCTURES, QUANT_SCHEMES
+from fastclip.compression import PRUNE_SCHEDULES, PRUNE_STRUCTURES, QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.models.meaning import dtp_towers
 
 CLIP_DATASETS = ("digits", "image_folder", "csv", "coco2014", "webdataset")
@@ -53,6 +53,8 @@ def _check_compression(cfg: DictConfig) -> None:
                           f"retrieval (task=clip)")
     if name == "quant" and cc.scheme not in QUANT_SCHEMES:
         raise ConfigError(f"compression.scheme={cc.scheme!r}: expected {' or '.join(QUANT_SCHEMES)}")
+    if name == "quant" and cc.get("embedding", "int8") not in QUANT_EMBEDDINGS:
+        raise ConfigError(f"compression.embedding={cc.embedding!r}: expected {' or '.join(QUANT_EMBEDDINGS)}")
     if name == "quant" and not isinstance(cc.get("qat", False), bool):
         raise ConfigError(f"compression.qat={cc.qat!r}: expected true or false")
     if name == "prune":

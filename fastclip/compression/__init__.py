@@ -4,5 +4,6 @@ quant.py: int8 post-training quantization; prune.py: magnitude pruning (masks he
 
 # named once, checked before torch loads (fastclip.checks)
 QUANT_SCHEMES = ("dynamic", "weight_only")      # compression.scheme
+QUANT_EMBEDDINGS = ("int8", "float")            # compression.embedding
 PRUNE_STRUCTURES = ("unstructured", "structured")  # compression.structure
 PRUNE_SCHEDULES = ("oneshot", "gradual")        # compression.schedule

@@ -4,7 +4,8 @@ as quantized beside the dense model it came from.
 scheme=dynamic: torchao's Int8DynamicActivationInt8WeightConfig (int8 weights, activations
 quantized per token at run time); scheme=weight_only: Int8WeightOnlyConfig (int8 weights, float
 activations). Attention is converted to plain Linears first (compression.attention), so its
-projections are quantized too, not only the MLPs. Left in float: DTP's boundary predictors and
+projections are quantized too, not only the MLPs; token embeddings are int8 weight-only
+(compression.embedding=int8, the default). Left in float: DTP's boundary predictors and
 their auxiliary heads (int8 there would move the boundaries, so the compute, not only the weights'
 precision) and RN50's attention pooling (open_clip's AttentionPool2d runs its Linears' weights
 through F.multi_head_attention_forward, which torchao's int8 tensors do not support).
@@ -17,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from fastclip.compression import QUANT_SCHEMES
+from fastclip.compression import QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.compression.attention import project_attention
 
 FLOAT_PARTS = ("predictor", "next_patch", "next_char")  # module names whose Linears stay float
@@ -25,9 +26,12 @@ FLOAT_PARTS = ("predictor", "next_patch", "next_char")  # module names whose Lin
 QUALITY = ("zeroshot/top1", "zeroshot/top5", "zeroshot/imagenet_top1", "zeroshot/imagenet_top5", "retrieval/")
 
 
-def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
-    """An int8 copy of `model` (the model itself is left dense) in eval mode. Raises ValueError for
-    an unknown scheme."""
+def quantized_copy(model: nn.Module, scheme: str, embedding: str = "int8") -> nn.Module:
+    """An int8 copy of `model` (the model itself is left dense) in eval mode. embedding="int8" also
+    stores the token embeddings (nn.Embedding: a ViT-B/32 CLIP's 49408 x 512 BPE table is a sixth of
+    its weights) as int8, one scale per row (torchao IntxWeightOnlyConfig, PerAxis(0)): a lookup has
+    no activation to quantize, whatever the scheme. Raises ValueError for an unknown scheme or
+    embedding choice."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     configs = {"dynamic": Int8DynamicActivationInt8WeightConfig, "weight_only": Int8WeightOnlyConfig}
     if scheme not in configs:
@@ -37,17 +41,22 @@ def quantized_copy(model: nn.Module, scheme: str) -> nn.Module:
     project_attention(out)
     # set_inductor_config=False: torchao would otherwise change torch.compile's settings for the whole process
     quantize_(out, configs[scheme](set_inductor_config=False), filter_fn=quantizable(out))
+    if embedding not in QUANT_EMBEDDINGS:
+        raise ValueError(f"compression.embedding={embedding!r}: expected one of {', '.join(QUANT_EMBEDDINGS)}")
+    if embedding == "int8":
+        quantize_(out, _intx_weight_only(), filter_fn=quantizable(out, nn.Embedding))
     return out
 
 
-def quantizable(model: nn.Module):
-    """torchao's filter_fn for `model`: its nn.Linear modules outside FLOAT_PARTS and RN50's attention pooling."""
+def quantizable(model: nn.Module, kind: type = nn.Linear):
+    """torchao's filter_fn for `model`: its `kind` modules (nn.Linear, nn.Embedding) outside FLOAT_PARTS
+    and RN50's attention pooling."""
     from open_clip.modified_resnet import AttentionPool2d
     pooled = {name for name, m in model.named_modules() if isinstance(m, AttentionPool2d)}
 
     def keep(module: nn.Module, name: str) -> bool:
         parts = name.split(".")
-        return (isinstance(module, nn.Linear) and not set(parts) & set(FLOAT_PARTS)
+        return (isinstance(module, kind) and not set(parts) & set(FLOAT_PARTS)
                 and not any(".".join(parts[:i]) in pooled for i in range(1, len(parts))))
     return keep
 
@@ -164,7 +173,7 @@ def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
             dense = copy.deepcopy(trained)
             from_qat(dense)
             dense_metrics = task.quality(dense)
-        quantized = quantized_copy(dense, cfg.compression.scheme)
+        quantized = quantized_copy(dense, cfg.compression.scheme, cfg.compression.get("embedding", "int8"))
         images, tokens = task.eval_batch()
         dense_ms = eval_batch_ms(dense, images, tokens)
         quant_ms = eval_batch_ms(quantized, images, tokens)
