@@ -211,3 +211,37 @@ def test_bench_knob_bisection_finds_what_trying_every_candidate_finds(values):
         value, got = closest_monotone(values, cost, target)
         assert got == cost(value) and len(calls) - 1 <= 3 + math.ceil(math.log2(len(values)))
         assert abs(got - target) == min(abs(cost(v) - target) for v in values)
+
+
+def test_the_boundary_picture_of_patch_dropout_and_evit_marks_the_patches_they_keep(tmp_path):
+    """Kept vs dropped patches, where the picture has a meaning: patch dropout at eval_keep keeps its
+    fraction, the very patches the first block runs on; EViT keeps the top-k by the class token's
+    attention in its first block; the picture is drawn for both."""
+    from fastclip.eval.boundary_picture import draw
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    visual = tower("boundary=patch_dropout", "boundary.keep=0.25", "boundary.eval_keep=true").eval()
+    seen = []
+    hook = visual.vit.transformer.resblocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    kept = visual.kept_patches(images)
+    hook.remove()
+    assert kept.shape == (3, 64) and kept.sum(1).tolist() == [16] * 3 and not torch.equal(kept[0], kept[1])
+    with torch.no_grad(), visual.all_patches():  # the block's rows are the kept patches' embeddings
+        embeds = visual.vit._embeds(images)[:, 1:]
+    for b in range(3):
+        rows = seen[0][b, 1:]
+        assert torch.equal((embeds[b][:, None] == rows[None]).all(-1).any(-1), kept[b])
+
+    visual = tower("boundary=evit", "boundary.keep=0.35", "boundary.layers=[0]").eval()
+    kept = visual.kept_patches(images)
+    with torch.no_grad():
+        _, _, cls = attention_half(visual.vit.transformer.resblocks[0], visual.vit._embeds(images), cls_attention=True)
+    top = cls.mean(1)[:, 1:].topk(math.ceil(0.35 * 64), dim=-1).indices
+    assert torch.equal(kept, torch.zeros(3, 64, dtype=torch.bool).scatter(1, top, True))
+
+    for overrides in (["boundary=evit", "boundary.keep=0.35"], ["boundary=patch_dropout", "boundary.eval_keep=true"]):
+        cfg = compose_cfg([*GEOMETRY, *overrides])
+        model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
+        path = tmp_path / f"{overrides[0]}.png"
+        draw(model, images, tokenizer(["a cat", "a dog", "a ship"]), str, path)
+        assert path.stat().st_size > 0

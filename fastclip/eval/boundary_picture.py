@@ -1,5 +1,6 @@
-"""What the boundaries look like: eval images with their segments coloured on the patch grid,
-and captions with '|' at segment breaks. Logged as an MLflow artifact every evaluation."""
+"""What the boundaries look like: eval images with their segments coloured on the patch grid (or,
+for the peer towers that drop patches, the dropped ones greyed), and captions with '|' at segment
+breaks. Logged as an MLflow artifact every evaluation."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -63,6 +64,8 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
     images, tokens = images[:n], tokens[:n]
     _, image_info = model.visual(images)
     _, text_info = model.text(tokens)
+    # peer towers that drop or fuse patches (patch dropout at eval_keep, EViT): which ones they keep
+    kept = model.visual.kept_patches(images) if hasattr(model.visual, "kept_patches") else None
     model.train(was_training)
     fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 5), squeeze=False)
     b = image_info.get("boundaries")
@@ -75,6 +78,11 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
             ax.imshow(seg, cmap="tab20", alpha=0.45, interpolation="nearest",
                       extent=(0, image.shape[-1], image.shape[-2], 0))
             ax.set_title(f"{seg.size} -> {int(image_info['segments'][i])}", fontsize=8)
+        elif kept is not None:  # dropped (or fused) patches greyed out
+            rows, cols = model.visual.vit.grid_size
+            ax.imshow(~kept[i].cpu().numpy().reshape(rows, cols), cmap="Greys", alpha=0.6, vmin=0, vmax=1,
+                      interpolation="nearest", extent=(0, image.shape[-1], image.shape[-2], 0))
+            ax.set_title(f"{kept[i].numel()} -> {int(kept[i].sum())} kept", fontsize=8)
         ax.axis("off")
         tb = text_info.get("boundaries")  # DTP text towers: per byte, so the label comes from the bytes
         label = (caption_with_breaks(model.text.tokenizer.to_bytes(tokens[i].tolist()), tb[i].tolist())

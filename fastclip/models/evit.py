@@ -11,6 +11,12 @@ from fastclip.models.vision import require_vit
 from fastclip.models.vit_block import attention_half, check_block, encode, mlp_half
 
 
+def most_attended(cls_attention: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k] indices (ascending) of the k patches the class token attends to most; cls_attention
+    [B, 1 + N] with the class token first."""
+    return cls_attention[:, 1:].topk(k, dim=-1).indices.sort(dim=-1).values
+
+
 def keep_attentive(x: torch.Tensor, cls_attention: torch.Tensor, keep: float) -> torch.Tensor:
     """x [B, 1 + N, D] (class token first), cls_attention [B, 1 + N] (the class token's attention,
     mean over heads) -> [B, 1 + k + 1, D]: the class token, the k = ceil(keep x N) patches it attends
@@ -21,7 +27,7 @@ def keep_attentive(x: torch.Tensor, cls_attention: torch.Tensor, keep: float) ->
     if k >= n:
         return x
     score = cls_attention[:, 1:]
-    top = score.topk(k, dim=-1).indices.sort(dim=-1).values
+    top = most_attended(cls_attention, k)
     kept = tokens.gather(1, top[..., None].expand(-1, -1, tokens.shape[-1]))
     rest = torch.ones_like(score, dtype=torch.bool).scatter(1, top, False)
     weight = (score * rest).to(tokens.dtype)
@@ -45,14 +51,26 @@ class EViTImageTower(nn.Module):
             check_block(self.vit.transformer.resblocks[i], "boundary=evit")
         self.keep = keep
 
-    def forward(self, images):
+    def forward(self, images, record: dict | None = None):
         vit = self.vit
         x = vit._embeds(images)
         n_in = x.shape[1] - 1
         for i, block in enumerate(vit.transformer.resblocks):
             if i in self.layers:
                 x, _, cls = attention_half(block, x, cls_attention=True)
+                if record is not None and i == self.layers[0]:  # the first reduction sees the raster patches
+                    n = x.shape[1] - 1
+                    record["kept"] = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device).scatter(
+                        1, most_attended(cls.mean(1), math.ceil(self.keep * n)), True)
                 x = mlp_half(block, keep_attentive(x, cls.mean(1), self.keep))
             else:
                 x = block(x)
         return encode(vit, x, images, n_in)
+
+    @torch.no_grad()
+    def kept_patches(self, images) -> torch.Tensor:
+        """[B, N] bool, raster order: the patches the first EViT block keeps (the boundary picture's
+        kept vs fused)."""
+        record = {}
+        self(images, record)
+        return record["kept"]

@@ -58,3 +58,20 @@ class PatchDropoutImageTower(nn.Module):
             yield self
         finally:
             self.vit.patch_dropout, self.eval_keep = saved
+
+    @torch.no_grad()
+    def kept_patches(self, images) -> torch.Tensor:
+        """[B, N] bool, raster order: the patches one forward runs on (the boundary picture's kept vs
+        dropped). open_clip's PatchDropout does not expose its draw, so the rows it returns are
+        matched to its input's (it copies them; the positional embedding makes each row distinct)."""
+        seen = {}
+
+        def record(module, inputs, output):
+            seen["in"], seen["out"] = inputs[0][:, 1:], output[:, 1:]
+        handle = self.vit.patch_dropout.register_forward_hook(record)
+        try:
+            self(images)
+        finally:
+            handle.remove()
+        return (seen["in"][:, :, None] == seen["out"][:, None]).all(-1).any(-1)
+
