@@ -123,7 +123,7 @@ def test_token_embeddings_are_int8_by_row_unless_left_float():
     assert saved(table.weight.detach()) / saved(table_q.weight) >= 3
     with torch.no_grad():
         rows, rows_q = table(tokens), table_q(tokens)
-    assert ((rows_q - rows).abs().amax(-1) <= rows.abs().amax(-1) / 127 + 1e-6).all()  # within one int8 step of its row
+    assert ((rows_q - rows).abs().amax(-1) <= rows.abs().amax(-1) / 254 + 1e-6).all()  # half an int8 step of its row
     assert model_bytes(int8) < model_bytes(kept)
     with pytest.raises(ValueError, match="compression.embedding='int4'"):
         quantized_copy(model, "dynamic", embedding="int4")

@@ -83,25 +83,28 @@ def closest_monotone(values: list, cost, target: float):
     return values[best], at(best)
 
 
-def matched_knob(candidates, overrides_for, gflops_target: float, geometry: list[str] = GEOMETRY,
-                 image_size: int = 32, device: torch.device = torch.device("cpu")):
-    """The knob value among `candidates` whose image tower's GFLOPs (eval mode, untrained: the count does
-    not depend on the weights) come closest to the target -> (value, its GFLOPs). overrides_for(value):
-    the config overrides that set it. Every knob here moves the GFLOPs one way (ToMe's r, a keep rate, a
-    patch size), so a bisection finds it in O(log n) model builds (a ViT-B/16 build takes seconds)."""
+def tower_gflops(overrides: list[str], geometry: list[str] = GEOMETRY, image_size: int = 32,
+                 device: torch.device = torch.device("cpu")) -> float:
+    """Image GFLOPs per image of an untrained tower in eval mode: the count of every row whose reduction
+    does not depend on the weights (vanilla, fixed k, the peers' knobs)."""
     from fastclip.config import compose_train_config
     from fastclip.eval.efficiency import count_gflops
     from fastclip.models.clip import build_clip
-    images = torch.randn(2, 3, image_size, image_size, device=device)
+    cfg = compose_train_config(geometry + overrides)
+    model, _ = build_clip(cfg.encoder, cfg.boundary)
+    model.to(device).eval()
+    with torch.no_grad():
+        return count_gflops(model.visual, torch.randn(2, 3, image_size, image_size, device=device))[0]
 
-    def gflops(value) -> float:
-        cfg = compose_train_config(geometry + overrides_for(value))
-        model, _ = build_clip(cfg.encoder, cfg.boundary)
-        model.to(device).eval()
-        with torch.no_grad():
-            return count_gflops(model.visual, images)[0]
 
-    return closest_monotone(list(candidates), gflops, gflops_target)
+def matched_knob(candidates, overrides_for, gflops_target: float, geometry: list[str] = GEOMETRY,
+                 image_size: int = 32, device: torch.device = torch.device("cpu")):
+    """The knob value among `candidates` whose image tower's GFLOPs (tower_gflops) come closest to the
+    target -> (value, its GFLOPs). overrides_for(value): the config overrides that set it. Every knob
+    here moves the GFLOPs one way (ToMe's r, a keep rate, a patch size), so a bisection finds it in
+    O(log n) model builds (a ViT-B/16 build takes seconds)."""
+    return closest_monotone(list(candidates), lambda v: tower_gflops(overrides_for(v), geometry, image_size, device),
+                            gflops_target)
 
 
 def tome_r_for(gflops_target: float, geometry: list[str] = GEOMETRY, image_size: int = 32,
@@ -159,7 +162,8 @@ def all_patches_row(row: dict, vanilla_gflops: float) -> dict:
     `zeroshot/top1_all_patches`): the training columns are theirs, the eval's cost is vanilla's."""
     return {**row, "variant": row["variant"].replace("eval at keep", "eval on all patches (same runs)"),
             "zeroshot/top1": row["zeroshot/top1_all_patches"], "efficiency/image_gflops": vanilla_gflops,
-            "efficiency/compression_image": 1.0, "top1_per_seed": row.get("top1_all_patches_per_seed", "")}
+            "efficiency/compression_image": 1.0, "top1_per_seed": row.get("top1_all_patches_per_seed", ""),
+            "top1_curve": None}  # the keep-rate run's evaluations were at the keep rate
 
 
 def main(argv=None):

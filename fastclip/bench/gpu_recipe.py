@@ -5,13 +5,14 @@ start, Hilbert order; fixed k=4 as raster strips or Hilbert 2x2 squares), and th
 (ToMe, patch dropout, EViT, a coarser grid) with their knob solved for the DTP fixed k=4 Hilbert
 row's image GFLOPs, as bench-clip does. Each run goes through the same task and loop as
 `python -m fastclip.train` in a fresh process; zero-shot top-1 is recorded at every evaluation
-(about every third of the run). --jobs runs that many at once on the one GPU (this tower is far too
-small to fill it alone), which makes their step times shared-machine times: read top-1 from such a
-table, speed from bench-gpu. Not tracked in MLflow (the GPU machine has no store): the table, the
+(about every third of the run). The recipe is bound by its loader, not the GPU (H200, digits, no
+loader workers: 0.131 s of a 0.157 s step waiting for data), so give each run many loader workers
+(--workers, default 8) and as many --jobs as the cores feed; runs at once make step times
+shared-machine times: read top-1 from such a table, speed from bench-gpu. Not tracked in MLflow (the GPU machine has no store): the table, the
 ranking at matched GFLOPs and a JSON per run go to --out.
 
     python -m fastclip.bench.gpu_recipe [--datasets cifar10,digits] [--data ../shared/data/cifar10-test]
-        [--steps 3000] [--seeds 0,1,2] [--jobs 8] [--out DIR] [--device cuda|cpu]
+        [--steps 3000] [--seeds 0,1,2] [--jobs 1] [--workers 8] [--out DIR] [--device cuda|cpu]
         [--only vanilla,fixed_hilbert,tome,patch_dropout,evit,coarser_grid,...]
 """
 import argparse
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 
 from fastclip import runtime
-from fastclip.bench.clip import CIFAR, DATASETS, DTP_VARIANTS, GEOMETRY, PEERS, all_patches_row, matched_knob, ranking
+from fastclip.bench.clip import (CIFAR, DATASETS, DTP_VARIANTS, GEOMETRY, PEERS, all_patches_row, matched_knob,
+                                 ranking, tower_gflops)
 from fastclip.bench.common import markdown_table, schedule
 from fastclip.config import compose_train_config
 from fastclip.loop import fit
@@ -83,22 +85,14 @@ def _job(overrides: list[str], run_dir: str, device: str) -> dict:
     return result
 
 
-def peer_variants(keys: list[str], tome_r: int | None) -> dict:
-    """The requested peers with their knob solved for the DTP fixed k=4 Hilbert row's image GFLOPs
-    (fixed boundaries do not depend on the weights, so an untrained tower gives the trained one's count)."""
-    wanted = [k for k in keys if k in PEER_KEYS]
-    if not wanted:
-        return {}
-    from fastclip.eval.efficiency import count_gflops
-    from fastclip.models.clip import build_clip
-    cfg = compose_train_config(GEOMETRY + DTP_VARIANTS[MATCH_TO][1])
-    model, _ = build_clip(cfg.encoder, cfg.boundary)
-    with torch.no_grad():
-        target, _ = count_gflops(model.eval().visual, torch.randn(2, 3, 32, 32))
+def peer_variants(keys: list[str], tome_r: int | None, target: float, extra: list[str]) -> dict:
+    """The requested peers with their knob solved for `target` image GFLOPs (the DTP fixed k=4 Hilbert
+    tower's), under the runs' extra overrides."""
     out = {}
-    for key in wanted:
+    for key in [k for k in keys if k in PEER_KEYS]:
         label, candidates, overrides_for = PEERS[key]
-        value = tome_r if key == "tome" and tome_r is not None else matched_knob(candidates, overrides_for, target)[0]
+        value = (tome_r if key == "tome" and tome_r is not None
+                 else matched_knob(candidates, overrides_for, target, GEOMETRY + extra)[0])
         out[key] = (label.format(value), overrides_for(value))
         print(f"{out[key][0]}: matched to {target:.4f} image GFLOPs of {DTP_VARIANTS[MATCH_TO][0]}", flush=True)
     return out
@@ -149,7 +143,10 @@ def main(argv=None):
     bad = [d for d in datasets if d not in DATASETS]
     if bad:
         raise SystemExit(f"--datasets {args.datasets!r}: unknown {bad}; choose from {list(DATASETS)}")
-    variants = {**VARIANTS, **peer_variants(keys, args.tome_r)}
+    # vanilla's and fixed k's counts do not depend on the weights: the columns' reference and the peers' target
+    vanilla_gflops = tower_gflops(VARIANTS["vanilla"][1], GEOMETRY + list(args.set))
+    target = tower_gflops(DTP_VARIANTS[MATCH_TO][1], GEOMETRY + list(args.set))
+    variants = {**VARIANTS, **peer_variants(keys, args.tome_r, target, list(args.set))}
     device = runtime.pick_device(args.device)
     header = (f"{args.steps} steps, seeds {args.seeds}, batch 128, vit_tiny patch 4 (64 patches, 4 blocks), device "
               f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {args.jobs} run(s) at a time")
@@ -175,29 +172,33 @@ def main(argv=None):
                 print(f"== {ds} {variants[key][0]} seed {seed}: top1 {r['metrics']['zeroshot/top1']:.3f} at "
                       f"{[round(e['zeroshot/top1'], 3) for e in r['evals']]}, image GFLOPs "
                       f"{r['metrics']['efficiency/image_gflops']:.4f} ({r['wall_s']:.0f} s)", flush=True)
-            except Exception:  # one failed run costs its row's seed, not the table
+            except Exception:  # a run that raises costs its row's seed (a killed worker breaks the pool)
                 print(f"== {ds} {variants[key][0]} seed {seed}: FAILED\n{traceback.format_exc()}", flush=True)
             # rewritten after every run: a time limit leaves the table of the runs that finished
-            text = "\n\n".join(section(ds, plans[ds][0], keys, variants, results, seeds, header) for ds in datasets)
+            text = "\n\n".join(section(ds, plans[ds][0], keys, variants, results, seeds, header, vanilla_gflops, target)
+                                 for ds in datasets)
             (args.out / "table.md").write_text(text + "\n")
     print(text, flush=True)
 
 
-def section(ds: str, every: int, keys: list[str], variants: dict, results: dict, seeds: list[int], header: str) -> str:
-    """One dataset's table (runs not finished count as missing seeds) and its ranking at matched GFLOPs."""
+def section(ds: str, every: int, keys: list[str], variants: dict, results: dict, seeds: list[int], header: str,
+            vanilla_gflops: float, target: float) -> str:
+    """One dataset's table (runs not finished count as missing seeds) and its ranking at the target
+    image GFLOPs; GFLOPs ratios against vanilla's count, top-1 deltas against the vanilla row if it ran."""
     rows = []
     for key in keys:
-        rows.append(summarize(variants[key][0], [results[ds, key, s] for s in seeds]))
-        if key == "patch_dropout" and "zeroshot/top1_all_patches" in rows[-1] and "efficiency/image_gflops" in rows[0]:
-            runs = [results[ds, key, s] for s in seeds]
+        runs = [results[ds, key, s] for s in seeds]
+        rows.append({"key": key, **summarize(variants[key][0], runs)})
+        if key == "patch_dropout" and "zeroshot/top1_all_patches" in rows[-1]:
             rows[-1]["top1_all_patches_per_seed"] = " / ".join(
                 "-" if r is None else f"{r['metrics']['zeroshot/top1_all_patches']:.3f}" for r in runs)
-            rows.append(all_patches_row(rows[-1], rows[0]["efficiency/image_gflops"]))
-    base = rows[0]
+            rows.append({**all_patches_row(rows[-1], vanilla_gflops), "key": "patch_dropout_all_patches"})
+    vanilla = next((r for r in rows if r["key"] == "vanilla" and "zeroshot/top1" in r), None)
     for row in rows:
-        if "efficiency/image_gflops" in row and "efficiency/image_gflops" in base:
-            row["gflops_ratio"] = row["efficiency/image_gflops"] / base["efficiency/image_gflops"]
-            row["top1_delta"] = 100 * (row["zeroshot/top1"] - base["zeroshot/top1"])
+        if "efficiency/image_gflops" in row:
+            row["gflops_ratio"] = row["efficiency/image_gflops"] / vanilla_gflops
+            if vanilla is not None:
+                row["top1_delta"] = 100 * (row["zeroshot/top1"] - vanilla["zeroshot/top1"])
     text = f"### {ds}: {header}, evals every {every} epochs\n\n" + markdown_table(rows, [
         ("variant", "variant", "s"), ("zero-shot top-1", "zeroshot/top1", ".3f"), ("Δ top-1 (pts)", "top1_delta", "+.1f"),
         ("top-1 per seed", "top1_per_seed", "s"), ("top-1 at each eval (mean)", "top1_curve", "s"),
@@ -206,10 +207,8 @@ def section(ds: str, every: int, keys: list[str], variants: dict, results: dict,
         ("achieved compression", "efficiency/compression_image", ".2f"),
         ("median step (s)", "time/step_median_s", ".4f"), ("of which data wait (s)", "time/data_median_s", ".4f"),
         ("wall (s)", "wall_s", ".0f")])
-    target = next((r.get("efficiency/image_gflops") for r, k in zip(rows, keys) if k == MATCH_TO), None)
-    if target is not None:
-        text += "\n\n" + ranking([r for r in rows if "gflops_ratio" in r], target)
-    return text
+    finished = [r for r in rows if "gflops_ratio" in r]
+    return text + ("\n\n" + ranking(finished, target) if finished else "")
 
 if __name__ == "__main__":
     main()

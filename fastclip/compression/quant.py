@@ -36,13 +36,13 @@ def quantized_copy(model: nn.Module, scheme: str, embedding: str = "int8") -> nn
     configs = {"dynamic": Int8DynamicActivationInt8WeightConfig, "weight_only": Int8WeightOnlyConfig}
     if scheme not in configs:
         raise ValueError(f"compression.scheme={scheme!r}: expected one of {', '.join(QUANT_SCHEMES)}")
+    if embedding not in QUANT_EMBEDDINGS:
+        raise ValueError(f"compression.embedding={embedding!r}: expected one of {', '.join(QUANT_EMBEDDINGS)}")
     out = copy.deepcopy(model).eval()
     from_qat(out)
     project_attention(out)
     # set_inductor_config=False: torchao would otherwise change torch.compile's settings for the whole process
     quantize_(out, configs[scheme](set_inductor_config=False), filter_fn=quantizable(out))
-    if embedding not in QUANT_EMBEDDINGS:
-        raise ValueError(f"compression.embedding={embedding!r}: expected one of {', '.join(QUANT_EMBEDDINGS)}")
     if embedding == "int8":
         quantize_(out, _intx_weight_only(), filter_fn=quantizable(out, nn.Embedding))
     return out

@@ -65,7 +65,7 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
     _, image_info = model.visual(images)
     _, text_info = model.text(tokens)
     # peer towers that drop or fuse patches (patch dropout at eval_keep, EViT): which ones they keep
-    kept = model.visual.kept_patches(images) if hasattr(model.visual, "kept_patches") else None
+    kept = model.visual.kept_patches(images) if getattr(model.visual, "drops_at_eval", False) else None
     model.train(was_training)
     fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 5), squeeze=False)
     b = image_info.get("boundaries")
@@ -82,7 +82,7 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
             rows, cols = model.visual.vit.grid_size
             ax.imshow(~kept[i].cpu().numpy().reshape(rows, cols), cmap="Greys", alpha=0.6, vmin=0, vmax=1,
                       interpolation="nearest", extent=(0, image.shape[-1], image.shape[-2], 0))
-            ax.set_title(f"{kept[i].numel()} -> {int(kept[i].sum())} kept", fontsize=8)
+            ax.set_title(f"{kept[i].numel()} -> {int(kept[i].sum())} kept (first reduction)", fontsize=8)
         ax.axis("off")
         tb = text_info.get("boundaries")  # DTP text towers: per byte, so the label comes from the bytes
         label = (caption_with_breaks(model.text.tokenizer.to_bytes(tokens[i].tolist()), tb[i].tolist())

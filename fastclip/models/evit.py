@@ -67,6 +67,8 @@ class EViTImageTower(nn.Module):
                 x = block(x)
         return encode(vit, x, images, n_in)
 
+    drops_at_eval = True  # a boundary picture at every evaluation
+
     @torch.no_grad()
     def kept_patches(self, images) -> torch.Tensor:
         """[B, N] bool, raster order: the patches the first EViT block keeps (the boundary picture's

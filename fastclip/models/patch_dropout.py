@@ -50,8 +50,8 @@ class PatchDropoutImageTower(nn.Module):
 
     @contextlib.contextmanager
     def all_patches(self):
-        """Inside, evaluation runs on every patch whatever eval_keep says (training is untouched):
-        the eval_keep run's own weights read at full cost, its `zeroshot/top1_all_patches`."""
+        """Inside, the tower runs on every patch, in evaluation and training alike: the eval_keep
+        run's own weights read at full cost, its `zeroshot/top1_all_patches`."""
         saved = self.vit.patch_dropout, self.eval_keep
         self.vit.patch_dropout, self.eval_keep = nn.Identity(), False
         try:
@@ -59,15 +59,21 @@ class PatchDropoutImageTower(nn.Module):
         finally:
             self.vit.patch_dropout, self.eval_keep = saved
 
+    @property
+    def drops_at_eval(self) -> bool:
+        """Whether evaluation runs on fewer patches (only then is there a boundary picture)."""
+        return self.eval_keep and self.keep < 1
+
     @torch.no_grad()
     def kept_patches(self, images) -> torch.Tensor:
-        """[B, N] bool, raster order: the patches one forward runs on (the boundary picture's kept vs
-        dropped). open_clip's PatchDropout does not expose its draw, so the rows it returns are
-        matched to its input's (it copies them; the positional embedding makes each row distinct)."""
+        """[B, N] bool, raster order: the patches one forward runs on, a fresh random draw (the boundary
+        picture's kept vs dropped). open_clip's PatchDropout does not expose its draw, so the rows it
+        returns are matched to its input's on their first features (it copies rows; the positional
+        embedding makes each distinct), which keeps the comparison [B, N, kept, 8]."""
         seen = {}
 
         def record(module, inputs, output):
-            seen["in"], seen["out"] = inputs[0][:, 1:], output[:, 1:]
+            seen["in"], seen["out"] = inputs[0][:, 1:, :8], output[:, 1:, :8]
         handle = self.vit.patch_dropout.register_forward_hook(record)
         try:
             self(images)

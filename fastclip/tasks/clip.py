@@ -251,9 +251,9 @@ class ClipTask:
         cfg, metrics = self.cfg, self.quality()
         images, tokens = self.eval_batch()
         metrics.update(tower_efficiency(self.model, images, tokens))
-        pools = (self.model.image_method is not None or self.model.text_method is not None
-                 or hasattr(self.model.visual, "kept_patches"))
-        if self.run_dir is not None and cfg.eval.boundary_picture and pools:  # nothing to draw otherwise
+        has_picture = (self.model.image_method is not None or self.model.text_method is not None
+                       or getattr(self.model.visual, "drops_at_eval", False))
+        if self.run_dir is not None and cfg.eval.boundary_picture and has_picture:  # nothing to draw otherwise
             folder = self.run_dir / "boundaries"
             folder.mkdir(parents=True, exist_ok=True)
             # numbered after the pictures already there: a resumed run adds to its first part's
