@@ -39,7 +39,6 @@ from fastclip.tasks import build_task
 VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]), **DTP_VARIANTS}
 PEER_KEYS = list(PEERS)  # patch dropout's row is followed by its runs scored on every patch
 MATCH_TO = "fixed_hilbert"  # the row whose image GFLOPs the peers are matched to
-DIGITS_IMAGES = 1797
 
 
 class EvalRecorder:
@@ -99,10 +98,15 @@ def peer_variants(keys: list[str], tome_r: int | None, target: float, extra: lis
 
 
 def dataset_overrides(name: str, cifar: str) -> tuple[list[str], int]:
-    """A dataset's overrides and its training images (for the evaluation spacing)."""
+    """A dataset's overrides and its training images (for the evaluation spacing): the images less
+    the dataset's held-out share."""
+    overrides = ["dataset=image_folder", f"dataset.path={cifar}"] if name == "cifar10" else list(DATASETS[name])
     if name == "cifar10":
-        return ["dataset=image_folder", f"dataset.path={cifar}"], int(0.8 * sum(1 for p in Path(cifar).rglob("*") if p.is_file()))
-    return list(DATASETS[name]), int(0.8 * DIGITS_IMAGES)
+        images = sum(1 for p in Path(cifar).rglob("*") if p.is_file())
+    else:
+        from sklearn.datasets import load_digits
+        images = len(load_digits().target)
+    return overrides, int((1 - compose_train_config(overrides).dataset.holdout_fraction) * images)
 
 
 def summarize(label: str, results: list[dict | None]) -> dict:
