@@ -129,12 +129,13 @@ def test_a_patch_dropout_run_at_keep_also_scores_every_patch_at_the_end(tmp_path
 def test_evit_keeps_the_top_k_by_class_attention_and_fuses_the_rest_by_that_attention():
     x = torch.arange(6 * 2, dtype=torch.float).view(1, 6, 2)  # cls + 5 patches
     attention = torch.tensor([[0.3, 0.05, 0.4, 0.1, 0.05, 0.1]])  # cls, then patches p0..p4
-    out = keep_attentive(x, attention, keep=0.4)  # ceil(0.4 x 5) = 2 kept: p1 (0.4) and p2 (0.1 tie p4: first)
+    out, kept_mask = keep_attentive(x, attention, keep=0.4)  # ceil(0.4 x 5) = 2 kept: p1 (0.4) and p2 (0.1 tie p4: first)
     kept = out[0, 1:3]
     assert out.shape == (1, 1 + 2 + 1, 2)
     torch.testing.assert_close(out[0, 0], x[0, 0])
     top = attention[0, 1:].topk(2).indices.sort().values
     torch.testing.assert_close(kept, x[0, 1:][top])
+    assert kept_mask[0].nonzero().flatten().tolist() == top.tolist()
     rest = [i for i in range(5) if i not in top.tolist()]
     w = attention[0, 1:][rest]
     torch.testing.assert_close(out[0, 3], (w[:, None] * x[0, 1:][rest]).sum(0) / w.sum())

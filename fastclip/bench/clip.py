@@ -151,10 +151,15 @@ def over_seeds(name: str, overrides: list[str], run_dir: Path, seeds: list[int])
     runs = [run_isolated(overrides + [f"seed={s}"], run_dir / f"seed{s}") for s in seeds]
     row = {k: statistics.mean(r[k] for r in runs) for k, v in runs[0].items()
            if isinstance(v, (int, float)) and all(k in r for r in runs)}
-    row = {"variant": name, **row, "top1_per_seed": " / ".join(f"{r['zeroshot/top1']:.3f}" for r in runs)}
+    row = {"variant": name, **row, "top1_per_seed": per_seed([r["zeroshot/top1"] for r in runs])}
     if all("zeroshot/top1_all_patches" in r for r in runs):
-        row["top1_all_patches_per_seed"] = " / ".join(f"{r['zeroshot/top1_all_patches']:.3f}" for r in runs)
+        row["top1_all_patches_per_seed"] = per_seed([r["zeroshot/top1_all_patches"] for r in runs])
     return row
+
+
+def per_seed(values: list[float | None]) -> str:
+    """Each seed's value for a table cell, "-" for a seed that failed or has not finished."""
+    return " / ".join("-" if v is None else f"{v:.3f}" for v in values)
 
 
 def all_patches_row(row: dict, vanilla_gflops: float) -> dict:

@@ -28,7 +28,7 @@ import torch
 
 from fastclip import runtime
 from fastclip.bench.clip import (CIFAR, DATASETS, DTP_VARIANTS, GEOMETRY, PEERS, all_patches_row, matched_knob,
-                                 ranking, tower_gflops)
+                                 per_seed, ranking, tower_gflops)
 from fastclip.bench.common import markdown_table, schedule
 from fastclip.config import compose_train_config
 from fastclip.loop import fit
@@ -100,10 +100,11 @@ def peer_variants(keys: list[str], tome_r: int | None, target: float, extra: lis
 def dataset_overrides(name: str, cifar: str) -> tuple[list[str], int]:
     """A dataset's overrides and its training images (for the evaluation spacing): the images less
     the dataset's held-out share."""
-    overrides = ["dataset=image_folder", f"dataset.path={cifar}"] if name == "cifar10" else list(DATASETS[name])
     if name == "cifar10":
+        overrides = ["dataset=image_folder", f"dataset.path={cifar}"]
         images = sum(1 for p in Path(cifar).rglob("*") if p.is_file())
     else:
+        overrides = list(DATASETS[name])
         from sklearn.datasets import load_digits
         images = len(load_digits().target)
     return overrides, int((1 - compose_train_config(overrides).dataset.holdout_fraction) * images)
@@ -114,11 +115,11 @@ def summarize(label: str, results: list[dict | None]) -> dict:
     ("-": failed or not finished), and the mean top-1 at each evaluation."""
     done = [r for r in results if r is not None]
     if not done:
-        return {"variant": label, "top1_per_seed": " / ".join("-" for _ in results)}
+        return {"variant": label, "top1_per_seed": per_seed([None] * len(results))}
     keys = [k for k in done[0]["metrics"] if all(k in r["metrics"] for r in done)]
     row = {"variant": label, **{k: statistics.mean(r["metrics"][k] for r in done) for k in keys},
            "wall_s": statistics.mean(r["wall_s"] for r in done)}
-    row["top1_per_seed"] = " / ".join("-" if r is None else f"{r['metrics']['zeroshot/top1']:.3f}" for r in results)
+    row["top1_per_seed"] = per_seed([None if r is None else r["metrics"]["zeroshot/top1"] for r in results])
     curves = [[e["zeroshot/top1"] for e in r["evals"]] for r in done]
     row["top1_curve"] = " / ".join(f"{statistics.mean(c):.3f}" for c in zip(*curves))
     return row
@@ -154,7 +155,7 @@ def main(argv=None):
     device = runtime.pick_device(args.device)
     header = (f"{args.steps} steps, seeds {args.seeds}, batch 128, vit_tiny patch 4 (64 patches, 4 blocks), device "
               f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {args.jobs} run(s) at a time")
-    plans, jobs = {}, []
+    plans = {}
     for ds in datasets:
         data, train_images = dataset_overrides(ds, args.data)
         every = max(1, args.steps // max(1, train_images // 128) // args.evals)
@@ -194,8 +195,8 @@ def section(ds: str, every: int, keys: list[str], variants: dict, results: dict,
         runs = [results[ds, key, s] for s in seeds]
         rows.append({"key": key, **summarize(variants[key][0], runs)})
         if key == "patch_dropout" and "zeroshot/top1_all_patches" in rows[-1]:
-            rows[-1]["top1_all_patches_per_seed"] = " / ".join(
-                "-" if r is None else f"{r['metrics']['zeroshot/top1_all_patches']:.3f}" for r in runs)
+            rows[-1]["top1_all_patches_per_seed"] = per_seed(
+                [None if r is None else r["metrics"]["zeroshot/top1_all_patches"] for r in runs])
             rows.append({**all_patches_row(rows[-1], vanilla_gflops), "key": "patch_dropout_all_patches"})
     vanilla = next((r for r in rows if r["key"] == "vanilla" and "zeroshot/top1" in r), None)
     for row in rows:
@@ -213,6 +214,7 @@ def section(ds: str, every: int, keys: list[str], variants: dict, results: dict,
         ("wall (s)", "wall_s", ".0f")])
     finished = [r for r in rows if "gflops_ratio" in r]
     return text + ("\n\n" + ranking(finished, target) if finished else "")
+
 
 if __name__ == "__main__":
     main()

@@ -11,28 +11,23 @@ from fastclip.models.vision import require_vit
 from fastclip.models.vit_block import attention_half, check_block, encode, mlp_half
 
 
-def most_attended(cls_attention: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, k] indices (ascending) of the k patches the class token attends to most; cls_attention
-    [B, 1 + N] with the class token first."""
-    return cls_attention[:, 1:].topk(k, dim=-1).indices.sort(dim=-1).values
-
-
-def keep_attentive(x: torch.Tensor, cls_attention: torch.Tensor, keep: float) -> torch.Tensor:
+def keep_attentive(x: torch.Tensor, cls_attention: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, 1 + N, D] (class token first), cls_attention [B, 1 + N] (the class token's attention,
-    mean over heads) -> [B, 1 + k + 1, D]: the class token, the k = ceil(keep x N) patches it attends
-    to most (in their original order), and the fused token (the others' attention-weighted mean)."""
+    mean over heads) -> ([B, 1 + k + 1, D]: the class token, the k = ceil(keep x N) patches it attends
+    to most (in their original order), and the fused token (the others' attention-weighted mean);
+    [B, N] bool: the patches kept)."""
     cls, tokens = x[:, :1], x[:, 1:]
     n = tokens.shape[1]
     k = math.ceil(keep * n)
     if k >= n:
-        return x
+        return x, torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device)
     score = cls_attention[:, 1:]
-    top = most_attended(cls_attention, k)
+    top = score.topk(k, dim=-1).indices.sort(dim=-1).values
     kept = tokens.gather(1, top[..., None].expand(-1, -1, tokens.shape[-1]))
     rest = torch.ones_like(score, dtype=torch.bool).scatter(1, top, False)
     weight = (score * rest).to(tokens.dtype)
     fused = (weight[..., None] * tokens).sum(1, keepdim=True) / weight.sum(1, keepdim=True)[..., None].clamp_min(1e-12)
-    return torch.cat([cls, kept, fused], dim=1)
+    return torch.cat([cls, kept, fused], dim=1), ~rest
 
 
 class EViTImageTower(nn.Module):
@@ -58,11 +53,10 @@ class EViTImageTower(nn.Module):
         for i, block in enumerate(vit.transformer.resblocks):
             if i in self.layers:
                 x, _, cls = attention_half(block, x, cls_attention=True)
+                x, kept = keep_attentive(x, cls.mean(1), self.keep)
                 if record is not None and i == self.layers[0]:  # the first reduction sees the raster patches
-                    n = x.shape[1] - 1
-                    record["kept"] = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device).scatter(
-                        1, most_attended(cls.mean(1), math.ceil(self.keep * n)), True)
-                x = mlp_half(block, keep_attentive(x, cls.mean(1), self.keep))
+                    record["kept"] = kept
+                x = mlp_half(block, x)
             else:
                 x = block(x)
         return encode(vit, x, images, n_in)
