@@ -165,9 +165,11 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> di
             run_log.close()
     tracker.end("FINISHED")
     metrics["mlflow_run_id"] = tracker.run_id
-    for key in HEADLINE_METRICS:
+    for key in HEADLINE_METRICS:  # each with its twins: *_dense, *_teacher, *_all_patches, *_shuffled_placement
         if key in metrics:
-            log.info("final %s = %.4f", key, metrics[key])
+            twins = "".join(f", {k[len(key) + 1:]} {v:.4f}" for k, v in metrics.items()
+                            if k.startswith(key + "_") and isinstance(v, float))
+            log.info("final %s = %.4f%s", key, metrics[key], f" ({twins[2:]})" if twins else "")
     log.info("run dir %s; checkpoint %s; MLflow run %s in %s; %s", run_dir.resolve(),
              (run_dir / "checkpoints" / "last.pt").resolve(), tracker.run_id, uri, tracking.ui_hint(uri, tracker))
     return metrics
@@ -192,7 +194,8 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: P
         tracker.set_tags({"fastclip.compression_error": f"{type(exc).__name__}: {exc}"[:5000]})
         return {}
     tracker.log_metrics(compressed, trainer.state.step)
-    log.info("%s. The final numbers below are the compressed model's", _compression_summary(cfg.compression, compressed))
+    log.info("%s. The final numbers below are the compressed model's (the dense or teacher's beside them)",
+             _compression_summary(cfg.compression, compressed))
     return compressed
 
 

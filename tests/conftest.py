@@ -32,6 +32,18 @@ def count_tensor_reads(monkeypatch, ignore=lambda: False) -> dict[str, int]:
     return reads
 
 
+def record_calls(monkeypatch, module, name: str) -> list[tuple[tuple, dict, object]]:
+    """Wraps module.name for the test: each call's (args, kwargs, result), in order."""
+    calls, real = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def compose_cfg(overrides=()):
     return compose_train_config(overrides)
 

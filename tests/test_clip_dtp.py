@@ -3,14 +3,13 @@ meaning of every boundary option, ToMe."""
 import pytest
 import torch
 
-from conftest import TINY_CLIP, compose_cfg, count_tensor_reads
+from conftest import TINY_CLIP, compose_cfg, count_tensor_reads, record_calls
 from fastclip import runtime
 from fastclip.eval.efficiency import count_gflops, on_stride_share, tower_efficiency
 from fastclip.eval.boundary_picture import segment_grid
 from fastclip.models import vision
 from fastclip.models.clip import build_clip
 from fastclip.models.patch_order import patch_order
-from fastclip.models.tome import bipartite_merge
 from fastclip.tasks.clip import ClipTask
 
 CPU = torch.device("cpu")
@@ -320,16 +319,6 @@ def test_flops_follow_the_boundaries_actually_produced():
     assert few["efficiency/image_gflops"] < 0.8 * many["efficiency/image_gflops"]
 
 
-def test_tome_merge_keeps_mass_and_drops_r_tokens():
-    x = torch.randn(2, 17, 8)
-    size = torch.ones(2, 17, 1)
-    merged, new_size = bipartite_merge(x, size, r=3)
-    assert merged.shape == (2, 14, 8) and new_size.sum(1).tolist() == [[17.0], [17.0]]
-    # size-weighted sums are preserved (merging averages, it loses nothing)
-    torch.testing.assert_close((merged * new_size).sum(1), (x * size).sum(1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(merged[:, 0], x[:, 0])  # the class token is never merged
-
-
 def test_run_logs_efficiency_params_and_boundary_pictures(tmp_path, store):
     import mlflow
     from fastclip.train import run
@@ -413,14 +402,7 @@ def test_hilbert_order_pools_2x2_squares_and_draws_them_in_place(monkeypatch):
                     "boundary.image_order=hilbert")
     tower = task.model.visual.eval()
     rows, cols = tower.vit.grid_size
-    pooled = []
-    real = vision.downsample
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        pooled.append(out[0])
-        return out
-    monkeypatch.setattr(vision, "downsample", spy)
+    pooled = record_calls(monkeypatch, vision, "downsample")
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, info = tower(images)
@@ -432,7 +414,7 @@ def test_hilbert_order_pools_2x2_squares_and_draws_them_in_place(monkeypatch):
     cells = _cells("hilbert", rows, cols)
     for j in range(rows * cols // 4):
         r, c = cells[4 * j]
-        torch.testing.assert_close(pooled[0][:, j], squares[:, r // 2, c // 2])
+        torch.testing.assert_close(pooled[0][2][0][:, j], squares[:, r // 2, c // 2])
     assert info["segments"].tolist() == [rows * cols / 4] * 3
     seg = segment_grid(info["boundaries"][0], rows, cols, info["scan"])
     assert (seg == seg[::2, ::2].repeat(2, 0).repeat(2, 1)).all()  # one id per 2x2 square

@@ -188,6 +188,8 @@ def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path
     assert metrics["compression/model_mb"] < metrics["compression/model_mb_dense"]
     said = f"zeroshot/top1 {metrics['zeroshot/top1']:.4g} (dense {metrics['zeroshot/top1_dense']:.4g})"
     assert f"compression=quant (dynamic): {said}" in caplog.text  # the console says it too, not only MLflow
+    assert (f"final zeroshot/top1 = {metrics['zeroshot/top1']:.4f} (dense {metrics['zeroshot/top1_dense']:.4f})"
+            in caplog.text)  # and the run's last line, with the twin
     client = mlflow.tracking.MlflowClient(store)
     history = client.get_metric_history(metrics["mlflow_run_id"], "zeroshot/top1")
     # the loop's last evaluation (dense), then the int8 model's at the same step, logged last

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_CLIP, compose_cfg
+from conftest import TINY_CLIP, compose_cfg, record_calls
 from fastclip.checks import ConfigError, check_config
 from fastclip.eval.efficiency import count_gflops
 from fastclip.models import tome
@@ -34,18 +34,21 @@ def test_tome_merges_the_pairs_the_metric_says_not_the_hidden_states():
     x = torch.stack([torch.zeros(4), e[0], e[0], e[1], e[2]])[None]  # cls, t0 ~ t1 by x
     metric = torch.stack([torch.zeros(4), e[2], e[1], e[1] + 0.5 * e[3], e[2]])[None]  # t0 ~ t3 by the keys
     size = torch.ones(1, 5, 1)
-    merged, new_size = bipartite_merge(x, size, 1, metric=metric)
+    merged, new_size, _ = bipartite_merge(x, size, 1, metric=metric)
     # [cls, the unmerged A (t2), B: t1, then t3 holding t0]
     torch.testing.assert_close(merged[0], torch.stack([torch.zeros(4), e[1], e[0], (e[0] + e[2]) / 2]))
     assert new_size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 2.0]
-    by_states, _ = bipartite_merge(x, size, 1)  # what merging on the hidden states would have done: t0 into t1
+    by_states, _, _ = bipartite_merge(x, size, 1)  # what merging on the hidden states would have done: t0 into t1
     torch.testing.assert_close(by_states[0, 2], e[0])
+    # source tracking merges by sum: the last token holds input tokens t0 and t3 (columns 1 and 4)
+    _, _, source = bipartite_merge(x, size, 1, metric=metric, source=torch.eye(5)[None])
+    assert source[0].tolist() == [[1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 0, 0], [0, 1, 0, 0, 1]]
 
 
 def test_tome_keeps_the_size_weighted_mass_and_never_merges_the_class_token():
     torch.manual_seed(0)
     x, size = torch.randn(2, 17, 8), torch.randint(1, 4, (2, 17, 1)).float()
-    merged, new_size = bipartite_merge(x, size, 5, metric=torch.randn(2, 17, 6))
+    merged, new_size, _ = bipartite_merge(x, size, 5, metric=torch.randn(2, 17, 6))
     assert merged.shape == (2, 12, 8) and new_size.sum(1).tolist() == size.sum(1).tolist()
     torch.testing.assert_close((merged * new_size).sum(1), (x * size).sum(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged[:, 0], x[:, 0])
@@ -54,13 +57,7 @@ def test_tome_keeps_the_size_weighted_mass_and_never_merges_the_class_token():
 def test_the_tome_tower_merges_on_the_keys_between_attention_and_mlp(monkeypatch):
     torch.manual_seed(0)
     visual = tower("boundary=tome", "boundary.r=4").eval()
-    seen = []
-    real = tome.bipartite_merge
-
-    def spy(x, size, r, metric=None):
-        seen.append((x.detach().clone(), metric.detach().clone()))
-        return real(x, size, r, metric)
-    monkeypatch.setattr(tome, "bipartite_merge", spy)
+    merges = record_calls(monkeypatch, tome, "bipartite_merge")
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         _, info = visual(images)
@@ -69,9 +66,24 @@ def test_the_tome_tower_merges_on_the_keys_between_attention_and_mlp(monkeypatch
         x0 = vit._embeds(images)
         keys = F.linear(block.ln_1(x0), block.attn.in_proj_weight, block.attn.in_proj_bias)[..., D:2 * D]
         after_attention = x0 + block.attn(block.ln_1(x0), block.ln_1(x0), block.ln_1(x0), need_weights=False)[0]
-    assert len(seen) == 4 and info["segments"][0] == 64 - 4 * 4
-    torch.testing.assert_close(seen[0][1], keys.unflatten(-1, (HEADS, D // HEADS)).mean(2), atol=1e-5, rtol=0)
-    torch.testing.assert_close(seen[0][0], after_attention, atol=1e-5, rtol=0)  # merged before the MLP
+    assert len(merges) == 4 and info["segments"][0] == 64 - 4 * 4
+    (x, *_), kwargs, _ = merges[0]
+    torch.testing.assert_close(kwargs["metric"], keys.unflatten(-1, (HEADS, D // HEADS)).mean(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x, after_attention, atol=1e-5, rtol=0)  # merged before the MLP
+
+
+def test_the_tome_picture_groups_each_patch_with_the_token_that_holds_it(monkeypatch):
+    """merged_groups follows every merge: each group holds as many patches as its token's size, and
+    there are as many groups as patch tokens the last block leaves (the picture: the test below)."""
+    torch.manual_seed(0)
+    visual = tower("boundary=tome", "boundary.r=19").eval()
+    images = torch.randn(3, 3, 32, 32)
+    merges = record_calls(monkeypatch, tome, "bipartite_merge")
+    groups = visual.merged_groups(images)
+    final = merges[-1][2][1][:, 1:, 0]  # the last merge's sizes  # 64 -> 45 -> 26 -> 13 -> 7 patch tokens (r capped at half)
+    assert groups.shape == (3, 64) and final.shape == (3, 7) and groups.min() >= 1
+    for b in range(3):
+        assert torch.bincount(groups[b], minlength=8)[1:].tolist() == final[b].tolist()
 
 
 def test_proportional_attention_adds_log_size_to_every_keys_logit():
@@ -217,7 +229,7 @@ def test_bench_knob_bisection_finds_what_trying_every_candidate_finds(values):
 def test_the_boundary_picture_of_patch_dropout_and_evit_marks_the_patches_they_keep(tmp_path):
     """Kept vs dropped patches, where the picture has a meaning: patch dropout at eval_keep keeps its
     fraction, the very patches the first block runs on; EViT keeps the top-k by the class token's
-    attention in its first block; the picture is drawn for both."""
+    attention in its first block; the picture is drawn for both, and for ToMe (its merged groups)."""
     from fastclip.eval.boundary_picture import draw
     torch.manual_seed(0)
     images = torch.randn(3, 3, 32, 32)
@@ -240,7 +252,8 @@ def test_the_boundary_picture_of_patch_dropout_and_evit_marks_the_patches_they_k
     top = cls.mean(1)[:, 1:].topk(math.ceil(0.35 * 64), dim=-1).indices
     assert torch.equal(kept, torch.zeros(3, 64, dtype=torch.bool).scatter(1, top, True))
 
-    for overrides in (["boundary=evit", "boundary.keep=0.35"], ["boundary=patch_dropout", "boundary.eval_keep=true"]):
+    for overrides in (["boundary=evit", "boundary.keep=0.35"], ["boundary=patch_dropout", "boundary.eval_keep=true"],
+                      ["boundary=tome", "boundary.r=19"]):
         cfg = compose_cfg([*GEOMETRY, *overrides])
         model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
         path = tmp_path / f"{overrides[0]}.png"

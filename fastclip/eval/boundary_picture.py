@@ -1,6 +1,6 @@
 """What the boundaries look like: eval images with their segments coloured on the patch grid (or,
-for the peer towers that drop patches, the dropped ones greyed), and captions with '|' at segment
-breaks. Logged as an MLflow artifact every evaluation."""
+for the peer towers that drop patches, the dropped ones greyed; for ToMe, the patches each final
+token holds in one colour), and captions with '|' at segment breaks. Logged as an MLflow artifact every evaluation."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -64,8 +64,10 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
     images, tokens = images[:n], tokens[:n]
     _, image_info = model.visual(images)
     _, text_info = model.text(tokens)
-    # peer towers that drop or fuse patches (patch dropout at eval_keep, EViT): which ones they keep
+    # peer towers that drop or fuse patches (patch dropout at eval_keep, EViT): which ones they keep;
+    # ToMe: which patches each final token holds
     kept = model.visual.kept_patches(images) if getattr(model.visual, "drops_at_eval", False) else None
+    groups = model.visual.merged_groups(images) if hasattr(model.visual, "merged_groups") else None
     model.train(was_training)
     fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 5), squeeze=False)
     b = image_info.get("boundaries")
@@ -82,7 +84,14 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
             rows, cols = model.visual.vit.grid_size
             ax.imshow(~kept[i].cpu().numpy().reshape(rows, cols), cmap="Greys", alpha=0.6, vmin=0, vmax=1,
                       interpolation="nearest", extent=(0, image.shape[-1], image.shape[-2], 0))
-            ax.set_title(f"{kept[i].numel()} -> {int(kept[i].sum())} kept (first reduction)", fontsize=8)
+            reductions = len(getattr(model.visual, "layers", ()))  # EViT at several blocks: the first one's
+            ax.set_title(f"{kept[i].numel()} -> {int(kept[i].sum())} kept"
+                         + (f" (first of {reductions} reductions)" if reductions > 1 else ""), fontsize=8)
+        elif groups is not None:  # the patches one token holds share a colour
+            rows, cols = model.visual.vit.grid_size
+            ax.imshow(groups[i].cpu().numpy().reshape(rows, cols), cmap="tab20", alpha=0.45,
+                      interpolation="nearest", extent=(0, image.shape[-1], image.shape[-2], 0))
+            ax.set_title(f"{groups[i].numel()} -> {len(groups[i].unique())} merged tokens", fontsize=8)
         ax.axis("off")
         tb = text_info.get("boundaries")  # DTP text towers: per byte, so the label comes from the bytes
         label = (caption_with_breaks(model.text.tokenizer.to_bytes(tokens[i].tolist()), tb[i].tolist())

@@ -4,6 +4,8 @@ r tokens into their most similar partners by size-weighted average; the class to
 merged; proportional attention adds log(token size) to the attention logits so a merged token
 counts for the patches it holds. Our earlier version merged after the whole block on the hidden
 states; it is gone (the published one is the peer a DTP claim must beat)."""
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,32 +14,50 @@ from fastclip.models.vision import require_vit
 from fastclip.models.vit_block import attention_half, check_block, encode, mlp_half
 
 
-def bipartite_merge(x: torch.Tensor, size: torch.Tensor, r: int, metric: torch.Tensor | None = None):
-    """ToMe's bipartite soft matching on x [B, 1 + N, D] (class token first, never merged): the
-    patch tokens alternate into sets A (even) and B (odd); each A token's most similar B token by
-    cosine of `metric` [B, 1 + N, C] (ToMe: the keys; default x itself) is its match, and the r
-    best-matched A tokens are merged into their matches by size-weighted average (sizes [B, 1 + N, 1]).
-    Returns (x, size) with N - r patch tokens: [class, unmerged A, B]."""
-    cls, tokens = x[:, :1], x[:, 1:]
-    cls_size, tok_size = size[:, :1], size[:, 1:]
-    r = min(r, tokens.shape[1] // 2)
+class Matching(NamedTuple):
+    """One bipartite soft matching over the patch tokens of [B, 1 + N, C]: set A is the even patch
+    tokens, B the odd ones; `merged` [B, r] A tokens go into their partners `into` [B, r] in B,
+    `kept` [B, N_A - r] A tokens stay."""
+    kept: torch.Tensor
+    merged: torch.Tensor
+    into: torch.Tensor
+
+    def add(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B, 1 + N, C] -> [B, 1 + N - r, C]: [class, kept A, B], each merged A row added to its
+        partner's (a sum: sizes and patch sources merge this way, features size-weighted)."""
+        cls, a, b = t[:, :1], t[:, 1::2], t[:, 2::2]
+        rows = lambda idx: a.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        b = b.scatter_add(1, self.into[..., None].expand(-1, -1, t.shape[-1]), rows(self.merged))
+        return torch.cat([cls, rows(self.kept), b], dim=1)
+
+
+def bipartite_matching(metric: torch.Tensor, r: int) -> Matching | None:
+    """ToMe's matching on metric [B, 1 + N, C] (the class token first, never matched): each A token's
+    most similar B token by cosine is its partner, and the r best-matched A tokens merge (r is capped
+    at N // 2). None when nothing merges."""
+    m = metric[:, 1:]
+    r = min(r, m.shape[1] // 2)
     if r <= 0:
-        return x, size
-    m = (metric if metric is not None else x)[:, 1:]
-    a, b = tokens[:, ::2], tokens[:, 1::2]
-    sa, sb = tok_size[:, ::2], tok_size[:, 1::2]
+        return None
     score = F.normalize(m[:, ::2].float(), dim=-1) @ F.normalize(m[:, 1::2].float(), dim=-1).transpose(1, 2)
-    best, match = score.max(dim=-1)                       # per A token
+    best, partner = score.max(dim=-1)  # per A token
     order = best.argsort(dim=-1, descending=True)
-    merged_idx, kept_idx = order[:, :r], order[:, r:]
-    D = x.shape[-1]
-    gather = lambda t, idx, d: t.gather(1, idx[..., None].expand(-1, -1, d))  # noqa: E731
-    a_kept, sa_kept = gather(a, kept_idx, D), gather(sa, kept_idx, 1)
-    a_m, sa_m = gather(a, merged_idx, D), gather(sa, merged_idx, 1)
-    dst = match.gather(1, merged_idx)
-    b_sum = (b * sb).scatter_add(1, dst[..., None].expand(-1, -1, D), a_m * sa_m)
-    sb_new = sb.scatter_add(1, dst[..., None], sa_m)
-    return (torch.cat([cls, a_kept, b_sum / sb_new], dim=1), torch.cat([cls_size, sa_kept, sb_new], dim=1))
+    return Matching(kept=order[:, r:], merged=order[:, :r], into=partner.gather(1, order[:, :r]))
+
+
+def bipartite_merge(x: torch.Tensor, size: torch.Tensor, r: int, metric: torch.Tensor | None = None,
+                    source: torch.Tensor | None = None):
+    """ToMe's merge of x [B, 1 + N, D] (class token first, never merged) with token sizes [B, 1 + N, 1]:
+    the r best-matched tokens by `metric` [B, 1 + N, C] (ToMe: the keys; default x itself) merge into
+    their partners by size-weighted average. source [B, 1 + N, P] (optional, ToMe's source tracking:
+    which of the P input tokens each token holds) merges by sum. Returns (x, size, source) with
+    N - r patch tokens, in the order [class, unmerged A, B]; source stays None when not given."""
+    match = bipartite_matching(metric if metric is not None else x, r)
+    if match is None:
+        return x, size, source
+    new_size = match.add(size)
+    return (match.add(x * size) / new_size, new_size,
+            None if source is None else match.add(source))
 
 
 class ToMeImageTower(nn.Module):
@@ -51,14 +71,27 @@ class ToMeImageTower(nn.Module):
             check_block(block, "boundary=tome")
         self.r = r
 
-    def forward(self, images):
+    def forward(self, images, record: dict | None = None):
         vit = self.vit
         x = vit._embeds(images)
         n_in = x.shape[1] - 1
         size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=x.dtype)
+        # each token's input tokens (the picture only: [B, T, 1 + N] per block is too dear to train with)
+        source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1) \
+            if record is not None else None
         for block in vit.transformer.resblocks:
             # proportional attention: log(size) on every key's logit, the same for every head and query
             x, keys, _ = attention_half(block, x, bias=size.squeeze(-1).log()[:, None, None, :])
-            x, size = bipartite_merge(x, size, self.r, metric=keys.mean(1))
+            x, size, source = bipartite_merge(x, size, self.r, metric=keys.mean(1), source=source)
             x = mlp_half(block, x)
+        if record is not None:
+            record["source"] = source
         return encode(vit, x, images, n_in)
+
+    @torch.no_grad()
+    def merged_groups(self, images) -> torch.Tensor:
+        """[B, N] long, raster order: for each patch, the final token holding it (the boundary picture
+        colours the patches merged together alike). Token 0, the class token, holds no patch."""
+        record = {}
+        self(images, record)
+        return record["source"][:, :, 1:].argmax(dim=1)

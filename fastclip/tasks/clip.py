@@ -252,7 +252,8 @@ class ClipTask:
         images, tokens = self.eval_batch()
         metrics.update(tower_efficiency(self.model, images, tokens))
         has_picture = (self.model.image_method is not None or self.model.text_method is not None
-                       or getattr(self.model.visual, "drops_at_eval", False))
+                       or getattr(self.model.visual, "drops_at_eval", False)
+                       or hasattr(self.model.visual, "merged_groups"))
         if self.run_dir is not None and cfg.eval.boundary_picture and has_picture:  # nothing to draw otherwise
             folder = self.run_dir / "boundaries"
             folder.mkdir(parents=True, exist_ok=True)
