@@ -28,21 +28,22 @@ def tower(*overrides):
 
 
 def test_tome_merges_the_pairs_the_metric_says_not_the_hidden_states():
-    """Patches t0..t3: A = {t0, t2}, B = {t1, t3}. By the hidden states t0 is t1's twin; by the metric
-    (the keys) t0 is t3's, and that pair is the best match, so with r = 1 t0 goes into t3."""
-    e = torch.eye(4)
-    x = torch.stack([torch.zeros(4), e[0], e[0], e[1], e[2]])[None]  # cls, t0 ~ t1 by x
-    metric = torch.stack([torch.zeros(4), e[2], e[1], e[1] + 0.5 * e[3], e[2]])[None]  # t0 ~ t3 by the keys
-    size = torch.ones(1, 5, 1)
-    merged, new_size, _ = bipartite_merge(x, size, 1, metric=metric)
-    # [cls, the unmerged A (t2), B: t1, then t3 holding t0]
-    torch.testing.assert_close(merged[0], torch.stack([torch.zeros(4), e[1], e[0], (e[0] + e[2]) / 2]))
-    assert new_size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 2.0]
-    by_states, _, _ = bipartite_merge(x, size, 1)  # what merging on the hidden states would have done: t0 into t1
-    torch.testing.assert_close(by_states[0, 2], e[0])
-    # source tracking merges by sum: the last token holds input tokens t0 and t3 (columns 1 and 4)
-    _, _, source = bipartite_merge(x, size, 1, metric=metric, source=torch.eye(5)[None])
-    assert source[0].tolist() == [[1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 0, 0], [0, 1, 0, 0, 1]]
+    """[cls, t0..t5], split as ToMe's code does: A = the even positions {cls, t1, t3, t5}, B = {t0, t2,
+    t4}. By the metric (the keys) t3 is t2's twin, the best match, so with r = 1 t3 goes into t2; by
+    the hidden states it would have gone into t4. The unmerged A stay in position order (t1 before t5,
+    though t5 is the better matched), and source tracking sums the merged tokens' inputs."""
+    e = torch.eye(6)
+    zero = torch.zeros(6)
+    x = torch.stack([zero, e[0], e[3], e[1], e[2], e[2], e[4]])[None]  # t3 ~ t4 by the states
+    metric = torch.stack([zero, e[0], e[0] + e[3], e[1], e[1], e[2], e[2] + 0.5 * e[4]])[None]  # t3 ~ t2
+    size = torch.ones(1, 7, 1)
+    merged, new_size, source = bipartite_merge(x, size, 1, metric=metric, source=torch.eye(7)[None])
+    # [cls, unmerged A (t1, t5), B: t0, t2 holding t3, t4]
+    torch.testing.assert_close(merged[0], torch.stack([zero, e[3], e[4], e[0], (e[1] + e[2]) / 2, e[2]]))
+    assert new_size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 1.0, 2.0, 1.0]
+    assert [row.nonzero().flatten().tolist() for row in source[0]] == [[0], [2], [6], [1], [3, 4], [5]]
+    by_states, _, _ = bipartite_merge(x, size, 1)  # on the hidden states: t3 into t4, t2 alone
+    torch.testing.assert_close(by_states[0, 4], e[1])
 
 
 def test_tome_keeps_the_size_weighted_mass_and_never_merges_the_class_token():
