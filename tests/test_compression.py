@@ -177,6 +177,20 @@ def quant_run(tmp_path, *overrides: str) -> tuple[dict, str]:
     return run(cfg, tmp_path / "run"), store
 
 
+def test_the_final_line_says_whose_numbers_its_twins_are():
+    from fastclip.train import final_line
+    plain = {"zeroshot/top1": 0.5, "zeroshot/top1_all_patches": 0.52, "zeroshot/top1_placement_gain": -0.01,
+             "zeroshot/top5": 0.9, "mlflow_run_id": "abc"}
+    assert final_line("zeroshot/top1", plain) == \
+        "final zeroshot/top1 = 0.5000 (all_patches 0.5200, placement_gain -0.0100)"
+    quantized = {**plain, "zeroshot/top1": 0.49, "zeroshot/top1_dense": 0.5}  # the loop's twins came before int8
+    assert final_line("zeroshot/top1", quantized) == ("final zeroshot/top1 = 0.4900 (dense 0.5000; the trained "
+                                                      "model's: all_patches 0.5200, placement_gain -0.0100)")
+    assert final_line("zeroshot/top1", {"zeroshot/top1": 0.3, "zeroshot/top1_teacher": 0.4}) == \
+        "final zeroshot/top1 = 0.3000 (teacher 0.4000)"
+    assert final_line("lm/test_bpc", {"lm/test_bpc": 1.5}) == "final lm/test_bpc = 1.5000"
+
+
 @pytest.mark.slow
 def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path, caplog):
     import logging

@@ -3,6 +3,7 @@ attention), FLIP's patch dropout, EViT, and a coarser patch grid; each one's cou
 analytic count."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from fastclip.models.clip import build_clip
 from fastclip.models.evit import keep_attentive
 from fastclip.models.tome import bipartite_merge
 from fastclip.models.vit_block import attention_half
+from fastclip.tasks.clip import has_boundary_picture
 
 # 64 patches (32 px at patch 4), width 32 in 2 heads of 16, 4 blocks, MLP 128
 GEOMETRY = [*TINY_CLIP, "encoder.vision.patch_size=4", "encoder.vision.layers=4"]
@@ -227,10 +229,11 @@ def test_bench_knob_bisection_finds_what_trying_every_candidate_finds(values):
         assert abs(got - target) == min(abs(cost(v) - target) for v in values)
 
 
-def test_the_boundary_picture_of_patch_dropout_and_evit_marks_the_patches_they_keep(tmp_path):
+def test_the_boundary_pictures_of_the_peers_mark_the_patches_they_keep_or_merge(tmp_path, monkeypatch):
     """Kept vs dropped patches, where the picture has a meaning: patch dropout at eval_keep keeps its
     fraction, the very patches the first block runs on; EViT keeps the top-k by the class token's
-    attention in its first block; the picture is drawn for both, and for ToMe (its merged groups)."""
+    attention in its first block. The picture draws those, and ToMe's merged groups, and an
+    evaluation asks for it for all three."""
     from fastclip.eval.boundary_picture import draw
     torch.manual_seed(0)
     images = torch.randn(3, 3, 32, 32)
@@ -257,6 +260,17 @@ def test_the_boundary_picture_of_patch_dropout_and_evit_marks_the_patches_they_k
                       ["boundary=tome", "boundary.r=19"]):
         cfg = compose_cfg([*GEOMETRY, *overrides])
         model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
+        asked = record_calls(monkeypatch, model.visual, "merged_groups" if "tome" in overrides[0] else "kept_patches")
         path = tmp_path / f"{overrides[0]}.png"
         draw(model, images, tokenizer(["a cat", "a dog", "a ship"]), str, path)
-        assert path.stat().st_size > 0
+        assert path.stat().st_size > 0 and len(asked) == 1 and has_boundary_picture(model)
+    cfg = compose_cfg(GEOMETRY)
+    vanilla, _ = build_clip(cfg.encoder, cfg.boundary)
+    assert not has_boundary_picture(vanilla)
+
+
+def test_group_outlines_run_between_neighbouring_cells_of_different_groups():
+    from fastclip.eval.boundary_picture import group_edges
+    grid = np.array([[0, 0, 1], [2, 2, 1]])
+    assert sorted(group_edges(grid)) == sorted([((2, 0), (2, 1)), ((2, 1), (2, 2)),  # 0|1, 2|1
+                                                ((0, 1), (1, 1)), ((1, 1), (2, 1))])  # 0 over 2, twice

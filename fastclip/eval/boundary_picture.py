@@ -1,10 +1,12 @@
-"""What the boundaries look like: eval images with their segments coloured on the patch grid (or,
-for the peer towers that drop patches, the dropped ones greyed; for ToMe, the patches each final
-token holds in one colour), and captions with '|' at segment breaks. Logged as an MLflow artifact every evaluation."""
+"""What the boundaries look like: eval images with their segments coloured and outlined on the patch
+grid (for the peer towers that drop patches, the dropped ones greyed; for ToMe, the patches each
+final token holds as one segment), and captions with '|' at segment breaks. Logged as an MLflow
+artifact every evaluation."""
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
@@ -57,6 +59,30 @@ def segment_grid(boundaries: torch.Tensor, rows: int, cols: int, scan: torch.Ten
     return seg.numpy().reshape(rows, cols)
 
 
+def group_edges(grid: np.ndarray) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The unit-cell sides ((x0, y0), (x1, y1)) between neighbouring cells of a [rows, cols] label
+    grid that carry different labels (x: column, y: row; a group's outline)."""
+    vertical = [((c + 1, r), (c + 1, r + 1)) for r, c in zip(*np.nonzero(grid[:, 1:] != grid[:, :-1]))]
+    horizontal = [((c, r + 1), (c + 1, r + 1)) for r, c in zip(*np.nonzero(grid[1:] != grid[:-1]))]
+    return [((int(a), int(b)), (int(c), int(d))) for (a, b), (c, d) in vertical + horizontal]
+
+
+def _draw_groups(ax, grid: np.ndarray, height: int, width: int) -> None:
+    """Over an image: the cells of each group of a [rows, cols] label grid (DTP's segments, ToMe's
+    merged tokens) in one colour, single cells left clear, and every group outlined. tab20 has 20
+    colours: the labels are shuffled so that neighbouring groups rarely share one (the outline
+    separates them when they do)."""
+    rows, cols = grid.shape
+    _, inverse, counts = np.unique(grid.ravel(), return_inverse=True, return_counts=True)
+    colour = np.random.default_rng(0).permutation(len(counts)) % 20
+    shade = np.where(counts[inverse] > 1, colour[inverse], np.nan).reshape(rows, cols)
+    ax.imshow(np.ma.masked_invalid(shade), cmap="tab20", vmin=0, vmax=19, alpha=0.45, interpolation="nearest",
+              extent=(0, width, height, 0))
+    sx, sy = width / cols, height / rows
+    ax.add_collection(LineCollection([[(x0 * sx, y0 * sy), (x1 * sx, y1 * sy)] for (x0, y0), (x1, y1)
+                                      in group_edges(grid)], colors="white", linewidths=0.8))
+
+
 @torch.no_grad()
 def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int = 8) -> None:
     was_training = model.training
@@ -77,8 +103,7 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
         if b is not None:
             rows, cols = model.visual.vit.grid_size
             seg = segment_grid(b[i], rows, cols, image_info.get("scan"))
-            ax.imshow(seg, cmap="tab20", alpha=0.45, interpolation="nearest",
-                      extent=(0, image.shape[-1], image.shape[-2], 0))
+            _draw_groups(ax, seg, image.shape[-2], image.shape[-1])
             ax.set_title(f"{seg.size} -> {int(image_info['segments'][i])}", fontsize=8)
         elif kept is not None:  # dropped (or fused) patches greyed out
             rows, cols = model.visual.vit.grid_size
@@ -87,11 +112,10 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
             reductions = len(getattr(model.visual, "layers", ()))  # EViT at several blocks: the first one's
             ax.set_title(f"{kept[i].numel()} -> {int(kept[i].sum())} kept"
                          + (f" (first of {reductions} reductions)" if reductions > 1 else ""), fontsize=8)
-        elif groups is not None:  # the patches one token holds share a colour
+        elif groups is not None:  # the patches one token holds, as a segment
             rows, cols = model.visual.vit.grid_size
-            ax.imshow(groups[i].cpu().numpy().reshape(rows, cols), cmap="tab20", alpha=0.45,
-                      interpolation="nearest", extent=(0, image.shape[-1], image.shape[-2], 0))
-            ax.set_title(f"{groups[i].numel()} -> {len(groups[i].unique())} merged tokens", fontsize=8)
+            _draw_groups(ax, groups[i].cpu().numpy().reshape(rows, cols), image.shape[-2], image.shape[-1])
+            ax.set_title(f"{groups[i].numel()} -> {len(groups[i].unique())} tokens", fontsize=8)
         ax.axis("off")
         tb = text_info.get("boundaries")  # DTP text towers: per byte, so the label comes from the bytes
         label = (caption_with_breaks(model.text.tokenizer.to_bytes(tokens[i].tolist()), tb[i].tolist())

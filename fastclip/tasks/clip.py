@@ -81,6 +81,13 @@ def decode_tokens(tokenizer, ids: torch.Tensor) -> str:
     return tokenizer.decode(ids)
 
 
+def has_boundary_picture(model) -> bool:
+    """Whether an evaluation draws the boundary picture: DTP towers (their segments), and the peers
+    where it has a meaning (patch dropout at eval_keep and EViT: the kept patches; ToMe: its merges)."""
+    return (model.image_method is not None or model.text_method is not None
+            or getattr(model.visual, "drops_at_eval", False) or hasattr(model.visual, "merged_groups"))
+
+
 class ClipTask:
     def __init__(self, cfg, device: torch.device, run_dir: str | Path | None = None):
         check_config(cfg)
@@ -251,10 +258,7 @@ class ClipTask:
         cfg, metrics = self.cfg, self.quality()
         images, tokens = self.eval_batch()
         metrics.update(tower_efficiency(self.model, images, tokens))
-        has_picture = (self.model.image_method is not None or self.model.text_method is not None
-                       or getattr(self.model.visual, "drops_at_eval", False)
-                       or hasattr(self.model.visual, "merged_groups"))
-        if self.run_dir is not None and cfg.eval.boundary_picture and has_picture:  # nothing to draw otherwise
+        if self.run_dir is not None and cfg.eval.boundary_picture and has_boundary_picture(self.model):
             folder = self.run_dir / "boundaries"
             folder.mkdir(parents=True, exist_ok=True)
             # numbered after the pictures already there: a resumed run adds to its first part's
