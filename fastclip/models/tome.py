@@ -98,7 +98,7 @@ class ToMeImageTower(nn.Module):
     @torch.no_grad()
     def merged_groups(self, images) -> torch.Tensor:
         """[B, N] long, raster order: for each patch, the final token holding it (the boundary picture
-        colours the patches merged together alike). Token 0, the class token, holds no patch."""
+        draws each token's patches as one outlined segment). Token 0, the class token, holds no patch."""
         record = {}
         self(images, record)
         return record["source"][:, :, 1:].argmax(dim=1)
