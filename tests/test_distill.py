@@ -45,6 +45,46 @@ def test_the_distillation_terms_are_zero_when_student_and_teacher_are_the_same_w
     assert affinity_kl(other, out) > 0.01 and feature_mse(other, out) > 0.01
 
 
+def test_the_affinity_kl_is_kl_teacher_to_student_times_t_squared_worked_by_hand():
+    """3 images x 3 captions, temperature 2: the affinity term against KL(teacher || student) of the
+    row (image->text) and column (text->image) softmaxes written out with math.exp / math.log, x T^2,
+    the two directions averaged. The logits are not symmetric, so KL(student || teacher), one
+    direction alone or a missing T^2 all give other numbers."""
+    import math
+    eye = torch.eye(3)
+    student_logits = [[2.0, 0.5, -1.0], [0.0, 1.5, 0.3], [-0.7, 0.2, 1.1]]
+    teacher_logits = [[3.0, -0.5, 0.1], [0.4, 2.5, -1.2], [-1.0, 0.9, 2.2]]
+    # logit_scale 2 x features @ identity: the logits are 2 x the feature rows
+    student = {"image_features": torch.tensor(student_logits) / 2, "text_features": eye,
+               "logit_scale": torch.tensor(2.0)}
+    teacher = {"image_features": torch.tensor(teacher_logits) / 2, "text_features": eye,
+               "logit_scale": torch.tensor(2.0)}
+    temperature = 2.0
+
+    def softmax(row):
+        z = sum(math.exp(v / temperature) for v in row)
+        return [math.exp(v / temperature) / z for v in row]
+
+    def kl_rows(t_rows, s_rows):  # mean over rows of sum_j p_t log(p_t / p_s)
+        total = 0.0
+        for t_row, s_row in zip(t_rows, s_rows):
+            p_t, p_s = softmax(t_row), softmax(s_row)
+            total += sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s))
+        return total / len(t_rows)
+
+    def columns(m):
+        return [list(col) for col in zip(*m)]
+    image_to_text = kl_rows(teacher_logits, student_logits)
+    text_to_image = kl_rows(columns(teacher_logits), columns(student_logits))
+    expected = (image_to_text + text_to_image) / 2 * temperature ** 2
+    assert affinity_kl(student, teacher, temperature).item() == pytest.approx(expected, abs=1e-6)
+    reversed_kl = (kl_rows(student_logits, teacher_logits) + kl_rows(columns(student_logits),
+                                                                   columns(teacher_logits))) / 2 * temperature ** 2
+    for wrong in (reversed_kl, expected / temperature ** 2, image_to_text * temperature ** 2,
+                  text_to_image * temperature ** 2):
+        assert abs(wrong - expected) > 1e-3  # the example tells each of these apart
+
+
 @pytest.mark.slow
 def test_a_char_level_dtp_student_distills_from_a_bpe_teacher_and_no_gradient_reaches_the_teacher(teacher, tmp_path):
     from fastclip.loop import Trainer
