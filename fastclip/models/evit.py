@@ -1,7 +1,8 @@
 """EViT (Liang et al. 2022, "Not All Patches are What You Need"): at the given blocks, between
 attention and MLP, the patch tokens the class token attends to most (its attention averaged over
-heads) are kept, the top `keep` fraction, and the rest are fused into one token, their average
-weighted by that attention; the fused token is a token like the others in later blocks."""
+heads) are kept, the top `keep` fraction, and the rest are fused into one token, their sum
+weighted by that attention (not divided by its total: the published code's `extra_token`, Block.forward
+in github.com/youweiliang/evit, evit.py); the fused token is a token like the others in later blocks."""
 import math
 
 import torch
@@ -14,8 +15,9 @@ from fastclip.models.vit_block import attention_half, check_block, encode, mlp_h
 def keep_attentive(x: torch.Tensor, cls_attention: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, 1 + N, D] (class token first), cls_attention [B, 1 + N] (the class token's attention,
     mean over heads) -> ([B, 1 + k + 1, D]: the class token, the k = ceil(keep x N) patches it attends
-    to most (in their original order), and the fused token (the others' attention-weighted mean);
-    [B, N] bool: the patches kept)."""
+    to most (in their original order), and the fused token: sum over the others of their attention x
+    token, as published (the attention is a softmax over all 1 + N tokens, so the fused token is
+    smaller the less the class token attends to what it fuses); [B, N] bool: the patches kept)."""
     cls, tokens = x[:, :1], x[:, 1:]
     n = tokens.shape[1]
     k = math.ceil(keep * n)
@@ -26,7 +28,7 @@ def keep_attentive(x: torch.Tensor, cls_attention: torch.Tensor, keep: float) ->
     kept = tokens.gather(1, top[..., None].expand(-1, -1, tokens.shape[-1]))
     rest = torch.ones_like(score, dtype=torch.bool).scatter(1, top, False)
     weight = (score * rest).to(tokens.dtype)
-    fused = (weight[..., None] * tokens).sum(1, keepdim=True) / weight.sum(1, keepdim=True)[..., None].clamp_min(1e-12)
+    fused = (weight[..., None] * tokens).sum(1, keepdim=True)
     return torch.cat([cls, kept, fused], dim=1), ~rest
 
 
