@@ -128,6 +128,19 @@ def test_patch_dropout_keeps_its_fraction_in_training_and_every_patch_at_eval_un
     assert first_block_lengths(visual, images, train=False) == [1 + 16]  # and back
 
 
+def test_patch_dropout_logs_the_patch_count_open_clip_keeps():
+    """efficiency/compression_image reads the segments the tower reports: the patches its blocks
+    ran on. At keep 0.2 of 25 patches (patch 6) open_clip's PatchDropout keeps
+    int(25 x (1 - 0.8)) = 4, as floating point rounds 1 - 0.8 (int(25 x 0.2) would say 5)."""
+    visual = tower("boundary=patch_dropout", "boundary.keep=0.2", "boundary.eval_keep=true",
+                   "encoder.vision.patch_size=6")
+    images = torch.randn(2, 3, 32, 32)
+    ran = first_block_lengths(visual, images, train=False)[0] - 1
+    with torch.no_grad():
+        _, info = visual.eval()(images)
+    assert ran == 4 and info["segments"].tolist() == [4.0, 4.0] and info["tokens"].tolist() == [25.0, 25.0]
+
+
 def test_a_patch_dropout_run_at_keep_also_scores_every_patch_at_the_end(tmp_path):
     """One training gives bench-clip both patch-dropout rows: top-1 at the keep rate (the matched
     GFLOPs) and, from the same weights, on every patch."""

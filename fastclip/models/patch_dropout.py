@@ -35,18 +35,22 @@ class PatchDropoutImageTower(nn.Module):
         self.keep, self.eval_keep = keep, eval_keep
         self.vit.patch_dropout = (_EvalToo if eval_keep else PatchDropout)(1.0 - keep) if keep < 1 else nn.Identity()
 
-    def kept(self, n: int) -> int:
-        """Patches the tower runs on out of n (open_clip's count: int(n x keep), at least 1)."""
-        active = self.keep < 1 and (self.training or self.eval_keep)
-        return max(1, int(n * self.keep)) if active else n
-
     def forward(self, images):
+        """images [B, 3, H, W] -> (embedding [B, D], info): tokens = the patches in, segments = the
+        patches the blocks ran on, read off the dropout module's output (so the logged compression is
+        the count open_clip drew, whatever rounding its keep fraction takes: it keeps
+        int(n x (1 - (1 - keep))), which is not always int(n x keep))."""
         grid = self.vit.grid_size
         n = grid[0] * grid[1]
-        emb = self.vit(images)
+        ran = {}
+        hook = self.vit.patch_dropout.register_forward_hook(lambda m, a, out: ran.update(patches=out.shape[1] - 1))
+        try:
+            emb = self.vit(images)
+        finally:
+            hook.remove()
         B = images.shape[0]
         return emb, {"tokens": torch.full((B,), float(n), device=emb.device),
-                     "segments": torch.full((B,), float(self.kept(n)), device=emb.device)}
+                     "segments": torch.full((B,), float(ran["patches"]), device=emb.device)}
 
     @contextlib.contextmanager
     def all_patches(self):
