@@ -27,9 +27,10 @@ def test_every_boundary_option_trains_and_evaluates_with_clip(boundary, tmp_path
     loss.backward()
     assert torch.isfinite(loss) and n == 32
     metrics = task.evaluate()
-    for key in ("zeroshot/top1", "efficiency/image_gflops", "efficiency/text_gflops",
+    for key in ("val/zeroshot_top1", "efficiency/image_gflops", "efficiency/text_gflops",
                 "efficiency/compression_image", "efficiency/compression_text"):
         assert key in metrics, key
+    assert not any(k.startswith("zeroshot/") for k in metrics)  # the test split is read at the end only
     if boundary in ("fixed", "entropy_spike", "tome"):
         assert metrics["efficiency/compression_image"] > 1.0
     if boundary == "gumbel":
@@ -217,6 +218,27 @@ def test_image_buckets_auto_follows_the_device_and_bad_values_are_named():
     for bad in ("0", "many"):
         with pytest.raises(ValueError, match=f"boundary.image_buckets={bad!r}" if bad == "many" else "image_buckets=0"):
             task_for("boundary=gumbel", "boundary.apply_to=[image]", f"boundary.image_buckets={bad}")
+
+
+def test_text_entropy_spike_sets_no_target_on_the_last_byte_of_a_full_context():
+    """The text tower's entropy_spike targets come from an auxiliary next-byte head; the context's
+    last byte has no next byte in view, so it gets no target (its padded logits, zeros, would read as
+    uniform: the highest entropy, a spike on every caption that fills the context). The other bytes'
+    targets are the spikes of the head's entropies."""
+    from fastclip.models.boundaries import entropy_spikes
+    from fastclip.models.charlm import causal_mask
+    task = task_for("boundary=entropy_spike", "boundary.apply_to=[text]")
+    tower = task.model.text.eval()
+    tokens = task.tokenizer(["a photo of a cat " * 8, "a dog"])  # the first fills the 64-byte context
+    assert (tokens[0] != 0).all() and (tokens[1] == 0).any()
+    with torch.no_grad():
+        _, info = tower(tokens)
+        x = tower.embed(tokens) + tower.pos[:tokens.shape[1]]
+        for block in tower.pre:
+            x = block(x, attn_mask=causal_mask(64, x.device))
+        spikes = entropy_spikes(tower.next_char(x[:, :-1]), tower.method.window) * info["token_mask"][:, :-1]
+    assert info["targets"][0, -1] == 0
+    torch.testing.assert_close(info["targets"][:, :-1], spikes)
 
 
 def test_clip_runs_the_text_tower_before_the_image_tower():
@@ -482,10 +504,12 @@ def test_placement_control_keeps_each_images_count_and_drops_its_content():
             n, width = shuffled["boundaries"].shape[1], tower.vit.grid_size[1]
             assert shuffled["boundaries"][:, every_kth(n, width)].all()
     final = task.final_evaluate()
-    top1 = task.evaluate()["zeroshot/top1"]
+    top1 = task.quality()["zeroshot/top1"]  # the test split's, as the control's
+    assert final["zeroshot/top1"] == pytest.approx(top1)
     assert 0 <= final["zeroshot/top1_shuffled_placement"] <= 1
     assert final["zeroshot/top1_placement_gain"] == pytest.approx(top1 - final["zeroshot/top1_shuffled_placement"])
-    assert task_for("boundary=gumbel", "boundary.apply_to=[image]").final_evaluate() == {}  # off by default
+    plain = task_for("boundary=gumbel", "boundary.apply_to=[image]").final_evaluate()
+    assert set(plain) == {"zeroshot/top1", "zeroshot/top5"}  # the control is off by default
     with pytest.raises(ValueError, match="eval.placement_control=true compares learned image boundaries"):
         task_for("boundary=fixed", "boundary.apply_to=[image]", "eval.placement_control=true")
 

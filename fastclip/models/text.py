@@ -128,7 +128,12 @@ class DTPTextTower(nn.Module):
             keep = token_mask[:, 1:].float()
             info["extra_loss"] = (nll * keep).sum() / keep.sum().clamp_min(1)
             padded = nn.functional.pad(next_logits.detach(), (0, 0, 0, 1))
-            info["targets"] = self.method.targets(padded) * token_mask
+            targets = self.method.targets(padded) * token_mask
+            # The context's last byte has no next byte in view: its padded logits (zeros) read as the
+            # uniform distribution, the highest entropy there is, a spike on every caption that fills
+            # the context. No target there, as the image tower's last patch gets none.
+            targets[:, -1] = 0
+            info["targets"] = targets
         elif self.unigram_model is not None:
             info["targets"] = self.unigram_targets(tokens)
         return emb @ self.proj, info
