@@ -14,7 +14,9 @@ dicts; no pickled objects):
 Version 1 (before the loop's state had a type) kept the state's fields at the top level and
 the RNG state as numpy objects; load() still reads it.
 """
+import errno
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -28,17 +30,70 @@ class CheckpointError(ValueError):
     """A file that is not a readable fastclip checkpoint."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (full disk, no permission); the message names the file."""
+
+
 class ResumeError(ValueError):
     """A checkpoint that cannot continue this run; raised before anything of the run is touched."""
 
 
 def save(path: str | os.PathLike, payload: dict) -> None:
-    """Atomic: a crash while writing never leaves a half-written file behind (write, then rename)."""
+    """Atomic and durable: written to `<path>.tmp`, flushed to the disk (fsync), then renamed over
+    `path`, so a crash or a full disk never leaves a half-written checkpoint in its place.
+
+    Raises CheckpointWriteError (an OSError) naming `path` and the cause (e.g. "no space left on
+    device, 12 MB free") when the write fails; the partial `.tmp` file is removed and the previous
+    checkpoint at `path`, if any, is kept as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-    os.replace(tmp, path)
+    try:
+        # a Python file object, not a path: torch's own C++ writer reports a full disk as
+        # "basic_ios::clear: iostream error" and loses the errno
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{path}: the checkpoint could not be written ({_write_failure(exc, path.parent)}); "
+                                   f"the partial file was removed and the previous checkpoint, if any, is kept") from exc
+    except BaseException:  # Ctrl-C mid-write: no partial file left behind either
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut
+
+
+def _write_failure(exc: BaseException, folder: Path) -> str:
+    """The cause of a failed write in words: the errno's, with the free space when the disk is full."""
+    seen = exc
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno):
+        seen = seen.__cause__ or seen.__context__
+    code = seen.errno if seen is not None else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f", {shutil.disk_usage(folder).free / 1e6:.0f} MB free there"
+        except OSError:
+            free = ""
+        return f"{os.strerror(code).lower()}{free}"
+    if code is not None:
+        return os.strerror(code).lower()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the data itself is already synced
+        pass
+    finally:
+        os.close(fd)
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -7,12 +7,13 @@ commit + Hydra job) and hands both to the shared loop.
 import logging
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fastclip import CONF_DIR, tracking
+from fastclip import CONF_DIR, run_lock, tracking
 from fastclip.checks import ConfigError, check_config, check_overrides
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS
 
@@ -67,7 +68,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
             _leave_the_run_dir_to_rank_0(run_dir)
         log.info("process %d of %d (local rank %d) on %s", world.rank, world.size, world.local_rank, device)
     try:
-        return _run(cfg, run_dir, launch_dir, overrides, choices, device)
+        with ExitStack() as held:  # what the run holds until it ends: its run dir's lock
+            return _run(cfg, run_dir, launch_dir, overrides, choices, device, held)
     finally:
         if world is not None:
             distributed.shutdown()
@@ -105,7 +107,7 @@ def _leave_the_run_dir_to_rank_0(rank_0_dir: str) -> None:
         shutil.rmtree(own)
 
 
-def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> dict:
+def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held: ExitStack) -> dict:
     resume = None
     auto = cfg.trainer.resume == "auto"
     if auto:  # a requeued job: its own run dir's checkpoint, if it got that far
@@ -129,6 +131,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device) -> di
     run_dir = Path(run_dir)
     if world.main:  # (the others wait for rank 0's build below, which comes after this)
         run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(run_lock.hold(run_dir))  # before the MLflow run or a checkpoint is touched
     device = device or runtime.pick_device(cfg.device)
     runtime.seed_everything(cfg.seed)
     runtime.set_torch_threads(cfg.trainer.get("torch_threads"), cfg.trainer.num_workers, device)
@@ -302,7 +305,7 @@ def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
-    from fastclip.checkpoint import CheckpointError, ResumeError
+    from fastclip.checkpoint import CheckpointError, CheckpointWriteError, ResumeError
     hc = HydraConfig.get()
     from fastclip.distributed import RankFailed
     from fastclip.loop import NoTrainingData, RunInterrupted, TrainingDiverged
@@ -314,7 +317,8 @@ def main(cfg: DictConfig) -> float | None:
                               "Data-parallel training), or one torchrun per configuration")
         metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
                       choices=_choices(cfg))
-    except (ConfigError, ResumeError, CheckpointError, NoTrainingData, TrainingDiverged, RankFailed) as exc:
+    except (ConfigError, ResumeError, CheckpointError, CheckpointWriteError, run_lock.RunDirInUse, NoTrainingData,
+            TrainingDiverged, RankFailed) as exc:
         raise SystemExit(f"error: {exc}") from None  # what to do is in the message: no stack trace
     except RunInterrupted as exc:
         print(f"fastclip: {exc}", file=sys.stderr)
