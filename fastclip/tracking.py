@@ -4,6 +4,7 @@ The default store is sqlite under outputs/ (mlflow 3 refuses the file store). A 
 store crashes when several processes run its migrations at once, so the Hydra callback
 below creates store + experiment once, in the launching process, before any job starts.
 """
+import atexit
 import logging
 import os
 import re
@@ -13,6 +14,8 @@ from urllib.parse import urlparse
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from fastclip import sweep_jobs
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
@@ -272,11 +275,33 @@ class MlflowStoreCallback(Callback):
         (sweep_dir / PARENT_RUN_FILE).write_text(parent.info.run_id)
         os.environ[PARENT_RUN_ENV] = f"{sweep_dir.resolve()}::{parent.info.run_id}"
         log.info("MLflow store %s, sweep parent run %s", uri, parent.info.run_id)
+        # Hydra's sweepers raise a failed job's error after its batch and then skip on_multirun_end:
+        # the parent still gets its status when the process exits
+        self._ended = False
+        atexit.register(self._end_sweep, config)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        sweep_jobs.record(config, job_return)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        failed = self._end_sweep(config)
+        if failed:  # e.g. Optuna went on past failed trials: the exit code still says so
+            raise SystemExit(f"error: {failed} job(s) of the sweep failed (above)")
+
+    def _end_sweep(self, config: DictConfig) -> int:
+        """Ends the sweep's parent run FINISHED, or FAILED with the count of failed jobs; -> that count."""
+        if getattr(self, "_ended", True):
+            return 0
+        self._ended = True
         import mlflow
+        outcomes = sweep_jobs.collect(config.hydra.sweep.dir)
+        failed = sum(o.status != "COMPLETED" for o in outcomes)
+        log.info("%s", sweep_jobs.summary(outcomes))
         parent = sweep_parent(config.hydra.sweep.dir)
         os.environ.pop(PARENT_RUN_ENV, None)
         if parent:
             client = mlflow.MlflowClient(tracking_uri=resolve_uri(config.tracking.uri))
-            client.set_terminated(parent, status="FINISHED")
+            client.set_tag(parent, "fastclip.sweep.jobs", len(outcomes))
+            client.set_tag(parent, "fastclip.sweep.failed_jobs", failed)
+            client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
+        return failed

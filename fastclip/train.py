@@ -319,6 +319,9 @@ def main(cfg: DictConfig) -> float | None:
                       choices=_choices(cfg))
     except (ConfigError, ResumeError, CheckpointError, CheckpointWriteError, run_lock.RunDirInUse, NoTrainingData,
             TrainingDiverged, RankFailed) as exc:
+        if str(hc.mode) == "RunMode.MULTIRUN":  # the sweep goes on and counts it (SystemExit would end it)
+            from fastclip.sweep_jobs import JobFailed
+            raise JobFailed(f"error: {exc}") from None
         raise SystemExit(f"error: {exc}") from None  # what to do is in the message: no stack trace
     except RunInterrupted as exc:
         print(f"fastclip: {exc}", file=sys.stderr)

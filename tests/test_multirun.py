@@ -39,3 +39,42 @@ def test_two_job_multirun_lands_in_the_default_store(tmp_path, cli_env):
     report = main(["--sweep", "latest", "--uri", store, "--out", str(tmp_path / "report")])
     assert report.selection.sweep_id == parent[0].info.run_id
     assert sorted(g.label for g in report.groups) == ["trainer.lr=0.0005", "trainer.lr=0.001"]
+
+
+def parent_and_children(store: str, experiment: str):
+    client = mlflow.MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("fastclip.role") == "sweep"]
+    children = {r.data.params["trainer.lr"]: r for r in runs if r.data.tags.get("fastclip.role") != "sweep"}
+    return parent, children
+
+
+DIVERGES = "1e12"  # the first steps' weights go non-finite: TrainingDiverged, a job that fails with a message
+
+
+def test_a_failing_job_is_counted_and_the_rest_of_the_grid_still_runs(tmp_path, cli_env):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [PYTHON, "-m", "fastclip.train", "-m", f"trainer.lr={DIVERGES},5e-4", "epochs=1", "trainer.max_steps=3",
+           *TINY_CLIP, "eval.boundary_picture=false", f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0  # the multirun's exit code says a job failed
+    assert "sweep: 2 jobs ended, 1 completed, 1 failed" in done.stderr + done.stdout, done.stderr[-3000:]
+    parent, children = parent_and_children(store, "fastclip")
+    assert children["1000000000000.0"].info.status == "FAILED"
+    assert children["0.0005"].info.status == "FINISHED" and "zeroshot/top1" in children["0.0005"].data.metrics
+    assert parent.info.status == "FAILED" and parent.data.tags["fastclip.sweep.failed_jobs"] == "1"
+
+
+def test_an_optuna_study_records_a_failed_trial_and_goes_on(tmp_path, cli_env):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [PYTHON, "-m", "fastclip.train", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
+           "hydra.sweeper.direction=maximize", "hydra.sweeper.max_failure_rate=1.0",
+           f"trainer.lr=choice({DIVERGES},5e-4)", "epochs=1", "trainer.max_steps=3", *TINY_CLIP,
+           "eval.boundary_picture=false", f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "1 failed" in done.stderr + done.stdout, done.stderr[-3000:]
+    import yaml
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    parent, children = parent_and_children(store, "fastclip")
+    assert float(best["best_params"]["trainer.lr"]) == 5e-4
+    assert parent.info.status == "FAILED" and set(children) == {"1000000000000.0", "0.0005"}
