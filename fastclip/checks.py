@@ -107,6 +107,25 @@ def check_overrides(overrides: list[str]) -> None:
                               f"argument per file; quote it for bash and Hydra: \"{key}='/path/{{000..009}}.tar'\"")
 
 
+def check_override_syntax(args: list[str]) -> None:
+    """Each command-line override Hydra's grammar cannot read (most often an unquoted '=' or space in
+    a path: `dataset.path=/data/a=b.csv`), named with the quoting that reads it, before Hydra's own
+    parser says only "mismatched input '='" without naming the argument."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:  # Hydra's flags and their values
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException as exc:
+            key, _, value = arg.partition("=")
+            reason = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"the override {arg!r} cannot be read ({reason}): a value with '=', spaces, braces, "
+                              f"commas or quotes needs Hydra's quotes inside the shell's: \"{key}='{value}'\"") from None
+
+
 def _no_missing_values(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -331,4 +331,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra parses them: its grammar errors do not name the argument
+        from fastclip.checks import check_override_syntax
+        check_override_syntax(sys.argv[1:])
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     main()
