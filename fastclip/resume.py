@@ -198,7 +198,8 @@ def _refuse_rewind(path: Path, ckpt: dict, run_dir: Path) -> None:
                           f"checkpoint replaced, two histories in one MLflow run). Resume {newest}, or start a new run")
 
 
-def record(resume: Resume, run_dir: Path, step: int, invocation_dir: str | None, commit: str) -> tuple[Path, int]:
+def record(resume: Resume, run_dir: Path, step: int, invocation_dir: str | None, commit: str,
+           dirty: bool) -> tuple[Path, int]:
     """Appends this resume to <run dir>/resumes.yaml (what changed, from which step, with which code)
     -> (its path, this resume's number, from 1)."""
     import datetime
@@ -206,6 +207,7 @@ def record(resume: Resume, run_dir: Path, step: int, invocation_dir: str | None,
     history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
     history.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "from_step": step,
                     "checkpoint": str(resume.checkpoint_path), "invocation_dir": invocation_dir, "git_commit": commit,
+                    "git_dirty": dirty,
                     "changed": {k: {"from": a, "to": b} for k, (a, b) in resume.changes.items()}})
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(history)))
     return path, len(history)

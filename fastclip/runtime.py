@@ -1,5 +1,6 @@
 """Process-level set-up shared by every task: device, seeding, autocast, provenance."""
 import contextlib
+import functools
 import os
 import random
 import subprocess
@@ -117,8 +118,11 @@ def autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@functools.cache
 def git_commit() -> tuple[str, bool]:
-    """(commit, dirty) of the checkout fastclip runs from; ('unknown', True) outside git."""
+    """(commit, dirty) of the checkout fastclip runs from; ('unknown', True) outside git. Read once
+    per process: jobs that Hydra's basic launcher runs one after another in it run the code it loaded,
+    whatever was committed since (the report groups runs by this)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()

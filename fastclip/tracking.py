@@ -25,6 +25,8 @@ PARENT_RUN_ENV = "FASTCLIP_SWEEP_PARENT"
 # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, an assistant);
 # with it, on the runs table
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# + a param's key: the value in effect now, where a resume changed it after the param was logged
+EFFECTIVE_TAG = "fastclip.effective."
 
 
 def sweep_parent(sweep_dir: str | os.PathLike) -> str | None:
@@ -207,11 +209,18 @@ class Tracker:
         self._buffer, self._pending = [], []
 
     def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-        existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, v) for k, v in params.items() if k not in existing]
+        """Logs the params the run lacks. MLflow params cannot change once logged, so where a resumed
+        part runs with another value (trainer.max_steps extended, a new lr), the value in effect goes
+        into the tag EFFECTIVE_TAG + key instead, in the store itself (the report reads it there)."""
+        from mlflow.entities import Param, RunTag
+        data = self.client.get_run(self.run_id).data
+        items = [Param(k, v) for k, v in params.items() if k not in data.params]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
+        tags = [RunTag(EFFECTIVE_TAG + k, v) for k, v in params.items()
+                if k in data.params and data.tags.get(EFFECTIVE_TAG + k, data.params[k]) != v]
+        for i in range(0, len(tags), 100):
+            self.client.log_batch(self.run_id, tags=tags[i:i + 100])
 
     def set_tags(self, tags: dict) -> None:
         for key, value in tags.items():

@@ -149,11 +149,11 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
                                  share=lambda run: run[0].run_id)
     if not world.main:  # the others train and wait; rank 0 tracks, writes and evaluates
         return {**fit(task, cfg, None, run_dir, device, trainer), "mlflow_run_id": opened}
-    tracker, commit = opened
+    tracker, commit, dirty = opened
     run_log = _log_to_run_dir(run_dir) if resume else None
     try:
         if resume:
-            _record_resume(resume, tracker, run_dir, trainer.state.step, commit)
+            _record_resume(resume, tracker, run_dir, trainer.state.step, commit, dirty)
         _log_plan(task, trainer, cfg, run_dir)
         metrics = fit(task, cfg, tracker, run_dir, device, trainer, provenance={"choices": choices or _choices(cfg)})
         if cfg.compression.name != "none":
@@ -228,7 +228,8 @@ def _compression_summary(cc: DictConfig, m: dict) -> str:
 
 
 def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):
-    """The MLflow run (new, or the resumed one) with its params, tags and resolved config -> (tracker, commit)."""
+    """The MLflow run (new, or the resumed one) with its params, tags and resolved config
+    -> (tracker, git commit, whether the checkout had uncommitted changes)."""
     from fastclip import distributed, runtime
     if resume:
         tracking.require_run(uri, resume.checkpoint.get("mlflow_run_id"), resume.checkpoint_path)
@@ -248,7 +249,7 @@ def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):
     resolved = run_dir / "config.yaml"
     resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker.log_artifact(resolved)
-    return tracker, commit
+    return tracker, commit, dirty
 
 
 def _store_uri(cfg: DictConfig, resume, launch_dir) -> str:
@@ -277,16 +278,19 @@ def _log_to_run_dir(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def _record_resume(resume, tracker, run_dir: Path, step: int, commit: str) -> None:
-    """Each resume: a log line, an entry in resumes.yaml, and MLflow tags of its own (changes, from
-    which step, with which code), since the run's params cannot change."""
+def _record_resume(resume, tracker, run_dir: Path, step: int, commit: str, dirty: bool) -> None:
+    """Each resume: a log line, an entry in resumes.yaml, and MLflow tags of its own (changes, each
+    changed key's new value as fastclip.resume.<n>.set.<key>, from which step, with which code), since
+    the run's params cannot change (the values in effect: tracking.EFFECTIVE_TAG)."""
     from fastclip.resume import record
     changed = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changes.items()) or "nothing changed"
     log.info("resuming %s at step %d into %s (%s)", resume.checkpoint_path, step, run_dir, changed)
-    path, n = record(resume, run_dir, step, hydra_tags().get("hydra.output_dir"), commit)
+    path, n = record(resume, run_dir, step, hydra_tags().get("hydra.output_dir"), commit, dirty)
     tracker.log_artifact(path)
     tracker.set_tags({f"fastclip.resume.{n}.changes": changed[:5000], f"fastclip.resume.{n}.from_step": step,
-                      f"fastclip.resume.{n}.git_commit": commit, "fastclip.resumes": n})
+                      f"fastclip.resume.{n}.git_commit": commit, f"fastclip.resume.{n}.git_dirty": dirty,
+                      **{f"fastclip.resume.{n}.set.{k}": str(b)[:6000] for k, (_, b) in resume.changes.items()},
+                      "fastclip.resumes": n})
     if "tracking.run_name" in resume.changes:
         tracker.client.update_run(tracker.run_id, name=resume.config.tracking.run_name)
 

@@ -136,3 +136,115 @@ def test_report_errors_name_what_is_missing(sweep_store, tmp_path):
         main(["--experiment", "demo", "--uri", uri, "--metric", "lm/test_bpc", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="no MLflow store at"):
         main(["--uri", f"sqlite:///{tmp_path / 'none.db'}"])
+
+
+def test_a_resumed_run_is_reported_as_it_ended_from_the_store_alone(tmp_path, store):
+    """Seeds 0 and 1 train 2 steps at lr 5e-4; seed 0 is then resumed to 4 steps at 1e-3. MLflow keeps
+    seed 0's first params (max_steps 2): the report shows what was in effect (4 steps, 1e-3) and does
+    not pool it with seed 1's 2 steps, nor with a run trained 4 steps at 1e-3 from the start (its
+    schedule was 2 steps' up to the resume). Read with the run dirs and artifacts gone: the store alone."""
+    import shutil
+
+    from conftest import TINY_CLIP, compose_cfg
+    from fastclip.train import run
+    common = TINY_CLIP + [f"tracking.uri={store}", "trainer.batch_size=256", "epochs=1", "eval.boundary_picture=false"]
+    first = {seed: run(compose_cfg(common + [f"seed={seed}", "trainer.max_steps=2", "trainer.lr=5e-4"]),
+                       tmp_path / f"s{seed}")["mlflow_run_id"] for seed in (0, 1)}
+    run(compose_cfg(common + ["seed=2", "trainer.max_steps=4", "trainer.lr=1e-3"]), tmp_path / "s2")
+    changes = [f"trainer.resume={tmp_path / 's0' / 'checkpoints' / 'last.pt'}", "trainer.max_steps=4", "trainer.lr=1e-3"]
+    assert run(compose_cfg(common + changes), tmp_path / "resume", overrides=changes)["mlflow_run_id"] == first[0]
+    client = mlflow.MlflowClient(tracking_uri=store)
+    logged = client.get_run(first[0]).data
+    assert logged.params["trainer.max_steps"] == "2" and logged.params["trainer.lr"] == "0.0005"  # immutable
+    assert logged.tags["fastclip.effective.trainer.max_steps"] == "4"
+    assert logged.tags["fastclip.resume.1.git_dirty"] in ("True", "False")
+    for path in tmp_path.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+    report = main(["--experiment", "fastclip", "--uri", store, "--out", str(tmp_path / "report")])
+    by_seeds = {tuple(g.seeds): g for g in report.groups}
+    assert set(by_seeds) == {("0",), ("1",), ("2",)}
+    resumed = by_seeds[("0",)]
+    assert resumed.runs[0].params["trainer.max_steps"] == "4" and resumed.runs[0].params["trainer.lr"] == "0.001"
+    assert resumed.label == ("trainer.lr=0.001 trainer.max_steps=4 (resumed at step 2: trainer.lr 0.0005 -> 0.001, "
+                             "trainer.max_steps 2 -> 4)")
+    assert by_seeds[("2",)].label == "trainer.lr=0.001 trainer.max_steps=4"
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in report.text.splitlines()
+            if line.startswith("| trainer.lr=")}
+    header = next(line for line in report.text.splitlines() if line.startswith("| runs"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    row = rows[resumed.label]
+    assert (row[columns.index("max_steps")], row[columns.index("lr")]) == ("4", "0.001")
+    with open(tmp_path / "report" / "report.csv") as f:
+        table = {r["seed"]: r for r in csv.DictReader(f)}
+    assert (table["0"]["max_steps"], table["0"]["lr"]) == ("4", "0.001")
+    assert (table["1"]["max_steps"], table["1"]["lr"]) == ("2", "0.0005")
+
+
+def test_runs_of_different_code_versions_are_different_groups_unless_pooled(tmp_path):
+    """The same config on two commits (the retired and the current ToMe split, say), and on the
+    second commit's checkout with uncommitted changes: three groups, each labelled with its code;
+    --pool-versions pools them, and the code column says how many versions a group pools."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("demo", artifact_location=(tmp_path / "artifacts").as_uri())
+    old, new = "a" * 40, "b" * 40
+    for (commit, dirty), tops in {(old, "False"): (0.53, 0.52), (new, "False"): (0.50, 0.51),
+                                  (new, "True"): (0.40,)}.items():
+        for seed, top1 in enumerate(tops):
+            rid = log_run(client, exp, "tome", seed, 0.4, top1)
+            client.set_tag(rid, "mlflow.source.git.commit", commit)
+            client.set_tag(rid, "fastclip.git_dirty", dirty)
+    # begun on the old commit, resumed (changing nothing) on the new: a version of its own
+    rid = log_run(client, exp, "tome", 0, 0.4, 0.45)
+    for key, value in {"mlflow.source.git.commit": old, "fastclip.git_dirty": "False", "fastclip.resumes": "1",
+                       "fastclip.resume.1.git_commit": new, "fastclip.resume.1.git_dirty": "False",
+                       "fastclip.resume.1.from_step": "30", "fastclip.resume.1.changes": "nothing changed"}.items():
+        client.set_tag(rid, key, value)
+    report = main(["--experiment", "demo", "--uri", uri, "--out", str(tmp_path / "split")])
+    assert [(g.label, g.seeds) for g in report.groups] == [
+        ("code=aaaaaaa", ["0", "1"]), ("code=bbbbbbb", ["0", "1"]), ("code=bbbbbbb+dirty", ["0"]),
+        ("code=aaaaaaa -> bbbbbbb", ["0"])]
+    assert "| 0.5250 ± 0.0071 |" in report.text and "| 0.5050 ± 0.0071 |" in report.text
+    pooled = main(["--experiment", "demo", "--uri", uri, "--out", str(tmp_path / "pooled"), "--pool-versions"])
+    (group,) = pooled.groups
+    assert len(group.runs) == 6 and group.label == "all runs"
+    assert "| pooled 4 versions: aaaaaaa; bbbbbbb; bbbbbbb+dirty; aaaaaaa -> bbbbbbb |" in pooled.text
+    with open(tmp_path / "pooled" / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["code"], r["git_commit"], r["git_dirty"]) for r in table][-2:] == [
+        ("bbbbbbb+dirty", new, "True"), ("aaaaaaa -> bbbbbbb", f"{old} -> {new}", "False")]
+
+
+def test_a_param_logged_again_with_another_value_keeps_the_value_in_effect(store):
+    """MLflow refuses to change a param: a resumed part's values go into fastclip.effective.<key>,
+    which follows every later part (back to the first value included)."""
+    from fastclip.report.runs import effective_params
+    from fastclip.tracking import Tracker
+    first = Tracker(store, "demo")
+    first.log_params({"trainer.max_steps": "2", "trainer.lr": "0.0005"})
+    seen = []
+    for max_steps in ("4", "2"):
+        part = Tracker(store, "demo", run_id=first.run_id)
+        part.log_params({"trainer.max_steps": max_steps, "trainer.lr": "0.0005", "eval.every_epochs": "5"})
+        data = part.client.get_run(first.run_id).data
+        seen.append((data.params["trainer.max_steps"], effective_params(data.params, data.tags)))
+    assert seen == [("2", {"trainer.max_steps": "4", "trainer.lr": "0.0005", "eval.every_epochs": "5"}),
+                    ("2", {"trainer.max_steps": "2", "trainer.lr": "0.0005", "eval.every_epochs": "5"})]
+    assert "fastclip.effective.trainer.lr" not in data.tags  # never changed
+
+
+def test_a_run_resumed_before_resumes_recorded_their_values_is_read_from_its_changes_text():
+    """Runs resumed by an older fastclip have only fastclip.resume.<n>.changes ("k: a -> b; ..."):
+    read from it, they show what was in effect and keep what the resume changed in their label (a
+    resume that changed only how the run executed, workers, is no change of what it is)."""
+    from fastclip.report.runs import effective_params
+    first = {"trainer.max_steps": "2", "trainer.lr": "0.0005", "trainer.num_workers": "0", "seed": "0"}
+    tags = {"fastclip.resumes": "2", "fastclip.resume.1.from_step": "2",
+            "fastclip.resume.1.changes": "trainer.lr: 0.0005 -> 0.001; trainer.max_steps: 2 -> 4",
+            "fastclip.resume.2.from_step": "3", "fastclip.resume.2.changes": "trainer.num_workers: 0 -> 2"}
+    old = RunRecord("old", "old", effective_params(first, tags), {}, tags, 0, first_params=first)
+    straight = record("new", trainer__max_steps=4, trainer__lr=0.001, trainer__num_workers=0, seed=1)
+    assert old.params == {**first, "trainer.max_steps": "4", "trainer.lr": "0.001", "trainer.num_workers": "2"}
+    assert [g.label for g in group_by_seed([old, straight])] == [
+        "(resumed at step 2: trainer.lr 0.0005 -> 0.001, trainer.max_steps 2 -> 4)", "not resumed"]

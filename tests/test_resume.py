@@ -61,11 +61,15 @@ def test_a_resume_with_a_new_lr_applies_and_records_it(tmp_path, store):
     assert "trainer.max_steps: 6 -> 8" in tags["fastclip.resume.1.changes"]
     assert (tags["fastclip.resume.1.from_step"], tags["fastclip.resumes"]) == ("6", "1")
     assert tags["fastclip.resume.1.git_commit"] == tags["mlflow.source.git.commit"]
+    assert tags["fastclip.resume.1.git_dirty"] == tags["fastclip.git_dirty"]
+    # the values in effect, where the report reads them: each resume's, and the params' values now
+    assert (tags["fastclip.resume.1.set.trainer.lr"], tags["fastclip.resume.1.set.trainer.max_steps"]) == ("0.005", "8")
+    assert (tags["fastclip.effective.trainer.lr"], tags["fastclip.effective.trainer.max_steps"]) == ("0.005", "8")
     lrs = {m.step: m.value for m in client.get_metric_history(first["mlflow_run_id"], "train/lr")}
     assert lrs[5] == pytest.approx(5e-4 * _cosine(5, 6, 3))  # the first part's schedule: 6 steps
     assert lrs[7] == pytest.approx(5e-3 * _cosine(7, 8, 3))  # from step 6 on: 8 steps at the new lr
     history = (run_dir / "resumes.yaml").read_text()
-    assert "from_step: 6" in history and "trainer.lr" in history
+    assert "from_step: 6" in history and "trainer.lr" in history and "git_dirty:" in history
     assert "lr: 0.005" in (run_dir / "config.yaml").read_text()
 
 

@@ -2,8 +2,11 @@
 
     python -m fastclip.report --experiment NAME [--sweep PARENT_RUN_ID|latest|all] [--out DIR]
                               [--metric zeroshot/top1] [--cost efficiency/image_gflops] [--uri URI]
+                              [--pool-versions]
 
-Writes DIR/report.md (one row per group of runs that differ only in seed: mean ± std, n),
+Writes DIR/report.md (one row per group of runs that differ only in seed: mean ± std, n; a run is
+its config in effect after every resume, and runs of different code versions, git commit and dirty
+flag, are different groups unless --pool-versions),
 DIR/report.csv (one row per run), DIR/pareto.png (the metric against the cost, the frontier
 marked; a lower cost is better) and DIR/curves.png (train/loss and the metric over steps). Where the runs are one sweep's,
 the four files are also logged as artifacts of the sweep's parent run (under report/).
@@ -29,9 +32,11 @@ class Report:
 
 
 def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str | None = None,
-                 metric: str = "zeroshot/top1", cost: str = "efficiency/image_gflops") -> Report:
+                 metric: str = "zeroshot/top1", cost: str = "efficiency/image_gflops",
+                 pool_versions: bool = False) -> Report:
     """Reads the runs, writes the four files into `out` (default outputs/reports/<experiment>/<the
-    sweep's dir, or all>), logs them to the sweep's parent run. Raises ReportError naming what is missing."""
+    sweep's dir, or all>), logs them to the sweep's parent run. pool_versions: runs of different code
+    versions may share a group (table.group_by_seed). Raises ReportError naming what is missing."""
     from fastclip.report.plots import curves_plot, pareto_plot
     selection = select_runs(uri, experiment, sweep)
     if not selection.runs:
@@ -44,7 +49,7 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
     out = out or Path("outputs") / "reports" / experiment / (selection.sweep_folder or "all")
     out.mkdir(parents=True, exist_ok=True)
     load_histories(uri, selection.runs, ["train/loss", metric])
-    groups = group_by_seed(selection.runs)
+    groups = group_by_seed(selection.runs, pool_versions)
     title = f"{experiment}{_scope(selection)}: {len(selection.runs)} runs in {len(groups)} groups"
     frontier = pareto_plot(groups, metric, cost, out / "pareto.png", title)
     curves_plot(groups, ["train/loss", metric], out / "curves.png", title)
@@ -52,7 +57,10 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
     text = "\n".join([
         f"### {title}", "",
         f"Store {redacted(uri)}." + (f" Not shown: {_counts(selection.left_out)}." if selection.left_out else ""),
-        "Groups are runs that differ only in seed: mean ± sample std over n seeds.", "",
+        "Groups are runs that differ only in seed: mean ± sample std over n seeds. A run is the config in effect "
+        "when it ended (after every resume; what a resume changed is in its label), and "
+        + ("runs of different code versions are pooled (--pool-versions: the code column counts them)."
+           if pool_versions else "a group's runs ran the same code (git commit, dirty flag: the code column)."), "",
         markdown(groups), "",
         f"Pareto frontier of {metric} against {cost} (pareto.png): "
         + (", ".join(g.label for g in frontier) if frontier else f"none (no run logged {cost})"), ""])
@@ -86,12 +94,15 @@ def main(argv=None) -> Report:
     ap.add_argument("--metric", default="zeroshot/top1")
     ap.add_argument("--cost", default="efficiency/image_gflops")
     ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db (as training)")
+    ap.add_argument("--pool-versions", action="store_true",
+                    help="let runs of different code versions (git commit, dirty flag) share a group; by default "
+                         "they never do")
     args = ap.parse_args(argv)
     uri = resolve_uri(args.uri)  # the store training writes from this directory
     try:
         require_store(uri, "runs launched from this directory write there; --uri names another")
         report = build_report(uri, args.experiment, Path(args.out) if args.out else None, args.sweep, args.metric,
-                              args.cost)
+                              args.cost, args.pool_versions)
     except (ReportError, TrackingStoreError) as exc:
         raise SystemExit(f"fastclip.report: {exc}") from None
     print(report.text)

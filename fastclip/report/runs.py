@@ -1,11 +1,14 @@
 """Reading the runs a report is about from any MLflow store: one experiment's finished runs, or
-one sweep's (the jobs whose `mlflow.parentRunId` is the sweep's parent run)."""
+one sweep's (the jobs whose `mlflow.parentRunId` is the sweep's parent run). Each run as it ended:
+its config in effect after every resume, and the code version of each of its parts, all read from
+the store's params and tags (fastclip.tracking, fastclip.train), so a store alone is enough."""
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 
-from fastclip.tracking import redacted
+from fastclip.tracking import EFFECTIVE_TAG, redacted
 
 SWEEP_ROLE = ("fastclip.role", "sweep")  # the tag fastclip's sweep parent runs carry
 
@@ -14,9 +17,45 @@ class ReportError(ValueError):
     """What the report was asked for is not in the store (names the experiment, sweep or metric)."""
 
 
+@dataclass(frozen=True)
+class CodePart:
+    """The code one part of a run (its start, or a resume) ran: a git commit, and whether the
+    checkout had uncommitted changes (None: not recorded)."""
+    commit: str
+    dirty: bool | None
+
+    @property
+    def label(self) -> str:
+        short = self.commit[:7] if re.fullmatch(r"[0-9a-f]{40}", self.commit) else self.commit
+        return short + ("+dirty" if self.dirty else "")
+
+
+@dataclass(frozen=True)
+class CodeVersion:
+    """The code a run ran, part by part (repeats of the previous part's left out): one part for a
+    run never resumed, or resumed on the same code."""
+    parts: tuple[CodePart, ...]
+
+    @property
+    def label(self) -> str:
+        """e.g. "1a2b3c4", "1a2b3c4+dirty", "1a2b3c4 -> 5d6e7f8" (resumed on newer code)."""
+        return " -> ".join(p.label for p in self.parts)
+
+
+@dataclass(frozen=True)
+class ResumePart:
+    """One resume of a run: from which step (-1: not recorded), and the config keys it set, as
+    (key, value from then on) sorted by key."""
+    number: int
+    from_step: int
+    set: tuple[tuple[str, str], ...]
+
+
 @dataclass
 class RunRecord:
-    """One finished run as the report reads it: params are the flattened resolved config."""
+    """One finished run as the report reads it: params are the flattened resolved config in effect
+    when it ended (a resume's changes applied: MLflow keeps the first part's params, fastclip the
+    values in effect as tags, tracking.EFFECTIVE_TAG); first_params what its first part ran with."""
     run_id: str
     name: str
     params: dict[str, str]
@@ -24,6 +63,62 @@ class RunRecord:
     tags: dict[str, str]
     start_time: int
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
+    first_params: dict[str, str] | None = None  # None: params (never resumed with a change)
+
+    @property
+    def code(self) -> CodeVersion:
+        """Its git commit and dirty flag, part by part (mlflow.source.git.commit and fastclip.git_dirty,
+        then each resume's fastclip.resume.<n>.git_commit / .git_dirty); "unknown" where not recorded."""
+        parts = [_code_part(self.tags.get("mlflow.source.git.commit"), self.tags.get("fastclip.git_dirty"))]
+        for n in range(1, _resume_count(self.tags) + 1):
+            part = _code_part(self.tags.get(f"fastclip.resume.{n}.git_commit"),
+                              self.tags.get(f"fastclip.resume.{n}.git_dirty"))
+            if part != parts[-1]:
+                parts.append(part)
+        return CodeVersion(tuple(parts))
+
+    @property
+    def resumes(self) -> list[ResumePart]:
+        return resume_parts(self.tags)
+
+
+def resume_parts(tags: dict[str, str]) -> list[ResumePart]:
+    """A run's resumes in order, from its fastclip.resume.<n>.* tags: the keys each set are its
+    .set.<key> tags; a run resumed before fastclip wrote those has only its .changes text
+    ("k: a -> b; k2: c -> d"), read as well as it can be (a value holding "; x: " or " -> " is misread)."""
+    out = []
+    for n in range(1, _resume_count(tags) + 1):
+        prefix = f"fastclip.resume.{n}."
+        step = tags.get(prefix + "from_step", "")
+        if prefix + "git_dirty" in tags:  # written by the fastclip that records .set.<key>
+            changed = {k.removeprefix(prefix + "set."): v for k, v in tags.items() if k.startswith(prefix + "set.")}
+        else:
+            text = tags.get(prefix + "changes", "")
+            pairs = [item.partition(": ") for item in re.split(r"; (?=[\w.]+: )", text)] \
+                if text and text != "nothing changed" else []
+            changed = {key: value.rpartition(" -> ")[2] for key, _, value in pairs}
+        out.append(ResumePart(n, int(step) if step.isdigit() else -1, tuple(sorted(changed.items()))))
+    return out
+
+
+def _resume_count(tags: dict[str, str]) -> int:
+    count = tags.get("fastclip.resumes", "0")
+    return int(count) if count.isdigit() else 0
+
+
+def _code_part(commit: str | None, dirty: str | None) -> CodePart:
+    return CodePart(commit or "unknown", {"True": True, "False": False}.get(dirty or ""))
+
+
+def effective_params(params: dict[str, str], tags: dict[str, str]) -> dict[str, str]:
+    """The run's params (its first part's) with the values its resumes put in effect: each resume's
+    keys in turn, then the values in effect that tracking.Tracker.log_params recorded
+    (tracking.EFFECTIVE_TAG + key; every param a later part logged with another value)."""
+    out = dict(params)
+    for part in resume_parts(tags):
+        out.update(part.set)
+    out.update({k.removeprefix(EFFECTIVE_TAG): v for k, v in tags.items() if k.startswith(EFFECTIVE_TAG)})
+    return out
 
 
 @dataclass
@@ -65,8 +160,9 @@ def select_runs(uri: str, experiment: str, sweep: str | None = None) -> Selectio
     for r in runs:
         if r.info.status != "FINISHED":
             left_out[r.info.status] = left_out.get(r.info.status, 0) + 1
-    records = [RunRecord(r.info.run_id, r.info.run_name or r.info.run_id[:8], dict(r.data.params),
-                         dict(r.data.metrics), dict(r.data.tags), r.info.start_time)
+    records = [RunRecord(r.info.run_id, r.info.run_name or r.info.run_id[:8],
+                         effective_params(r.data.params, r.data.tags), dict(r.data.metrics), dict(r.data.tags),
+                         r.info.start_time, first_params=dict(r.data.params))
                for r in runs if r.info.status == "FINISHED"]
     if parent is None:
         return Selection(experiment, uri, records, left_out=left_out)

@@ -1,5 +1,7 @@
 """The report's table: one row per run (report.csv) and one row per group of runs that differ only
-in their seed (report.md: mean ± std over the seeds, with n)."""
+in their seed (report.md: mean ± std over the seeds, with n). A run is what was in effect when it
+ended (its config after every resume, runs.RunRecord), and runs of different code versions are
+different groups unless pooled (group_by_seed)."""
 import csv
 import math
 import statistics
@@ -7,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastclip.bench.common import markdown_table
-from fastclip.report.runs import RunRecord
+from fastclip.report.runs import CodeVersion, RunRecord
 from fastclip.resume import RUNTIME
 
 # what a run is (from its params: the flattened resolved config), in the order the table shows it
 DESCRIBE = [("task", "task.name"), ("dataset", "dataset.name"), ("encoder", "encoder.name"),
             ("boundary", "boundary.name"), ("compression", "compression.name"), ("epochs", "epochs"),
-            ("max_steps", "trainer.max_steps")]
+            ("max_steps", "trainer.max_steps"), ("lr", "trainer.lr")]
 # what a run measured, where logged: (header, metric, format)
 MEASURES = [("compression image", "efficiency/compression_image", ".3g"),
             ("compression text", "efficiency/compression_text", ".3g"),
@@ -61,10 +63,33 @@ def varied_keys(runs: list[RunRecord]) -> list[str]:
     return [k for k in varied if not decided_by_option(k)]
 
 
-def label(run: RunRecord, varied: list[str]) -> str:
-    """The run's varied choices, e.g. "boundary=fixed trainer.lr=0.001" (X.name shown as X)."""
+def resumed_changes(run: RunRecord) -> tuple[tuple[int, tuple[tuple[str, str, str], ...]], ...]:
+    """What the run's resumes changed of what it is (is_choice keys: not workers, devices, ...), each
+    as (from step, ((key, value before, value after), ...)); () for a run never resumed with such a
+    change. A run extended from 15 to 20 epochs is not a 20-epoch run: its schedule was 15 epochs'
+    up to the resume."""
+    now, out = dict(run.first_params if run.first_params is not None else run.params), []
+    for part in run.resumes:
+        changed = tuple((k, now.get(k, ""), v) for k, v in part.set if is_choice(k) and now.get(k, "") != v)
+        now.update(part.set)
+        if changed:
+            out.append((part.from_step, changed))
+    return tuple(out)
+
+
+def label(run: RunRecord, varied: list[str], code: bool = False, others_resumed: bool = False) -> str:
+    """The run's varied choices, e.g. "boundary=fixed trainer.lr=0.001" (X.name shown as X), its code
+    version where asked ("code=1a2b3c4"), and what its resumes changed ("(resumed at step 2:
+    trainer.max_steps 2 -> 4)"). Nothing of these: "all runs", or "not resumed" where others_resumed
+    (other runs of the report differ from it only in their resumes)."""
     parts = [f"{k.removesuffix('.name')}={run.params.get(k, '')}" for k in varied]
-    return " ".join(parts) or "all runs"
+    if code:
+        parts.append(f"code={run.code.label}")
+    resumed = "; ".join(f"at step {step}: " + ", ".join(f"{k} {a} -> {b}" for k, a, b in changed)
+                        for step, changed in resumed_changes(run))
+    if resumed:
+        parts.append(f"(resumed {resumed})")
+    return " ".join(parts) or ("not resumed" if others_resumed else "all runs")
 
 
 @dataclass
@@ -77,6 +102,19 @@ class Group:
     def seeds(self) -> list[str]:
         return [r.params.get("seed", "") for r in self.runs]
 
+    @property
+    def versions(self) -> list[CodeVersion]:
+        """The code versions its runs ran, in order of first appearance (several only where pooled)."""
+        return list(dict.fromkeys(r.code for r in self.runs))
+
+    @property
+    def code(self) -> str:
+        """Its code version, or "pooled N versions: a; b" (group_by_seed(pool_versions=True))."""
+        versions = self.versions
+        if len(versions) == 1:
+            return versions[0].label
+        return f"pooled {len(versions)} versions: " + "; ".join(v.label for v in versions)
+
     def stat(self, metric: str) -> tuple[float, float | None, int] | None:
         """(mean, sample std or None for one run, n) of the runs that logged `metric`."""
         values = [v for v in (measured(r).get(metric) for r in self.runs) if v is not None and not math.isnan(v)]
@@ -85,14 +123,18 @@ class Group:
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
 
 
-def group_by_seed(runs: list[RunRecord]) -> list[Group]:
-    """Runs whose params are equal but for seed (and bookkeeping) form one group; groups keep the
-    order of their first run."""
+def group_by_seed(runs: list[RunRecord], pool_versions: bool = False) -> list[Group]:
+    """Runs whose params in effect are equal but for seed (and bookkeeping), whose resumes changed
+    the same (resumed_changes) and that ran the same code version (git commit and dirty flag, part by
+    part; unless pool_versions) form one group; groups keep the order of their first run. Where the
+    runs ran several code versions, the labels name each group's (code=...)."""
     varied = varied_keys(runs)
+    split_code = not pool_versions and len({r.code for r in runs}) > 1
+    any_resumed = any(resumed_changes(r) for r in runs)
     groups: dict[tuple, Group] = {}
     for run in runs:
-        key = tuple(run.params.get(k) for k in varied)
-        groups.setdefault(key, Group(label(run, varied), [])).runs.append(run)
+        key = (tuple(run.params.get(k) for k in varied), resumed_changes(run), run.code if split_code else None)
+        groups.setdefault(key, Group(label(run, varied, split_code, any_resumed), [])).runs.append(run)
     return list(groups.values())
 
 
@@ -115,15 +157,17 @@ def markdown(groups: list[Group]) -> str:
     measures = _present(runs)
     describe = [(h, k) for h, k in DESCRIBE if any(k in r.params for r in runs)]
     rows = [{"runs": g.label, **{k: g.runs[0].params.get(k, "") for _, k in describe}, "n": str(len(g.runs)),
-             "seeds": ",".join(g.seeds), **{m: cell(g.stat(m), fmt, len(g.runs)) for _, m, fmt in measures}}
+             "seeds": ",".join(g.seeds), "code": g.code,
+             **{m: cell(g.stat(m), fmt, len(g.runs)) for _, m, fmt in measures}}
             for g in groups]
     columns = [("runs", "runs", "s"), *((h, k, "s") for h, k in describe), ("n", "n", "s"), ("seeds", "seeds", "s"),
-               *((h, m, "s") for h, m, _ in measures)]
+               ("code", "code", "s"), *((h, m, "s") for h, m, _ in measures)]
     return markdown_table(rows, columns)
 
 
 def write_csv(groups: list[Group], path: Path) -> None:
-    """One row per run: its group, run id and name, what it is, its seed, every measure logged."""
+    """One row per run: its group, run id and name, what it is (in effect when it ended), its seed,
+    its code (label, the full commits, whether any part ran on a dirty checkout), every measure logged."""
     runs = [r for g in groups for r in g.runs]
     measures = _present(runs)
     described = {k for _, k in DESCRIBE}
@@ -131,10 +175,13 @@ def write_csv(groups: list[Group], path: Path) -> None:
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["group", "run_id", "run_name", *(h for h, _ in DESCRIBE), *varied, "seed",
-                      *(m for _, m, _ in measures)])
+                      "code", "git_commit", "git_dirty", *(m for _, m, _ in measures)])
         for g in groups:
             for r in g.runs:
                 values = measured(r)
+                parts = r.code.parts
+                dirty = "" if any(p.dirty is None for p in parts) else str(any(p.dirty for p in parts))
                 out.writerow([g.label, r.run_id, r.name, *(r.params.get(k, "") for _, k in DESCRIBE),
                               *(r.params.get(k, "") for k in varied), r.params.get("seed", ""),
+                              r.code.label, " -> ".join(p.commit for p in parts), dirty,
                               *(values.get(m, "") for _, m, _ in measures)])
