@@ -95,6 +95,40 @@ def test_pooling_grad_sign_against_actually_splitting_the_segment():
         Gumbel(prior=0.25, pooling_grad="up")
 
 
+def test_pooling_grad_leave_flips_the_lms_upsampling_too():
+    """boundary.pooling_grad applies to both places a straight-through boundary moves a token: the
+    pooling (its segment id) and the char LM's upsampling (the segment it reads). The task loss reaches
+    the predictor only through those two, each linear in the sign, so with the same weights and the
+    same Gumbel noise `leave` gives the predictor exactly the negated gradient of `paper`, and the
+    same loss. With the upsampling left at +1 only the pooling's part would flip."""
+    from fastclip.models.charlm import HourglassLM
+    torch.manual_seed(0)
+    model = HourglassLM(vocab_size=11, width=16, heads=2, mlp_ratio=2.0, pre_layers=1, short_layers=1,
+                        post_layers=1, max_len=24, boundary=Gumbel(prior=0.3)).train()
+    tokens = torch.randint(1, 11, (3, 24))
+    out = {}
+    for sign in ("paper", "leave"):
+        model.boundary.pooling_grad = sign
+        model.zero_grad()
+        torch.manual_seed(1)  # the same Gumbel noise for both
+        logits = model(tokens)["logits"]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens)  # the task loss only
+        loss.backward()
+        out[sign] = loss.item(), [p.grad.clone() for p in model.predictor.parameters()]
+    assert out["leave"][0] == out["paper"][0]
+    assert out["paper"][1][-1].abs().sum() > 0
+    for leave, paper in zip(out["leave"][1], out["paper"][1]):
+        torch.testing.assert_close(leave, -paper)
+    short, b = torch.randn(1, 3, 2), torch.tensor([[0.0, 1, 0, 1, 0]], requires_grad=True)
+    for sign in ("paper", "leave"):  # the upsampling alone: a read index that rises leaves its slot
+        b.grad = None
+        up = causal_upsample(short, b, grad=sign)
+        up.sum().backward()
+        out[sign] = up.detach(), b.grad.clone()
+    assert torch.equal(out["leave"][0], out["paper"][0])
+    torch.testing.assert_close(out["leave"][1], -out["paper"][1])
+
+
 def test_gumbel_prior_loss_is_on_hard_boundaries():
     """Failure mode 1: the prior on SOFT boundaries pinned the achieved rate near 0.17."""
     method = Gumbel(prior=0.25)

@@ -59,7 +59,7 @@ class HourglassLM(nn.Module):
             pooled, _ = downsample(x, b, n_segments=max(n_closed, 1), grad=self.boundary.pooling_grad)
             short = torch.cat([self.null_group.expand(B, 1, -1).to(x.dtype), pooled], dim=1)
             short = self._run(self.short, short)
-            x = x + causal_upsample(short, b)
+            x = x + causal_upsample(short, b, grad=self.boundary.pooling_grad)  # the same sign both ways
             out.update(boundary_logits=logits, boundaries=b, segments=segment_counts(b))
         x = self._run(self.post, x)
         out["logits"] = self.head(self.ln_f(x))

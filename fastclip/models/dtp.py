@@ -118,15 +118,17 @@ def mean_of_valid(seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (seq * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
-def causal_upsample(short: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+def causal_upsample(short: torch.Tensor, boundaries: torch.Tensor, grad: str = "paper") -> torch.Tensor:
     """short [B, 1 + S, D] with the null group at index 0 -> [B, T, D].
 
     Token t reads index sum(b[:t+1]): the latest segment that has CLOSED at or before t, or the
-    null group when none has; it never sees a segment still open.
+    null group when none has; it never sees a segment still open. grad: the straight-through sign,
+    as in downsample (boundary.pooling_grad): a boundary inserted at or before t raises t's read
+    index, and with `leave` t leaves the slot it read; values do not depend on it.
     """
     b = boundaries.to(short.dtype) if boundaries.dtype == torch.bool else boundaries
     read = b.cumsum(1)
-    weights = _membership(read, short.shape[1])    # [B, 1 + S, T]
+    weights = _membership(read, short.shape[1], grad)    # [B, 1 + S, T]
     return torch.bmm(weights.transpose(1, 2).to(short.dtype), short)
 
 
