@@ -159,7 +159,7 @@ def _check_clip(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.placement_control=true reports zero-shot top-1; dataset={ds.name} has no "
                               f"class-captioned held-out set ({', '.join(ZERO_SHOT_DATASETS)} have one)")
         if boundary.name not in LEARNED_IMAGE_BOUNDARIES or "image" not in towers:
-            raise ConfigError("eval.placement_control=true compares learned image boundaries with shuffled ones: "
+            raise ConfigError("eval.placement_control=true compares learned image boundaries with other images' ones: "
                               f"boundary={boundary.name} with boundary.apply_to={list(boundary.apply_to)} has none "
                               f"(boundary=gumbel or entropy_spike with image in boundary.apply_to)")
 

@@ -240,13 +240,14 @@ class Trainer:
 
     def _pruner(self, task, cfg):
         """compression=prune: the masks and their schedule (compression/prune.py). A oneshot pruning asks
-        first for the dense model's quality (rank 0 evaluates; no random number training draws is used)."""
+        first for the quality of the model as it is at that step (rank 0 evaluates; no random number
+        training draws is used): `*_before_prune`, not a dense twin of the finished run."""
         from fastclip.compression.prune import Pruner
 
-        def dense_quality() -> dict[str, float]:
+        def quality_before() -> dict[str, float]:
             with runtime.preserved_rng():
-                return distributed.on_main(task.quality, "the dense model's evaluation before pruning")
-        return Pruner(self.model, cfg.compression, self.total_steps, self.warmup_steps, dense_quality)
+                return distributed.on_main(task.quality, "the evaluation before pruning")
+        return Pruner(self.model, cfg.compression, self.total_steps, self.warmup_steps, quality_before)
 
     def finished(self) -> bool:
         return self.state.step >= self.total_steps or self.state.epoch >= self.cfg.epochs

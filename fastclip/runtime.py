@@ -98,7 +98,8 @@ def config_container(cfg) -> dict:
 
 
 def autocast_dtype(precision: str, device: torch.device):
-    """None means full fp32. 'auto' takes bf16 only where the hardware runs it natively."""
+    """None means no autocast: float32 (on CUDA with TF32 matmuls, use_tf32_matmuls). 'auto' takes
+    bf16 only where the hardware runs it natively."""
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -116,6 +117,30 @@ def autocast(device: torch.device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def use_tf32_matmuls(device: torch.device) -> None:
+    """float32 matmuls on CUDA in TensorFloat-32 (torch.set_float32_matmul_precision("high"): tensor
+    cores, 10 mantissa bits); on CPU nothing is set, so a CPU run's float32 stays IEEE fp32 whatever
+    oneDNN could do on the CPU. The process-wide setting stays for the rest of the process.
+    `math_mode` names what was in effect."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
+def math_mode(device: torch.device, amp_dtype=None) -> str:
+    """The arithmetic a float32 model's forward runs in on `device` under autocast `amp_dtype` (None:
+    none) and the process's float32 matmul precision, as a label for a measurement: 'bf16 autocast',
+    'fp16 autocast', 'tf32' (float32 matmuls allowed TensorFloat-32: set_float32_matmul_precision
+    "high", or torch.backends.{cuda,mkldnn}.matmul.fp32_precision = "tf32"), 'fp32' (IEEE), or
+    'fp32, <p> matmuls' for any other precision torch reports."""
+    if amp_dtype is not None:
+        return f"{str(amp_dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float16', 'fp16')} autocast"
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+    precision = getattr(backend, "fp32_precision", "none")  # torch >= 2.9; "none": not set through it
+    if precision == "none":
+        precision = {"highest": "ieee", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
+    return {"ieee": "fp32", "tf32": "tf32"}.get(precision, f"fp32, {precision} matmuls")
 
 
 @functools.cache

@@ -135,7 +135,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
     device = device or runtime.pick_device(cfg.device)
     runtime.seed_everything(cfg.seed)
     runtime.set_torch_threads(cfg.trainer.get("torch_threads"), cfg.trainer.num_workers, device)
-    torch.set_float32_matmul_precision("high")
+    runtime.use_tf32_matmuls(device)  # CUDA only: its float32 matmuls are TF32, runtime.math_mode says so
 
     if not world.main:  # rank 0 builds first: what it caches (a unigram model, a zero-shot classifier) the others read
         distributed.barrier()
@@ -179,24 +179,40 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
 def final_line(key: str, metrics: dict) -> str:
     """The run's last word on a headline metric, with its twins: `final zeroshot/top1 = 0.4900 (dense
     0.5000; the trained model's: all_patches 0.5200, placement_gain +0.0100)`. After compression=quant
-    or prune (a *_dense twin) the key is the compressed model's, but the loop's own twins (all_patches,
+    (a *_dense twin) the key is the compressed model's, but the loop's own twins (all_patches,
     shuffled_placement, placement_gain) were measured on the model as trained, before the compression
-    step, and say so."""
+    step, and say so. A oneshot prune's *_before_prune is the model at the step it was pruned (fewer
+    steps trained), and says that step: `(before pruning, at step 80: 0.5000)`."""
     twins = {k[len(key) + 1:]: v for k, v in metrics.items() if k.startswith(key + "_") and isinstance(v, float)}
-    said = lambda names: ", ".join(f"{n} {twins[n]:+.4f}" if n.endswith("_gain") else f"{n} {twins[n]:.4f}"  # noqa: E731
-                                   for n in names)
-    compared = [n for n in twins if n in ("dense", "teacher")]
+    said = lambda names: ", ".join(f"{n} {twins[n]:+.4f}" if n.endswith("_gain") else  # noqa: E731
+                                   f"{_twin_label(n, metrics)} {twins[n]:.4f}" for n in names)
+    compared = [n for n in twins if n in COMPARED_TWINS]
     loop = [n for n in twins if n not in compared]
     parts = ([said(compared)] if compared else []) + (
         [("the trained model's: " if "dense" in twins else "") + said(loop)] if loop else [])
     return f"final {key} = {metrics[key]:.4f}" + (f" ({'; '.join(parts)})" if parts else "")
 
 
+COMPARED_TWINS = ("dense", "teacher", "before_prune")  # compression's other model, beside its own number
+
+
+def _twin_label(twin: str, metrics: dict) -> str:
+    """How the console names a twin: before_prune with the step it was measured at, else its suffix."""
+    if twin != "before_prune":
+        return twin
+    step = metrics.get("compression/before_prune_step")
+    return "before pruning" + (f", at step {step:.0f}:" if step is not None else ":")
+
+
 def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: Path) -> dict:
     """The trained model compressed and measured beside the dense one (fastclip.compression), logged
     at the final step: zeroshot/top1 and the other quality numbers become the compressed model's
-    (MLflow's latest value), the dense ones stay as <name>_dense. A failure here does not fail the
+    (MLflow's latest value), the dense ones stay as <name>_dense (a oneshot prune's model at its
+    pruning step: <name>_before_prune). Latencies, the compressed model's and its twin's, are measured
+    under the run's autocast; the tag fastclip.latency_math names their arithmetic (runtime.math_mode:
+    fp32, tf32, bf16 autocast ...). A failure here does not fail the
     training it follows: the run ends FINISHED with the error in the tag fastclip.compression_error."""
+    from fastclip import runtime
     from fastclip.compression import distill, prune, quant
     try:
         if cfg.compression.name == "quant":
@@ -211,8 +227,10 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: P
         tracker.set_tags({"fastclip.compression_error": f"{type(exc).__name__}: {exc}"[:5000]})
         return {}
     tracker.log_metrics(compressed, trainer.state.step)
-    log.info("%s. The final numbers below are the compressed model's (the dense or teacher's beside them)",
-             _compression_summary(cfg.compression, compressed))
+    math = runtime.math_mode(trainer.device, trainer.amp_dtype)  # the latencies' arithmetic, both models'
+    tracker.set_tags({"fastclip.latency_math": math})
+    log.info("%s; latencies in %s. The final numbers below are the compressed model's (its twin's beside them)",
+             _compression_summary(cfg.compression, compressed), math)
     return compressed
 
 
@@ -220,8 +238,8 @@ def _compression_summary(cc: DictConfig, m: dict) -> str:
     """One console line: each number beside its dense (or teacher's) twin."""
     how = {"quant": lambda: cc.scheme + (", quantization-aware training" if cc.get("qat") else ""), "prune": lambda: f"{cc.structure} {cc.schedule}, {m['compression/sparsity']:.1%} "
            f"of the weights zero", "distill": lambda: f"teacher {cc.teacher}"}[cc.name]()
-    pairs = ", ".join(f"{k} {v:.4g} ({twin} {m[f'{k}_{twin}']:.4g})" for k, v in m.items()
-                      for twin in ("dense", "teacher") if f"{k}_{twin}" in m)
+    pairs = ", ".join(f"{k} {v:.4g} ({_twin_label(twin, m)} {m[f'{k}_{twin}']:.4g})" for k, v in m.items()
+                      for twin in COMPARED_TWINS if f"{k}_{twin}" in m)
     extra = f", {m['compression/int8_weight_fraction']:.0%} of the parameters int8" \
         if "compression/int8_weight_fraction" in m else ""
     return f"compression={cc.name} ({how}): {pairs}{extra}"

@@ -478,31 +478,124 @@ def test_stride_start_begins_at_fixed_k_and_learns_from_there():
         task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_start=grid")
 
 
-def test_placement_control_keeps_each_images_count_and_drops_its_content():
-    """eval.placement_control: the learned image logits shuffled over the patches per image, so each
-    image keeps its boundary count (and the forced row ends) while the places no longer depend on
-    it; the tower is itself again afterwards; the final eval reports both top-1s' difference."""
+def segmentation_reading_task(follows_image: bool):
+    """A DTP image tower (16 patches) whose embedding reads its segmentation: identity blocks (zero
+    output projections), no LayerNorms, patch features = the patch's mean colour (dims 0-2) + a large
+    random position code (dims 16-31), the mean over segments of their means, a projection keeping
+    both. follows_image: a boundary where a patch is lit (the predictor reads the colour dims); else
+    positions only (stride start, the predictor's output weight zeroed): every image's boundaries on
+    every 4th patch, whatever it shows."""
+    start = [] if follows_image else ["boundary.image_start=stride"]
+    task = task_for("boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]",
+                    "boundary.image_pool=mean", *start)
+    tower = task.model.visual.eval()
+    vit = tower.vit
+    with torch.no_grad():
+        vit.ln_pre, vit.ln_post = torch.nn.Identity(), torch.nn.Identity()
+        for block in vit.transformer.resblocks:
+            for p in (*block.attn.out_proj.parameters(), *block.mlp.c_proj.parameters()):
+                p.zero_()
+        vit.class_embedding.zero_()
+        vit.positional_embedding.zero_()
+        vit.positional_embedding[:, 16:] = 3 * torch.randn(17, 16, generator=torch.Generator().manual_seed(0))
+        vit.conv1.weight.zero_()
+        for c in range(3):
+            vit.conv1.weight[c, c] = 1 / 64  # feature c: the 8x8 patch's mean of colour channel c
+        vit.proj.zero_()
+        vit.proj[:3, :3], vit.proj[16:, 16:] = torch.eye(3), torch.eye(16)
+        first, last = tower.predictor.mlp[0], tower.predictor.mlp[-1]
+        first.weight.zero_()
+        first.bias.zero_()
+        first.weight[0, :3] = 1.0  # hidden unit 0: the patch's brightness
+        last.weight.zero_()
+        if follows_image:  # lit: 20 x GELU(1) - 8 = +8.8, dark: -8 (expected_count keeps the lit patch)
+            last.weight[0, 0] = 20.0
+            last.bias.fill_(-8.0)
+    return task
+
+
+def lit_patch_images():
+    """4 classes x 4 images in class order (as an image-folder evaluation set comes): class c lights
+    patch (1, 5, 9, 12)[c] of the 4x4 grid in its own colour; the rest is black."""
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0]])
+    data = []
+    for c, patch in enumerate((1, 5, 9, 12)):
+        image = torch.zeros(3, 32, 32)
+        row, col = divmod(patch, 4)
+        image[:, 8 * row:8 * row + 8, 8 * col:8 * col + 8] = colours[c][:, None, None]
+        data += [(image, c)] * 4
+    return data
+
+
+@pytest.mark.parametrize("follows_image", [False, True])
+def test_placement_gain_is_zero_for_image_independent_boundaries_and_positive_for_content_ones(
+        follows_image, monkeypatch):
+    """eval.placement_control through the real zero-shot loop (batches of 5, 5, 5, 1; the classifier
+    stubbed to the class means of the learned embeddings, so learned top-1 is 1). Boundaries that
+    ignore the image: swapping them between images changes nothing, gain exactly 0 (the retired
+    control, which shuffled the logits over the positions, moved them and reported a gain). Boundaries
+    that follow the content: an image scored with another image's is right only when the donor is of
+    its class, so the swapped top-1 is the derangement's same-class share, and the gain positive."""
+    from fastclip.eval import zeroshot
+    from fastclip.models.vision import derangement, placement_control
+    task, data = segmentation_reading_task(follows_image), lit_patch_images()
+    images, labels = torch.stack([x for x, _ in data]), torch.tensor([y for _, y in data])
+    with torch.no_grad():
+        emb = task.model.encode_image(images, normalize=True)
+    centroids = torch.nn.functional.normalize(torch.stack([emb[labels == c].mean(0) for c in range(4)]), dim=-1)
+    monkeypatch.setattr(zeroshot, "build_zero_shot_classifier", lambda *a, **k: centroids.T)
+
+    def top1():
+        return zeroshot.zero_shot_eval(task.model, task.tokenizer, data, list("abcd"), ["{}"], CPU, batch_size=5)["top1"]
+
+    learned, swapped = placement_control(task.model.visual, top1)
+    assert learned == 1.0
+    if follows_image:
+        same_class = (labels[derangement(16, seed=0)] == labels).float().mean().item()
+        assert swapped == pytest.approx(same_class) and learned - swapped > 0.5
+    else:
+        assert swapped == learned
+
+
+def test_placement_control_lends_each_image_another_images_boundaries():
+    """eval.placement_control: a pass as learned, then a pass with each image pooled at another
+    image's logits (a seeded derangement over the whole set, across batches): every image gets exactly
+    its donor's boundaries, so the set keeps its segment counts (as a multiset) and the forced row
+    ends; the tower is itself again afterwards; the final eval reports both top-1s' difference."""
     from fastclip.models.boundaries import every_kth
-    from fastclip.models.vision import shuffled_placement
-    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    from fastclip.models.vision import derangement, placement_control
+    images = torch.randn(13, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for row_breaks in ("false", "true"):
         task = task_for("boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]",
                         f"boundary.image_row_breaks={row_breaks}", "eval.placement_control=true")
         tower = task.model.visual.eval()
+        passes = []
+
+        def top1(n=13):  # one pass in batches of 5, 5, 3
+            infos = [tower(images[i:min(i + 5, n)])[1] for i in range(0, n, 5)]
+            passes.append({k: torch.cat([info[k] for info in infos]) for k in ("boundaries", "segments")})
+            return 0.0
         with torch.no_grad():
             torch.nn.init.normal_(tower.predictor.mlp[-1].weight, std=1.0)  # content-dependent logits
-            _, learned = tower(images)
-            with shuffled_placement(tower):
-                _, shuffled = tower(images)
+            placement_control(tower, top1, seed=3)
             _, after = tower(images)
-        assert torch.equal(shuffled["segments"], learned["segments"])
-        assert not torch.equal(shuffled["boundaries"], learned["boundaries"])
-        assert torch.equal(after["boundaries"], learned["boundaries"])
-        assert torch.equal(shuffled["logits"].sort(1).values, learned["logits"].sort(1).values)
-        assert torch.equal(shuffled["logits"][:, -1], learned["logits"][:, -1])  # the last stays (the count)
+        learned, swapped = passes
+        donor = derangement(13, seed=3)
+        assert (donor != torch.arange(13)).all()
+        assert torch.equal(swapped["boundaries"], learned["boundaries"][donor])
+        assert not torch.equal(swapped["boundaries"], learned["boundaries"])
+        assert sorted(swapped["segments"].tolist()) == sorted(learned["segments"].tolist())
+        assert torch.equal(after["boundaries"], learned["boundaries"]) and tower.placement is None
         if row_breaks == "true":
-            n, width = shuffled["boundaries"].shape[1], tower.vit.grid_size[1]
-            assert shuffled["boundaries"][:, every_kth(n, width)].all()
+            n, width = swapped["boundaries"].shape[1], tower.vit.grid_size[1]
+            assert swapped["boundaries"][:, every_kth(n, width)].all()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="needs at least 2, got 1"):
+            placement_control(tower, lambda: top1(n=1))
+        sizes = iter([10, 13])
+        with pytest.raises(ValueError, match="are not the learned pass's"):
+            placement_control(tower, lambda: top1(n=next(sizes)))
+    assert tower.placement is None
     final = task.final_evaluate()
     top1 = task.quality()["zeroshot/top1"]  # the test split's, as the control's
     assert final["zeroshot/top1"] == pytest.approx(top1)

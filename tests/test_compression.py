@@ -191,6 +191,61 @@ def test_the_final_line_says_whose_numbers_its_twins_are():
     assert final_line("lm/test_bpc", {"lm/test_bpc": 1.5}) == "final lm/test_bpc = 1.5000"
 
 
+def test_the_math_mode_names_tf32_where_float32_matmuls_may_use_it_and_a_cpu_run_leaves_them_fp32():
+    """set_float32_matmul_precision("high") makes CUDA's float32 matmuls TF32: a latency measured
+    so is labelled tf32, not fp32. A CPU run does not set it (its fp32 is IEEE fp32)."""
+    from fastclip import runtime
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        runtime.use_tf32_matmuls(cpu)
+        assert runtime.math_mode(cpu) == "fp32" and runtime.math_mode(cuda) == "fp32"
+        runtime.use_tf32_matmuls(cuda)
+        assert runtime.math_mode(cuda) == "tf32"
+        assert runtime.math_mode(cuda, torch.bfloat16) == "bf16 autocast"
+        assert runtime.math_mode(cpu, torch.float16) == "fp16 autocast"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("option", ["quant", "prune", "distill"])
+def test_a_compressed_model_and_its_twin_are_timed_under_the_runs_autocast(tmp_path, option):
+    """trainer.precision=bf16 (a run training under bf16 autocast): every timed forward, the compressed
+    model's and its dense (or teacher's) twin's, runs under the same bf16 autocast."""
+    from fastclip.compression import distill, prune, quant
+    from fastclip.loop import Trainer
+    from fastclip.tasks.clip import ClipTask
+    overrides = [*TINY_CLIP, f"compression={option}", "trainer.precision=bf16", "trainer.max_steps=2"]
+    if option == "prune":
+        overrides.append("compression.finetune_steps=1")
+    if option == "distill":  # the teacher: the student's own untrained weights, saved as a checkpoint
+        from fastclip import checkpoint
+        from fastclip.runtime import config_container
+        teacher_cfg = compose_cfg(TINY_CLIP)
+        model, _ = build_clip(teacher_cfg.encoder, teacher_cfg.boundary)
+        checkpoint.save(tmp_path / "teacher.pt", {"model": model.state_dict(), "config": config_container(teacher_cfg)})
+        overrides.append(f"compression.teacher={tmp_path / 'teacher.pt'}")
+    cfg = compose_cfg(overrides)
+    task = ClipTask(cfg, torch.device("cpu"), tmp_path)
+    trainer = Trainer(task, cfg, torch.device("cpu"))
+    timed = []
+
+    def record(module, args):
+        timed.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    models = [task.model] + ([task.distiller.teacher] if option == "distill" else [])
+    for model in models:  # a copy (the int8 one, the shrunk one) keeps the hook
+        model.register_forward_pre_hook(record)
+    if option == "quant":
+        quant.compress(task, cfg, {})
+    elif option == "prune":
+        trainer.pruner.after_step(trainer.pruner.end)
+        prune.compress(task, cfg, trainer.pruner, {}, trainer.pruner.end)
+    else:
+        distill.compress(task, {})
+    assert len(timed) == 2 * 8 and set(timed) == {torch.bfloat16}  # 2 models x (1 warm-up + 7 timed)
+
+
 @pytest.mark.slow
 def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path, caplog):
     import logging
@@ -204,6 +259,8 @@ def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path
     assert f"compression=quant (dynamic): {said}" in caplog.text  # the console says it too, not only MLflow
     assert (f"final zeroshot/top1 = {metrics['zeroshot/top1']:.4f} (dense {metrics['zeroshot/top1_dense']:.4f})"
             in caplog.text)  # and the run's last line, with the twin
+    # a CPU run's float32 is IEEE fp32 (no TF32 set for it), and its latencies say which arithmetic they are
+    assert torch.get_float32_matmul_precision() == "highest" and "latencies in fp32" in caplog.text
     client = mlflow.tracking.MlflowClient(store)
     history = client.get_metric_history(metrics["mlflow_run_id"], "zeroshot/top1")
     # the loop's last evaluation (dense), then the int8 model's at the same step, logged last
@@ -211,6 +268,7 @@ def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path
     assert history[-1].value == pytest.approx(metrics["zeroshot/top1"])
     assert client.get_run(metrics["mlflow_run_id"]).data.metrics["zeroshot/top1"] == pytest.approx(
         metrics["zeroshot/top1"])
+    assert client.get_run(metrics["mlflow_run_id"]).data.tags["fastclip.latency_math"] == "fp32"
 
 
 @pytest.mark.slow

@@ -219,6 +219,61 @@ def test_a_resumed_run_holds_the_same_masks_and_clipping_ignores_pruned_gradient
         assert params[name][~mask].eq(0).all() and params[name][mask].ne(0).all(), name
 
 
+def test_a_oneshot_prunes_twin_is_the_model_at_its_pruning_step_and_the_console_says_so():
+    """The zero-shot before a oneshot pruning is of a model that trained `finetune_steps` fewer steps
+    than the run: it is kept as *_before_prune with its step, never as a dense twin, and the console
+    names the step (a pruned model that fine-tuned past it reads as no gain from pruning)."""
+    from fastclip.train import _compression_summary, final_line
+    model, _ = tiny("none")
+    asked = []
+    pruner = Pruner(model, prune_cfg(finetune_steps=2), total_steps=10, warmup_steps=0,
+                    quality_before=lambda: asked.append(1) or {"zeroshot/top1": 0.137})
+    for step in range(1, 11):
+        pruner.after_step(step)
+    assert asked == [1] and pruner.before_prune == {"zeroshot/top1": 0.137} and pruner.before_prune_step == 8
+    again = Pruner(model, prune_cfg(finetune_steps=2), total_steps=10, warmup_steps=0)
+    again.load_state_dict(pruner.state_dict())
+    assert (again.before_prune, again.before_prune_step) == ({"zeroshot/top1": 0.137}, 8)
+    old = {k: v for k, v in pruner.state_dict().items() if not k.startswith("before_prune")}
+    again.load_state_dict({**old, "dense": {"zeroshot/top1": 0.2}})  # a checkpoint from before the rename
+    assert (again.before_prune, again.before_prune_step) == ({"zeroshot/top1": 0.2}, None)
+    metrics = {"zeroshot/top1": 0.178, "zeroshot/top1_before_prune": 0.137, "compression/before_prune_step": 8.0,
+               "compression/sparsity": 0.5}
+    assert final_line("zeroshot/top1", metrics) == "final zeroshot/top1 = 0.1780 (before pruning, at step 8: 0.1370)"
+    summary = _compression_summary(prune_cfg(), metrics)
+    assert "zeroshot/top1 0.178 (before pruning, at step 8: 0.137)" in summary and "dense" not in summary
+
+
+def test_each_evaluation_of_a_structured_prune_counts_the_flops_of_the_layout_its_summary_reports(tmp_path):
+    """Once heads and channels are pruned, every evaluation's efficiency/*_gflops is the shrunk
+    layout's, as the final summary's is, with the dense layout's beside it as *_gflops_dense (before
+    pruning, the two are the same)."""
+    from fastclip.compression.prune import compress
+    from fastclip.loop import Trainer
+    from fastclip.tasks.clip import ClipTask
+    cfg = compose_cfg([*TINY_CLIP, "compression=prune", "compression.structure=structured", "trainer.max_steps=3",
+                       "compression.finetune_steps=2", "trainer.warmup_steps=0", "trainer.batch_size=16",
+                       "eval.boundary_picture=false"])
+    task = ClipTask(cfg, torch.device("cpu"), tmp_path)
+    trainer = Trainer(task, cfg, torch.device("cpu"))
+    before = task.evaluate()
+    assert before["efficiency/image_gflops"] == pytest.approx(before["efficiency/image_gflops_dense"], rel=1e-6)
+    assert before["efficiency/text_gflops"] == pytest.approx(before["efficiency/text_gflops_dense"], rel=1e-6)
+    batch = next(iter(task.train_batches(0)))
+    trainer.forward_backward(batch)
+    trainer.step(16)  # step 1 = total - finetune_steps: pruned here
+    assert trainer.pruner.applied == 0.5
+    after = task.evaluate()
+    for tower in ("image", "text"):
+        assert after[f"efficiency/{tower}_gflops"] < 0.9 * after[f"efficiency/{tower}_gflops_dense"], tower
+        assert after[f"efficiency/{tower}_gflops_dense"] == pytest.approx(before[f"efficiency/{tower}_gflops"])
+    summary = compress(task, cfg, trainer.pruner, after, trainer.state.step)
+    for key in ("efficiency/image_gflops", "efficiency/text_gflops", "efficiency/image_gflops_dense",
+                "efficiency/text_gflops_dense"):
+        assert after[key] == pytest.approx(summary[key], rel=1e-9), key
+    assert task.model.training  # the evaluation's shrunk copy leaves the model's mode as it was
+
+
 def test_gradual_masks_only_grow_and_reach_the_target():
     torch.manual_seed(0)
     model, tokenizer = tiny("none")
@@ -269,8 +324,8 @@ def test_a_prune_run_logs_the_sparsity_it_reached_beside_the_dense_numbers(tmp_p
     cfg = compose_cfg([*TINY_CLIP, "compression=prune", f"compression.structure={structure}", "trainer.max_steps=6",
                        "compression.finetune_steps=2", "eval.boundary_picture=false", f"tracking.uri={store}"])
     metrics = run(cfg, tmp_path / "run")
-    for key in ("zeroshot/top1", "zeroshot/top1_dense", "compression/sparsity", "compression/params_nonzero",
-                "compression/model_mb", "time/eval_batch_ms", "time/eval_batch_ms_dense"):
+    for key in ("zeroshot/top1", "zeroshot/top1_before_prune", "compression/before_prune_step", "compression/sparsity",
+                "compression/params_nonzero", "compression/model_mb", "time/eval_batch_ms", "time/eval_batch_ms_dense"):
         assert key in metrics, key
     if structure == "unstructured":
         assert metrics["compression/sparsity"] == pytest.approx(0.5, abs=0.01)
@@ -280,7 +335,9 @@ def test_a_prune_run_logs_the_sparsity_it_reached_beside_the_dense_numbers(tmp_p
         assert metrics["compression/model_mb"] < metrics["compression/model_mb_dense"]
     assert metrics["compression/params_nonzero"] < metrics["compression/params_nonzero_dense"]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
-    assert checkpoint["pruner"]["applied"] == 0.5 and checkpoint["pruner"]["dense"]["zeroshot/top1"] == \
-        pytest.approx(metrics["zeroshot/top1_dense"])
+    assert "zeroshot/top1_dense" not in metrics  # the model before pruning trained 2 steps fewer: no dense twin
+    assert metrics["compression/before_prune_step"] == 4
+    assert checkpoint["pruner"]["applied"] == 0.5 and checkpoint["pruner"]["before_prune"]["zeroshot/top1"] == \
+        pytest.approx(metrics["zeroshot/top1_before_prune"])
     run_data = mlflow.tracking.MlflowClient(store).get_run(metrics["mlflow_run_id"]).data
     assert run_data.metrics["compression/sparsity"] == pytest.approx(metrics["compression/sparsity"])

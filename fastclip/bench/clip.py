@@ -5,8 +5,8 @@ curve, where k=4 pools 2x2 squares) vs ToMe at the learned rows' GFLOPs, and the
 FLIP patch dropout, EViT, a coarser patch grid) each at the fixed-Hilbert row's GFLOPs with a ranking
 by zero-shot top-1 among the rows at matched GFLOPs, equal steps, on digits and on CIFAR-10
 (class-template captions; zero-shot on held-out images with unseen templates). Per run: zero-shot
-top-1 (learned rows: also with their boundaries shuffled over the patches, same count: what the
-placement itself is worth), image GFLOPs from the real eval boundaries, achieved compression, the
+top-1 (learned rows: also with each image pooled at another image's boundaries, eval.placement_control:
+what the placement's tie to its image is worth), image GFLOPs from the real eval boundaries, achieved compression, the
 share of the boundaries on fixed k's grid (1.0: a learned tower that settled on fixed's segmentation), median
 step time (data wait included, and compute alone) and peak memory; then our training step vs
 open_clip_train's train_one_epoch (harness overhead).
@@ -40,8 +40,8 @@ FIXED = ["boundary=fixed", "boundary.k=4", "boundary.apply_to=[image]"]
 SMALL_PREDICTOR_ROW_BREAKS = ["boundary.predictor_ratio=1", "boundary.image_row_breaks=true"]
 STRIDE_START = ["boundary.image_start=stride"]  # boundaries started at fixed k=4's
 HILBERT = ["boundary.image_order=hilbert"]  # patches read along a Hilbert curve: fixed k=4 pools 2x2 squares
-PLACEMENT_CONTROL = ["eval.placement_control=true"]  # + zero-shot top-1 with the learned boundaries shuffled
-LEARNED = GUMBEL + PLACEMENT_CONTROL  # learned rows also report top-1 with their boundaries shuffled (same count)
+PLACEMENT_CONTROL = ["eval.placement_control=true"]  # + zero-shot top-1 with boundaries swapped between images
+LEARNED = GUMBEL + PLACEMENT_CONTROL  # learned rows also report top-1 with each image at another image's boundaries
 # The DTP rows both CIFAR benches run, one definition: key -> (table label, overrides)
 DTP_VARIANTS = {
     "gumbel": ("DTP-ViT gumbel 0.25", LEARNED),
@@ -232,7 +232,7 @@ def main(argv=None):
                         + markdown_table(rows, [
                             ("variant", "variant", "s"), ("zero-shot top-1", "zeroshot/top1", ".3f"),
                             *([("top-1 per seed", "top1_per_seed", "s")] if len(seeds) > 1 else []),
-                            ("top-1, boundaries shuffled", "zeroshot/top1_shuffled_placement", ".3f"),
+                            ("top-1, boundaries swapped between images", "zeroshot/top1_shuffled_placement", ".3f"),
                             ("Δ top-1 (pts)", "top1_delta", "+.1f"),
                             ("image GFLOPs", "efficiency/image_gflops", ".4f"), ("GFLOPs / vanilla", "gflops_ratio", ".2f"),
                             ("unpadded GFLOPs / vanilla", "unpadded_ratio", ".2f"),

@@ -132,8 +132,9 @@ def main(argv=None):
                         + markdown_table(rows, COLUMNS))
     print("== ViT-B/32 latency (random weights)", flush=True)
     b32 = b32_latency(args.b32_batch, device=args.device)
-    sections.append(f"### ViT-B/32 CLIP on {args.device}, random weights, batch {args.b32_batch} at 224 px: eval latency (median of 5 "
-                    f"interleaved rounds)\n\n" + markdown_table(b32, [
+    from fastclip.runtime import math_mode
+    sections.append(f"### ViT-B/32 CLIP on {args.device} ({math_mode(torch.device(args.device))}), random weights, batch "
+                    f"{args.b32_batch} at 224 px: eval latency (median of 5 interleaved rounds)\n\n" + markdown_table(b32, [
                         ("variant", "variant", "s"), ("ms / batch", "ms", ".0f"), ("/ dense", "ratio", ".2f"),
                         ("model MB", "mb", ".0f")]))
     emit("\n\n".join(sections), Path(args.out))

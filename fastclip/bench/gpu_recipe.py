@@ -35,7 +35,7 @@ from fastclip.loop import fit
 from fastclip.tasks import build_task
 
 # key -> (table label, overrides); the DTP rows are bench-clip's (their learned rows also report
-# top-1 with their boundaries shuffled); the peers' labels and overrides come from their matched knob.
+# top-1 with each image at another image's boundaries); the peers' labels and overrides come from their matched knob.
 VARIANTS = {"vanilla": ("vanilla ViT", ["boundary=none"]), **DTP_VARIANTS}
 PEER_KEYS = list(PEERS)  # patch dropout's row is followed by its runs scored on every patch
 MATCH_TO = "fixed_hilbert"  # the row whose image GFLOPs the peers are matched to
@@ -207,7 +207,7 @@ def section(ds: str, every: int, keys: list[str], variants: dict, results: dict,
     text = f"### {ds}: {header}, evals every {every} epochs\n\n" + markdown_table(rows, [
         ("variant", "variant", "s"), ("zero-shot top-1", "zeroshot/top1", ".3f"), ("Δ top-1 (pts)", "top1_delta", "+.1f"),
         ("top-1 per seed", "top1_per_seed", "s"), ("top-1 at each eval (mean)", "top1_curve", "s"),
-        ("top-1, boundaries shuffled", "zeroshot/top1_shuffled_placement", ".3f"),
+        ("top-1, boundaries swapped between images", "zeroshot/top1_shuffled_placement", ".3f"),
         ("image GFLOPs", "efficiency/image_gflops", ".4f"), ("GFLOPs / vanilla", "gflops_ratio", ".2f"),
         ("achieved compression", "efficiency/compression_image", ".2f"),
         ("median step (s)", "time/step_median_s", ".4f"), ("of which data wait (s)", "time/data_median_s", ".4f"),

@@ -155,18 +155,21 @@ def _image_size(preprocess) -> int:
 def compress(task, final: dict[str, float]) -> dict[str, float]:
     """At the end: the teacher's own quality on the same evaluation sets as <name>_teacher (skipped where
     its input size differs from the student's: the sets are preprocessed at the student's), and the eval
-    latency of the student beside the teacher's on one batch (time/eval_batch_ms, time/eval_batch_ms_teacher)."""
-    from fastclip.compression.quant import QUALITY, eval_batch_ms
+    latency of the student beside the teacher's on one batch (time/eval_batch_ms, time/eval_batch_ms_teacher),
+    both under the run's autocast."""
+    from fastclip.compression.quant import QUALITY, eval_batch_ms, run_autocast
     distiller = task.distiller
     metrics = {}
     images, tokens = task.eval_batch()
     was_training = task.model.training
     try:
         task.model.eval()
-        metrics["time/eval_batch_ms"] = eval_batch_ms(task.model, images, tokens)
+        amp = run_autocast(task.cfg, images.device)
+        metrics["time/eval_batch_ms"] = eval_batch_ms(task.model, images, tokens, amp_dtype=amp)
         teacher_tokens = tokens if distiller.same_tokens else distiller.teacher_tokens(tokens)
         if distiller.image_size is None:
-            metrics["time/eval_batch_ms_teacher"] = eval_batch_ms(distiller.teacher, images, teacher_tokens)
+            metrics["time/eval_batch_ms_teacher"] = eval_batch_ms(distiller.teacher, images, teacher_tokens,
+                                                                  amp_dtype=amp)
             teacher = task.quality(distiller.teacher, distiller.teacher_tokenizer)
             metrics.update({f"{k}_teacher": v for k, v in teacher.items() if k.startswith(QUALITY)})
     finally:

@@ -175,12 +175,14 @@ class Pruner:
     called after every optimizer step: it recomputes the masks where the schedule's target changed and
     zeroes the pruned entries again. state_dict() holds the masks, so a resume continues exactly.
 
-    dense_quality: called once, just before a oneshot pruning (the trained dense model's zero-shot,
-    kept in the state as `dense`). Raises ConfigError for a sparsity outside [0, 1), an unknown
+    quality_before: called once, just before a oneshot pruning: the zero-shot of the model as it was
+    then (trained `end` steps, not the whole run), kept in the state as `before_prune` with the step
+    (`before_prune_step`). It is no dense twin of the final model: that one trained the last
+    `total_steps - end` steps more. Raises ConfigError for a sparsity outside [0, 1), an unknown
     structure or schedule, or a pruning span the run does not have."""
 
-    def __init__(self, model: nn.Module, cc, total_steps: int, warmup_steps: int, dense_quality=None):
-        self.model, self.dense_quality = model, dense_quality
+    def __init__(self, model: nn.Module, cc, total_steps: int, warmup_steps: int, quality_before=None):
+        self.model, self.quality_before = model, quality_before
         self.sparsity = float(cc.sparsity)
         if not 0 <= self.sparsity < 1:
             raise ConfigError(f"compression.sparsity={cc.sparsity}: expected a share of the weights in [0, 1)")
@@ -200,7 +202,8 @@ class Pruner:
         self.every = max(1, int(cc.prune_every) if cc.get("prune_every") else span // 20)
         self.masks: dict[str, torch.Tensor] = {}
         self.applied = 0.0  # the target the masks were made for
-        self.dense: dict[str, float] = {}
+        self.before_prune: dict[str, float] = {}
+        self.before_prune_step: int | None = None
 
     def target(self, step: int) -> float:
         """The sparsity the schedule asks for after `step` optimizer steps."""
@@ -214,8 +217,8 @@ class Pruner:
     def after_step(self, step: int) -> None:
         target = self.target(step)
         if target != self.applied:
-            if self.schedule == "oneshot" and self.dense_quality is not None:
-                self.dense = self.dense_quality()
+            if self.schedule == "oneshot" and self.quality_before is not None:
+                self.before_prune, self.before_prune_step = self.quality_before(), step
             make = unstructured_masks if self.structure == "unstructured" else structured_masks
             self.masks = make(self.model, target) if target > 0 else {}
             self.applied = target
@@ -249,12 +252,15 @@ class Pruner:
             params[name].mul_(mask)
 
     def state_dict(self) -> dict:
-        return {"applied": self.applied, "dense": self.dense,
-                "masks": {k: v.cpu() for k, v in self.masks.items()}}
+        return {"applied": self.applied, "before_prune": self.before_prune,
+                "before_prune_step": self.before_prune_step, "masks": {k: v.cpu() for k, v in self.masks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         params = dict(self.model.named_parameters())
-        self.applied, self.dense = state["applied"], dict(state.get("dense") or {})
+        self.applied = state["applied"]
+        # "dense": what checkpoints from before the rename called it (its step was not kept)
+        self.before_prune = dict(state.get("before_prune", state.get("dense")) or {})
+        self.before_prune_step = state.get("before_prune_step")
         self.masks = {k: v.to(params[k].device) for k, v in state["masks"].items()}
         self.apply()
 
@@ -266,17 +272,39 @@ def _gflops(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dic
             "efficiency/text_gflops": count_gflops(model.text, tokens)[0]}
 
 
+def layout_efficiency(model: nn.Module, cc, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    """Each evaluation's efficiency/* (fastclip.eval.efficiency.tower_efficiency) in the layout the run
+    reports. compression=prune with structure=structured: the shrunk copy's (`shrunk_copy`: its pruned
+    heads and channels removed, as `compress` deploys it; before any is pruned, the dense layout),
+    with the dense layout's count beside it as efficiency/{image,text}_gflops_dense, so every
+    evaluation's efficiency/*_gflops is the same layout's as the run's final summary. Any other
+    compression: the model's own."""
+    from fastclip.eval.efficiency import tower_efficiency
+    if cc.name != "prune" or cc.get("structure") != "structured":
+        return tower_efficiency(model, images, tokens)
+    was_training = model.training
+    try:
+        model.eval()
+        metrics = tower_efficiency(shrunk_copy(model), images, tokens)
+        metrics.update({f"{k}_dense": v for k, v in _gflops(model, images, tokens).items()})
+    finally:
+        model.train(was_training)
+    return metrics
+
+
 def compress(task, cfg, pruner: Pruner, final: dict[str, float], step: int) -> dict[str, float]:
     """The pruned model measured: the sparsity counted from its weights, its nonzero parameters, its
-    bytes, its eval latency beside its dense layout's, and (oneshot) the zero-shot the dense model had
-    just before pruning as <name>_dense. structured: the pruned heads and channels removed first; its
+    bytes, its eval latency beside its dense layout's, and (oneshot) the zero-shot the model had just
+    before pruning as <name>_before_prune, with that step as compression/before_prune_step: the model
+    trained that many steps, not the run's, so no dense twin (a compression=none run is). structured:
+    the pruned heads and channels removed first; its
     zero-shot is the shrunk model's own (it equals the masked model's, which the loop evaluated), and
     efficiency/{image,text}_gflops are counted on it (beside the dense layout's as *_dense). A run that
     ended (step) before its schedule's final masks gets them now, unfine-tuned, and says so
     (compression/pruned_at_end = 1).
     Unstructured zeros stay in dense matrices: the FLOPs and the latency do not fall, and the
     numbers show it."""
-    from fastclip.compression.quant import QUALITY, eval_batch_ms, model_bytes
+    from fastclip.compression.quant import QUALITY, eval_batch_ms, model_bytes, run_autocast
     model = task.model
     was_training = model.training
     late = pruner.finish()
@@ -288,10 +316,13 @@ def compress(task, cfg, pruner: Pruner, final: dict[str, float], step: int) -> d
         deployed = shrunk_copy(model) if pruner.structure == "structured" else model
         images, tokens = task.eval_batch()
         # the dense twin is the pruned model in its dense layout: dense kernels take the same time whatever
-        # the values (unstructured: it is the deployed model itself, timed again)
-        dense_ms = eval_batch_ms(model, images, tokens)
-        pruned_ms = eval_batch_ms(deployed, images, tokens)
-        metrics = {f"{k}_dense": v for k, v in pruner.dense.items() if k.startswith(QUALITY)}
+        # the values (unstructured: it is the deployed model itself, timed again); both under the run's autocast
+        amp = run_autocast(cfg, images.device)
+        dense_ms = eval_batch_ms(model, images, tokens, amp_dtype=amp)
+        pruned_ms = eval_batch_ms(deployed, images, tokens, amp_dtype=amp)
+        metrics = {f"{k}_before_prune": v for k, v in pruner.before_prune.items() if k.startswith(QUALITY)}
+        if pruner.before_prune_step is not None:
+            metrics["compression/before_prune_step"] = float(pruner.before_prune_step)
         if deployed is not model or late:  # the loop's final evaluation was of another model
             metrics.update({k: v for k, v in task.quality(deployed).items() if k.startswith(QUALITY)})
         else:

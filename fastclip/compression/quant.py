@@ -140,16 +140,21 @@ def int8_weight_fraction(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def eval_batch_ms(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 7) -> float:
+def eval_batch_ms(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 7,
+                  amp_dtype: torch.dtype | None = None) -> float:
     """Median wall time (ms) of one forward of the whole model on the batch, after one warm-up
-    forward; CUDA is synchronised around each."""
+    forward; CUDA is synchronised around each. amp_dtype: the autocast the forwards run under (a
+    run's own, runtime.autocast_dtype of trainer.precision; None: none), so a compressed model and its
+    twin are timed in the same arithmetic (runtime.math_mode names it)."""
+    from fastclip import runtime
     model.eval()
     times = []
     for i in range(repeats + 1):
         if images.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model(images, tokens)
+        with runtime.autocast(images.device, amp_dtype):
+            model(images, tokens)
         if images.is_cuda:
             torch.cuda.synchronize()
         if i:
@@ -157,12 +162,19 @@ def eval_batch_ms(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, 
     return statistics.median(times)
 
 
+def run_autocast(cfg, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a run trains under (trainer.precision on `device`; None: none): the one
+    compression latencies are measured under, for the compressed model and its twin alike."""
+    from fastclip import runtime
+    return runtime.autocast_dtype(cfg.trainer.precision, device)
+
+
 def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
     """The trained task.model quantized and evaluated. dense_metrics: the final evaluation of the
     model as trained (the loop's), whose quality numbers come back as <name>_dense (after
     quantization-aware training: the trained weights evaluated without fake quantization instead). -> the quantized
     model's quality numbers under their own names (zeroshot/top1, retrieval/..., ImageNet), sizes, the
-    int8 share, and the eval latency of both models on the same batch."""
+    int8 share, and the eval latency of both models on the same batch, under the run's autocast."""
     trained = task.model
     was_training = trained.training
     qat = bool(cfg.compression.get("qat", False))
@@ -175,8 +187,9 @@ def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
             dense_metrics = task.quality(dense)
         quantized = quantized_copy(dense, cfg.compression.scheme, cfg.compression.get("embedding", "int8"))
         images, tokens = task.eval_batch()
-        dense_ms = eval_batch_ms(dense, images, tokens)
-        quant_ms = eval_batch_ms(quantized, images, tokens)
+        amp = run_autocast(cfg, images.device)
+        dense_ms = eval_batch_ms(dense, images, tokens, amp_dtype=amp)
+        quant_ms = eval_batch_ms(quantized, images, tokens, amp_dtype=amp)
         metrics = {f"{k}_dense": v for k, v in dense_metrics.items() if k.startswith(QUALITY)}
         metrics.update({k: v for k, v in task.quality(quantized).items() if k.startswith(QUALITY)})
     finally:

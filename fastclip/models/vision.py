@@ -3,6 +3,7 @@ raster or Hilbert order, models/patch_order.py), reusing open_clip's patch embed
 norm and projection, so its geometry comes from `encoder`. The peer baselines have rooms of their
 own: models/tome.py, patch_dropout.py, evit.py."""
 import contextlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,36 +41,96 @@ class VanillaImageTower(nn.Module):
         return self.visual(images), {"tokens": n, "segments": n}
 
 
-def shuffled_along_rows(logits: torch.Tensor, generator: torch.Generator, keep: torch.Tensor) -> torch.Tensor:
-    """Each row's logits permuted over the positions keep [N] leaves free (each row its own
-    permutation, from the generator): the same values there, so the same boundaries in number,
-    at places that no longer depend on the image."""
-    free = (~keep).nonzero().squeeze(1).to(logits.device)
-    order = torch.rand(logits.shape[0], len(free), generator=generator).argsort(1).to(logits.device)
-    out = logits.clone()
-    out[:, free] = logits[:, free].gather(1, order)
-    return out
+class RecordedPlacement:
+    """The placement control's first pass: every image's boundary logits [B, N] kept, in the order
+    the images come (on their device), and passed on unchanged."""
+
+    def __init__(self):
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        self.rows.append(logits.detach())
+        return logits
+
+    def logits(self) -> torch.Tensor:
+        """[n_images, N] in the order the images came."""
+        if not self.rows:
+            raise ValueError("eval.placement_control: the learned pass ran no image through the DTP image tower")
+        return torch.cat(self.rows)
+
+
+class BorrowedPlacement:
+    """The placement control's second pass: the i-th image to come gets the boundary logits of
+    image donor[i] of the first pass (the same images in the same order), in place of its own."""
+
+    def __init__(self, logits: torch.Tensor, donor: torch.Tensor):
+        self.donors = logits[donor.to(logits.device)]
+        self.used = 0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        B = logits.shape[0]
+        if self.used + B > len(self.donors) or self.donors.shape[1:] != logits.shape[1:]:
+            raise ValueError(f"eval.placement_control: the swapped pass's images ({self.used + B} so far, "
+                             f"{logits.shape[1]} patches) are not the learned pass's ({len(self.donors)} images, "
+                             f"{self.donors.shape[1]} patches)")
+        out = self.donors[self.used:self.used + B].to(logits.dtype)
+        self.used += B
+        return out
+
+
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """[n] long: a random permutation with no fixed point, seeded (a random cyclic order: each
+    image's donor is the next image along it)."""
+    if n < 2:
+        raise ValueError(f"eval.placement_control swaps boundaries between evaluation images; it needs at "
+                         f"least 2, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    donor = torch.empty_like(order)
+    donor[order] = order.roll(-1)
+    return donor
 
 
 def require_learned_placement(tower) -> None:
     if getattr(tower, "predictor", None) is None:
-        raise ValueError("eval.placement_control=true compares learned image boundaries with shuffled ones: "
+        raise ValueError("eval.placement_control=true compares learned image boundaries with other images' ones: "
                          f"this image tower ({type(tower).__name__}) has no boundary predictor "
                          "(boundary=gumbel or entropy_spike with image in boundary.apply_to)")
 
 
 @contextlib.contextmanager
-def shuffled_placement(tower, seed: int = 0):
-    """The placement control (eval.placement_control): inside, a learned DTP image tower's boundary
-    logits are shuffled over the patch positions per image before the forced row ends, so its
-    boundaries keep their count but lose their content. A learned placement that carries
-    information beats this; one that does not, matches it."""
-    require_learned_placement(tower)
-    tower.shuffle_placement = torch.Generator().manual_seed(seed)
+def _placement(tower, hook):
+    tower.placement = hook
     try:
-        yield
+        yield hook
     finally:
-        tower.shuffle_placement = None
+        tower.placement = None
+
+
+def placement_control(tower, top1: Callable[[], float], seed: int = 0) -> tuple[float, float]:
+    """The placement control (eval.placement_control) -> (top-1 as learned, top-1 with swapped
+    placements). top1() evaluates the model holding `tower` (a learned DTP image tower) on a fixed
+    image set in a fixed order; it runs twice. The first pass records each image's boundary logits
+    (the predictor's plus any learned per-position logits, before forced row ends); in the second,
+    every image is pooled with another image's logits, a seeded derangement over the whole set (not
+    just its batch: an evaluation set in class order would lend a batch-mate of the same class).
+
+    What a placement shares across images stays: the set's logits are permuted, so the distribution
+    of boundary counts (the compute), the per-position preferences (image_start=stride) and the
+    forced row ends are the same; only each placement's tie to its own image goes. A tower whose
+    boundaries ignore the image gets exactly its own boundaries back (gain 0); one whose boundaries
+    follow the image's content in a way the task uses scores lower when swapped (gain > 0).
+    Errors: ValueError for a tower without a boundary predictor, fewer than 2 images, or a second
+    pass that sees other images than the first."""
+    require_learned_placement(tower)
+    with _placement(tower, RecordedPlacement()) as record:
+        learned = top1()
+    logits = record.logits()
+    with _placement(tower, BorrowedPlacement(logits, derangement(len(logits), seed))) as borrowed:
+        swapped = top1()
+    if borrowed.used != len(logits):
+        raise ValueError(f"eval.placement_control: the swapped pass saw {borrowed.used} images, the learned "
+                         f"pass {len(logits)}")
+    return learned, swapped
 
 
 class DTPImageTower(nn.Module):
@@ -116,7 +177,8 @@ class DTPImageTower(nn.Module):
         width = self.vit.conv1.out_channels
         self.predictor = BoundaryPredictor(width, init_rate=method.init_rate, hidden_ratio=method.predictor_ratio) if method.needs_predictor else None
         self.position_logits = self._stride_start(method) if start == "stride" else None
-        self.shuffle_placement: torch.Generator | None = None  # set by shuffled_placement() only
+        # eval.placement_control's hook on the logits (RecordedPlacement / BorrowedPlacement), else None
+        self.placement: Callable[[torch.Tensor], torch.Tensor] | None = None
         # entropy_spike's image analog: spikes of an auxiliary next-patch predictor's error
         self.next_patch = nn.Linear(width, next_patch_dim) if isinstance(method, EntropySpike) else None
 
@@ -133,8 +195,8 @@ class DTPImageTower(nn.Module):
         logits = self.predictor(patches) if self.predictor is not None else None
         if self.position_logits is not None:
             logits = logits + self.position_logits
-        if self.shuffle_placement is not None:
-            logits = shuffled_along_rows(logits, self.shuffle_placement, self._fixed_places(N))
+        if self.placement is not None:
+            logits = self.placement(logits)
         if self.row_breaks:
             logits = self._break_at_row_ends(logits)
         order = torch.arange(N, device=images.device).expand(B, N)
@@ -156,14 +218,6 @@ class DTPImageTower(nn.Module):
     # A logit no logistic noise overturns (p(noise < -30) ~ 1e-13): a sure boundary, which the prior
     # counts like any other, and no gradient (masked_fill), as the predictor has nothing to decide there.
     SURE_LOGIT = 30.0
-
-    def _fixed_places(self, n: int) -> torch.Tensor:
-        """Where the placement control leaves the logits: the last patch (a boundary there closes the
-        last segment and adds none, so moving it would change the segment count, i.e. the compute)
-        and, with row breaks, the row ends (forced anyway; their logits would be lost)."""
-        keep = every_kth(n, self.vit.grid_size[1]) if self.row_breaks else torch.zeros(n, dtype=torch.bool)
-        keep[-1] = True
-        return keep
 
     def _break_at_row_ends(self, logits):
         """image_row_breaks: the last patch of every patch-grid row closes its segment, so no segment

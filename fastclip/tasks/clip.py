@@ -28,7 +28,7 @@ from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.loop import StepOutput, ignore_stop_signals
 from fastclip.models.clip import build_clip, build_transforms, clip_objective
 from fastclip.models.patch_dropout import PatchDropoutImageTower
-from fastclip.models.vision import shuffled_placement
+from fastclip.models.vision import placement_control
 
 
 @dataclass
@@ -269,9 +269,11 @@ class ClipTask:
 
     def final_evaluate(self) -> dict[str, float]:
         """At the end of a run. boundary=patch_dropout with eval_keep: zero-shot top-1 again on every
-        patch (`zeroshot/top1_all_patches`). eval.placement_control: zero-shot again with the learned
-        image boundaries shuffled over the patch positions (same count per image);
-        top1_placement_gain = as learned - shuffled.
+        patch (`zeroshot/top1_all_patches`). eval.placement_control: zero-shot as learned and with each
+        image pooled at another image's boundary logits (a derangement over the set: the count
+        distribution and per-position preferences stay, the tie to the image goes; models/vision.py
+        placement_control); top1_shuffled_placement is the swapped top-1 (the name kept from the
+        earlier control), top1_placement_gain = as learned - swapped.
         The learned top-1 is recomputed (one more zero-shot pass, opt-in) rather than taken from the
         loop's last evaluate, so the pair always comes from the same weights whatever called this."""
         metrics = {}
@@ -280,10 +282,9 @@ class ClipTask:
             with visual.all_patches():  # the same weights at full cost: a second bench row for free
                 metrics["zeroshot/top1_all_patches"] = self._zero_shot()["top1"]
         if self.cfg.eval.placement_control:
-            with shuffled_placement(visual):
-                shuffled = self._zero_shot()["top1"]
-            metrics.update({"zeroshot/top1_shuffled_placement": shuffled,
-                            "zeroshot/top1_placement_gain": self._zero_shot()["top1"] - shuffled})
+            learned, swapped = placement_control(visual, lambda: self._zero_shot()["top1"])
+            metrics.update({"zeroshot/top1_shuffled_placement": swapped,
+                            "zeroshot/top1_placement_gain": learned - swapped})
         return metrics
 
     def _zero_shot(self, model=None, tokenizer=None) -> dict[str, float]:
