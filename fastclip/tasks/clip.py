@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from fastclip import distributed, runtime
 from fastclip.checks import check_config
+from fastclip.compression.prune import layout_efficiency
 from fastclip.data.captioned import ZeroShotSet
 from fastclip.data.coco import build_coco
 from fastclip.data.coco import training_captions as coco_training_captions
@@ -21,7 +22,7 @@ from fastclip.data.overlap import EVAL_OVERLAP, eval_overlap_of
 from fastclip.data.pairs import Batch, ImageFiles, RetrievalSet, collate_skipping, require_usable
 from fastclip.data.shards import build_shards, shard_captions, shard_retrieval_set
 from fastclip.eval.boundary_picture import draw
-from fastclip.eval.efficiency import parameter_counts, tower_efficiency
+from fastclip.eval.efficiency import parameter_counts
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
@@ -257,7 +258,8 @@ class ClipTask:
     def evaluate(self) -> dict[str, float]:
         cfg, metrics = self.cfg, self.quality()
         images, tokens = self.eval_batch()
-        metrics.update(tower_efficiency(self.model, images, tokens))
+        # structured pruning: counted on the layout the run deploys (heads and channels removed), the dense one's beside
+        metrics.update(layout_efficiency(self.model, cfg.compression, images, tokens))
         if self.run_dir is not None and cfg.eval.boundary_picture and has_boundary_picture(self.model):
             folder = self.run_dir / "boundaries"
             folder.mkdir(parents=True, exist_ok=True)
