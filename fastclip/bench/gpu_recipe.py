@@ -63,7 +63,7 @@ def train_one(overrides: list[str], run_dir: Path, device: torch.device) -> tupl
     cfg = compose_train_config(overrides)
     runtime.seed_everything(cfg.seed)
     runtime.set_torch_threads(cfg.trainer.get("torch_threads"), cfg.trainer.num_workers, device)
-    torch.set_float32_matmul_precision("high")
+    runtime.use_tf32_matmuls(device)  # CUDA only, as a training run
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     task = build_task(cfg, device, run_dir)
