@@ -12,11 +12,16 @@ from fastclip import PROJECT_ROOT
 
 
 def pick_device(name: str) -> torch.device:
+    """The config's `device` (auto, cpu, cuda, cuda:N). cuda:N becomes the process's current CUDA
+    device, the one whose RNG state checkpoints keep (rng_state)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but torch.cuda.is_available() is False")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but torch.cuda.is_available() is False")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def set_torch_threads(requested, num_workers: int, device: torch.device) -> int:
@@ -45,23 +50,32 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def rng_state() -> dict:
-    """Every generator's state as tensors and plain numbers (torch.load(weights_only=True) reads it)."""
+    """This process's generators' states as tensors and plain numbers (torch.load(weights_only=True)
+    reads it): Python, numpy, torch CPU and, with CUDA, its current device's alone (a process draws
+    on one device; every visible device's, by index, failed to restore where fewer were visible)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restores rng_state()'s generators; the CUDA state goes into the current device, whichever
+    index it had when saved. A list (checkpoints before: every visible device's state, by index)
+    gives the entry of the current device's index, or its first where it is shorter (a process that
+    saw one device saved one entry)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda, index = state["cuda"], torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):
+            cuda = cuda[index] if index < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda, index)
 
 
 @contextlib.contextmanager

@@ -174,3 +174,66 @@ def test_a_resume_that_would_rewind_or_end_its_run_before_where_it_is_is_refused
     with pytest.raises(ResumeError, match=r"is at step 15, beyond this run's 5 steps \(epochs=1"):
         run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={ckpt}", "epochs=1"]), run_dir)
     assert load_checkpoint(ckpt)["train_state"]["step"] == 15
+
+
+class VisibleGPUs:
+    """torch.cuda as a process sees it with `count` visible devices, each with its own generator
+    state; an index beyond them raises IndexError, as torch's device lookup does."""
+
+    def __init__(self, monkeypatch, states: list, current: int = 0):
+        self.states, self.current = states, current
+        for name in ("is_available", "device_count", "current_device", "get_rng_state", "set_rng_state",
+                     "get_rng_state_all", "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return len(self.states)
+
+    def current_device(self):
+        return self.current
+
+    def _index(self, device):
+        index = device.index if isinstance(device, torch.device) else int(device)
+        if index >= len(self.states):
+            raise IndexError(f"cuda:{index}: only {len(self.states)} visible")
+        return index
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[self._index(self.current if device == "cuda" else device)].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[self._index(self.current if device == "cuda" else device)] = state.clone()
+
+    def get_rng_state_all(self):
+        return [self.get_rng_state(i) for i in range(len(self.states))]
+
+    def set_rng_state_all(self, states):
+        for i, state in enumerate(states):
+            self.set_rng_state(state, i)
+
+
+def test_a_cuda_rng_state_resumes_where_fewer_devices_are_visible(monkeypatch):
+    """A checkpoint keeps its process's own device's CUDA generator, restored into the device the
+    resumed process runs on: saved on cuda:1 of 2, resumed on the one device a job now sees. A list
+    (every visible device's, as checkpoints were written before) gives its current device's entry."""
+    from fastclip import runtime
+    mine, other, fresh = (torch.full((8,), v, dtype=torch.uint8) for v in (1, 2, 0))
+    VisibleGPUs(monkeypatch, [other, mine], current=1)
+    saved = runtime.rng_state()
+    assert torch.equal(saved["cuda"], mine)  # this process's device alone
+    now = VisibleGPUs(monkeypatch, [fresh.clone()], current=0)
+    runtime.set_rng_state(saved)
+    assert torch.equal(now.states[0], mine)
+    runtime.set_rng_state({**saved, "cuda": [other, mine]})  # an older checkpoint's list: cuda:0's entry
+    assert torch.equal(now.states[0], other)
+    two = VisibleGPUs(monkeypatch, [fresh.clone(), fresh.clone()], current=1)
+    runtime.set_rng_state({**saved, "cuda": [other, mine]})  # on cuda:1: its own, and nothing else touched
+    assert torch.equal(two.states[1], mine) and torch.equal(two.states[0], fresh)
+    runtime.set_rng_state({**saved, "cuda": [other]})  # saved by a process that saw one device
+    assert torch.equal(two.states[1], other)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert runtime.pick_device("cuda:1") == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
