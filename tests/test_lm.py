@@ -163,7 +163,23 @@ def test_lm_run_logs_bpc_on_valid_and_whole_test(tmp_path, store):
     cfg = compose_cfg(TINY_LM + ["boundary=whitespace", f"tracking.uri={store}", "epochs=1",
                                  "trainer.max_steps=5", "trainer.warmup_steps=2"])
     metrics = run(cfg, tmp_path / "run")
-    for key in ("lm/bpc", "lm/test_bpc", "efficiency/compression_text", "throughput/train_samples_per_s"):
+    for key in ("val/bpc", "lm/test_bpc", "efficiency/compression_text", "throughput/train_samples_per_s"):
         assert key in metrics
+    assert "lm/bpc" not in metrics  # per-epoch evaluation reads valid, under val/
     assert metrics["lm/test_chars"] == len(LMTask(cfg, torch.device("cpu")).ids["test"]) - 1
     assert 3.0 < metrics["efficiency/compression_text"] < 8.0  # words of English
+
+
+def test_lm_warm_up_is_a_fraction_of_the_run_as_clips():
+    """task=lm's warm-up scales with the run, as CLIP's: a 20-step try runs (an absolute 30-step
+    warm-up failed it), and the default run on the built-in text keeps its 30 warm-up steps."""
+    from fastclip.checks import check_config
+    from fastclip.optim import warmup_steps
+    from fastclip.tasks.lm import RandomWindows
+    short = compose_cfg(["task=lm", "trainer.max_steps=20"])
+    check_config(short)
+    assert warmup_steps(short.trainer.warmup_steps, 20) == 2
+    default = compose_cfg(["task=lm"])
+    train, _, _ = text8.split(text8.load_text(None)[0], default.dataset.split)
+    steps = RandomWindows.batches_in(len(train), default.task.context, default.trainer.batch_size) * default.epochs
+    assert (steps, warmup_steps(default.trainer.warmup_steps, steps)) == (255, 30)

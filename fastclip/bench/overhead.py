@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fastclip import runtime
+from fastclip.checks import steps_of
 from fastclip.loop import fit
 from fastclip.optim import adamw_impl, param_groups
 from fastclip.tasks.clip import ClipTask
@@ -57,7 +58,7 @@ def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
     args = SimpleNamespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False,
                            horovod=False, grad_clip_norm=tc.grad_clip, log_every_n_steps=10 ** 9, world_size=1,
                            batch_size=tc.batch_size, rank=0, local_rank=0, wandb=False, save_logs=False)
-    scheduler = cosine_lr(optimizer, tc.lr, tc.warmup_steps, steps * cfg.epochs)
+    scheduler = cosine_lr(optimizer, tc.lr, steps_of(tc.warmup_steps, steps * cfg.epochs), steps * cfg.epochs)
     elapsed = 0.0
     for epoch in range(cfg.epochs):
         loader = task.train_batches(epoch)
