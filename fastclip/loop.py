@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from fastclip import checkpoint, distributed, runtime
 from fastclip.checkpoint import ResumeError
-from fastclip.optim import adamw_impl, build_adamw, warmup_cosine, warmup_steps
+from fastclip.checks import steps_of
+from fastclip.optim import Schedule, adamw_impl, build_adamw, warmup_steps
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,8 @@ class Trainer:
         if tc.compile:
             runtime.compile_blocks(self.model)
         self.optimizer = build_adamw(self.model, tc)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.warmup_steps, self.total_steps))
+        self.schedule = Schedule(self.warmup_steps, self.total_steps)  # a resume replaces it (load_state_dict)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.amp_dtype = runtime.autocast_dtype(tc.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.device = device
@@ -267,9 +269,11 @@ class Trainer:
                 self.scaler.scale(out.loss / self.accum).backward()
         return out
 
-    def step(self, samples: int = 0) -> None:
+    def step(self, samples: int = 0) -> float:
         """The optimizer step on the accumulated gradients, counted in the state with the `samples` it
-        trained on; compression=prune then holds its masks (the pruned weights zero again)."""
+        trained on; compression=prune then holds its masks (the pruned weights zero again).
+        -> the lr this update used (the first parameter group's; `lr` is the next one's after it)."""
+        used = self.lr
         if self.pruner is not None:
             self.pruner.mask_gradients()
         if self.cfg.trainer.grad_clip:
@@ -282,6 +286,7 @@ class Trainer:
         self.state.stepped(samples)
         if self.pruner is not None:
             self.pruner.after_step(self.state.step)
+        return used
 
     def weights_finite(self) -> bool:
         """One host sync: every parameter finite (checked before a checkpoint replaces the last one)."""
@@ -295,8 +300,9 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict, source: str = "the checkpoint") -> None:
         """Continues from a checkpoint. A model that does not match fails naming the differences.
-        The schedule is re-read from this run's config (trainer.lr, warmup, length), so a resume
-        that changes them takes them from the step it resumes at; unchanged, it is exactly the old one."""
+        The schedule is the checkpoint's, re-planned for this run's length (optim.Schedule.replanned:
+        the warm-up keeps its steps, the cosine goes on from the last update's lr, no jump up) and
+        scaled by a new trainer.lr from the step it resumes at; unchanged, it is exactly the old one."""
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
@@ -324,7 +330,10 @@ class Trainer:
             self.state.batch_in_epoch = self.state.steps_in_epoch * self.accum
         old_lr = ckpt["config"]["trainer"]["lr"]
         scale = self.cfg.trainer.lr / old_lr if old_lr else 1.0
-        factor = warmup_cosine(self.warmup_steps, self.total_steps)(self.scheduler.last_epoch)
+        self.schedule = self._resumed_schedule(ckpt, source)
+        self.warmup_steps = self.schedule.warmup
+        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        factor = self.schedule(self.scheduler.last_epoch)
         self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["initial_lr"], group["lr"] = base, base * factor
@@ -332,6 +341,24 @@ class Trainer:
         rng = self.state.rng
         if rng is not None:
             runtime.set_rng_state(rng[self.world.rank] if isinstance(rng, list) else rng)
+
+    def _resumed_schedule(self, ckpt: dict, source: str) -> Schedule:
+        """The checkpoint's schedule (LambdaLR saved its fields) for this run's length. One written
+        before the schedule was saved gets it re-derived from its own config: its length then was
+        epochs x this run's steps per epoch (data, batch and accumulation cannot change on resume)."""
+        saved = (ckpt["scheduler"].get("lr_lambdas") or [None])[0]
+        if saved:
+            planned = Schedule(**saved)
+        else:
+            tc = ckpt["config"]["trainer"]
+            total = self.steps_per_epoch * ckpt["config"]["epochs"]
+            total = min(total, tc["max_steps"]) if tc.get("max_steps") else total
+            planned = Schedule(steps_of(tc["warmup_steps"], total), total)
+        try:
+            return planned.replanned(self.state.step, self.total_steps)
+        except ValueError as exc:
+            raise ResumeError(f"{source}: {exc} (epochs={self.cfg.epochs}, trainer.max_steps="
+                              f"{self.cfg.trainer.max_steps})") from exc
 
 
 class StepLog:
@@ -485,8 +512,8 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
                 if micro < accum:
                     timer.waiting()
                     continue
-                trainer.step(pending * world.size)  # the ranks' batches are the same size (distributed.Lockstep)
-                steps.add(state, out.loss, finite, trainer.lr, out.metrics)
+                lr = trainer.step(pending * world.size)  # the ranks' batches are the same size (distributed.Lockstep)
+                steps.add(state, out.loss, finite, lr, out.metrics)
                 micro, pending, finite = 0, 0, True
                 state.train_s += timer.stepped()
                 bar.update(1)

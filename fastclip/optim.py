@@ -2,6 +2,7 @@
 schedule (open_clip_train's recipe), its length checked against the run's."""
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -11,14 +12,61 @@ from fastclip.checks import warmup_steps as checked_warmup
 log = logging.getLogger(__name__)
 
 
-def warmup_cosine(warmup: int, total: int):
+@dataclass
+class Schedule:
+    """The lr factor (x trainer.lr) of each optimizer step: a linear warm-up to 1 over `warmup` steps,
+    then a cosine from `peak` at step `start` to 0 at step `total` (open_clip_train's recipe:
+    start = warmup, peak = 1). Steps count from 0: factor(s) is what update s+1 uses.
+
+    A resume that changes the run's length keeps the warm-up (`warmup` is resolved once, when the
+    run starts, and travels in the checkpoint: LambdaLR saves a callable object's fields) and
+    re-plans the cosine from where the run is: `replanned`. Units: steps; factors in [0, 1]."""
+    warmup: int
+    total: int
+    start: int | None = None   # None: the warm-up's end
+    peak: float = 1.0
+
+    def __post_init__(self):
+        if self.start is None:
+            self.start = self.warmup
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        # clamped below too: a re-plan's start lies after the warm-up, and the step before it ran at `peak`
+        progress = min(1.0, max(0.0, (step - self.start) / max(1, self.total - self.start)))
+        return self.peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def replanned(self, step: int, total: int) -> "Schedule":
+        """This schedule for a run resumed at `step` (steps taken) that now ends at `total`.
+        The same length: itself (an exact resume). Another length: the warm-up keeps its step count
+        (no second warm-up); a cosine that has not begun yet begins where it was planned, one under
+        way goes on from `step` at the factor of the last update (step - 1's, so the lr never jumps
+        up) down to 0 at `total`. A finished run extended thus trains on at its last, smallest lr.
+        Raises ValueError when `total` ends before the warm-up."""
+        if total == self.total:
+            return self
+        if total < self.warmup:
+            raise ValueError(f"the run's warm-up is {self.warmup} steps (resolved when it started); a schedule of "
+                             f"{total} steps would end before it")
+        if step <= self.start:
+            return Schedule(self.warmup, total, self.start, self.peak)
+        return Schedule(self.warmup, total, step, self(step - 1))
+
+    def describe(self, step: int) -> str:
+        """What the schedule does from `step` on, for the run's plan line."""
+        cosine = f"cosine to 0 at step {self.total}"
+        if step < self.warmup:
+            return f"warm-up {self.warmup} steps (to step {self.warmup}), then {cosine}"
+        done = f"warm-up done ({self.warmup} steps)" if self.warmup else "no warm-up"
+        if self.start == self.warmup and self.peak == 1.0:
+            return f"{done}, {cosine}"
+        return f"{done}, {cosine} from {self.peak:.4g} x trainer.lr at step {self.start} (re-planned on resume)"
+
+
+def warmup_cosine(warmup: int, total: int) -> Schedule:
     """lr factor of step s: linear warm-up to 1 over `warmup` steps, then cosine to 0 at `total`."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+    return Schedule(warmup, total)
 
 
 def warmup_steps(value, total: int) -> int:

@@ -28,7 +28,9 @@ RUNTIME = {"device", "trainer.ckpt_every_steps", "trainer.progress", "trainer.nu
            "eval.classifier_cache_dir", "eval.boundary_picture"}
 # May differ from the checkpoint's config: they change how long and how fast the run goes on,
 # what it evaluates and where it writes, not what the weights and optimizer state mean.
-MUTABLE = RUNTIME | {"epochs", "trainer.max_steps", "trainer.lr", "trainer.warmup_steps", "trainer.grad_clip"}
+# trainer.warmup_steps is not one: the warm-up was resolved to steps when the run started and the
+# checkpoint keeps that count (a longer run warms up no second time: optim.Schedule.replanned).
+MUTABLE = RUNTIME | {"epochs", "trainer.max_steps", "trainer.lr", "trainer.grad_clip"}
 MUTABLE_GROUPS = ("eval.",)
 
 

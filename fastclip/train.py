@@ -317,11 +317,11 @@ def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
     sizes = task.sizes() if hasattr(task, "sizes") else {}
     log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()) or "?")
     world = trainer.world.size
-    log.info("plan: %d steps (%d per epoch = %d batches of %d%s / accum %d, %d epochs%s), warm-up %d, from step %d; run dir %s",
+    log.info("plan: %d steps (%d per epoch = %d batches of %d%s / accum %d, %d epochs%s), from step %d: %s; run dir %s",
              trainer.total_steps, trainer.steps_per_epoch, trainer.batches_per_epoch, cfg.trainer.batch_size,
              f" per process x {world} processes" if world > 1 else "", trainer.accum, cfg.epochs,
              f", max_steps {cfg.trainer.max_steps}" if cfg.trainer.max_steps else "",
-             trainer.warmup_steps, trainer.state.step, run_dir)
+             trainer.state.step, trainer.schedule.describe(trainer.state.step), run_dir)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

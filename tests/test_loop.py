@@ -354,3 +354,105 @@ def test_sigusr2_stops_after_the_step_with_its_checkpoint_then_goes_on_to_submit
     assert ended == "exited in Submitit's handler" and restored is submitits
     assert handed == [(signal.SIGUSR2, True)]  # after the checkpoint, once
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["train_state"]["step"] == 3
+
+
+class LrTracker:
+    """Records what fit logs as train/lr, by MLflow step."""
+
+    def __init__(self):
+        self.lr: dict[int, float] = {}
+
+    def log_metrics(self, values, step, flush=True):
+        if "train/lr" in values:
+            self.lr[step] = values["train/lr"]
+
+    def flush(self):
+        pass
+
+
+def lrs_used(trainer) -> list[float]:
+    """Records the lr of each optimizer update, as the update reads it."""
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+    return used
+
+
+def test_train_lr_logged_at_a_step_is_the_lr_that_steps_update_used(tmp_path):
+    """MLflow step s carries the count after the step: train/lr there is update s's lr (it was
+    update s+1's, read after the scheduler had moved on)."""
+    from fastclip.loop import Trainer
+    cfg = compose_cfg(["epochs=2", "trainer.progress=false", "trainer.warmup_steps=3", "tracking.log_every=1"])
+    task, tracker = CountingTask(5), LrTracker()
+    trainer = Trainer(task, cfg, torch.device("cpu"))
+    used = lrs_used(trainer)
+    fit(task, cfg, tracker, tmp_path, torch.device("cpu"), trainer)
+    assert len(used) == 10 and used[:3] == pytest.approx([5e-4 / 3, 2 * 5e-4 / 3, 5e-4])  # the warm-up's
+    assert [tracker.lr[s] for s in range(1, 11)] == used
+
+
+def trained(tmp_path, epochs: int, start=None, killed_after=None) -> tuple[list[float], object]:
+    """CountingTask (5 steps an epoch, warm-up 0.3) trained for `epochs`, from the checkpoint `start`
+    if given, killed after `killed_after` steps (its last checkpoint: the step's) if given
+    -> (each update's lr, the trainer)."""
+    from fastclip.loop import Trainer
+    cfg = compose_cfg([f"epochs={epochs}", "trainer.progress=false", "trainer.warmup_steps=0.3",
+                       "trainer.ckpt_every_steps=1"])
+    task = CountingTask(5)
+    trainer = Trainer(task, cfg, torch.device("cpu"))
+    if start is not None:
+        trainer.load_state_dict(start)
+    used = lrs_used(trainer)
+    task.kill_at = killed_after
+    try:
+        fit(task, cfg, None, tmp_path, torch.device("cpu"), trainer)
+    except KeyboardInterrupt:
+        assert killed_after is not None and len(used) == killed_after
+    return used, trainer
+
+
+@pytest.mark.parametrize("stop", [5, 10])  # mid-run (an epoch's checkpoint), and a finished run
+def test_a_longer_schedule_resumes_with_no_second_warm_up_and_no_lr_jump(tmp_path, stop):
+    """A 10-step run (warm-up 0.3: 3 steps) resumed at `stop` as a 20-step one: the warm-up keeps its
+    3 steps (0.3 of 20 would be 6), and the cosine goes on from the last update's lr down to 0 at
+    step 20: the first resumed update repeats the last lr, every later one is smaller."""
+    from fastclip import checkpoint
+    from fastclip.optim import warmup_cosine
+    first, _ = trained(tmp_path, epochs=2, killed_after=stop if stop < 10 else None)
+    assert first == pytest.approx([5e-4 * warmup_cosine(3, 10)(s) for s in range(stop)])  # the 10-step plan
+    ckpt = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["scheduler"]["lr_lambdas"][0] == {"warmup": 3, "total": 10, "start": 3, "peak": 1.0}
+    then, trainer = trained(tmp_path, epochs=4, start=ckpt)
+    assert trainer.warmup_steps == 3 and len(then) == 20 - stop
+    assert then[0] == pytest.approx(first[-1])  # no jump up ...
+    assert all(b < a for a, b in zip(then, then[1:])) and then[-1] > 0  # ... nor a warm-up: falling to 0 at 20
+    assert trainer.schedule.describe(stop).startswith("warm-up done (3 steps), cosine to 0 at step 20 from")
+    again = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["scheduler"]["lr_lambdas"][0]
+    assert again == {"warmup": 3, "total": 20, "start": stop, "peak": pytest.approx(first[-1] / 5e-4)}
+
+
+def test_a_resume_during_the_warm_up_finishes_it_and_a_checkpoint_without_a_saved_schedule_still_resumes(tmp_path):
+    """Resumed at step 2 of a 3-step warm-up, 10 steps made 20: the warm-up ends at step 3 as planned,
+    then the cosine runs from the peak to step 20. A checkpoint written before the schedule was saved
+    (its lr_lambdas None) gets it from its own config: the same lrs."""
+    from fastclip import checkpoint
+    from fastclip.optim import warmup_cosine
+    trained(tmp_path / "a", epochs=2, killed_after=2)
+    ckpt = checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert ckpt["train_state"]["step"] == 2
+    then, _ = trained(tmp_path / "a", epochs=4, start=ckpt)
+    assert then == pytest.approx([5e-4 * warmup_cosine(3, 20)(s) for s in range(2, 20)])
+    assert then[0] == pytest.approx(5e-4)  # the warm-up's last step
+    ckpt["scheduler"]["lr_lambdas"] = [None] * len(ckpt["scheduler"]["lr_lambdas"])
+    old, _ = trained(tmp_path / "b", epochs=4, start=ckpt)
+    assert old == pytest.approx(then)
+
+
+def test_schedule_replans_only_a_changed_length_and_never_before_its_warm_up_ends():
+    from fastclip.optim import Schedule
+    planned = Schedule(10, 100)
+    assert planned.replanned(40, 100) is planned  # an exact resume
+    assert planned.replanned(40, 200)(40) == pytest.approx(planned(39))
+    assert planned.replanned(40, 200).replanned(40, 300)(40) == pytest.approx(planned(39))  # resumed twice at 40
+    assert planned.describe(0) == "warm-up 10 steps (to step 10), then cosine to 0 at step 100"
+    with pytest.raises(ValueError, match="warm-up is 10 steps .* a schedule of 8 steps would end before it"):
+        planned.replanned(5, 8)

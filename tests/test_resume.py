@@ -31,7 +31,9 @@ def test_a_resume_that_changes_the_model_fails_before_touching_the_run(tmp_path,
     client = mlflow.MlflowClient(tracking_uri=store)
     for overrides, named in ((["boundary=fixed"], "boundary.name: 'none' -> 'fixed'"),
                              (["encoder.vision.width=64"], "encoder.vision.width: 32 -> 64"),
-                             (["seed=3", "trainer.lr=1e-3"], "seed: 0 -> 3")):
+                             (["seed=3", "trainer.lr=1e-3"], "seed: 0 -> 3"),
+                             # the warm-up was resolved to steps when the run started: a resume keeps it
+                             (["trainer.warmup_steps=5"], "trainer.warmup_steps: 3 -> 5")):
         with pytest.raises(ResumeError, match=named) as err:
             run(compose_cfg(COMMON + [f"tracking.uri={store}", "epochs=2", f"trainer.resume={ckpt}", *overrides]),
                 tmp_path / "second", overrides=[f"trainer.resume={ckpt}", *overrides])
@@ -41,11 +43,17 @@ def test_a_resume_that_changes_the_model_fails_before_touching_the_run(tmp_path,
         assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts", "first", "mlflow.db"]  # nothing new
 
 
-def test_a_resume_with_a_new_lr_applies_and_records_it(tmp_path, store):
-    run_dir, ckpt, first = finished_run(tmp_path, store, "trainer.max_steps=6")
+def test_a_resume_with_a_new_lr_applies_and_records_it(tmp_path, store, caplog):
+    caplog.set_level("INFO", logger="fastclip")
+    run_dir, ckpt, first = finished_run(tmp_path, store, "trainer.max_steps=6", "trainer.warmup_steps=0.5")
     assert load_checkpoint(ckpt)["train_state"]["step"] == 6
+    assert "from step 0: warm-up 3 steps (to step 3), then cosine to 0 at step 6;" in caplog.text
+    caplog.clear()
     changes = [f"trainer.resume={ckpt}", "trainer.lr=5e-3", "trainer.max_steps=8"]
     metrics = run(compose_cfg(COMMON + [f"tracking.uri={store}", *changes]), tmp_path / "second", overrides=changes)
+    # no second warm-up (0.5 of 8 steps would be 4), said so
+    assert ("from step 6: warm-up done (3 steps), cosine to 0 at step 8 from 0.25 x trainer.lr at step 6 "
+            "(re-planned on resume);") in caplog.text
     assert metrics["mlflow_run_id"] == first["mlflow_run_id"]
     state = load_checkpoint(ckpt)
     assert state["train_state"]["step"] == 8
@@ -66,8 +74,10 @@ def test_a_resume_with_a_new_lr_applies_and_records_it(tmp_path, store):
     assert (tags["fastclip.resume.1.set.trainer.lr"], tags["fastclip.resume.1.set.trainer.max_steps"]) == ("0.005", "8")
     assert (tags["fastclip.effective.trainer.lr"], tags["fastclip.effective.trainer.max_steps"]) == ("0.005", "8")
     lrs = {m.step: m.value for m in client.get_metric_history(first["mlflow_run_id"], "train/lr")}
-    assert lrs[5] == pytest.approx(5e-4 * _cosine(5, 6, 3))  # the first part's schedule: 6 steps
-    assert lrs[7] == pytest.approx(5e-3 * _cosine(7, 8, 3))  # from step 6 on: 8 steps at the new lr
+    # train/lr at step s: update s's lr (its factor: _cosine(s - 1, ...))
+    assert lrs[6] == pytest.approx(5e-4 * _cosine(5, 6, 3)) == 5e-4 * 0.25  # the first part's 6 steps end at 0.25x
+    assert lrs[7] == pytest.approx(5e-3 * 0.25)  # from step 6 on: the last update's factor at the new lr ...
+    assert lrs[8] == pytest.approx(5e-3 * 0.25 / 2)  # ... down a cosine to 0 at step 8 (halfway at its last update)
     history = (run_dir / "resumes.yaml").read_text()
     assert "from_step: 6" in history and "trainer.lr" in history and "git_dirty:" in history
     assert "lr: 0.005" in (run_dir / "config.yaml").read_text()
@@ -98,8 +108,7 @@ def test_resume_from_the_command_line_continues_the_run_it_came_from(tmp_path, s
     (only,) = client.search_runs([client.get_experiment_by_name("fastclip").experiment_id])
     assert only.info.run_id == killed["mlflow_run_id"] and only.info.status == "FINISHED"
     lrs = [m.value for m in sorted(client.get_metric_history(only.info.run_id, "train/lr"), key=lambda m: m.step)]
-    assert len(lrs) == 20 and all(b < a for a, b in zip(lrs[2:], lrs[3:]))  # one warm-up, then cosine: no jump
-    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs == pytest.approx([5e-4 * _cosine(s, 20, 3) for s in range(20)])  # as one 20-step run
     assert "resuming" in (odd / "train.log").read_text()  # the resumed part logs into the run dir
     assert "run dir " + str(odd) in resumed.stderr + resumed.stdout  # and says where things are
 
