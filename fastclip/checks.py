@@ -154,6 +154,7 @@ def _check_clip(cfg: DictConfig) -> None:
                                            "writes them) or eval.imagenet_val",
                              "csv": "set dataset.eval_path (a held-out CSV), dataset.eval_fraction > 0 or "
                                     "eval.imagenet_val"}.get(ds.name, "set eval.imagenet_val"))
+    _check_validation_split(ds)
     if cfg.eval.placement_control:
         if ds.name not in ZERO_SHOT_DATASETS:
             raise ConfigError(f"eval.placement_control=true reports zero-shot top-1; dataset={ds.name} has no "
@@ -162,6 +163,16 @@ def _check_clip(cfg: DictConfig) -> None:
             raise ConfigError("eval.placement_control=true compares learned image boundaries with other images' ones: "
                               f"boundary={boundary.name} with boundary.apply_to={list(boundary.apply_to)} has none "
                               f"(boundary=gumbel or entropy_spike with image in boundary.apply_to)")
+
+
+def _check_validation_split(ds: DictConfig) -> None:
+    """The validation split's keys (per-epoch evaluation and a sweep's objective read that split)."""
+    if ds.name in ("digits", "image_folder", "csv") and not 0 < ds.val_fraction < 1:
+        raise ConfigError(f"dataset.val_fraction={ds.val_fraction}: expected a value in (0, 1) (the share of the "
+                          f"training side held out for validation)")
+    for key in ("val_max_images", "val_images"):
+        if key in ds and ds[key] is not None and ds[key] < 1:
+            raise ConfigError(f"dataset.{key}={ds[key]}: expected >= 1, or null for no cap")
 
 
 def _has_eval_set(cfg: DictConfig) -> bool:
@@ -184,6 +195,10 @@ def _check_lm(cfg: DictConfig) -> None:
     if cfg.boundary.name in IMAGE_ONLY_BOUNDARIES:
         raise ConfigError(f"boundary={cfg.boundary.name} reduces image tokens inside a ViT; it is not a boundary "
                           f"method for character sequences (task=lm)")
+    fractions = list(cfg.dataset.split)
+    if len(fractions) != 3 or any(f <= 0 for f in fractions):
+        raise ConfigError(f"dataset.split={fractions}: expected three fractions > 0 (train, valid, test): valid serves "
+                          f"per-epoch evaluation and a sweep's objective (val/bpc), test the final lm/test_bpc")
 
 
 def _check_trainer(tc: DictConfig) -> None:

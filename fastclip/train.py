@@ -18,8 +18,11 @@ from fastclip.checks import ConfigError, check_config, check_overrides
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS
 
 log = logging.getLogger("fastclip")
-# what a run reports last and a sweeper would optimise, in order of preference
+# what a run reports last, in order of preference: the test split's, measured once at the end
 HEADLINE_METRICS = ("zeroshot/top1", "zeroshot/imagenet_top1", "retrieval/i2t_r1", "lm/test_bpc")
+# what the entrypoint returns, so what Hydra's sweeper optimises, in order of preference: the validation
+# split's (per-epoch evaluation), never the test split's, whose best value over a search would be biased up
+OBJECTIVE_METRICS = ("val/zeroshot_top1", "val/i2t_r1", "val/bpc")
 
 
 def hydra_tags() -> dict[str, str]:
@@ -173,7 +176,26 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
             log.info(final_line(key, metrics))
     log.info("run dir %s; checkpoint %s; MLflow run %s in %s; %s", run_dir.resolve(),
              (run_dir / "checkpoints" / "last.pt").resolve(), tracker.run_id, uri, tracking.ui_hint(uri, tracker))
+    if objective(metrics) is not None:
+        log.info(objective_line(metrics, cfg.compression.name))
     return metrics
+
+
+def objective(metrics: dict) -> tuple[str, float] | None:
+    """(name, value) of the run's objective, what a sweeper optimises: the first of OBJECTIVE_METRICS
+    the run logged (val/zeroshot_top1, val/i2t_r1, val/bpc), None when it logged none."""
+    key = next((k for k in OBJECTIVE_METRICS if k in metrics), None)
+    return None if key is None else (key, metrics[key])
+
+
+def objective_line(metrics: dict, compression: str = "none") -> str:
+    """The run's last console line: `objective val/zeroshot_top1 = 0.9500 (validation split, what a
+    sweep optimises; the final numbers above are the test split's)`. After compression the objective
+    is still the trained model's (per-epoch evaluation comes before the compression step)."""
+    key, value = objective(metrics)
+    trained = f"the trained model's, before compression={compression}; " if compression != "none" else ""
+    return (f"objective {key} = {value:.4f} ({trained}validation split, what a sweep optimises; the final numbers "
+            f"above are the test split's)")
 
 
 def final_line(key: str, metrics: dict) -> str:
@@ -348,8 +370,9 @@ def main(cfg: DictConfig) -> float | None:
     except RunInterrupted as exc:
         print(f"fastclip: {exc}", file=sys.stderr)
         raise SystemExit(130) from None
-    # The returned value is what a sweeper would optimise.
-    return next((metrics[k] for k in HEADLINE_METRICS if k in metrics), None)
+    # The returned value is what a sweeper optimises: a validation metric, never a test one.
+    found = objective(metrics)
+    return None if found is None else found[1]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Hyperparameter search with hydra-optuna-sweeper (TPE): each trial is one run, and the value it
-# maximises is what the entrypoint returns, the headline metric (zeroshot/top1 for task=clip; for
-# task=lm it is lm/test_bpc: pass hydra.sweeper.direction=minimize). The best trial is printed and
-# written to <sweep dir>/optimization_results.yaml; every trial is an MLflow run under one parent.
+# maximises is what the entrypoint returns, the validation metric (val/zeroshot_top1, or val/i2t_r1
+# on a retrieval source, for task=clip; for task=lm val/bpc: pass hydra.sweeper.direction=minimize).
+# The test numbers (zeroshot/top1, retrieval/*, lm/test_bpc) are measured at each trial's end and
+# never optimised on. The best trial is printed and written to <sweep dir>/optimization_results.yaml;
+# every trial is an MLflow run under one parent.
 #   make sweep SWEEP=optuna_lr ARGS="hydra.sweeper.n_trials=4 epochs=5"
 set -euo pipefail
 cd "$(dirname "$0")/.."

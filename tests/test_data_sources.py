@@ -33,18 +33,19 @@ def test_converted_shards_train_and_report_retrieval(tmp_path, store, source):
     import shlex
     make = {"csv": make_csv, "coco": make_coco, "folder": make_class_folder}[source]
     path = make(tmp_path / source)
-    out, summary = shards_of(tmp_path, source, path, eval_fraction=0.25)
+    out, summary = shards_of(tmp_path, source, path, eval_fraction=0.25, val_fraction=0.1)
     expected = {"csv": 4 * 6 * 2, "coco": 4 * 6 * 5, "folder": 4 * 6}[source]
-    held = summary["eval"]["written"]
-    assert summary["written"] + held == expected and held > 0 and summary["skipped"] == {}
+    held, val = summary["eval"]["written"], summary["val"]["written"]
+    assert summary["written"] + held + val == expected and held > 0 and val > 0 and summary["skipped"] == {}
     sizes = json.loads((out / "sizes.json").read_text())
     assert sum(sizes.values()) == summary["written"] and max(sizes.values()) == 10
     pattern = str(out / ("shard-{000000..%06d}.tar" % (len(sizes) - 1)))
     assert count_samples(expand_shards(pattern)) == summary["written"]
     overrides = [arg for o in summary["overrides"] for arg in shlex.split(o)]  # as bash passes them on
     cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset", *overrides, "epochs=1"])
+    assert cfg.dataset.val_shards  # make_shards --val-fraction's override
     metrics = run(cfg, tmp_path / "run")
-    assert set(RETRIEVAL) <= set(metrics)
+    assert set(RETRIEVAL) <= set(metrics) and {f"val/{k.removeprefix('retrieval/')}" for k in RETRIEVAL} <= set(metrics)
     assert metrics["data/skipped"] == 0 and metrics["data/eval_overlap"] == 0
     assert metrics["throughput/train_samples_per_s"] > 0
 
@@ -95,7 +96,8 @@ def bad_shard(tmp_path, shade: int = 0):
 def test_a_shard_with_bad_samples_trains_and_counts_its_skips(tmp_path, store):
     shard = bad_shard(tmp_path)
     cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards={shard}",
-                              f"dataset.eval_shards={bad_shard(tmp_path / 'eval', shade=1)}", "epochs=2",
+                              f"dataset.eval_shards={bad_shard(tmp_path / 'eval', shade=1)}",
+                              f"dataset.val_shards={bad_shard(tmp_path / 'val', shade=4)}", "epochs=2",
                               "dataset.shuffle_buffer=4"])
     metrics = run(cfg, tmp_path / "run")
     assert metrics["data/skipped"] == 6  # 3 bad samples in each of 2 epochs
@@ -135,7 +137,7 @@ def test_csv_bad_rows_are_counted_in_training(tmp_path):
     with csv.open("a") as f:  # 4 more rows, 3 bad: 20 rows, no held-out split
         f.write("broken.jpg,a broken one\nnowhere.jpg,a missing one\nred_1.jpg,\nred_1.jpg,a red square again\n")
     cfg = compose_cfg(FAST + ["dataset=csv", f"dataset.path={csv}", "dataset.eval_fraction=0.0",
-                              "eval.imagenet_val=null", "trainer.batch_size=4"])
+                              "eval.imagenet_val=null", "trainer.batch_size=6"])
     with pytest.raises(ValueError, match="no evaluation set"):
         ClipTask(cfg, torch.device("cpu"))
     cfg.dataset.eval_path = str(make_csv(tmp_path / "held_out", per_colour=2, first=2))
@@ -145,7 +147,8 @@ def test_csv_bad_rows_are_counted_in_training(tmp_path):
         out = task.loss(batch)
         total += out.samples
         skipped.update(out.skipped)
-    assert skipped == {"undecodable image": 1, "missing file": 1, "empty caption": 1} and total == 17
+    # blue_0's 2 rows are held out for validation (split_seed=0): 18 rows, 3 of them bad
+    assert skipped == {"undecodable image": 1, "missing file": 1, "empty caption": 1} and total == 15
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -170,7 +173,8 @@ def test_weighted_resampled_sources_mix_by_weight(tmp_path):
     sources = (f"[{{shards: '{tmp_path}/red/s-0.tar', weight: 3, num_samples: 20}},"
                f"{{shards: '{tmp_path}/blue/s-0.tar', weight: 1, num_samples: 20}}]")
     cfg = compose_cfg(FAST + ["dataset=webdataset", f"dataset.train_shards={sources}", "dataset.resampled=true",
-                              f"dataset.eval_shards={bad_shard(tmp_path / 'eval', shade=1)}"])
+                              f"dataset.eval_shards={bad_shard(tmp_path / 'eval', shade=1)}",
+                              f"dataset.val_shards={bad_shard(tmp_path / 'val', shade=4)}"])
     task = ClipTask(cfg, torch.device("cpu"))
     stream, red_tokens = task.data.train, task.tokenizer(["a red square"])[0]
     stream.set_epoch(0, 0)
@@ -258,7 +262,8 @@ def test_a_killed_shard_run_resumes_mid_epoch_on_the_same_stream(tmp_path, store
     paths = [bad_shard(tmp_path / f"s{i}", shade=2 + i) for i in range(shards)]
     pattern = str(paths[0]) if shards == 1 else str(tmp_path / "{s0,s1}" / "bad" / "shard-000000.tar")
     common = FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards='{pattern}'",
-                     f"dataset.eval_shards={bad_shard(tmp_path / 'eval', shade=1)}", "epochs=2", "trainer.batch_size=4",
+                     f"dataset.eval_shards={bad_shard(tmp_path / 'eval', shade=1)}",
+                     f"dataset.val_shards={bad_shard(tmp_path / 'val', shade=4)}", "epochs=2", "trainer.batch_size=4",
                      "trainer.ckpt_every_steps=1", "dataset.shuffle_buffer=8", f"trainer.num_workers={workers}"]
     full = run(compose_cfg(common), tmp_path / "full")
     per_epoch = 4 * shards  # batches of 4 an epoch: dies on the 4th batch of epoch 2 (an odd 3 trained)

@@ -163,8 +163,9 @@ def test_lm_run_logs_bpc_on_valid_and_whole_test(tmp_path, store):
     cfg = compose_cfg(TINY_LM + ["boundary=whitespace", f"tracking.uri={store}", "epochs=1",
                                  "trainer.max_steps=5", "trainer.warmup_steps=2"])
     metrics = run(cfg, tmp_path / "run")
-    for key in ("lm/bpc", "lm/test_bpc", "efficiency/compression_text", "throughput/train_samples_per_s"):
+    for key in ("val/bpc", "lm/test_bpc", "efficiency/compression_text", "throughput/train_samples_per_s"):
         assert key in metrics
+    assert "lm/bpc" not in metrics  # per-epoch evaluation reads valid, under val/
     assert metrics["lm/test_chars"] == len(LMTask(cfg, torch.device("cpu")).ids["test"]) - 1
     assert 3.0 < metrics["efficiency/compression_text"] < 8.0  # words of English
 

@@ -44,7 +44,7 @@ def tokens(texts):
 
 
 def build(builder, overrides):
-    """builder(cfg.dataset) with stand-in transforms (PIL image out as is) and tokenizer."""
+    """builder(cfg.dataset) with stand-in transforms (PIL image out as is) and tokenizer -> ClipData."""
     return builder(compose_cfg(overrides).dataset, same, same, tokens)
 
 
@@ -138,16 +138,19 @@ def test_a_dark_16bit_png_comes_out_dark_through_a_folder_a_csv_and_shards(tmp_p
     for cls, value in (("dark", DARK), ("light", 60000)):
         for i in range(5):
             grey16_png(tmp_path / "folder" / cls / f"{i}.png", value)
-    train, zeroshot = build(build_image_folder, ["dataset=image_folder", f"dataset.path={tmp_path / 'folder'}"])
-    for images, labels in ((train.images, train.labels), (zeroshot.images.images, zeroshot.images.labels)):
+    data = build(build_image_folder, ["dataset=image_folder", f"dataset.path={tmp_path / 'folder'}"])
+    train, zeroshot, val = data.train, data.zeroshot, data.val_zeroshot
+    for images, labels in ((train.images, train.labels), (zeroshot.images.images, zeroshot.images.labels),
+                           (val.images.images, val.images.labels)):
         for image, label in zip(images, labels):
             assert pixels(image).mean() == pytest.approx(DARK_8BIT if label == 0 else 60000 / 257, abs=0.5)
 
     csv = tmp_path / "csv" / "captions.csv"
     csv.parent.mkdir()
     csv.write_text("image,caption\n" + "".join(f"{tmp_path}/folder/dark/{i}.png,a dark square\n" for i in range(5)))
-    train, _ = build(build_csv, ["dataset=csv", f"dataset.path={csv}", "dataset.eval_fraction=0.2"])
-    assert [pixels(train[i][0]).mean() for i in range(len(train))] == pytest.approx([DARK_8BIT] * 4, abs=0.5)
+    train = build(build_csv, ["dataset=csv", f"dataset.path={csv}", "dataset.eval_fraction=0.2"]).train
+    # 5 images: 1 held out for test, 1 for validation
+    assert [pixels(train[i][0]).mean() for i in range(len(train))] == pytest.approx([DARK_8BIT] * 3, abs=0.5)
 
     out = tmp_path / "shards"
     make_shards.main(["--source", "csv", "--path", str(csv), "--out", str(out), "--image-size", "8"])
@@ -172,16 +175,19 @@ def test_a_csv_row_that_is_not_utf8_is_skipped_counted_and_named(tmp_path, caplo
     # line 1 the header (after a BOM), lines 2-9 good, line 10 Windows-1252
     path = csv_bytes(tmp_path, GOOD_ROWS + ["red_0.jpg,un caf\xe9 rouge".encode("cp1252")], bom=True)
     with caplog.at_level(logging.WARNING):
-        train, retrieval = build(build_csv, ["dataset=csv", f"dataset.path={path}", "dataset.eval_fraction=0.25"])
+        data = build(build_csv, ["dataset=csv", f"dataset.path={path}", "dataset.eval_fraction=0.25"])
+    train, retrieval, val = data.train, data.retrieval, data.val_retrieval
     assert f"{path}:10" in caplog.text and "not UTF-8" in caplog.text
     # one CSV split by image: its bad rows count on the training side
-    assert train.skipped == {"CSV row not UTF-8": 1} and retrieval.skipped == 0
-    assert len(train.records) + len(retrieval.captions) == 8
-    assert not any("caf" in c for _, c in train.records) and not any("caf" in c for cs in retrieval.captions for c in cs)
+    assert train.skipped == {"CSV row not UTF-8": 1} and retrieval.skipped == 0 and val.skipped == 0
+    assert len(train.records) + len(retrieval.captions) + len(val.captions) == 8
+    assert not any("caf" in c for _, c in train.records)
+    assert not any("caf" in c for cs in retrieval.captions + val.captions for c in cs)
     assert retrieval.description == "csv held-out 25% of images (split_seed=0)"
 
     clean = csv_bytes(tmp_path / "clean", GOOD_ROWS)
-    train, retrieval = build(build_csv, ["dataset=csv", f"dataset.path={clean}", f"dataset.eval_path={path}"])
+    data = build(build_csv, ["dataset=csv", f"dataset.path={clean}", f"dataset.eval_path={path}"])
+    train, retrieval = data.train, data.retrieval
     assert train.skipped == {} and retrieval.skipped == 1 and len(retrieval.captions) == 8
     assert retrieval.description == f"csv eval_path={path}"
 
@@ -201,9 +207,11 @@ def test_an_unquoted_separator_in_a_caption_is_a_counted_skip_not_a_truncation(t
                         b'"red_1.jpg","a cat, sitting"']       # line 12: quoted, kept whole
     path = csv_bytes(tmp_path, rows)
     with caplog.at_level(logging.WARNING):
-        train, retrieval = build(build_csv, ["dataset=csv", f"dataset.path={path}", "dataset.eval_fraction=0.25"])
+        data = build(build_csv, ["dataset=csv", f"dataset.path={path}", "dataset.eval_fraction=0.25"])
+    train = data.train
     assert f"{path}:10" in caplog.text and f"{path}:11" in caplog.text and f"{path}:12" not in caplog.text
-    captions = [c for _, c in train.records] + [c for cs in retrieval.captions for c in cs]
+    captions = [c for _, c in train.records] + [c for cs in data.retrieval.captions + data.val_retrieval.captions
+                                                for c in cs]
     assert "a dog" not in captions and "a cat, sitting" in captions and len(captions) == 9
     assert train.skipped == {"CSV row with wrong field count": 2}
     task = ClipTask(compose_cfg(TINY_CLIP + ["dataset=csv", f"dataset.path={path}", "dataset.eval_fraction=0.25"]),
@@ -261,7 +269,11 @@ def test_a_coco_caption_of_an_unknown_image_is_counted(tmp_path):
     data = json.loads(ann.read_text())
     data["annotations"].append({"id": 10**6, "image_id": 424242, "caption": "an orphan"})
     ann.write_text(json.dumps(data))
-    train, retrieval = build(build_coco, ["dataset=coco2014", f"dataset.root={root}"])
+    with pytest.raises(ValueError, match=r"no val2014 image is left for validation \(dataset.retrieval_images=5000 "
+                                         r"takes all 4 for the test split\)"):
+        build(build_coco, ["dataset=coco2014", f"dataset.root={root}"])
+    data = build(build_coco, ["dataset=coco2014", f"dataset.root={root}", "dataset.retrieval_images=2"])
+    train, retrieval = data.train, data.retrieval
     assert train.skipped == {"COCO caption of an unknown image": 1} and retrieval.skipped == 0 and len(train) == 4
 
 
@@ -307,21 +319,27 @@ def test_coco_with_karpathys_split_trains_on_train_restval_and_retrieves_on_test
                 for s in ("train", "restval", "val", "test")}
     assert [len(by_split[s]) for s in ("train", "restval", "val", "test")] == [8, 4, 4, 4]  # make_karpathy's split
     with caplog.at_level(logging.WARNING):
-        train, retrieval = build(build_coco, ["dataset=coco2014", f"dataset.root={root}",
-                                              f"dataset.split_file={split_file}"])
+        data = build(build_coco, ["dataset=coco2014", f"dataset.root={root}", f"dataset.split_file={split_file}"])
+    train, retrieval = data.train, data.retrieval
     assert "retrieval_images" not in caplog.text  # left at its default: nothing to warn about
     assert {im for im, _ in train.records} == by_split["train"] | by_split["restval"] and len(train) == 12
     assert set(map(str, retrieval.images.files)) == by_split["test"]
     assert all(len(cs) == 5 and all(c.endswith("(karpathy)") for c in cs) for cs in retrieval.captions)
     assert all(c.endswith("(karpathy)") for _, c in train.records)
     assert retrieval.description == "coco2014 karpathy test split (4 images)"
+    assert set(map(str, data.val_retrieval.images.files)) == by_split["val"]  # validation: Karpathy's val, parsed and used
+    assert all(c.endswith("(karpathy)") for cs in data.val_retrieval.captions for c in cs)
     with caplog.at_level(logging.WARNING):
         build(build_coco, ["dataset=coco2014", f"dataset.root={root}", f"dataset.split_file={split_file}",
                            "dataset.retrieval_images=8"])
     assert "dataset.retrieval_images=8 is ignored" in caplog.text
 
-    train, retrieval = build(build_coco, ["dataset=coco2014", f"dataset.root={root}", "dataset.retrieval_images=8"])
+    data = build(build_coco, ["dataset=coco2014", f"dataset.root={root}", "dataset.retrieval_images=8"])
+    train, retrieval = data.train, data.retrieval
     assert len(train) == 8 and len(retrieval.captions) == 8  # unchanged without split_file
+    # validation: the 4 val2014 images outside the test draw
+    val2014 = by_split["restval"] | by_split["val"] | by_split["test"]
+    assert set(map(str, data.val_retrieval.images.files)) == val2014 - set(map(str, retrieval.images.files))
     assert retrieval.description == "coco2014 val2014, 8 random images (split_seed=0)"
 
 

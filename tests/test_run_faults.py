@@ -24,35 +24,44 @@ def test_shards_whose_samples_all_lack_a_caption_fail_the_run(tmp_path, store):
     write_shard(shard, [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image("red", i))} for i in range(32)])
     (shard.parent / "sizes.json").write_text(json.dumps({shard.name: 32}))
     cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards={shard}",
-                              "eval.imagenet_val=null", f"dataset.eval_shards={_good_shard(tmp_path)}"])
+                              "eval.imagenet_val=null", f"dataset.eval_shards={_good_shard(tmp_path)}",
+                              f"dataset.val_shards={_good_shard(tmp_path, 'val')}"])
     with pytest.raises(NoTrainingData, match=r"epoch 1 trained on no sample.*32 (empty|no) caption.*declares 32"):
         run(cfg, tmp_path / "run")
     (failed,) = store_runs(store)
     assert failed.info.status == "FAILED"
 
 
-def _good_shard(tmp_path):
-    path = tmp_path / "eval" / "shard-000000.tar"
-    write_shard(path, [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image(c, i, size=56)), "txt": f"a {c} square"}
-                       for i, c in enumerate(list(COLOURS) * 2)])  # images no training shard here holds
+def _good_shard(tmp_path, split: str = "eval"):
+    """A held-out shard of 8 images no training shard here holds (split eval: the test split's;
+    val: another size, so other images again)."""
+    path = tmp_path / split / "shard-000000.tar"
+    size = {"eval": 56, "val": 60}[split]
+    write_shard(path, [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image(c, i, size=size)), "txt": f"a {c} square"}
+                       for i, c in enumerate(list(COLOURS) * 2)])
     return path
 
 
 def test_an_evaluation_set_with_no_usable_image_fails_before_training(tmp_path, store):
-    coco = make_coco(tmp_path / "coco")
-    for f in (coco / "val2014").iterdir():
-        f.unlink()
-    cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=coco2014", f"dataset.root={coco}"])
-    with pytest.raises(ValueError, match=r"none of its 12 image files exists \(first: .*val2014"):
+    from pathlib import Path
+    from fastclip.data.coco import random_val_images
+    coco = make_coco(tmp_path / "coco")  # 12 val2014 images: 8 for the test split, the other 4 validate
+    cfg = compose_cfg(FAST + [f"tracking.uri={store}", "dataset=coco2014", f"dataset.root={coco}",
+                              "dataset.retrieval_images=8"])
+    test, _ = random_val_images(cfg.dataset, sorted(str(f) for f in (coco / "val2014").iterdir()))
+    saved = {f: Path(f).read_bytes() for f in test}
+    for f in test:
+        Path(f).unlink()
+    with pytest.raises(ValueError, match=r"none of its 8 image files exists \(first: .*val2014"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() and store_runs(store) == []
-    for f in sorted((coco / "train2014").iterdir())[:3]:  # 3 of 12 there: it runs, saying the set is not complete
-        (coco / "val2014" / f.name.replace("train", "val")).write_bytes(f.read_bytes())
+    for f in test[:3]:  # 3 of 8 there: it runs, saying the set is not complete
+        Path(f).write_bytes(saved[f])
     task = ClipTask(cfg, torch.device("cpu"))
-    assert task.tags["fastclip.retrieval_set"].endswith("9 of its 12 images missing: not the complete set")
-    for f in (coco / "train2014").iterdir():  # files that exist but do not decode: named too
-        (coco / "val2014" / f.name.replace("train", "val")).write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match="none of its 12 images could be decoded"):
+    assert task.tags["fastclip.retrieval_set"].endswith("5 of its 8 images missing: not the complete set")
+    for f in test:  # files that exist but do not decode: named too
+        Path(f).write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="none of its 8 images could be decoded"):
         ClipTask(cfg, torch.device("cpu"))
 
 
@@ -77,14 +86,14 @@ def test_a_failing_evaluation_never_loses_the_training_before_it(tmp_path, store
 def test_a_warm_up_longer_than_the_run_is_an_error_and_a_fraction_scales_with_it(tmp_path, store):
     with pytest.raises(ConfigError, match="trainer.warmup_steps=20 is longer than trainer.max_steps=5"):
         run(compose_cfg(FAST + [f"tracking.uri={store}", "trainer.max_steps=5", "trainer.warmup_steps=20"]), tmp_path / "a")
-    # digits at batch 128: 11 steps an epoch, so epochs=1 runs 11 steps (known once the data is read)
+    # digits at batch 128: 10 steps an epoch (1,295 training images), so epochs=1 runs 10 steps (known once the data is read)
     digits = [f"tracking.uri={store}", "epochs=1", "eval.boundary_picture=false", *TINY_CLIP[:-1]]
-    with pytest.raises(ValueError, match=r"trainer.warmup_steps=20 is longer than the run \(11 optimizer steps\)"):
+    with pytest.raises(ValueError, match=r"trainer.warmup_steps=20 is longer than the run \(10 optimizer steps\)"):
         run(compose_cfg(digits + ["trainer.warmup_steps=20"]), tmp_path / "b")
     assert store_runs(store) == [] and not (tmp_path / "b" / "checkpoints").exists()
     from fastclip.loop import Trainer
-    task = ClipTask(compose_cfg(digits + ["trainer.warmup_steps=0.25"]), torch.device("cpu"))
-    assert Trainer(task, task.cfg, torch.device("cpu")).warmup_steps == 3  # round(0.25 x 11)
+    task = ClipTask(compose_cfg(digits + ["trainer.warmup_steps=0.3"]), torch.device("cpu"))
+    assert Trainer(task, task.cfg, torch.device("cpu")).warmup_steps == 3  # round(0.3 x 10)
 
 
 def test_a_diverging_dtp_run_stops_as_clearly_as_a_vanilla_one(tmp_path, store):
@@ -130,7 +139,8 @@ def test_training_samples_that_are_evaluation_images_are_left_out_and_counted(tm
         f.write(f"{tmp_path / 'train' / 'images' / 'red_0.jpg'},a red square in the eval set\n"
                 "copy_of_blue.jpg,a blue square copied into the eval set\n")
     common = FAST + [f"tracking.uri={store}", "dataset=csv", f"dataset.path={train}", f"dataset.eval_path={held}",
-                     "trainer.batch_size=7", "epochs=2", "trainer.warmup_steps=1"]  # 14 rows left: no remainder
+                     "trainer.batch_size=6", "epochs=2", "trainer.warmup_steps=1"]
+    # 12 rows left, no remainder: green_0's 2 held out for validation (split_seed=0), red_0's 2 below
     metrics = run(compose_cfg(common), tmp_path / "run")
     # red_0's 2 rows left out once when built; blue_1's 2 rows each epoch as they are read
     assert metrics["data/eval_overlap"] == 2 + 2 * 2 and metrics["data/skipped"] == 6
@@ -146,7 +156,8 @@ def test_training_samples_that_are_evaluation_images_are_left_out_and_counted(tm
     write_shard(held_shard, [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image(c, i, size=48)), "txt": f"a {c}"}
                              for i, c in enumerate(COLOURS)] + [dict(samples[5], __key__="9999")])
     shards = FAST + [f"tracking.uri={store}", "dataset=webdataset", f"dataset.train_shards={shard}",
-                     f"dataset.eval_shards={held_shard}", "trainer.batch_size=4", "epochs=2", "trainer.warmup_steps=1"]
+                     f"dataset.eval_shards={held_shard}", f"dataset.val_shards={_good_shard(tmp_path, 'val')}",
+                     "trainer.batch_size=4", "epochs=2", "trainer.warmup_steps=1"]
     assert run(compose_cfg(shards), tmp_path / "shard_run")["data/eval_overlap"] == 2  # one sample, two epochs
     task = ClipTask(compose_cfg(shards + ["eval.overlap=fail"]), torch.device("cpu"))
     with pytest.raises(EvalOverlapError, match="shard-000000.tar:0005 is also in the evaluation set"):
@@ -187,7 +198,8 @@ def test_samples_a_truncated_shard_cannot_deliver_count_as_skipped(tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[:len(data) // 2])  # a copy cut off halfway
     cfg = compose_cfg(FAST + ["dataset=webdataset", f"dataset.train_shards={shard}", "trainer.batch_size=4",
-                              f"dataset.eval_shards={_good_shard(tmp_path)}", "dataset.shuffle_buffer=0"])
+                              f"dataset.eval_shards={_good_shard(tmp_path)}", f"dataset.val_shards={_good_shard(tmp_path, 'val')}",
+                              "dataset.shuffle_buffer=0"])
     task = ClipTask(cfg, torch.device("cpu"))
     outs = [task.loss(batch) for batch in task.train_batches(0)]
     trained, skipped = sum(o.samples for o in outs), sum((Counter(o.skipped) for o in outs), Counter())
@@ -245,7 +257,8 @@ def test_a_shard_caption_that_is_not_utf8_is_skipped_not_garbled(tmp_path, caplo
     write_shard(shard, samples)
     (shard.parent / "sizes.json").write_text(json.dumps({shard.name: 8}))
     cfg = compose_cfg(FAST + ["dataset=webdataset", f"dataset.train_shards={shard}", "trainer.batch_size=8",
-                              f"dataset.eval_shards={_good_shard(tmp_path)}", "dataset.shuffle_buffer=0"])
+                              f"dataset.eval_shards={_good_shard(tmp_path)}", f"dataset.val_shards={_good_shard(tmp_path, 'val')}",
+                              "dataset.shuffle_buffer=0"])
     task = ClipTask(cfg, torch.device("cpu"))
     (out,) = [task.loss(batch) for batch in task.train_batches(0)]
     assert out.samples == 7 and out.skipped == {"caption not UTF-8": 1}
@@ -274,7 +287,8 @@ def test_an_eval_folder_with_a_subset_of_the_classes_is_labelled_by_class_name(t
                 Image.new("RGB", (8, 8), {"black": 0, "grey": 128, "white": 255, "pink": 200}[c]).save(
                     tmp_path / root / c / f"{i}.png")
     cfg = compose_cfg(["dataset=image_folder", f"dataset.path={tmp_path / 'train'}", f"dataset.eval_path={tmp_path / 'eval'}"])
-    _, zeroshot = build_image_folder(cfg.dataset, lambda im: im, lambda im: im, lambda texts: torch.zeros(len(texts), 4))
+    zeroshot = build_image_folder(cfg.dataset, lambda im: im, lambda im: im,
+                                  lambda texts: torch.zeros(len(texts), 4)).zeroshot
     assert zeroshot.classnames == ["black", "grey", "white"] and list(zeroshot.images.labels) == [2, 2, 2]
     cfg.dataset.eval_path = str(tmp_path / "odd")
     with pytest.raises(ValueError, match=r"dataset.eval_path has class folders training \(dataset.path\) has not: \['pink'\]"):

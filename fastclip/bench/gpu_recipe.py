@@ -42,14 +42,15 @@ MATCH_TO = "fixed_hilbert"  # the row whose image GFLOPs the peers are matched t
 
 
 class EvalRecorder:
-    """Stands in for the MLflow tracker: keeps every evaluation's metrics, drops the rest."""
+    """Stands in for the MLflow tracker: keeps every per-epoch evaluation's metrics (the validation
+    split's), drops the rest (the final test numbers come back from fit)."""
     run_id = None
 
     def __init__(self):
         self.evals: list[dict] = []
 
     def log_metrics(self, metrics: dict, step: int, flush: bool = False):
-        if "zeroshot/top1" in metrics:
+        if "val/zeroshot_top1" in metrics:
             self.evals.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
 
     def log_artifact(self, path, artifact_path=None):
@@ -99,7 +100,7 @@ def peer_variants(keys: list[str], tome_r: int | None, target: float, extra: lis
 
 def dataset_overrides(name: str, cifar: str) -> tuple[list[str], int]:
     """A dataset's overrides and its training images (for the evaluation spacing): the images less
-    the dataset's held-out share."""
+    the dataset's held-out shares (test, then validation from the rest)."""
     if name == "cifar10":
         overrides = ["dataset=image_folder", f"dataset.path={cifar}"]
         images = sum(1 for p in Path(cifar).rglob("*") if p.is_file())
@@ -107,7 +108,8 @@ def dataset_overrides(name: str, cifar: str) -> tuple[list[str], int]:
         overrides = list(DATASETS[name])
         from sklearn.datasets import load_digits
         images = len(load_digits().target)
-    return overrides, int((1 - compose_train_config(overrides).dataset.holdout_fraction) * images)
+    ds = compose_train_config(overrides).dataset
+    return overrides, int((1 - ds.holdout_fraction) * (1 - ds.val_fraction) * images)
 
 
 def summarize(label: str, results: list[dict | None]) -> dict:
@@ -120,7 +122,7 @@ def summarize(label: str, results: list[dict | None]) -> dict:
     row = {"variant": label, **{k: statistics.mean(r["metrics"][k] for r in done) for k in keys},
            "wall_s": statistics.mean(r["wall_s"] for r in done)}
     row["top1_per_seed"] = per_seed([None if r is None else r["metrics"]["zeroshot/top1"] for r in results])
-    curves = [[e["zeroshot/top1"] for e in r["evals"]] for r in done]
+    curves = [[e["val/zeroshot_top1"] for e in r["evals"]] for r in done]
     row["top1_curve"] = " / ".join(f"{statistics.mean(c):.3f}" for c in zip(*curves))
     return row
 
@@ -175,7 +177,7 @@ def main(argv=None):
             try:
                 results[job] = r = future.result()
                 print(f"== {ds} {variants[key][0]} seed {seed}: top1 {r['metrics']['zeroshot/top1']:.3f} at "
-                      f"{[round(e['zeroshot/top1'], 3) for e in r['evals']]}, image GFLOPs "
+                      f"{[round(e['val/zeroshot_top1'], 3) for e in r['evals']]} (validation), image GFLOPs "
                       f"{r['metrics']['efficiency/image_gflops']:.4f} ({r['wall_s']:.0f} s)", flush=True)
             except Exception:  # a run that raises costs its row's seed (a killed worker breaks the pool)
                 print(f"== {ds} {variants[key][0]} seed {seed}: FAILED\n{traceback.format_exc()}", flush=True)
@@ -206,7 +208,7 @@ def section(ds: str, every: int, keys: list[str], variants: dict, results: dict,
                 row["top1_delta"] = 100 * (row["zeroshot/top1"] - vanilla["zeroshot/top1"])
     text = f"### {ds}: {header}, evals every {every} epochs\n\n" + markdown_table(rows, [
         ("variant", "variant", "s"), ("zero-shot top-1", "zeroshot/top1", ".3f"), ("Δ top-1 (pts)", "top1_delta", "+.1f"),
-        ("top-1 per seed", "top1_per_seed", "s"), ("top-1 at each eval (mean)", "top1_curve", "s"),
+        ("top-1 per seed", "top1_per_seed", "s"), ("validation top-1 at each eval (mean)", "top1_curve", "s"),
         ("top-1, boundaries swapped between images", "zeroshot/top1_shuffled_placement", ".3f"),
         ("image GFLOPs", "efficiency/image_gflops", ".4f"), ("GFLOPs / vanilla", "gflops_ratio", ".2f"),
         ("achieved compression", "efficiency/compression_image", ".2f"),

@@ -1,6 +1,6 @@
 """Image-text datasets built from labelled images: class captions drawn from templates for
 training, (image, label) pairs for zero-shot evaluation, and a deterministic stratified split."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,18 @@ class ZeroShotSet:
     classnames: list[str]
     templates: list[str]
 
+    def subset(self, keep: list[int]) -> "ZeroShotSet":
+        """The same set with only the images at positions `keep` (images: a LabelledImages)."""
+        return replace(self, images=self.images.subset(keep))
 
-def split_indices(labels: np.ndarray, holdout_fraction: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, deterministic train/held-out split, independent of the run seed."""
+
+def split_indices(labels: np.ndarray, holdout_fraction: float, split_seed: int,
+                  key: str = "dataset.holdout_fraction") -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, deterministic train/held-out split, independent of the run seed: round(n x
+    holdout_fraction) of each class's n images (at least one) held out. key: the config key the
+    fraction came from, named in the ValueError a fraction outside (0, 1) raises."""
     if not 0.0 < holdout_fraction < 1.0:
-        raise ValueError(f"dataset.holdout_fraction={holdout_fraction}: expected a value in (0, 1)")
+        raise ValueError(f"{key}={holdout_fraction}: expected a value in (0, 1)")
     rng = np.random.default_rng(split_seed)
     train, held = [], []
     for cls in np.unique(labels):
@@ -30,6 +37,15 @@ def split_indices(labels: np.ndarray, holdout_fraction: float, split_seed: int) 
         held.append(idx[:n_held])
         train.append(idx[n_held:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+def carve_validation(train_idx: np.ndarray, labels: np.ndarray, val_fraction: float,
+                     split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices: `val_fraction` of the training side's images per class
+    (split_indices on train_idx alone), so the held-out test split is the one it would be without
+    a validation split."""
+    fit, val = split_indices(labels[train_idx], val_fraction, split_seed, "dataset.val_fraction")
+    return train_idx[fit], train_idx[val]
 
 
 class CaptionedImages(Dataset):
@@ -82,6 +98,10 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, i):
         return self.transform(self.images[i]), int(self.labels[i])
+
+    def subset(self, keep: list[int]) -> "LabelledImages":
+        return LabelledImages([self.images[i] for i in keep], self.labels[keep], self.transform,
+                              [self.files[i] for i in keep] if self.files else None)
 
 
 def check_unseen_templates(train_templates, eval_templates) -> None:

@@ -8,7 +8,11 @@ their first `captions_per_image` captions. Random images: not comparable to publ
 
 With `dataset.split_file` = Karpathy's dataset_coco.json (the usual retrieval protocol):
 training on its "train" + "restval" images (113,287), retrieval on its "test" images (the 5k),
-captions from sentences[].raw, images at root/filepath/filename; retrieval_images is ignored."""
+captions from sentences[].raw, images at root/filepath/filename; retrieval_images is ignored.
+
+Validation (per-epoch retrieval, the sweep objective), at most `val_images` images: Karpathy's "val"
+split (5000) with a split file; without one, val2014 images outside the test draw, drawn with
+split_seed (training keeps every train2014 image either way)."""
 import logging
 from collections import Counter
 from dataclasses import replace
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fastclip.data.pairs import PairDataset, group_captions, retrieval_set, training_records
+from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import read_json
 
 log = logging.getLogger(__name__)
@@ -99,6 +104,23 @@ def random_val_images(cfg, val_images: list[str]) -> tuple[list[str], str]:
     return val_images, f"coco2014 val2014, all {len(val_images)} images"
 
 
+def validation_images(cfg, candidates: list[str], test_images: list[str], source: str) -> tuple[list[str], str]:
+    """(at most `val_images` of the candidates that are not test images, drawn with split_seed, in
+    their order; its description). ValueError naming the keys when none is left."""
+    test = set(test_images)
+    pool = [im for im in candidates if im not in test]
+    if not pool:
+        raise ValueError(f"dataset=coco2014: no {source} image is left for validation (dataset.retrieval_images="
+                         f"{cfg.retrieval_images} takes all {len(candidates)} for the test split): set "
+                         f"dataset.retrieval_images below {len(candidates)}, or dataset.split_file (Karpathy's val)")
+    n = cfg.val_images
+    if n and n < len(pool):
+        # a stream of its own: the test draw (random_val_images) used default_rng(split_seed)
+        pick = np.random.default_rng([cfg.split_seed, 1]).choice(len(pool), n, replace=False)
+        pool = [pool[i] for i in sorted(pick)]
+    return pool, f"coco2014 {source}, {len(pool)} images (validation, split_seed={cfg.split_seed})"
+
+
 def training_captions(cfg) -> list[str]:
     """Every caption training reads (train2014, or the split file's train + restval): the unigram
     text-boundary corpus."""
@@ -111,9 +133,10 @@ def training_captions(cfg) -> list[str]:
     return [c for caps in groups.values() for c in caps if c]
 
 
-def build_coco(cfg, preprocess_train, preprocess_eval, tokenizer):
-    """-> (train PairDataset, RetrievalSet), each with `skipped` = captions skipped while reading,
-    the retrieval set with a `description` of its split."""
+def build_coco(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
+    """-> ClipData(train PairDataset, retrieval=test RetrievalSet, val_retrieval=validation), each with
+    `skipped` = captions skipped while reading, the retrieval sets with a `description` of their split;
+    the three splits' images checked disjoint."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset.root={str(root)!r}: no such directory")
@@ -123,14 +146,24 @@ def build_coco(cfg, preprocess_train, preprocess_eval, tokenizer):
                         "split's test images", cfg.retrieval_images)
         splits = read_karpathy(cfg.split_file, root)
         train_groups, train_skipped = {**splits["train"], **splits["restval"]}, Counter()
-        val_groups, val_skipped = splits["test"], Counter()
-        val_images, description = list(val_groups), f"coco2014 karpathy test split ({len(val_groups)} images)"
+        test_groups, test_skipped = splits["test"], Counter()
+        test_images, description = list(test_groups), f"coco2014 karpathy test split ({len(test_groups)} images)"
+        if not splits["val"]:
+            raise ValueError(f"dataset.split_file={str(cfg.split_file)!r}: no image has split 'val' (the validation "
+                             f"images)")
+        val_groups = splits["val"]
+        val_images, val_description = validation_images(cfg, list(val_groups), [], "karpathy val split")
     else:
         train_groups, train_skipped = load_coco(root, "train2014")
-        val_groups, val_skipped = load_coco(root, "val2014")
-        val_images, description = random_val_images(cfg, sorted(val_groups))
+        test_groups, test_skipped = load_coco(root, "val2014")
+        test_images, description = random_val_images(cfg, sorted(test_groups))
+        val_groups = test_groups
+        val_images, val_description = validation_images(cfg, sorted(test_groups), test_images, "val2014")
+    require_disjoint(f"dataset=coco2014 root={cfg.root}", train=train_groups, val=val_images, test=test_images)
     train = PairDataset(training_records(train_groups, set(train_groups), cfg.pairs, cfg.split_seed),
                         preprocess_train, tokenizer)
     train.skipped = dict(train_skipped)  # reason -> n, into data/skipped
-    retrieval = retrieval_set(val_groups, set(val_images), preprocess_eval, cfg.captions_per_image)
-    return train, replace(retrieval, skipped=sum(val_skipped.values()), description=description)
+    retrieval = retrieval_set(test_groups, set(test_images), preprocess_eval, cfg.captions_per_image)
+    val = retrieval_set(val_groups, set(val_images), preprocess_eval, cfg.captions_per_image)
+    return ClipData(train, retrieval=replace(retrieval, skipped=sum(test_skipped.values()), description=description),
+                    val_retrieval=replace(val, description=val_description))

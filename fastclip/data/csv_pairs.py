@@ -1,7 +1,9 @@
 """Image-caption pairs from a CSV (Flickr-style `image,caption`, one row per caption): image
 paths relative to `dataset.image_root` (default: the CSV's folder, then its images/), several
 captions per image allowed. Held out BY IMAGE for retrieval: `eval_fraction` of the images
-(seeded), or every image of `eval_path` (another CSV of the same layout).
+(seeded), or every image of `eval_path` (another CSV of the same layout): the test split. Per-epoch
+validation: `val_fraction` of the remaining images (at most `val_max_images`), carved from the
+training side by image, so the test split does not depend on it.
 
 The file must be UTF-8 (a BOM is fine). A row that is not, or that has more or fewer fields than
 the header (an unquoted separator inside a caption), is skipped and counted, never truncated;
@@ -14,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastclip.data.pairs import PairDataset, group_captions, retrieval_set, split_images, training_records
+from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import decode_lenient, first_bad_byte, has_undecodable, not_utf8, undecoded_repr
 
 log = logging.getLogger(__name__)
@@ -103,9 +106,10 @@ def read_pairs(path, image_root, image_column, caption_column, separator) -> lis
     return load_pairs(path, image_root, image_column, caption_column, separator)[0]
 
 
-def build_csv(cfg, preprocess_train, preprocess_eval, tokenizer):
-    """-> (train PairDataset, RetrievalSet or None), each with `skipped` = rows of its CSV skipped
-    while reading (the training set's by reason) (one CSV split into train and held-out images counts them on the training side)."""
+def build_csv(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
+    """-> ClipData(train PairDataset, retrieval=test RetrievalSet or None, val_retrieval=validation),
+    each with `skipped` = rows of its CSV skipped while reading (the training set's by reason) (one
+    CSV split into train and held-out images counts them on the training side)."""
     def read(path):
         rows, skipped = load_pairs(path, cfg.image_root, cfg.image_column, cfg.caption_column, cfg.separator)
         return group_captions(rows), dict(skipped)
@@ -117,9 +121,18 @@ def build_csv(cfg, preprocess_train, preprocess_eval, tokenizer):
         train_images, held = split_images(list(groups), cfg.eval_fraction, cfg.split_seed)
         eval_groups, eval_skipped = groups, {}
         description = f"csv held-out {cfg.eval_fraction * 100:g}% of images (split_seed={cfg.split_seed})"
+    train_images, val_images = split_images([im for im in groups if im in train_images], cfg.val_fraction,
+                                            cfg.split_seed, "dataset.val_fraction", cfg.val_max_images)
+    # held out by this function; an eval_path CSV naming a training image is eval.overlap's (ClipTask)
+    require_disjoint(f"dataset=csv path={cfg.path}", train=train_images, val=val_images,
+                     **({} if cfg.eval_path else {"test": held}))
     train = PairDataset(training_records(groups, train_images, cfg.pairs, cfg.split_seed), preprocess_train, tokenizer)
     train.skipped = train_skipped
+    val = replace(retrieval_set(groups, val_images, preprocess_eval, cfg.captions_per_image),
+                  description=f"csv validation: {len(val_images)} images of dataset.path held out from training "
+                              f"(val_fraction={cfg.val_fraction:g}, split_seed={cfg.split_seed})")
     if not held:
-        return train, None
+        return ClipData(train, val_retrieval=val)
     retrieval = retrieval_set(eval_groups, held, preprocess_eval, cfg.captions_per_image)
-    return train, replace(retrieval, skipped=sum(eval_skipped.values()), description=description)
+    return ClipData(train, retrieval=replace(retrieval, skipped=sum(eval_skipped.values()), description=description),
+                    val_retrieval=val)

@@ -1,6 +1,7 @@
 """Class-captioned training from a folder of class subfolders (<path>/<class>/<image>):
 captions come from templates, zero-shot runs on `eval_path` (same layout) or, when that is
-null, on a held-out stratified split of `path`. Class names are the folder names, or
+null, on a held-out stratified split of `path` (the test split); per-epoch validation on
+`val_fraction` of the training side (stratified, carved after the test split). Class names are the folder names, or
 `classnames` (a file with one name per line, in sorted folder order)."""
 import logging
 from pathlib import Path
@@ -8,9 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSet, caption_table,
+from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSet, caption_table, carve_validation,
                                      check_unseen_templates, split_indices)
 from fastclip.data.pairs import open_rgb
+from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import read_names
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,8 @@ def training_labels(labels: np.ndarray, eval_classes: list[str], classes: list[s
     return index[labels]
 
 
-def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer):
+def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
+    """-> ClipData(train, zeroshot=test, val_zeroshot=validation); the splits' files checked disjoint."""
     check_unseen_templates(cfg.train_templates, cfg.eval_templates)
     files, labels, classes = scan(cfg.path)
     classnames = folder_classnames(cfg, classes)
@@ -99,8 +102,17 @@ def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer):
         train_idx, held_idx = split_indices(labels, cfg.holdout_fraction, cfg.split_seed)
         train_images, train_labels, train_files = [images[i] for i in train_idx], labels[train_idx], [files[i] for i in train_idx]
         held_images, held_labels, held_files = [images[i] for i in held_idx], labels[held_idx], [files[i] for i in held_idx]
+    fit_idx, val_idx = carve_validation(np.arange(len(train_images)), train_labels, cfg.val_fraction, cfg.split_seed)
+    val_images, val_labels, val_files = [train_images[i] for i in val_idx], train_labels[val_idx], [train_files[i] for i in val_idx]
+    train_images, train_labels, train_files = [train_images[i] for i in fit_idx], train_labels[fit_idx], [train_files[i] for i in fit_idx]
+    require_disjoint(f"dataset=image_folder path={cfg.path}", **{
+        split: [str(Path(f).resolve()) for f in files]
+        for split, files in (("train", train_files), ("val", val_files), ("test", held_files))})
     tokens = caption_table(classnames, cfg.train_templates, tokenizer)
     train = CaptionedImages(train_images, train_labels, tokens, preprocess_train, files=train_files)
     train.skipped = {"undecodable image": undecodable} if undecodable else {}
     held = LabelledImages(held_images, held_labels, preprocess_eval, files=held_files)
-    return train, ZeroShotSet(held, classnames, list(cfg.eval_templates))
+    val = LabelledImages(val_images, val_labels, preprocess_eval, files=val_files)
+    templates = list(cfg.eval_templates)
+    return ClipData(train, zeroshot=ZeroShotSet(held, classnames, templates),
+                    val_zeroshot=ZeroShotSet(val, classnames, templates))

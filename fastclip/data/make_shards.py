@@ -14,8 +14,9 @@ empty caption; a CSV row that is not UTF-8 or has the wrong field count) are ski
 at the end by reason.
 
 --eval-fraction F holds out that share of the source IMAGES (all captions of an image on one side,
-drawn with --split-seed) into <out>/eval/ (its own sizes.json), for dataset.eval_shards. The last
-line printed holds the overrides to paste, quoted for bash and Hydra.
+drawn with --split-seed) into <out>/eval/ (its own sizes.json), for dataset.eval_shards (the test
+split); --val-fraction V that share of the remaining images into <out>/val/, for dataset.val_shards
+(per-epoch validation). The last line printed holds the overrides to paste, quoted for bash and Hydra.
 """
 import argparse
 import io
@@ -148,13 +149,18 @@ def main(argv=None):
     ap.add_argument("--template", default="a photo of a {}.", help="folder: caption template for the class name")
     ap.add_argument("--eval-fraction", type=float, default=0.0,
                     help="share of the source images held out into <out>/eval/ (0: none)")
-    ap.add_argument("--split-seed", type=int, default=0, help="seed of the --eval-fraction split")
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="share of the images left after --eval-fraction held out into <out>/val/ (0: none; "
+                         "training then holds out its last shard for validation)")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the --eval-fraction and --val-fraction splits")
     args = ap.parse_args(argv)
-    if not 0.0 <= args.eval_fraction < 1.0:
-        ap.error(f"--eval-fraction {args.eval_fraction}: expected a value in [0, 1)")
+    for flag, value in (("--eval-fraction", args.eval_fraction), ("--val-fraction", args.val_fraction)):
+        if not 0.0 <= value < 1.0:
+            ap.error(f"{flag} {value}: expected a value in [0, 1)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     records, read_skipped = records_of(args)
     train, held = split_records(records, args.eval_fraction, args.split_seed)
+    train, val = split_records(train, args.val_fraction, args.split_seed)
     out = Path(args.out)
     shape = dict(prefix=args.prefix, shard_size=args.shard_size, image_size=args.image_size, quality=args.quality)
     summary = convert(train, out, **shape)
@@ -163,6 +169,9 @@ def main(argv=None):
     if args.eval_fraction > 0:
         summary["eval"] = convert(held, out / "eval", **shape)
         written["dataset.eval_shards"] = (out / "eval", summary["eval"])
+    if args.val_fraction > 0:
+        summary["val"] = convert(val, out / "val", **shape)
+        written["dataset.val_shards"] = (out / "val", summary["val"])
     for folder, part in written.values():
         report(part, folder)
     summary["overrides"] = [pasteable_override(key, shard_pattern(folder, args.prefix, part["shards"]))

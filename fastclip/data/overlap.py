@@ -53,21 +53,52 @@ class EvalOverlap:
     def has_bytes(self, data: bytes) -> bool:
         return content_key(data) in self.keys
 
-    def found(self, what: str) -> Skip:
-        """A training sample `what` that is an evaluation image: fails (mode fail) or is left out."""
+    def found(self, what: str, side: str = "training") -> Skip:
+        """A `side` (training, validation) sample `what` that is an evaluation image: fails (mode
+        fail) or is left out."""
         if self.mode == "fail":
             raise EvalOverlapError(f"{what} is also in the evaluation set (eval.overlap=fail); remove it from the "
-                                   f"training data, or set eval.overlap=drop to leave such samples out and count them")
+                                   f"{side} data, or set eval.overlap=drop to leave such samples out and count them")
         if self._warned < 10:
             self._warned += 1
-            log.warning("leaving %s out of training: it is also an evaluation image (eval.overlap=drop)", what)
+            log.warning("leaving %s out of %s: it is also an evaluation image (eval.overlap=drop)", what, side)
         return Skip(EVAL_OVERLAP)
 
 
-def eval_overlap_of(data, mode: str) -> EvalOverlap:
-    """The fingerprints of a ClipData's evaluation images that come from files or encoded bytes."""
-    overlap = EvalOverlap(mode)
-    for images in (getattr(data.zeroshot, "images", None), getattr(data.retrieval, "images", None)):
-        for source in getattr(images, "files", None) or []:
-            overlap.add(source)
+def eval_overlap_of(data, mode: str, splits=("test", "val"), into: EvalOverlap | None = None) -> EvalOverlap:
+    """The fingerprints of a ClipData's evaluation images (of `splits`: test, val) that come from
+    files or encoded bytes, added to `into` (None: a new EvalOverlap)."""
+    overlap = into if into is not None else EvalOverlap(mode)
+    for split in splits:
+        for held in data.split(split):
+            for source in getattr(getattr(held, "images", None), "files", None) or []:
+                overlap.add(source)
     return overlap
+
+
+def leave_test_images_out_of_validation(data, test: EvalOverlap) -> int:
+    """Validation images that are test images (by path or content: an eval_path set naming a file of
+    the training side, a copy) are left out of validation with a warning (eval.overlap=drop) or fail
+    (fail): a configuration chosen on them would be chosen on the test split. -> how many left out."""
+    if not test:
+        return 0
+    dropped = 0
+    for field in ("val_zeroshot", "val_retrieval"):
+        held = getattr(data, field)
+        files = getattr(getattr(held, "images", None), "files", None)
+        if not files:
+            continue
+        keep = []
+        for i, f in enumerate(files):
+            shared = test.has_bytes(f) if isinstance(f, bytes) else (
+                test.has_path(f) or (Path(f).is_file() and test.has_bytes(Path(f).read_bytes())))
+            if shared:
+                test.found(str(f) if not isinstance(f, bytes) else f"image {i}", "validation")
+            else:
+                keep.append(i)
+        if len(keep) < len(files):
+            dropped += len(files) - len(keep)
+            setattr(data, field, held.subset(keep))
+    if dropped:
+        log.warning("%d validation images left out: they are test images too (eval.overlap=drop)", dropped)
+    return dropped

@@ -8,7 +8,7 @@ worker; the collate drops it and counts it by reason. A batch can therefore be s
 import io
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +162,10 @@ class ImageFiles(Dataset):
         x = self.transform(image)
         return (x, int(self.labels[i])) if self.labels is not None else (x, i)
 
+    def subset(self, keep: list[int]) -> "ImageFiles":
+        pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+        return ImageFiles(pick(self.files), self.transform, pick(self.labels), pick(self.names))
+
 
 def collate_labelled(samples: list):
     """(images, labels, skipped) for evaluation sets built on ImageFiles."""
@@ -193,6 +197,10 @@ class RetrievalSet:
     captions: list[list[str]]     # captions[i] belong to image i
     skipped: int = 0              # caption rows / samples left out while reading it: retrieval/skipped_rows
     description: str = ""         # which split the numbers come from: "coco2014 karpathy test split (5000 images)"
+
+    def subset(self, keep: list[int]) -> "RetrievalSet":
+        """The same set with only the images (and their captions) at positions `keep` (images: an ImageFiles)."""
+        return replace(self, images=self.images.subset(keep), captions=[self.captions[i] for i in keep])
 
 
 def require_usable(images: Dataset, what: str) -> int:
@@ -226,14 +234,19 @@ def group_captions(records: list[tuple[str, str]]) -> dict[str, list[str]]:
     return groups
 
 
-def split_images(images: list[str], eval_fraction: float, split_seed: int) -> tuple[set, set]:
-    """Deterministic train / held-out split BY IMAGE, so no held-out image is trained on."""
+def split_images(images: list[str], eval_fraction: float, split_seed: int, key: str = "dataset.eval_fraction",
+                 max_images: int | None = None) -> tuple[set, set]:
+    """Deterministic train / held-out split BY IMAGE, so no held-out image is trained on: round(n x
+    eval_fraction) of the n images held out, at most max_images (None: no cap). key: the config key
+    the fraction came from, named in the ValueError a fraction outside [0, 1) raises."""
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"dataset.eval_fraction={eval_fraction}: expected a value in [0, 1)")
+        raise ValueError(f"{key}={eval_fraction}: expected a value in [0, 1)")
     order = np.random.default_rng(split_seed).permutation(len(images))
     n_eval = round(len(images) * eval_fraction)
     if eval_fraction > 0 and n_eval == 0 and len(images) > 1:
         n_eval = 1  # a fraction too small for this few images still holds one out, rather than none
+    if max_images is not None:
+        n_eval = min(n_eval, max_images)
     held = {images[i] for i in order[:n_eval]}
     return {im for im in images if im not in held}, held
 

@@ -9,16 +9,22 @@ The stream is deterministic per (seed, epoch, worker): shard order, the shuffle 
 source mixing all draw from seeded generators, so a resumed run replays the same epoch.
 Without resampling an epoch is one pass over the shards, split between loader workers; with
 `resampled: true` every worker draws shards with replacement and an epoch is num_samples.
+
+Held out: `eval_shards` (the test split, read at the end of a run) and `val_shards` (per-epoch
+validation, at most `val_max_images` images); `val_shards: null` holds out the last shard of
+train_shards (of its first source) for validation, which training then never reads.
 """
 import json
 import logging
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import filters, shardlists, tariterators
 
 from fastclip.data.pairs import ImageFiles, RetrievalSet, Skip, clean_caption, open_rgb
+from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.runtime import seeded
 
 log = logging.getLogger(__name__)
@@ -75,7 +81,20 @@ class ShardSource:
         self.pattern, self.weight = pattern, float(weight)
         self.urls = expand_shards(pattern)
         self.sizes = shard_sizes(self.urls) or {}
+        self.declared = num_samples  # the config's count; None: the shards' sizes say
         self.num_samples = num_samples or (sum(self.sizes.values()) if self.sizes else None)
+
+    def hold_out_last(self) -> str:
+        """Takes the last shard out of this source (for validation) -> its URL. ValueError naming
+        dataset.val_shards when the source has a single shard."""
+        if len(self.urls) < 2:
+            raise ValueError(f"dataset.val_shards is null and dataset.train_shards={self.pattern!r} has one shard: "
+                             f"none can be held out for validation; set dataset.val_shards (held-out shards: "
+                             f"`make_shards --val-fraction` writes them)")
+        url = self.urls.pop()
+        self.sizes.pop(url, None)
+        self.num_samples = self.declared or (sum(self.sizes.values()) if self.sizes else None)
+        return url
 
 
 def build_sources(cfg) -> list[ShardSource]:
@@ -236,9 +255,23 @@ class ShardStream(IterableDataset):
                 mine = []
 
 
-def build_shards(cfg, preprocess_train, tokenizer) -> ShardStream:
+def build_shards(cfg, preprocess_train, preprocess_eval, tokenizer):
+    """-> ClipData(train ShardStream, retrieval=test on eval_shards or None, val_retrieval=validation on
+    val_shards, or on the last training shard, held out); the splits' shards checked disjoint."""
     sources = build_sources(cfg)
-    return ShardStream(sources, preprocess_train, tokenizer, cfg.shuffle_buffer, cfg.resampled, cfg.num_samples)
+    val_pattern, held_out = cfg.val_shards, None
+    if not val_pattern:
+        val_pattern = held_out = sources[0].hold_out_last()
+    val_urls = [held_out] if held_out else expand_shards(val_pattern, "dataset.val_shards")
+    test_urls = expand_shards(cfg.eval_shards, "dataset.eval_shards") if cfg.eval_shards else []
+    require_disjoint("dataset=webdataset", train=[u for s in sources for u in s.urls], val=val_urls, test=test_urls)
+    train = ShardStream(sources, preprocess_train, tokenizer, cfg.shuffle_buffer, cfg.resampled, cfg.num_samples)
+    test = (shard_retrieval_set(cfg.eval_shards, preprocess_eval, cfg.eval_max_images) if cfg.eval_shards else None)
+    val = shard_retrieval_set(val_pattern, preprocess_eval, cfg.val_max_images, "dataset.val_shards")
+    if held_out:
+        val = replace(val, description=f"webdataset validation: the last training shard {held_out}, held out "
+                                       f"({len(val.captions)} images)")
+    return ClipData(train, retrieval=test, val_retrieval=val)
 
 
 # the key of a stand-in for a sample a shard declares but could not deliver (truncated or corrupt tar)
@@ -290,13 +323,15 @@ def shard_captions(pattern, limit: int = 100_000) -> list[str]:
     return [c for p in patterns for c in map(_caption, _read_samples(p, "dataset.train_shards", limit)) if c]  # None: not UTF-8
 
 
-def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None) -> RetrievalSet:
+def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None,
+                        key: str = "dataset.eval_shards") -> RetrievalSet:
     """Retrieval on held-out shards. Samples that make_shards wrote from one source image (its
     json "source") are regrouped into one image with several captions; others stand alone.
-    Encoded images are kept in memory (a few thousand small JPEGs)."""
+    Encoded images are kept in memory (a few thousand small JPEGs). key: the config key the
+    pattern came from (named in errors)."""
     images: dict[str, tuple[bytes, str, list[str]]] = {}
     skipped = 0
-    for sample in _read_samples(pattern, "dataset.eval_shards", None):
+    for sample in _read_samples(pattern, key, None):
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         caption = _caption(sample)
         if image_key is None or not caption:
@@ -315,7 +350,7 @@ def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None) -
             images[source] = (sample[image_key], name, [])
         images[source][2].append(caption)
     if not images:
-        raise ValueError(f"dataset.eval_shards={pattern!r}: no usable sample")
+        raise ValueError(f"{key}={pattern!r}: no usable sample")
     data, names, captions = zip(*images.values())
     return RetrievalSet(ImageFiles(list(data), preprocess_eval, names=list(names)), list(captions), skipped,
-                        f"webdataset eval_shards={pattern} ({len(data)} images)")
+                        f"webdataset {key.removeprefix('dataset.')}={pattern} ({len(data)} images)")

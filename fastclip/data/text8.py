@@ -55,12 +55,20 @@ def load_text(path: str | None, clean: bool = False) -> tuple[str, str]:
 
 
 def split(text: str, fractions) -> tuple[str, str, str]:
+    """(train, valid, test): consecutive, non-overlapping slices of `text` in that order, sized by
+    `fractions` (dataset.split). valid serves per-epoch evaluation and a sweep's objective (val/bpc),
+    test the final lm/test_bpc. ValueError naming dataset.split when the fractions do not sum to 1
+    or a split would be empty."""
     train_f, valid_f, test_f = fractions
     if abs(train_f + valid_f + test_f - 1.0) > 1e-6:
         raise ValueError(f"dataset.split={list(fractions)}: fractions must sum to 1")
     n = len(text)
     n_valid, n_test = round(n * valid_f), round(n * test_f)
     n_train = n - n_valid - n_test
+    empty = [name for name, size in (("train", n_train), ("valid", n_valid), ("test", n_test)) if size <= 0]
+    if empty:
+        raise ValueError(f"dataset.split={list(fractions)}: the {' and '.join(empty)} split of this {n}-char text "
+                         f"would be empty; each of train, valid (per-epoch evaluation) and test needs a share")
     return text[:n_train], text[n_train:n_train + n_valid], text[n_train + n_valid:]
 
 

@@ -1,26 +1,28 @@
 """Contrastive image-text pretraining: open_clip towers (vanilla, DTP or ToMe), open_clip's
 tokenizer, transforms and ClipLoss, plus each DTP tower's boundary loss. Every evaluation
-reports zero-shot accuracy and the efficiency the model actually achieved."""
+reports zero-shot accuracy and the efficiency the model actually achieved: per epoch on the
+validation split (metrics under val/, what a sweep optimises), at the end of the run on the test
+split under the reported names (zeroshot/top1, retrieval/*, zeroshot/imagenet_*)."""
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from open_clip import ClipLoss
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from fastclip import distributed, runtime
 from fastclip.checks import check_config
 from fastclip.compression.prune import layout_efficiency
-from fastclip.data.captioned import ZeroShotSet
 from fastclip.data.coco import build_coco
 from fastclip.data.coco import training_captions as coco_training_captions
 from fastclip.data.csv_pairs import build_csv, read_pairs
 from fastclip.data.digits import build_digits
 from fastclip.data.image_folder import build_image_folder, folder_classnames
-from fastclip.data.overlap import EVAL_OVERLAP, eval_overlap_of
-from fastclip.data.pairs import Batch, ImageFiles, RetrievalSet, collate_skipping, require_usable
-from fastclip.data.shards import build_shards, shard_captions, shard_retrieval_set
+from fastclip.data.overlap import EVAL_OVERLAP, eval_overlap_of, leave_test_images_out_of_validation
+from fastclip.data.pairs import Batch, ImageFiles, collate_skipping, require_usable
+from fastclip.data.shards import build_shards, shard_captions
+from fastclip.data.splits import ClipData
 from fastclip.eval.boundary_picture import draw
 from fastclip.eval.efficiency import parameter_counts
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
@@ -32,30 +34,23 @@ from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import placement_control
 
 
-@dataclass
-class ClipData:
-    train: Dataset                       # yields (image, tokens) or None for a bad sample
-    zeroshot: ZeroShotSet | None = None  # class-captioned sources: held-out images, unseen templates
-    retrieval: RetrievalSet | None = None
+# The sources' builders: each yields a training set, a validation and a test split (data/splits.py).
+BUILDERS = {"digits": build_digits, "image_folder": build_image_folder, "csv": build_csv, "coco2014": build_coco,
+            "webdataset": build_shards}
+# per-epoch (validation) metric names: the test split's name -> the validation split's
+VAL_NAMES = {"zeroshot/top1": "val/zeroshot_top1", "zeroshot/top5": "val/zeroshot_top5"}
+
+
+def val_name(test_name: str) -> str:
+    """The validation twin of a test metric: zeroshot/top1 -> val/zeroshot_top1, retrieval/i2t_r1 ->
+    val/i2t_r1 (retrieval's names under val/ as they are)."""
+    return VAL_NAMES.get(test_name) or "val/" + test_name.removeprefix("retrieval/")
 
 
 def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
     name = cfg.dataset.name
-    if name == "digits":
-        return ClipData(*build_digits(cfg.dataset, preprocess_train, preprocess_eval, tokenizer))
-    if name == "image_folder":
-        return ClipData(*build_image_folder(cfg.dataset, preprocess_train, preprocess_eval, tokenizer))
-    if name == "csv":
-        train, retrieval = build_csv(cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
-        return ClipData(train, retrieval=retrieval)
-    if name == "coco2014":
-        train, retrieval = build_coco(cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
-        return ClipData(train, retrieval=retrieval)
-    if name == "webdataset":
-        train = build_shards(cfg.dataset, preprocess_train, tokenizer)
-        retrieval = (shard_retrieval_set(cfg.dataset.eval_shards, preprocess_eval, cfg.dataset.eval_max_images)
-                     if cfg.dataset.eval_shards else None)
-        return ClipData(train, retrieval=retrieval)
+    if name in BUILDERS:
+        return BUILDERS[name](cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
     raise ValueError(f"dataset={name!r} is not an image-text dataset for task=clip "
                      f"(digits, image_folder, csv, coco2014, webdataset)")
 
@@ -112,15 +107,19 @@ class ClipTask:
         self._artifacts = []
         skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
         self.build_skipped = dict(skipped) if isinstance(skipped, dict) else {"bad sample": skipped} if skipped else {}
-        overlap = eval_overlap_of(self.data, cfg.eval.overlap)
+        overlap = eval_overlap_of(self.data, cfg.eval.overlap, ("test",))
+        # validation images that are test images (a separate eval_path listing a training-side file, a copy)
+        leave_test_images_out_of_validation(self.data, overlap)
+        eval_overlap_of(self.data, cfg.eval.overlap, ("val",), into=overlap)  # test and validation: never trained on
         self.checks_eval_overlap = bool(overlap) and hasattr(self.data.train, "exclude_eval")
         if self.checks_eval_overlap:
             dropped = self.data.train.exclude_eval(overlap)
             if dropped:
                 self.build_skipped[EVAL_OVERLAP] = self.build_skipped.get(EVAL_OVERLAP, 0) + dropped
         self._check_eval_sets()
-        retrieval = self.data.retrieval
-        self.tags = {"fastclip.retrieval_set": retrieval.description} if retrieval and retrieval.description else {}
+        self.tags = {tag: r.description for tag, r in (("fastclip.retrieval_set", self.data.retrieval),
+                                                        ("fastclip.val_retrieval_set", self.data.val_retrieval))
+                     if r is not None and r.description}
 
     def _distiller(self, cfg, device):
         """compression=distill: the frozen teacher, loaded before any data is read (a bad
@@ -131,22 +130,29 @@ class ClipTask:
         return build_distiller(cfg.compression, self.model, self.tokenizer, size, device, cfg.tracking.uri)
 
     def _check_eval_sets(self) -> None:
-        """Every evaluation set exists and has a usable item before training starts, not after it."""
+        """Every evaluation set (validation and test) exists and has a usable item before training
+        starts, not after it."""
+        ds = self.cfg.dataset
         if not (self.data.zeroshot or self.data.retrieval or self.cfg.eval.imagenet_val):
-            ds = self.cfg.dataset
             raise ValueError(f"dataset={ds.name} holds out no image to evaluate on"
                              + (f" (dataset.eval_fraction={ds.eval_fraction} of {len(self.data.train)} rows' images)"
                                 if ds.name == "csv" else "") + ": set a held-out split or eval.imagenet_val")
-        if self.data.zeroshot is not None:
-            require_usable(self.data.zeroshot.images, f"dataset={self.cfg.dataset.name}'s zero-shot set")
-        retrieval = self.data.retrieval
-        if retrieval is not None:
+        if not (self.data.val_zeroshot or self.data.val_retrieval):
+            raise ValueError(f"dataset={ds.name} holds out no validation image: per-epoch evaluation and a sweep's "
+                             f"objective need one (dataset.val_fraction, val_images or val_shards)")
+        for split, field in (("test", "zeroshot"), ("val", "val_zeroshot")):
+            if getattr(self.data, field) is not None:
+                require_usable(getattr(self.data, field).images, f"dataset={ds.name}'s {split} zero-shot set")
+        for split, field in (("test", "retrieval"), ("val", "val_retrieval")):
+            retrieval = getattr(self.data, field)
+            if retrieval is None:
+                continue
             missing = require_usable(retrieval.images, retrieval.description
-                                     or f"dataset={self.cfg.dataset.name}'s retrieval set")
+                                     or f"dataset={ds.name}'s {split} retrieval set")
             if missing:  # the numbers will not be the named split's: say so wherever its name goes
-                self.data.retrieval = replace(retrieval, description=(
+                setattr(self.data, field, replace(retrieval, description=(
                     f"{retrieval.description or 'retrieval set'}, {missing} of its {len(retrieval.images)} "
-                    f"images missing: not the complete set"))
+                    f"images missing: not the complete set")))
         if self.cfg.eval.imagenet_val:
             imagenet_files(self.cfg.eval.imagenet_val)  # a wrong path or layout fails now
 
@@ -190,6 +196,10 @@ class ClipTask:
             out["zero-shot images"] = len(self.data.zeroshot.images)
         if self.data.retrieval is not None:
             out["retrieval images"] = len(self.data.retrieval.captions)
+        if self.data.val_zeroshot is not None:
+            out["validation zero-shot images"] = len(self.data.val_zeroshot.images)
+        if self.data.val_retrieval is not None:
+            out["validation retrieval images"] = len(self.data.val_retrieval.captions)
         return out
 
     def loss(self, batch, forward=None) -> StepOutput:
@@ -212,10 +222,11 @@ class ClipTask:
             extras[f"compression_{tower}"] = (info["tokens"].sum() / info["segments"].sum().clamp_min(1)).detach()
         return StepOutput(loss, extras, images.shape[0], batch.skipped)
 
-    def eval_batch(self, n: int = 64):
-        """A real eval batch for FLOP counting: held-out images with their own text (class prompts
-        in unseen templates, or their first caption)."""
-        z, r = self.data.zeroshot, self.data.retrieval
+    def eval_batch(self, n: int = 64, split: str = "val"):
+        """A real eval batch for FLOP counting: held-out images of `split` (val or test) with their own
+        text (class prompts in unseen templates, or their first caption); ImageNet's where the split
+        has neither (test)."""
+        z, r = self.data.split(split)
         if z is not None:
             images, labels = zip(*(z.images[i] for i in range(min(n, len(z.images)))))
             texts = [z.templates[i % len(z.templates)].format(z.classnames[int(c)]) for i, c in enumerate(labels)]
@@ -232,21 +243,25 @@ class ClipTask:
             texts = [f"a photo of a {IMAGENET_CLASSNAMES[c]}." for _, c in samples]
         return torch.stack(list(images)).to(self.device), self.tokenizer(list(texts)).to(self.device)
 
-    def quality(self, model=None, tokenizer=None) -> dict[str, float]:
+    def quality(self, model=None, tokenizer=None, split: str = "test") -> dict[str, float]:
         """Zero-shot, retrieval and ImageNet numbers of `model` (default: the task's own; another one,
         a compressed copy or a distillation teacher, never reads or writes the ImageNet classifier
-        cache, which is the task model's), reading text with `tokenizer` (default: the task's)."""
+        cache, which is the task model's), reading text with `tokenizer` (default: the task's).
+        split=test: the reported numbers (zeroshot/top1, retrieval/*, zeroshot/imagenet_*); split=val:
+        the validation split's under val/ (val/zeroshot_top1, val/i2t_r1, ...; ImageNet is test only)."""
         cfg, metrics = self.cfg, {}
         own = model is None
         model = self.model if own else model
         tokenizer = tokenizer or self.tokenizer
-        z = self.data.zeroshot
+        z, retrieval = self.data.split(split)
         if z is not None:
-            acc = self._zero_shot(model, tokenizer)
+            acc = self._zero_shot(model, tokenizer, split)
             metrics.update({"zeroshot/top1": acc["top1"], "zeroshot/top5": acc["top5"]})
-        if self.data.retrieval is not None:
-            metrics.update(retrieval_eval(model, tokenizer, self.data.retrieval, self.device,
+        if retrieval is not None:
+            metrics.update(retrieval_eval(model, tokenizer, retrieval, self.device,
                                           cfg.eval.batch_size, cfg.eval.num_workers))
+        if split == "val":
+            return {val_name(k): v for k, v in metrics.items()}
         if cfg.eval.imagenet_val:
             cache = Path(cfg.eval.classifier_cache_dir) if cfg.eval.classifier_cache_dir else (
                 self.run_dir / "cache" if self.run_dir else None)
@@ -256,8 +271,10 @@ class ClipTask:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        cfg, metrics = self.cfg, self.quality()
-        images, tokens = self.eval_batch()
+        """Per epoch: the validation split's numbers (val/*), the efficiency achieved on its images
+        and the boundary picture. The test split is final_evaluate's."""
+        cfg, metrics = self.cfg, self.quality(split="val")
+        images, tokens = self.eval_batch(split="val")
         # structured pruning: counted on the layout the run deploys (heads and channels removed), the dense one's beside
         metrics.update(layout_efficiency(self.model, cfg.compression, images, tokens))
         if self.run_dir is not None and cfg.eval.boundary_picture and has_boundary_picture(self.model):
@@ -270,7 +287,8 @@ class ClipTask:
         return metrics
 
     def final_evaluate(self) -> dict[str, float]:
-        """At the end of a run. boundary=patch_dropout with eval_keep: zero-shot top-1 again on every
+        """At the end of a run: the test split's numbers under their reported names (quality()).
+        boundary=patch_dropout with eval_keep: zero-shot top-1 again on every
         patch (`zeroshot/top1_all_patches`). eval.placement_control: zero-shot as learned and with each
         image pooled at another image's boundary logits (a derangement over the set: the count
         distribution and per-position preferences stay, the tie to the image goes; models/vision.py
@@ -278,7 +296,7 @@ class ClipTask:
         earlier control), top1_placement_gain = as learned - swapped.
         The learned top-1 is recomputed (one more zero-shot pass, opt-in) rather than taken from the
         loop's last evaluate, so the pair always comes from the same weights whatever called this."""
-        metrics = {}
+        metrics = self.quality()
         visual = self.model.visual
         if isinstance(visual, PatchDropoutImageTower) and visual.eval_keep and visual.keep < 1:
             with visual.all_patches():  # the same weights at full cost: a second bench row for free
@@ -289,8 +307,8 @@ class ClipTask:
                             "zeroshot/top1_placement_gain": learned - swapped})
         return metrics
 
-    def _zero_shot(self, model=None, tokenizer=None) -> dict[str, float]:
-        z = self.data.zeroshot
+    def _zero_shot(self, model=None, tokenizer=None, split: str = "test") -> dict[str, float]:
+        z = self.data.split(split)[0]
         return zero_shot_eval(model if model is not None else self.model, tokenizer or self.tokenizer, z.images,
                               z.classnames, z.templates, self.device, batch_size=self.cfg.eval.batch_size)
 

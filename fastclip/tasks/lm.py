@@ -1,6 +1,6 @@
 """Character language modelling with DTP (the setting where DTP was first shown): text8-format
-data, an hourglass LM, bits per character on valid during training and on the WHOLE test split
-at the end."""
+data, an hourglass LM, bits per character on valid during training (val/bpc: the sweep objective)
+and on the WHOLE test split at the end (lm/test_bpc)."""
 import math
 import os
 
@@ -120,8 +120,9 @@ class LMTask:
                             batch_size=self.cfg.eval.lm_batch_size)
 
     def evaluate(self) -> dict[str, float]:
+        """Per epoch, on the valid split (at most task.valid_max_chars of it): val/bpc."""
         r = self._bpc("valid")
-        return {"lm/bpc": r["bpc"], "efficiency/compression_text": r["compression"]}
+        return {"val/bpc": r["bpc"], "efficiency/compression_text": r["compression"]}
 
     def final_evaluate(self) -> dict[str, float]:
         r = self._bpc("test")  # the WHOLE test split, with the model just trained
