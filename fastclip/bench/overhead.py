@@ -131,7 +131,7 @@ def main(argv=None):
     from fastclip.bench.common import emit
     from fastclip.config import compose_train_config
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=10, help="digits epochs per timed run (11 steps each)")
+    ap.add_argument("--epochs", type=int, default=10, help="digits epochs per timed run (10 steps each)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "overhead.md"))
     args = ap.parse_args(argv)
