@@ -81,6 +81,10 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
         what = " (a character language model)" if task == "lm" else ""
         raise CheckpointError(f"{path}: a task={task} checkpoint{what}, not a CLIP model: fastclip.load and "
                               f"fastclip.infer read task=clip checkpoints")
+    from fastclip.resume import describe_unknown, unknown_keys
+    unknown = [k for k in unknown_keys(state) if k.startswith(("encoder.", "boundary."))]  # what builds the model
+    if unknown:
+        raise CheckpointError(f"{path}: {describe_unknown(state, unknown)}; load it with that version")
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary, inference=True)
     from fastclip.compression.distill import PROJECTION
     # a distilled student's projection to its teacher's width served the training only

@@ -82,6 +82,10 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
         proposal, touched = _callers_choices(cfg, ckpt)
     else:
         proposal, touched = _apply_overrides(ckpt, overrides)
+    unknown = [k for k in unknown_keys(ckpt, proposal) if k not in touched]
+    if unknown:  # copied into the run and its params, and read by nothing: the run would not be what it says
+        raise ResumeError(f"trainer.resume={path}: {describe_unknown(ckpt, unknown)}. Resume it with that version (its "
+                          f"commit is in the run's MLflow tags), or start a new run")
     effective, added = dict(old), []
     for key in touched:
         if key in proposal:
@@ -111,6 +115,22 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
     _refuse_rewind(path, ckpt, run_dir)
     return Resume(path, ckpt, config, {k: v for k, v in changes.items() if k != "trainer.resume"}, run_dir,
                   _choices(ckpt))
+
+
+def unknown_keys(ckpt: dict, known: dict | None = None) -> list[str]:
+    """Keys of the checkpoint's config that this fastclip's config tree lacks (composed with the
+    checkpoint's own group options, or `known`, a flat config, when given): keys of a newer (or a
+    retired) fastclip, which nothing here reads."""
+    if known is None:
+        known = flatten(_compose([f"{g}={o}" for g, o in _choices(ckpt).items()]))
+    return sorted(flatten(ckpt["config"]).keys() - known.keys())
+
+
+def describe_unknown(ckpt: dict, unknown: list[str]) -> str:
+    old = flatten(ckpt["config"])
+    listed = ", ".join(f"{k}={old[k]!r}" for k in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
+    return (f"the checkpoint's config has {len(unknown)} key(s) this fastclip does not know ({listed}): it was "
+            f"written by another version of fastclip, whose code read them")
 
 
 def _apply_overrides(ckpt: dict, overrides: list[str]) -> tuple[dict, set]:

@@ -158,6 +158,14 @@ def test_bad_checkpoints_and_inputs_are_named(trained, images, tmp_path):
         main(["--checkpoint", str(notes), *image])
     with pytest.raises(SystemExit, match="a directory without checkpoints/last.pt"):
         main(["--checkpoint", str(tmp_path), *image])
+    # from a newer fastclip: a model key this code does not know would be ignored, building another model
+    from fastclip import checkpoint
+    newer = checkpoint.load(trained["dtp"][0])
+    newer["config"]["boundary"]["token_budget"] = 96
+    checkpoint.save(tmp_path / "newer.pt", newer)
+    with pytest.raises(SystemExit, match=r"newer.pt: the checkpoint's config has 1 key\(s\) this fastclip does not "
+                                          r"know \(boundary.token_budget=96\)"):
+        main(["--checkpoint", str(tmp_path / "newer.pt"), *image])
 
 
 def test_a_run_dir_names_its_last_checkpoint(trained, images, capsys):

@@ -42,6 +42,16 @@ def test_a_resume_that_changes_the_model_fails_before_touching_the_run(tmp_path,
         assert snapshot(run_dir) == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts", "first", "mlflow.db"]  # nothing new
 
+    # a checkpoint from a newer fastclip, whose config has a key this code does not know: refused, naming it
+    newer = load_checkpoint(ckpt)
+    newer["config"]["trainer"]["token_budget"] = 96
+    from fastclip import checkpoint
+    checkpoint.save(tmp_path / "newer" / "checkpoints" / "last.pt", {**newer, "run_dir": str(tmp_path / "newer")})
+    with pytest.raises(ResumeError, match=r"has 1 key\(s\) this fastclip does not know \(trainer.token_budget=96\)"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'newer' / 'checkpoints' / 'last.pt'}",
+                                  "epochs=3"]), tmp_path / "second", overrides=["epochs=3"])
+    assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED" and snapshot(run_dir) == before
+
 
 def test_a_resume_with_a_new_lr_applies_and_records_it(tmp_path, store, caplog):
     caplog.set_level("INFO", logger="fastclip")
