@@ -65,7 +65,8 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
     """A trained CLIP from a fastclip checkpoint -> (model, preprocess, tokenizer), as open_clip's
     create_model_and_transforms: model.encode_image(images [B, 3, H, W]) / model.encode_text(tokens
     [B, L]) give [B, embed_dim] embeddings (normalize=True for unit length); preprocess is the eval
-    transform (PIL image -> [3, H, W] tensor); tokenizer(list of str) -> [B, L] token ids (open_clip's
+    transform (PIL image -> [3, H, W] tensor; the image first turned as its EXIF orientation says, as a
+    viewer shows it: `PIL.Image.open` alone reads a phone's portrait photo sideways); tokenizer(list of str) -> [B, L] token ids (open_clip's
     BPE, or bytes for a DTP text tower). The model is in eval mode on `device`.
 
     checkpoint: a path, a run dir, or runs:/<MLflow run id> (see checkpoint_path). Raises FileNotFoundError
@@ -90,7 +91,27 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
     # a distilled student's projection to its teacher's width served the training only
     model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith(PROJECTION + ".")})
     model.to(device).eval()
-    return model, build_transforms(cfg.encoder)[1], tokenizer
+    return model, upright_first(build_transforms(cfg.encoder)[1]), tokenizer
+
+
+class Upright:
+    """A transform step: a PIL image as a viewer shows it (data.pairs.upright: its EXIF orientation
+    applied, on a copy); anything else passes as it is."""
+
+    def __call__(self, image):
+        from PIL import Image
+        from fastclip.data.pairs import upright
+        return upright(image) if isinstance(image, Image.Image) else image
+
+    def __repr__(self) -> str:
+        return "Upright()"
+
+
+def upright_first(transform):
+    """A torchvision Compose with Upright() as its first step (its other steps, and so its
+    CenterCrop's size, as they were)."""
+    from torchvision.transforms import Compose
+    return Compose([Upright(), *transform.transforms])
 
 
 @dataclass

@@ -104,3 +104,16 @@ def grey16_png(path: Path, value: int, size: int = 12) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size, size), value, dtype=np.uint16)).save(path)
     return path
+
+
+def sideways_photo(path: Path, width: int = 80, height: int = 40) -> Image.Image:
+    """A JPEG stored `width` x `height` with EXIF orientation 6, as a phone stores a portrait photo:
+    every viewer turns it 90 degrees clockwise and shows `height` x `width`. Stored left half red,
+    right half blue, so upright its top half is red. -> the image as a viewer shows it."""
+    stored = Image.new("RGB", (width, height), COLOURS["blue"])
+    stored.paste(COLOURS["red"], (0, 0, width // 2, height))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return stored.transpose(Image.Transpose.ROTATE_270)

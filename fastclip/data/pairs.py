@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from fastclip.runtime import seeded
@@ -32,11 +32,14 @@ class UnusableImage(ValueError):
 
 
 def open_rgb(source: str | Path | bytes, what: str, skip: bool = True) -> Image.Image | None:
-    """A decoded 8-bit RGB image, or None (logged with `what` and the reason) when it cannot be
-    read or its mode has no defined value range (32-bit integer "I" from TIFF etc., float "F").
-    skip=False raises UnusableImage naming `what` and the reason instead (a user's own file)."""
+    """A decoded 8-bit RGB image as a viewer shows it (turned by its EXIF orientation: upright), or
+    None (logged with `what` and the reason) when it cannot be read or its mode has no defined value
+    range (32-bit integer "I" from TIFF etc., float "F"). skip=False raises UnusableImage naming
+    `what` and the reason instead (a user's own file). Every image fastclip reads (training, evaluation
+    sets, make_shards, fastclip.infer) is opened here."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            upright(im, what, in_place=True)  # decodes: a truncated file fails here
             if im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and im.format in SIXTEEN_BIT_I_FORMATS):
                 return sixteen_to_eight_bits(im).convert("RGB")
             if im.mode in ("I", "F"):
@@ -50,6 +53,21 @@ def open_rgb(source: str | Path | bytes, what: str, skip: bool = True) -> Image.
         raise UnusableImage(f"{what}: {reason}")
     log.warning("skipping %s: %s", what, reason)
     return None
+
+
+def upright(image: Image.Image, what: str = "image", in_place: bool = False) -> Image.Image:
+    """`image` as a viewer shows it: rotated / flipped as its EXIF Orientation tag says (a phone
+    stores a portrait photo sideways with orientation 6), the tag then removed, so turning it again
+    changes nothing (Pillow's ImageOps.exif_transpose). Decodes the image (its errors propagate); EXIF
+    that cannot be parsed leaves the pixels as stored, with a warning naming `what`. in_place=False
+    returns a new image."""
+    image.load()
+    try:
+        turned = ImageOps.exif_transpose(image, in_place=in_place)
+    except Exception as exc:  # a malformed EXIF block: the pixels are still good
+        log.warning("%s: unreadable EXIF orientation, read as stored (%s: %s)", what, type(exc).__name__, exc)
+        return image if in_place else image.copy()
+    return image if in_place else turned
 
 
 def sixteen_to_eight_bits(im: Image.Image) -> Image.Image:

@@ -1,0 +1,141 @@
+"""Inputs as phones, notebooks, archives and img2dataset leave them, each built here: a portrait
+photo stored sideways with an EXIF orientation, hidden and OS folders in a class folder, one image
+twice in an evaluation set, shards whose captions are only in their .json. Each is read as a
+person looking at the files would read it, through every source and entry point that opens it."""
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import PILToTensor
+
+import fastclip
+from conftest import TINY_CLIP, compose_cfg
+from datagen import (COLOURS, colour_image, jpeg_bytes, make_class_folder, make_coco, make_csv, sideways_photo,
+                     write_shard)
+from fastclip.data import make_shards
+from fastclip.data.captioned import CaptionedImages, LabelledImages
+from fastclip.data.coco import build_coco
+from fastclip.data.csv_pairs import build_csv
+from fastclip.data.image_folder import build_image_folder
+from fastclip.data.pairs import ImageFiles, PairDataset, open_rgb
+from fastclip.data.shards import ShardSource, ShardStream, build_shards, shard_retrieval_set
+from fastclip.infer import main as infer_main
+from fastclip.infer import read_images
+from fastclip.train import run
+
+
+def same(image):
+    return image
+
+
+def tokens(texts):
+    return torch.zeros(len(texts), 4, dtype=torch.long)
+
+
+def build(builder, overrides):
+    """builder(cfg.dataset) with stand-in transforms (PIL image out as is) and tokenizer -> ClipData."""
+    return builder(compose_cfg(overrides).dataset, same, same, tokens)
+
+
+def every_image(data) -> dict[str, Image.Image]:
+    """file (or shard sample) -> the image as the source hands it to its transform, over the
+    training set and every evaluation set (validation and test)."""
+    out = {}
+    sets = [data.train] + [held.images for split in ("val", "test") for held in data.split(split) if held is not None]
+    for ds in sets:
+        if isinstance(ds, PairDataset):
+            out.update({ds.records[i][0]: ds[i][0] for i in range(len(ds))})
+        elif isinstance(ds, (CaptionedImages, LabelledImages)):
+            out.update({str(f): im for f, im in zip(ds.files, ds.images)})
+        elif isinstance(ds, ImageFiles):
+            out.update({str(ds.names[i] if ds.names else ds.files[i]): ds[i][0] for i in range(len(ds))})
+    return out
+
+
+def assert_upright(image: Image.Image, what: str = "") -> None:
+    """The image of sideways_photo as a viewer shows it: 40 wide, 80 tall, red on top, blue below."""
+    assert image.size == (40, 80), f"{what}: {image.size}"
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    assert np.abs(rgb[:30].mean((0, 1)) - COLOURS["red"]).max() < 12, what
+    assert np.abs(rgb[-30:].mean((0, 1)) - COLOURS["blue"]).max() < 12, what
+
+
+# --- 1. EXIF orientation: read as a viewer shows it, everywhere -----------------------------------
+
+def test_open_rgb_turns_a_sideways_phone_photo_upright(tmp_path):
+    path = tmp_path / "portrait.jpg"
+    sideways_photo(path)
+    assert Image.open(path).size == (80, 40)  # as stored
+    assert_upright(open_rgb(path, "file"), "a path")
+    assert_upright(open_rgb(path.read_bytes(), "bytes"), "encoded bytes")
+
+
+def test_every_source_reads_a_sideways_photo_upright(tmp_path):
+    root = make_class_folder(tmp_path / "folder", per_colour=3)
+    sideways_photo(root / "red" / "portrait.jpg")
+    folder = every_image(build(build_image_folder, ["dataset=image_folder", f"dataset.path={root}"]))
+    assert_upright(folder[str(root / "red" / "portrait.jpg")], "image_folder")
+
+    csv = make_csv(tmp_path / "csv", per_colour=2, captions_per_image=1)
+    sideways_photo(csv.parent / "images" / "portrait.jpg")
+    csv.write_text(csv.read_text() + "portrait.jpg,a portrait\n")
+    pairs = every_image(build(build_csv, ["dataset=csv", f"dataset.path={csv}", "dataset.eval_fraction=0.2"]))
+    assert_upright(pairs[str(csv.parent / "images" / "portrait.jpg")], "csv")
+
+    coco = make_coco(tmp_path / "coco", train_per_colour=2, val_per_colour=2)
+    photos = sorted((coco / "train2014").glob("*.jpg"))[:1] + sorted((coco / "val2014").glob("*.jpg"))
+    for photo in photos:
+        sideways_photo(photo)
+    images = every_image(build(build_coco, ["dataset=coco2014", f"dataset.root={coco}",
+                                            "dataset.retrieval_images=2", "dataset.val_images=2"]))
+    read = [photo for photo in photos if str(photo) in images]
+    assert len(read) == 5  # a training image, the 2 test and the 2 validation images
+    for photo in read:
+        assert_upright(images[str(photo)], f"coco {photo.name}")
+
+
+def test_shards_make_shards_and_infer_read_a_sideways_photo_upright(tmp_path):
+    photo = tmp_path / "portrait.jpg"
+    sideways_photo(photo)
+    sample = {"__key__": "000000000", "jpg": photo.read_bytes(), "txt": "a portrait"}
+    write_shard(tmp_path / "shards" / "shard-000000.tar", [sample])
+    stream = ShardStream([ShardSource(str(tmp_path / "shards" / "shard-000000.tar"), 1.0, 1)], same, tokens, 0,
+                         False, 1)
+    assert_upright(stream.decode({**sample, "__url__": "shard-000000.tar"})[0], "training shard")
+    held = shard_retrieval_set(str(tmp_path / "shards" / "shard-000000.tar"), same, None)
+    assert_upright(held.images[0][0], "evaluation shard")
+
+    jpeg, why = make_shards.encode(str(photo), 0, 95)  # --image-size 0 keeps the size
+    assert why is None
+    assert_upright(Image.open(io.BytesIO(jpeg)), "make_shards")
+
+    assert read_images([str(photo)], PILToTensor()).shape == (1, 3, 80, 40)  # fastclip.infer's --image
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    home = tmp_path_factory.mktemp("wild")
+    run(compose_cfg(TINY_CLIP + ["eval.boundary_picture=false", "trainer.batch_size=8", "trainer.max_steps=2",
+                                 "trainer.warmup_steps=1", f"tracking.uri=sqlite:///{home / 'mlflow.db'}"]),
+        home / "run")
+    return home / "run" / "checkpoints" / "last.pt"
+
+
+def test_fastclip_load_and_infer_see_a_sideways_photo_as_a_viewer_does(checkpoint, tmp_path, capsys):
+    photo = tmp_path / "portrait.jpg"
+    sideways_photo(photo)
+    turned = tmp_path / "turned.png"  # the stored pixels turned by hand, saved losslessly
+    Image.open(photo).convert("RGB").transpose(Image.Transpose.ROTATE_270).save(turned)
+    _, preprocess, _ = fastclip.load(checkpoint)
+    expected = preprocess(Image.open(turned))
+    assert torch.equal(preprocess(Image.open(photo)), expected)  # PIL.Image.open, as the docs show
+    assert torch.equal(read_images([str(photo)], preprocess)[0], expected)
+    infer_main(["--checkpoint", str(checkpoint), "--image", str(photo), "--image", str(turned),
+                "--text", "a red square", "--text", "a blue square"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:3] == out[4:6]  # the photo's probabilities are the upright copy's
