@@ -20,6 +20,10 @@ from typing import Iterator
 LOCK_NAME = ".fastclip.lock"
 
 
+class RunDirNotWritable(OSError):
+    """The run dir refuses the lock file, the run's first write (read-only, no permission, full)."""
+
+
 class RunDirInUse(RuntimeError):
     """Another live process holds this run dir; the message names it (pid, host, since when)."""
 
@@ -28,10 +32,15 @@ class RunDirInUse(RuntimeError):
 def hold(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold the run dir's lock while the block runs; yields the lock file's path.
 
-    Raises RunDirInUse, naming the holder, when another process holds it. The lock is released
+    Raises RunDirInUse, naming the holder, when another process holds it; RunDirNotWritable, naming
+    the dir and the cause, when the lock file cannot be created there. The lock is released
     when the block ends or the process dies, whichever comes first."""
     path = Path(run_dir) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # the run's first write into its run dir: a read-only one fails here, before any work
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise RunDirNotWritable(f"{Path(run_dir)}: the run dir is not writable ({exc.strerror}): a run writes its "
+                                f"lock, config, checkpoints and logs there") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

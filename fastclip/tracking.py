@@ -201,10 +201,11 @@ class Tracker:
         if run_id is None:
             self.experiment_id = ensure_store(uri, experiment)
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
-            self.run_id = run.info.run_id
+            self.run_id, self.status_before = run.info.run_id, None
         else:  # resume: keep writing into the same run
             self.run_id = run_id
-            self.experiment_id = self.client.get_run(run_id).info.experiment_id
+            reopened = self.client.get_run(run_id).info
+            self.experiment_id, self.status_before = reopened.experiment_id, reopened.status
             self.client.update_run(run_id, status="RUNNING")
         self._buffer, self._pending = [], []
 
@@ -253,6 +254,16 @@ class Tracker:
         self.flush()
         self.wait()
         self.client.set_terminated(self.run_id, status=status)
+
+    def end_failed(self, exc: BaseException, trained: bool) -> None:
+        """Ends the run after `exc`: KILLED (a stop signal, Ctrl-C, a requeue) or FAILED; but a FINISHED
+        run reopened to evaluate or extend that failed before training a step is left FINISHED, as it
+        was (the failure is in the tag fastclip.reopen_failed): its records are those of a finished run."""
+        if self.status_before == "FINISHED" and not trained:
+            self.set_tags({"fastclip.reopen_failed": f"{type(exc).__name__}: {exc}"[:5000]})
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
 
 
 def sweep_run_name(overrides: str, sweep_dir: Path, limit: int = 200) -> str:

@@ -153,6 +153,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
     if not world.main:  # the others train and wait; rank 0 tracks, writes and evaluates
         return {**fit(task, cfg, None, run_dir, device, trainer), "mlflow_run_id": opened}
     tracker, commit, dirty = opened
+    opened_at = trainer.state.step
     run_log = _log_to_run_dir(run_dir) if resume else None
     try:
         if resume:
@@ -163,7 +164,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
             metrics.update(_compressed(task, cfg, tracker, metrics, trainer, run_dir))
     except BaseException as exc:
         # KeyboardInterrupt: Ctrl-C or a signal's stop; SystemExit: Submitit's handler requeued the job
-        tracker.end("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        tracker.end_failed(exc, trained=trainer.state.step > opened_at)
         raise
     finally:
         if run_log is not None:
@@ -276,19 +277,23 @@ def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):
     commit, dirty = runtime.git_commit()
     tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
             "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **getattr(task, "tags", {})}
+    resolved = run_dir / "config.yaml"  # before the run is (re)opened: what fails here leaves it as it was
+    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=run_name(cfg, tags), tags=tags,
                                run_id=resume.checkpoint.get("mlflow_run_id") if resume else None)
-    tracker.log_params(tracking.flatten(cfg))
-    counts = task.params() if hasattr(task, "params") else {"model.params_total": sum(
-        p.numel() for p in task.model.parameters())}
-    tracker.log_params({k: str(v) for k, v in counts.items()})
-    world = distributed.current().size
-    if world > 1:  # the batch one optimizer step averages over: per process x processes x accumulation
-        tracker.log_params({"distributed.world_size": str(world),
-                            "trainer.global_batch_size": str(cfg.trainer.batch_size * world * cfg.trainer.accum_steps)})
-    resolved = run_dir / "config.yaml"
-    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker.log_artifact(resolved)
+    try:
+        tracker.log_params(tracking.flatten(cfg))
+        counts = task.params() if hasattr(task, "params") else {"model.params_total": sum(
+            p.numel() for p in task.model.parameters())}
+        tracker.log_params({k: str(v) for k, v in counts.items()})
+        world = distributed.current().size
+        if world > 1:  # the batch one optimizer step averages over: per process x processes x accumulation
+            tracker.log_params({"distributed.world_size": str(world), "trainer.global_batch_size":
+                                str(cfg.trainer.batch_size * world * cfg.trainer.accum_steps)})
+        tracker.log_artifact(resolved)
+    except BaseException as exc:
+        tracker.end_failed(exc, trained=False)
+        raise
     return tracker, commit, dirty
 
 
@@ -361,7 +366,8 @@ def main(cfg: DictConfig) -> float | None:
                               "Data-parallel training), or one torchrun per configuration")
         metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
                       choices=_choices(cfg))
-    except (ConfigError, ResumeError, CheckpointError, CheckpointWriteError, run_lock.RunDirInUse, NoTrainingData,
+    except (ConfigError, ResumeError, CheckpointError, CheckpointWriteError, run_lock.RunDirInUse,
+            run_lock.RunDirNotWritable, NoTrainingData,
             TrainingDiverged, RankFailed) as exc:
         if str(hc.mode) == "RunMode.MULTIRUN":  # the sweep goes on and counts it (SystemExit would end it)
             from fastclip.sweep_jobs import JobFailed

@@ -256,3 +256,37 @@ def test_a_cuda_rng_state_resumes_where_fewer_devices_are_visible(monkeypatch):
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     assert runtime.pick_device("cuda:1") == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+
+
+def test_a_finished_run_reopened_from_a_read_only_folder_fails_first_and_stays_finished(tmp_path, store, cli_env,
+                                                                                         monkeypatch):
+    """Re-evaluating a FINISHED run whose run dir is read-only (a real read-only bind mount, in a mount
+    namespace of its own) fails before the MLflow run is reopened, naming the dir; a failure after it
+    is reopened, before a step is trained, leaves the run FINISHED too."""
+    import shutil
+    run_dir, ckpt, first = finished_run(tmp_path, store)
+    client = mlflow.MlflowClient(tracking_uri=store)
+    ended = client.get_run(first["mlflow_run_id"]).info.end_time
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare")
+    command = (f"mount --bind {run_dir} {run_dir} && mount -o remount,bind,ro {run_dir} && exec {PYTHON} -m "
+               f"fastclip.train {' '.join({o.split('=')[0]: o for o in COMMON}.values())} epochs=2 tracking.uri={store} trainer.resume={ckpt}")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", command], cwd=tmp_path, env=cli_env, capture_output=True,
+                          text=True, timeout=300)
+    if "mount:" in done.stderr or "unshare:" in done.stderr:
+        pytest.skip(f"no read-only bind mount here (needs root): {done.stderr.strip()[:200]}")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (f"error: {run_dir}: the run dir is not writable (Read-only file "
+                                                    f"system): a run writes its lock, config, checkpoints and logs there")
+    after = client.get_run(first["mlflow_run_id"]).info
+    assert after.status == "FINISHED" and after.end_time == ended  # never reopened
+
+    from fastclip import tracking
+
+    def store_refuses_the_artifact(self, path):
+        raise OSError(f"{path}: the artifact store went away")
+    monkeypatch.setattr(tracking.Tracker, "log_artifact", store_refuses_the_artifact)
+    with pytest.raises(OSError, match="artifact store went away"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", "epochs=2", f"trainer.resume={ckpt}"]), tmp_path / "r")
+    after = client.get_run(first["mlflow_run_id"])
+    assert after.info.status == "FINISHED" and "went away" in after.data.tags["fastclip.reopen_failed"]
