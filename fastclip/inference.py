@@ -66,8 +66,9 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
     create_model_and_transforms: model.encode_image(images [B, 3, H, W]) / model.encode_text(tokens
     [B, L]) give [B, embed_dim] embeddings (normalize=True for unit length); preprocess is the eval
     transform (PIL image -> [3, H, W] tensor; the image first turned as its EXIF orientation says, as a
-    viewer shows it: `PIL.Image.open` alone reads a phone's portrait photo sideways); tokenizer(list of str) -> [B, L] token ids (open_clip's
-    BPE, or bytes for a DTP text tower). The model is in eval mode on `device`.
+    viewer shows it: `PIL.Image.open` alone reads a phone's portrait photo sideways); tokenizer(list
+    of str) -> [B, L] token ids (open_clip's BPE, or bytes for a DTP text tower). The model is in eval
+    mode on `device`.
 
     checkpoint: a path, a run dir, or runs:/<MLflow run id> (see checkpoint_path). Raises FileNotFoundError
     (no such file), CheckpointError (not a fastclip checkpoint, or a task=lm one), naming the file."""

@@ -139,3 +139,60 @@ def test_fastclip_load_and_infer_see_a_sideways_photo_as_a_viewer_does(checkpoin
                 "--text", "a red square", "--text", "a blue square"])
     out = capsys.readouterr().out.splitlines()
     assert out[1:3] == out[4:6]  # the photo's probabilities are the upright copy's
+
+
+# --- 2. hidden and OS folders are not classes; hidden files are not images --------------------------
+
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00" + bytes(74)  # macOS's ._<name> resource-fork file
+
+
+def litter(root):
+    """What a notebook, a Mac and its zip leave in a class folder tree: a checkpoint folder with a
+    copy of an image, __MACOSX/ with AppleDouble files, ._ files and .DS_Store beside the images."""
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes((root / "red" / "0.png").read_bytes())
+    (root / "__MACOSX" / "red").mkdir(parents=True)
+    (root / "__MACOSX" / "red" / "._0.png").write_bytes(APPLEDOUBLE)
+    for cls in ("red", "blue"):
+        (root / cls / "._0.png").write_bytes(APPLEDOUBLE)
+        (root / cls / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+
+
+def test_hidden_and_os_folders_are_not_classes_and_hidden_files_not_images(tmp_path, caplog):
+    from fastclip.data.image_folder import folder_classnames
+    from fastclip.eval.imagenet import imagenet_files
+    root = make_class_folder(tmp_path / "folder", per_colour=3)
+    litter(root)
+    cfg = compose_cfg(["dataset=image_folder", f"dataset.path={root}"]).dataset
+    with caplog.at_level(logging.WARNING):
+        data = build_image_folder(cfg, same, same, tokens)
+    assert data.zeroshot.classnames == data.val_zeroshot.classnames == sorted(COLOURS) == folder_classnames(cfg)
+    files = [str(f) for f in data.train.files + data.zeroshot.images.files + data.val_zeroshot.images.files]
+    assert len(files) == 12 and not any("/." in f or "__MACOSX" in f for f in files)
+    assert data.train.skipped == {}  # no AppleDouble file read as an undecodable image
+    assert ".ipynb_checkpoints __MACOSX" in caplog.text and "4 files in the class folders" in caplog.text
+
+    records, _ = make_shards.records_of(type("Args", (), {"source": "folder", "path": str(root),
+                                                          "template": "a photo of a {}."})())
+    assert len(records) == 12 and {meta["class"] for _, _, meta in records} == set(COLOURS)
+    files, labels = imagenet_files(root, classnames=sorted(COLOURS))  # eval.imagenet_val: 4 classes, not 6
+    assert len(files) == 12
+
+
+def test_a_class_folder_without_an_image_fails_naming_it(tmp_path, caplog):
+    root = make_class_folder(tmp_path / "folder", per_colour=3)
+    (root / "purple").mkdir()
+    (root / "purple" / ".DS_Store").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match=r"dataset.path=.*class folder\(s\) \['purple'\] hold no image"):
+        build(build_image_folder, ["dataset=image_folder", f"dataset.path={root}"])
+    with pytest.raises(ValueError, match=r"--path=.*\['purple'\] hold no image"):
+        make_shards.main(["--source", "folder", "--path", str(root), "--out", str(tmp_path / "shards")])
+
+    (root / "purple").rename(tmp_path / "purple")
+    held = make_class_folder(tmp_path / "held", per_colour=2)
+    (held / "green").rename(tmp_path / "green_held")
+    (held / "green").mkdir()  # an evaluation folder may hold a subset of the classes: a warning
+    with caplog.at_level(logging.WARNING):
+        data = build(build_image_folder, ["dataset=image_folder", f"dataset.path={root}", f"dataset.eval_path={held}"])
+    assert "dataset.eval_path" in caplog.text and "['green'] hold no image" in caplog.text
+    assert len(data.zeroshot.images) == 6 and data.zeroshot.classnames == sorted(COLOURS)

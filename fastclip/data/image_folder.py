@@ -18,31 +18,63 @@ from fastclip.data.textfile import read_names
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".gif"}
+# What operating systems, archivers and tools leave beside the data. Hidden names (a leading dot:
+# .ipynb_checkpoints, .DS_Store, macOS's AppleDouble ._IMG.jpg) are never data either.
+OS_NAMES = {"__MACOSX", "__pycache__", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "lost+found",
+            "Thumbs.db", "desktop.ini"}
 
 
-def scan(root: str | Path, key: str = "dataset.path") -> tuple[list[Path], np.ndarray, list[str]]:
+def is_hidden_or_os(path: Path) -> bool:
+    """Whether a folder or file is a hidden one or an OS's, never a class or an image."""
+    return path.name.startswith(".") or path.name in OS_NAMES
+
+
+def scan(root: str | Path, key: str = "dataset.path",
+         subset: bool = False) -> tuple[list[Path], np.ndarray, list[str]]:
     """(image files, their class index, class folder names sorted) of <root>/<class>/<image>.
-    Errors name `key` (the config key root came from); files of other suffixes are counted in a warning."""
+    Hidden and OS folders and files (is_hidden_or_os) are left out, named in a warning; files of other
+    suffixes are counted in a warning. Errors name `key` (the config key root came from): a class
+    folder without an image is a ValueError naming it, a warning where `subset` (an evaluation folder,
+    which may hold a subset of the classes)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{key}={str(root)!r}: no such directory")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    folders = [p for p in root.iterdir() if p.is_dir()]
+    hidden = sorted(p.name for p in folders if is_hidden_or_os(p))
+    classes = sorted(p.name for p in folders if not is_hidden_or_os(p))
     if not classes:
-        raise ValueError(f"{key}={str(root)!r}: no class subfolders")
-    files, labels, other = [], [], 0
+        raise ValueError(f"{key}={str(root)!r}: no class subfolders" + (f" (only hidden or OS folders: {hidden})"
+                                                                      if hidden else ""))
+    files, labels, other, hidden_files, empty = [], [], 0, 0, []
     for i, cls in enumerate(classes):
+        found = 0
         for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
+            if is_hidden_or_os(f):
+                hidden_files += f.is_file()
+            elif f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
                 files.append(f)
                 labels.append(i)
+                found += 1
             elif f.is_file():
                 other += 1
+        if not found:
+            empty.append(cls)
+    if hidden or hidden_files:
+        log.warning("%s=%s: hidden and OS folders and files are not classes or images, left out: %s%s", key, root,
+                    " ".join(hidden) or "no folder", f" and {hidden_files} files in the class folders" if hidden_files
+                    else "")
     if other:
         log.warning("%s=%s: %d files without an image suffix (%s) left out", key, root, other,
                     " ".join(sorted(IMAGE_SUFFIXES)))
+    suffixes = " ".join(sorted(IMAGE_SUFFIXES))
     if not files:
         raise ValueError(f"{key}={str(root)!r}: no image file in its {len(classes)} class folders (suffixes "
-                         f"{' '.join(sorted(IMAGE_SUFFIXES))})")
+                         f"{suffixes})")
+    if empty and not subset:
+        raise ValueError(f"{key}={str(root)!r}: class folder(s) {empty} hold no image (suffixes {suffixes}): a class "
+                         f"without images would be scored as a distractor; add its images or remove the folder")
+    if empty:
+        log.warning("%s=%s: class folder(s) %s hold no image: no %s image of those classes", key, root, empty, key)
     return files, np.array(labels), classes
 
 
@@ -92,7 +124,7 @@ def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer) -> Cli
     undecodable = len(files) - len(ok)  # counted in data/skipped (the held-out folder's too)
     files, labels = [files[i] for i in ok], labels[ok]
     if cfg.eval_path:
-        eval_files, eval_labels, eval_classes = scan(cfg.eval_path, "dataset.eval_path")
+        eval_files, eval_labels, eval_classes = scan(cfg.eval_path, "dataset.eval_path", subset=True)
         eval_labels = training_labels(eval_labels, eval_classes, classes)
         eval_images, eval_ok = load_images(eval_files)
         undecodable += len(eval_files) - len(eval_ok)
