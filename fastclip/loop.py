@@ -614,11 +614,14 @@ def _skip_counts(task, state: TrainState) -> Counter:
 def data_metrics(task, state: TrainState) -> dict[str, float]:
     """data/skipped: every sample left out so far (while building the data, once; while training,
     each time it comes round), data/eval_overlap: those left out for being in the evaluation set,
+    data/eval_duplicates: evaluation images merged into another for being the same image (data.overlap),
     data/trained_fraction: the last complete epoch's trained / declared samples."""
     counts = _skip_counts(task, state)
     out = {"data/skipped": float(sum(counts.values()))}
     if getattr(task, "checks_eval_overlap", False):
         out["data/eval_overlap"] = float(counts.get("eval overlap", 0))
+    if hasattr(task, "eval_duplicates"):
+        out["data/eval_duplicates"] = float(task.eval_duplicates)
     if state.trained_fraction is not None:
         out["data/trained_fraction"] = state.trained_fraction
     return out

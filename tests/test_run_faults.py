@@ -59,8 +59,8 @@ def test_an_evaluation_set_with_no_usable_image_fails_before_training(tmp_path, 
         Path(f).write_bytes(saved[f])
     task = ClipTask(cfg, torch.device("cpu"))
     assert task.tags["fastclip.retrieval_set"].endswith("5 of its 8 images missing: not the complete set")
-    for f in test:  # files that exist but do not decode: named too
-        Path(f).write_bytes(b"not a jpeg")
+    for f in test:  # files that exist but do not decode: named too (distinct bytes: copies would be one image)
+        Path(f).write_bytes(b"not a jpeg: " + f.encode())
     with pytest.raises(ValueError, match="none of its 8 images could be decoded"):
         ClipTask(cfg, torch.device("cpu"))
 

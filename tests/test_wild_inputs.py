@@ -196,3 +196,89 @@ def test_a_class_folder_without_an_image_fails_naming_it(tmp_path, caplog):
         data = build(build_image_folder, ["dataset=image_folder", f"dataset.path={root}", f"dataset.eval_path={held}"])
     assert "dataset.eval_path" in caplog.text and "['green'] hold no image" in caplog.text
     assert len(data.zeroshot.images) == 6 and data.zeroshot.classnames == sorted(COLOURS)
+
+
+# --- 3. one image twice in an evaluation set is one held-out image --------------------------------
+
+def test_csv_retrieval_merges_an_image_listed_under_two_paths_or_copied(tmp_path, caplog):
+    from fastclip.data.overlap import merge_eval_duplicates
+    csv = make_csv(tmp_path / "train", per_colour=3, captions_per_image=1)
+    held = make_csv(tmp_path / "held", per_colour=2, captions_per_image=1, first=10)
+    images = held.parent / "images"
+    (images / "copy.jpg").write_bytes((images / "green_10.jpg").read_bytes())
+    (images / "link.jpg").symlink_to(images / "red_10.jpg")
+    held.write_text(held.read_text() + "../images/red_10.jpg,red again\ncopy.jpg,a copied green square\n"
+                    "link.jpg,a red square number 0\n")
+    data = build(build_csv, ["dataset=csv", f"dataset.path={csv}", f"dataset.eval_path={held}"])
+    assert len(data.retrieval.captions) == 8 + 3
+    with caplog.at_level(logging.WARNING):
+        assert merge_eval_duplicates(data) == 3
+    assert "test retrieval set: 3 duplicate images merged" in caplog.text
+    files = [str(f) for f in data.retrieval.images.files]
+    assert len(files) == 8 and len({str((images / f).resolve()) for f in files}) == 8
+    caption = dict(zip(files, data.retrieval.captions))
+    assert caption[str(images / "red_10.jpg")] == ["a red square number 0", "red again"]  # each text once
+    assert caption[str(images / "green_10.jpg")] == ["a green square number 0", "a copied green square"]
+    assert data.retrieval.description.endswith("3 duplicate images merged")
+
+
+def test_coco_test_and_validation_sets_merge_byte_identical_copies(tmp_path):
+    from datagen import make_karpathy
+    from fastclip.data.overlap import merge_eval_duplicates
+    coco = make_coco(tmp_path / "coco", train_per_colour=1, val_per_colour=3)
+    split_file = make_karpathy(coco, tmp_path / "dataset_coco.json")
+    val2014 = coco / "val2014"
+    for i in (1, 2):  # red_i onto green_i: i=1 is in Karpathy's val split, i=2 in its test split
+        (val2014 / f"COCO_val2014_{1000 + i:012d}.jpg").write_bytes((val2014 / f"COCO_val2014_{i:012d}.jpg").read_bytes())
+    data = build(build_coco, ["dataset=coco2014", f"dataset.root={coco}", f"dataset.split_file={split_file}"])
+    assert len(data.retrieval.captions) == len(data.val_retrieval.captions) == 4
+    assert merge_eval_duplicates(data) == 2
+    for held in (data.retrieval, data.val_retrieval):
+        assert len(held.captions) == len(held.images) == 3
+        assert sorted(len(c) for c in held.captions) == [5, 5, 10]  # the red and the green image's captions
+
+
+def test_shard_and_folder_evaluation_sets_merge_duplicates(tmp_path, caplog):
+    from fastclip.data.captioned import ZeroShotSet
+    from fastclip.data.overlap import merge_eval_duplicates
+    red, blue = jpeg_bytes(colour_image("red", 0)), jpeg_bytes(colour_image("blue", 0))
+    write_shard(tmp_path / "eval" / "e-0.tar", [{"__key__": "a", "jpg": red, "txt": "a red square"},
+                                                 {"__key__": "b", "jpg": blue, "txt": "a blue square"},
+                                                 {"__key__": "c", "jpg": red, "txt": "red, once more"}])
+    write_shard(tmp_path / "train" / "t-0.tar", [{"__key__": f"{i}", "jpg": blue, "txt": "blue"} for i in range(2)])
+    write_shard(tmp_path / "train" / "t-1.tar", [{"__key__": "v", "jpg": red, "txt": "red"},
+                                                  {"__key__": "w", "jpg": red, "txt": "red as well"}])
+    data = build(build_shards, ["dataset=webdataset", f"dataset.train_shards='{tmp_path}/train/t-{{0..1}}.tar'",
+                                f"dataset.eval_shards={tmp_path}/eval/e-0.tar", "dataset.num_samples=2"])
+    assert merge_eval_duplicates(data) == 2  # the test shard's red twice, the held-out last shard's red twice
+    assert data.retrieval.captions == [["a red square", "red, once more"], ["a blue square"]]
+    assert data.val_retrieval.captions == [["red", "red as well"]]
+
+    root = make_class_folder(tmp_path / "folder", per_colour=3)
+    held = make_class_folder(tmp_path / "held", per_colour=2)
+    (held / "red" / "again.png").write_bytes((held / "red" / "0.png").read_bytes())
+    (held / "blue" / "red.png").write_bytes((held / "red" / "0.png").read_bytes())  # under another class too
+    data = build(build_image_folder, ["dataset=image_folder", f"dataset.path={root}", f"dataset.eval_path={held}"])
+    val = data.val_zeroshot.images  # validation: the same picture twice, one of them a renamed copy
+    data.val_zeroshot = ZeroShotSet(val.subset([0, 0, 1]), data.val_zeroshot.classnames, data.val_zeroshot.templates)
+    with caplog.at_level(logging.WARNING):
+        assert merge_eval_duplicates(data) == 2 + 1
+    assert len(data.zeroshot.images) == 8 and len(data.val_zeroshot.images) == 2
+    kept = {str(held / c / f"{i}.png") for c in COLOURS for i in range(2)} - {str(held / "red" / "0.png")}
+    assert set(map(str, data.zeroshot.images.files)) == kept | {str(held / "blue" / "red.png")}  # the first listed
+    assert f"{held / 'blue' / 'red.png'} is also {held / 'red' / '0.png'}, {held / 'red' / 'again.png'}, under " \
+           f"another class (blue, red, red)" in caplog.text
+    assert "test zero-shot set: 2 duplicate images merged" in caplog.text
+    assert "val zero-shot set: 1 duplicate images merged" in caplog.text
+
+
+def test_a_run_logs_how_many_evaluation_images_were_duplicates(tmp_path):
+    from fastclip.loop import TrainState, data_metrics
+    from fastclip.tasks.clip import ClipTask
+    csv = make_csv(tmp_path / "train", per_colour=3, captions_per_image=1)
+    held = make_csv(tmp_path / "held", per_colour=2, captions_per_image=1, first=10)
+    held.write_text(held.read_text() + "../images/red_10.jpg,one more red square\n")
+    task = ClipTask(compose_cfg(TINY_CLIP + ["dataset=csv", f"dataset.path={csv}", f"dataset.eval_path={held}",
+                                             f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]), torch.device("cpu"))
+    assert task.sizes()["retrieval images"] == 8
+    assert data_metrics(task, TrainState())["data/eval_duplicates"] == 1

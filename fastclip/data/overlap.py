@@ -5,9 +5,13 @@ stops the run at the first one, naming it. ImageNet val (eval.imagenet_val) is n
 
 Map-style sources are compared when they are built (paths) and as their samples are read (the
 bytes are read for decoding anyway); a stream's samples as they are read.
+
+The same rule (one resolved path, or one content key) finds an image that is in one evaluation set
+twice: merge_eval_duplicates keeps it once, counted in data/eval_duplicates.
 """
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from fastclip.data.pairs import Skip
@@ -25,13 +29,26 @@ def content_key(data: bytes) -> bytes:
     return hashlib.sha1(data).digest()
 
 
+class FileKeys(dict):
+    """Resolved path -> content key of the files read while the data is built, so that each
+    evaluation file is read once for the duplicate and the overlap checks together."""
+
+    def of(self, path: Path) -> bytes | None:
+        """The content key of an existing file (None: it does not exist)."""
+        resolved = str(path.resolve())
+        if resolved not in self and path.is_file():
+            self[resolved] = content_key(path.read_bytes())
+        return self.get(resolved)
+
+
 class EvalOverlap:
     """The evaluation images' paths and content keys, and what to do with a training sample among them."""
 
-    def __init__(self, mode: str = "drop"):
+    def __init__(self, mode: str = "drop", files: FileKeys | None = None):
         if mode not in MODES:
             raise ValueError(f"eval.overlap={mode!r}: expected one of {', '.join(MODES)}")
         self.mode, self.paths, self.keys = mode, set(), set()
+        self.files = files if files is not None else FileKeys()
         self._warned = 0
 
     def add(self, source) -> None:
@@ -42,7 +59,7 @@ class EvalOverlap:
         path = Path(source)
         if path.is_file():
             self.paths.add(str(path.resolve()))
-            self.keys.add(content_key(path.read_bytes()))
+            self.keys.add(self.files.of(path))
 
     def __bool__(self) -> bool:
         return bool(self.keys)
@@ -65,10 +82,11 @@ class EvalOverlap:
         return Skip(EVAL_OVERLAP)
 
 
-def eval_overlap_of(data, mode: str, splits=("test", "val"), into: EvalOverlap | None = None) -> EvalOverlap:
+def eval_overlap_of(data, mode: str, splits=("test", "val"), into: EvalOverlap | None = None,
+                    files: FileKeys | None = None) -> EvalOverlap:
     """The fingerprints of a ClipData's evaluation images (of `splits`: test, val) that come from
-    files or encoded bytes, added to `into` (None: a new EvalOverlap)."""
-    overlap = into if into is not None else EvalOverlap(mode)
+    files or encoded bytes, added to `into` (None: a new EvalOverlap reading files' keys through `files`)."""
+    overlap = into if into is not None else EvalOverlap(mode, files)
     for split in splits:
         for held in data.split(split):
             for source in getattr(getattr(held, "images", None), "files", None) or []:
@@ -91,7 +109,7 @@ def leave_test_images_out_of_validation(data, test: EvalOverlap) -> int:
         keep = []
         for i, f in enumerate(files):
             shared = test.has_bytes(f) if isinstance(f, bytes) else (
-                test.has_path(f) or (Path(f).is_file() and test.has_bytes(Path(f).read_bytes())))
+                test.has_path(f) or test.files.of(Path(f)) in test.keys)
             if shared:
                 test.found(str(f) if not isinstance(f, bytes) else f"image {i}", "validation")
             else:
@@ -102,3 +120,78 @@ def leave_test_images_out_of_validation(data, test: EvalOverlap) -> int:
     if dropped:
         log.warning("%d validation images left out: they are test images too (eval.overlap=drop)", dropped)
     return dropped
+
+
+def image_keys(images, files: FileKeys) -> list[tuple]:
+    """Per image of an evaluation set, what identifies it: (resolved path, content key) of a file
+    (key None: missing), (None, key) of encoded bytes or of an in-memory image's pixels (digits)."""
+    sources = getattr(images, "files", None)
+    if sources:
+        return [(None, content_key(f)) if isinstance(f, bytes) else (str(Path(f).resolve()), files.of(Path(f)))
+                for f in sources]
+    decoded = getattr(images, "images", None) or []
+    return [(None, content_key(f"{im.mode} {im.size}".encode() + im.tobytes())) for im in decoded]
+
+
+def duplicate_groups(keys: list[tuple]) -> list[list[int]]:
+    """Positions grouped by identity: two images are one when they share the resolved path or the
+    content key. Groups in first-seen order, each led by its first position (the one kept)."""
+    owner: dict = {}  # path or content key -> its group's index
+    groups: list[list[int]] = []
+    for i, (path, key) in enumerate(keys):
+        found = next((owner[k] for k in (("path", path), ("key", key)) if k[1] is not None and k in owner), None)
+        if found is None:
+            found, groups = len(groups), groups + [[]]
+        groups[found].append(i)
+        for k in (("path", path), ("key", key)):
+            if k[1] is not None:
+                owner.setdefault(k, found)
+    return groups
+
+
+def _name(images, i: int) -> str:
+    names = getattr(images, "names", None) or getattr(images, "files", None)
+    return str(names[i]) if names else f"image {i}"
+
+
+def merge_eval_duplicates(data, files: FileKeys | None = None) -> int:
+    """Keeps each image of every evaluation set (test and validation, zero-shot and retrieval) once:
+    one file under two paths, or byte-identical copies (content_key, as the overlap check), would
+    count as two held-out images, and retrieval would rank an identical picture as a wrong answer.
+    A retrieval set's duplicates become one image with the captions of all of them (each caption
+    text once); a zero-shot set keeps the first (another class on a copy is named in a warning).
+    Each set with duplicates is named in a warning. -> how many images were merged away, in all."""
+    files = files if files is not None else FileKeys()
+    merged = 0
+    for split in ("test", "val"):
+        for field, held in zip(("zeroshot", "retrieval"), data.split(split)):
+            images = getattr(held, "images", None)
+            if images is None or not (getattr(images, "files", None) or getattr(images, "images", None)):
+                continue
+            groups = duplicate_groups(image_keys(images, files))
+            if len(groups) == len(images):
+                continue
+            keep = [g[0] for g in groups]
+            if field == "retrieval":
+                # the kept image's captions as they were, then the copies' (each text once)
+                captions = [held.captions[g[0]] + list(dict.fromkeys(c for i in g[1:] for c in held.captions[i]
+                                                                     if c not in held.captions[g[0]]))
+                            for g in groups]
+                held = replace(held.subset(keep), captions=captions, description=held.description and (
+                    f"{held.description}, {len(images) - len(keep)} duplicate images merged"))
+            else:
+                labels = getattr(images, "labels", None)
+                for g in groups:
+                    if labels is not None and len({int(labels[i]) for i in g}) > 1:
+                        log.warning("%s zero-shot set: %s is also %s, under another class (%s): kept as the first",
+                                    split, _name(images, g[0]), ", ".join(_name(images, i) for i in g[1:]),
+                                    ", ".join(held.classnames[int(labels[i])] for i in g))
+                held = held.subset(keep)
+            first = next(g for g in groups if len(g) > 1)
+            log.warning("%s %s set: %d duplicate images merged (the same file under another path, or a byte-identical "
+                        "copy), %d images left; first: %s = %s", split, field.replace("zeroshot", "zero-shot"),
+                        len(images) - len(keep), len(keep),
+                        _name(images, first[0]), _name(images, first[1]))
+            merged += len(images) - len(keep)
+            setattr(data, field if split == "test" else f"val_{field}", held)
+    return merged

@@ -19,7 +19,8 @@ from fastclip.data.coco import training_captions as coco_training_captions
 from fastclip.data.csv_pairs import build_csv, read_pairs
 from fastclip.data.digits import build_digits
 from fastclip.data.image_folder import build_image_folder, folder_classnames
-from fastclip.data.overlap import EVAL_OVERLAP, eval_overlap_of, leave_test_images_out_of_validation
+from fastclip.data.overlap import (EVAL_OVERLAP, FileKeys, eval_overlap_of, leave_test_images_out_of_validation,
+                                   merge_eval_duplicates)
 from fastclip.data.pairs import Batch, ImageFiles, collate_skipping, require_usable
 from fastclip.data.shards import build_shards, shard_captions
 from fastclip.data.splits import ClipData
@@ -107,7 +108,10 @@ class ClipTask:
         self._artifacts = []
         skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
         self.build_skipped = dict(skipped) if isinstance(skipped, dict) else {"bad sample": skipped} if skipped else {}
-        overlap = eval_overlap_of(self.data, cfg.eval.overlap, ("test",))
+        files = FileKeys()  # each evaluation file read once for both checks
+        # an image twice in an evaluation set (two paths, a copy) is one held-out image: data/eval_duplicates
+        self.eval_duplicates = merge_eval_duplicates(self.data, files)
+        overlap = eval_overlap_of(self.data, cfg.eval.overlap, ("test",), files=files)
         # validation images that are test images (a separate eval_path listing a training-side file, a copy)
         leave_test_images_out_of_validation(self.data, overlap)
         eval_overlap_of(self.data, cfg.eval.overlap, ("val",), into=overlap)  # test and validation: never trained on
