@@ -282,3 +282,70 @@ def test_a_run_logs_how_many_evaluation_images_were_duplicates(tmp_path):
                                              f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]), torch.device("cpu"))
     assert task.sizes()["retrieval images"] == 8
     assert data_metrics(task, TrainState())["data/eval_duplicates"] == 1
+
+
+# --- 4. captions only in a shard's .json (img2dataset's caption field) -----------------------------
+
+def img2dataset_shard(path, n: int = 8, first: int = 0, size: int = 40, **fields) -> None:
+    """A shard as img2dataset writes it with its text only in the metadata: key.jpg + key.json
+    {"caption": ..., "url": ..., "key": ...} (no .txt). `fields` replace the json's caption field."""
+    colours = list(COLOURS)
+    write_shard(path, [{"__key__": f"{first + i:09d}", "jpg": jpeg_bytes(colour_image(colours[i % 4], first + i, size)),
+                        "json": json.dumps({"url": f"http://example.com/{first + i}.jpg", "key": f"{first + i:09d}",
+                                            **(fields or {"caption": f"a {colours[i % 4]} square"})})}
+                       for i in range(n)])
+    (path.parent / "sizes.json").write_text(json.dumps({path.name: n}))
+
+
+def test_shard_captions_are_read_from_the_json_where_there_is_no_txt(tmp_path):
+    from fastclip.tasks.clip import training_captions
+    train, held, val = (tmp_path / d / "shard-000000.tar" for d in ("train", "eval", "val"))
+    img2dataset_shard(train)
+    img2dataset_shard(held, first=100, size=56)
+    img2dataset_shard(val, first=200, size=60)
+    stream = ShardStream([ShardSource(str(train), 1.0, 8)], same, tokens, 0, False, 8)
+    decoded = [stream.decode(s) for s in _samples(train)]
+    assert [getattr(d, "reason", None) for d in decoded] == [None] * 8  # no Skip: every sample trains
+    overrides = ["dataset=webdataset", f"dataset.train_shards={train}", f"dataset.eval_shards={held}",
+                 f"dataset.val_shards={val}", "dataset.shuffle_buffer=0"]
+    data = build(build_shards, overrides)
+    assert sorted(data.retrieval.captions) == sorted([[f"a {c} square"] for c in COLOURS] * 2)
+    assert len(data.val_retrieval.captions) == 8
+    assert training_captions(compose_cfg(overrides).dataset) == [f"a {c} square" for c in COLOURS] * 2  # unigram
+
+    for shard, first, size in ((train, 0, 40), (held, 100, 56), (val, 200, 60)):  # dataset.caption_key names another
+        img2dataset_shard(shard, first=first, size=size, text="a red square")
+    data = build(build_shards, overrides + ["dataset.caption_key=text"])
+    assert all(not hasattr(data.train.decode(s), "reason") for s in _samples(train))
+    assert data.retrieval.captions == [["a red square"]] * 8
+
+
+def _samples(shard):
+    from webdataset import tariterators
+    return list(tariterators.tarfile_samples([{"url": str(shard)}]))
+
+
+def test_a_shard_sample_without_a_caption_is_skipped_naming_the_true_reason(tmp_path, caplog):
+    shard = tmp_path / "train" / "shard-000000.tar"
+    img2dataset_shard(shard, n=4, text="the caption under another name")
+    stream = ShardStream([ShardSource(str(shard), 1.0, 4)], same, tokens, 0, False, 4)
+    with caplog.at_level(logging.WARNING):
+        skips = [stream.decode(s).reason for s in _samples(shard)]
+    assert skips == ["no caption: no .txt and no 'caption' in .json"] * 4
+    assert "dataset.caption_key=caption; the sample has ['jpg', 'json']" in caplog.text
+    write_shard(shard, [{"__key__": "a", "jpg": jpeg_bytes(colour_image("red", 0))},
+                        {"__key__": "b", "jpg": jpeg_bytes(colour_image("red", 1)), "json": b"{not json"},
+                        {"__key__": "c", "jpg": jpeg_bytes(colour_image("red", 2)), "json": json.dumps({"caption": 3})},
+                        {"__key__": "d", "jpg": jpeg_bytes(colour_image("red", 3)), "json": "{}", "txt": " "}])
+    assert [stream.decode(s).reason for s in _samples(shard)] == [
+        "no caption: no .txt and no .json", "no caption: no .txt and a .json that does not parse",
+        "no caption: no .txt and a int as 'caption' in .json", "empty caption"]
+    val = tmp_path / "val" / "shard-000000.tar"
+    val.parent.mkdir()
+    val.write_bytes(shard.read_bytes())
+    with pytest.raises(ValueError, match=r"dataset.val_shards=.*: no usable sample \(1 empty caption, 1 no caption: "
+                                         r"no .txt and a .json that does not parse, .*\)"):
+        build(build_shards, ["dataset=webdataset", f"dataset.train_shards={shard}", f"dataset.val_shards={val}"])
+    with pytest.raises(ValueError, match="dataset.caption_key=''"):
+        build(build_shards, ["dataset=webdataset", f"dataset.train_shards={shard}", f"dataset.val_shards={val}",
+                             "dataset.caption_key=''"])

@@ -1,4 +1,6 @@
-"""webdataset shards in img2dataset's layout (key.jpg|png|webp + key.txt [+ key.json]).
+"""webdataset shards in img2dataset's layout (key.jpg|png|webp + key.txt [+ key.json]). A sample
+without .txt takes its caption from the `dataset.caption_key` field of its .json (img2dataset
+writes the caption there too; some pipelines only there).
 
 `dataset.train_shards`: a brace pattern ("/data/laion/{00000..00099}.tar"; "::" joins patterns)
 or a list of sources {shards, weight} mixed at random in proportion to their weights.
@@ -116,8 +118,9 @@ class ShardStream(IterableDataset):
     """Decoded (image tensor, tokens) samples, or Skip(reason) for a bad one (counted by the collate)."""
 
     def __init__(self, sources: list[ShardSource], transform, tokenizer, shuffle_buffer: int, resampled: bool,
-                 num_samples: int | None):
+                 num_samples: int | None, caption_key: str = "caption"):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.caption_key = caption_key  # the .json field a sample without .txt takes its caption from
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
         known = [s.num_samples for s in sources]
         self.num_samples = num_samples or (sum(known) if all(n is not None for n in known) else None)
@@ -212,9 +215,9 @@ class ShardStream(IterableDataset):
             log.warning("skipping %s: no image file in the sample (has %s)", what,
                         sorted(k for k in sample if not k.startswith("__")))
             return Skip("no image")
-        text = _caption(sample)
+        text, why = caption_of(sample, self.caption_key)
         if text is None:
-            return Skip("caption not UTF-8")
+            return Skip(why)
         caption = clean_caption(text, what)
         if caption is None:
             return Skip("empty caption")
@@ -258,6 +261,10 @@ class ShardStream(IterableDataset):
 def build_shards(cfg, preprocess_train, preprocess_eval, tokenizer):
     """-> ClipData(train ShardStream, retrieval=test on eval_shards or None, val_retrieval=validation on
     val_shards, or on the last training shard, held out); the splits' shards checked disjoint."""
+    caption_key = cfg.get("caption_key", "caption")
+    if not isinstance(caption_key, str) or not caption_key:
+        raise ValueError(f"dataset.caption_key={caption_key!r}: expected the name of the .json field that holds a "
+                         f"caption (img2dataset: caption)")
     sources = build_sources(cfg)
     val_pattern, held_out = cfg.val_shards, None
     if not val_pattern:
@@ -265,9 +272,11 @@ def build_shards(cfg, preprocess_train, preprocess_eval, tokenizer):
     val_urls = [held_out] if held_out else expand_shards(val_pattern, "dataset.val_shards")
     test_urls = expand_shards(cfg.eval_shards, "dataset.eval_shards") if cfg.eval_shards else []
     require_disjoint("dataset=webdataset", train=[u for s in sources for u in s.urls], val=val_urls, test=test_urls)
-    train = ShardStream(sources, preprocess_train, tokenizer, cfg.shuffle_buffer, cfg.resampled, cfg.num_samples)
-    test = (shard_retrieval_set(cfg.eval_shards, preprocess_eval, cfg.eval_max_images) if cfg.eval_shards else None)
-    val = shard_retrieval_set(val_pattern, preprocess_eval, cfg.val_max_images, "dataset.val_shards")
+    train = ShardStream(sources, preprocess_train, tokenizer, cfg.shuffle_buffer, cfg.resampled, cfg.num_samples,
+                        caption_key)
+    test = (shard_retrieval_set(cfg.eval_shards, preprocess_eval, cfg.eval_max_images, caption_key=caption_key)
+            if cfg.eval_shards else None)
+    val = shard_retrieval_set(val_pattern, preprocess_eval, cfg.val_max_images, "dataset.val_shards", caption_key)
     if held_out:
         val = replace(val, description=f"webdataset validation: the last training shard {held_out}, held out "
                                        f"({len(val.captions)} images)")
@@ -303,41 +312,70 @@ def _read_samples(pattern: str, what: str, limit: int | None):
         yield sample
 
 
-def _caption(sample) -> str | None:
-    """The sample's caption (stripped), or None with a warning when its bytes are not UTF-8 (never
-    a caption with replacement characters in it)."""
-    raw = sample.get("txt", b"")
-    if not isinstance(raw, bytes):
-        return str(raw).strip()
-    try:
-        return raw.decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        log.warning("skipping %s:%s: caption not UTF-8 (byte 0x%02x at offset %d)", sample.get("__url__", "?"),
-                    sample.get("__key__", "?"), raw[exc.start], exc.start)
-        return None
+NOT_UTF8 = "caption not UTF-8"
 
 
-def shard_captions(pattern, limit: int = 100_000) -> list[str]:
+def caption_of(sample, caption_key: str = "caption", warn: bool = True) -> tuple[str | None, str | None]:
+    """(the sample's caption, stripped, None) from its .txt, or, without one, from the `caption_key`
+    field of its .json; else (None, why: the Skip reason, named in a warning unless warn=False): bytes
+    that are not UTF-8 (never a caption with replacement characters in it), no .txt and no .json, no
+    such field, a .json that does not parse."""
+    what = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    if "txt" in sample:
+        raw = sample["txt"]
+        if not isinstance(raw, bytes):
+            return str(raw).strip(), None
+        try:
+            return raw.decode("utf-8").strip(), None
+        except UnicodeDecodeError as exc:
+            if warn:
+                log.warning("skipping %s: caption not UTF-8 (byte 0x%02x at offset %d)", what, raw[exc.start],
+                            exc.start)
+            return None, NOT_UTF8
+    if "json" not in sample:
+        why = "no caption: no .txt and no .json"
+    else:
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+            meta, why = None, "no caption: no .txt and a .json that does not parse"
+        if meta is not None:
+            value = meta.get(caption_key) if isinstance(meta, dict) else None
+            if isinstance(value, str):
+                return value.strip(), None
+            why = (f"no caption: no .txt and no {caption_key!r} in .json" if value is None else
+                   f"no caption: no .txt and a {type(value).__name__} as {caption_key!r} in .json")
+    if warn:
+        log.warning("skipping %s: %s (dataset.caption_key=%s; the sample has %s)", what, why, caption_key,
+                    sorted(k for k in sample if not k.startswith("__")))
+    return None, why
+
+
+def shard_captions(pattern, limit: int = 100_000, caption_key: str = "caption") -> list[str]:
     """Training captions (the unigram text-boundary corpus), the first `limit` of the shards."""
     patterns = [pattern] if isinstance(pattern, str) else [s["shards"] for s in pattern]
-    return [c for p in patterns for c in map(_caption, _read_samples(p, "dataset.train_shards", limit)) if c]  # None: not UTF-8
+    return [c for p in patterns for sample in _read_samples(p, "dataset.train_shards", limit)
+            for c in [caption_of(sample, caption_key, warn=False)[0]] if c]  # training names those without
 
 
 def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None,
-                        key: str = "dataset.eval_shards") -> RetrievalSet:
+                        key: str = "dataset.eval_shards", caption_key: str = "caption") -> RetrievalSet:
     """Retrieval on held-out shards. Samples that make_shards wrote from one source image (its
     json "source") are regrouped into one image with several captions; others stand alone.
     Encoded images are kept in memory (a few thousand small JPEGs). key: the config key the
-    pattern came from (named in errors)."""
+    pattern came from (named in errors); caption_key: as ShardStream's."""
     images: dict[str, tuple[bytes, str, list[str]]] = {}
-    skipped = 0
+    skipped, reasons = 0, {}
     for sample in _read_samples(pattern, key, None):
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        caption = _caption(sample)
+        caption, why = caption_of(sample, caption_key)
         if image_key is None or not caption:
-            log.warning("skipping eval sample %s: %s", sample.get("__key__"), "no image" if image_key is None else
-                        "no usable caption")
+            if image_key is None or why is None:  # caption_of has named why there is no caption
+                log.warning("skipping eval sample %s: %s", sample.get("__key__"), "no image" if image_key is None else
+                            "empty caption")
             skipped += 1
+            reason = "no image" if image_key is None else why or "empty caption"
+            reasons[reason] = reasons.get(reason, 0) + 1
             continue
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
         try:
@@ -350,7 +388,8 @@ def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None,
             images[source] = (sample[image_key], name, [])
         images[source][2].append(caption)
     if not images:
-        raise ValueError(f"{key}={pattern!r}: no usable sample")
+        raise ValueError(f"{key}={pattern!r}: no usable sample (" + (", ".join(
+            f"{n} {why}" for why, n in sorted(reasons.items())) or "no sample") + ")")
     data, names, captions = zip(*images.values())
     return RetrievalSet(ImageFiles(list(data), preprocess_eval, names=list(names)), list(captions), skipped,
                         f"webdataset {key.removeprefix('dataset.')}={pattern} ({len(data)} images)")

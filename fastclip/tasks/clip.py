@@ -67,7 +67,7 @@ def training_captions(ds) -> list[str]:
     if ds.name == "coco2014":
         return coco_training_captions(ds)
     if ds.name == "webdataset":
-        return shard_captions(ds.train_shards, limit=100_000)
+        return shard_captions(ds.train_shards, limit=100_000, caption_key=ds.get("caption_key", "caption"))
     raise ValueError(f"dataset={ds.name!r}: no caption corpus for boundary=unigram")
 
 
