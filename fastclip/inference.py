@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastclip.checkpoint import CheckpointError
+from fastclip.models.outputs import TowerOutput
 
 RUNS_PREFIX = "runs:/"
 
@@ -125,9 +126,9 @@ class Scores:
     text_tokens: torch.Tensor     # [texts, 2]
 
 
-def kept_tokens(info: dict) -> torch.Tensor:
-    """[B, 2]: each input's tokens in and segments kept, from a tower's info."""
-    return torch.stack([info["tokens"], info["segments"]], 1).round().long().cpu()
+def kept_tokens(tower: TowerOutput) -> torch.Tensor:
+    """[B, 2]: each input's tokens in and segments kept, from a tower's output."""
+    return torch.stack([tower.tokens, tower.segments], 1).round().long().cpu()
 
 
 @torch.no_grad()
@@ -135,7 +136,7 @@ def score(model, images: torch.Tensor, tokens: torch.Tensor) -> Scores:
     """images [B, 3, H, W] (preprocessed), tokens [T, L] -> Scores (the model's own forward)."""
     out = model(images, tokens)
     logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
-    return Scores(logits.softmax(-1).cpu(), kept_tokens(out["image_info"]), kept_tokens(out["text_info"]))
+    return Scores(logits.softmax(-1).cpu(), kept_tokens(out["image_output"]), kept_tokens(out["text_output"]))
 
 
 @torch.no_grad()
@@ -146,7 +147,7 @@ def classify(model, tokenizer, images: torch.Tensor, classnames: list[str], temp
     from open_clip import build_zero_shot_classifier
     classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, num_classes_per_batch=10,
                                             device=images.device)
-    features, info = model.visual(images)
-    logits = model.logit_scale.exp() * torch.nn.functional.normalize(features, dim=-1) @ classifier
+    image = model.visual(images)
+    logits = model.logit_scale.exp() * torch.nn.functional.normalize(image.embedding, dim=-1) @ classifier
     probs = logits.softmax(-1).cpu()
-    return probs, probs.topk(min(k, len(classnames)), dim=-1).indices, kept_tokens(info)
+    return probs, probs.topk(min(k, len(classnames)), dim=-1).indices, kept_tokens(image)

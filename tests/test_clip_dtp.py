@@ -63,12 +63,12 @@ def test_rn50_image_tower_with_dtp_text_tower():
 def test_segment_masks_with_different_counts_in_one_batch():
     task = task_for("boundary=fixed", "boundary.k=3", "boundary.apply_to=[text]")
     tokens = task.tokenizer(["ab", "a much longer caption here"])
-    emb, info = task.model.text(tokens)
-    assert info["segments"].tolist() == [1.0, 9.0]  # ceil(2/3), ceil(26/3)
-    assert info["tokens"].tolist() == [2.0, 26.0]
+    out = task.model.text(tokens)
+    assert out.segments.tolist() == [1.0, 9.0]  # ceil(2/3), ceil(26/3)
+    assert out.tokens.tolist() == [2.0, 26.0]
     # the short row must not depend on the long row's padding or content
-    alone, _ = task.model.text(tokens[:1])
-    torch.testing.assert_close(emb[:1], alone, rtol=1e-4, atol=1e-5)
+    alone = task.model.text(tokens[:1]).embedding
+    torch.testing.assert_close(out.embedding[:1], alone, rtol=1e-4, atol=1e-5)
 
 
 def test_image_embedding_does_not_depend_on_the_batch_padding():
@@ -77,13 +77,13 @@ def test_image_embedding_does_not_depend_on_the_batch_padding():
     with torch.no_grad():
         model.visual.predictor.mlp[-1].weight.mul_(20)  # spread the per-image boundary counts
         images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        emb, info = model.visual(images)
-        counts = info["segments"]
+        out = model.visual(images)
+        counts = out.segments
         assert counts.min() < counts.max()  # this batch pads its shorter rows
         i = int(counts.argmin())
-        alone, alone_info = model.visual(images[i:i + 1])  # alone: no padding, no mask
-    assert alone_info["segments"].item() == counts[i].item()
-    torch.testing.assert_close(emb[i:i + 1], alone, rtol=1e-4, atol=1e-5)
+        alone = model.visual(images[i:i + 1])  # alone: no padding, no mask
+    assert alone.segments.item() == counts[i].item()
+    torch.testing.assert_close(out.embedding[i:i + 1], alone.embedding, rtol=1e-4, atol=1e-5)
 
 
 def towers_agreeing_across_layouts(variants: dict, pool: str = "mean"):
@@ -98,9 +98,10 @@ def towers_agreeing_across_layouts(variants: dict, pool: str = "mean"):
         tower = towers[key] = task.model.visual.eval()
         with torch.no_grad():
             tower.predictor.mlp[-1].weight.mul_(20)  # spread the per-image counts
-        emb, info = tower(images)
-        emb.square().sum().backward()
-        out[key] = emb, info["segments"], tower.predictor.mlp[0].weight.grad, tower.vit.conv1.weight.grad
+        tower_out = tower(images)
+        tower_out.embedding.square().sum().backward()
+        out[key] = (tower_out.embedding, tower_out.segments, tower.predictor.mlp[0].weight.grad,
+                    tower.vit.conv1.weight.grad)
     first, *rest = out.values()
     assert first[1].min() < first[1].max()
     for other in rest:
@@ -128,10 +129,10 @@ def test_dtp_tower_host_syncs(boundary, tower, syncs, monkeypatch):
     task.model.train()
     inputs = torch.randn(4, 3, 32, 32) if tower == "image" else task.tokenizer(["a cat", "two red buses", "x", "dogs"])
     reads = count_tensor_reads(monkeypatch)
-    emb, info = (task.model.visual if tower == "image" else task.model.text)(inputs)
+    out = (task.model.visual if tower == "image" else task.model.text)(inputs)
     assert sum(reads.values()) == syncs
     monkeypatch.undo()
-    assert emb.shape[0] == 4 and (info["segments"] <= info["tokens"]).all()
+    assert out.embedding.shape[0] == 4 and (out.segments <= out.tokens).all()
 
 
 def test_bench_gpu_attributes_each_host_sync_to_the_line_that_made_it(monkeypatch):
@@ -232,13 +233,13 @@ def test_text_entropy_spike_sets_no_target_on_the_last_byte_of_a_full_context():
     tokens = task.tokenizer(["a photo of a cat " * 8, "a dog"])  # the first fills the 64-byte context
     assert (tokens[0] != 0).all() and (tokens[1] == 0).any()
     with torch.no_grad():
-        _, info = tower(tokens)
+        out = tower(tokens)
         x = tower.embed(tokens) + tower.pos[:tokens.shape[1]]
         for block in tower.pre:
             x = block(x, attn_mask=causal_mask(64, x.device))
-        spikes = entropy_spikes(tower.next_char(x[:, :-1]), tower.method.window) * info["token_mask"][:, :-1]
-    assert info["targets"][0, -1] == 0
-    torch.testing.assert_close(info["targets"][:, :-1], spikes)
+        spikes = entropy_spikes(tower.next_char(x[:, :-1]), tower.method.window) * out.token_mask[:, :-1]
+    assert out.boundary_targets[0, -1] == 0
+    torch.testing.assert_close(out.boundary_targets[:, :-1], spikes)
 
 
 def test_clip_runs_the_text_tower_before_the_image_tower():
@@ -289,17 +290,17 @@ def test_gumbel_image_rate_follows_the_prior_after_short_training():
     images, _ = task.eval_batch()
     task.model.train()
     with torch.no_grad():
-        sampled = task.model.visual(images)[1]["boundaries"]
+        sampled = task.model.visual(images).boundaries
     rate = float(sampled.mean())
     assert abs(rate - 0.25) <= 0.25 * 0.25, rate
     task.model.eval()
     with torch.no_grad():
-        info = task.model.visual(images)[1]
-    achieved = float(info["segments"].sum() / info["tokens"].sum())  # segments per patch = 1 / compression
+        out = task.model.visual(images)
+    achieved = float(out.segments.sum() / out.tokens.sum())  # segments per patch = 1 / compression
     assert abs(achieved - 0.25) <= 0.25 * 0.25, achieved
     task.model.visual.method.eval_rule = "threshold"
     with torch.no_grad():
-        assert float(task.model.visual(images)[1]["boundaries"].mean()) < 0.1
+        assert float(task.model.visual(images).boundaries.mean()) < 0.1
 
 
 def test_dtp_vit_fixed_4_flops_match_the_analytic_count():
@@ -384,13 +385,13 @@ def test_row_breaks_close_a_segment_at_every_patch_grid_row_end():
         tower.method.eval_rule = rule
         tower.eval()
         with torch.no_grad():
-            _, info = tower(images)
-        assert (info["boundaries"][:, width - 1::width] == 1).all(), rule
+            out = tower(images)
+        assert (out.boundaries[:, width - 1::width] == 1).all(), rule
     tower.train()
-    emb, info = tower(images)
-    assert (info["boundaries"][:, width - 1::width] == 1).all()
-    assert (info["segments"] >= tower.vit.grid_size[0]).all()
-    (emb.sum() + task.model.image_method.aux_loss(info["logits"], info["boundaries"])).backward()
+    out = tower(images)
+    assert (out.boundaries[:, width - 1::width] == 1).all()
+    assert (out.segments >= tower.vit.grid_size[0]).all()
+    (out.embedding.sum() + task.model.image_method.aux_loss(out.boundary_logits, out.boundaries)).backward()
     assert tower.predictor.mlp[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="boundary.image_row_breaks=true needs learned boundaries"):
         task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_row_breaks=true")
@@ -427,7 +428,7 @@ def test_hilbert_order_pools_2x2_squares_and_draws_them_in_place(monkeypatch):
     pooled = record_calls(monkeypatch, vision, "downsample")
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        _, info = tower(images)
+        out = tower(images)
         x = tower.vit._embeds(images)
         for block in tower.vit.transformer.resblocks[:tower.pre_layers]:
             x = block(x)
@@ -437,8 +438,8 @@ def test_hilbert_order_pools_2x2_squares_and_draws_them_in_place(monkeypatch):
     for j in range(rows * cols // 4):
         r, c = cells[4 * j]
         torch.testing.assert_close(pooled[0][2][0][:, j], squares[:, r // 2, c // 2])
-    assert info["segments"].tolist() == [rows * cols / 4] * 3
-    seg = segment_grid(info["boundaries"][0], rows, cols, info["scan"])
+    assert out.segments.tolist() == [rows * cols / 4] * 3
+    seg = segment_grid(out.boundaries[0], rows, cols, out.scan)
     assert (seg == seg[::2, ::2].repeat(2, 0).repeat(2, 1)).all()  # one id per 2x2 square
     assert len(set(seg.ravel().tolist())) == rows * cols // 4
     with pytest.raises(ValueError, match="boundary.image_row_breaks=true forces breaks at raster row ends"):
@@ -458,19 +459,19 @@ def test_stride_start_begins_at_fixed_k_and_learns_from_there():
     torch.nn.init.zeros_(tower.predictor.mlp[-1].weight)  # the predictor's content term: 0 at this check
     images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, fixed_info = fixed(images)
+        want = fixed(images)
         for rule in ("expected_count", "threshold"):
             tower.method.eval_rule = rule
-            got, info = tower.eval()(images)
-            assert torch.equal(info["boundaries"], fixed_info["boundaries"]), rule
-            torch.testing.assert_close(got, want)
+            got = tower.eval()(images)
+            assert torch.equal(got.boundaries, want.boundaries), rule
+            torch.testing.assert_close(got.embedding, want.embedding)
         assert tower_efficiency(task.model, images[:8], task.tokenizer(["a cat"] * 8),
                                 unpadded_samples=0)["boundary/image_on_stride"] == 1.0
     tower.train()
-    emb, info = tower(images)
-    assert 0.2 < info["boundaries"].mean().item() < 0.3
-    assert not torch.equal(info["boundaries"], fixed_info["boundaries"])  # sampled: it can move
-    emb.square().sum().backward()
+    out = tower(images)
+    assert 0.2 < out.boundaries.mean().item() < 0.3
+    assert not torch.equal(out.boundaries, want.boundaries)  # sampled: it can move
+    out.embedding.square().sum().backward()
     assert tower.position_logits.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="boundary.image_start=stride starts learned boundaries"):
         task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_start=stride")
@@ -572,20 +573,20 @@ def test_placement_control_lends_each_image_another_images_boundaries():
         passes = []
 
         def top1(n=13):  # one pass in batches of 5, 5, 3
-            infos = [tower(images[i:min(i + 5, n)])[1] for i in range(0, n, 5)]
-            passes.append({k: torch.cat([info[k] for info in infos]) for k in ("boundaries", "segments")})
+            outs = [tower(images[i:min(i + 5, n)]) for i in range(0, n, 5)]
+            passes.append({k: torch.cat([getattr(out, k) for out in outs]) for k in ("boundaries", "segments")})
             return 0.0
         with torch.no_grad():
             torch.nn.init.normal_(tower.predictor.mlp[-1].weight, std=1.0)  # content-dependent logits
             placement_control(tower, top1, seed=3)
-            _, after = tower(images)
+            after = tower(images)
         learned, swapped = passes
         donor = derangement(13, seed=3)
         assert (donor != torch.arange(13)).all()
         assert torch.equal(swapped["boundaries"], learned["boundaries"][donor])
         assert not torch.equal(swapped["boundaries"], learned["boundaries"])
         assert sorted(swapped["segments"].tolist()) == sorted(learned["segments"].tolist())
-        assert torch.equal(after["boundaries"], learned["boundaries"]) and tower.placement is None
+        assert torch.equal(after.boundaries, learned["boundaries"]) and tower.placement is None
         if row_breaks == "true":
             n, width = swapped["boundaries"].shape[1], tower.vit.grid_size[1]
             assert swapped["boundaries"][:, every_kth(n, width)].all()
@@ -627,9 +628,10 @@ def test_packed_text_tower_matches_padded_and_spends_less(boundary):
         task = task_for(f"boundary={boundary}", "boundary.apply_to=[text]", f"boundary.text_layout={layout}")
         tower = task.model.text.eval()
         tokens = task.tokenizer(captions)
-        emb, info = tower(tokens)
-        emb.square().sum().backward()
-        out[layout] = emb, info["segments"], tower.embed.weight.grad, tower.short[-1].mlp.c_fc.weight.grad
+        tower_out = tower(tokens)
+        tower_out.embedding.square().sum().backward()
+        out[layout] = (tower_out.embedding, tower_out.segments, tower.embed.weight.grad,
+                       tower.short[-1].mlp.c_fc.weight.grad)
         with torch.no_grad():
             flops[layout], _ = count_gflops(tower, tokens)
     assert out["padded"][1].min() == 0 and out["padded"][1].max() > 3

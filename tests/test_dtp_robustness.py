@@ -150,20 +150,20 @@ def test_every_text_boundary_method_counts_bytes(method, tmp_path):
     for mode in ("train", "eval"):
         tower.train(mode == "train")
         with torch.no_grad():
-            _, info = tower(tokens)
-        b = info["boundaries"]
+            out = tower(tokens)
+        b = out.boundaries
         assert set(b.unique().tolist()) <= {0.0, 1.0}
         assert (b[~valid] == 0).all(), "a boundary on padding"
-        assert info["tokens"].tolist() == n_bytes
-        assert torch.equal(info["segments"], segment_counts(b, valid).float())
+        assert out.tokens.tolist() == n_bytes
+        assert torch.equal(out.segments, segment_counts(b, valid).float())
         if method == "whitespace":
             assert torch.equal(b.bool(), tokens == ord(" ") + 1)
         if method == "fixed":
             assert torch.equal(b.bool(), every_kth(tokens.shape[1], 3)[None] & valid)
-        if "targets" in info:
-            assert (info["targets"][~valid] == 0).all(), "a target on padding"
+        if out.boundary_targets is not None:
+            assert (out.boundary_targets[~valid] == 0).all(), "a target on padding"
         if method == "unigram":
-            assert_targets_are_piece_ends(tower.unigram_model, info["targets"], tokens)
+            assert_targets_are_piece_ends(tower.unigram_model, out.boundary_targets, tokens)
     assert max(n_bytes) == tokens.shape[1] and 0 in n_bytes  # a cut caption and an empty one were in
 
 
@@ -242,8 +242,7 @@ def test_empty_caption_adds_nothing_to_the_text_towers_boundary_loss():
     losses = []
     for batch in (tokens, tokens[:2]):
         torch.manual_seed(0)
-        _, info = tower(batch)
-        losses.append(boundary_loss(model.text_method, info))
+        losses.append(boundary_loss(model.text_method, tower(batch)))
     assert torch.isfinite(losses[0])
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
     losses[0].backward()

@@ -63,13 +63,13 @@ def test_the_tome_tower_merges_on_the_keys_between_attention_and_mlp(monkeypatch
     merges = record_calls(monkeypatch, tome, "bipartite_merge")
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        _, info = visual(images)
+        out = visual(images)
         vit = visual.vit
         block = vit.transformer.resblocks[0]
         x0 = vit._embeds(images)
         keys = F.linear(block.ln_1(x0), block.attn.in_proj_weight, block.attn.in_proj_bias)[..., D:2 * D]
         after_attention = x0 + block.attn(block.ln_1(x0), block.ln_1(x0), block.ln_1(x0), need_weights=False)[0]
-    assert len(merges) == 4 and info["segments"][0] == 64 - 4 * 4
+    assert len(merges) == 4 and out.segments[0] == 64 - 4 * 4
     (x, *_), kwargs, _ = merges[0]
     torch.testing.assert_close(kwargs["metric"], keys.unflatten(-1, (HEADS, D // HEADS)).mean(2), atol=1e-5, rtol=0)
     torch.testing.assert_close(x, after_attention, atol=1e-5, rtol=0)  # merged before the MLP
@@ -120,11 +120,11 @@ def test_patch_dropout_keeps_its_fraction_in_training_and_every_patch_at_eval_un
     assert first_block_lengths(visual, images, train=False) == [1 + 64]
     visual = tower("boundary=patch_dropout", "boundary.keep=0.25", "boundary.eval_keep=true")
     assert first_block_lengths(visual, images, train=False) == [1 + 16]
-    _, info = visual.eval()(images)
-    assert info["tokens"].tolist() == [64.0] * 3 and info["segments"].tolist() == [16.0] * 3
+    out = visual.eval()(images)
+    assert out.tokens.tolist() == [64.0] * 3 and out.segments.tolist() == [16.0] * 3
     with visual.all_patches():  # the eval_keep run's weights read on every patch (zeroshot/top1_all_patches)
         assert first_block_lengths(visual, images, train=False) == [1 + 64]
-        assert visual.eval()(images)[1]["segments"].tolist() == [64.0] * 3
+        assert visual.eval()(images).segments.tolist() == [64.0] * 3
     assert first_block_lengths(visual, images, train=False) == [1 + 16]  # and back
 
 
@@ -137,8 +137,8 @@ def test_patch_dropout_logs_the_patch_count_open_clip_keeps():
     images = torch.randn(2, 3, 32, 32)
     ran = first_block_lengths(visual, images, train=False)[0] - 1
     with torch.no_grad():
-        _, info = visual.eval()(images)
-    assert ran == 4 and info["segments"].tolist() == [4.0, 4.0] and info["tokens"].tolist() == [25.0, 25.0]
+        out = visual.eval()(images)
+    assert ran == 4 and out.segments.tolist() == [4.0, 4.0] and out.tokens.tolist() == [25.0, 25.0]
 
 
 def test_a_patch_dropout_run_at_keep_also_scores_every_patch_at_the_end(tmp_path):
@@ -177,10 +177,10 @@ def test_the_evit_tower_drops_and_fuses_at_its_layers():
     for block in visual.vit.transformer.resblocks:
         block.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     with torch.no_grad():
-        _, info = visual(torch.randn(2, 3, 32, 32))
+        out = visual(torch.randn(2, 3, 32, 32))
     # blocks 1 and 2 run in halves (no forward call); block 3 sees cls + 17 kept + 1 fused: 64 patches -> 32 kept
     # + 1 fused at block 1, 33 -> 17 + 1 at block 2
-    assert lengths == [65, 1 + 17 + 1] and info["segments"].tolist() == [18.0, 18.0]
+    assert lengths == [65, 1 + 17 + 1] and out.segments.tolist() == [18.0, 18.0]
 
 
 def analytic_gflops(attention_lengths: list[int], mlp_lengths: list[int], patches: int, patch: int,

@@ -53,9 +53,9 @@ def image_efficiency(model, images):
     """GFLOPs per image of the padded batch (what runs), of each image alone, and the compression
     the predictor actually produced, all in eval mode (the boundaries eval uses)."""
     model.eval()
-    gflops, (_, info) = count_gflops(model.visual, images)
+    gflops, image = count_gflops(model.visual, images)
     alone = unpadded_gflops(model.visual, images, 4) if model.image_method is not None else None
-    return gflops, alone, float(info["tokens"].sum() / info["segments"].sum())
+    return gflops, alone, float(image.tokens.sum() / image.segments.sum())
 
 
 def peak_memory_gib(device):
@@ -154,7 +154,7 @@ def bench_variant(overrides, batch, steps, warmup, device, compile_blocks=False)
     step_s = statistics.median(times)
     return {"step_s": step_s, "images_s": batch / step_s, "image_gflops": gflops, "unpadded_gflops": alone,
             "peak_gib": peak, "compression": compression, "kernel_s": kernel_s, "syncs": syncs, "train_compression":
-            float(out["image_info"]["tokens"].sum() / out["image_info"]["segments"].sum())}
+            float(out["image_output"].tokens.sum() / out["image_output"].segments.sum())}
 
 
 def table(rows) -> str:

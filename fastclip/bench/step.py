@@ -57,14 +57,13 @@ class Variant:
         self.opt.step()
 
     def image_tower(self):
-        emb, info = self.model.visual(self.images)
-        loss = emb.square().mean()
-        aux = boundary_loss(self.model.image_method, info)
+        image = self.model.visual(self.images)
+        loss = image.embedding.square().mean()
+        aux = boundary_loss(self.model.image_method, image)
         (loss if aux is None else loss + aux).backward()
 
     def text_tower(self):
-        emb, _ = self.model.text(self.tokens)
-        emb.square().mean().backward()
+        self.model.text(self.tokens).embedding.square().mean().backward()
 
     def time(self, iters: int):
         for part, fn in (("step", self.step), ("image", self.image_tower), ("text", self.text_tower)):

@@ -88,23 +88,22 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
     was_training = model.training
     model.eval()
     images, tokens = images[:n], tokens[:n]
-    _, image_info = model.visual(images)
-    _, text_info = model.text(tokens)
+    image_out, text_out = model.visual(images), model.text(tokens)
     # peer towers that drop or fuse patches (patch dropout at eval_keep, EViT): which ones they keep;
     # ToMe: which patches each final token holds
     kept = model.visual.kept_patches(images) if getattr(model.visual, "drops_at_eval", False) else None
     groups = model.visual.merged_groups(images) if hasattr(model.visual, "merged_groups") else None
     model.train(was_training)
     fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 5), squeeze=False)
-    b = image_info.get("boundaries")
+    b = image_out.boundaries
     for i, image in enumerate(images):
         ax = axes[0, i]
         ax.imshow(_unnormalise(image))
         if b is not None:
             rows, cols = model.visual.vit.grid_size
-            seg = segment_grid(b[i], rows, cols, image_info.get("scan"))
+            seg = segment_grid(b[i], rows, cols, image_out.scan)
             _draw_groups(ax, seg, image.shape[-2], image.shape[-1])
-            ax.set_title(f"{seg.size} -> {int(image_info['segments'][i])}", fontsize=8)
+            ax.set_title(f"{seg.size} -> {int(image_out.segments[i])}", fontsize=8)
         elif kept is not None:  # dropped (or fused) patches greyed out
             rows, cols = model.visual.vit.grid_size
             ax.imshow(~kept[i].cpu().numpy().reshape(rows, cols), cmap="Greys", alpha=0.6, vmin=0, vmax=1,
@@ -117,7 +116,7 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
             _draw_groups(ax, groups[i].cpu().numpy().reshape(rows, cols), image.shape[-2], image.shape[-1])
             ax.set_title(f"{groups[i].numel()} -> {len(groups[i].unique())} tokens", fontsize=8)
         ax.axis("off")
-        tb = text_info.get("boundaries")  # DTP text towers: per byte, so the label comes from the bytes
+        tb = text_out.boundaries  # DTP text towers: per byte, so the label comes from the bytes
         label = (caption_with_breaks(model.text.tokenizer.to_bytes(tokens[i].tolist()), tb[i].tolist())
                  if tb is not None else decode(tokens[i]))
         axes[1, i].text(0, 0.5, "\n".join(label[j:j + 18] for j in range(0, len(label), 18)), fontsize=7,

@@ -6,6 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from fastclip.models.boundaries import every_kth
+from fastclip.models.outputs import TowerOutput
 
 _aten = torch.ops.aten
 
@@ -54,24 +55,24 @@ def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor, unpadded
     *_gflops_unpadded: per sample alone (DTP towers only, where segment counts differ)."""
     was_training = model.training
     model.eval()
-    image_gflops, (_, image_info) = count_gflops(model.visual, images)
-    text_gflops, (_, text_info) = count_gflops(model.text, tokens)
+    image_gflops, image = count_gflops(model.visual, images)
+    text_gflops, text = count_gflops(model.text, tokens)
     extra = {}
-    for name, tower, inputs, info in (("image", model.visual, images, image_info), ("text", model.text, tokens, text_info)):
-        if "boundaries" in info and unpadded_samples:
+    for name, tower, inputs, out in (("image", model.visual, images, image), ("text", model.text, tokens, text)):
+        if out.boundaries is not None and unpadded_samples:  # DTP towers only
             extra[f"efficiency/{name}_gflops_unpadded"] = unpadded_gflops(tower, inputs, unpadded_samples)
     model.train(was_training)
 
-    def compression(info):
-        segments = float(info["segments"].sum())
-        return float(info["tokens"].sum()) / segments if segments > 0 else 1.0
+    def compression(out: TowerOutput) -> float:
+        segments = float(out.segments.sum())
+        return float(out.tokens.sum()) / segments if segments > 0 else 1.0
 
-    image_compression = compression(image_info)
-    if "boundaries" in image_info:
-        extra["boundary/image_on_stride"] = on_stride_share(image_info["boundaries"], image_compression)
+    image_compression = compression(image)
+    if image.boundaries is not None:
+        extra["boundary/image_on_stride"] = on_stride_share(image.boundaries, image_compression)
     return {"efficiency/image_gflops": image_gflops, "efficiency/text_gflops": text_gflops,
             "efficiency/compression_image": image_compression,
-            "efficiency/compression_text": compression(text_info), **extra}
+            "efficiency/compression_text": compression(text), **extra}
 
 
 def on_stride_share(boundaries: torch.Tensor, compression: float) -> float:

@@ -12,6 +12,7 @@ from torch import nn
 
 from fastclip.models.boundaries import build_boundary_method
 from fastclip.models.meaning import dtp_towers
+from fastclip.models.outputs import TowerOutput
 from fastclip.models.text import CharTokenizer, DTPTextTower, VanillaTextTower
 from fastclip.models.evit import EViTImageTower
 from fastclip.models.patch_dropout import PatchDropoutImageTower
@@ -43,31 +44,34 @@ class FastCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, images, normalize: bool = False):
-        emb, _ = self.visual(images)
+        emb = self.visual(images).embedding
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_text(self, tokens, normalize: bool = False):
-        emb, _ = self.text(tokens)
+        emb = self.text(tokens).embedding
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def forward(self, images, tokens):
+    def forward(self, images, tokens) -> dict:
+        """-> open_clip's output dict (image_features, text_features: unit [B, D]; logit_scale: the
+        exponentiated scale) with each tower's TowerOutput under image_output and text_output."""
         # Text first: a data-dependent DTP image tower syncs the host once to size its pooled
         # sequence, and everything queued before that sync (here the whole text tower) runs on
         # the GPU while the host waits instead of being launched afterwards behind an idle GPU.
-        txt, text_info = self.text(tokens)
-        img, image_info = self.visual(images)
-        return {"image_features": F.normalize(img, dim=-1), "text_features": F.normalize(txt, dim=-1),
-                "logit_scale": self.logit_scale.exp(), "image_info": image_info, "text_info": text_info}
+        text = self.text(tokens)
+        image = self.visual(images)
+        return {"image_features": F.normalize(image.embedding, dim=-1),
+                "text_features": F.normalize(text.embedding, dim=-1),
+                "logit_scale": self.logit_scale.exp(), "image_output": image, "text_output": text}
 
 
-def boundary_loss(method, info) -> torch.Tensor | None:
+def boundary_loss(method, tower: TowerOutput) -> torch.Tensor | None:
     """A tower's auxiliary objective: the method's loss (prior or BCE on logits) plus any
     auxiliary predictor it trains (next-char head, next-patch head)."""
     if method is None:
         return None
-    loss = method.aux_loss(info.get("logits"), info.get("boundaries"), info.get("targets"), info.get("token_mask"))
-    if "extra_loss" in info:
-        loss = info["extra_loss"] if loss is None else loss + info["extra_loss"]
+    loss = method.aux_loss(tower.boundary_logits, tower.boundaries, tower.boundary_targets, tower.token_mask)
+    if tower.auxiliary_loss is not None:
+        loss = tower.auxiliary_loss if loss is None else loss + tower.auxiliary_loss
     return loss
 
 
@@ -77,7 +81,7 @@ def clip_objective(model, criterion, out) -> tuple[torch.Tensor, dict[str, torch
     loss = criterion(out["image_features"], out["text_features"], out["logit_scale"])
     parts = {"contrastive_loss": loss}
     for tower, method in (("image", model.image_method), ("text", model.text_method)):
-        aux = boundary_loss(method, out[f"{tower}_info"])
+        aux = boundary_loss(method, out[f"{tower}_output"])
         if aux is not None:
             parts[f"boundary_loss_{tower}"] = aux
             loss = loss + method.loss_weight * aux

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from fastclip.models.outputs import TowerOutput
 from fastclip.models.vision import require_vit
 from fastclip.models.vit_block import attention_half, check_block, encode, mlp_half
 
@@ -48,7 +49,7 @@ class EViTImageTower(nn.Module):
             check_block(self.vit.transformer.resblocks[i], "boundary=evit")
         self.keep = keep
 
-    def forward(self, images, record: dict | None = None):
+    def forward(self, images, record: dict | None = None) -> TowerOutput:
         vit = self.vit
         x = vit._embeds(images)
         n_in = x.shape[1] - 1

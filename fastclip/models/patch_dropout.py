@@ -9,6 +9,7 @@ import torch
 from open_clip.transformer import PatchDropout
 from torch import nn
 
+from fastclip.models.outputs import TowerOutput
 from fastclip.models.vision import require_vit
 
 
@@ -35,8 +36,8 @@ class PatchDropoutImageTower(nn.Module):
         self.keep, self.eval_keep = keep, eval_keep
         self.vit.patch_dropout = (_EvalToo if eval_keep else PatchDropout)(1.0 - keep) if keep < 1 else nn.Identity()
 
-    def forward(self, images):
-        """images [B, 3, H, W] -> (embedding [B, D], info): tokens = the patches in, segments = the
+    def forward(self, images) -> TowerOutput:
+        """images [B, 3, H, W] -> TowerOutput: tokens = the patches in, segments = the
         patches the blocks ran on, read off the dropout module's output (so the logged compression is
         the count open_clip drew, whatever rounding its keep fraction takes: it keeps
         int(n x (1 - (1 - keep))), which is not always int(n x keep))."""
@@ -49,8 +50,8 @@ class PatchDropoutImageTower(nn.Module):
         finally:
             hook.remove()
         B = images.shape[0]
-        return emb, {"tokens": torch.full((B,), float(n), device=emb.device),
-                     "segments": torch.full((B,), float(ran["patches"]), device=emb.device)}
+        return TowerOutput(emb, tokens=torch.full((B,), float(n), device=emb.device),
+                           segments=torch.full((B,), float(ran["patches"]), device=emb.device))
 
     @contextlib.contextmanager
     def all_patches(self):

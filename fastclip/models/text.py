@@ -13,6 +13,7 @@ from fastclip.models.boundaries import EntropySpike, Unigram
 from fastclip.models.charlm import causal_mask
 from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, finite_flag, mean_of_valid,
                                  padding_attn_mask, segment_counts)
+from fastclip.models.outputs import TowerOutput
 from fastclip.models.packed import PackedRows, packed_block
 
 
@@ -52,9 +53,9 @@ class VanillaTextTower(nn.Module):
         super().__init__()
         self.text = text
 
-    def forward(self, tokens):
+    def forward(self, tokens) -> TowerOutput:
         n = (tokens != 0).sum(1).float()
-        return self.text(tokens), {"tokens": n, "segments": n}
+        return TowerOutput(self.text(tokens), tokens=n, segments=n)
 
 
 class DTPTextTower(nn.Module):
@@ -94,7 +95,10 @@ class DTPTextTower(nn.Module):
             out[row, torch.from_numpy(ends)] = 1.0
         return out.to(tokens.device)
 
-    def forward(self, tokens):
+    def forward(self, tokens) -> TowerOutput:
+        """tokens [B, L] bytes (+1, 0 padding) -> TowerOutput with boundaries, boundary_logits and
+        token_mask over the L bytes; boundary_targets from the next-char head (entropy_spike, which
+        also gives auxiliary_loss, its mean next-byte NLL in nats) or the unigram model."""
         token_mask = tokens != CharTokenizer.pad_id
         B, L = tokens.shape
         x = self.embed(tokens) + self.pos[:L]
@@ -120,20 +124,20 @@ class DTPTextTower(nn.Module):
                 pooled = block(pooled, attn_mask=mask)
             pooled = self.ln_final(pooled)
         emb = mean_of_valid(pooled, seg_mask)
-        info = {"tokens": token_mask.sum(1).float(), "segments": counts.float(),
-                "boundaries": b, "logits": logits, "token_mask": token_mask.float()}
+        targets = auxiliary_loss = None
         if self.next_char is not None:
             next_logits = self.next_char(x[:, :-1])
             nll = nn.functional.cross_entropy(next_logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
             keep = token_mask[:, 1:].float()
-            info["extra_loss"] = (nll * keep).sum() / keep.sum().clamp_min(1)
+            auxiliary_loss = (nll * keep).sum() / keep.sum().clamp_min(1)
             padded = nn.functional.pad(next_logits.detach(), (0, 0, 0, 1))
             targets = self.method.targets(padded) * token_mask
             # The context's last byte has no next byte in view: its padded logits (zeros) read as the
             # uniform distribution, the highest entropy there is, a spike on every caption that fills
             # the context. No target there, as the image tower's last patch gets none.
             targets[:, -1] = 0
-            info["targets"] = targets
         elif self.unigram_model is not None:
-            info["targets"] = self.unigram_targets(tokens)
-        return emb @ self.proj, info
+            targets = self.unigram_targets(tokens)
+        return TowerOutput(emb @ self.proj, tokens=token_mask.sum(1).float(), segments=counts.float(),
+                           boundaries=b, boundary_logits=logits, boundary_targets=targets,
+                           auxiliary_loss=auxiliary_loss, token_mask=token_mask.float())

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastclip.models.outputs import TowerOutput
 from fastclip.models.vision import require_vit
 from fastclip.models.vit_block import attention_half, check_block, encode, mlp_half
 
@@ -78,7 +79,7 @@ class ToMeImageTower(nn.Module):
             check_block(block, "boundary=tome")
         self.r = r
 
-    def forward(self, images, record: dict | None = None):
+    def forward(self, images, record: dict | None = None) -> TowerOutput:
         vit = self.vit
         x = vit._embeds(images)
         n_in = x.shape[1] - 1

@@ -13,6 +13,7 @@ from torch import nn
 from fastclip.models.boundaries import EntropySpike, every_kth, spikes
 from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, finite_flag, mean_of_valid,
                                  padding_attn_mask, segment_counts)
+from fastclip.models.outputs import TowerOutput
 from fastclip.models.packed import PackedRows, check_packable, packed_block
 from fastclip.models.patch_order import patch_order
 
@@ -35,10 +36,10 @@ class VanillaImageTower(nn.Module):
         super().__init__()
         self.visual = visual
 
-    def forward(self, images):
+    def forward(self, images) -> TowerOutput:
         grid = getattr(self.visual, "grid_size", None)  # ModifiedResNet has no tokens: reported as 0
         n = torch.full((images.shape[0],), float(grid[0] * grid[1] if grid else 0), device=images.device)
-        return self.visual(images), {"tokens": n, "segments": n}
+        return TowerOutput(self.visual(images), tokens=n, segments=n)
 
 
 class RecordedPlacement:
@@ -182,7 +183,10 @@ class DTPImageTower(nn.Module):
         # entropy_spike's image analog: spikes of an auxiliary next-patch predictor's error
         self.next_patch = nn.Linear(width, next_patch_dim) if isinstance(method, EntropySpike) else None
 
-    def forward(self, images):
+    def forward(self, images) -> TowerOutput:
+        """images [B, 3, H, W] -> TowerOutput with boundaries and boundary_logits over the N patches in
+        reading order (scan: that order, when not raster); boundary_targets and auxiliary_loss from the
+        next-patch head (entropy_spike)."""
         vit = self.vit
         x = vit._embeds(images)
         blocks = vit.transformer.resblocks
@@ -208,12 +212,12 @@ class DTPImageTower(nn.Module):
             emb = self._shortened_padded(cls, patches, b, counts, logits)
         if vit.proj is not None:
             emb = emb @ vit.proj
-        info = {"tokens": torch.full((B,), float(N), device=images.device), "segments": counts.float(), "boundaries": b, "logits": logits}
-        if self.scan is not None:
-            info["scan"] = self.scan  # reading position -> raster index, for the boundary picture
+        targets = auxiliary_loss = None
         if self.next_patch is not None:
-            info["targets"], info["extra_loss"] = self._next_patch_spikes(patches, images)
-        return emb, info
+            targets, auxiliary_loss = self._next_patch_spikes(patches, images)
+        return TowerOutput(emb, tokens=torch.full((B,), float(N), device=images.device), segments=counts.float(),
+                           boundaries=b, boundary_logits=logits, boundary_targets=targets,
+                           auxiliary_loss=auxiliary_loss, scan=self.scan)
 
     # A logit no logistic noise overturns (p(noise < -30) ~ 1e-13): a sure boundary, which the prior
     # counts like any other, and no gradient (masked_fill), as the predictor has nothing to decide there.

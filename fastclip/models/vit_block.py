@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
+from fastclip.models.outputs import TowerOutput
+
 
 def check_block(block: nn.Module, what: str) -> None:
     """Refuse a block whose forward attention_half + mlp_half would not reproduce."""
@@ -46,12 +48,13 @@ def mlp_half(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def encode(vit, x: torch.Tensor, images: torch.Tensor, n_in: int):
-    """The tower's end: ln_post, the class token, the projection -> (embedding, info)."""
+def encode(vit, x: torch.Tensor, images: torch.Tensor, n_in: int) -> TowerOutput:
+    """The tower's end: ln_post, the class token, the projection -> TowerOutput (tokens: n_in patches,
+    segments: the patch tokens left in x [B, 1 + segments, d])."""
     x = vit.ln_post(x)
     emb = x[:, 0]
     if vit.proj is not None:
         emb = emb @ vit.proj
     B = images.shape[0]
-    return emb, {"tokens": torch.full((B,), float(n_in), device=x.device),
-                 "segments": torch.full((B,), float(x.shape[1] - 1), device=x.device)}
+    return TowerOutput(emb, tokens=torch.full((B,), float(n_in), device=x.device),
+                       segments=torch.full((B,), float(x.shape[1] - 1), device=x.device))

@@ -222,8 +222,8 @@ class ClipTask:
             extras.update(distilled)
         extras["logit_scale"] = out["logit_scale"].detach()
         for tower in ("image", "text"):
-            info = out[f"{tower}_info"]
-            extras[f"compression_{tower}"] = (info["tokens"].sum() / info["segments"].sum().clamp_min(1)).detach()
+            counts = out[f"{tower}_output"]
+            extras[f"compression_{tower}"] = (counts.tokens.sum() / counts.segments.sum().clamp_min(1)).detach()
         return StepOutput(loss, extras, images.shape[0], batch.skipped)
 
     def eval_batch(self, n: int = 64, split: str = "val"):
