@@ -8,6 +8,7 @@ import torch
 
 from conftest import compose_cfg
 from fastclip.loop import StepOutput, fit
+from fastclip.tasks.protocol import TaskBase
 
 
 class Batches:
@@ -23,7 +24,7 @@ class Batches:
         return iter(self.make())
 
 
-class SleepyTask:
+class SleepyTask(TaskBase):
     """Batches arrive after `load_s`; each loss takes `compute_s`."""
 
     def __init__(self, load_s: float, compute_s: float, n_batches: int = 6):
@@ -111,7 +112,7 @@ def test_training_steps_read_their_scalars_only_when_the_loop_logs(tmp_path, mon
                                    "tracking.log_every=4", "trainer.progress=false"])
     runtime.seed_everything(0)
     task = ClipTask(cfg, torch.device("cpu"))
-    task.evaluate = lambda: {}  # evaluation reads its results on purpose; the steps are under test
+    task.evaluate = task.final_evaluate = lambda: {}  # evaluation reads its results on purpose; the steps are under test
     loading = {"now": False}
     real_batches = task.train_batches
 
@@ -195,7 +196,7 @@ def test_predictor_lr_scale_speeds_up_the_boundary_predictors_only(tmp_path):
         param_groups(start, 0.1, 1e-3, predictor_lr_scale=0)
 
 
-class CountingTask:
+class CountingTask(TaskBase):
     """A linear model on fixed batches: batch i of epoch e is x = e + i (2 features) and target 0;
     `bad` lists (epoch, i) whose every sample is bad. Records the batches each loss saw."""
 
