@@ -75,6 +75,31 @@ def test_open_rgb_turns_a_sideways_phone_photo_upright(tmp_path):
     assert_upright(open_rgb(path.read_bytes(), "bytes"), "encoded bytes")
 
 
+def hidden_green_logo(mode: str) -> bytes:
+    """A red square on a transparent background whose hidden pixels are stored green (RGBA, or a
+    palette image with a transparent index), as a PNG."""
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 1] = 255                     # green, fully transparent
+    rgba[4:12, 4:12] = (255, 0, 0, 255)    # the visible logo
+    im = Image.fromarray(rgba, "RGBA")
+    buf = io.BytesIO()
+    if mode == "P":
+        palette = Image.new("P", (16, 16))
+        palette.putpalette([0, 255, 0, 255, 0, 0] + [0] * 762)
+        palette.putdata([1 if (4 <= x < 12 and 4 <= y < 12) else 0 for y in range(16) for x in range(16)])
+        palette.save(buf, "PNG", transparency=0)
+    else:
+        im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_transparent_pixels_are_read_over_white_as_a_viewer_shows_them(mode):
+    """Modelled on open_clip#801: convert("RGB") drops the alpha and trains on the hidden colour."""
+    pixels = np.asarray(open_rgb(hidden_green_logo(mode), "logo.png"))
+    assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[8, 8].tolist() == [255, 0, 0]
+
+
 def test_every_source_reads_a_sideways_photo_upright(tmp_path):
     root = make_class_folder(tmp_path / "folder", per_colour=3)
     sideways_photo(root / "red" / "portrait.jpg")

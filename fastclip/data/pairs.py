@@ -46,13 +46,24 @@ def open_rgb(source: str | Path | bytes, what: str, skip: bool = True) -> Image.
                 reason = (f"image mode {im.mode!r} ({im.format}) has no defined value range; convert it to 8 or 16 "
                           f"bits per channel")
             else:
-                return im.convert("RGB")  # forces the full decode: truncated files fail here
+                return on_white(im)  # forces the full decode: truncated files fail here
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
         reason = f"undecodable image ({type(exc).__name__}: {exc})"
     if not skip:
         raise UnusableImage(f"{what}: {reason}")
     log.warning("skipping %s: %s", what, reason)
     return None
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """`image` as RGB, its transparent pixels shown over white, as a page shows them. convert("RGB")
+    alone drops the alpha channel and brings back whatever colour the hidden pixels hold (a logo's
+    transparent background stored as green trains as green). Modes with alpha (RGBA, LA, PA) and
+    palette or RGB images with a transparency entry are composited; the others are converted."""
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def upright(image: Image.Image, what: str = "image", in_place: bool = False) -> Image.Image:
