@@ -374,3 +374,44 @@ def test_a_shard_sample_without_a_caption_is_skipped_naming_the_true_reason(tmp_
     with pytest.raises(ValueError, match="dataset.caption_key=''"):
         build(build_shards, ["dataset=webdataset", f"dataset.train_shards={shard}", f"dataset.val_shards={val}",
                              "dataset.caption_key=''"])
+
+
+def test_a_shard_cut_short_without_a_sizes_file_is_named_and_counted(tmp_path, caplog):
+    """Modelled on wenet#981 (a tar cut short by an interrupted copy): cut at a member boundary, tar
+    reads it as complete and 6 of 16 samples were lost without a word; cut inside a member, the
+    warning named no loss and the skip count stayed 0."""
+    from fastclip.data.shards import _shard_samples, cut_short
+    whole = tmp_path / "whole.tar"
+    write_shard(whole, [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image("red", i)), "txt": "a red square"}
+                        for i in range(16)])
+    assert not cut_short(str(whole))
+    with tarfile.open(whole) as tar:
+        boundary = tar.getmembers()[20].offset  # the 11th sample's first member: 10 samples left whole
+    data = whole.read_bytes()
+    for name, cut, whole_samples in (("at_boundary.tar", boundary, 10), ("mid_member.tar", boundary + 700, 10)):
+        (tmp_path / name).write_bytes(data[:cut])
+        with caplog.at_level(logging.WARNING):
+            samples = list(_shard_samples(str(tmp_path / name), {}))
+        assert cut_short(str(tmp_path / name))
+        assert sum("__lost__" not in s for s in samples) == whole_samples
+        assert sum("__lost__" in s for s in samples) == 1  # the loss is seen and counted (exactly: with sizes.json)
+        assert f"{name}: the shard ends without tar's end-of-archive blocks: it was cut short" in caplog.text
+
+
+def test_member_names_with_a_dot_in_the_key_are_named_not_merged_silently(tmp_path, caplog):
+    """Modelled on webdataset#237: img.0000.jpg / img.0000.txt make webdataset's key 'img' for every
+    member, so a shard of 16 samples became one sample with 32 files, and the run said only that it
+    trained on no sample."""
+    shard = tmp_path / "train" / "shard-000000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for i in range(16):
+            for ext, payload in (("jpg", jpeg_bytes(colour_image("red", i))), ("txt", b"a red square")):
+                info = tarfile.TarInfo(f"img.{i:04d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    stream = ShardStream([ShardSource(str(shard), 1.0, 16)], same, tokens, 0, False, 16)
+    with caplog.at_level(logging.WARNING):
+        skips = [stream.decode(s).reason for s in stream._samples(stream.sources[0], 0)]
+    assert skips == ["member names with a dot in the key"] * 16
+    assert "member names with a dot in their key (img.0000.jpg, ...)" in caplog.text and "img_0000.jpg" in caplog.text

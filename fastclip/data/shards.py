@@ -18,6 +18,7 @@ train_shards (of its first source) for validation, which training then never rea
 """
 import json
 import logging
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -208,7 +209,7 @@ class ShardStream(IterableDataset):
         """(image tensor, tokens), or Skip(reason) for a sample that cannot train. index: the sample's
         place in this worker's stream, which (with seed, epoch and worker) draws its random crop."""
         if LOST in sample:
-            return Skip("unreadable in its shard")
+            return Skip(sample[LOST] if isinstance(sample[LOST], str) else "unreadable in its shard")
         what = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if image_key is None:
@@ -288,11 +289,24 @@ LOST = "__lost__"
 
 
 def _shard_samples(url: str, sizes: dict[str, int]):
-    """One shard's samples; when it delivers fewer than sizes.json declares (webdataset's handler
-    drops what it cannot read: a truncated tar, a corrupt member), one LOST stand-in per missing
-    sample, so that data/skipped counts them like any other bad sample."""
+    """One shard's samples, with a LOST stand-in (its value the reason) for each sample it cannot
+    deliver, so that data/skipped counts them like any other bad sample: fewer than sizes.json
+    declares (webdataset's handler drops what it cannot read: a truncated tar, a corrupt member);
+    without a sizes file, one for a shard cut short (the loss cannot be counted, only seen); and
+    one per image of samples that webdataset merged because their member names have a dot in the
+    key (img.0000.jpg: the key is taken up to the first dot)."""
     n = 0
     for sample in tariterators.tarfile_samples([{"url": url}], handler=_warn_and_continue):
+        merged = [k for k in sample if not k.startswith("__") and "." in k and k.rsplit(".", 1)[1].lower() in IMAGE_KEYS]
+        if merged:
+            log.warning("%s: member names with a dot in their key (%s.%s, ...): webdataset takes a sample's key up to "
+                        "the first dot, so %d samples' files merged into one; they count as skipped (rename the "
+                        "members without the dot, e.g. %s_%s)", url, sample.get("__key__"), merged[0], len(merged),
+                        sample.get("__key__"), merged[0])
+            n += len(merged)
+            for _ in merged:
+                yield {LOST: DOTTED_KEY, "__url__": url}
+            continue
         n += 1
         yield sample
     declared = sizes.get(url)
@@ -301,12 +315,36 @@ def _shard_samples(url: str, sizes: dict[str, int]):
                     "; the rest count as skipped" if n < declared else "")
         for _ in range(declared - n):
             yield {LOST: True, "__url__": url}
+    elif declared is None and cut_short(url):
+        log.warning("%s: the shard ends without tar's end-of-archive blocks: it was cut short (a copy or download "
+                    "that stopped); %d samples read, the ones after the cut are lost and counted as one skipped sample "
+                    "(a sizes.json, which make_shards writes, lets them be counted)", url, n)
+        yield {LOST: True, "__url__": url}
+
+
+DOTTED_KEY = "member names with a dot in the key"
+
+
+def cut_short(url: str) -> bool:
+    """Whether a local tar file lacks the two zero blocks that end every complete tar archive (its
+    size a multiple of 512 and its last 1024 bytes zero), i.e. a shard truncated by an interrupted
+    copy or download; even at a member boundary, where tar itself reads it as complete. Remote and
+    piped shards are not checked (False)."""
+    path = url.removeprefix("file:")
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(path):
+        return False
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return True
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) != bytes(1024)
 
 
 def _read_samples(pattern: str, what: str, limit: int | None):
     """Raw samples of the shards in order (no shuffle), at most `limit`."""
-    urls = [{"url": u} for u in expand_shards(pattern, what)]
-    for i, sample in enumerate(tariterators.tarfile_samples(urls, handler=_warn_and_continue)):
+    samples = (s for url in expand_shards(pattern, what) for s in _shard_samples(url, {}))
+    for i, sample in enumerate(samples):
         if limit is not None and i >= limit:
             return
         yield sample
@@ -367,6 +405,11 @@ def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None,
     images: dict[str, tuple[bytes, str, list[str]]] = {}
     skipped, reasons = 0, {}
     for sample in _read_samples(pattern, key, None):
+        if LOST in sample:
+            skipped += 1
+            reason = sample[LOST] if isinstance(sample[LOST], str) else "unreadable in its shard"
+            reasons[reason] = reasons.get(reason, 0) + 1
+            continue
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         caption, why = caption_of(sample, caption_key)
         if image_key is None or not caption:
