@@ -1,17 +1,7 @@
 """The training loop every task shares: AdamW, warm-up + cosine, clipping, accumulation, mixed
 precision, the NaN guard, and checkpoints that resume exactly. `fit()` reads top to bottom.
 
-A task supplies:
-  .model
-  .train_batches(epoch, start=0)  a sized iterable of the epoch's micro-batches (len = the whole
-                                  epoch), beginning after its first `start` batches
-  .loss(batch[, forward]) -> StepOutput   tensor metrics stay on the device until the loop reads them
-                                  (logged as train/<name>; a name with its own prefix, distill/kl, as is);
-                                  forward (data-parallel runs): the DistributedDataParallel wrapper to
-                                  run the model through
-  .evaluate() -> {metric: float}
-and optionally .final_evaluate(), .epoch_samples() (samples the source declares per epoch),
-.build_skipped ({reason: n} left out while building the data), .new_artifacts(), .params().
+What the loop may ask of a task is fastclip.tasks.protocol.Task (its StepOutput is re-exported here).
 """
 import contextlib
 import logging
@@ -32,6 +22,7 @@ from fastclip import checkpoint, distributed, runtime
 from fastclip.checkpoint import ResumeError
 from fastclip.checks import steps_of
 from fastclip.optim import Schedule, adamw_impl, build_adamw, warmup_steps
+from fastclip.tasks.protocol import StepOutput, Task
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +132,6 @@ class NoTrainingData(RuntimeError):
 
 
 @dataclass
-class StepOutput:
-    """What a task's loss(batch) hands the loop."""
-    loss: torch.Tensor | None        # None: nothing to learn from (every sample of the batch was bad)
-    metrics: dict = field(default_factory=dict)   # name -> float or 0-dim device tensor (read when logged)
-    samples: int = 0                 # samples the loss was computed on
-    skipped: dict = field(default_factory=dict)   # reason -> samples of this batch left out
-
-    def __iter__(self):  # `loss, metrics, n = task.loss(batch)`, as the tuple it replaced
-        return iter((self.loss, self.metrics, self.samples))
-
-
-@dataclass
 class TrainState:
     """Where a run is, beyond its weights: what a checkpoint needs to continue exactly."""
     step: int = 0                # optimizer steps taken
@@ -209,7 +188,7 @@ class Trainer:
     """The optimisation state of one run: AdamW over the task's model, the warm-up + cosine schedule,
     the fp16 grad scaler and the TrainState; state_dict()/load_state_dict() round-trip all of it."""
 
-    def __init__(self, task, cfg, device: torch.device):
+    def __init__(self, task: Task, cfg, device: torch.device):
         tc = cfg.trainer
         self.task, self.model, self.cfg = task, task.model, cfg
         self.accum = int(tc.accum_steps)
@@ -469,7 +448,7 @@ class StepTimer:
         return out
 
 
-def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Trainer | None = None,
+def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Trainer | None = None,
         provenance: dict | None = None) -> dict[str, float]:
     """Trains `task` from `trainer`'s state (new, or loaded from a checkpoint) to the end of its
     schedule; returns the final metrics. provenance: what checkpoints record beyond the training
@@ -548,12 +527,11 @@ def fit(task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Traine
     bar.close()
     if not metrics:  # resumed from a finished run: still report its numbers
         metrics = evaluate(task, tracker, state, ckpt_path)
-    if hasattr(task, "final_evaluate"):
-        with runtime.preserved_rng():
-            final = distributed.on_main(task.final_evaluate, "the final evaluation")
-        metrics.update(final)
-        if tracker:
-            tracker.log_metrics(final, state.step)
+    with runtime.preserved_rng():
+        final = distributed.on_main(task.final_evaluate, "the final evaluation")
+    metrics.update(final)
+    if tracker and final:
+        tracker.log_metrics(final, state.step)
     summary = timer.summary(state)
     metrics.update(summary)
     if tracker:
@@ -589,11 +567,11 @@ def save(trainer: Trainer, path: Path, extra: dict) -> None:
     distributed.on_main(lambda: checkpoint.save(path, {**state, **extra}), f"writing the checkpoint {path}")
 
 
-def check_epoch_data(task, state: TrainState) -> None:
+def check_epoch_data(task: Task, state: TrainState) -> None:
     """After a complete epoch: no optimizer step (no sample trained on) fails the run; fewer than half
     of what the source declares is a warning and shows in data/trained_fraction."""
     state.gather_skips()  # data-parallel: rank 0's counts are every rank's (a collective: every rank is here)
-    declared = task.epoch_samples() if hasattr(task, "epoch_samples") else None
+    declared = task.epoch_samples()
     trained = state.samples_in_epoch
     reasons = ", ".join(f"{n} {why}" for why, n in sorted(_skip_counts(task, state).items())) or "none"
     if trained == 0 or state.steps_in_epoch == 0:
@@ -607,33 +585,33 @@ def check_epoch_data(task, state: TrainState) -> None:
                         state.epoch + 1, trained, declared, 100 * state.trained_fraction, reasons)
 
 
-def _skip_counts(task, state: TrainState) -> Counter:
-    return Counter(getattr(task, "build_skipped", None) or {}) + Counter(state.skipped)
+def _skip_counts(task: Task, state: TrainState) -> Counter:
+    return Counter(task.build_skipped) + Counter(state.skipped)
 
 
-def data_metrics(task, state: TrainState) -> dict[str, float]:
+def data_metrics(task: Task, state: TrainState) -> dict[str, float]:
     """data/skipped: every sample left out so far (while building the data, once; while training,
     each time it comes round), data/eval_overlap: those left out for being in the evaluation set,
     data/eval_duplicates: evaluation images merged into another for being the same image (data.overlap),
     data/trained_fraction: the last complete epoch's trained / declared samples."""
     counts = _skip_counts(task, state)
     out = {"data/skipped": float(sum(counts.values()))}
-    if getattr(task, "checks_eval_overlap", False):
+    if task.checks_eval_overlap:
         out["data/eval_overlap"] = float(counts.get("eval overlap", 0))
-    if hasattr(task, "eval_duplicates"):
+    if task.eval_duplicates is not None:
         out["data/eval_duplicates"] = float(task.eval_duplicates)
     if state.trained_fraction is not None:
         out["data/trained_fraction"] = state.trained_fraction
     return out
 
 
-def evaluate(task, tracker, state: TrainState, ckpt_path: Path | None = None) -> dict[str, float]:
+def evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None = None) -> dict[str, float]:
     """The task's evaluation, its time and the data counts, logged. Data-parallel: rank 0 evaluates
     the whole sets (the numbers are one process's) while the others wait; every rank returns them."""
     return distributed.on_main(lambda: _evaluate(task, tracker, state, ckpt_path), f"the evaluation at step {state.step}")
 
 
-def _evaluate(task, tracker, state: TrainState, ckpt_path: Path | None) -> dict[str, float]:
+def _evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None) -> dict[str, float]:
     t0 = time.perf_counter()
     try:
         with runtime.preserved_rng():  # evaluation draws no number training would have drawn (exact resume)
@@ -650,6 +628,6 @@ def _evaluate(task, tracker, state: TrainState, ckpt_path: Path | None) -> dict[
              " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v)))
     if tracker:
         tracker.log_metrics({**metrics, "epoch": state.epoch}, state.step)
-        for path in task.new_artifacts() if hasattr(task, "new_artifacts") else []:
+        for path in task.new_artifacts():
             tracker.log_artifact(path, "boundaries")
     return metrics

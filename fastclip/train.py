@@ -276,16 +276,14 @@ def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):
         tracking.require_run(uri, resume.checkpoint.get("mlflow_run_id"), resume.checkpoint_path)
     commit, dirty = runtime.git_commit()
     tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
-            "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **getattr(task, "tags", {})}
+            "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **task.tags}
     resolved = run_dir / "config.yaml"  # before the run is (re)opened: what fails here leaves it as it was
     resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=run_name(cfg, tags), tags=tags,
                                run_id=resume.checkpoint.get("mlflow_run_id") if resume else None)
     try:
         tracker.log_params(tracking.flatten(cfg))
-        counts = task.params() if hasattr(task, "params") else {"model.params_total": sum(
-            p.numel() for p in task.model.parameters())}
-        tracker.log_params({k: str(v) for k, v in counts.items()})
+        tracker.log_params({k: str(v) for k, v in task.params().items()})
         world = distributed.current().size
         if world > 1:  # the batch one optimizer step averages over: per process x processes x accumulation
             tracker.log_params({"distributed.world_size": str(world), "trainer.global_batch_size":
@@ -341,7 +339,7 @@ def _record_resume(resume, tracker, run_dir: Path, step: int, commit: str, dirty
 
 
 def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
-    sizes = task.sizes() if hasattr(task, "sizes") else {}
+    sizes = task.sizes()
     log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()) or "?")
     world = trainer.world.size
     log.info("plan: %d steps (%d per epoch = %d batches of %d%s / accum %d, %d epochs%s), from step %d: %s; run dir %s",

@@ -29,10 +29,11 @@ from fastclip.eval.efficiency import parameter_counts
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
-from fastclip.loop import StepOutput, ignore_stop_signals
+from fastclip.loop import ignore_stop_signals
 from fastclip.models.clip import build_clip, build_transforms, clip_objective
 from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import placement_control
+from fastclip.tasks.protocol import StepOutput, TaskBase
 
 
 # The sources' builders: each yields a training set, a validation and a test split (data/splits.py).
@@ -85,7 +86,7 @@ def has_boundary_picture(model) -> bool:
             or getattr(model.visual, "drops_at_eval", False) or hasattr(model.visual, "merged_groups"))
 
 
-class ClipTask:
+class ClipTask(TaskBase):
     def __init__(self, cfg, device: torch.device, run_dir: str | Path | None = None):
         check_config(cfg)
         self.cfg, self.device = cfg, device

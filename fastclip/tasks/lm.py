@@ -12,9 +12,9 @@ from fastclip import distributed, runtime
 from fastclip.checks import check_config
 from fastclip.data import text8, unigram
 from fastclip.eval.bpc import evaluate_bpc
-from fastclip.loop import StepOutput
 from fastclip.models.boundaries import EntropySpike, Unigram, build_boundary_method
 from fastclip.models.charlm import HourglassLM
+from fastclip.tasks.protocol import StepOutput, TaskBase
 
 
 class RandomWindows:
@@ -58,7 +58,7 @@ def build_lm(enc, boundary, context: int) -> HourglassLM:
                        max_len=context, boundary=boundary, dropout=enc.dropout)
 
 
-class LMTask:
+class LMTask(TaskBase):
     def __init__(self, cfg, device: torch.device):
         check_config(cfg)
         self.cfg, self.device = cfg, device

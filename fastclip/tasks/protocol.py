@@ -1,0 +1,103 @@
+"""What the training loop (fastclip.loop) and the run (fastclip.train) may ask of a task: the
+`Task` protocol, the `StepOutput` a task's loss hands back, and `TaskBase`, whose defaults say
+"this task has none" for each optional part, so callers ask plainly and never probe for an
+attribute. ClipTask and LMTask subclass TaskBase; so may a test's stand-in task.
+
+This module imports nothing of the package: towers, data and the loop all sit on either side of it.
+"""
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class StepOutput:
+    """What a task's loss(batch) hands the loop."""
+    loss: torch.Tensor | None        # None: nothing to learn from (every sample of the batch was bad)
+    metrics: dict = field(default_factory=dict)   # name -> float or 0-dim device tensor (read when logged)
+    samples: int = 0                 # samples the loss was computed on
+    skipped: dict = field(default_factory=dict)   # reason -> samples of this batch left out
+
+    def __iter__(self):  # `loss, metrics, n = task.loss(batch)`, as the tuple it replaced
+        return iter((self.loss, self.metrics, self.samples))
+
+
+class Batches(Protocol):
+    """An epoch's micro-batches: len() is the WHOLE epoch's count, iteration starts where asked."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Task(Protocol):
+    """Everything the loop and the run use of a task. The first four each task defines; the rest
+    TaskBase answers with "none" unless the task overrides them."""
+
+    model: torch.nn.Module            # what the optimizer trains and a checkpoint saves
+    build_skipped: Mapping[str, int]  # reason -> samples left out while building the data (counted once)
+    checks_eval_overlap: bool         # whether training samples in an evaluation set are left out (data/eval_overlap)
+    eval_duplicates: int | None       # evaluation images merged as copies of another (data/eval_duplicates); None: not checked
+    tags: Mapping[str, str]           # MLflow run tags the task adds (e.g. which retrieval set)
+
+    def train_batches(self, epoch: int, start: int = 0) -> Batches:
+        """Epoch `epoch`'s micro-batches after its first `start` (a resumed epoch); len = the whole epoch."""
+
+    def loss(self, batch: Any, forward: torch.nn.Module | None = None) -> StepOutput:
+        """One micro-batch's loss and metrics; tensor metrics stay on the device until the loop reads
+        them (logged as train/<name>; a name with its own prefix, distill/kl, as is). forward
+        (data-parallel runs only): the DistributedDataParallel wrapper to run the model through."""
+
+    def evaluate(self) -> dict[str, float]:
+        """The periodic evaluation (validation split): metric name -> value."""
+
+    def final_evaluate(self) -> dict[str, float]:
+        """Once, after training: the reported (test) numbers; {} when there are none beyond evaluate()."""
+
+    def quality(self) -> dict[str, float]:
+        """The model's quality as it is now, for compression's before/after comparisons."""
+
+    def epoch_samples(self) -> int | None:
+        """Samples the training source declares per epoch (data/trained_fraction); None: not known."""
+
+    def new_artifacts(self) -> list[Path]:
+        """Files written since the last call (by evaluate), to attach to the run."""
+
+    def params(self) -> dict[str, int]:
+        """Parameter counts logged as run params (name -> count)."""
+
+    def sizes(self) -> dict[str, int]:
+        """The data's sizes for the run's plan line (e.g. "train samples/epoch" -> n)."""
+
+
+class TaskBase:
+    """The optional parts of `Task`, as "this task has none". Subclasses define model, train_batches,
+    loss and evaluate, and override what else they have. The class-level mappings are read-only:
+    a task that has skips or tags sets its own."""
+
+    build_skipped: Mapping[str, int] = MappingProxyType({})
+    checks_eval_overlap: bool = False
+    eval_duplicates: int | None = None
+    tags: Mapping[str, str] = MappingProxyType({})
+
+    def final_evaluate(self) -> dict[str, float]:
+        return {}
+
+    def quality(self) -> dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__} has no quality measure for compression to compare")
+
+    def epoch_samples(self) -> int | None:
+        return None
+
+    def new_artifacts(self) -> list[Path]:
+        return []
+
+    def params(self) -> dict[str, int]:
+        return {"model.params_total": sum(p.numel() for p in self.model.parameters())}
+
+    def sizes(self) -> dict[str, int]:
+        return {}
