@@ -15,7 +15,9 @@ from fastclip.report.table import group_by_seed, markdown, write_csv
 KNOWN = {"none": (1.0, 0.50, 0.60), "fixed": (0.40, 0.48, 0.52), "gumbel": (0.45, 0.40, 0.44)}
 
 
-def log_run(client, exp_id, boundary, seed, gflops, top1, parent=None, status="FINISHED"):
+def log_run(client, exp_id, boundary, seed, gflops, top1, parent=None, status="FINISHED", old=False):
+    """As training logs: val/zeroshot_top1 per epoch, zeroshot/top1 (test split) once at the end;
+    old=True: a run from before the validation split, zeroshot/top1 per epoch and no val/ twin."""
     tags = {"mlflow.parentRunId": parent} if parent else {}
     run = client.create_run(exp_id, run_name=f"boundary={boundary} seed={seed}", tags=tags)
     rid = run.info.run_id
@@ -27,7 +29,11 @@ def log_run(client, exp_id, boundary, seed, gflops, top1, parent=None, status="F
         client.log_param(rid, k, v)
     for step in (10, 20, 30):
         client.log_metric(rid, "train/loss", 3.0 - step / 20, step=step)
-    client.log_metric(rid, "zeroshot/top1", top1 - 0.1, step=30)
+    if old:
+        client.log_metric(rid, "zeroshot/top1", top1 - 0.1, step=30)
+    else:
+        for step in (20, 40):
+            client.log_metric(rid, "val/zeroshot_top1", top1 - 0.2 + step / 200, step=step)
     client.log_metric(rid, "zeroshot/top1", top1, step=60)
     client.log_metric(rid, "efficiency/image_gflops", gflops, step=60)
     client.set_terminated(rid, status)
@@ -41,7 +47,7 @@ def sweep_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("demo", artifact_location=(tmp_path / "artifacts").as_uri())
-    log_run(client, exp, "none", 7, 1.0, 0.99)  # not the sweep's: must not show in its report
+    log_run(client, exp, "none", 7, 1.0, 0.99, old=True)  # not the sweep's: must not show in its report
     parent = client.create_run(exp, run_name="sweep boundary=none,fixed,gumbel seed=0,1",
                                tags={"fastclip.role": "sweep", "fastclip.sweep_dir": str(tmp_path / "2026-11-30" / "10-00-00")})
     pid = parent.info.run_id
@@ -81,8 +87,12 @@ def test_a_sweep_report_groups_seeds_marks_the_frontier_and_logs_to_the_parent(s
     assert str(out / "report.md") in capsys.readouterr().out
     # the curves' data: each run's history, by step
     gumbel0 = next(r for g in report.groups if g.label == "boundary=gumbel" for r in g.runs if r.params["seed"] == "0")
-    assert gumbel0.history["zeroshot/top1"] == [(30, pytest.approx(0.30)), (60, 0.40)]
+    assert gumbel0.history["val/zeroshot_top1"] == [(20, pytest.approx(0.30)), (40, pytest.approx(0.40))]
     assert gumbel0.history["train/loss"] == [(10, 2.5), (20, 2.0), (30, 1.5)]
+    # the metric's curve is its per-epoch validation twin (zeroshot/top1 is one test-split point at the end)
+    loss, top1 = report.curves
+    assert loss.label == "train/loss" and top1.label == "val/zeroshot_top1"
+    assert set(top1.plotted.values()) == {"val/zeroshot_top1"} and len(top1.plotted) == 6
 
 
 def test_without_a_sweep_the_report_covers_the_experiments_finished_runs(sweep_store, tmp_path):
@@ -91,6 +101,13 @@ def test_without_a_sweep_the_report_covers_the_experiments_finished_runs(sweep_s
     assert len(report.selection.runs) == 7 and report.selection.sweep_id is None
     assert {g.label for g in report.groups} == {"boundary=none", "boundary=fixed", "boundary=gumbel"}
     assert [len(g.runs) for g in report.groups if g.label == "boundary=none"] == [3]  # seeds 7, 0, 1
+    # the old run has no val/ twin: its curve is the metric itself, and the panel's label says so
+    old = next(r for r in report.selection.runs if r.params["seed"] == "7")
+    top1 = report.curves[1]
+    assert top1.plotted[old.run_id] == "zeroshot/top1"
+    assert old.history["zeroshot/top1"] == [(30, pytest.approx(0.89)), (60, 0.99)]
+    assert sorted(top1.plotted.values()).count("val/zeroshot_top1") == 6
+    assert top1.label == "val/zeroshot_top1 (zeroshot/top1 where a run has no val/zeroshot_top1)"
 
 
 def record(name, metrics=None, **params):

@@ -8,13 +8,17 @@ Writes DIR/report.md (one row per group of runs that differ only in seed: mean Â
 its config in effect after every resume, and runs of different code versions, git commit and dirty
 flag, are different groups unless --pool-versions),
 DIR/report.csv (one row per run), DIR/pareto.png (the metric against the cost, the frontier
-marked; a lower cost is better) and DIR/curves.png (train/loss and the metric over steps). Where the runs are one sweep's,
+marked; a lower cost is better) and DIR/curves.png (train/loss and the metric's per-epoch validation
+twin over steps, eval.names.val_name: val/zeroshot_top1 for zeroshot/top1, which itself is logged once, on
+the test split, at the run's end; a run without the twin, an older one, plots the metric). Where the runs are one sweep's,
 the four files are also logged as artifacts of the sweep's parent run (under report/).
 """
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastclip.eval.names import val_name
+from fastclip.report.plots import CurvePanel
 from fastclip.report.runs import ReportError, Selection, load_histories, select_runs
 from fastclip.report.table import Group, group_by_seed, markdown, write_csv
 from fastclip.tracking import redacted
@@ -29,6 +33,7 @@ class Report:
     frontier: list[Group]
     text: str
     out: Path
+    curves: list[CurvePanel]  # what each panel of curves.png plotted
 
 
 def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str | None = None,
@@ -48,11 +53,13 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
             raise ReportError(f"{flag} {name}: no run logged it (they logged {logged})")
     out = out or Path("outputs") / "reports" / experiment / (selection.sweep_folder or "all")
     out.mkdir(parents=True, exist_ok=True)
-    load_histories(uri, selection.runs, ["train/loss", metric])
+    # the metric's per-epoch series is its validation twin; the metric itself may be one final point
+    curve = (val_name(metric), metric)
+    load_histories(uri, selection.runs, ["train/loss", *curve])
     groups = group_by_seed(selection.runs, pool_versions)
     title = f"{experiment}{_scope(selection)}: {len(selection.runs)} runs in {len(groups)} groups"
     frontier = pareto_plot(groups, metric, cost, out / "pareto.png", title)
-    curves_plot(groups, ["train/loss", metric], out / "curves.png", title)
+    curves = curves_plot(groups, [("train/loss",), curve], out / "curves.png", title)
     write_csv(groups, out / "report.csv")
     text = "\n".join([
         f"### {title}", "",
@@ -70,7 +77,7 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
         client = mlflow.MlflowClient(tracking_uri=uri)
         for name in FILES:
             client.log_artifact(selection.sweep_id, str(out / name), "report")
-    return Report(selection, groups, frontier, text, out)
+    return Report(selection, groups, frontier, text, out, curves)
 
 
 def _scope(selection: Selection) -> str:

@@ -1,6 +1,7 @@
 """The report's pictures: the metric against the cost with the Pareto frontier marked (pareto.png),
 and the training curves (curves.png). matplotlib, drawn off-screen (Agg)."""
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -59,19 +60,46 @@ def pareto_plot(groups: list[Group], metric: str, cost: str, path: Path, title: 
     return [placed[i][0] for i in front]
 
 
-def curves_plot(groups: list[Group], metrics: list[str], path: Path, title: str) -> None:
-    """One panel per metric (value against step), one line per run, coloured by group."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+@dataclass
+class CurvePanel:
+    """One panel of curves.png: its label (the metric names plotted) and, per run id, the name its
+    line shows (a run that logged none of the panel's names has no line)."""
+    label: str
+    plotted: dict[str, str]
+
+
+def panel_label(names: tuple[str, ...], used: set[str]) -> str:
+    """The names a panel shows, the preferred first: `val/zeroshot_top1`, or `val/zeroshot_top1
+    (zeroshot/top1 where a run has no val/zeroshot_top1)` where some runs fell back."""
+    shown = [n for n in names if n in used] or [names[0]]
+    if len(shown) == 1:
+        return shown[0]
+    return f"{shown[0]} ({', '.join(shown[1:])} where a run has no {shown[0]})"
+
+
+def curves_plot(groups: list[Group], panels: list[tuple[str, ...]], path: Path, title: str) -> list[CurvePanel]:
+    """One panel per entry of `panels` (value against step), one line per run, coloured by group.
+    A panel's entry lists metric names in order of preference: each run plots the first of them it
+    has a history of (the per-epoch validation twin first, the metric itself for a run without one).
+    Returns what each panel plotted, its label being the y axis's."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    drawn = []
+    for ax, names in zip(axes[0], panels):
+        plotted = {}
         for n, g in enumerate(groups):
             for k, run in enumerate(g.runs):
-                points = run.history.get(metric)
-                if points:
-                    steps, values = zip(*points)
-                    ax.plot(steps, values, color=f"C{n % 10}", lw=1, marker="." if len(points) < 30 else None,
-                            alpha=0.85, label=g.label if k == 0 else None)
+                name = next((m for m in names if run.history.get(m)), None)
+                if name is None:
+                    continue
+                plotted[run.run_id] = name
+                points = run.history[name]
+                steps, values = zip(*points)
+                ax.plot(steps, values, color=f"C{n % 10}", lw=1, marker="." if len(points) < 30 else None,
+                        alpha=0.85, label=g.label if k == 0 else None)
+        label = panel_label(names, set(plotted.values()))
+        drawn.append(CurvePanel(label, plotted))
         ax.set_xlabel("step")
-        ax.set_ylabel(metric)
+        ax.set_ylabel("\n".join(textwrap.wrap(label, 60)))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
@@ -79,3 +107,4 @@ def curves_plot(groups: list[Group], metrics: list[str], path: Path, title: str)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn

@@ -27,6 +27,7 @@ from fastclip.data.splits import ClipData
 from fastclip.eval.boundary_picture import draw
 from fastclip.eval.efficiency import parameter_counts
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
+from fastclip.eval.names import val_name
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.loop import ignore_stop_signals
@@ -39,14 +40,6 @@ from fastclip.tasks.protocol import StepOutput, TaskBase
 # The sources' builders: each yields a training set, a validation and a test split (data/splits.py).
 BUILDERS = {"digits": build_digits, "image_folder": build_image_folder, "csv": build_csv, "coco2014": build_coco,
             "webdataset": build_shards}
-# per-epoch (validation) metric names: the test split's name -> the validation split's
-VAL_NAMES = {"zeroshot/top1": "val/zeroshot_top1", "zeroshot/top5": "val/zeroshot_top5"}
-
-
-def val_name(test_name: str) -> str:
-    """The validation twin of a test metric: zeroshot/top1 -> val/zeroshot_top1, retrieval/i2t_r1 ->
-    val/i2t_r1 (retrieval's names under val/ as they are)."""
-    return VAL_NAMES.get(test_name) or "val/" + test_name.removeprefix("retrieval/")
 
 
 def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
