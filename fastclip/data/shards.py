@@ -16,6 +16,7 @@ Held out: `eval_shards` (the test split, read at the end of a run) and `val_shar
 validation, at most `val_max_images` images); `val_shards: null` holds out the last shard of
 train_shards (of its first source) for validation, which training then never reads.
 """
+import itertools
 import json
 import logging
 import os
@@ -259,6 +260,16 @@ class ShardStream(IterableDataset):
                 mine = []
 
 
+def training_sources(cfg) -> tuple[list[ShardSource], str, str | None]:
+    """(the training sources, without the shard held out for validation; the validation shards'
+    pattern; the held-out shard's URL, None where dataset.val_shards names the validation shards)."""
+    sources = build_sources(cfg)
+    val_pattern, held_out = cfg.val_shards, None
+    if not val_pattern:
+        val_pattern = held_out = sources[0].hold_out_last()
+    return sources, val_pattern, held_out
+
+
 def build_shards(cfg, preprocess_train, preprocess_eval, tokenizer):
     """-> ClipData(train ShardStream, retrieval=test on eval_shards or None, val_retrieval=validation on
     val_shards, or on the last training shard, held out); the splits' shards checked disjoint."""
@@ -266,10 +277,7 @@ def build_shards(cfg, preprocess_train, preprocess_eval, tokenizer):
     if not isinstance(caption_key, str) or not caption_key:
         raise ValueError(f"dataset.caption_key={caption_key!r}: expected the name of the .json field that holds a "
                          f"caption (img2dataset: caption)")
-    sources = build_sources(cfg)
-    val_pattern, held_out = cfg.val_shards, None
-    if not val_pattern:
-        val_pattern = held_out = sources[0].hold_out_last()
+    sources, val_pattern, held_out = training_sources(cfg)
     val_urls = [held_out] if held_out else expand_shards(val_pattern, "dataset.val_shards")
     test_urls = expand_shards(cfg.eval_shards, "dataset.eval_shards") if cfg.eval_shards else []
     require_disjoint("dataset=webdataset", train=[u for s in sources for u in s.urls], val=val_urls, test=test_urls)
@@ -389,10 +397,14 @@ def caption_of(sample, caption_key: str = "caption", warn: bool = True) -> tuple
     return None, why
 
 
-def shard_captions(pattern, limit: int = 100_000, caption_key: str = "caption") -> list[str]:
-    """Training captions (the unigram text-boundary corpus), the first `limit` of the shards."""
-    patterns = [pattern] if isinstance(pattern, str) else [s["shards"] for s in pattern]
-    return [c for p in patterns for sample in _read_samples(p, "dataset.train_shards", limit)
+def shard_captions(cfg, limit: int = 100_000) -> list[str]:
+    """Training captions (the unigram text-boundary corpus): the first `limit` samples of each training
+    source's shards, after the hold-out (training_sources: the last shard, when it is validation's,
+    is never read)."""
+    caption_key = cfg.get("caption_key", "caption")
+    sources = training_sources(cfg)[0]
+    return [c for source in sources
+            for sample in itertools.islice((x for url in source.urls for x in _shard_samples(url, {})), limit)
             for c in [caption_of(sample, caption_key, warn=False)[0]] if c]  # training names those without
 
 
