@@ -12,7 +12,7 @@ import csv
 import io
 import logging
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastclip.data.pairs import PairDataset, group_captions, retrieval_set, split_images, training_records
@@ -101,15 +101,23 @@ def _fail_if_mostly_bad(path: Path, data: bytes, separator: str, skipped: Counte
                          f"Check dataset.separator, or quote captions that contain it")
 
 
-def read_pairs(path, image_root, image_column, caption_column, separator) -> list[tuple[str, str]]:
-    """load_pairs' rows alone (callers that do not count skips: the unigram caption corpus)."""
-    return load_pairs(path, image_root, image_column, caption_column, separator)[0]
+@dataclass
+class CsvSplit:
+    """dataset.path's images split three ways: training, validation (carved from the training side)
+    and test (held out by eval_fraction, or eval_path's images)."""
+    groups: dict[str, list[str]]  # dataset.path: image -> its captions
+    skipped: dict[str, int]  # dataset.path's rows skipped, by reason
+    train_images: set[str]
+    val_images: set[str]
+    held: set[str]  # the test split's images (of eval_groups)
+    eval_groups: dict[str, list[str]]  # where the test images' captions are: eval_path's, or dataset.path's
+    eval_skipped: dict[str, int]
+    description: str  # the test split's
 
 
-def build_csv(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
-    """-> ClipData(train PairDataset, retrieval=test RetrievalSet or None, val_retrieval=validation),
-    each with `skipped` = rows of its CSV skipped while reading (the training set's by reason) (one
-    CSV split into train and held-out images counts them on the training side)."""
+def split_csv(cfg) -> CsvSplit:
+    """Reads dataset.path (and eval_path) and splits the images. Raises as load_pairs, and ValueError
+    naming dataset.eval_fraction / dataset.val_fraction when a fraction is outside [0, 1)."""
     def read(path):
         rows, skipped = load_pairs(path, cfg.image_root, cfg.image_column, cfg.caption_column, cfg.separator)
         return group_captions(rows), dict(skipped)
@@ -123,6 +131,23 @@ def build_csv(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
         description = f"csv held-out {cfg.eval_fraction * 100:g}% of images (split_seed={cfg.split_seed})"
     train_images, val_images = split_images([im for im in groups if im in train_images], cfg.val_fraction,
                                             cfg.split_seed, "dataset.val_fraction", cfg.val_max_images)
+    return CsvSplit(groups, train_skipped, train_images, val_images, held, eval_groups, eval_skipped, description)
+
+
+def training_pairs(cfg) -> list[tuple[str, str]]:
+    """The (image, caption) pairs the training set keeps (dataset.pairs of the training images; never
+    a validation or test image's): the unigram caption corpus."""
+    split = split_csv(cfg)
+    return training_records(split.groups, split.train_images, cfg.pairs, cfg.split_seed)
+
+
+def build_csv(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
+    """-> ClipData(train PairDataset, retrieval=test RetrievalSet or None, val_retrieval=validation),
+    each with `skipped` = rows of its CSV skipped while reading (the training set's by reason) (one
+    CSV split into train and held-out images counts them on the training side)."""
+    split = split_csv(cfg)
+    groups, train_skipped, train_images, val_images = split.groups, split.skipped, split.train_images, split.val_images
+    held, eval_groups, eval_skipped, description = split.held, split.eval_groups, split.eval_skipped, split.description
     # held out by this function; an eval_path CSV naming a training image is eval.overlap's (ClipTask)
     require_disjoint(f"dataset=csv path={cfg.path}", train=train_images, val=val_images,
                      **({} if cfg.eval_path else {"test": held}))

@@ -16,7 +16,7 @@ from fastclip.checks import check_config
 from fastclip.compression.prune import layout_efficiency
 from fastclip.data.coco import build_coco
 from fastclip.data.coco import training_captions as coco_training_captions
-from fastclip.data.csv_pairs import build_csv, read_pairs
+from fastclip.data.csv_pairs import build_csv, training_pairs
 from fastclip.data.digits import build_digits
 from fastclip.data.image_folder import build_image_folder, folder_classnames
 from fastclip.data.overlap import (EVAL_OVERLAP, FileKeys, eval_overlap_of, leave_test_images_out_of_validation,
@@ -51,17 +51,18 @@ def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipDa
 
 
 def training_captions(ds) -> list[str]:
-    """The captions training will see: what a unigram text-boundary model learns from."""
+    """The captions training will see, the training split's alone (never a validation or test
+    caption): what a unigram text-boundary model learns from."""
     if ds.name == "digits":
         return [t.format(c) for c in ds.classnames for t in ds.train_templates]
     if ds.name == "image_folder":
         return [t.format(c) for c in folder_classnames(ds) for t in ds.train_templates]
     if ds.name == "csv":
-        return [c for _, c in read_pairs(ds.path, ds.image_root, ds.image_column, ds.caption_column, ds.separator) if c]
+        return [c for _, c in training_pairs(ds) if c]
     if ds.name == "coco2014":
         return coco_training_captions(ds)
     if ds.name == "webdataset":
-        return shard_captions(ds.train_shards, limit=100_000, caption_key=ds.get("caption_key", "caption"))
+        return shard_captions(ds, limit=100_000)
     raise ValueError(f"dataset={ds.name!r}: no caption corpus for boundary=unigram")
 
 
