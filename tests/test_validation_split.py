@@ -183,8 +183,29 @@ def test_per_epoch_evaluation_reads_validation_and_the_final_one_reads_test(monk
     assert not [k for k in per_epoch if not k.startswith(("val/", "efficiency/", "boundary/"))]
     assert calls[-1][0][2] is task.data.val_zeroshot.images
     final = task.final_evaluate()
-    assert calls[-1][0][2] is task.data.zeroshot.images and set(final) == {"zeroshot/top1", "zeroshot/top5"}
+    assert calls[-1][0][2] is task.data.zeroshot.images
+    assert {k for k in final if not k.startswith("efficiency/")} == {"zeroshot/top1", "zeroshot/top5"}
     assert len(calls) == 2
+
+
+def test_the_final_efficiency_numbers_are_measured_on_test_images(monkeypatch):
+    """efficiency/* printed and reported beside test accuracy come from the test split's eval batch;
+    the per-epoch ones from the validation split's."""
+    from fastclip.tasks import clip
+    task = clip.ClipTask(compose_cfg(TINY_CLIP + ["eval.boundary_picture=false", "boundary=fixed"]),
+                         torch.device("cpu"))
+    measured = record_calls(monkeypatch, clip, "layout_efficiency")
+    task.evaluate()
+    final = task.final_evaluate()
+    assert len(measured) == 2
+    (_, _, val_images, _), _, _ = measured[0]
+    (_, _, test_images, test_tokens), _, test_numbers = measured[1]
+    expected_images, expected_tokens = task.eval_batch(split="test")
+    assert torch.equal(test_images, expected_images) and torch.equal(test_tokens, expected_tokens)
+    assert torch.equal(val_images, task.eval_batch(split="val")[0]) and not torch.equal(val_images, test_images)
+    for key in ("efficiency/image_gflops", "efficiency/text_gflops", "efficiency/compression_image",
+                "efficiency/compression_text"):
+        assert final[key] == test_numbers[key]
 
 
 def test_retrieval_sources_log_validation_under_val_and_test_under_retrieval(tmp_path):
