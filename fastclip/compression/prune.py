@@ -314,7 +314,7 @@ def compress(task, cfg, pruner: Pruner, final: dict[str, float], step: int) -> d
     try:
         model.eval()
         deployed = shrunk_copy(model) if pruner.structure == "structured" else model
-        images, tokens = task.eval_batch()
+        images, tokens = task.eval_batch(split="test")  # the efficiency/* it logs are the test split's, as the loop's
         # the dense twin is the pruned model in its dense layout: dense kernels take the same time whatever
         # the values (unstructured: it is the deployed model itself, timed again); both under the run's autocast
         amp = run_autocast(cfg, images.device)

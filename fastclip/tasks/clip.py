@@ -271,7 +271,9 @@ class ClipTask(TaskBase):
 
     def evaluate(self) -> dict[str, float]:
         """Per epoch: the validation split's numbers (val/*), the efficiency achieved on its images
-        and the boundary picture. The test split is final_evaluate's."""
+        (efficiency/*, which final_evaluate logs again from the test split's images at the last step,
+        later, so the run's latest value is the test split's) and the boundary picture. The test split
+        is final_evaluate's."""
         cfg, metrics = self.cfg, self.quality(split="val")
         images, tokens = self.eval_batch(split="val")
         # structured pruning: counted on the layout the run deploys (heads and channels removed), the dense one's beside
@@ -286,7 +288,9 @@ class ClipTask(TaskBase):
         return metrics
 
     def final_evaluate(self) -> dict[str, float]:
-        """At the end of a run: the test split's numbers under their reported names (quality()).
+        """At the end of a run: the test split's numbers under their reported names (quality()), and
+        the efficiency the model achieved on the test split's eval batch (efficiency/*: the boundaries
+        it drew on test images, the numbers printed and reported beside test accuracy).
         boundary=patch_dropout with eval_keep: zero-shot top-1 again on every
         patch (`zeroshot/top1_all_patches`). eval.placement_control: zero-shot as learned and with each
         image pooled at another image's boundary logits (a derangement over the set: the count
@@ -296,6 +300,8 @@ class ClipTask(TaskBase):
         The learned top-1 is recomputed (one more zero-shot pass, opt-in) rather than taken from the
         loop's last evaluate, so the pair always comes from the same weights whatever called this."""
         metrics = self.quality()
+        images, tokens = self.eval_batch(split="test")
+        metrics.update(layout_efficiency(self.model, self.cfg.compression, images, tokens))
         visual = self.model.visual
         if isinstance(visual, PatchDropoutImageTower) and visual.eval_keep and visual.keep < 1:
             with visual.all_patches():  # the same weights at full cost: a second bench row for free
