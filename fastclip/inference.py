@@ -98,12 +98,13 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
 
 class Upright:
     """A transform step: a PIL image as a viewer shows it (data.pairs.upright: its EXIF orientation
-    applied, on a copy); anything else passes as it is."""
+    applied, on a copy; data.pairs.on_white: transparent pixels over white), as RGB; anything else
+    passes as it is."""
 
     def __call__(self, image):
         from PIL import Image
-        from fastclip.data.pairs import upright
-        return upright(image) if isinstance(image, Image.Image) else image
+        from fastclip.data.pairs import on_white, upright
+        return on_white(upright(image)) if isinstance(image, Image.Image) else image
 
     def __repr__(self) -> str:
         return "Upright()"

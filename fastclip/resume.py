@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 RUNTIME = {"device", "trainer.ckpt_every_steps", "trainer.progress", "trainer.num_workers", "trainer.loader_timeout_s",
            "trainer.torch_threads", "trainer.compile", "trainer.ddp_find_unused_parameters", "trainer.optimizer_impl",
            "trainer.resume", "tracking.uri",
-           "tracking.log_every", "tracking.run_name", "eval.batch_size", "eval.num_workers", "eval.lm_batch_size",
+           "tracking.log_every", "tracking.run_name", "dataset.cache_dir", "eval.batch_size", "eval.num_workers",
+           "eval.lm_batch_size",
            "eval.classifier_cache_dir", "eval.boundary_picture"}
 # May differ from the checkpoint's config: they change how long and how fast the run goes on,
 # what it evaluates and where it writes, not what the weights and optimizer state mean.
@@ -107,6 +108,12 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
         raise ResumeError(f"trainer.resume={path}: this command line changes what the checkpoint's run is, which a "
                           f"resume cannot: {listed}. Start a new run for that (without trainer.resume), or drop these "
                           f"overrides; a resume may change only {', '.join(sorted(MUTABLE - {'trainer.resume'}))} and eval.*")
+    new_data = sorted(k for k in added if k.startswith("dataset.") and not is_mutable(k))
+    if new_data:  # e.g. dataset.val_fraction: a validation split carved from its training data, mid-run
+        raise ResumeError(f"trainer.resume={path}: the checkpoint predates dataset keys this fastclip reads "
+                          f"({', '.join(f'{k}={effective[k]!r}' for k in new_data)}): resumed here, its run would "
+                          f"train on other data than it started with. Resume it with the version that wrote it (its "
+                          f"commit is in the run's MLflow tags), or start a new run")
     if added:
         log.info("resume: keys new since the checkpoint take their defaults: %s", ", ".join(sorted(added)))
     config = OmegaConf.create(unflatten(effective))

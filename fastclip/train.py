@@ -277,11 +277,18 @@ def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):
     commit, dirty = runtime.git_commit()
     tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
             "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **task.tags}
-    resolved = run_dir / "config.yaml"  # before the run is (re)opened: what fails here leaves it as it was
-    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=run_name(cfg, tags), tags=tags,
-                               run_id=resume.checkpoint.get("mlflow_run_id") if resume else None)
+    # written before the run is (re)opened, so that a run dir that refuses it leaves the run as it was, and
+    # renamed into place once it is: a reopening that fails leaves the config of the run as it was, too
+    resolved, pending = run_dir / "config.yaml", run_dir / "config.yaml.tmp"
+    pending.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:
+        tracker = tracking.Tracker(uri, cfg.tracking.experiment, run_name=run_name(cfg, tags), tags=tags,
+                                   run_id=resume.checkpoint.get("mlflow_run_id") if resume else None)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    try:
+        os.replace(pending, resolved)
         tracker.log_params(tracking.flatten(cfg))
         tracker.log_params({k: str(v) for k, v in task.params().items()})
         world = distributed.current().size

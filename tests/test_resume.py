@@ -52,6 +52,15 @@ def test_a_resume_that_changes_the_model_fails_before_touching_the_run(tmp_path,
                                   "epochs=3"]), tmp_path / "second", overrides=["epochs=3"])
     assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED" and snapshot(run_dir) == before
 
+    # one from before the validation split: resumed here, it would train on 10% fewer images mid-run
+    older = load_checkpoint(ckpt)
+    del older["config"]["dataset"]["val_fraction"], older["config"]["dataset"]["cache_dir"]  # cache_dir: runtime only
+    checkpoint.save(tmp_path / "older" / "checkpoints" / "last.pt", {**older, "run_dir": str(tmp_path / "older")})
+    with pytest.raises(ResumeError, match=r"predates dataset keys this fastclip reads \(dataset.val_fraction=0.1\)"):
+        run(compose_cfg(COMMON + [f"tracking.uri={store}", f"trainer.resume={tmp_path / 'older' / 'checkpoints' / 'last.pt'}",
+                                  "epochs=3"]), tmp_path / "second", overrides=["epochs=3"])
+    assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED" and snapshot(run_dir) == before
+
 
 def test_a_resume_with_a_new_lr_applies_and_records_it(tmp_path, store, caplog):
     caplog.set_level("INFO", logger="fastclip")

@@ -3,6 +3,7 @@ disjoint from training and test (checked when it is built); per-epoch evaluation
 val/, the test numbers keep their names and are measured once, at the end; the entrypoint returns
 (and a sweep optimises) the validation metric, and the run's last console line names it."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +236,27 @@ def test_the_objective_is_the_validation_metric_and_the_last_console_line_says_s
     assert objective({"val/bpc": 2.1, "lm/test_bpc": 2.0}) == ("val/bpc", 2.1)
     assert objective({"zeroshot/top1": 0.5, "lm/test_bpc": 2.0}) is None  # a test number is never the objective
     assert "the trained model's, before compression=quant" in objective_line(metrics, "quant")
+
+
+def test_a_separate_eval_path_sharing_files_with_the_training_folder_is_left_to_eval_overlap(tmp_path):
+    """eval.overlap drops training images that are also evaluation images (or fails, as asked) once the
+    task is built: the builder must not refuse an eval_path whose files are the training folder's."""
+    make_class_folder(tmp_path / "folder", per_colour=6)
+    for cls in (tmp_path / "folder").iterdir():
+        (tmp_path / "eval" / cls.name).mkdir(parents=True)
+        first = sorted(cls.iterdir())[0]
+        (tmp_path / "eval" / cls.name / first.name).symlink_to(first)
+    data = build(build_image_folder, ["dataset=image_folder", f"dataset.path={tmp_path / 'folder'}",
+                                      f"dataset.eval_path={tmp_path / 'eval'}"])
+    shared = {str(p.resolve()) for p in (tmp_path / "eval").rglob("*.png")}
+    assert {str(Path(f).resolve()) for f in data.train.files} & shared  # eval.overlap's to drop
+
+
+def test_the_validation_carve_leaves_every_class_a_training_image():
+    from fastclip.data.captioned import carve_validation
+    labels = np.arange(5)  # a class of 2 images: 1 held out for test, 1 left on the training side
+    fit, val = carve_validation(np.arange(5), labels, 0.1, 0)
+    assert sorted(labels[fit]) == [0, 1, 2, 3, 4] and len(val) == 0  # it took that one: training had none
+    labels = np.repeat(np.arange(3), 20)
+    fit, val = carve_validation(np.arange(60), labels, 0.1, 0)
+    assert len(val) == 6 and sorted(set(labels[val])) == [0, 1, 2]  # round(20 x 0.1) each, as before

@@ -164,6 +164,9 @@ def test_fastclip_load_and_infer_see_a_sideways_photo_as_a_viewer_does(checkpoin
                 "--text", "a red square", "--text", "a blue square"])
     out = capsys.readouterr().out.splitlines()
     assert out[1:3] == out[4:6]  # the photo's probabilities are the upright copy's
+    # a transparent logo through load's preprocess: over white, as open_rgb reads it (not its hidden green)
+    logo = Image.open(io.BytesIO(hidden_green_logo("RGBA")))
+    assert torch.equal(preprocess(logo), preprocess(open_rgb(hidden_green_logo("RGBA"), "logo")))
 
 
 # --- 2. hidden and OS folders are not classes; hidden files are not images --------------------------
@@ -415,3 +418,11 @@ def test_member_names_with_a_dot_in_the_key_are_named_not_merged_silently(tmp_pa
         skips = [stream.decode(s).reason for s in stream._samples(stream.sources[0], 0)]
     assert skips == ["member names with a dot in the key"] * 16
     assert "member names with a dot in their key (img.0000.jpg, ...)" in caplog.text and "img_0000.jpg" in caplog.text
+    # a sample's own extra fields with a dot (key.mask.png beside key.jpg) are not a merge; nor is a .tar.gz's end
+    write_shard(shard, [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image("red", i)), "txt": "a red square",
+                         "mask.png": jpeg_bytes(colour_image("blue", i))} for i in range(4)])
+    assert all(not hasattr(stream.decode(s), "reason") for s in stream._samples(stream.sources[0], 0))
+    from fastclip.data.shards import cut_short
+    import gzip
+    (tmp_path / "shard.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    assert not cut_short(str(tmp_path / "shard.tar.gz"))

@@ -23,10 +23,11 @@ class ZeroShotSet:
 
 
 def split_indices(labels: np.ndarray, holdout_fraction: float, split_seed: int,
-                  key: str = "dataset.holdout_fraction") -> tuple[np.ndarray, np.ndarray]:
+                  key: str = "dataset.holdout_fraction", keep_one: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, deterministic train/held-out split, independent of the run seed: round(n x
-    holdout_fraction) of each class's n images (at least one) held out. key: the config key the
-    fraction came from, named in the ValueError a fraction outside (0, 1) raises."""
+    holdout_fraction) of each class's n images (at least one) held out; keep_one: at most n - 1,
+    so that every class keeps a training image (a class of one image then holds none out). key:
+    the config key the fraction came from, named in the ValueError a fraction outside (0, 1) raises."""
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"{key}={holdout_fraction}: expected a value in (0, 1)")
     rng = np.random.default_rng(split_seed)
@@ -34,6 +35,8 @@ def split_indices(labels: np.ndarray, holdout_fraction: float, split_seed: int,
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
         n_held = max(1, round(len(idx) * holdout_fraction))
+        if keep_one:
+            n_held = min(n_held, len(idx) - 1)
         held.append(idx[:n_held])
         train.append(idx[n_held:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
@@ -43,8 +46,9 @@ def carve_validation(train_idx: np.ndarray, labels: np.ndarray, val_fraction: fl
                      split_seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) indices: `val_fraction` of the training side's images per class
     (split_indices on train_idx alone), so the held-out test split is the one it would be without
-    a validation split."""
-    fit, val = split_indices(labels[train_idx], val_fraction, split_seed, "dataset.val_fraction")
+    a validation split; every class keeps at least one training image (a class with one image on
+    the training side has no validation image)."""
+    fit, val = split_indices(labels[train_idx], val_fraction, split_seed, "dataset.val_fraction", keep_one=True)
     return train_idx[fit], train_idx[val]
 
 

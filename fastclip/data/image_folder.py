@@ -137,9 +137,11 @@ def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer) -> Cli
     fit_idx, val_idx = carve_validation(np.arange(len(train_images)), train_labels, cfg.val_fraction, cfg.split_seed)
     val_images, val_labels, val_files = [train_images[i] for i in val_idx], train_labels[val_idx], [train_files[i] for i in val_idx]
     train_images, train_labels, train_files = [train_images[i] for i in fit_idx], train_labels[fit_idx], [train_files[i] for i in fit_idx]
-    require_disjoint(f"dataset=image_folder path={cfg.path}", **{
-        split: [str(Path(f).resolve()) for f in files]
-        for split, files in (("train", train_files), ("val", val_files), ("test", held_files))})
+    # a separate eval_path may share files with path: eval.overlap drops them from training (or fails)
+    # once the task is built, as for csv; only splits carved from one folder must be disjoint here
+    carved = (("train", train_files), ("val", val_files)) + (() if cfg.eval_path else (("test", held_files),))
+    require_disjoint(f"dataset=image_folder path={cfg.path}",
+                     **{split: [str(Path(f).resolve()) for f in files] for split, files in carved})
     tokens = caption_table(classnames, cfg.train_templates, tokenizer)
     train = CaptionedImages(train_images, train_labels, tokens, preprocess_train, files=train_files)
     train.skipped = {"undecodable image": undecodable} if undecodable else {}

@@ -306,7 +306,7 @@ def _shard_samples(url: str, sizes: dict[str, int]):
     n = 0
     for sample in tariterators.tarfile_samples([{"url": url}], handler=_warn_and_continue):
         merged = [k for k in sample if not k.startswith("__") and "." in k and k.rsplit(".", 1)[1].lower() in IMAGE_KEYS]
-        if merged:
+        if merged and not any(k in sample for k in IMAGE_KEYS):  # a sample's own extra fields: key.mask.png beside key.jpg
             log.warning("%s: member names with a dot in their key (%s.%s, ...): webdataset takes a sample's key up to "
                         "the first dot, so %d samples' files merged into one; they count as skipped (rename the "
                         "members without the dot, e.g. %s_%s)", url, sample.get("__key__"), merged[0], len(merged),
@@ -337,9 +337,10 @@ def cut_short(url: str) -> bool:
     """Whether a local tar file lacks the two zero blocks that end every complete tar archive (its
     size a multiple of 512 and its last 1024 bytes zero), i.e. a shard truncated by an interrupted
     copy or download; even at a member boundary, where tar itself reads it as complete. Remote and
-    piped shards are not checked (False)."""
+    piped shards, and compressed ones (.tar.gz: the end blocks are inside the compressed stream), are
+    not checked (False)."""
     path = url.removeprefix("file:")
-    if "://" in url or url.startswith("pipe:") or not os.path.isfile(path):
+    if "://" in url or url.startswith("pipe:") or not path.endswith(".tar") or not os.path.isfile(path):
         return False
     size = os.path.getsize(path)
     if size < 1024 or size % 512:
