@@ -41,7 +41,7 @@ class Task(Protocol):
     model: torch.nn.Module            # what the optimizer trains and a checkpoint saves
     build_skipped: Mapping[str, int]  # reason -> samples left out while building the data (counted once)
     checks_eval_overlap: bool         # whether training samples in an evaluation set are left out (data/eval_overlap)
-    eval_duplicates: int | None       # evaluation images merged as copies of another (data/eval_duplicates); None: not checked
+    eval_duplicates: int | None       # evaluation images merged as copies (data/eval_duplicates); None: not checked
     tags: Mapping[str, str]           # MLflow run tags the task adds (e.g. which retrieval set)
 
     def train_batches(self, epoch: int, start: int = 0) -> Batches:

@@ -1,0 +1,144 @@
+"""fit(): the training loop every task shares, top to bottom. Each pass over an epoch's batches
+(train_epoch) ends in a checkpoint, then maybe an evaluation; a stop request ends the run at a
+checkpoint; the final evaluation and the timing summary close it."""
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastclip.loop.accounting import check_epoch_data, leave_out_unfilled
+from fastclip.loop.checkpointing import CheckpointPolicy
+from fastclip.loop.divergence import diverged
+from fastclip.loop.evaluation import evaluate, final_evaluation
+from fastclip.loop.signals import StopRequests, stopped
+from fastclip.loop.steplog import StepLog, StepTimer
+from fastclip.loop.trainer import Accumulation, Trainer
+from fastclip.tasks.protocol import StepOutput, Task
+
+log = logging.getLogger(__name__)
+
+
+def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Trainer | None = None,
+        provenance: dict | None = None) -> dict[str, float]:
+    """Trains `task` from `trainer`'s state (new, or loaded from a checkpoint) to the end of its
+    schedule; returns the final metrics. provenance: what checkpoints record beyond the training
+    state (the config group choices). Ctrl-C / SIGTERM stop it after a step, checkpointed (RunInterrupted)."""
+    trainer = trainer or Trainer(task, cfg, device)
+    state = trainer.state
+    checkpoints = CheckpointPolicy(trainer, cfg, tracker, run_dir, provenance)
+    bar = tqdm(total=trainer.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
+               disable=not cfg.trainer.progress or not trainer.world.main)
+    steps = StepLog(tracker, cfg.tracking.get("log_every", 10), bar, checkpoints.path)
+    timer = StepTimer()
+    metrics: dict[str, float] = {}
+    task.model.train()
+    with StopRequests() as stop:
+        run = Run(task, trainer, steps, timer, checkpoints, stop, bar)
+        while not trainer.finished():
+            if stop.requested():  # came during an evaluation: the checkpoint before it holds this state
+                stopped(stop, state, checkpoints.path)
+            left = train_epoch(run)
+            steps.drain()  # before this epoch's checkpoint and evaluation
+            epoch_done = end_pass(task, trainer, left)
+            checkpoints.save()  # before evaluating: a failing evaluation never loses the training
+            if stop.requested() and not trainer.finished():  # not an evaluation the time left may not hold
+                stopped(stop, state, checkpoints.path)
+            if trainer.finished() or (epoch_done and state.epoch % cfg.eval.every_epochs == 0):
+                metrics = evaluate(task, tracker, state, checkpoints.path)
+        if stop.received:  # during the last evaluation: the run is complete, nothing to continue
+            log.warning("%s came during the final evaluation: the run completes", signal.Signals(stop.received).name)
+    bar.close()
+    if not metrics:  # resumed from a finished run: still report its numbers
+        metrics = evaluate(task, tracker, state, checkpoints.path)
+    metrics.update(final_evaluation(task, tracker, state))
+    summary = timer.summary(state)
+    metrics.update(summary)
+    if tracker:
+        tracker.log_metrics(summary, state.step)
+    return metrics
+
+
+@dataclass
+class Run:
+    """What one fit() call's steps use."""
+    task: Task
+    trainer: Trainer
+    steps: StepLog
+    timer: StepTimer
+    checkpoints: CheckpointPolicy
+    stop: StopRequests
+    bar: tqdm
+
+
+def train_epoch(run: Run) -> Accumulation:
+    """The optimizer steps of the epoch in progress, from where the state is, to the epoch's end or the
+    run's (a stop request ends the run here, checkpointed: raises) -> the micro-batches at its end
+    that did not fill a step."""
+    trainer, state = run.trainer, run.trainer.state
+    trainer.optimizer.zero_grad(set_to_none=True)  # nothing carries over from an unfinished accumulation
+    step = Accumulation()
+    run.timer.start()
+    # a checkpoint taken after an epoch's last step has nothing left of it to run (len % accum batches at most)
+    batches = run.task.train_batches(state.epoch, start=state.batch_in_epoch) \
+        if state.steps_in_epoch < trainer.steps_per_epoch else ()
+    for batch in batches:
+        run.timer.arrived()
+        out = micro_step(run, batch, step)
+        if step.micro < trainer.accum:
+            run.timer.waiting()
+            continue
+        # the ranks' batches are the same size (distributed.Lockstep)
+        lr = trainer.step(step.samples * trainer.world.size)
+        run.steps.add(state, out.loss, step.finite, lr, out.metrics)
+        step = Accumulation()
+        state.train_s += run.timer.stepped()
+        run.bar.update(1)
+        after_step(run)
+        if trainer.finished() or state.steps_in_epoch >= trainer.steps_per_epoch:
+            break  # the epoch's last len % accum_steps batches would not fill a step: left out, as drop_last
+        run.timer.waiting()
+    return step
+
+
+def micro_step(run: Run, batch, step: Accumulation) -> StepOutput:
+    """One micro-batch's forward and backward, counted in the state and in `step`."""
+    trainer, state = run.trainer, run.trainer.state
+    try:
+        out = trainer.forward_backward(batch, sync=step.micro == trainer.accum - 1)
+    except FloatingPointError as exc:  # models.dtp.NonFiniteBoundaries: the weights went non-finite
+        if not trainer.world.distributed:  # (data-parallel, the other ranks are not draining now)
+            run.steps.drain()
+        diverged(f"{exc} at step {state.step} (epoch {state.epoch + 1})", run.checkpoints.path)
+    state.count(out)
+    step.add(out)
+    return out
+
+
+def after_step(run: Run) -> None:
+    """A log step drains the step log; a checkpoint step or a stop request also writes the checkpoint
+    (drained first, so a non-finite loss never reaches it); a stop request then ends the run."""
+    state = run.trainer.state
+    checkpoint_now = run.checkpoints.due()
+    stop_now = run.stop.requested()
+    if state.step % run.steps.every == 0 or checkpoint_now or stop_now:
+        run.steps.drain()
+    if checkpoint_now or stop_now:
+        run.checkpoints.save()
+    if stop_now:
+        stopped(run.stop, state, run.checkpoints.path)
+
+
+def end_pass(task: Task, trainer: Trainer, left: Accumulation) -> bool:
+    """After a pass over the epoch's batches: micro-batches that did not fill a step count as skipped;
+    an epoch gone through (not one the run's end cut short) is checked and closed -> whether it was."""
+    state = trainer.state
+    if left.micro:  # batches whose every sample was bad left the last step unfilled
+        leave_out_unfilled(state, left.micro, left.samples, trainer.accum)
+    epoch_done = state.steps_in_epoch >= trainer.steps_per_epoch or not trainer.finished()
+    if epoch_done:
+        check_epoch_data(task, state)
+        state.next_epoch()
+    return epoch_done

@@ -1,0 +1,183 @@
+"""The optimisation state of one run (Trainer): AdamW, the warm-up + cosine schedule, gradient
+accumulation, mixed precision and clipping, compression=prune's masks, and the checkpoint round trip."""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from fastclip import distributed, runtime
+from fastclip.checkpoint import ResumeError
+from fastclip.checks import steps_of
+from fastclip.loop.state import TrainState
+from fastclip.optim import Schedule, adamw_impl, build_adamw, warmup_steps
+from fastclip.tasks.protocol import StepOutput, Task
+
+
+class Trainer:
+    """The optimisation state of one run: AdamW over the task's model, the warm-up + cosine schedule,
+    the fp16 grad scaler and the TrainState; state_dict()/load_state_dict() round-trip all of it."""
+
+    def __init__(self, task: Task, cfg, device: torch.device):
+        tc = cfg.trainer
+        self.task, self.model, self.cfg = task, task.model, cfg
+        self.accum = int(tc.accum_steps)
+        if self.accum < 1:
+            raise ValueError(f"trainer.accum_steps={self.accum}: expected >= 1")
+        self.batches_per_epoch = len(task.train_batches(0))
+        self.steps_per_epoch = self.batches_per_epoch // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"trainer.batch_size={tc.batch_size} x accum_steps={self.accum} leaves no full step "
+                             f"per epoch ({self.batches_per_epoch} batches)")
+        total = self.steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, tc.max_steps) if tc.max_steps else total
+        self.warmup_steps = warmup_steps(tc.warmup_steps, self.total_steps)
+        if tc.compile:
+            runtime.compile_blocks(self.model)
+        self.optimizer = build_adamw(self.model, tc)
+        self.schedule = Schedule(self.warmup_steps, self.total_steps)  # a resume replaces it (load_state_dict)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.amp_dtype = runtime.autocast_dtype(tc.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.device = device
+        self.world = distributed.current()
+        self.state = TrainState(world_size=self.world.size)
+        # the training forward goes through DistributedDataParallel (gradients averaged over ranks);
+        # evaluation and checkpoints use the model itself
+        self.forward = distributed.wrap(self.model, device, bool(tc.get("ddp_find_unused_parameters", False)))
+        self.pruner = self._pruner(task, cfg) if cfg.compression.name == "prune" else None
+        if self.world.rank:  # each rank its own noise (gumbel, dropout); the weights are rank 0's (DDP)
+            runtime.seed_everything(runtime.sample_seed(cfg.seed, self.world.rank) % 2**32)
+
+    def _pruner(self, task, cfg):
+        """compression=prune: the masks and their schedule (compression/prune.py). A oneshot pruning asks
+        first for the quality of the model as it is at that step (rank 0 evaluates; no random number
+        training draws is used): `*_before_prune`, not a dense twin of the finished run."""
+        from fastclip.compression.prune import Pruner
+
+        def quality_before() -> dict[str, float]:
+            with runtime.preserved_rng():
+                return distributed.on_main(task.quality, "the evaluation before pruning")
+        return Pruner(self.model, cfg.compression, self.total_steps, self.warmup_steps, quality_before)
+
+    def finished(self) -> bool:
+        return self.state.step >= self.total_steps or self.state.epoch >= self.cfg.epochs
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def forward_backward(self, batch, sync: bool = True) -> StepOutput:
+        """sync=False: a micro-batch before the step's last; data-parallel, its gradients stay local
+        (DDP's no_sync) and are averaged with the last one's."""
+        ddp = self.world.distributed
+        with self.forward.no_sync() if ddp and not sync else contextlib.nullcontext():
+            with runtime.autocast(self.device, self.amp_dtype):
+                out = self.task.loss(batch, forward=self.forward) if ddp else self.task.loss(batch)
+            if out.loss is not None:
+                self.scaler.scale(out.loss / self.accum).backward()
+        return out
+
+    def step(self, samples: int = 0) -> float:
+        """The optimizer step on the accumulated gradients, counted in the state with the `samples` it
+        trained on; compression=prune then holds its masks (the pruned weights zero again).
+        -> the lr this update used (the first parameter group's; `lr` is the next one's after it)."""
+        used = self.lr
+        if self.pruner is not None:
+            self.pruner.mask_gradients()
+        if self.cfg.trainer.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.stepped(samples)
+        if self.pruner is not None:
+            self.pruner.after_step(self.state.step)
+        return used
+
+    def weights_finite(self) -> bool:
+        """One host sync: every parameter finite (checked before a checkpoint replaces the last one)."""
+        return bool(torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all())
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "train_state": self.state.state_dict(),
+                **({"pruner": self.pruner.state_dict()} if self.pruner is not None else {})}
+
+    def load_state_dict(self, ckpt: dict, source: str = "the checkpoint") -> None:
+        """Continues from a checkpoint. A model that does not match fails naming the differences.
+        The schedule is the checkpoint's, re-planned for this run's length (optim.Schedule.replanned:
+        the warm-up keeps its steps, the cosine goes on from the last update's lr, no jump up) and
+        scaled by a new trainer.lr from the step it resumes at; unchanged, it is exactly the old one."""
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise ResumeError(f"{source} does not fit this model: {str(exc).splitlines()[0]} ...") from exc
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # the kernel is this run's choice (trainer.optimizer_impl)
+            group.update(adamw_impl(self.cfg.trainer.optimizer_impl))
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState.from_state_dict(ckpt["train_state"])
+        if self.pruner is not None and ckpt.get("pruner"):
+            self.pruner.load_state_dict(ckpt["pruner"])
+        if self.state.world_size != self.world.size:
+            raise ResumeError(f"{source} was written by {self.state.world_size} data-parallel process(es) and this "
+                              f"run has {self.world.size}: the data split, the batch and the random states depend on "
+                              f"it; resume with {self.state.world_size} (torchrun --nproc_per_node, SLURM tasks)")
+        if not self.world.main:
+            self.state.skipped = {}  # counted into rank 0's, which saved them
+        if self.total_steps < self.state.step:
+            raise ResumeError(f"{source} is at step {self.state.step}, beyond this run's {self.total_steps} steps "
+                              f"(epochs={self.cfg.epochs}, trainer.max_steps={self.cfg.trainer.max_steps}): a resume "
+                              f"can lengthen the schedule, not end it before where it is")
+        if self.state.batch_in_epoch is None:  # a version-1 checkpoint counted optimizer steps
+            self.state.batch_in_epoch = self.state.steps_in_epoch * self.accum
+        old_lr = ckpt["config"]["trainer"]["lr"]
+        scale = self.cfg.trainer.lr / old_lr if old_lr else 1.0
+        self.schedule = self._resumed_schedule(ckpt, source)
+        self.warmup_steps = self.schedule.warmup
+        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        factor = self.schedule(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["initial_lr"], group["lr"] = base, base * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports; no setter
+        rng = self.state.rng
+        if rng is not None:
+            runtime.set_rng_state(rng[self.world.rank] if isinstance(rng, list) else rng)
+
+    def _resumed_schedule(self, ckpt: dict, source: str) -> Schedule:
+        """The checkpoint's schedule (LambdaLR saved its fields) for this run's length. One written
+        before the schedule was saved gets it re-derived from its own config: its length then was
+        epochs x this run's steps per epoch (data, batch and accumulation cannot change on resume)."""
+        saved = (ckpt["scheduler"].get("lr_lambdas") or [None])[0]
+        if saved:
+            planned = Schedule(**saved)
+        else:
+            tc = ckpt["config"]["trainer"]
+            total = self.steps_per_epoch * ckpt["config"]["epochs"]
+            total = min(total, tc["max_steps"]) if tc.get("max_steps") else total
+            planned = Schedule(steps_of(tc["warmup_steps"], total), total)
+        try:
+            return planned.replanned(self.state.step, self.total_steps)
+        except ValueError as exc:
+            raise ResumeError(f"{source}: {exc} (epochs={self.cfg.epochs}, trainer.max_steps="
+                              f"{self.cfg.trainer.max_steps})") from exc
+
+
+@dataclass
+class Accumulation:
+    """The micro-batches of the optimizer step being accumulated (those with a loss)."""
+    micro: int = 0
+    samples: int = 0
+    # every micro-batch loss finite: a device tensor, read at the next drain (no host sync per step)
+    finite: torch.Tensor | bool = True
+
+    def add(self, out: StepOutput) -> None:
+        if out.loss is not None:
+            self.micro, self.samples = self.micro + 1, self.samples + out.samples
+            self.finite = torch.isfinite(out.loss.detach()) & self.finite
