@@ -48,6 +48,21 @@ def compose_cfg(overrides=()):
     return compose_train_config(overrides)
 
 
+def same(image):
+    """A stand-in transform: the PIL image as it is."""
+    return image
+
+
+def tokens(texts):
+    """A stand-in tokenizer: [len(texts), 4] zeros."""
+    return torch.zeros(len(texts), 4, dtype=torch.long)
+
+
+def build(builder, overrides):
+    """builder(cfg.dataset) with stand-in transforms (PIL image out as is) and tokenizer -> ClipData."""
+    return builder(compose_cfg(overrides).dataset, same, same, tokens)
+
+
 @pytest.fixture
 def store(tmp_path):
     """A fresh MLflow store in a temporary dir."""

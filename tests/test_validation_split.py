@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CLIP, compose_cfg, record_calls
+from conftest import TINY_CLIP, build, compose_cfg, record_calls, same, tokens
 from datagen import COLOURS, colour_image, jpeg_bytes, make_class_folder, make_coco, make_csv, make_karpathy, write_shard
 from fastclip.checks import ConfigError, check_config
 from fastclip.data import make_shards, text8
@@ -20,18 +20,6 @@ from fastclip.data.image_folder import build_image_folder
 from fastclip.data.pairs import split_images
 from fastclip.data.shards import build_shards
 from fastclip.data.splits import require_disjoint
-
-
-def same(image):
-    return image
-
-
-def tokens(texts):
-    return torch.zeros(len(texts), 4, dtype=torch.long)
-
-
-def build(builder, overrides):
-    return builder(compose_cfg(overrides).dataset, same, same, tokens)
 
 
 def files(held) -> set[str]:

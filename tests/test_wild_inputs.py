@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import PILToTensor
 
 import fastclip
-from conftest import TINY_CLIP, compose_cfg
+from conftest import TINY_CLIP, build, compose_cfg, same, tokens
 from datagen import (COLOURS, colour_image, jpeg_bytes, make_class_folder, make_coco, make_csv, sideways_photo,
                      write_shard)
 from fastclip.data import make_shards
@@ -27,19 +27,6 @@ from fastclip.data.shards import ShardSource, ShardStream, build_shards, shard_r
 from fastclip.infer import main as infer_main
 from fastclip.infer import read_images
 from fastclip.train import run
-
-
-def same(image):
-    return image
-
-
-def tokens(texts):
-    return torch.zeros(len(texts), 4, dtype=torch.long)
-
-
-def build(builder, overrides):
-    """builder(cfg.dataset) with stand-in transforms (PIL image out as is) and tokenizer -> ClipData."""
-    return builder(compose_cfg(overrides).dataset, same, same, tokens)
 
 
 def every_image(data) -> dict[str, Image.Image]:
