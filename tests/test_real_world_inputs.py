@@ -101,9 +101,10 @@ def test_modes_without_a_defined_range_are_skipped_naming_file_and_mode(tmp_path
 KEPT_CASES = {  # what already worked: name -> (image, save options, expected RGB of pixel (0, 0))
     "CMYK jpeg": (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), {"format": "JPEG"}, (255, 0, 0)),
     "palette P": (Image.new("P", (8, 8), 1).copy(), {"format": "PNG"}, None),
-    "LA": (Image.new("LA", (8, 8), (100, 50)), {"format": "PNG"}, (100, 100, 100)),
+    # with alpha: over white, as a page shows them (value x a + 255 x (1 - a)), not the alpha dropped
+    "LA": (Image.new("LA", (8, 8), (100, 50)), {"format": "PNG"}, (225, 225, 225)),  # 100 x 50/255 + 255 x 205/255
     "1-bit": (Image.new("1", (8, 8), 1), {"format": "PNG"}, (255, 255, 255)),
-    "RGBA": (Image.new("RGBA", (8, 8), (10, 20, 30, 40)), {"format": "PNG"}, (10, 20, 30)),
+    "RGBA": (Image.new("RGBA", (8, 8), (10, 20, 30, 40)), {"format": "PNG"}, (217, 218, 220)),
     "8-bit L": (Image.new("L", (8, 8), 77), {"format": "PNG"}, (77, 77, 77)),
 }
 
