@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from conftest import PYTHON, SHARED_DATA, TINY_CLIP, compose_cfg, load_checkpoint, run_killed_at_loss_call
 from datagen import COLOURS, colour_image, jpeg_bytes, make_class_folder, make_coco, make_csv, write_shard
 from fastclip.data import make_shards
-from fastclip.data.shards import count_samples, expand_shards
+from fastclip.data.tar_shards import count_samples, expand_shards
 from fastclip.tasks.clip import ClipTask
 from fastclip.train import run
 

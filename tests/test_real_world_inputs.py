@@ -27,7 +27,7 @@ from fastclip.data.csv_pairs import build_csv
 from fastclip.data.digits import build_digits
 from fastclip.data.image_folder import build_image_folder, folder_classnames
 from fastclip.data.pairs import open_rgb
-from fastclip.data.shards import expand_shards
+from fastclip.data.tar_shards import expand_shards
 from fastclip.tasks.clip import ClipTask
 
 

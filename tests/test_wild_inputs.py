@@ -370,7 +370,7 @@ def test_a_shard_cut_short_without_a_sizes_file_is_named_and_counted(tmp_path, c
     """Modelled on wenet#981 (a tar cut short by an interrupted copy): cut at a member boundary, tar
     reads it as complete and 6 of 16 samples were lost without a word; cut inside a member, the
     warning named no loss and the skip count stayed 0."""
-    from fastclip.data.shards import _shard_samples, cut_short
+    from fastclip.data.tar_shards import _shard_samples, cut_short
     whole = tmp_path / "whole.tar"
     write_shard(whole, [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image("red", i)), "txt": "a red square"}
                         for i in range(16)])
@@ -409,7 +409,7 @@ def test_member_names_with_a_dot_in_the_key_are_named_not_merged_silently(tmp_pa
     write_shard(shard, [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image("red", i)), "txt": "a red square",
                          "mask.png": jpeg_bytes(colour_image("blue", i))} for i in range(4)])
     assert all(not hasattr(stream.decode(s), "reason") for s in stream._samples(stream.sources[0], 0))
-    from fastclip.data.shards import cut_short
+    from fastclip.data.tar_shards import cut_short
     import gzip
     (tmp_path / "shard.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
     assert not cut_short(str(tmp_path / "shard.tar.gz"))
