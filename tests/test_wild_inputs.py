@@ -370,7 +370,7 @@ def test_a_shard_cut_short_without_a_sizes_file_is_named_and_counted(tmp_path, c
     """Modelled on wenet#981 (a tar cut short by an interrupted copy): cut at a member boundary, tar
     reads it as complete and 6 of 16 samples were lost without a word; cut inside a member, the
     warning named no loss and the skip count stayed 0."""
-    from fastclip.data.tar_shards import _shard_samples, cut_short
+    from fastclip.data.tar_shards import shard_samples, cut_short
     whole = tmp_path / "whole.tar"
     write_shard(whole, [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(colour_image("red", i)), "txt": "a red square"}
                         for i in range(16)])
@@ -381,7 +381,7 @@ def test_a_shard_cut_short_without_a_sizes_file_is_named_and_counted(tmp_path, c
     for name, cut, whole_samples in (("at_boundary.tar", boundary, 10), ("mid_member.tar", boundary + 700, 10)):
         (tmp_path / name).write_bytes(data[:cut])
         with caplog.at_level(logging.WARNING):
-            samples = list(_shard_samples(str(tmp_path / name), {}))
+            samples = list(shard_samples(str(tmp_path / name), {}))
         assert cut_short(str(tmp_path / name))
         assert sum("__lost__" not in s for s in samples) == whole_samples
         assert sum("__lost__" in s for s in samples) == 1  # the loss is seen and counted (exactly: with sizes.json)

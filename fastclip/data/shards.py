@@ -27,7 +27,7 @@ from webdataset import filters
 
 from fastclip.data.pairs import ImageFiles, RetrievalSet, Skip, clean_caption, open_rgb
 from fastclip.data.splits import ClipData, require_disjoint
-from fastclip.data.tar_shards import (IMAGE_KEYS, LOST, _read_samples, _shard_samples, caption_of, expand_shards,
+from fastclip.data.tar_shards import (IMAGE_KEYS, LOST, caption_of, expand_shards, read_samples, shard_samples,
                                       shard_sizes)
 from fastclip.runtime import seeded
 
@@ -156,7 +156,7 @@ class ShardStream(IterableDataset):
             yield {"url": url}
 
     def _samples(self, source: ShardSource, index: int):
-        samples = (s for url in self._shard_urls(source, index) for s in _shard_samples(url["url"], source.sizes))
+        samples = (s for url in self._shard_urls(source, index) for s in shard_samples(url["url"], source.sizes))
         if self.shuffle_buffer > 1:
             samples = filters.shuffle(bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
                                       rng=self._rng("shuffle", index))(samples)
@@ -256,7 +256,7 @@ def shard_captions(cfg, limit: int = 100_000) -> list[str]:
     caption_key = cfg.get("caption_key", "caption")
     sources = training_sources(cfg)[0]
     return [c for source in sources
-            for sample in itertools.islice((x for url in source.urls for x in _shard_samples(url, {})), limit)
+            for sample in itertools.islice((x for url in source.urls for x in shard_samples(url, {})), limit)
             for c in [caption_of(sample, caption_key, warn=False)[0]] if c]  # training names those without
 
 
@@ -268,7 +268,7 @@ def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None,
     pattern came from (named in errors); caption_key: as ShardStream's."""
     images: dict[str, tuple[bytes, str, list[str]]] = {}
     skipped, reasons = 0, {}
-    for sample in _read_samples(pattern, key, None):
+    for sample in read_samples(pattern, key, None):
         if LOST in sample:
             skipped += 1
             reason = sample[LOST] if isinstance(sample[LOST], str) else "unreadable in its shard"

@@ -60,7 +60,7 @@ def _warn_and_continue(exc: Exception) -> bool:
 LOST = "__lost__"
 
 
-def _shard_samples(url: str, sizes: dict[str, int]):
+def shard_samples(url: str, sizes: dict[str, int]):
     """One shard's samples, with a LOST stand-in (its value the reason) for each sample it cannot
     deliver, so that data/skipped counts them like any other bad sample: fewer than sizes.json
     declares (webdataset's handler drops what it cannot read: a truncated tar, a corrupt member);
@@ -114,9 +114,9 @@ def cut_short(url: str) -> bool:
         return f.read(1024) != bytes(1024)
 
 
-def _read_samples(pattern: str, what: str, limit: int | None):
+def read_samples(pattern: str, what: str, limit: int | None):
     """Raw samples of the shards in order (no shuffle), at most `limit`."""
-    samples = (s for url in expand_shards(pattern, what) for s in _shard_samples(url, {}))
+    samples = (s for url in expand_shards(pattern, what) for s in shard_samples(url, {}))
     for i, sample in enumerate(samples):
         if limit is not None and i >= limit:
             return
