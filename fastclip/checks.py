@@ -7,25 +7,24 @@ Only omegaconf is imported at module level: keep it that way.
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from fastclip.compression import PRUNE_SCHEDULES, PRUNE_STRUCTURES, QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.models.meaning import dtp_towers
+from fastclip.schema import typed
+from fastclip.schema.errors import ConfigError
+from fastclip.schema.steps import steps_of
 
 CLIP_DATASETS = ("digits", "image_folder", "csv", "coco2014", "webdataset")
 # the datasets that bring a class-captioned held-out set (zero-shot top-1)
 ZERO_SHOT_DATASETS = ("digits", "image_folder")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ADAMW_IMPLS = ("fused", "foreach", "for_loop")
 LEARNED_IMAGE_BOUNDARIES = ("gumbel", "entropy_spike")
 IMAGE_ONLY_BOUNDARIES = ("tome", "patch_dropout", "evit")  # the peer baselines: token reduction in a ViT
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def check_config(cfg: DictConfig) -> None:
-    """Raises ConfigError naming the key, its value and what to set instead."""
+    """Raises ConfigError naming the key, its value and what to set instead: first each key's type,
+    choices and range (its schema's, fastclip.schema.typed), then the rules that join keys of
+    several groups (here)."""
     _no_missing_values(cfg)
+    typed(cfg)
     task = cfg.task.name
     if task == "clip":
         _check_clip(cfg)
@@ -33,63 +32,20 @@ def check_config(cfg: DictConfig) -> None:
         _check_lm(cfg)
     else:
         raise ConfigError(f"task={task!r}: expected clip or lm")
-    _check_trainer(cfg.trainer)
+    _check_run_length(cfg)
     _check_compression(cfg)
-    if cfg.eval.every_epochs < 1:
-        raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs}: expected >= 1")
-    if cfg.eval.overlap not in ("drop", "fail"):
-        raise ConfigError(f"eval.overlap={cfg.eval.overlap!r}: expected drop or fail")
 
 
 def _check_compression(cfg: DictConfig) -> None:
-    cc = cfg.compression
-    name = cc.name
-    if name == "none":
-        return
-    if name not in ("quant", "prune", "distill"):
-        raise ConfigError(f"compression={name!r}: expected none, quant, prune or distill")
-    if cfg.task.name != "clip":
+    name = cfg.compression.name
+    if name != "none" and cfg.task.name != "clip":
         raise ConfigError(f"compression={name} with task={cfg.task.name}: compression is evaluated by zero-shot and "
                           f"retrieval (task=clip)")
-    if name == "quant" and cc.scheme not in QUANT_SCHEMES:
-        raise ConfigError(f"compression.scheme={cc.scheme!r}: expected {' or '.join(QUANT_SCHEMES)}")
-    if name == "quant" and cc.get("embedding", "int8") not in QUANT_EMBEDDINGS:
-        raise ConfigError(f"compression.embedding={cc.embedding!r}: expected {' or '.join(QUANT_EMBEDDINGS)}")
-    if name == "quant" and not isinstance(cc.get("qat", False), bool):
-        raise ConfigError(f"compression.qat={cc.qat!r}: expected true or false")
-    if name == "prune":
-        if not isinstance(cc.sparsity, (int, float)) or not 0 <= cc.sparsity < 1:
-            raise ConfigError(f"compression.sparsity={cc.sparsity}: expected a share of the weights in [0, 1)")
-        for key, allowed in (("structure", PRUNE_STRUCTURES), ("schedule", PRUNE_SCHEDULES)):
-            if cc[key] not in allowed:
-                raise ConfigError(f"compression.{key}={cc[key]!r}: expected {' or '.join(allowed)}")
-        for key in ("finetune_steps", "start_step", "prune_every"):
-            value = cc.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
-                                      or (key == "prune_every" and (value < 1 or value != int(value)))):
-                raise ConfigError(f"compression.{key}={value}: expected "
-                                  + ("a number of steps >= 1 (or null)" if key == "prune_every" else
-                                     "steps >= 0 or a fraction of the run in (0, 1)"))
-        if cfg.trainer.max_steps:  # the run's length is known before the data: the pruning must fit in it
-            total = cfg.trainer.max_steps
-            value = cc.finetune_steps
-            finetune = steps_of(value, total)
-            if total - finetune < 1:
-                raise ConfigError(f"compression.finetune_steps={cc.finetune_steps} leaves no steps to train before "
-                                  f"pruning (trainer.max_steps={total})")
-    if name == "distill":
-        if not cc.teacher:
-            raise ConfigError("compression=distill needs compression.teacher: a fastclip checkpoint, a run dir or "
-                              "runs:/<MLflow run id> (a task=clip run)")
-        for key in ("alpha", "beta", "temperature"):
-            if isinstance(cc[key], bool) or not isinstance(cc[key], (int, float)):
-                raise ConfigError(f"compression.{key}={cc[key]!r}: expected a number")
-        if not 0 <= cc.alpha <= 1:
-            raise ConfigError(f"compression.alpha={cc.alpha}: expected the distillation's share in [0, 1]")
-        if cc.beta < 0:
-            raise ConfigError(f"compression.beta={cc.beta}: expected a feature-MSE weight >= 0")
-        if cc.temperature <= 0:
-            raise ConfigError(f"compression.temperature={cc.temperature}: expected > 0")
+    if name == "prune" and cfg.trainer.max_steps:  # the run's length is known before the data: pruning must fit in it
+        total = cfg.trainer.max_steps
+        if total - steps_of(cfg.compression.finetune_steps, total, "compression.finetune_steps") < 1:
+            raise ConfigError(f"compression.finetune_steps={cfg.compression.finetune_steps} leaves no steps to train "
+                              f"before pruning (trainer.max_steps={total})")
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -154,7 +110,6 @@ def _check_clip(cfg: DictConfig) -> None:
                                            "writes them) or eval.imagenet_val",
                              "csv": "set dataset.eval_path (a held-out CSV), dataset.eval_fraction > 0 or "
                                     "eval.imagenet_val"}.get(ds.name, "set eval.imagenet_val"))
-    _check_validation_split(ds)
     if cfg.eval.placement_control:
         if ds.name not in ZERO_SHOT_DATASETS:
             raise ConfigError(f"eval.placement_control=true reports zero-shot top-1; dataset={ds.name} has no "
@@ -163,16 +118,6 @@ def _check_clip(cfg: DictConfig) -> None:
             raise ConfigError("eval.placement_control=true compares learned image boundaries with other images' ones: "
                               f"boundary={boundary.name} with boundary.apply_to={list(boundary.apply_to)} has none "
                               f"(boundary=gumbel or entropy_spike with image in boundary.apply_to)")
-
-
-def _check_validation_split(ds: DictConfig) -> None:
-    """The validation split's keys (per-epoch evaluation and a sweep's objective read that split)."""
-    if ds.name in ("digits", "image_folder", "csv") and not 0 < ds.val_fraction < 1:
-        raise ConfigError(f"dataset.val_fraction={ds.val_fraction}: expected a value in (0, 1) (the share of the "
-                          f"training side held out for validation)")
-    for key in ("val_max_images", "val_images"):
-        if key in ds and ds[key] is not None and ds[key] < 1:
-            raise ConfigError(f"dataset.{key}={ds[key]}: expected >= 1, or null for no cap")
 
 
 def _has_eval_set(cfg: DictConfig) -> bool:
@@ -195,39 +140,20 @@ def _check_lm(cfg: DictConfig) -> None:
     if cfg.boundary.name in IMAGE_ONLY_BOUNDARIES:
         raise ConfigError(f"boundary={cfg.boundary.name} reduces image tokens inside a ViT; it is not a boundary "
                           f"method for character sequences (task=lm)")
-    fractions = list(cfg.dataset.split)
-    if len(fractions) != 3 or any(f <= 0 for f in fractions):
-        raise ConfigError(f"dataset.split={fractions}: expected three fractions > 0 (train, valid, test): valid serves "
-                          f"per-epoch evaluation and a sweep's objective (val/bpc), test the final lm/test_bpc")
 
 
-def _check_trainer(tc: DictConfig) -> None:
-    if tc.precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={tc.precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if tc.optimizer_impl not in ADAMW_IMPLS:
-        raise ConfigError(f"trainer.optimizer_impl={tc.optimizer_impl!r}: expected one of {', '.join(ADAMW_IMPLS)}")
-    for key in ("batch_size", "accum_steps"):
-        if tc[key] < 1:
-            raise ConfigError(f"trainer.{key}={tc[key]}: expected >= 1")
-    if tc.lr <= 0:
-        raise ConfigError(f"trainer.lr={tc.lr}: expected > 0")
+def _check_run_length(cfg: DictConfig) -> None:
     # before the data is read, the run's length is known only from max_steps; otherwise only the
-    # value's form is checked here, and its length once the data is read (loop.Trainer)
+    # value's form is checked (the schema), and its length once the data is read (loop.Trainer)
+    tc = cfg.trainer
     warmup_steps(tc.warmup_steps, tc.max_steps or 1 << 62, f"trainer.max_steps={tc.max_steps}")
-
-
-def steps_of(value, total: int) -> int:
-    """A step-count key's value as steps of a `total`-step run: an integer, or a fraction of the run in (0, 1)."""
-    return round(value * total) if 0 < value < 1 else int(value)
 
 
 def warmup_steps(value, total: int, run: str) -> int:
     """trainer.warmup_steps as steps: an integer, or a fraction of the run in (0, 1). A warm-up
     longer than the run (`run` says how long it is) is an error: its lr would never reach trainer.lr
     (the README's old grid at epochs=1 ran 11 steps under a 20-step warm-up and stayed at chance)."""
-    if value is None or value < 0:
-        raise ConfigError(f"trainer.warmup_steps={value}: expected steps >= 0 or a fraction of the run in (0, 1)")
-    steps = steps_of(value, total)
+    steps = steps_of(value, total, "trainer.warmup_steps")
     if steps > total:
         raise ConfigError(f"trainer.warmup_steps={value} is longer than {run}: the learning rate would never reach "
                           f"trainer.lr. Use fewer steps, or a fraction of the run (trainer.warmup_steps=0.1 warms up "

@@ -5,6 +5,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from fastclip import CONF_DIR
+from fastclip.schema import register
+
+register()  # the schemas conf/'s YAML files name first in their defaults (fastclip/schema); before any compose
 
 # Config groups whose option is recorded as <group>.name (a run's choices when Hydra's are absent)
 NAMED_GROUPS = ("task", "dataset", "encoder", "boundary", "compression")

@@ -89,7 +89,7 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
     if unknown:
         raise CheckpointError(f"{path}: {describe_unknown(state, unknown)}; load it with that version")
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary, inference=True)
-    from fastclip.compression.distill import PROJECTION
+    from fastclip.compression import PROJECTION
     # a distilled student's projection to its teacher's width served the training only
     model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith(PROJECTION + ".")})
     model.to(device).eval()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastclip.checks import ADAMW_IMPLS
+from fastclip.schema.run import ADAMW_IMPLS
 from fastclip.checks import warmup_steps as checked_warmup
 
 log = logging.getLogger(__name__)

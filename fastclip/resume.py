@@ -16,27 +16,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fastclip import CONF_DIR, checkpoint
 from fastclip.checkpoint import ResumeError
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS, flatten, unflatten
+from fastclip.schema.resume_rules import MUTABLE_KEYS, RUNTIME_KEYS, rule_of
 
 log = logging.getLogger(__name__)
 
-# How a run executes and where it writes, never what it learns or measures (the report does not
-# tell runs apart by them).
-RUNTIME = {"device", "trainer.ckpt_every_steps", "trainer.progress", "trainer.num_workers", "trainer.loader_timeout_s",
-           "trainer.torch_threads", "trainer.compile", "trainer.ddp_find_unused_parameters", "trainer.optimizer_impl",
-           "trainer.resume", "tracking.uri",
-           "tracking.log_every", "tracking.run_name", "dataset.cache_dir", "eval.batch_size", "eval.num_workers",
-           "eval.lm_batch_size",
-           "eval.classifier_cache_dir", "eval.boundary_picture"}
-# May differ from the checkpoint's config: they change how long and how fast the run goes on,
-# what it evaluates and where it writes, not what the weights and optimizer state mean.
-# trainer.warmup_steps is not one: the warm-up was resolved to steps when the run started and the
-# checkpoint keeps that count (a longer run warms up no second time: optim.Schedule.replanned).
-MUTABLE = RUNTIME | {"epochs", "trainer.max_steps", "trainer.lr", "trainer.grad_clip"}
-MUTABLE_GROUPS = ("eval.",)
+# What a resume may change is each key's declaration in the schema (fastclip/schema/fields.py):
+# runtime (how a run executes and where it writes; the report does not tell runs apart by them) and
+# mutable (how long and how fast it goes on, what it evaluates). trainer.warmup_steps is frozen: the
+# warm-up was resolved to steps when the run started and the checkpoint keeps that count.
+RUNTIME = RUNTIME_KEYS
+MUTABLE = MUTABLE_KEYS
 
 
 def is_mutable(key: str) -> bool:
-    return key in MUTABLE or key.startswith(MUTABLE_GROUPS)
+    return rule_of(key) in ("mutable", "runtime")
 
 
 @dataclass
@@ -107,7 +100,9 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in frozen.items())
         raise ResumeError(f"trainer.resume={path}: this command line changes what the checkpoint's run is, which a "
                           f"resume cannot: {listed}. Start a new run for that (without trainer.resume), or drop these "
-                          f"overrides; a resume may change only {', '.join(sorted(MUTABLE - {'trainer.resume'}))} and eval.*")
+                          f"overrides; a resume may change only "
+                          f"{', '.join(sorted(k for k in MUTABLE if not k.startswith('eval.') and k != 'trainer.resume'))} "
+                          f"and eval.*")
     new_data = sorted(k for k in added if k.startswith("dataset.") and not is_mutable(k))
     if new_data:  # e.g. dataset.val_fraction: a validation split carved from its training data, mid-run
         raise ResumeError(f"trainer.resume={path}: the checkpoint predates dataset keys this fastclip reads "

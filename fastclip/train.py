@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastclip import CONF_DIR, run_lock, tracking
 from fastclip.checks import ConfigError, check_config, check_overrides
+from fastclip.compression.base import TWIN_SUFFIXES, twin_label
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS
 
 log = logging.getLogger("fastclip")
@@ -126,7 +127,6 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
     uri = _store_uri(cfg, resume, launch_dir)
     tracking.check_writable(uri)  # fail before any work, naming the path
 
-    import torch
     from fastclip import distributed, runtime
     from fastclip.loop import Trainer, fit
     from fastclip.tasks import build_task
@@ -208,23 +208,12 @@ def final_line(key: str, metrics: dict) -> str:
     steps trained), and says that step: `(before pruning, at step 80: 0.5000)`."""
     twins = {k[len(key) + 1:]: v for k, v in metrics.items() if k.startswith(key + "_") and isinstance(v, float)}
     said = lambda names: ", ".join(f"{n} {twins[n]:+.4f}" if n.endswith("_gain") else  # noqa: E731
-                                   f"{_twin_label(n, metrics)} {twins[n]:.4f}" for n in names)
-    compared = [n for n in twins if n in COMPARED_TWINS]
+                                   f"{twin_label(n, metrics)} {twins[n]:.4f}" for n in names)
+    compared = [n for n in twins if n in TWIN_SUFFIXES]
     loop = [n for n in twins if n not in compared]
     parts = ([said(compared)] if compared else []) + (
         [("the trained model's: " if "dense" in twins else "") + said(loop)] if loop else [])
     return f"final {key} = {metrics[key]:.4f}" + (f" ({'; '.join(parts)})" if parts else "")
-
-
-COMPARED_TWINS = ("dense", "teacher", "before_prune")  # compression's other model, beside its own number
-
-
-def _twin_label(twin: str, metrics: dict) -> str:
-    """How the console names a twin: before_prune with the step it was measured at, else its suffix."""
-    if twin != "before_prune":
-        return twin
-    step = metrics.get("compression/before_prune_step")
-    return "before pruning" + (f", at step {step:.0f}:" if step is not None else ":")
 
 
 def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: Path) -> dict:
@@ -236,14 +225,8 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: P
     fp32, tf32, bf16 autocast ...). A failure here does not fail the
     training it follows: the run ends FINISHED with the error in the tag fastclip.compression_error."""
     from fastclip import runtime
-    from fastclip.compression import distill, prune, quant
     try:
-        if cfg.compression.name == "quant":
-            compressed = quant.compress(task, cfg, dense)
-        elif cfg.compression.name == "prune":
-            compressed = prune.compress(task, cfg, trainer.pruner, dense, trainer.state.step)
-        else:
-            compressed = distill.compress(task, dense)
+        compressed = task.compression.finish(task, dense, trainer.state.step)
     except Exception as exc:
         log.exception("compression=%s failed; the trained model is in %s", cfg.compression.name,
                       run_dir / "checkpoints" / "last.pt")
@@ -253,19 +236,8 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: P
     math = runtime.math_mode(trainer.device, trainer.amp_dtype)  # the latencies' arithmetic, both models'
     tracker.set_tags({"fastclip.latency_math": math})
     log.info("%s; latencies in %s. The final numbers below are the compressed model's (its twin's beside them)",
-             _compression_summary(cfg.compression, compressed), math)
+             task.compression.summary(compressed), math)
     return compressed
-
-
-def _compression_summary(cc: DictConfig, m: dict) -> str:
-    """One console line: each number beside its dense (or teacher's) twin."""
-    how = {"quant": lambda: cc.scheme + (", quantization-aware training" if cc.get("qat") else ""), "prune": lambda: f"{cc.structure} {cc.schedule}, {m['compression/sparsity']:.1%} "
-           f"of the weights zero", "distill": lambda: f"teacher {cc.teacher}"}[cc.name]()
-    pairs = ", ".join(f"{k} {v:.4g} ({_twin_label(twin, m)} {m[f'{k}_{twin}']:.4g})" for k, v in m.items()
-                      for twin in COMPARED_TWINS if f"{k}_{twin}" in m)
-    extra = f", {m['compression/int8_weight_fraction']:.0%} of the parameters int8" \
-        if "compression/int8_weight_fraction" in m else ""
-    return f"compression={cc.name} ({how}): {pairs}{extra}"
 
 
 def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):

@@ -4,13 +4,15 @@ import io
 
 import mlflow
 import pytest
+from omegaconf import OmegaConf
 import torch
 from torch import nn
 
 from conftest import TINY_CLIP, compose_cfg
 from fastclip.checks import ConfigError, check_config
 from fastclip.compression.attention import ProjectedAttention, project_attention
-from fastclip.compression.quant import int8_weight_fraction, model_bytes, quantized_copy
+from fastclip.compression.measure import model_bytes
+from fastclip.compression.quant import int8_weight_fraction, quantized_copy
 from fastclip.models.clip import build_clip
 
 
@@ -151,8 +153,16 @@ def test_compression_options_are_checked_before_training():
         check_config(compose_cfg(["compression=quant", "compression.scheme=int4"]))
     with pytest.raises(ConfigError, match="compression.embedding='int4'"):
         check_config(compose_cfg(["compression=quant", "compression.embedding=int4"]))
-    with pytest.raises(ConfigError, match="compression.qat='yes'"):
-        check_config(compose_cfg(["compression=quant", "compression.qat=yes"]))
+    # not a bool (OmegaConf's: true/false, yes/no, on/off): the schema types compression.qat, so Hydra
+    # refuses it while composing, naming the override; a config built without Hydra (a resumed run's,
+    # from its checkpoint's keys) is refused by check_config, naming the key and the value
+    from hydra.errors import ConfigCompositionException
+    with pytest.raises(ConfigCompositionException, match="compression.qat=maybe"):
+        compose_cfg(["compression=quant", "compression.qat=maybe"])
+    untyped = OmegaConf.create(OmegaConf.to_container(compose_cfg(["compression=quant"])))
+    untyped.compression.qat = "maybe"
+    with pytest.raises(ConfigError, match="compression.qat: Value 'maybe' is not a valid bool"):
+        check_config(untyped)
 
 
 def test_a_qat_scheme_torchao_cannot_fake_quantize_fails_before_training_naming_it(monkeypatch, tmp_path):
@@ -233,16 +243,16 @@ def test_a_compressed_model_and_its_twin_are_timed_under_the_runs_autocast(tmp_p
 
     def record(module, args):
         timed.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
-    models = [task.model] + ([task.distiller.teacher] if option == "distill" else [])
+    models = [task.model] + ([task.compression.distiller.teacher] if option == "distill" else [])
     for model in models:  # a copy (the int8 one, the shrunk one) keeps the hook
         model.register_forward_pre_hook(record)
     if option == "quant":
         quant.compress(task, cfg, {})
     elif option == "prune":
-        trainer.pruner.after_step(trainer.pruner.end)
-        prune.compress(task, cfg, trainer.pruner, {}, trainer.pruner.end)
+        trainer.compression.pruner.after_step(trainer.compression.pruner.end)
+        prune.compress(task, cfg, trainer.compression.pruner, {}, trainer.compression.pruner.end)
     else:
-        distill.compress(task, {})
+        distill.compress(task, task.compression.distiller, {})
     assert len(timed) == 2 * 8 and set(timed) == {torch.bfloat16}  # 2 models x (1 warm-up + 7 timed)
 
 

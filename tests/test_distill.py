@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_CLIP, compose_cfg
 from fastclip.checks import ConfigError, check_config
-from fastclip.compression.distill import PROJECTION, affinity_kl, build_distiller, feature_mse
+from fastclip.compression import PROJECTION
+from fastclip.compression.distill import affinity_kl, build_distiller, feature_mse
 from fastclip.models.clip import build_clip
 
 STEPS = ["trainer.warmup_steps=1", "eval.boundary_picture=false"]
@@ -93,7 +94,7 @@ def test_a_char_level_dtp_student_distills_from_a_bpe_teacher_and_no_gradient_re
                        "compression=distill", f"compression.teacher={teacher['path']}", "trainer.max_steps=2",
                        "tracking.uri=sqlite:///" + str(tmp_path / "m.db")])
     task = ClipTask(cfg, torch.device("cpu"), tmp_path)
-    distiller = task.distiller
+    distiller = task.compression.distiller
     assert type(distiller.teacher_tokenizer).__name__ != type(task.tokenizer).__name__ and not distiller.same_tokens
     projection = getattr(task.model, PROJECTION)
     assert projection.weight.shape == (32, 16)  # student width 16 -> teacher width 32

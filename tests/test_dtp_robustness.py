@@ -115,7 +115,7 @@ def test_caption_picture_marks_bytes_by_hand():
 def test_boundary_picture_labels_come_from_the_tower_bytes(tmp_path, monkeypatch):
     """draw: a DTP text tower's label is its bytes' segmentation (fixed k=3 here, by hand); a BPE
     tower has no boundaries and keeps the decoded text."""
-    from fastclip.tasks.clip import decode_tokens  # what ClipTask.evaluate passes draw
+    from fastclip.models.clip import decode_tokens  # what ClipTask.evaluate passes draw
     labels = []
     real_text = boundary_picture.plt.Axes.text
     monkeypatch.setattr(boundary_picture.plt.Axes, "text",

@@ -11,8 +11,9 @@ from torch import nn
 from conftest import TINY_CLIP, compose_cfg
 from fastclip.checks import ConfigError, check_config
 from fastclip.compression.attention import ProjectedAttention
-from fastclip.compression.prune import (Pruner, blocks, prunable_weights, shrunk_copy, structured_masks,
-                                        unstructured_masks, weight_sparsity)
+from fastclip.compression.prune import Pruner
+from fastclip.compression.prune_masks import (blocks, prunable_weights, shrunk_copy, structured_masks,
+                                              unstructured_masks, weight_sparsity)
 from test_compression import tiny
 
 
@@ -199,7 +200,7 @@ def test_a_resumed_run_holds_the_same_masks_and_clipping_ignores_pruned_gradient
     batch = next(iter(task.train_batches(0)))
     trainer.forward_backward(batch)
     trainer.step(16)  # step 1 = total - finetune_steps: pruned here
-    assert trainer.pruner.applied == 0.5
+    assert trainer.compression.pruner.applied == 0.5
     norms = []  # the clipping sees no pruned weight's gradient (it would scale down the surviving ones; a structured
     # pruning gives them none anyway: a removed head or channel has no path to the loss)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, c: norms.append(
@@ -207,15 +208,15 @@ def test_a_resumed_run_holds_the_same_masks_and_clipping_ignores_pruned_gradient
     trainer.forward_backward(batch)
     trainer.step(16)
     grads = dict(zip(dict(task.model.named_parameters()), norms[0]))
-    assert all(grads[name][~mask].eq(0).all() for name, mask in trainer.pruner.masks.items())
+    assert all(grads[name][~mask].eq(0).all() for name, mask in trainer.compression.pruner.masks.items())
     state = trainer.state_dict()
     moved = {k: v + 0.01 for k, v in state["model"].items()}  # pruned entries no longer zero
     again = Trainer(ClipTask(cfg, torch.device("cpu"), tmp_path), cfg, torch.device("cpu"))
     again.load_state_dict({**state, "model": moved, "config": state.get("config") or {"trainer": {"lr": cfg.trainer.lr}}})
-    assert again.pruner.applied == 0.5 and set(again.pruner.masks) == set(trainer.pruner.masks)
+    assert again.compression.pruner.applied == 0.5 and set(again.compression.pruner.masks) == set(trainer.compression.pruner.masks)
     params = dict(again.model.named_parameters())
-    for name, mask in trainer.pruner.masks.items():
-        assert torch.equal(again.pruner.masks[name], mask)
+    for name, mask in trainer.compression.pruner.masks.items():
+        assert torch.equal(again.compression.pruner.masks[name], mask)
         assert params[name][~mask].eq(0).all() and params[name][mask].ne(0).all(), name
 
 
@@ -223,7 +224,8 @@ def test_a_oneshot_prunes_twin_is_the_model_at_its_pruning_step_and_the_console_
     """The zero-shot before a oneshot pruning is of a model that trained `finetune_steps` fewer steps
     than the run: it is kept as *_before_prune with its step, never as a dense twin, and the console
     names the step (a pruned model that fine-tuned past it reads as no gain from pruning)."""
-    from fastclip.train import _compression_summary, final_line
+    from fastclip.compression.prune import Pruning
+    from fastclip.train import final_line
     model, _ = tiny("none")
     asked = []
     pruner = Pruner(model, prune_cfg(finetune_steps=2), total_steps=10, warmup_steps=0,
@@ -240,7 +242,7 @@ def test_a_oneshot_prunes_twin_is_the_model_at_its_pruning_step_and_the_console_
     metrics = {"zeroshot/top1": 0.178, "zeroshot/top1_before_prune": 0.137, "compression/before_prune_step": 8.0,
                "compression/sparsity": 0.5}
     assert final_line("zeroshot/top1", metrics) == "final zeroshot/top1 = 0.1780 (before pruning, at step 8: 0.1370)"
-    summary = _compression_summary(prune_cfg(), metrics)
+    summary = Pruning(prune_cfg(), None).summary(metrics)
     assert "zeroshot/top1 0.178 (before pruning, at step 8: 0.137)" in summary and "dense" not in summary
 
 
@@ -262,12 +264,12 @@ def test_each_evaluation_of_a_structured_prune_counts_the_flops_of_the_layout_it
     batch = next(iter(task.train_batches(0)))
     trainer.forward_backward(batch)
     trainer.step(16)  # step 1 = total - finetune_steps: pruned here
-    assert trainer.pruner.applied == 0.5
+    assert trainer.compression.pruner.applied == 0.5
     after = task.evaluate()
     for tower in ("image", "text"):
         assert after[f"efficiency/{tower}_gflops"] < 0.9 * after[f"efficiency/{tower}_gflops_dense"], tower
         assert after[f"efficiency/{tower}_gflops_dense"] == pytest.approx(before[f"efficiency/{tower}_gflops"])
-    summary = compress(task, cfg, trainer.pruner, after, trainer.state.step)
+    summary = compress(task, cfg, trainer.compression.pruner, after, trainer.state.step)
     for key in ("efficiency/image_gflops", "efficiency/text_gflops", "efficiency/image_gflops_dense",
                 "efficiency/text_gflops_dense"):
         assert after[key] == pytest.approx(summary[key], rel=1e-9), key
@@ -337,7 +339,7 @@ def test_a_prune_run_logs_the_sparsity_it_reached_beside_the_dense_numbers(tmp_p
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert "zeroshot/top1_dense" not in metrics  # the model before pruning trained 2 steps fewer: no dense twin
     assert metrics["compression/before_prune_step"] == 4
-    assert checkpoint["pruner"]["applied"] == 0.5 and checkpoint["pruner"]["before_prune"]["zeroshot/top1"] == \
+    assert checkpoint["compression"]["applied"] == 0.5 and checkpoint["compression"]["before_prune"]["zeroshot/top1"] == \
         pytest.approx(metrics["zeroshot/top1_before_prune"])
     run_data = mlflow.tracking.MlflowClient(store).get_run(metrics["mlflow_run_id"]).data
     assert run_data.metrics["compression/sparsity"] == pytest.approx(metrics["compression/sparsity"])

@@ -126,7 +126,7 @@ def test_text8s_valid_split_lies_between_train_and_test_and_must_not_be_empty():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["dataset.val_fraction=0"], r"dataset.val_fraction=0: expected a value in \(0, 1\)"),
+    (["dataset.val_fraction=0"], r"dataset.val_fraction=0.0: expected a value in \(0, 1\)"),
     (["dataset=csv", "dataset.path=x.csv", "dataset.val_fraction=1.0"], r"dataset.val_fraction=1.0: expected"),
     (["dataset=csv", "dataset.path=x.csv", "dataset.val_max_images=0"], r"dataset.val_max_images=0: expected >= 1"),
     (["dataset=coco2014", "dataset.root=/c", "dataset.val_images=0"], r"dataset.val_images=0: expected >= 1"),
@@ -183,12 +183,12 @@ def test_the_final_efficiency_numbers_are_measured_on_test_images(monkeypatch):
     from fastclip.tasks import clip
     task = clip.ClipTask(compose_cfg(TINY_CLIP + ["eval.boundary_picture=false", "boundary=fixed"]),
                          torch.device("cpu"))
-    measured = record_calls(monkeypatch, clip, "layout_efficiency")
+    measured = record_calls(monkeypatch, task.compression, "efficiency")
     task.evaluate()
     final = task.final_evaluate()
     assert len(measured) == 2
-    (_, _, val_images, _), _, _ = measured[0]
-    (_, _, test_images, test_tokens), _, test_numbers = measured[1]
+    (_, val_images, _), _, _ = measured[0]
+    (_, test_images, test_tokens), _, test_numbers = measured[1]
     expected_images, expected_tokens = task.eval_batch(split="test")
     assert torch.equal(test_images, expected_images) and torch.equal(test_tokens, expected_tokens)
     assert torch.equal(val_images, task.eval_batch(split="val")[0]) and not torch.equal(val_images, test_images)

@@ -83,8 +83,10 @@ def b32_latency(batch: int, repeats: int = 5, device: str = "cpu") -> list[dict]
     structured copy (heads and channels removed) and a 50% unstructured one (zeros in dense matrices).
     Each variant's median over `repeats` rounds, the rounds interleaved so drift hits all alike."""
     from omegaconf import OmegaConf
-    from fastclip.compression.prune import Pruner, shrunk_copy
-    from fastclip.compression.quant import eval_batch_ms, model_bytes, quantized_copy
+    from fastclip.compression.measure import eval_batch_ms, model_bytes
+    from fastclip.compression.prune import Pruner
+    from fastclip.compression.prune_masks import shrunk_copy
+    from fastclip.compression.quant import quantized_copy
     from fastclip.config import compose_train_config
     from fastclip.models.clip import build_clip
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastclip import runtime
-from fastclip.checks import steps_of
+from fastclip.schema.steps import steps_of
 from fastclip.loop import fit
 from fastclip.optim import adamw_impl, param_groups
 from fastclip.tasks.clip import ClipTask

@@ -1,9 +1,21 @@
-"""The `compression` config group: what is done to a trained model to make it smaller or faster,
-and the measured trade-off (size, latency, zero-shot) logged beside the dense model's.
-quant.py: int8 post-training quantization; prune.py: magnitude pruning (masks held while training)."""
+"""The `compression` config group: what is done to a model to make it smaller or faster, and the
+measured trade-off (size, latency, zero-shot) logged beside its twin's.
 
-# named once, checked before torch loads (fastclip.checks)
+Every option lives here end to end, behind one interface (base.Compression) that the task and the
+loop call and nothing else: prepare (before training), the training hooks, finish (after it).
+  base.py     the interface and compression=none
+  options.py  compression.name -> its option (build_compression)
+  quant.py    int8 quantization (torchao), post-training or quantization-aware
+  prune.py    magnitude pruning's schedule and option; prune_masks.py: which weights it zeroes
+  distill.py  knowledge distillation from a frozen teacher
+  measure.py  what finish() measures for every option (eval latency, bytes, quality keys)
+  attention.py  open_clip's MultiheadAttention as plain Linears (so int8 and pruning reach it)
+
+This module imports nothing (fastclip.checks reads the names below before torch loads).
+"""
+
 QUANT_SCHEMES = ("dynamic", "weight_only")      # compression.scheme
 QUANT_EMBEDDINGS = ("int8", "float")            # compression.embedding
 PRUNE_STRUCTURES = ("unstructured", "structured")  # compression.structure
 PRUNE_SCHEDULES = ("oneshot", "gradual")        # compression.schedule
+PROJECTION = "distill_projection"  # a distilled student's module mapping its embeddings to the teacher's width

@@ -29,8 +29,10 @@ from torch import nn
 
 from fastclip.checkpoint import CheckpointError
 from fastclip.checks import ConfigError
-
-PROJECTION = "distill_projection"  # the student's module mapping its embeddings to the teacher's width
+from fastclip.compression import PROJECTION
+from fastclip.compression.base import Compression, Twin
+from fastclip.compression.measure import QUALITY, eval_batch_ms, run_autocast
+from fastclip.models.clip import decode_tokens
 
 
 class Distiller:
@@ -67,7 +69,6 @@ class Distiller:
 
     def teacher_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The student's token rows as text, tokenized the teacher's way (on the same device)."""
-        from fastclip.tasks.clip import decode_tokens
         texts = [decode_tokens(self.student_tokenizer, row) for row in tokens.cpu()]
         return self.teacher_tokenizer(texts).to(tokens.device)
 
@@ -152,13 +153,11 @@ def _image_size(preprocess) -> int:
     raise ValueError("the teacher's eval transform has no CenterCrop: its input size is unknown")
 
 
-def compress(task, final: dict[str, float]) -> dict[str, float]:
+def compress(task, distiller: Distiller, final: dict[str, float]) -> dict[str, float]:
     """At the end: the teacher's own quality on the same evaluation sets as <name>_teacher (skipped where
     its input size differs from the student's: the sets are preprocessed at the student's), and the eval
     latency of the student beside the teacher's on one batch (time/eval_batch_ms, time/eval_batch_ms_teacher),
     both under the run's autocast."""
-    from fastclip.compression.quant import QUALITY, eval_batch_ms, run_autocast
-    distiller = task.distiller
     metrics = {}
     images, tokens = task.eval_batch()
     was_training = task.model.training
@@ -175,4 +174,30 @@ def compress(task, final: dict[str, float]) -> dict[str, float]:
     finally:
         task.model.train(was_training)
     return metrics
+
+
+class Distillation(Compression):
+    """compression=distill. Its twin is the teacher (its own quality on the same evaluation sets)."""
+    name = "distill"
+    twin = Twin("teacher", "the frozen teacher the student learned from")
+
+    def __init__(self, cc, cfg):
+        self.cc, self.cfg = cc, cfg
+        self.distiller: Distiller | None = None
+
+    def prepare(self, model: nn.Module, tokenizer=None) -> None:
+        """Loads the teacher before any data is read (a bad compression.teacher fails first)."""
+        from fastclip.models.clip import clip_geometry
+        size = clip_geometry(self.cfg.encoder)["vision_cfg"].get("image_size", 224)
+        self.distiller = build_distiller(self.cc, model, tokenizer, size, next(model.parameters()).device,
+                                         self.cfg.tracking.uri)
+
+    def training_loss(self, loss, parts, out, images, tokens):
+        return self.distiller(loss, parts, out, images, tokens)
+
+    def finish(self, task, final: dict[str, float], step: int) -> dict[str, float]:
+        return compress(task, self.distiller, final)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"teacher {self.cc.teacher}"
 

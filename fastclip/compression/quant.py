@@ -11,19 +11,16 @@ precision) and RN50's attention pooling (open_clip's AttentionPool2d runs its Li
 through F.multi_head_attention_forward, which torchao's int8 tensors do not support).
 """
 import copy
-import io
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from fastclip.compression import QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.compression.attention import project_attention
+from fastclip.compression.base import Compression, Twin
+from fastclip.compression.measure import QUALITY, eval_batch_ms, model_bytes, run_autocast
 
 FLOAT_PARTS = ("predictor", "next_patch", "next_char")  # module names whose Linears stay float
-# what a quantized run reports under its own name and, with _dense, for the model before it
-QUALITY = ("zeroshot/top1", "zeroshot/top5", "zeroshot/imagenet_top1", "zeroshot/imagenet_top5", "retrieval/")
 
 
 def quantized_copy(model: nn.Module, scheme: str, embedding: str = "int8") -> nn.Module:
@@ -119,14 +116,6 @@ def from_qat(model: nn.Module) -> None:
         quantize_(model, QATConfig(step="convert"), filter_fn=lambda m, _: isinstance(m, FakeQuantizedLinear))
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of the serialized state_dict (torch.save): what the model costs on disk. Counted from the
-    bytes written, not numel x element_size, which counts an int8 tensor subclass as its float view."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
-
-
 def int8_weight_fraction(model: nn.Module) -> float:
     """The share of the model's parameters (by count) stored as int8 (torchao tensor subclasses
     whose data is int8): 1.0 would be every weight, embeddings and norms included."""
@@ -137,36 +126,6 @@ def int8_weight_fraction(model: nn.Module) -> float:
         if data is not None and data.dtype == torch.int8:
             quantized += p.numel()
     return quantized / max(total, 1)
-
-
-@torch.no_grad()
-def eval_batch_ms(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 7,
-                  amp_dtype: torch.dtype | None = None) -> float:
-    """Median wall time (ms) of one forward of the whole model on the batch, after one warm-up
-    forward; CUDA is synchronised around each. amp_dtype: the autocast the forwards run under (a
-    run's own, runtime.autocast_dtype of trainer.precision; None: none), so a compressed model and its
-    twin are timed in the same arithmetic (runtime.math_mode names it)."""
-    from fastclip import runtime
-    model.eval()
-    times = []
-    for i in range(repeats + 1):
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with runtime.autocast(images.device, amp_dtype):
-            model(images, tokens)
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        if i:
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
-def run_autocast(cfg, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype a run trains under (trainer.precision on `device`; None: none): the one
-    compression latencies are measured under, for the compressed model and its twin alike."""
-    from fastclip import runtime
-    return runtime.autocast_dtype(cfg.trainer.precision, device)
 
 
 def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
@@ -199,3 +158,28 @@ def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
                     "compression/int8_weight_fraction": int8_weight_fraction(quantized),
                     "time/eval_batch_ms": quant_ms, "time/eval_batch_ms_dense": dense_ms})
     return metrics
+
+
+class Quantization(Compression):
+    """compression=quant. Its twin is the model as trained, in float: after quantization-aware training,
+    the trained weights without the fake quantization the loop evaluated with."""
+    name = "quant"
+    twin = Twin("dense", "the model as trained, in float (after QAT: its weights without fake quantization)")
+
+    def __init__(self, cc, cfg):
+        self.scheme, self.embedding, self.qat, self.cfg = cc.scheme, cc.embedding, cc.qat, cfg
+
+    def prepare(self, model: nn.Module, tokenizer=None) -> None:
+        if self.qat:
+            prepare_qat(model, self.scheme)
+
+    def finish(self, task, final: dict[str, float], step: int) -> dict[str, float]:
+        return compress(task, self.cfg, final)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return self.scheme + (", quantization-aware training" if self.qat else "")
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        share = metrics.get("compression/int8_weight_fraction")
+        return super().summary(metrics) + (f", {share:.0%} of the parameters int8" if share is not None else "")
+

@@ -1,5 +1,6 @@
 """The optimisation state of one run (Trainer): AdamW, the warm-up + cosine schedule, gradient
-accumulation, mixed precision and clipping, compression=prune's masks, and the checkpoint round trip."""
+accumulation, mixed precision and clipping, the compression option's training hooks, and the checkpoint
+round trip."""
 import contextlib
 from dataclasses import dataclass
 
@@ -7,7 +8,7 @@ import torch
 
 from fastclip import distributed, runtime
 from fastclip.checkpoint import ResumeError
-from fastclip.checks import steps_of
+from fastclip.schema.steps import steps_of
 from fastclip.loop.state import TrainState
 from fastclip.optim import Schedule, adamw_impl, build_adamw, warmup_steps
 from fastclip.tasks.protocol import StepOutput, Task
@@ -44,20 +45,19 @@ class Trainer:
         # the training forward goes through DistributedDataParallel (gradients averaged over ranks);
         # evaluation and checkpoints use the model itself
         self.forward = distributed.wrap(self.model, device, bool(tc.get("ddp_find_unused_parameters", False)))
-        self.pruner = self._pruner(task, cfg) if cfg.compression.name == "prune" else None
+        self.compression = task.compression
+        self.compression.start(self.model, self.total_steps, self.warmup_steps, self._quality_now(task))
         if self.world.rank:  # each rank its own noise (gumbel, dropout); the weights are rank 0's (DDP)
             runtime.seed_everything(runtime.sample_seed(cfg.seed, self.world.rank) % 2**32)
 
-    def _pruner(self, task, cfg):
-        """compression=prune: the masks and their schedule (compression/prune.py). A oneshot pruning asks
-        first for the quality of the model as it is at that step (rank 0 evaluates; no random number
-        training draws is used): `*_before_prune`, not a dense twin of the finished run."""
-        from fastclip.compression.prune import Pruner
-
-        def quality_before() -> dict[str, float]:
+    @staticmethod
+    def _quality_now(task):
+        """For a compression option that measures the model mid-run (a oneshot pruning, just before it
+        prunes): rank 0 evaluates, no random number training draws is used."""
+        def quality_now() -> dict[str, float]:
             with runtime.preserved_rng():
                 return distributed.on_main(task.quality, "the evaluation before pruning")
-        return Pruner(self.model, cfg.compression, self.total_steps, self.warmup_steps, quality_before)
+        return quality_now
 
     def finished(self) -> bool:
         return self.state.step >= self.total_steps or self.state.epoch >= self.cfg.epochs
@@ -82,8 +82,7 @@ class Trainer:
         trained on; compression=prune then holds its masks (the pruned weights zero again).
         -> the lr this update used (the first parameter group's; `lr` is the next one's after it)."""
         used = self.lr
-        if self.pruner is not None:
-            self.pruner.mask_gradients()
+        self.compression.before_optimizer_step()  # prune: the pruned weights' gradients out of the clipping norm
         if self.cfg.trainer.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
@@ -92,8 +91,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.stepped(samples)
-        if self.pruner is not None:
-            self.pruner.after_step(self.state.step)
+        self.compression.after_optimizer_step(self.state.step)  # prune: the pruned weights zero again
         return used
 
     def weights_finite(self) -> bool:
@@ -104,7 +102,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "train_state": self.state.state_dict(),
-                **({"pruner": self.pruner.state_dict()} if self.pruner is not None else {})}
+                **({"compression": state} if (state := self.compression.state_dict()) is not None else {})}
 
     def load_state_dict(self, ckpt: dict, source: str = "the checkpoint") -> None:
         """Continues from a checkpoint. A model that does not match fails naming the differences.
@@ -122,8 +120,6 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState.from_state_dict(ckpt["train_state"])
-        if self.pruner is not None and ckpt.get("pruner"):
-            self.pruner.load_state_dict(ckpt["pruner"])
         if self.state.world_size != self.world.size:
             raise ResumeError(f"{source} was written by {self.state.world_size} data-parallel process(es) and this "
                               f"run has {self.world.size}: the data split, the batch and the random states depend on "
@@ -140,6 +136,12 @@ class Trainer:
         scale = self.cfg.trainer.lr / old_lr if old_lr else 1.0
         self.schedule = self._resumed_schedule(ckpt, source)
         self.warmup_steps = self.schedule.warmup
+        # the option re-planned on the resumed schedule (a pruning ramp starts at the warm-up's end, which
+        # the checkpoint keeps), then given its state back ("pruner": checkpoints before the interface)
+        self.compression.start(self.model, self.total_steps, self.warmup_steps, self._quality_now(self.task))
+        state = ckpt.get("compression", ckpt.get("pruner"))
+        if state:
+            self.compression.load_state_dict(state)
         self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
         factor = self.schedule(self.scheduler.last_epoch)
         self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]

@@ -132,6 +132,14 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
     return FastCLIP(image, text, image_method, text_method), tokenizer
 
 
+def decode_tokens(tokenizer, ids: torch.Tensor) -> str:
+    """One row of token ids [L] back to its text, padding (0) and BPE's start/end tokens dropped."""
+    ids = [int(i) for i in ids if int(i) != 0]
+    if hasattr(tokenizer, "all_special_ids"):  # open_clip's BPE: drop start/end of text
+        ids = [i for i in ids if i not in tokenizer.all_special_ids]
+    return tokenizer.decode(ids)
+
+
 def build_transforms(enc):
     size = clip_geometry(enc)["vision_cfg"].get("image_size", 224)
     # (train, eval): open_clip's light RandomResizedCrop(0.9..1) for training, resize+crop for eval

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from fastclip import distributed, runtime
 from fastclip.checks import check_config
-from fastclip.compression.prune import layout_efficiency
+from fastclip.compression.options import build_compression
 from fastclip.data.coco import build_coco
 from fastclip.data.coco import training_captions as coco_training_captions
 from fastclip.data.csv_pairs import build_csv, training_pairs
@@ -31,7 +31,7 @@ from fastclip.eval.names import val_name
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.loop import ignore_stop_signals
-from fastclip.models.clip import build_clip, build_transforms, clip_objective
+from fastclip.models.clip import build_clip, build_transforms, clip_objective, decode_tokens
 from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import placement_control
 from fastclip.tasks.protocol import StepOutput, TaskBase
@@ -66,13 +66,6 @@ def training_captions(ds) -> list[str]:
     raise ValueError(f"dataset={ds.name!r}: no caption corpus for boundary=unigram")
 
 
-def decode_tokens(tokenizer, ids: torch.Tensor) -> str:
-    ids = [int(i) for i in ids if int(i) != 0]
-    if hasattr(tokenizer, "all_special_ids"):  # open_clip's BPE: drop start/end of text
-        ids = [i for i in ids if i not in tokenizer.all_special_ids]
-    return tokenizer.decode(ids)
-
-
 def has_boundary_picture(model) -> bool:
     """Whether an evaluation draws the boundary picture: DTP towers (their segments), and the peers
     where it has a meaning (patch dropout at eval_keep and EViT: the kept patches; ToMe: its merges)."""
@@ -89,10 +82,8 @@ class ClipTask(TaskBase):
         captions = training_captions(cfg.dataset) if cfg.boundary.name == "unigram" else None
         self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.get("cache_dir"))
         self.model.to(device)
-        self.distiller = self._distiller(cfg, device) if cfg.compression.name == "distill" else None
-        if cfg.compression.name == "quant" and cfg.compression.get("qat"):  # before the optimizer sees the model
-            from fastclip.compression.quant import prepare_qat
-            prepare_qat(self.model, cfg.compression.scheme)
+        self.compression = build_compression(cfg)
+        self.compression.prepare(self.model, self.tokenizer)  # before the optimizer sees the model, and the data
         self.data = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)
         self.preprocess_eval = preprocess_eval
         world = distributed.current()
@@ -119,14 +110,6 @@ class ClipTask(TaskBase):
         self.tags = {tag: r.description for tag, r in (("fastclip.retrieval_set", self.data.retrieval),
                                                         ("fastclip.val_retrieval_set", self.data.val_retrieval))
                      if r is not None and r.description}
-
-    def _distiller(self, cfg, device):
-        """compression=distill: the frozen teacher, loaded before any data is read (a bad
-        compression.teacher fails first)."""
-        from fastclip.compression.distill import build_distiller
-        from fastclip.models.clip import clip_geometry
-        size = clip_geometry(cfg.encoder)["vision_cfg"].get("image_size", 224)
-        return build_distiller(cfg.compression, self.model, self.tokenizer, size, device, cfg.tracking.uri)
 
     def _check_eval_sets(self) -> None:
         """Every evaluation set (validation and test) exists and has a usable item before training
@@ -212,9 +195,8 @@ class ClipTask(TaskBase):
         loss, parts = clip_objective(self.model, self.criterion, out)
         # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
         extras = {name: part.detach() for name, part in parts.items()}
-        if self.distiller is not None:
-            loss, distilled = self.distiller(loss, parts, out, images, texts)
-            extras.update(distilled)
+        loss, compressing = self.compression.training_loss(loss, parts, out, images, texts)
+        extras.update(compressing)
         extras["logit_scale"] = out["logit_scale"].detach()
         for tower in ("image", "text"):
             counts = out[f"{tower}_output"]
@@ -277,7 +259,7 @@ class ClipTask(TaskBase):
         cfg, metrics = self.cfg, self.quality(split="val")
         images, tokens = self.eval_batch(split="val")
         # structured pruning: counted on the layout the run deploys (heads and channels removed), the dense one's beside
-        metrics.update(layout_efficiency(self.model, cfg.compression, images, tokens))
+        metrics.update(self.compression.efficiency(self.model, images, tokens))
         if self.run_dir is not None and cfg.eval.boundary_picture and has_boundary_picture(self.model):
             folder = self.run_dir / "boundaries"
             folder.mkdir(parents=True, exist_ok=True)
@@ -301,7 +283,7 @@ class ClipTask(TaskBase):
         loop's last evaluate, so the pair always comes from the same weights whatever called this."""
         metrics = self.quality()
         images, tokens = self.eval_batch(split="test")
-        metrics.update(layout_efficiency(self.model, self.cfg.compression, images, tokens))
+        metrics.update(self.compression.efficiency(self.model, images, tokens))
         visual = self.model.visual
         if isinstance(visual, PatchDropoutImageTower) and visual.eval_keep and visual.keep < 1:
             with visual.all_patches():  # the same weights at full cost: a second bench row for free

@@ -3,7 +3,8 @@
 "this task has none" for each optional part, so callers ask plainly and never probe for an
 attribute. ClipTask and LMTask subclass TaskBase; so may a test's stand-in task.
 
-This module imports nothing of the package: towers, data and the loop all sit on either side of it.
+This module imports nothing of the package but the compression interface (itself a leaf): towers,
+data and the loop all sit on either side of it.
 """
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import torch
+
+from fastclip.compression.base import Compression
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Task(Protocol):
     checks_eval_overlap: bool         # whether training samples in an evaluation set are left out (data/eval_overlap)
     eval_duplicates: int | None       # evaluation images merged as copies (data/eval_duplicates); None: not checked
     tags: Mapping[str, str]           # MLflow run tags the task adds (e.g. which retrieval set)
+    compression: Compression          # the run's compression option (its hooks; compression=none: no-ops)
 
     def train_batches(self, epoch: int, start: int = 0) -> Batches:
         """Epoch `epoch`'s micro-batches after its first `start` (a resumed epoch); len = the whole epoch."""
@@ -83,6 +87,7 @@ class TaskBase:
     checks_eval_overlap: bool = False
     eval_duplicates: int | None = None
     tags: Mapping[str, str] = MappingProxyType({})
+    compression: Compression = Compression()  # compression=none holds no state: one instance serves every task
 
     def final_evaluate(self) -> dict[str, float]:
         return {}

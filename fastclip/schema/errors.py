@@ -1,0 +1,5 @@
+"""ConfigError: a config value that cannot run, named with its key, its value and what to set instead."""
+
+
+class ConfigError(ValueError):
+    pass

@@ -1,0 +1,52 @@
+"""How a schema field is declared: its default comes from the YAML file (MISSING here, so each default
+has one source), its resume rule from the metadata written here.
+
+A resume (fastclip.resume) may change a key only if its rule says so:
+  frozen   (the default) what the run is: its model, data, objective, seed. Changing it is a new run.
+  mutable  how long and how fast it goes on, and what it evaluates: epochs, trainer.max_steps, the lr.
+  runtime  how it executes and where it writes, never what it learns or measures (workers, device,
+           paths); the report does not tell runs apart by these either.
+"""
+import dataclasses
+from typing import Any
+
+from omegaconf import MISSING
+
+FROZEN, MUTABLE, RUNTIME = "frozen", "mutable", "runtime"
+
+
+def frozen(default: Any = MISSING) -> Any:
+    return dataclasses.field(default=default, metadata={"resume": FROZEN})
+
+
+def mutable(default: Any = MISSING) -> Any:
+    return dataclasses.field(default=default, metadata={"resume": MUTABLE})
+
+
+def runtime(default: Any = MISSING) -> Any:
+    return dataclasses.field(default=default, metadata={"resume": RUNTIME})
+
+
+def resume_rule(schema: type, name: str) -> str:
+    """A field's rule: its own metadata, else the class's RESUME default (FROZEN when it has none)."""
+    for f in dataclasses.fields(schema):
+        if f.name == name:
+            return f.metadata.get("resume", getattr(schema, "RESUME", FROZEN))
+    raise KeyError(f"{schema.__name__} has no field {name!r}")
+
+
+def choice(key: str, value: Any, allowed: tuple) -> None:
+    """Raises ConfigError unless value is one of `allowed`."""
+    from fastclip.schema.errors import ConfigError
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected {_one_of(allowed)}")
+
+
+def at_least(key: str, value: Any, low: float, what: str = "") -> None:
+    from fastclip.schema.errors import ConfigError
+    if value is not None and value < low:
+        raise ConfigError(f"{key}={value}: expected {what or f'>= {low}'}")
+
+
+def _one_of(allowed: tuple) -> str:
+    return " or ".join(allowed) if len(allowed) <= 2 else "one of " + ", ".join(allowed)

@@ -1,0 +1,77 @@
+"""Which schema types which option, their registration in Hydra's ConfigStore, and `typed`."""
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
+
+from fastclip.schema import compression, data, model, run
+from fastclip.schema.errors import ConfigError
+
+ROOT = run.Run
+# group -> option (the YAML file's stem, and its `name`) -> schema; trainer, eval and tracking have one
+OPTIONS: dict[str, dict[str, type]] = {
+    "task": {"clip": run.ClipTask, "lm": run.LMTask},
+    "dataset": {"digits": data.Digits, "image_folder": data.ImageFolder, "csv": data.Csv, "coco2014": data.Coco,
+                "webdataset": data.WebDataset, "text8": data.Text8},
+    "encoder": {**{name: model.ClipEncoder for name in ("vit_tiny", "vit_b16", "vit_b32", "rn50")},
+                **{name: model.CharLMEncoder for name in ("char_lm_small", "char_lm_bench", "char_lm_paper")}},
+    "boundary": {"none": model.Boundary, "fixed": model.Fixed, "gumbel": model.Gumbel,
+                 "entropy_spike": model.EntropySpike, "unigram": model.Unigram, "whitespace": model.Whitespace,
+                 "tome": model.Tome, "patch_dropout": model.PatchDropout, "evit": model.Evit},
+    "compression": {"none": compression.NoCompression, "quant": compression.Quant, "prune": compression.Prune,
+                    "distill": compression.Distill},
+    "trainer": {"default": run.Trainer},
+    "eval": {"default": run.Eval},
+    "tracking": {"mlflow": run.Tracking},
+}
+
+
+def register() -> None:
+    """Stores the root schema as `schema_run` (train.yaml's first default) and each option's as
+    `schema/<group>/<option>` (its YAML file's first default, `- /schema/<group>/<option>@_here_`).
+    Idempotent; called by every process that composes the config (fastclip/__init__.py)."""
+    from hydra.core.config_store import ConfigStore
+    store = ConfigStore.instance()
+    store.store(name="schema_run", node=ROOT)
+    for group, options in OPTIONS.items():
+        for option, schema in options.items():
+            store.store(group=f"schema/{group}", name=option, node=schema)
+
+
+def schema_of(group: str, node: Any) -> type:
+    """The schema typing `node`, the config of `group` (chosen by its `name` where the group has several)."""
+    options = OPTIONS[group]
+    if len(options) == 1:
+        return next(iter(options.values()))
+    name = node.get("name") if isinstance(node, DictConfig) else None
+    if name not in options:
+        raise ConfigError(f"{group}={name!r}: expected one of {', '.join(options)}")
+    return options[name]
+
+
+def typed(cfg: DictConfig) -> run.Run:
+    """The config as its schema's objects (run.Run, each group its option's dataclass), every type,
+    choice and range checked: a config Hydra composed, a resumed run's (built from its checkpoint's
+    keys) and a caller's alike. Raises ConfigError naming the key, its value and what is expected."""
+    tree = OmegaConf.structured(ROOT)
+    for group in OPTIONS:
+        tree[group] = OmegaConf.structured(schema_of(group, cfg.get(group)))
+    given = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    try:
+        tree = OmegaConf.merge(tree, given)
+    except ValidationError as exc:  # a value of the wrong type; a key the schema lacks
+        key = exc.full_key or "?"
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
+    return OmegaConf.to_object(tree)
+
+
+def typed_group(cfg: DictConfig, group: str):
+    """One group of the config as its option's dataclass (checked as `typed` checks it): what the code
+    that implements the option takes, rather than the raw DictConfig."""
+    node = cfg[group]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema_of(group, node)), node)
+    except ValidationError as exc:
+        raise ConfigError(f"{group}.{exc.full_key or '?'}: {str(exc).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
+

@@ -1,0 +1,102 @@
+"""Schemas of the encoder and boundary groups' options (fastclip.models builds them). Their types are
+checked here; their ranges where they depend on the model (a pre-layer count against the tower's
+depth) by the tower constructors, which name the key."""
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from fastclip.schema.fields import frozen
+
+
+@dataclass
+class ClipEncoder:
+    name: str = frozen()
+    open_clip_name: Optional[str] = frozen()
+    embed_dim: Optional[int] = frozen()
+    vision: Dict[str, Any] = frozen()  # open_clip vision_cfg keys over the named model's
+    text: Dict[str, Any] = frozen()    # open_clip text_cfg keys over the named model's
+    tokenizer: str = frozen()
+    char_context_length: int = frozen()
+
+
+@dataclass
+class CharLMEncoder:
+    name: str = frozen()
+    width: int = frozen()
+    heads: int = frozen()
+    mlp_ratio: float = frozen()
+    pre_layers: int = frozen()
+    short_layers: int = frozen()
+    post_layers: int = frozen()
+    dropout: float = frozen()
+
+
+@dataclass
+class Boundary:
+    """conf/_shared/boundary_placement.yaml: where and how every option pools (none included)."""
+    name: str = frozen()
+    apply_to: List[str] = frozen()
+    image_pre_layers: int = frozen()
+    text_pre_layers: int = frozen()
+    image_pool: str = frozen()
+    image_row_breaks: bool = frozen()
+    image_order: str = frozen()
+    image_start: str = frozen()
+    image_layout: str = frozen()
+    text_layout: str = frozen()
+    image_buckets: Any = frozen()  # auto or an integer >= 1
+
+
+@dataclass
+class Fixed(Boundary):
+    k: int = frozen()
+    loss_weight: float = frozen()
+
+
+@dataclass
+class Gumbel(Boundary):
+    predictor_ratio: int = frozen()
+    prior: float = frozen()
+    temperature: float = frozen()
+    loss_weight: float = frozen()
+    confidence: float = frozen()
+    pooling_grad: str = frozen()
+    eval_rule: str = frozen()
+
+
+@dataclass
+class EntropySpike(Boundary):
+    predictor_ratio: int = frozen()
+    window: int = frozen()
+    loss_weight: float = frozen()
+
+
+@dataclass
+class Unigram(Boundary):
+    predictor_ratio: int = frozen()
+    vocab_size: int = frozen()
+    loss_weight: float = frozen()
+
+
+@dataclass
+class Whitespace(Boundary):
+    loss_weight: float = frozen()
+
+
+@dataclass
+class Tome(Boundary):
+    r: int = frozen()
+    loss_weight: float = frozen()
+
+
+@dataclass
+class PatchDropout(Boundary):
+    keep: float = frozen()
+    eval_keep: bool = frozen()
+    loss_weight: float = frozen()
+
+
+@dataclass
+class Evit(Boundary):
+    keep: float = frozen()
+    layers: List[int] = frozen()
+    loss_weight: float = frozen()

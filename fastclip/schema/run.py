@@ -1,0 +1,104 @@
+"""Schemas of the run's own keys and of the groups every run has: trainer, eval, tracking, task."""
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from fastclip.schema.fields import MUTABLE, at_least, choice, frozen, mutable, runtime
+from fastclip.schema.steps import check_steps
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ADAMW_IMPLS = ("fused", "foreach", "for_loop")
+
+
+@dataclass
+class Trainer:
+    batch_size: int = frozen()
+    lr: float = mutable()
+    weight_decay: float = frozen()
+    predictor_lr_scale: float = frozen()
+    betas: List[float] = frozen()
+    eps: float = frozen()
+    optimizer_impl: str = runtime()
+    # not mutable: the warm-up was resolved to steps when the run started and the checkpoint keeps
+    # that count (a longer run warms up no second time: optim.Schedule.replanned)
+    warmup_steps: Any = frozen()
+    grad_clip: Optional[float] = mutable()
+    accum_steps: int = frozen()
+    max_steps: Optional[int] = mutable()
+    precision: str = frozen()
+    num_workers: int = runtime()
+    progress: bool = runtime()
+    ckpt_every_steps: Optional[int] = runtime()
+    resume: Optional[str] = runtime()
+    loader_timeout_s: int = runtime()
+    ddp_find_unused_parameters: bool = runtime()
+    torch_threads: Optional[int] = runtime()
+    compile: bool = runtime()
+
+    def __post_init__(self):
+        choice("trainer.precision", self.precision, PRECISIONS)
+        choice("trainer.optimizer_impl", self.optimizer_impl, ADAMW_IMPLS)
+        at_least("trainer.batch_size", self.batch_size, 1)
+        at_least("trainer.accum_steps", self.accum_steps, 1)
+        if self.lr <= 0:
+            from fastclip.schema.errors import ConfigError
+            raise ConfigError(f"trainer.lr={self.lr}: expected > 0")
+        check_steps("trainer.warmup_steps", self.warmup_steps)
+
+
+@dataclass
+class Eval:
+    RESUME = MUTABLE  # what a run evaluates may change on resume; how it does it is runtime
+    batch_size: int = runtime()
+    lm_batch_size: int = runtime()
+    every_epochs: int = mutable()
+    boundary_picture: bool = runtime()
+    num_workers: int = runtime()
+    imagenet_val: Optional[str] = mutable()
+    imagenet_templates: str = mutable()
+    classifier_cache_dir: Optional[str] = runtime()
+    placement_control: bool = mutable()
+    overlap: str = mutable()
+
+    def __post_init__(self):
+        at_least("eval.every_epochs", self.every_epochs, 1)
+        choice("eval.overlap", self.overlap, ("drop", "fail"))
+
+
+@dataclass
+class Tracking:
+    uri: Optional[str] = runtime()
+    experiment: str = frozen()
+    run_name: Optional[str] = runtime()
+    log_every: int = runtime()
+
+    def __post_init__(self):
+        at_least("tracking.log_every", self.log_every, 1)
+
+
+@dataclass
+class ClipTask:
+    name: str = frozen()
+
+
+@dataclass
+class LMTask:
+    name: str = frozen()
+    context: int = frozen()
+    eval_stride: int = frozen()
+    valid_max_chars: Optional[int] = frozen()
+
+
+@dataclass
+class Run:
+    """The root: the run's own keys and one field per config group (each typed by its option's schema)."""
+    epochs: int = mutable()
+    seed: int = frozen()
+    device: str = runtime()
+    task: Any = frozen()
+    dataset: Any = frozen()
+    encoder: Any = frozen()
+    boundary: Any = frozen()
+    compression: Any = frozen()
+    trainer: Any = frozen()
+    tracking: Any = frozen()
+    eval: Any = frozen()
