@@ -212,7 +212,7 @@ def test_a_hung_worker_does_not_hold_the_process_at_exit(tmp_path, cli_env):
     script.write_text(
         "import time, torch\n"
         "from torch.utils.data import DataLoader, Dataset\n"
-        "from fastclip.loop import ignore_stop_signals\n"
+        "from fastclip.worker_signals import ignore_stop_signals\n"
         "class Hangs(Dataset):\n"
         "    def __len__(self): return 4\n"
         "    def __getitem__(self, i): time.sleep(600)\n"

@@ -111,7 +111,7 @@ def test_pooling_grad_leave_flips_the_lms_upsampling_too():
         model.boundary.pooling_grad = sign
         model.zero_grad()
         torch.manual_seed(1)  # the same Gumbel noise for both
-        logits = model(tokens)["logits"]
+        logits = model(tokens).logits
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens)  # the task loss only
         loss.backward()
         out[sign] = loss.item(), [p.grad.clone() for p in model.predictor.parameters()]

@@ -197,7 +197,7 @@ def test_nan_predictor_weights_raise_in_the_char_lm(monkeypatch):
     out = model(x)
     n_reads = sum(reads.values())
     monkeypatch.undo()
-    assert n_reads == 1 and torch.isfinite(out["logits"]).all()
+    assert n_reads == 1 and torch.isfinite(out.logits).all()
     nan_predictor(model.predictor)
     reads = count_tensor_reads(monkeypatch)
     with pytest.raises(NonFiniteBoundaries, match="DTP char LM: the boundary predictor's logits are not finite"):

@@ -11,6 +11,7 @@ from fastclip.data import text8, unigram
 from fastclip.eval.bpc import evaluate_bpc, window_plan
 from fastclip.models.boundaries import build_boundary_method
 from fastclip.models.charlm import HourglassLM
+from fastclip.models.outputs import CharLMOutput
 from fastclip.tasks.lm import LMTask
 from fastclip.train import run
 
@@ -35,13 +36,13 @@ def test_changing_token_t_plus_1_leaves_outputs_up_to_t_unchanged(boundary):
     x = torch.tensor(text8.encode("the quick brown fox jumps over the lazy dog and then the cat ran off"[:64]).astype(np.int64))[None]
     base = model(x)
     if boundary != "none":
-        n = int(base["boundaries"].sum())
+        n = int(base.boundaries.sum())
         assert 0 < n < 64, f"{boundary}: {n} boundaries; the test needs a mix"
     for t in (5, 20, 40, 62):
         changed = x.clone()
         changed[0, t + 1:] = (changed[0, t + 1:] + 7) % 27
         out = model(changed)
-        torch.testing.assert_close(out["logits"][0, :t + 1], base["logits"][0, :t + 1], msg=f"{boundary} leaks at t={t}")
+        torch.testing.assert_close(out.logits[0, :t + 1], base.logits[0, :t + 1], msg=f"{boundary} leaks at t={t}")
 
 
 def test_lm_loss_alone_reaches_the_gumbel_predictor():
@@ -49,7 +50,7 @@ def test_lm_loss_alone_reaches_the_gumbel_predictor():
     model = tiny_lm("gumbel").train()
     x = torch.tensor(text8.encode("the quick brown fox jumps over the lazy dog " * 2)[:64].astype(np.int64))[None]
     out = model(x)
-    lm = torch.nn.functional.cross_entropy(out["logits"][0, :-1], x[0, 1:])
+    lm = torch.nn.functional.cross_entropy(out.logits[0, :-1], x[0, 1:])
     lm.backward()  # no boundary loss in this objective
     grad = model.predictor.mlp[0].weight.grad
     assert grad is not None and grad.abs().sum() > 0
@@ -84,7 +85,7 @@ def test_gumbel_achieved_rate_follows_the_prior_after_short_training():
     task.model.eval()
     with torch.no_grad():
         x = torch.from_numpy(task.ids["valid"][:64 * 16].astype(np.int64)).view(16, 64)
-        rate = task.model(x)["boundaries"].mean().item()
+        rate = task.model(x).boundaries.mean().item()
     assert abs(rate - 0.2) <= 0.25 * 0.2, rate
 
 
@@ -118,7 +119,7 @@ def test_bpc_covers_the_whole_split_and_is_repeatable():
 def test_uniform_model_scores_log2_27_bits():
     class Uniform(torch.nn.Module):
         def forward(self, x):
-            return {"logits": torch.zeros(*x.shape, 27), "segments": torch.full((x.shape[0],), x.shape[1])}
+            return CharLMOutput(torch.zeros(*x.shape, 27), segments=torch.full((x.shape[0],), x.shape[1]))
     r = evaluate_bpc(Uniform(), text8.encode("hello world " * 50), 64, 16, torch.device("cpu"))
     assert r["bpc"] == pytest.approx(math.log2(27)) and r["compression"] == 1.0
 

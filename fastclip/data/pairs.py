@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from fastclip.runtime import seeded
+from fastclip.worker_signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,9 @@ class DecodedBatches:
     decode; `skipped` counts those once iteration is done."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0):
-        from fastclip.loop import ignore_stop_signals  # evaluation's workers get a job's signals too
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                 collate_fn=collate_labelled, worker_init_fn=ignore_stop_signals)
+                                 collate_fn=collate_labelled,
+                                 worker_init_fn=ignore_stop_signals)  # evaluation's workers get a job's signals too
         self.skipped = 0
 
     def __iter__(self):

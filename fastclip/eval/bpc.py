@@ -41,11 +41,11 @@ def evaluate_bpc(model, ids: np.ndarray, context: int, stride: int, device, batc
         first = torch.tensor([f for _, f in chunk], device=device)
         keep = torch.arange(length, device=device)[None, :] >= first[:, None]
         out = model(x)
-        nll = torch.nn.functional.cross_entropy(out["logits"].float().transpose(1, 2), y, reduction="none")
+        nll = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), y, reduction="none")
         nats += float(nll[keep].sum())
         scored += int(keep.sum())
         tokens += x.numel()
-        segments += int(out["segments"].sum())
+        segments += int(out.segments.sum())
     model.train(was_training)
     if scored != n_targets:
         raise AssertionError(f"BPC scored {scored} of {n_targets} characters")

@@ -7,7 +7,7 @@ precision, the NaN guard, and checkpoints that resume exactly.
     steplog.py        StepLog (per-step scalars read from the device only when logged), StepTimer
     accounting.py     skipped samples, the trained fraction, data/* metrics, NoTrainingData
     checkpointing.py  when the checkpoint is written and what it records (the format: fastclip/checkpoint.py)
-    signals.py        stop requests (Ctrl-C, SIGTERM, SIGUSR2) and loader workers' signals
+    signals.py        stop requests (Ctrl-C, SIGTERM, SIGUSR2); loader workers': fastclip/worker_signals.py
     divergence.py     TrainingDiverged: a non-finite loss or weight stops the run
     evaluation.py     the task's evaluations inside a run, timed and logged
 
@@ -17,7 +17,7 @@ from fastclip.loop.checkpointing import CheckpointPolicy, save
 from fastclip.loop.divergence import TrainingDiverged, diverged
 from fastclip.loop.evaluation import evaluate, final_evaluation
 from fastclip.loop.fit import fit
-from fastclip.loop.signals import RunInterrupted, StopRequests, ignore_stop_signals, stopped
+from fastclip.loop.signals import RunInterrupted, StopRequests, stopped
 from fastclip.loop.state import TrainState
 from fastclip.loop.steplog import StepLog, StepTimer
 from fastclip.loop.trainer import Accumulation, Trainer
@@ -26,4 +26,4 @@ from fastclip.tasks.protocol import StepOutput
 __all__ = ["Accumulation", "CheckpointPolicy", "LEFT_OVER", "NoTrainingData", "RunInterrupted", "StepLog",
            "StepOutput", "StepTimer", "StopRequests", "TrainState", "Trainer", "TrainingDiverged",
            "check_epoch_data", "data_metrics", "diverged", "evaluate", "final_evaluation", "fit",
-           "ignore_stop_signals", "save", "stopped"]
+           "save", "stopped"]

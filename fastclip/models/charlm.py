@@ -10,6 +10,7 @@ from torch import nn
 
 from fastclip.models.dtp import (BoundaryPredictor, causal_upsample, check_finite, downsample, finite_flag,
                                  segment_counts)
+from fastclip.models.outputs import CharLMOutput
 
 
 def causal_mask(n: int, device) -> torch.Tensor:
@@ -42,11 +43,14 @@ class HourglassLM(nn.Module):
             x = block(x, attn_mask=mask)
         return x
 
-    def forward(self, tokens: torch.Tensor) -> dict:
+    def forward(self, tokens: torch.Tensor) -> CharLMOutput:
+        """tokens [B, T] character ids -> CharLMOutput (logits [B, T, V]; segments, and for DTP the
+        boundaries and the predictor's logits)."""
         B, T = tokens.shape
         x = self.drop(self.embed(tokens) + self.pos[:T])
         x = self._run(self.pre, x)
-        out = {"boundary_logits": None, "boundaries": None, "segments": torch.full((B,), T, device=tokens.device)}
+        logits = b = None
+        segments = torch.full((B,), T, device=tokens.device)
         if self.boundary is None:
             x = self._run(self.short, x)
         else:
@@ -60,7 +64,6 @@ class HourglassLM(nn.Module):
             short = torch.cat([self.null_group.expand(B, 1, -1).to(x.dtype), pooled], dim=1)
             short = self._run(self.short, short)
             x = x + causal_upsample(short, b, grad=self.boundary.pooling_grad)  # the same sign both ways
-            out.update(boundary_logits=logits, boundaries=b, segments=segment_counts(b))
+            segments = segment_counts(b)
         x = self._run(self.post, x)
-        out["logits"] = self.head(self.ln_f(x))
-        return out
+        return CharLMOutput(self.head(self.ln_f(x)), segments=segments, boundaries=b, boundary_logits=logits)

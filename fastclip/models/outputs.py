@@ -1,10 +1,15 @@
-"""What a tower's forward returns (every image and text tower: vanilla, DTP, ToMe, EViT, patch
-dropout), in the manner of transformers' `BaseModelOutputWithPooling`: one typed object, the
+"""What a model's forward returns, typed, in the manner of transformers' ModelOutput.
+
+TowerOutput: what a tower's forward returns (every image and text tower: vanilla, DTP, ToMe,
+EViT, patch dropout), in the manner of transformers' `BaseModelOutputWithPooling`: one typed object, the
 fields a tower does not produce left None. Readers: the CLIP objective (models/clip.py), the task's
 step metrics, efficiency and the boundary picture (eval/), inference and the benches.
 
 FastCLIP.forward keeps open_clip's output dict (image_features, text_features, logit_scale) and
-adds the two towers' outputs under `image_output` / `text_output`."""
+adds the two towers' outputs under `image_output` / `text_output`.
+
+CharLMOutput: what the hourglass character LM (models/charlm.py) returns; readers: the LM task's
+loss and metrics (tasks/lm.py) and bits per character (eval/bpc.py)."""
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +49,27 @@ class TowerOutput:
     scan: torch.Tensor | None = None
 
 
-# A pytree node (as transformers registers its ModelOutput), so that DistributedDataParallel, which
+@dataclass
+class CharLMOutput:
+    """The hourglass character LM's forward on a batch of B windows of T characters (V: the alphabet).
+
+    logits: [B, T, V], next-character logits (natural-log units: softmax gives P(char t+1 | chars <= t)).
+    segments: [B] long, the positions the shortened layers ran on per window: closed segments plus
+        the open one at the end (DTP), = T for the vanilla model (boundary=none). T * B / sum is the
+        logged compression.
+    boundaries: [B, T] 0/1 (float), DTP only: 1 where a segment ends (after that character); None for
+        the vanilla model.
+    boundary_logits: [B, T], DTP with a boundary predictor only: its logits, which the method's
+        auxiliary loss reads; None for rules without a predictor (whitespace, fixed k) and the vanilla model.
+    """
+    logits: torch.Tensor
+    segments: torch.Tensor
+    boundaries: torch.Tensor | None = None
+    boundary_logits: torch.Tensor | None = None
+
+
+# Pytree nodes (as transformers registers its ModelOutput), so that DistributedDataParallel, which
 # flattens a forward's output to route its tensors through its gradient hooks, sees the tensors inside
-# as it saw them in the dict this replaced.
+# as it saw them in the dicts these replaced.
 register_dataclass(TowerOutput)
+register_dataclass(CharLMOutput)

@@ -30,11 +30,11 @@ from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_
 from fastclip.eval.names import val_name
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
-from fastclip.loop import ignore_stop_signals
 from fastclip.models.clip import build_clip, build_transforms, clip_objective, decode_tokens
 from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import placement_control
 from fastclip.tasks.protocol import StepOutput, TaskBase
+from fastclip.worker_signals import ignore_stop_signals
 
 
 # The sources' builders: each yields a training set, a validation and a test split (data/splits.py).

@@ -94,19 +94,19 @@ class LMTask(TaskBase):
         batch = [t.to(self.device, non_blocking=True) for t in batch]
         x, y = batch[0], batch[1]
         out = (forward if forward is not None else self.model)(x)
-        lm = F.cross_entropy(out["logits"].float().transpose(1, 2), y)
+        lm = F.cross_entropy(out.logits.float().transpose(1, 2), y)
         # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
         extras = {"bpc": lm.detach() / math.log(2),
-                  "compression": x.numel() / out["segments"].detach().sum()}
+                  "compression": x.numel() / out.segments.detach().sum()}
         total = lm
         if self.method is not None:
-            extras["boundary_rate"] = out["boundaries"].detach().float().mean()
+            extras["boundary_rate"] = out.boundaries.detach().float().mean()
             targets = None
             if isinstance(self.method, EntropySpike):
-                targets = self.method.targets(out["logits"].detach())
+                targets = self.method.targets(out.logits.detach())
             elif isinstance(self.method, Unigram):
                 targets = batch[2]
-            aux = self.method.aux_loss(out["boundary_logits"], out["boundaries"], targets)
+            aux = self.method.aux_loss(out.boundary_logits, out.boundaries, targets)
             if aux is not None:
                 extras["boundary_loss"] = aux.detach()
                 total = lm + self.method.loss_weight * aux
