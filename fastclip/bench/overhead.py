@@ -7,8 +7,9 @@ repeats' range next to it (this 2-core machine drifts by several percent between
     python -m fastclip.bench.overhead [--epochs 10] [--repeats 7]
 
 Two readings of ours: `steps` sums fit's own per-step times (data wait included), as
-train_one_epoch's wall time counts its steps; `whole fit` is fit's wall time with evaluation
-stubbed out, i.e. also the epoch-end metric logging, the per-epoch checkpoint and the set-up.
+train_one_epoch's wall time counts its steps; `whole fit` is fit's wall time without the task's
+evaluations (fit(evaluation=False)), i.e. also the epoch-end metric logging, the per-epoch
+checkpoint and the set-up.
 """
 import argparse
 import statistics
@@ -24,7 +25,7 @@ from fastclip import runtime
 from fastclip.checks import steps_of
 from fastclip.loop import fit
 from fastclip.optim import adamw_impl, param_groups
-from fastclip.tasks.clip import ClipTask
+from fastclip.tasks import build_task
 from fastclip.tracking import Tracker
 
 
@@ -49,7 +50,7 @@ def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
     from open_clip_train.train import train_one_epoch
 
     runtime.seed_everything(cfg.seed)
-    task = ClipTask(cfg, torch.device("cpu"))
+    task = build_task(cfg, torch.device("cpu"))
     model = ThreeKeys(task.model)
     tc = cfg.trainer
     # open_clip_train's own param groups (no decay on gains, biases, logit scale) are ours
@@ -72,20 +73,19 @@ def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
 def fastclip_step_s(cfg, run_dir) -> tuple[float, float, nn.Module]:
     """(steps: fit's summed step times, whole: fit's wall time), each per step, and the trained model."""
     runtime.seed_everything(cfg.seed)
-    task = ClipTask(cfg, torch.device("cpu"))
-    task.evaluate = lambda: {}  # time the training, as train_one_epoch does
+    task = build_task(cfg, torch.device("cpu"))
     steps = len(task.train_batches(0)) * cfg.epochs
     with tempfile.TemporaryDirectory() as store:
         tracker = Tracker(f"sqlite:///{store}/m.db", "overhead")
         t0 = time.perf_counter()
-        metrics = fit(task, cfg, tracker, run_dir, torch.device("cpu"))
+        metrics = fit(task, cfg, tracker, run_dir, torch.device("cpu"), evaluation=False)  # the training, as train_one_epoch
         whole = time.perf_counter() - t0
         tracker.end()
     return metrics["time/train_s"] / steps, whole / steps, task.model
 
 
 def measure(cfg, run_dir, repeats: int = 7, warmup: bool = True) -> dict:
-    steps = len(ClipTask(cfg, torch.device("cpu")).train_batches(0))
+    steps = len(build_task(cfg, torch.device("cpu")).train_batches(0))
     if warmup:  # first runs in a process pay for thread pools, allocator growth, lazy imports
         open_clip_train_step_s(cfg, steps)
         fastclip_step_s(cfg, run_dir)
