@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from fastclip import runtime
-from fastclip.checks import steps_of
 from fastclip.loop import fit
-from fastclip.optim import adamw_impl, param_groups
+from fastclip.optim import adamw_impl, param_groups, warmup_steps
 from fastclip.tasks import build_task
 from fastclip.tracking import Tracker
 
@@ -40,6 +39,17 @@ class ThreeKeys(nn.Module):
     def forward(self, images, texts):
         out = self.model(images, texts)
         return {k: out[k] for k in ("image_features", "text_features", "logit_scale")}
+
+
+class EpochBatches:
+    """What open_clip_train's train_one_epoch reads of its loader (data['train'].dataloader): the
+    batches, num_batches and num_samples; iteration is the task's loader's own."""
+
+    def __init__(self, batches, batch_size: int):
+        self.batches, self.num_batches, self.num_samples = batches, len(batches), len(batches) * batch_size
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
@@ -59,11 +69,10 @@ def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
     args = SimpleNamespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False,
                            horovod=False, grad_clip_norm=tc.grad_clip, log_every_n_steps=10 ** 9, world_size=1,
                            batch_size=tc.batch_size, rank=0, local_rank=0, wandb=False, save_logs=False)
-    scheduler = cosine_lr(optimizer, tc.lr, steps_of(tc.warmup_steps, steps * cfg.epochs), steps * cfg.epochs)
+    scheduler = cosine_lr(optimizer, tc.lr, warmup_steps(tc.warmup_steps, steps * cfg.epochs), steps * cfg.epochs)
     elapsed = 0.0
     for epoch in range(cfg.epochs):
-        loader = task.train_batches(epoch)
-        loader.num_batches, loader.num_samples = len(loader), len(loader) * tc.batch_size
+        loader = EpochBatches(task.train_batches(epoch), tc.batch_size)
         t0 = time.perf_counter()
         train_one_epoch(model, {"train": DataInfo(loader)}, ClipLoss(), epoch, optimizer, None, scheduler, None, args)
         elapsed += time.perf_counter() - t0
