@@ -57,6 +57,36 @@ def test_step_time_splits_into_data_wait_and_compute(tmp_path):
     assert slow_model["time/compute_median_s"] >= 0.05 > slow_model["time/data_median_s"]
 
 
+class EvaluationCounting(SleepyTask):
+    """SleepyTask that counts its evaluations."""
+
+    def __init__(self):
+        torch.manual_seed(0)  # the same start weights
+        super().__init__(0.0, 0.0, n_batches=2)
+        self.calls = []
+
+    def evaluate(self):
+        self.calls.append("evaluate")
+        return {"val/x": 1.0}
+
+    def final_evaluate(self):
+        self.calls.append("final_evaluate")
+        return {"test/x": 1.0}
+
+
+def test_fit_without_evaluation_trains_the_same_steps_and_never_calls_the_tasks_evaluations(tmp_path):
+    """fit(evaluation=False), bench-overhead's way to time the training alone (it used to replace
+    task.evaluate): the same steps and timing summary, no task.evaluate / final_evaluate; a run
+    (the default) calls both."""
+    cfg = compose_cfg(["epochs=2", "trainer.progress=false", "trainer.warmup_steps=1"])
+    plain, bare = EvaluationCounting(), EvaluationCounting()
+    with_eval = fit(plain, cfg, None, tmp_path / "a", torch.device("cpu"))
+    without = fit(bare, cfg, None, tmp_path / "b", torch.device("cpu"), evaluation=False)
+    assert plain.calls == ["evaluate", "evaluate", "final_evaluate"] and bare.calls == []
+    assert "val/x" in with_eval and "test/x" in with_eval and not {"val/x", "test/x"} & set(without)
+    assert without["time/train_s"] > 0 and "time/eval_s" in without
+    torch.testing.assert_close(plain.model.weight, bare.model.weight)
+
 def tiny_gumbel_task(*overrides):
     from conftest import TINY_CLIP
     from fastclip import runtime

@@ -82,7 +82,6 @@ def b32_latency(batch: int, repeats: int = 5, device: str = "cpu") -> list[dict]
     embedding int8, as compression=quant's default, and left float), a 30%
     structured copy (heads and channels removed) and a 50% unstructured one (zeros in dense matrices).
     Each variant's median over `repeats` rounds, the rounds interleaved so drift hits all alike."""
-    from omegaconf import OmegaConf
     from fastclip.compression.measure import eval_batch_ms, model_bytes
     from fastclip.compression.prune import Pruner
     from fastclip.compression.prune_masks import shrunk_copy
@@ -97,9 +96,12 @@ def b32_latency(batch: int, repeats: int = 5, device: str = "cpu") -> list[dict]
     tokens = tokenizer([f"a photo of a thing number {i}" for i in range(batch)]).to(device)
 
     def pruned(sparsity, structure):
+        """compression=prune as a run configures it, pruned at once (oneshot at step 1 of 1, no fine-tuning)."""
         import copy
         model = copy.deepcopy(dense)
-        cc = OmegaConf.create({"sparsity": sparsity, "structure": structure, "schedule": "oneshot", "finetune_steps": 0})
+        cc = compose_train_config(["compression=prune", f"compression.sparsity={sparsity}",
+                                   f"compression.structure={structure}", "compression.schedule=oneshot",
+                                   "compression.finetune_steps=0"]).compression
         Pruner(model, cc, total_steps=1, warmup_steps=0).after_step(1)
         return shrunk_copy(model).eval() if structure == "structured" else model
     variants = {"dense": dense, "int8 dynamic": quantized_copy(dense, "dynamic"),

@@ -99,17 +99,10 @@ def peer_variants(keys: list[str], tome_r: int | None, target: float, extra: lis
 
 
 def dataset_overrides(name: str, cifar: str) -> tuple[list[str], int]:
-    """A dataset's overrides and its training images (for the evaluation spacing): the images less
-    the dataset's held-out shares (test, then validation from the rest)."""
-    if name == "cifar10":
-        overrides = ["dataset=image_folder", f"dataset.path={cifar}"]
-        images = sum(1 for p in Path(cifar).rglob("*") if p.is_file())
-    else:
-        overrides = list(DATASETS[name])
-        from sklearn.datasets import load_digits
-        images = len(load_digits().target)
-    ds = compose_train_config(overrides).dataset
-    return overrides, int((1 - ds.holdout_fraction) * (1 - ds.val_fraction) * images)
+    """A dataset's overrides and its training images (for the evaluation spacing), as its task counts
+    them (Task.epoch_samples: what the test and validation splits leave to training)."""
+    overrides = ["dataset=image_folder", f"dataset.path={cifar}"] if name == "cifar10" else list(DATASETS[name])
+    return overrides, build_task(compose_train_config(overrides), torch.device("cpu")).epoch_samples()
 
 
 def summarize(label: str, results: list[dict | None]) -> dict:

@@ -18,16 +18,17 @@ from fastclip import PROJECT_ROOT, runtime
 from fastclip.bench.common import emit, markdown_table
 from fastclip.bench.clip import CIFAR
 from fastclip.data import make_shards
-from fastclip.tasks.clip import ClipTask
+from fastclip.tasks import build_task
 
 
-def prepared_shards(root: Path) -> str:
-    """Pre-resized shards (32 px, the vit_tiny input), converted once and reused."""
+def prepared_shards(root: Path) -> tuple[str, str]:
+    """Pre-resized shards (32 px, the vit_tiny input), converted once and reused -> (training pattern,
+    the test shard): the first shard is the test split, the rest train (their last one held out for
+    validation: dataset.val_shards=null), the splits disjoint as the data requires."""
     out = root / "shards"
     if not (out / "sizes.json").is_file():
         if CIFAR.is_dir():
-            records = make_shards.records_of(argparse.Namespace(source="folder", path=str(CIFAR),
-                                                                template="a photo of a {}."))
+            records = make_shards.folder_records(CIFAR, "a photo of a {}.")
         else:  # generated: coloured noise images, one class per colour
             from PIL import Image
             import numpy as np
@@ -42,7 +43,7 @@ def prepared_shards(root: Path) -> str:
                 records.append((str(path), f"a photo of pattern {i % 10}", {}))
         make_shards.convert(records, out, image_size=32, shard_size=1000)
     n = len(list(out.glob("shard-*.tar")))
-    return str(out / f"shard-{{000000..{n - 1:06d}}}.tar")
+    return str(out / f"shard-{{000001..{n - 1:06d}}}.tar"), str(out / "shard-000000.tar")
 
 
 def timed_batches(batches, n: int) -> tuple[float, int]:
@@ -82,14 +83,14 @@ def main(argv=None):
     ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "loader.md"))
     args = ap.parse_args(argv)
     root = PROJECT_ROOT / "outputs" / "bench" / "loader"
-    pattern = prepared_shards(root)
+    pattern, test_shard = prepared_shards(root)
     from fastclip.config import compose_train_config
     cfg = compose_train_config(["dataset=webdataset", f"dataset.train_shards='{pattern}'", "dataset.resampled=true",
-                                "dataset.num_samples=1000000", f"dataset.eval_shards='{pattern.split('{')[0]}000000.tar'",
+                                "dataset.num_samples=1000000", f"dataset.eval_shards='{test_shard}'",
                                 "dataset.eval_max_images=64", f"trainer.num_workers={args.workers}",
                                 "trainer.progress=false"])
     threads = runtime.set_torch_threads(cfg.trainer.torch_threads, args.workers, torch.device("cpu"))  # as train.run
-    task = ClipTask(cfg, torch.device("cpu"))
+    task = build_task(cfg, torch.device("cpu"))
     task.model.train()
     in_memory = next(iter(task.train_batches(0)))
     rows = {"loader alone": [], "training step alone (batch in memory)": [], "training fed by the loader": []}

@@ -7,8 +7,9 @@ repeats' range next to it (this 2-core machine drifts by several percent between
     python -m fastclip.bench.overhead [--epochs 10] [--repeats 7]
 
 Two readings of ours: `steps` sums fit's own per-step times (data wait included), as
-train_one_epoch's wall time counts its steps; `whole fit` is fit's wall time with evaluation
-stubbed out, i.e. also the epoch-end metric logging, the per-epoch checkpoint and the set-up.
+train_one_epoch's wall time counts its steps; `whole fit` is fit's wall time without the task's
+evaluations (fit(evaluation=False)), i.e. also the epoch-end metric logging, the per-epoch
+checkpoint and the set-up.
 """
 import argparse
 import statistics
@@ -21,10 +22,9 @@ import torch
 from torch import nn
 
 from fastclip import runtime
-from fastclip.schema.steps import steps_of
 from fastclip.loop import fit
-from fastclip.optim import adamw_impl, param_groups
-from fastclip.tasks.clip import ClipTask
+from fastclip.optim import adamw_impl, param_groups, warmup_steps
+from fastclip.tasks import build_task
 from fastclip.tracking import Tracker
 
 
@@ -41,6 +41,17 @@ class ThreeKeys(nn.Module):
         return {k: out[k] for k in ("image_features", "text_features", "logit_scale")}
 
 
+class EpochBatches:
+    """What open_clip_train's train_one_epoch reads of its loader (data['train'].dataloader): the
+    batches, num_batches and num_samples; iteration is the task's loader's own."""
+
+    def __init__(self, batches, batch_size: int):
+        self.batches, self.num_batches, self.num_samples = batches, len(batches), len(batches) * batch_size
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
     """(wall time of train_one_epoch per step, the trained model)."""
     from open_clip import ClipLoss
@@ -49,7 +60,7 @@ def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
     from open_clip_train.train import train_one_epoch
 
     runtime.seed_everything(cfg.seed)
-    task = ClipTask(cfg, torch.device("cpu"))
+    task = build_task(cfg, torch.device("cpu"))
     model = ThreeKeys(task.model)
     tc = cfg.trainer
     # open_clip_train's own param groups (no decay on gains, biases, logit scale) are ours
@@ -58,11 +69,10 @@ def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
     args = SimpleNamespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False,
                            horovod=False, grad_clip_norm=tc.grad_clip, log_every_n_steps=10 ** 9, world_size=1,
                            batch_size=tc.batch_size, rank=0, local_rank=0, wandb=False, save_logs=False)
-    scheduler = cosine_lr(optimizer, tc.lr, steps_of(tc.warmup_steps, steps * cfg.epochs), steps * cfg.epochs)
+    scheduler = cosine_lr(optimizer, tc.lr, warmup_steps(tc.warmup_steps, steps * cfg.epochs), steps * cfg.epochs)
     elapsed = 0.0
     for epoch in range(cfg.epochs):
-        loader = task.train_batches(epoch)
-        loader.num_batches, loader.num_samples = len(loader), len(loader) * tc.batch_size
+        loader = EpochBatches(task.train_batches(epoch), tc.batch_size)
         t0 = time.perf_counter()
         train_one_epoch(model, {"train": DataInfo(loader)}, ClipLoss(), epoch, optimizer, None, scheduler, None, args)
         elapsed += time.perf_counter() - t0
@@ -72,20 +82,19 @@ def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
 def fastclip_step_s(cfg, run_dir) -> tuple[float, float, nn.Module]:
     """(steps: fit's summed step times, whole: fit's wall time), each per step, and the trained model."""
     runtime.seed_everything(cfg.seed)
-    task = ClipTask(cfg, torch.device("cpu"))
-    task.evaluate = lambda: {}  # time the training, as train_one_epoch does
+    task = build_task(cfg, torch.device("cpu"))
     steps = len(task.train_batches(0)) * cfg.epochs
     with tempfile.TemporaryDirectory() as store:
         tracker = Tracker(f"sqlite:///{store}/m.db", "overhead")
         t0 = time.perf_counter()
-        metrics = fit(task, cfg, tracker, run_dir, torch.device("cpu"))
+        metrics = fit(task, cfg, tracker, run_dir, torch.device("cpu"), evaluation=False)  # the training, as train_one_epoch
         whole = time.perf_counter() - t0
         tracker.end()
     return metrics["time/train_s"] / steps, whole / steps, task.model
 
 
 def measure(cfg, run_dir, repeats: int = 7, warmup: bool = True) -> dict:
-    steps = len(ClipTask(cfg, torch.device("cpu")).train_batches(0))
+    steps = len(build_task(cfg, torch.device("cpu")).train_batches(0))
     if warmup:  # first runs in a process pay for thread pools, allocator growth, lazy imports
         open_clip_train_step_s(cfg, steps)
         fastclip_step_s(cfg, run_dir)

@@ -47,10 +47,16 @@ def records_of(args) -> tuple[list[tuple[str, str, dict]], Counter]:
         groups, skipped = load_coco(Path(args.path), args.split)
         return [(im, cap, {}) for im in sorted(groups) for cap in (groups[im] or [""])], skipped
     if args.source == "folder":
-        files, labels, classes = scan(args.path, "--path")
-        return [(str(f), args.template.format(classes[c].replace("_", " ")), {"label": int(c), "class": classes[c]})
-                for f, c in zip(files, labels)], Counter()
+        return folder_records(args.path, args.template), Counter()
     raise ValueError(f"--source {args.source!r}: expected csv, coco or folder")
+
+
+def folder_records(path, template: str) -> list[tuple[str, str, dict]]:
+    """A class folder's records (--source folder): each image with `template` filled with its class
+    name (underscores as spaces) as its caption, and its label and class as metadata; for convert()."""
+    files, labels, classes = scan(path, "--path")
+    return [(str(f), template.format(classes[c].replace("_", " ")), {"label": int(c), "class": classes[c]})
+            for f, c in zip(files, labels)]
 
 
 def split_records(records: list, eval_fraction: float, split_seed: int) -> tuple[list, list]:

@@ -13,17 +13,20 @@ from fastclip.tasks.protocol import Task
 log = logging.getLogger(__name__)
 
 
-def evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None = None) -> dict[str, float]:
+def evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None = None,
+             run_task: bool = True) -> dict[str, float]:
     """The task's evaluation, its time and the data counts, logged. Data-parallel: rank 0 evaluates
-    the whole sets (the numbers are one process's) while the others wait; every rank returns them."""
-    return distributed.on_main(lambda: _evaluate(task, tracker, state, ckpt_path), f"the evaluation at step {state.step}")
+    the whole sets (the numbers are one process's) while the others wait; every rank returns them.
+    run_task=False (fit(evaluation=False)): the task's evaluation is skipped, the rest is not."""
+    return distributed.on_main(lambda: _evaluate(task, tracker, state, ckpt_path, run_task),
+                               f"the evaluation at step {state.step}")
 
 
-def _evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None) -> dict[str, float]:
+def _evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None, run_task: bool = True) -> dict[str, float]:
     t0 = time.perf_counter()
     try:
         with runtime.preserved_rng():  # evaluation draws no number training would have drawn (exact resume)
-            metrics = task.evaluate()
+            metrics = task.evaluate() if run_task else {}
     except Exception as exc:
         if ckpt_path is not None and ckpt_path.exists():
             exc.add_note(f"fastclip: the training up to step {state.step} is saved in {ckpt_path}; `trainer.resume=` "

@@ -22,10 +22,16 @@ log = logging.getLogger(__name__)
 
 
 def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Trainer | None = None,
-        provenance: dict | None = None) -> dict[str, float]:
+        provenance: dict | None = None, evaluation: bool = True) -> dict[str, float]:
     """Trains `task` from `trainer`'s state (new, or loaded from a checkpoint) to the end of its
     schedule; returns the final metrics. provenance: what checkpoints record beyond the training
-    state (the config group choices). Ctrl-C / SIGTERM stop it after a step, checkpointed (RunInterrupted)."""
+    state (the config group choices). Ctrl-C / SIGTERM stop it after a step, checkpointed (RunInterrupted).
+
+    tracker: a fastclip.tracking.Tracker, None (nothing logged), or a stand-in answering what the
+    loop calls: log_metrics(metrics, step, flush=...), log_artifact(path, artifact_path) and flush().
+    evaluation=False: neither task.evaluate() nor task.final_evaluate() runs; everything else at
+    an evaluation point (its timing, the data counts, their logging) happens as in a run, so a
+    benchmark can time the training alone (bench-overhead). Runs never set it."""
     trainer = trainer or Trainer(task, cfg, device)
     state = trainer.state
     checkpoints = CheckpointPolicy(trainer, cfg, tracker, run_dir, provenance)
@@ -47,13 +53,14 @@ def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: 
             if stop.requested() and not trainer.finished():  # not an evaluation the time left may not hold
                 stopped(stop, state, checkpoints.path)
             if trainer.finished() or (epoch_done and state.epoch % cfg.eval.every_epochs == 0):
-                metrics = evaluate(task, tracker, state, checkpoints.path)
+                metrics = evaluate(task, tracker, state, checkpoints.path, run_task=evaluation)
         if stop.received:  # during the last evaluation: the run is complete, nothing to continue
             log.warning("%s came during the final evaluation: the run completes", signal.Signals(stop.received).name)
     bar.close()
     if not metrics:  # resumed from a finished run: still report its numbers
-        metrics = evaluate(task, tracker, state, checkpoints.path)
-    metrics.update(final_evaluation(task, tracker, state))
+        metrics = evaluate(task, tracker, state, checkpoints.path, run_task=evaluation)
+    if evaluation:
+        metrics.update(final_evaluation(task, tracker, state))
     summary = timer.summary(state)
     metrics.update(summary)
     if tracker:
