@@ -4,25 +4,29 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from fastclip.schema import compression, data, model, run
+from fastclip.schema.compression import Distill, NoCompression, Prune, Quant
+from fastclip.schema.data import Coco, Csv, Digits, ImageFolder, Text8, WebDataset
+from fastclip.schema.model import (Boundary, CharLMEncoder, ClipEncoder, EntropySpike, Evit, Fixed, Gumbel, PatchDropout,
+                                   Tome, Unigram, Whitespace)
+from fastclip.schema.run import ClipTask, Eval, LMTask, Run, Trainer, Tracking
 from fastclip.schema.errors import ConfigError
 
-ROOT = run.Run
+ROOT = Run
 # group -> option (the YAML file's stem, and its `name`) -> schema; trainer, eval and tracking have one
 OPTIONS: dict[str, dict[str, type]] = {
-    "task": {"clip": run.ClipTask, "lm": run.LMTask},
-    "dataset": {"digits": data.Digits, "image_folder": data.ImageFolder, "csv": data.Csv, "coco2014": data.Coco,
-                "webdataset": data.WebDataset, "text8": data.Text8},
-    "encoder": {**{name: model.ClipEncoder for name in ("vit_tiny", "vit_b16", "vit_b32", "rn50")},
-                **{name: model.CharLMEncoder for name in ("char_lm_small", "char_lm_bench", "char_lm_paper")}},
-    "boundary": {"none": model.Boundary, "fixed": model.Fixed, "gumbel": model.Gumbel,
-                 "entropy_spike": model.EntropySpike, "unigram": model.Unigram, "whitespace": model.Whitespace,
-                 "tome": model.Tome, "patch_dropout": model.PatchDropout, "evit": model.Evit},
-    "compression": {"none": compression.NoCompression, "quant": compression.Quant, "prune": compression.Prune,
-                    "distill": compression.Distill},
-    "trainer": {"default": run.Trainer},
-    "eval": {"default": run.Eval},
-    "tracking": {"mlflow": run.Tracking},
+    "task": {"clip": ClipTask, "lm": LMTask},
+    "dataset": {"digits": Digits, "image_folder": ImageFolder, "csv": Csv, "coco2014": Coco,
+                "webdataset": WebDataset, "text8": Text8},
+    "encoder": {**{name: ClipEncoder for name in ("vit_tiny", "vit_b16", "vit_b32", "rn50")},
+                **{name: CharLMEncoder for name in ("char_lm_small", "char_lm_bench", "char_lm_paper")}},
+    "boundary": {"none": Boundary, "fixed": Fixed, "gumbel": Gumbel,
+                 "entropy_spike": EntropySpike, "unigram": Unigram, "whitespace": Whitespace,
+                 "tome": Tome, "patch_dropout": PatchDropout, "evit": Evit},
+    "compression": {"none": NoCompression, "quant": Quant, "prune": Prune,
+                    "distill": Distill},
+    "trainer": {"default": Trainer},
+    "eval": {"default": Eval},
+    "tracking": {"mlflow": Tracking},
 }
 
 
@@ -49,8 +53,8 @@ def schema_of(group: str, node: Any) -> type:
     return options[name]
 
 
-def typed(cfg: DictConfig) -> run.Run:
-    """The config as its schema's objects (run.Run, each group its option's dataclass), every type,
+def typed(cfg: DictConfig) -> Run:
+    """The config as its schema's objects (Run, each group its option's dataclass), every type,
     choice and range checked: a config Hydra composed, a resumed run's (built from its checkpoint's
     keys) and a caller's alike. Raises ConfigError naming the key, its value and what is expected."""
     tree = OmegaConf.structured(ROOT)

@@ -1,0 +1,76 @@
+"""The config tree's typed schema (fastclip/schema): each YAML option and its dataclass hold the same
+keys, every key has one resume rule, and types and ranges are refused with the key named."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from fastclip.checks import ConfigError, check_config
+from fastclip.config import flatten
+from fastclip.schema import OPTIONS, typed
+from fastclip.schema.resume_rules import MUTABLE_KEYS, RUNTIME_KEYS, rule_of
+from fastclip.schema.steps import steps_of
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def option_overrides():
+    for group, options in OPTIONS.items():
+        for option in options:
+            assert (CONF / group / f"{option}.yaml").is_file(), f"{group}/{option}.yaml: a schema without its YAML"
+            yield group, option
+    for group in OPTIONS:  # and no YAML option without a schema
+        for path in (CONF / group).glob("*.yaml"):
+            assert path.stem in OPTIONS[group], f"conf/{group}/{path.name} has no schema in fastclip/schema"
+
+
+@pytest.mark.parametrize("group, option", list(option_overrides()))
+def test_each_yaml_option_has_exactly_its_schemas_keys(group, option):
+    extra = ["task=lm"] if option.startswith("char_lm") or option == "text8" else []
+    cfg = compose_cfg([*extra, f"{group}={option}"] if group not in ("trainer", "eval", "tracking") else extra)
+    fields = {f.name for f in dataclasses.fields(OPTIONS[group][option])}
+    assert set(cfg[group].keys()) == fields
+    assert OmegaConf.get_type(cfg[group]) is OPTIONS[group][option]  # Hydra typed it while composing
+
+
+def test_every_composed_key_has_one_resume_rule_and_the_rules_agree_across_options():
+    for overrides in ([], ["task=lm", "boundary=gumbel"], ["compression=prune"], ["dataset=webdataset"]):
+        for key in flatten(OmegaConf.to_container(compose_cfg(overrides))):
+            assert rule_of(key) in ("frozen", "mutable", "runtime"), key
+    for group, options in OPTIONS.items():
+        rules = {}
+        for schema in options.values():
+            for f in dataclasses.fields(schema):
+                rules.setdefault(f.name, set()).add(rule_of(f"{group}.{f.name}"))
+        assert all(len(r) == 1 for r in rules.values()), (group, rules)
+    # the declarations the resume and the report read
+    assert {"trainer.lr", "trainer.max_steps", "trainer.grad_clip", "epochs", "eval.every_epochs"} <= MUTABLE_KEYS
+    assert {"dataset.cache_dir", "trainer.num_workers", "device", "tracking.uri"} <= RUNTIME_KEYS
+    assert not {"trainer.warmup_steps", "trainer.batch_size", "seed", "compression.sparsity"} & MUTABLE_KEYS
+    assert rule_of("encoder.vision.width") == "frozen" and rule_of("no.such") is None
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("trainer.batch_size", 0, "trainer.batch_size=0: expected >= 1"),
+    ("trainer.precision", "fp8", "trainer.precision='fp8': expected one of auto, fp32, bf16, fp16"),
+    ("trainer.warmup_steps", -3, r"trainer.warmup_steps=-3: expected steps >= 0 or a fraction"),
+    ("eval.overlap", "keep", "eval.overlap='keep': expected drop or fail"),
+    ("trainer.lr", "fast", "trainer.lr: Value 'fast' of type 'str' could not be converted to Float"),
+])
+def test_a_config_built_without_hydra_is_typed_and_ranged_by_the_same_schema(key, value, message):
+    """A resumed run's config is rebuilt from its checkpoint's keys, not composed by Hydra: check_config
+    applies the same schema to it."""
+    cfg = OmegaConf.create(OmegaConf.to_container(compose_cfg()))
+    OmegaConf.update(cfg, key, value)
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+    assert typed(compose_cfg()).trainer.lr == 5e-4
+
+
+def test_steps_or_a_fraction_of_the_run_is_parsed_in_one_place():
+    assert steps_of(0.1, 150) == 15 and steps_of(20, 150) == 20 and steps_of(0, 150) == 0
+    for bad in (-1, None, "ten", True):
+        with pytest.raises(ConfigError, match=f"compression.finetune_steps={bad}: expected steps >= 0"):
+            steps_of(bad, 100, "compression.finetune_steps")
