@@ -1,8 +1,10 @@
 """Config mistakes that need no data fail here: right after Hydra composes the config, before torch,
-open_clip, the data or MLflow load (a second, not the ~20 s a run takes to reach its data). What
-needs the data (its files, its size) is checked when the task builds it, still before training.
+open_clip, the data or MLflow load (a second, not the ~20 s a run takes to reach its data). Each
+key's type, choices and range are its schema's (fastclip/schema); the rules here join keys of
+several groups. What needs the data (its files, its size) is checked when the task builds it,
+still before training.
 
-Only omegaconf is imported at module level: keep it that way.
+Only omegaconf and torch-free fastclip modules are imported at module level: keep it that way.
 """
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
