@@ -23,6 +23,7 @@ import numpy as np
 from fastclip.data.pairs import PairDataset, group_captions, retrieval_set, training_records
 from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import read_json
+from fastclip.schema.data import Coco
 
 log = logging.getLogger(__name__)
 RETRIEVAL_IMAGES_DEFAULT = 5000  # conf/dataset/coco2014.yaml
@@ -125,7 +126,7 @@ def training_captions(cfg) -> list[str]:
     """Every caption training reads (train2014, or the split file's train + restval): the unigram
     text-boundary corpus."""
     root = Path(cfg.root)
-    if cfg.get("split_file"):
+    if cfg.split_file:
         splits = read_karpathy(cfg.split_file, root)
         groups = {**splits["train"], **splits["restval"]}
     else:
@@ -133,14 +134,14 @@ def training_captions(cfg) -> list[str]:
     return [c for caps in groups.values() for c in caps if c]
 
 
-def build_coco(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
+def build_coco(cfg: Coco, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
     """-> ClipData(train PairDataset, retrieval=test RetrievalSet, val_retrieval=validation), each with
     `skipped` = captions skipped while reading, the retrieval sets with a `description` of their split;
     the three splits' images checked disjoint."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset.root={str(root)!r}: no such directory")
-    if cfg.get("split_file"):
+    if cfg.split_file:
         if cfg.retrieval_images != RETRIEVAL_IMAGES_DEFAULT:
             log.warning("dataset.retrieval_images=%s is ignored: with dataset.split_file retrieval runs on the "
                         "split's test images", cfg.retrieval_images)

@@ -18,6 +18,7 @@ from pathlib import Path
 from fastclip.data.pairs import PairDataset, group_captions, retrieval_set, split_images, training_records
 from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import decode_lenient, first_bad_byte, has_undecodable, not_utf8, undecoded_repr
+from fastclip.schema.data import Csv
 
 log = logging.getLogger(__name__)
 NOT_UTF8, FIELD_COUNT, NO_IMAGE = "CSV row not UTF-8", "CSV row with wrong field count", "CSV row without image"
@@ -141,7 +142,7 @@ def training_pairs(cfg) -> list[tuple[str, str]]:
     return training_records(split.groups, split.train_images, cfg.pairs, cfg.split_seed)
 
 
-def build_csv(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
+def build_csv(cfg: Csv, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
     """-> ClipData(train PairDataset, retrieval=test RetrievalSet or None, val_retrieval=validation),
     each with `skipped` = rows of its CSV skipped while reading (the training set's by reason) (one
     CSV split into train and held-out images counts them on the training side)."""

@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSet, caption_table, carve_validation,
                                      check_unseen_templates, split_indices)
 from fastclip.data.splits import ClipData, require_disjoint
+from fastclip.schema.data import Digits
 
 
 def _to_pil(digit: np.ndarray) -> Image.Image:
@@ -18,7 +19,7 @@ def _to_pil(digit: np.ndarray) -> Image.Image:
     return Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8), mode="L").convert("RGB")
 
 
-def build_digits(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
+def build_digits(cfg: Digits, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
     """-> ClipData(train, zeroshot=test, val_zeroshot=validation); the three index sets checked disjoint."""
     check_unseen_templates(cfg.train_templates, cfg.eval_templates)
     digits = load_digits()

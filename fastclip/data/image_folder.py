@@ -14,6 +14,7 @@ from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSe
 from fastclip.data.pairs import open_rgb
 from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import read_names
+from fastclip.schema.data import ImageFolder
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def training_labels(labels: np.ndarray, eval_classes: list[str], classes: list[s
     return index[labels]
 
 
-def build_image_folder(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
+def build_image_folder(cfg: ImageFolder, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
     """-> ClipData(train, zeroshot=test, val_zeroshot=validation); the splits' files checked disjoint."""
     check_unseen_templates(cfg.train_templates, cfg.eval_templates)
     files, labels, classes = scan(cfg.path)

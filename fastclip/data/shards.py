@@ -30,6 +30,7 @@ from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.tar_shards import (IMAGE_KEYS, LOST, caption_of, expand_shards, read_samples, shard_samples,
                                       shard_sizes)
 from fastclip.runtime import seeded
+from fastclip.schema.data import WebDataset
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +227,10 @@ def training_sources(cfg) -> tuple[list[ShardSource], str, str | None]:
     return sources, val_pattern, held_out
 
 
-def build_shards(cfg, preprocess_train, preprocess_eval, tokenizer):
+def build_shards(cfg: WebDataset, preprocess_train, preprocess_eval, tokenizer):
     """-> ClipData(train ShardStream, retrieval=test on eval_shards or None, val_retrieval=validation on
     val_shards, or on the last training shard, held out); the splits' shards checked disjoint."""
-    caption_key = cfg.get("caption_key", "caption")
+    caption_key = cfg.caption_key
     if not isinstance(caption_key, str) or not caption_key:
         raise ValueError(f"dataset.caption_key={caption_key!r}: expected the name of the .json field that holds a "
                          f"caption (img2dataset: caption)")
@@ -253,7 +254,7 @@ def shard_captions(cfg, limit: int = 100_000) -> list[str]:
     """Training captions (the unigram text-boundary corpus): the first `limit` samples of each training
     source's shards, after the hold-out (training_sources: the last shard, when it is validation's,
     is never read)."""
-    caption_key = cfg.get("caption_key", "caption")
+    caption_key = cfg.caption_key
     sources = training_sources(cfg)[0]
     return [c for source in sources
             for sample in itertools.islice((x for url in source.urls for x in shard_samples(url, {})), limit)

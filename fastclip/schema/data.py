@@ -81,14 +81,14 @@ class Coco(Dataset):
 
 @dataclass
 class WebDataset(Dataset):
-    train_shards: str = frozen()
+    train_shards: Any = frozen()  # a brace pattern, a list of them, or weighted sources [{shards, weight, num_samples}]
     num_samples: Optional[int] = frozen()
     resampled: bool = frozen()
     caption_key: str = frozen()
     shuffle_buffer: int = frozen()
-    eval_shards: Optional[str] = frozen()
+    eval_shards: Any = frozen()
     eval_max_images: Optional[int] = frozen()
-    val_shards: Optional[str] = frozen()
+    val_shards: Any = frozen()
     val_max_images: Optional[int] = frozen()
 
     def __post_init__(self):

@@ -33,6 +33,7 @@ from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.models.clip import build_clip, build_transforms, clip_objective, decode_tokens
 from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import placement_control
+from fastclip.schema import typed_group
 from fastclip.tasks.protocol import StepOutput, TaskBase
 from fastclip.worker_signals import ignore_stop_signals
 
@@ -45,7 +46,8 @@ BUILDERS = {"digits": build_digits, "image_folder": build_image_folder, "csv": b
 def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipData:
     name = cfg.dataset.name
     if name in BUILDERS:
-        return BUILDERS[name](cfg.dataset, preprocess_train, preprocess_eval, tokenizer)
+        # the dataset group as its schema's dataclass (fastclip.schema.data): the sources take typed objects
+        return BUILDERS[name](typed_group(cfg, "dataset"), preprocess_train, preprocess_eval, tokenizer)
     raise ValueError(f"dataset={name!r} is not an image-text dataset for task=clip "
                      f"(digits, image_folder, csv, coco2014, webdataset)")
 
@@ -79,7 +81,7 @@ class ClipTask(TaskBase):
         self.cfg, self.device = cfg, device
         self.run_dir = Path(run_dir) if run_dir else None
         preprocess_train, preprocess_eval = build_transforms(cfg.encoder)
-        captions = training_captions(cfg.dataset) if cfg.boundary.name == "unigram" else None
+        captions = training_captions(typed_group(cfg, "dataset")) if cfg.boundary.name == "unigram" else None
         self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.get("cache_dir"))
         self.model.to(device)
         self.compression = build_compression(cfg)
