@@ -308,10 +308,9 @@ class DTPImageTower(nn.Module):
         return [(by_count[lo:hi], host[hi - 1], host[lo] != host[hi - 1])
                 for lo, hi in zip(cuts, cuts[1:]) if hi > lo], host[-1], by_count
 
-    # image_buckets=auto: measured (bench-gpu, ViT-B/16, batch 256, H200) one padded batch stepped in
-    # 0.124 s and 4 buckets in 0.207 s: there each bucket's small kernels cost more host time to launch
-    # than the GPU spends on the padding they save. On CPU (compute-bound) 4 buckets cut the image
-    # tower's fwd+bwd from 0.61x to 0.52x of vanilla (bench-step's geometry).
+    # image_buckets=auto: on CUDA each bucket's small kernels cost more host time to launch than the
+    # GPU spends on the padding they save, so one padded batch wins; on CPU (compute-bound) the padding
+    # saved wins. The measurements (bench-gpu, bench-step) are in the README's image-towers section.
     AUTO_BUCKETS = {"cuda": 1, "cpu": 4}
 
     def _bucket_count(self, device: torch.device) -> int:
