@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fastclip.report import FILES, main
-from fastclip.report.plots import pareto_frontier
+from fastclip.report.plots import against, pareto_frontier
 from fastclip.report.runs import ReportError, RunRecord, select_runs
 from fastclip.report.table import group_by_seed, markdown, write_csv
 
@@ -36,6 +36,10 @@ def log_run(client, exp_id, boundary, seed, gflops, top1, parent=None, status="F
             client.log_metric(rid, "val/zeroshot_top1", top1 - 0.2 + step / 200, step=step)
     client.log_metric(rid, "zeroshot/top1", top1, step=60)
     client.log_metric(rid, "efficiency/image_gflops", gflops, step=60)
+    if not old:  # counted training compute, logged with train/loss (loop/compute.py)
+        for step in (10, 20, 30, 40, 60):
+            client.log_metric(rid, "efficiency/train_pflops_total", step * gflops / 100, step=step)
+        client.log_metric(rid, "efficiency/train_gflops", 3 * gflops, step=60)
     client.set_terminated(rid, status)
     return rid
 
@@ -93,6 +97,27 @@ def test_a_sweep_report_groups_seeds_marks_the_frontier_and_logs_to_the_parent(s
     loss, top1 = report.curves
     assert loss.label == "train/loss" and top1.label == "val/zeroshot_top1"
     assert set(top1.plotted.values()) == {"val/zeroshot_top1"} and len(top1.plotted) == 6
+
+
+def test_curves_against_counted_training_compute_and_the_whole_models_training_cost(sweep_store, tmp_path):
+    """--x compute: each run's validation curve against its efficiency/train_pflops_total at the same
+    steps (runs compared at equal compute); a run that never counted it is left out of that panel.
+    --cost efficiency/train_gflops: the Pareto axis is the whole model's training cost."""
+    uri, _, _ = sweep_store
+    report = main(["--experiment", "demo", "--uri", uri, "--out", str(tmp_path / "compute"), "--x", "compute",
+                   "--cost", "efficiency/train_gflops"])
+    loss, top1 = report.curves
+    assert len(top1.plotted) == 6 and len(report.selection.runs) == 7  # the old run has no compute history
+    gumbel0 = next(r for g in report.groups if g.label == "boundary=gumbel" for r in g.runs if r.params["seed"] == "0")
+    gflops = KNOWN["gumbel"][0]
+    assert against(gumbel0.history["val/zeroshot_top1"], gumbel0.history["efficiency/train_pflops_total"]) == [
+        (pytest.approx(20 * gflops / 100), pytest.approx(0.30)), (pytest.approx(40 * gflops / 100), pytest.approx(0.40))]
+    assert [g.label for g in report.frontier] == ["boundary=fixed", "boundary=none"]
+
+
+def test_a_curve_against_another_metric_takes_its_value_at_or_before_each_step():
+    assert against([(5, 1.0), (10, 2.0), (25, 3.0)], [(10, 0.1), (20, 0.2)]) == [(0.1, 2.0), (0.2, 3.0)]
+    assert against([(5, 1.0)], []) == []
 
 
 def test_without_a_sweep_the_report_covers_the_experiments_finished_runs(sweep_store, tmp_path):

@@ -99,7 +99,7 @@ def train_epoch(run: Run) -> Accumulation:
             continue
         # the ranks' batches are the same size (distributed.Lockstep)
         lr = trainer.step(step.samples * trainer.world.size)
-        run.steps.add(state, out.loss, step.finite, lr, out.metrics)
+        run.steps.add(state, out.loss, step.finite, lr, {**out.metrics, **trainer.compute.metrics(state)})
         step = Accumulation()
         state.train_s += run.timer.stepped()
         run.bar.update(1)

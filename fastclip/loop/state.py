@@ -21,6 +21,8 @@ class TrainState:
     trained_fraction: float | None = None         # last complete epoch: trained / declared samples
     rng: dict | list | None = None  # Python, numpy, torch (and CUDA) generators as of the last save (a list: by rank)
     world_size: int = 1          # data-parallel processes (the data split and the RNG states depend on it)
+    train_gflops: float | None = None  # training GFLOPs per sample, the last count (loop/compute.py)
+    train_pflops: float = 0.0    # training compute so far, all ranks (PFLOPs)
 
     def count(self, out: StepOutput) -> None:
         """A loader batch consumed: its skips count now, its samples once their step is taken."""

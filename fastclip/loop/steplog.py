@@ -106,7 +106,10 @@ class StepTimer:
 
     def summary(self, state: TrainState) -> dict[str, float]:
         out = {"time/train_s": state.train_s,
-               "throughput/train_samples_per_s": state.samples_seen / max(state.train_s, 1e-9)}
+               "throughput/train_samples_per_s": state.samples_seen / max(state.train_s, 1e-9),
+               "efficiency/train_pflops_total": state.train_pflops}  # the run's counted training compute
+        if state.train_gflops is not None:
+            out["efficiency/train_gflops"] = state.train_gflops
         if self.step_times:
             out["time/step_median_s"] = float(np.median(self.step_times))
             out["time/data_median_s"] = float(np.median(self.data_times))

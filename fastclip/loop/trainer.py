@@ -2,6 +2,7 @@
 accumulation, mixed precision and clipping, the compression option's training hooks, and the checkpoint
 round trip."""
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from fastclip import distributed, runtime
 from fastclip.checkpoint import ResumeError
 from fastclip.schema.steps import steps_of
+from fastclip.loop.compute import TrainingCompute, probe_gflops
 from fastclip.loop.state import TrainState
 from fastclip.optim import Schedule, adamw_impl, build_adamw, warmup_steps
 from fastclip.tasks.protocol import StepOutput, Task
@@ -29,18 +31,19 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"trainer.batch_size={tc.batch_size} x accum_steps={self.accum} leaves no full step "
                              f"per epoch ({self.batches_per_epoch} batches)")
-        total = self.steps_per_epoch * cfg.epochs
-        self.total_steps = min(total, tc.max_steps) if tc.max_steps else total
+        self.world = distributed.current()
+        self.amp_dtype = runtime.autocast_dtype(tc.precision, device)
+        self.compute = TrainingCompute(device, tc.count_flops_every)
+        self.max_pflops = tc.max_pflops
+        self.total_steps = self._planned_steps(task, cfg, device)
         self.warmup_steps = warmup_steps(tc.warmup_steps, self.total_steps)
         if tc.compile:
             runtime.compile_blocks(self.model)
         self.optimizer = build_adamw(self.model, tc)
         self.schedule = Schedule(self.warmup_steps, self.total_steps)  # a resume replaces it (load_state_dict)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
-        self.amp_dtype = runtime.autocast_dtype(tc.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.device = device
-        self.world = distributed.current()
         self.state = TrainState(world_size=self.world.size)
         # the training forward goes through DistributedDataParallel (gradients averaged over ranks);
         # evaluation and checkpoints use the model itself
@@ -49,6 +52,18 @@ class Trainer:
         self.compression.start(self.model, self.total_steps, self.warmup_steps, self._quality_now(task))
         if self.world.rank:  # each rank its own noise (gumbel, dropout); the weights are rank 0's (DDP)
             runtime.seed_everything(runtime.sample_seed(cfg.seed, self.world.rank) % 2**32)
+
+    def _planned_steps(self, task: Task, cfg, device: torch.device) -> int:
+        """The run's optimizer steps: epochs x steps per epoch, capped by trainer.max_steps; under
+        trainer.max_pflops, the steps the budget buys at the first batch's counted training GFLOPs per
+        sample (the run also stops once its counted compute reaches the budget: finished())."""
+        tc = cfg.trainer
+        if not self.max_pflops:
+            total = self.steps_per_epoch * cfg.epochs
+            return min(total, tc.max_steps) if tc.max_steps else total
+        gflops = probe_gflops(task, self.amp_dtype, device)
+        step_samples = tc.batch_size * self.accum * self.world.size
+        return max(1, math.ceil(self.max_pflops * 1e6 / (gflops * step_samples)))
 
     @staticmethod
     def _quality_now(task):
@@ -60,6 +75,8 @@ class Trainer:
         return quality_now
 
     def finished(self) -> bool:
+        if self.max_pflops:  # the budget decides, however many epochs it takes
+            return self.state.step >= self.total_steps or self.state.train_pflops >= self.max_pflops
         return self.state.step >= self.total_steps or self.state.epoch >= self.cfg.epochs
 
     @property
@@ -70,7 +87,7 @@ class Trainer:
         """sync=False: a micro-batch before the step's last; data-parallel, its gradients stay local
         (DDP's no_sync) and are averaged with the last one's."""
         ddp = self.world.distributed
-        with self.forward.no_sync() if ddp and not sync else contextlib.nullcontext():
+        with self.forward.no_sync() if ddp and not sync else contextlib.nullcontext(), self.compute.micro_batch(self.state):
             with runtime.autocast(self.device, self.amp_dtype):
                 out = self.task.loss(batch, forward=self.forward) if ddp else self.task.loss(batch)
             if out.loss is not None:
@@ -91,6 +108,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.stepped(samples)
+        self.compute.stepped(self.state, samples // self.world.size, samples)
         self.compression.after_optimizer_step(self.state.step)  # prune: the pruned weights zero again
         return used
 

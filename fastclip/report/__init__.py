@@ -2,7 +2,7 @@
 
     python -m fastclip.report --experiment NAME [--sweep PARENT_RUN_ID|latest|all] [--out DIR]
                               [--metric zeroshot/top1] [--cost efficiency/image_gflops] [--uri URI]
-                              [--pool-versions]
+                              [--pool-versions] [--x step|compute]
 
 Writes DIR/report.md (one row per group of runs that differ only in seed: mean ± std, n; a run is
 its config in effect after every resume, and runs of different code versions, git commit and dirty
@@ -12,6 +12,9 @@ marked; a lower cost is better) and DIR/curves.png (train/loss and the metric's 
 twin over steps, eval.names.val_name: val/zeroshot_top1 for zeroshot/top1, which itself is logged once, on
 the test split, at the run's end; a run without the twin, an older one, plots the metric). Where the runs are one sweep's,
 the four files are also logged as artifacts of the sweep's parent run (under report/).
+--x compute draws the curves against the runs' counted training compute (efficiency/train_pflops_total)
+instead of steps: methods compared at equal compute; --cost efficiency/train_gflops puts the whole
+model's training GFLOPs per sample on the Pareto plot's axis.
 """
 import argparse
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from fastclip.report.table import Group, group_by_seed, markdown, write_csv
 from fastclip.tracking import redacted
 
 FILES = ("report.md", "report.csv", "pareto.png", "curves.png")
+COMPUTE = "efficiency/train_pflops_total"  # --x compute: the curves' x axis
 
 
 @dataclass
@@ -38,7 +42,7 @@ class Report:
 
 def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str | None = None,
                  metric: str = "zeroshot/top1", cost: str = "efficiency/image_gflops",
-                 pool_versions: bool = False) -> Report:
+                 pool_versions: bool = False, x: str = "step") -> Report:
     """Reads the runs, writes the four files into `out` (default outputs/reports/<experiment>/<the
     sweep's dir, or all>), logs them to the sweep's parent run. pool_versions: runs of different code
     versions may share a group (table.group_by_seed). Raises ReportError naming what is missing."""
@@ -55,11 +59,12 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
     out.mkdir(parents=True, exist_ok=True)
     # the metric's per-epoch series is its validation twin; the metric itself may be one final point
     curve = (val_name(metric), metric)
-    load_histories(uri, selection.runs, ["train/loss", *curve])
+    x_metric = {"step": None, "compute": COMPUTE}[x]
+    load_histories(uri, selection.runs, ["train/loss", *curve, *([x_metric] if x_metric else [])])
     groups = group_by_seed(selection.runs, pool_versions)
     title = f"{experiment}{_scope(selection)}: {len(selection.runs)} runs in {len(groups)} groups"
     frontier = pareto_plot(groups, metric, cost, out / "pareto.png", title)
-    curves = curves_plot(groups, [("train/loss",), curve], out / "curves.png", title)
+    curves = curves_plot(groups, [("train/loss",), curve], out / "curves.png", title, x_metric)
     write_csv(groups, out / "report.csv")
     text = "\n".join([
         f"### {title}", "",
@@ -104,12 +109,14 @@ def main(argv=None) -> Report:
     ap.add_argument("--pool-versions", action="store_true",
                     help="let runs of different code versions (git commit, dirty flag) share a group; by default "
                          "they never do")
+    ap.add_argument("--x", choices=("step", "compute"), default="step",
+                    help=f"the curves' x axis: optimizer steps, or counted training compute ({COMPUTE})")
     args = ap.parse_args(argv)
     uri = resolve_uri(args.uri)  # the store training writes from this directory
     try:
         require_store(uri, "runs launched from this directory write there; --uri names another")
         report = build_report(uri, args.experiment, Path(args.out) if args.out else None, args.sweep, args.metric,
-                              args.cost, args.pool_versions)
+                              args.cost, args.pool_versions, args.x)
     except (ReportError, TrackingStoreError) as exc:
         raise SystemExit(f"fastclip.report: {exc}") from None
     print(report.text)

@@ -77,10 +77,13 @@ def panel_label(names: tuple[str, ...], used: set[str]) -> str:
     return f"{shown[0]} ({', '.join(shown[1:])} where a run has no {shown[0]})"
 
 
-def curves_plot(groups: list[Group], panels: list[tuple[str, ...]], path: Path, title: str) -> list[CurvePanel]:
+def curves_plot(groups: list[Group], panels: list[tuple[str, ...]], path: Path, title: str,
+                x_metric: str | None = None) -> list[CurvePanel]:
     """One panel per entry of `panels` (value against step), one line per run, coloured by group.
     A panel's entry lists metric names in order of preference: each run plots the first of them it
     has a history of (the per-epoch validation twin first, the metric itself for a run without one).
+    x_metric: plotted against that metric's value at each point's step instead (the report's
+    --x compute: efficiency/train_pflops_total; a run that never logged it is left out of the panel).
     Returns what each panel plotted, its label being the y axis's."""
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     drawn = []
@@ -91,14 +94,18 @@ def curves_plot(groups: list[Group], panels: list[tuple[str, ...]], path: Path, 
                 name = next((m for m in names if run.history.get(m)), None)
                 if name is None:
                     continue
-                plotted[run.run_id] = name
                 points = run.history[name]
+                if x_metric is not None:
+                    points = against(points, run.history.get(x_metric) or [])
+                    if not points:
+                        continue
+                plotted[run.run_id] = name
                 steps, values = zip(*points)
                 ax.plot(steps, values, color=f"C{n % 10}", lw=1, marker="." if len(points) < 30 else None,
                         alpha=0.85, label=g.label if k == 0 else None)
         label = panel_label(names, set(plotted.values()))
         drawn.append(CurvePanel(label, plotted))
-        ax.set_xlabel("step")
+        ax.set_xlabel(x_metric or "step")
         ax.set_ylabel("\n".join(textwrap.wrap(label, 60)))
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -108,3 +115,17 @@ def curves_plot(groups: list[Group], panels: list[tuple[str, ...]], path: Path, 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return drawn
+
+
+def against(points: list[tuple[int, float]], x_points: list[tuple[int, float]]) -> list[tuple[float, float]]:
+    """(step, value) -> (x at that step, value), x being another metric's history: its value logged at
+    the step, else the last one before it; points before its first value are dropped."""
+    xs = sorted(x_points)
+    out, i, last = [], 0, None
+    for step, value in sorted(points):
+        while i < len(xs) and xs[i][0] <= step:
+            last, i = xs[i][1], i + 1
+        if last is not None:
+            out.append((last, value))
+    return out
+

@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
+from fastclip.schema.errors import ConfigError
 from fastclip.schema.fields import MUTABLE, at_least, choice, frozen, mutable, runtime
 from fastclip.schema.steps import check_steps
 
@@ -24,6 +25,8 @@ class Trainer:
     grad_clip: Optional[float] = mutable()
     accum_steps: int = frozen()
     max_steps: Optional[int] = mutable()
+    max_pflops: Optional[float] = mutable()
+    count_flops_every: Optional[int] = runtime()
     precision: str = frozen()
     num_workers: int = runtime()
     progress: bool = runtime()
@@ -40,9 +43,15 @@ class Trainer:
         at_least("trainer.batch_size", self.batch_size, 1)
         at_least("trainer.accum_steps", self.accum_steps, 1)
         if self.lr <= 0:
-            from fastclip.schema.errors import ConfigError
             raise ConfigError(f"trainer.lr={self.lr}: expected > 0")
         check_steps("trainer.warmup_steps", self.warmup_steps)
+        if self.max_pflops is not None:
+            if self.max_pflops <= 0:
+                raise ConfigError(f"trainer.max_pflops={self.max_pflops}: expected a budget > 0 (PFLOPs)")
+            if self.max_steps:
+                raise ConfigError(f"trainer.max_pflops={self.max_pflops} with trainer.max_steps={self.max_steps}: the "
+                                  f"budget decides the run's length; set one of them")
+        at_least("trainer.count_flops_every", self.count_flops_every, 1, ">= 1 (steps), or null")
 
 
 @dataclass

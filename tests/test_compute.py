@@ -1,0 +1,111 @@
+"""Training compute, counted (fastclip/loop/compute.py): efficiency/train_gflops from real training steps
+with the boundaries the model drew, efficiency/train_pflops_total, and trainer.max_pflops budgets."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import TINY_CLIP, compose_cfg
+from fastclip import runtime
+from fastclip.checks import ConfigError, check_config
+from fastclip.eval.efficiency import CPU_ATTENTION_FLOPS
+from fastclip.loop import Trainer, fit
+from fastclip.tasks import build_task
+
+CPU = torch.device("cpu")
+QUIET = [*TINY_CLIP, "eval.boundary_picture=false", "trainer.batch_size=64"]
+
+
+def task_and_trainer(*overrides):
+    cfg = compose_cfg([*QUIET, *overrides])
+    runtime.seed_everything(0)
+    task = build_task(cfg, CPU, None)
+    return task, Trainer(task, cfg, CPU)
+
+
+def counted_step_gflops(boundary: list[str]) -> tuple[float, float]:
+    """(the Trainer's count of its first step, an independent FlopCounterMode pass over the same batch
+    with the same random draws), GFLOPs per sample."""
+    task, trainer = task_and_trainer(*boundary)
+    batch = next(iter(task.train_batches(0)))
+    with runtime.preserved_rng():
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as independent:
+            out = task.loss(batch)
+            out.loss.backward()
+    task.model.zero_grad(set_to_none=True)
+    assert trainer.compute.plan(trainer.state)  # the run's first step is always counted
+    out = trainer.forward_backward(batch)
+    trainer.step(out.samples)
+    return trainer.state.train_gflops, independent.get_total_flops() / out.samples / 1e9
+
+
+@pytest.mark.parametrize("boundary", [["boundary=none"], ["boundary=gumbel"]])
+def test_a_counted_training_step_equals_an_independent_count_of_its_forward_and_backward(boundary):
+    counted, independent = counted_step_gflops(boundary)
+    assert counted == pytest.approx(independent, rel=1e-9) and counted > 0
+
+
+def test_the_counted_training_compute_grows_with_the_segments_the_towers_keep():
+    counts = [counted_step_gflops(["boundary=fixed", f"boundary.k={k}", "boundary.apply_to=[image]"])[0] for k in (8, 4, 2)]
+    vanilla = counted_step_gflops(["boundary=none"])[0]
+    assert counts[0] < counts[1] < counts[2]  # fewer tokens pooled away, more segments: more FLOPs
+    assert counts[0] < vanilla
+
+
+def short_run(tmp_path, name, *overrides):
+    cfg = compose_cfg([*QUIET, "epochs=2", *overrides])
+    runtime.seed_everything(0)
+    task = build_task(cfg, CPU, tmp_path / name)
+    trainer = Trainer(task, cfg, CPU)
+    logged = []
+
+    class Recorder:
+        def log_metrics(self, metrics, step, flush=True):
+            logged.append((step, dict(metrics)))
+
+        def log_artifact(self, *args, **kwargs):
+            pass
+
+        def flush(self):
+            pass
+    metrics = fit(task, cfg, Recorder(), tmp_path / name, CPU, trainer)
+    return metrics, trainer, logged
+
+
+@pytest.mark.slow
+def test_the_running_total_is_within_two_percent_of_counting_every_step_and_is_logged_with_the_loss(tmp_path):
+    """Learned boundaries move while training: the total from a count per epoch stays within 2% of the
+    total from a count of every step; both are logged beside train/loss at every step."""
+    every, trainer, logged = short_run(tmp_path, "every", "boundary=gumbel", "trainer.count_flops_every=1")
+    sampled, _, sampled_log = short_run(tmp_path, "sampled", "boundary=gumbel")
+    steps = trainer.state.step
+    assert steps == 2 * trainer.steps_per_epoch
+    per_step = [m["efficiency/train_gflops"] for _, m in logged if "train/loss" in m]
+    assert len(per_step) == steps  # every step counted in the first run
+    samples = trainer.state.samples_seen / steps
+    assert every["efficiency/train_pflops_total"] == pytest.approx(sum(per_step) * samples / 1e6, rel=1e-9)
+    assert sampled["efficiency/train_pflops_total"] == pytest.approx(every["efficiency/train_pflops_total"], rel=0.02)
+    counted = [step for step, m in sampled_log if "efficiency/train_gflops" in m and "train/loss" in m]
+    assert counted == [1, trainer.steps_per_epoch + 1]  # the run's first step and each epoch's
+    totals = [m["efficiency/train_pflops_total"] for _, m in sampled_log if "train/loss" in m]
+    assert len(totals) == steps and totals == sorted(totals) and totals[0] > 0
+
+
+@pytest.mark.slow
+def test_a_run_under_max_pflops_stops_within_one_step_of_its_budget_whatever_its_epochs(tmp_path):
+    """boundary=fixed costs the same every step: the budget of 13.5 steps' compute buys 14 steps, past
+    the one epoch (10 steps) `epochs` would have given, and the run stops at the step that reaches it."""
+    gflops, _ = counted_step_gflops(["boundary=fixed"])
+    step_pflops = gflops * 64 / 1e6
+    budget = 13.5 * step_pflops
+    metrics, trainer, _ = short_run(tmp_path, "budget", "boundary=fixed", "epochs=1", f"trainer.max_pflops={budget!r}")
+    assert trainer.total_steps == 14 and trainer.state.step == 14
+    total = metrics["efficiency/train_pflops_total"]
+    assert budget <= total < budget + step_pflops * 1.0001
+    assert trainer.schedule.total == 14  # warm-up and cosine planned over the steps the budget buys
+
+
+def test_max_pflops_is_refused_with_max_steps_and_when_not_positive():
+    with pytest.raises(ConfigError, match="trainer.max_pflops=1.0 with trainer.max_steps=5: the budget decides"):
+        check_config(compose_cfg(["trainer.max_pflops=1", "trainer.max_steps=5"]))
+    with pytest.raises(ConfigError, match="trainer.max_pflops=0.0: expected a budget > 0"):
+        check_config(compose_cfg(["trainer.max_pflops=0"]))
