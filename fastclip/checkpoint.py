@@ -4,15 +4,17 @@ exactly and carries everything needed to rebuild its model.
 The file is a dict that `torch.load(weights_only=True)` reads (tensors, numbers, strings, lists,
 dicts; no pickled objects):
 
-    format, version         "fastclip.checkpoint", 2
+    format, version         "fastclip.checkpoint", 3
     model, optimizer, scheduler, scaler   state dicts
     train_state             loop.TrainState.state_dict(): step, epoch, data position, RNG, skip counts
     config                  the resolved config the run trained with (plain containers)
     choices                 the config group options it was composed with (Hydra's runtime choices)
     run_dir, mlflow_uri, mlflow_run_id    where the run writes
+    compression             the compression option's state, where it has one (prune: masks, schedule)
 
 Version 1 (before the loop's state had a type) kept the state's fields at the top level and
-the RNG state as numpy objects; load() still reads it.
+the RNG state as numpy objects; version 2 called the compression state `pruner` (compression=prune
+had the only one). load() reads both as version 3.
 """
 import errno
 import os
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 FORMAT = "fastclip.checkpoint"
-VERSION = 2
+VERSION = 3
 
 
 class CheckpointError(ValueError):
@@ -115,6 +117,8 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state['version']} is newer than this fastclip "
                               f"reads ({VERSION}); update fastclip")
+    if state.get("version", 0) < 3 and "pruner" in state:
+        state["compression"] = state.pop("pruner")
     return state
 
 

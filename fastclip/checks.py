@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from fastclip.models.meaning import dtp_towers
-from fastclip.schema import typed
+from fastclip.schema import typed, typed_config
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.steps import steps_of
 
@@ -21,12 +21,14 @@ LEARNED_IMAGE_BOUNDARIES = ("gumbel", "entropy_spike")
 IMAGE_ONLY_BOUNDARIES = ("tome", "patch_dropout", "evit")  # the peer baselines: token reduction in a ViT
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raises ConfigError naming the key, its value and what to set instead: first each key's type,
-    choices and range (its schema's, fastclip.schema.typed), then the rules that join keys of
-    several groups (here)."""
+def check_config(cfg: DictConfig) -> DictConfig:
+    """-> the config merged onto its schema (fastclip.schema.typed_config: every value of its declared
+    type), which the run then uses. Raises ConfigError naming the key, its value and what to set
+    instead: first each key's type, choices and range (its schema's), then the rules that join keys
+    of several groups (here)."""
     _no_missing_values(cfg)
     typed(cfg)
+    cfg = typed_config(cfg)
     task = cfg.task.name
     if task == "clip":
         _check_clip(cfg)
@@ -36,6 +38,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"task={task!r}: expected clip or lm")
     _check_run_length(cfg)
     _check_compression(cfg)
+    return cfg
 
 
 def _check_compression(cfg: DictConfig) -> None:

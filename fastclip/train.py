@@ -123,7 +123,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
         if auto:
             refuse_changes_under_auto(resume)
         cfg, run_dir, choices = resume.config, resume.run_dir, resume.choices
-    check_config(cfg)
+    cfg = check_config(cfg)  # merged onto its schema: a resumed run's values typed as a composed one's
     uri = _store_uri(cfg, resume, launch_dir)
     tracking.check_writable(uri)  # fail before any work, naming the path
 
@@ -137,7 +137,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
         held.enter_context(run_lock.hold(run_dir))  # before the MLflow run or a checkpoint is touched
     device = device or runtime.pick_device(cfg.device)
     runtime.seed_everything(cfg.seed)
-    runtime.set_torch_threads(cfg.trainer.get("torch_threads"), cfg.trainer.num_workers, device)
+    runtime.set_torch_threads(cfg.trainer.torch_threads, cfg.trainer.num_workers, device)
     runtime.use_tf32_matmuls(device)  # CUDA only: its float32 matmuls are TF32, runtime.math_mode says so
 
     if not world.main:  # rank 0 builds first: what it caches (a unigram model, a zero-shot classifier) the others read

@@ -343,3 +343,35 @@ def test_a_prune_run_logs_the_sparsity_it_reached_beside_the_dense_numbers(tmp_p
         pytest.approx(metrics["zeroshot/top1_before_prune"])
     run_data = mlflow.tracking.MlflowClient(store).get_run(metrics["mlflow_run_id"]).data
     assert run_data.metrics["compression/sparsity"] == pytest.approx(metrics["compression/sparsity"])
+
+
+def test_a_lengthened_gradual_resume_ramps_from_the_checkpoints_warm_up_end_and_reads_a_version_2_checkpoint(tmp_path):
+    """A gradual pruning ramp starts at the warm-up's end. A resume that lengthens the run keeps the
+    checkpoint's warm-up (optim.Schedule.replanned), so the ramp keeps its start too (the option is
+    re-planned on the resumed schedule), not one re-derived from the longer run. A version-2
+    checkpoint, which kept the pruning state under `pruner`, resumes with its masks."""
+    from fastclip import checkpoint
+    from fastclip.loop import Trainer
+    from fastclip.tasks.clip import ClipTask
+    common = [*TINY_CLIP, "compression=prune", "compression.schedule=gradual", "compression.finetune_steps=0.2",
+              "trainer.warmup_steps=0.1", "trainer.batch_size=16"]
+    short = compose_cfg([*common, "trainer.max_steps=20"])
+    trainer = Trainer(ClipTask(short, torch.device("cpu"), tmp_path), short, torch.device("cpu"))
+    assert (trainer.warmup_steps, trainer.compression.pruner.start) == (2, 2)
+    trainer.compression.pruner.after_step(16)  # the ramp's end: the target sparsity
+    state = {**trainer.state_dict(), "config": {"trainer": {"lr": short.trainer.lr}}}
+    longer = compose_cfg([*common, "trainer.max_steps=40"])
+    again = Trainer(ClipTask(longer, torch.device("cpu"), tmp_path), longer, torch.device("cpu"))
+    assert again.compression.pruner.start == 4  # before the checkpoint: planned from the longer run
+    again.load_state_dict(state)
+    assert again.warmup_steps == 2 and again.compression.pruner.start == 2 and again.compression.pruner.end == 32
+    assert again.compression.pruner.applied == 0.5
+    # a version-2 file: the same state under "pruner"
+    legacy = {k: v for k, v in state.items() if k != "compression"} | {"pruner": state["compression"], "version": 2,
+                                                                       "format": checkpoint.FORMAT}
+    torch.save(legacy, tmp_path / "v2.pt")
+    loaded = checkpoint.load(tmp_path / "v2.pt")
+    assert "pruner" not in loaded and loaded["compression"]["applied"] == 0.5
+    third = Trainer(ClipTask(short, torch.device("cpu"), tmp_path), short, torch.device("cpu"))
+    third.load_state_dict(loaded)
+    assert third.compression.pruner.applied == 0.5 and set(third.compression.pruner.masks) == set(state["compression"]["masks"])

@@ -115,6 +115,14 @@ def test_curves_against_counted_training_compute_and_the_whole_models_training_c
     assert [g.label for g in report.frontier] == ["boundary=fixed", "boundary=none"]
 
 
+def test_a_number_logged_as_an_int_or_a_float_is_one_value_to_the_report():
+    """A float key logged as 1 (before the config was typed) and as 1.0 (after) is the same choice."""
+    from fastclip.report.runs import canonical
+    assert canonical({"trainer.lr": "1", "b": "1.0", "c": "5e-4", "d": "0.0005", "e": "vit_tiny", "f": "None",
+                      "g": "[1, 1]"}) == {"trainer.lr": "1", "b": "1", "c": "0.0005", "d": "0.0005", "e": "vit_tiny",
+                                          "f": "None", "g": "[1, 1]"}
+
+
 def test_a_curve_against_another_metric_takes_its_value_at_or_before_each_step():
     assert against([(5, 1.0), (10, 2.0), (25, 3.0)], [(10, 0.1), (20, 0.2)]) == [(0.1, 2.0), (0.2, 3.0)]
     assert against([(5, 1.0)], []) == []

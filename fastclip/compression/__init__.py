@@ -11,11 +11,7 @@ loop call and nothing else: prepare (before training), the training hooks, finis
   measure.py  what finish() measures for every option (eval latency, bytes, quality keys)
   attention.py  open_clip's MultiheadAttention as plain Linears (so int8 and pruning reach it)
 
-This module imports nothing (fastclip.checks reads the names below before torch loads).
+Each option's keys, their types and ranges: fastclip/schema/compression.py. This module imports nothing.
 """
 
-QUANT_SCHEMES = ("dynamic", "weight_only")      # compression.scheme
-QUANT_EMBEDDINGS = ("int8", "float")            # compression.embedding
-PRUNE_STRUCTURES = ("unstructured", "structured")  # compression.structure
-PRUNE_SCHEDULES = ("oneshot", "gradual")        # compression.schedule
 PROJECTION = "distill_projection"  # a distilled student's module mapping its embeddings to the teacher's width

@@ -4,7 +4,7 @@ Who calls what, in a run's order:
   task construction  prepare(model, tokenizer)   before the optimizer sees the model and before any
                                                  data is read (a bad option fails first)
   Trainer            start(model, total_steps, warmup_steps, quality_before)
-                                                 once the run's length is known
+                                                 once the run's length is known (again on a resume)
   task.loss          training_loss(...)          the objective's compression terms
   Trainer.step       before_optimizer_step(), after_optimizer_step(step)
   Trainer checkpoint state_dict() / load_state_dict()
@@ -41,8 +41,10 @@ class Compression:
         quantization, a projection head), load what the option needs (a teacher)."""
 
     def start(self, model: nn.Module, total_steps: int, warmup_steps: int, quality_before=None) -> None:
-        """Once the run's length is known (the Trainer). quality_before: a callable returning the
-        model's quality numbers now (rank 0 evaluates, the training RNG untouched)."""
+        """Once the run's length is known (the Trainer), and again on a resume, with the resumed
+        schedule's length and warm-up, before load_state_dict: it (re)plans, replacing what an earlier
+        call set up, and has no other effect. quality_before: a callable returning the model's quality
+        numbers now (rank 0 evaluates, the training RNG untouched)."""
 
     def training_loss(self, loss: torch.Tensor, parts: dict, out: dict, images: torch.Tensor,
                       tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -25,6 +25,7 @@ import logging
 import torch
 from torch import nn
 
+from fastclip.schema import typed_node
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.steps import steps_of
 from fastclip.compression.base import Compression, Twin
@@ -43,10 +44,12 @@ class Pruner:
     quality_before: called once, just before a oneshot pruning: the zero-shot of the model as it was
     then (trained `end` steps, not the whole run), kept in the state as `before_prune` with the step
     (`before_prune_step`). It is no dense twin of the final model: that one trained the last
-    `total_steps - end` steps more. cc: the compression group (fastclip.schema.compression.Prune,
-    which checks each value's range). Raises ConfigError for a pruning span the run does not have."""
+    `total_steps - end` steps more. cc: the compression group (fastclip.schema.compression.Prune, or
+    a DictConfig, checked by it). Raises ConfigError for a value out of its range or a pruning span the
+    run does not have."""
 
     def __init__(self, model: nn.Module, cc, total_steps: int, warmup_steps: int, quality_before=None):
+        cc = typed_node("compression", cc)  # a DictConfig checked by the schema; the dataclass as it is
         self.model, self.quality_before = model, quality_before
         self.sparsity = float(cc.sparsity)
         self.structure, self.schedule = cc.structure, cc.schedule

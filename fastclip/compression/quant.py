@@ -15,10 +15,11 @@ import copy
 import torch
 from torch import nn
 
-from fastclip.compression import QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.compression.attention import project_attention
 from fastclip.compression.base import Compression, Twin
 from fastclip.compression.measure import QUALITY, eval_batch_ms, model_bytes, run_autocast
+from fastclip.schema.compression import QUANT_EMBEDDINGS, QUANT_SCHEMES
+from fastclip.schema.fields import choice
 
 FLOAT_PARTS = ("predictor", "next_patch", "next_char")  # module names whose Linears stay float
 
@@ -31,10 +32,8 @@ def quantized_copy(model: nn.Module, scheme: str, embedding: str = "int8") -> nn
     embedding choice."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     configs = {"dynamic": Int8DynamicActivationInt8WeightConfig, "weight_only": Int8WeightOnlyConfig}
-    if scheme not in configs:
-        raise ValueError(f"compression.scheme={scheme!r}: expected one of {', '.join(QUANT_SCHEMES)}")
-    if embedding not in QUANT_EMBEDDINGS:
-        raise ValueError(f"compression.embedding={embedding!r}: expected one of {', '.join(QUANT_EMBEDDINGS)}")
+    choice("compression.scheme", scheme, QUANT_SCHEMES)  # the schema's rule: a caller outside a run is checked too
+    choice("compression.embedding", embedding, QUANT_EMBEDDINGS)
     out = copy.deepcopy(model).eval()
     from_qat(out)
     project_attention(out)
@@ -136,7 +135,7 @@ def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
     int8 share, and the eval latency of both models on the same batch, under the run's autocast."""
     trained = task.model
     was_training = trained.training
-    qat = bool(cfg.compression.get("qat", False))
+    qat = cfg.compression.qat
     try:
         trained.eval()
         dense = trained
@@ -144,7 +143,7 @@ def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
             dense = copy.deepcopy(trained)
             from_qat(dense)
             dense_metrics = task.quality(dense)
-        quantized = quantized_copy(dense, cfg.compression.scheme, cfg.compression.get("embedding", "int8"))
+        quantized = quantized_copy(dense, cfg.compression.scheme, cfg.compression.embedding)
         images, tokens = task.eval_batch()
         amp = run_autocast(cfg, images.device)
         dense_ms = eval_batch_ms(dense, images, tokens, amp_dtype=amp)

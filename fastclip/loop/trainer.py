@@ -23,9 +23,7 @@ class Trainer:
     def __init__(self, task: Task, cfg, device: torch.device):
         tc = cfg.trainer
         self.task, self.model, self.cfg = task, task.model, cfg
-        self.accum = int(tc.accum_steps)
-        if self.accum < 1:
-            raise ValueError(f"trainer.accum_steps={self.accum}: expected >= 1")
+        self.accum = int(tc.accum_steps)  # >= 1: the schema's (the task checked the config)
         self.batches_per_epoch = len(task.train_batches(0))
         self.steps_per_epoch = self.batches_per_epoch // self.accum
         if self.steps_per_epoch == 0:
@@ -47,7 +45,7 @@ class Trainer:
         self.state = TrainState(world_size=self.world.size)
         # the training forward goes through DistributedDataParallel (gradients averaged over ranks);
         # evaluation and checkpoints use the model itself
-        self.forward = distributed.wrap(self.model, device, bool(tc.get("ddp_find_unused_parameters", False)))
+        self.forward = distributed.wrap(self.model, device, tc.ddp_find_unused_parameters)
         self.compression = task.compression
         self.compression.start(self.model, self.total_steps, self.warmup_steps, self._quality_now(task))
         if self.world.rank:  # each rank its own noise (gumbel, dropout); the weights are rank 0's (DDP)
@@ -155,11 +153,10 @@ class Trainer:
         self.schedule = self._resumed_schedule(ckpt, source)
         self.warmup_steps = self.schedule.warmup
         # the option re-planned on the resumed schedule (a pruning ramp starts at the warm-up's end, which
-        # the checkpoint keeps), then given its state back ("pruner": checkpoints before the interface)
+        # the checkpoint keeps), then given its state back
         self.compression.start(self.model, self.total_steps, self.warmup_steps, self._quality_now(self.task))
-        state = ckpt.get("compression", ckpt.get("pruner"))
-        if state:
-            self.compression.load_state_dict(state)
+        if ckpt.get("compression"):
+            self.compression.load_state_dict(ckpt["compression"])
         self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
         factor = self.schedule(self.scheduler.last_epoch)
         self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]

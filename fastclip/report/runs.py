@@ -121,6 +121,20 @@ def effective_params(params: dict[str, str], tags: dict[str, str]) -> dict[str, 
     return out
 
 
+def canonical(params: dict[str, str]) -> dict[str, str]:
+    """Numbers written one way: "1.0" and "1" (a float field's value, as fastclip's typed config logs
+    it, and the same value from before it was typed) both read "1", "5e-4" reads "0.0005"."""
+    def number(value: str) -> str:
+        try:
+            x = float(value)
+        except ValueError:
+            return value
+        if value.strip().lower() in ("nan", "inf", "-inf", "infinity", "-infinity") or x != x:
+            return value
+        return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+    return {k: number(v) for k, v in params.items()}
+
+
 @dataclass
 class Selection:
     experiment: str
@@ -161,8 +175,8 @@ def select_runs(uri: str, experiment: str, sweep: str | None = None) -> Selectio
         if r.info.status != "FINISHED":
             left_out[r.info.status] = left_out.get(r.info.status, 0) + 1
     records = [RunRecord(r.info.run_id, r.info.run_name or r.info.run_id[:8],
-                         effective_params(r.data.params, r.data.tags), dict(r.data.metrics), dict(r.data.tags),
-                         r.info.start_time, first_params=dict(r.data.params))
+                         canonical(effective_params(r.data.params, r.data.tags)), dict(r.data.metrics),
+                         dict(r.data.tags), r.info.start_time, first_params=canonical(r.data.params))
                for r in runs if r.info.status == "FINISHED"]
     if parent is None:
         return Selection(experiment, uri, records, left_out=left_out)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastclip.bench.common import markdown_table
 from fastclip.report.runs import CodeVersion, RunRecord
-from fastclip.resume import RUNTIME
+from fastclip.schema.resume_rules import RUNTIME_KEYS as RUNTIME
 
 # what a run is (from its params: the flattened resolved config), in the order the table shows it
 DESCRIBE = [("task", "task.name"), ("dataset", "dataset.name"), ("encoder", "encoder.name"),
@@ -29,7 +29,7 @@ MEASURES = [("compression image", "efficiency/compression_image", ".3g"),
             ("t2i R@5", "retrieval/t2i_r5", ".4f"), ("t2i R@10", "retrieval/t2i_r10", ".4f"),
             ("test BPC", "lm/test_bpc", ".4f"), ("data skipped", "data/skipped", ".0f")]
 # params that never tell runs apart: the seed (grouped over), bookkeeping, counts derived from the
-# model, and how a run executed (resume.RUNTIME: workers, threads, device, ...)
+# model, and how a run executed (the schema's runtime keys: workers, threads, device, ...)
 NOT_A_CHOICE_PREFIXES = ("tracking.", "model.")
 
 

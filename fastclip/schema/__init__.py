@@ -10,6 +10,6 @@ their explanations; the schema keeps types, ranges and the resume rule. One rule
 Only omegaconf, hydra's ConfigStore and the standard library are imported here: keep it so
 (fastclip.checks runs before torch loads).
 """
-from fastclip.schema.groups import OPTIONS, ROOT, register, typed, typed_group
+from fastclip.schema.groups import OPTIONS, ROOT, register, typed, typed_config, typed_group, typed_node
 
-__all__ = ["OPTIONS", "ROOT", "register", "typed", "typed_group"]
+__all__ = ["OPTIONS", "ROOT", "register", "typed", "typed_config", "typed_group", "typed_node"]

@@ -2,10 +2,14 @@
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from fastclip.compression import PRUNE_SCHEDULES, PRUNE_STRUCTURES, QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.fields import choice, frozen
 from fastclip.schema.steps import check_steps
+
+QUANT_SCHEMES = ("dynamic", "weight_only")         # compression.scheme
+QUANT_EMBEDDINGS = ("int8", "float")               # compression.embedding
+PRUNE_STRUCTURES = ("unstructured", "structured")  # compression.structure
+PRUNE_SCHEDULES = ("oneshot", "gradual")           # compression.schedule
 
 
 @dataclass

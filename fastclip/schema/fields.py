@@ -28,10 +28,10 @@ def runtime(default: Any = MISSING) -> Any:
 
 
 def resume_rule(schema: type, name: str) -> str:
-    """A field's rule: its own metadata, else the class's RESUME default (FROZEN when it has none)."""
+    """A field's rule (every field declares one: frozen(), mutable() or runtime())."""
     for f in dataclasses.fields(schema):
         if f.name == name:
-            return f.metadata.get("resume", getattr(schema, "RESUME", FROZEN))
+            return f.metadata["resume"]
     raise KeyError(f"{schema.__name__} has no field {name!r}")
 
 

@@ -2,7 +2,7 @@
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
 from fastclip.schema.compression import Distill, NoCompression, Prune, Quant
 from fastclip.schema.data import Coco, Csv, Digits, ImageFolder, Text8, WebDataset
@@ -53,29 +53,48 @@ def schema_of(group: str, node: Any) -> type:
     return options[name]
 
 
-def typed(cfg: DictConfig) -> Run:
-    """The config as its schema's objects (Run, each group its option's dataclass), every type,
-    choice and range checked: a config Hydra composed, a resumed run's (built from its checkpoint's
-    keys) and a caller's alike. Raises ConfigError naming the key, its value and what is expected."""
+def typed_config(cfg: DictConfig) -> DictConfig:
+    """The config merged onto its schema: every value of the type its field declares (a resumed run's
+    config, rebuilt from its checkpoint's keys, reads "8" as 8), each node typed by its option's
+    dataclass. Ranges are `typed`'s. Raises ConfigError naming the key for a value of the wrong type,
+    a key the schema lacks, or a required one missing."""
     tree = OmegaConf.structured(ROOT)
     for group in OPTIONS:
         tree[group] = OmegaConf.structured(schema_of(group, cfg.get(group)))
     given = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     try:
-        tree = OmegaConf.merge(tree, given)
-    except ValidationError as exc:  # a value of the wrong type; a key the schema lacks
-        key = exc.full_key or "?"
-        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
-    return OmegaConf.to_object(tree)
+        return OmegaConf.merge(tree, given)
+    except OmegaConfBaseException as exc:  # a value of the wrong type; a key the schema lacks
+        raise ConfigError(_named(exc)) from None
+
+
+def typed(cfg: DictConfig) -> Run:
+    """The config as its schema's objects (Run, each group its option's dataclass), every type, choice
+    and range checked: a config Hydra composed, a resumed run's and a caller's alike. Raises ConfigError
+    naming the key, its value and what is expected."""
+    try:
+        return OmegaConf.to_object(typed_config(cfg))
+    except OmegaConfBaseException as exc:  # e.g. a required value (???) left unset
+        raise ConfigError(_named(exc)) from None
+
+
+def _named(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    return f"{key}: {str(exc).splitlines()[0]}"
 
 
 def typed_group(cfg: DictConfig, group: str):
     """One group of the config as its option's dataclass (checked as `typed` checks it): what the code
     that implements the option takes, rather than the raw DictConfig."""
-    node = cfg[group]
+    return typed_node(group, cfg[group])
+
+
+def typed_node(group: str, node):
+    """A group's node (a DictConfig, or already its dataclass) as its option's dataclass, checked."""
+    if not isinstance(node, DictConfig):
+        return node
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema_of(group, node)), node)
-    except ValidationError as exc:
-        raise ConfigError(f"{group}.{exc.full_key or '?'}: {str(exc).splitlines()[0]}") from None
-    return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema_of(group, node)), node))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{group}.{_named(exc)}") from None
 

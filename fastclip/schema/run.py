@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 from fastclip.schema.errors import ConfigError
-from fastclip.schema.fields import MUTABLE, at_least, choice, frozen, mutable, runtime
+from fastclip.schema.fields import at_least, choice, frozen, mutable, runtime
 from fastclip.schema.steps import check_steps
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -56,7 +56,6 @@ class Trainer:
 
 @dataclass
 class Eval:
-    RESUME = MUTABLE  # what a run evaluates may change on resume; how it does it is runtime
     batch_size: int = runtime()
     lm_batch_size: int = runtime()
     every_epochs: int = mutable()

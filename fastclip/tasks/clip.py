@@ -82,7 +82,7 @@ class ClipTask(TaskBase):
         self.run_dir = Path(run_dir) if run_dir else None
         preprocess_train, preprocess_eval = build_transforms(cfg.encoder)
         captions = training_captions(typed_group(cfg, "dataset")) if cfg.boundary.name == "unigram" else None
-        self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.get("cache_dir"))
+        self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.cache_dir)
         self.model.to(device)
         self.compression = build_compression(cfg)
         self.compression.prepare(self.model, self.tokenizer)  # before the optimizer sees the model, and the data
