@@ -109,3 +109,26 @@ def test_max_pflops_is_refused_with_max_steps_and_when_not_positive():
         check_config(compose_cfg(["trainer.max_pflops=1", "trainer.max_steps=5"]))
     with pytest.raises(ConfigError, match="trainer.max_pflops=0.0: expected a budget > 0"):
         check_config(compose_cfg(["trainer.max_pflops=0"]))
+
+
+@pytest.mark.parametrize("encoder", ["vit_tiny", "vit_b32"])
+def test_the_bpe_text_tower_runs_at_the_longest_caption_and_gives_the_padded_towers_embeddings(encoder):
+    """The padding after EOT changes nothing under the causal mask: the tower trims it (exact within
+    1e-5 of open_clip's padded forward) and its FLOPs follow the captions' lengths, not context_length."""
+    from fastclip.eval.efficiency import count_gflops
+    from fastclip.models.clip import build_clip
+    cfg = compose_cfg([f"encoder={encoder}"])
+    torch.manual_seed(0)
+    model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
+    model.eval()
+    short = tokenizer(["a cat", "two dogs", "x"])
+    longer = tokenizer(["a cat", "two red buses on a rainy street at night", "x"])
+    for tokens in (short, longer):
+        with torch.no_grad():
+            assert torch.allclose(model.text(tokens).embedding, model.text.text(tokens), atol=1e-5)
+        assert torch.equal(model.text(tokens).tokens, (tokens != 0).sum(1).float())
+    trimmed_short, trimmed_long = count_gflops(model.text, short)[0], count_gflops(model.text, longer)[0]
+    padded = count_gflops(model.text.text, short)[0]
+    assert trimmed_short < trimmed_long <= padded
+    if encoder == "vit_b32":  # 77 tokens of context, captions of a few: most of the padded cost was padding
+        assert trimmed_short < 0.2 * padded

@@ -5,7 +5,7 @@ import codecs
 
 import numpy as np
 import torch
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import nn
 
 from fastclip.data.unigram import piece_end_bytes
@@ -48,14 +48,45 @@ class CharTokenizer:
         return codecs.getincrementaldecoder("utf-8")().decode(self.to_bytes(ids))
 
 
+def longest_caption(tokens: torch.Tensor, pad_id: int = 0) -> int:
+    """The columns [B, L] token rows need: up to the last non-padding token of any row. A CPU batch is
+    read through numpy (no device read); a CUDA one costs one host sync."""
+    if tokens.is_cpu:
+        used = np.flatnonzero((tokens.numpy() != pad_id).any(0))
+        return int(used[-1]) + 1 if used.size else 1
+    return int((tokens != pad_id).any(0).nonzero().max()) + 1 if bool((tokens != pad_id).any()) else 1
+
+
 class VanillaTextTower(nn.Module):
+    """open_clip's BPE TextTransformer, run at each batch's longest caption instead of its
+    context_length: under the causal mask the padding after a caption's EOT changes nothing before
+    it, so trimming it is exact (up to float summation order) and the FLOPs fall with the captions'
+    lengths (efficiency/text_gflops, efficiency/train_gflops)."""
+
     def __init__(self, text):
         super().__init__()
         self.text = text
+        # the trimmed forward below handles open_clip's default text tower; others run as open_clip runs them
+        self.trims = getattr(text, "cls_emb", None) is None and not getattr(text, "use_pad_mask", False) \
+            and getattr(text, "attn_mask", None) is not None
 
     def forward(self, tokens) -> TowerOutput:
         n = (tokens != 0).sum(1).float()
-        return TowerOutput(self.text(tokens), tokens=n, segments=n)
+        if not self.trims:
+            return TowerOutput(self.text(tokens), tokens=n, segments=n)
+        return TowerOutput(self.encode(tokens[:, :longest_caption(tokens)]), tokens=n, segments=n)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """TextTransformer.forward on [B, L <= context_length] tokens. Written here because open_clip
+        slices its causal mask to a shorter input only when it also builds a padding mask."""
+        t = self.text
+        L = tokens.shape[1]
+        x = t.token_embedding(tokens).to(t.transformer.get_cast_dtype()) + t.positional_embedding[:L]
+        x = t.ln_final(t.transformer(x, attn_mask=t.attn_mask[:L, :L]))
+        pooled = text_global_pool(x, tokens, pool_type=t.pool_type, eos_token_id=getattr(t, "eos_id", None))
+        if t.text_projection is None:
+            return pooled
+        return t.text_projection(pooled) if isinstance(t.text_projection, nn.Linear) else pooled @ t.text_projection
 
 
 class DTPTextTower(nn.Module):
