@@ -13,7 +13,7 @@ Public API for the benchmarks (module: names; a module listed here may also be i
     fastclip.config: compose_train_config
     fastclip.train: run
     fastclip.tasks: build_task
-    fastclip.loop: fit
+    fastclip.loop: fit, probe_gflops
     fastclip.tracking: Tracker
     fastclip.runtime: pick_device, seed_everything, set_torch_threads, use_tf32_matmuls, compile_blocks, math_mode
     fastclip.optim: adamw_impl, param_groups, warmup_steps

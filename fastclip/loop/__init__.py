@@ -7,6 +7,7 @@ precision, the NaN guard, and checkpoints that resume exactly.
     steplog.py        StepLog (per-step scalars read from the device only when logged), StepTimer
     accounting.py     skipped samples, the trained fraction, data/* metrics, NoTrainingData
     checkpointing.py  when the checkpoint is written and what it records (the format: fastclip/checkpoint.py)
+    compute.py        training compute counted: efficiency/train_gflops, train_pflops_total, max_pflops
     signals.py        stop requests (Ctrl-C, SIGTERM, SIGUSR2); loader workers': fastclip/worker_signals.py
     divergence.py     TrainingDiverged: a non-finite loss or weight stops the run
     evaluation.py     the task's evaluations inside a run, timed and logged
@@ -14,6 +15,7 @@ precision, the NaN guard, and checkpoints that resume exactly.
 What the loop may ask of a task is fastclip.tasks.protocol.Task; its StepOutput is re-exported here."""
 from fastclip.loop.accounting import LEFT_OVER, NoTrainingData, check_epoch_data, data_metrics
 from fastclip.loop.checkpointing import CheckpointPolicy, save
+from fastclip.loop.compute import TrainingCompute, probe_gflops
 from fastclip.loop.divergence import TrainingDiverged, diverged
 from fastclip.loop.evaluation import evaluate, final_evaluation
 from fastclip.loop.fit import fit
@@ -26,4 +28,4 @@ from fastclip.tasks.protocol import StepOutput
 __all__ = ["Accumulation", "CheckpointPolicy", "LEFT_OVER", "NoTrainingData", "RunInterrupted", "StepLog",
            "StepOutput", "StepTimer", "StopRequests", "TrainState", "Trainer", "TrainingDiverged",
            "check_epoch_data", "data_metrics", "diverged", "evaluate", "final_evaluation", "fit",
-           "save", "stopped"]
+           "probe_gflops", "save", "stopped", "TrainingCompute"]
