@@ -270,7 +270,7 @@ def test_a_config_mistake_on_the_command_line_creates_no_store(tmp_path, cli_env
     import sys
     done = subprocess.run([sys.executable, "-m", "fastclip.train", "trainer.lr=-1"], cwd=tmp_path, env=cli_env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "trainer.lr=-1: expected > 0" in done.stderr
+    assert done.returncode != 0 and "trainer.lr=-1.0: expected > 0" in done.stderr
     assert "Traceback" not in done.stderr  # a config mistake is a message, not a stack trace
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
