@@ -152,6 +152,16 @@ def _check_run_length(cfg: DictConfig) -> None:
     # value's form is checked (the schema), and its length once the data is read (loop.Trainer)
     tc = cfg.trainer
     warmup_steps(tc.warmup_steps, tc.max_steps or 1 << 62, f"trainer.max_steps={tc.max_steps}")
+    if tc.full_token_steps:
+        if cfg.task.name != "clip":
+            raise ConfigError(f"trainer.full_token_steps={tc.full_token_steps} with task={cfg.task.name}: the full-token "
+                              f"phase turns off a CLIP tower's token reduction (task=clip)")
+        if cfg.eval.placement_control:
+            raise ConfigError(f"trainer.full_token_steps={tc.full_token_steps} with eval.placement_control=true: the "
+                              f"final model pools nothing, so there is no placement to control")
+        if tc.max_steps and steps_of(tc.full_token_steps, tc.max_steps, "trainer.full_token_steps") > tc.max_steps:
+            raise ConfigError(f"trainer.full_token_steps={tc.full_token_steps} is longer than the run "
+                              f"(trainer.max_steps={tc.max_steps})")
 
 
 def warmup_steps(value, total: int, run: str) -> int:

@@ -33,12 +33,18 @@ class TrainingCompute:
         self._flops = 0
         self._samples = 0
         self.counted_now: float | None = None  # the GFLOPs per sample counted on the step just taken
+        self._recount = False
 
     def plan(self, state: TrainState) -> bool:
         """Whether the step about to start is counted (a resumed run counts where the uninterrupted one
         would, so the two log the same compute)."""
-        return (state.train_gflops is None or state.steps_in_epoch == 0
+        return (self._recount or state.train_gflops is None or state.steps_in_epoch == 0
                 or bool(self.every and state.step % self.every == 0))
+
+    def recount(self) -> None:
+        """The next step is counted whatever the schedule (the model's cost changed: a full-token phase)."""
+        self._recount = True
+        self.counting = None
 
     def micro_batch(self, state: TrainState):
         """The context one micro-batch's forward and backward run in: a FlopCounterMode on a counted step."""
@@ -57,7 +63,7 @@ class TrainingCompute:
             self.counted_now = state.train_gflops
             self._flops = 0
         state.train_pflops += (state.train_gflops or 0.0) * global_samples / 1e6
-        self.counting = None
+        self.counting, self._recount = None, False
 
     def metrics(self, state: TrainState) -> dict[str, float]:
         """This step's: the cumulative compute, and the count per sample where the step was counted."""

@@ -61,6 +61,10 @@ def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: 
         metrics = evaluate(task, tracker, state, checkpoints.path, run_task=evaluation)
     if evaluation:
         metrics.update(final_evaluation(task, tracker, state))
+    reduced = trainer.phase.metrics(state)  # trainer.full_token_steps: the model before the phase
+    if reduced and tracker:
+        tracker.log_metrics(reduced, state.step)
+    metrics.update(reduced)
     summary = timer.summary(state)
     metrics.update(summary)
     if tracker:

@@ -23,6 +23,7 @@ class TrainState:
     world_size: int = 1          # data-parallel processes (the data split and the RNG states depend on it)
     train_gflops: float | None = None  # training GFLOPs per sample, the last count (loop/compute.py)
     train_pflops: float = 0.0    # training compute so far, all ranks (PFLOPs)
+    reduced: dict | None = None  # trainer.full_token_steps: the model's quality just before the phase
 
     def count(self, out: StepOutput) -> None:
         """A loader batch consumed: its skips count now, its samples once their step is taken."""

@@ -11,6 +11,7 @@ from fastclip import distributed, runtime
 from fastclip.checkpoint import ResumeError
 from fastclip.schema.steps import steps_of
 from fastclip.loop.compute import TrainingCompute, probe_gflops
+from fastclip.loop.full_tokens import FullTokenPhase
 from fastclip.loop.state import TrainState
 from fastclip.optim import Schedule, adamw_impl, build_adamw, warmup_steps
 from fastclip.tasks.protocol import StepOutput, Task
@@ -48,6 +49,9 @@ class Trainer:
         self.forward = distributed.wrap(self.model, device, tc.ddp_find_unused_parameters)
         self.compression = task.compression
         self.compression.start(self.model, self.total_steps, self.warmup_steps, self._quality_now(task))
+        self.phase = FullTokenPhase(tc.full_token_steps, self.total_steps,
+                                    self._quality_now(task, "the evaluation before the full-token phase"))
+        self._in_step = False  # a micro-batch of the step in progress has run
         if self.world.rank:  # each rank its own noise (gumbel, dropout); the weights are rank 0's (DDP)
             runtime.seed_everything(runtime.sample_seed(cfg.seed, self.world.rank) % 2**32)
 
@@ -64,12 +68,12 @@ class Trainer:
         return max(1, math.ceil(self.max_pflops * 1e6 / (gflops * step_samples)))
 
     @staticmethod
-    def _quality_now(task):
-        """For a compression option that measures the model mid-run (a oneshot pruning, just before it
-        prunes): rank 0 evaluates, no random number training draws is used."""
+    def _quality_now(task, what: str = "the evaluation before pruning"):
+        """For what measures the model mid-run (a oneshot pruning just before it prunes, the reduced
+        model before a full-token phase): rank 0 evaluates, no random number training draws is used."""
         def quality_now() -> dict[str, float]:
             with runtime.preserved_rng():
-                return distributed.on_main(task.quality, "the evaluation before pruning")
+                return distributed.on_main(task.quality, what)
         return quality_now
 
     def finished(self) -> bool:
@@ -85,6 +89,9 @@ class Trainer:
         """sync=False: a micro-batch before the step's last; data-parallel, its gradients stay local
         (DDP's no_sync) and are averaged with the last one's."""
         ddp = self.world.distributed
+        if not self._in_step:  # the step's first micro-batch
+            self.phase.before_step(self.state, self.model, self.compute)
+            self._in_step = True
         with self.forward.no_sync() if ddp and not sync else contextlib.nullcontext(), self.compute.micro_batch(self.state):
             with runtime.autocast(self.device, self.amp_dtype):
                 out = self.task.loss(batch, forward=self.forward) if ddp else self.task.loss(batch)
@@ -106,6 +113,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.stepped(samples)
+        self._in_step = False
         self.compute.stepped(self.state, samples // self.world.size, samples)
         self.compression.after_optimizer_step(self.state.step)  # prune: the pruned weights zero again
         return used
@@ -155,6 +163,9 @@ class Trainer:
         # the option re-planned on the resumed schedule (a pruning ramp starts at the warm-up's end, which
         # the checkpoint keeps), then given its state back
         self.compression.start(self.model, self.total_steps, self.warmup_steps, self._quality_now(self.task))
+        self.phase = FullTokenPhase(self.cfg.trainer.full_token_steps, self.total_steps, self.phase.quality_now)
+        if self.state.step > self.phase.start:  # inside the phase (measured before it): evaluations too at full tokens
+            self.phase.before_step(self.state, self.model, self.compute)
         if ckpt.get("compression"):
             self.compression.load_state_dict(ckpt["compression"])
         self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)

@@ -43,6 +43,17 @@ class FastCLIP(nn.Module):
         self.image_method, self.text_method = image_method, text_method
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+    @property
+    def full_tokens(self) -> bool:
+        """Whether the towers run with their token reduction off (trainer.full_token_steps' phase)."""
+        return self.visual.full_tokens or self.text.full_tokens
+
+    def set_full_tokens(self, on: bool) -> None:
+        """Turns every tower's token reduction off (on=True) or back on: DTP towers make every token
+        its own segment, patch dropout keeps every patch, ToMe merges none, EViT fuses none. A
+        vanilla tower has nothing to turn off."""
+        self.visual.full_tokens = self.text.full_tokens = on
+
     def encode_image(self, images, normalize: bool = False):
         emb = self.visual(images).embedding
         return F.normalize(emb, dim=-1) if normalize else emb
@@ -81,6 +92,8 @@ def clip_objective(model, criterion, out) -> tuple[torch.Tensor, dict[str, torch
     loss = criterion(out["image_features"], out["text_features"], out["logit_scale"])
     parts = {"contrastive_loss": loss}
     for tower, method in (("image", model.image_method), ("text", model.text_method)):
+        if model.full_tokens:  # the reduction is off: its boundaries are forced, nothing to learn from them
+            break
         aux = boundary_loss(method, out[f"{tower}_output"])
         if aux is not None:
             parts[f"boundary_loss_{tower}"] = aux

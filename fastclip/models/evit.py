@@ -10,7 +10,7 @@ from torch import nn
 
 from fastclip.models.outputs import TowerOutput
 from fastclip.models.vision import require_vit
-from fastclip.models.vit_block import attention_half, check_block, encode, mlp_half
+from fastclip.models.vit_block import attention_half, check_block, encode, full_token_forward, mlp_half
 
 
 def keep_attentive(x: torch.Tensor, cls_attention: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +49,11 @@ class EViTImageTower(nn.Module):
             check_block(self.vit.transformer.resblocks[i], "boundary=evit")
         self.keep = keep
 
+    full_tokens = False  # trainer.full_token_steps' phase: keep 1, nothing fused (FastCLIP.set_full_tokens)
+
     def forward(self, images, record: dict | None = None) -> TowerOutput:
+        if self.full_tokens and record is None:
+            return full_token_forward(self.vit, images)
         vit = self.vit
         x = vit._embeds(images)
         n_in = x.shape[1] - 1

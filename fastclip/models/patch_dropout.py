@@ -36,7 +36,15 @@ class PatchDropoutImageTower(nn.Module):
         self.keep, self.eval_keep = keep, eval_keep
         self.vit.patch_dropout = (_EvalToo if eval_keep else PatchDropout)(1.0 - keep) if keep < 1 else nn.Identity()
 
+    full_tokens = False  # trainer.full_token_steps' phase: every patch, in training too (FastCLIP.set_full_tokens)
+
     def forward(self, images) -> TowerOutput:
+        if self.full_tokens:
+            with self.all_patches():
+                return self._forward(images)
+        return self._forward(images)
+
+    def _forward(self, images) -> TowerOutput:
         """images [B, 3, H, W] -> TowerOutput: tokens = the patches in, segments = the
         patches the blocks ran on, read off the dropout module's output (so the logged compression is
         the count open_clip drew, whatever rounding its keep fraction takes: it keeps

@@ -62,6 +62,7 @@ class VanillaTextTower(nn.Module):
     context_length: under the causal mask the padding after a caption's EOT changes nothing before
     it, so trimming it is exact (up to float summation order) and the FLOPs fall with the captions'
     lengths (efficiency/text_gflops, efficiency/train_gflops)."""
+    full_tokens = False  # nothing to turn off (trimming the padding changes no result)
 
     def __init__(self, text):
         super().__init__()
@@ -126,6 +127,8 @@ class DTPTextTower(nn.Module):
             out[row, torch.from_numpy(ends)] = 1.0
         return out.to(tokens.device)
 
+    full_tokens = False  # trainer.full_token_steps' phase (FastCLIP.set_full_tokens)
+
     def forward(self, tokens) -> TowerOutput:
         """tokens [B, L] bytes (+1, 0 padding) -> TowerOutput with boundaries, boundary_logits and
         token_mask over the L bytes; boundary_targets from the next-char head (entropy_spike, which
@@ -138,6 +141,8 @@ class DTPTextTower(nn.Module):
             x = block(x, attn_mask=cmask)
         logits = self.predictor(x) if self.predictor is not None else None
         b = self.method.boundaries(logits, tokens, token_mask) * token_mask
+        if self.full_tokens:  # trainer.full_token_steps' phase: every byte its own segment
+            b = token_mask.to(b.dtype)
         counts = segment_counts(b, token_mask)
         # the one host sync: the pooled sizes, and whether the predictor has diverged (before they size anything)
         longest, total, finite = torch.stack([counts.max(), counts.sum(), finite_flag(logits, counts)]).tolist()

@@ -15,7 +15,7 @@ from torch import nn
 
 from fastclip.models.outputs import TowerOutput
 from fastclip.models.vision import require_vit
-from fastclip.models.vit_block import attention_half, check_block, encode, mlp_half
+from fastclip.models.vit_block import attention_half, check_block, encode, full_token_forward, mlp_half
 
 
 class Matching(NamedTuple):
@@ -79,7 +79,11 @@ class ToMeImageTower(nn.Module):
             check_block(block, "boundary=tome")
         self.r = r
 
+    full_tokens = False  # trainer.full_token_steps' phase: r = 0, every token kept (FastCLIP.set_full_tokens)
+
     def forward(self, images, record: dict | None = None) -> TowerOutput:
+        if self.full_tokens and record is None:
+            return full_token_forward(self.vit, images)
         vit = self.vit
         x = vit._embeds(images)
         n_in = x.shape[1] - 1

@@ -31,6 +31,7 @@ def require_vit(visual, what: str) -> VisionTransformer:
 
 class VanillaImageTower(nn.Module):
     """open_clip's tower as is (ViT or ModifiedResNet)."""
+    full_tokens = False  # nothing to turn off: it always runs on every token
 
     def __init__(self, visual):
         super().__init__()
@@ -183,11 +184,16 @@ class DTPImageTower(nn.Module):
         # entropy_spike's image analog: spikes of an auxiliary next-patch predictor's error
         self.next_patch = nn.Linear(width, next_patch_dim) if isinstance(method, EntropySpike) else None
 
+    full_tokens = False  # trainer.full_token_steps' phase: every patch its own token (FastCLIP.set_full_tokens)
+
     def forward(self, images) -> TowerOutput:
         """images [B, 3, H, W] -> TowerOutput with boundaries and boundary_logits over the N patches in
         reading order (scan: that order, when not raster); boundary_targets and auxiliary_loss from the
-        next-patch head (entropy_spike)."""
+        next-patch head (entropy_spike). full_tokens: every block on every patch (no predictor, no
+        pooling: the vanilla tower's cost, its weights), tokens = segments = N, no boundaries."""
         vit = self.vit
+        if self.full_tokens:
+            return self._full_tokens(images)
         x = vit._embeds(images)
         blocks = vit.transformer.resblocks
         for block in blocks[:self.pre_layers]:
@@ -218,6 +224,15 @@ class DTPImageTower(nn.Module):
         return TowerOutput(emb, tokens=torch.full((B,), float(N), device=images.device), segments=counts.float(),
                            boundaries=b, boundary_logits=logits, boundary_targets=targets,
                            auxiliary_loss=auxiliary_loss, scan=self.scan)
+
+    def _full_tokens(self, images) -> TowerOutput:
+        vit = self.vit
+        x = vit.ln_post(vit.transformer(vit._embeds(images)))
+        emb = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(1)  # mean: every patch its own segment
+        if vit.proj is not None:
+            emb = emb @ vit.proj
+        n = torch.full((images.shape[0],), float(x.shape[1] - 1), device=images.device)
+        return TowerOutput(emb, tokens=n, segments=n)
 
     # A logit no logistic noise overturns (p(noise < -30) ~ 1e-13): a sure boundary, which the prior
     # counts like any other, and no gradient (masked_fill), as the predictor has nothing to decide there.

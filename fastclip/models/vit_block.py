@@ -58,3 +58,14 @@ def encode(vit, x: torch.Tensor, images: torch.Tensor, n_in: int) -> TowerOutput
     B = images.shape[0]
     return TowerOutput(emb, tokens=torch.full((B,), float(n_in), device=x.device),
                        segments=torch.full((B,), float(x.shape[1] - 1), device=x.device))
+
+
+def full_token_forward(vit, images: torch.Tensor) -> TowerOutput:
+    """The ViT on every patch (trainer.full_token_steps' phase for a token-reducing peer): every
+    block on [class token, N patches], then `encode`: tokens = segments = N, the vanilla tower's cost."""
+    x = vit._embeds(images)
+    n_in = x.shape[1] - 1
+    for block in vit.transformer.resblocks:
+        x = block(x)
+    return encode(vit, x, images, n_in)
+

@@ -27,6 +27,7 @@ class Trainer:
     max_steps: Optional[int] = mutable()
     max_pflops: Optional[float] = mutable()
     count_flops_every: Optional[int] = runtime()
+    full_token_steps: Any = frozen()
     precision: str = frozen()
     num_workers: int = runtime()
     progress: bool = runtime()
@@ -52,6 +53,7 @@ class Trainer:
                 raise ConfigError(f"trainer.max_pflops={self.max_pflops} with trainer.max_steps={self.max_steps}: the "
                                   f"budget decides the run's length; set one of them")
         at_least("trainer.count_flops_every", self.count_flops_every, 1, ">= 1 (steps), or null")
+        check_steps("trainer.full_token_steps", self.full_token_steps)
 
 
 @dataclass

@@ -71,6 +71,8 @@ def training_captions(ds) -> list[str]:
 def has_boundary_picture(model) -> bool:
     """Whether an evaluation draws the boundary picture: DTP towers (their segments), and the peers
     where it has a meaning (patch dropout at eval_keep and EViT: the kept patches; ToMe: its merges)."""
+    if model.full_tokens:  # trainer.full_token_steps' phase: nothing pooled, merged or dropped to draw
+        return False
     return (model.image_method is not None or model.text_method is not None
             or getattr(model.visual, "drops_at_eval", False) or hasattr(model.visual, "merged_groups"))
 

@@ -1,0 +1,107 @@
+"""trainer.full_token_steps: the run's last steps train with every token reduction off, counted in its
+compute, and the model just before the phase is measured as <name>_reduced (fastclip/loop/full_tokens.py)."""
+import pytest
+import torch
+
+from conftest import TINY_CLIP, compose_cfg
+from fastclip import runtime
+from fastclip.checks import ConfigError, check_config
+from fastclip.eval.efficiency import count_gflops
+from fastclip.loop import Trainer, fit
+from fastclip.models.clip import build_clip
+from fastclip.tasks import build_task
+
+CPU = torch.device("cpu")
+REDUCTIONS = [["boundary=fixed"], ["boundary=gumbel"], ["boundary=entropy_spike"], ["boundary=patch_dropout"],
+              ["boundary=tome"], ["boundary=evit"]]
+
+
+def model_for(*overrides):
+    cfg = compose_cfg([*TINY_CLIP, *overrides, "boundary.apply_to=[image]"])
+    torch.manual_seed(0)
+    model, _ = build_clip(cfg.encoder, cfg.boundary)
+    return model
+
+
+@pytest.mark.parametrize("boundary", REDUCTIONS)
+def test_the_full_token_phase_turns_each_image_reduction_off_at_the_vanilla_towers_cost(boundary):
+    images = torch.randn(4, 3, 32, 32)
+    model, vanilla = model_for(*boundary), model_for("boundary=none")
+    model.train()
+    reduced = model.visual(images)
+    assert (reduced.segments < reduced.tokens).all() or boundary == ["boundary=gumbel"]  # (gumbel: a draw)
+    model.set_full_tokens(True)
+    assert model.full_tokens
+    full = model.visual(images)
+    assert torch.equal(full.segments, full.tokens) and full.tokens[0] == 16  # every patch of the 4 x 4 grid
+    assert count_gflops(model.visual, images)[0] == pytest.approx(count_gflops(vanilla.visual, images)[0], rel=1e-12)
+    # the same weights as the vanilla ViT they wrap, on every patch (open_clip's forward, in eval mode
+    # where its patch dropout keeps every patch)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.visual(images).embedding, model.visual.vit(images), atol=1e-5)
+    model.set_full_tokens(False)
+    assert not model.full_tokens
+
+
+def test_a_dtp_text_tower_makes_every_byte_its_own_segment():
+    cfg = compose_cfg([*TINY_CLIP, "boundary=gumbel", "boundary.apply_to=[text]", "encoder.tokenizer=char"])
+    model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
+    tokens = tokenizer(["a cat", "two red buses"])
+    model.set_full_tokens(True)
+    out = model.text(tokens)
+    assert torch.equal(out.segments, out.tokens) and out.tokens.tolist() == [5.0, 13.0]
+
+
+@pytest.mark.slow
+def test_a_run_ends_with_a_full_token_phase_counted_in_its_compute_and_logs_the_reduced_model(tmp_path):
+    overrides = [*TINY_CLIP, "eval.boundary_picture=false", "trainer.batch_size=64", "trainer.max_steps=8"]
+    runs = {}
+    for name, extra in (("phase", ["boundary=fixed", "boundary.apply_to=[image]", "trainer.full_token_steps=3"]),
+                        ("vanilla", ["boundary=none", "trainer.count_flops_every=1"])):
+        cfg = compose_cfg([*overrides, *extra])
+        check_config(cfg)
+        runtime.seed_everything(0)
+        task = build_task(cfg, CPU, tmp_path / name)
+        trainer = Trainer(task, cfg, CPU)
+        logged = []
+
+        class Recorder:
+            def log_metrics(self, metrics, step, flush=True):
+                logged.append((step, dict(metrics)))
+
+            def log_artifact(self, *args, **kwargs):
+                pass
+
+            def flush(self):
+                pass
+        metrics = fit(task, cfg, Recorder(), tmp_path / name, CPU, trainer)
+        runs[name] = (metrics, trainer, {step: m["efficiency/train_gflops"] for step, m in logged
+                                         if "train/loss" in m and "efficiency/train_gflops" in m})
+    metrics, trainer, per_step = runs["phase"]
+    vanilla = runs["vanilla"][2]
+    assert trainer.phase.start == 5 and task_model_full(trainer)
+    assert sorted(per_step) == [1, 6]  # the run's first step, and the phase's: its cost changed, counted again
+    assert per_step[1] < vanilla[1]  # reduced: cheaper than vanilla
+    assert per_step[6] == pytest.approx(vanilla[6], rel=1e-12)  # the phase: vanilla's cost
+    assert metrics["efficiency/train_pflops_total"] == pytest.approx((5 * per_step[1] + 3 * per_step[6]) * 64 / 1e6,
+                                                                     rel=1e-9)
+    assert 0 <= metrics["zeroshot/top1_reduced"] <= 1 and "zeroshot/top1" in metrics
+    assert metrics["efficiency/compression_image"] == 1.0  # the final evaluation at full tokens
+
+
+def task_model_full(trainer) -> bool:
+    return trainer.model.full_tokens
+
+
+def test_a_full_token_phase_longer_than_the_run_or_outside_clip_is_refused():
+    with pytest.raises(ConfigError, match=r"trainer.full_token_steps=20 is longer than the run \(trainer.max_steps=10\)"):
+        check_config(compose_cfg(["boundary=fixed", "trainer.full_token_steps=20", "trainer.max_steps=10"]))
+    with pytest.raises(ConfigError, match="trainer.full_token_steps=0.1 with task=lm"):
+        check_config(compose_cfg(["task=lm", "trainer.full_token_steps=0.1"]))
+    with pytest.raises(ConfigError, match="trainer.full_token_steps=-1: expected steps >= 0"):
+        check_config(compose_cfg(["trainer.full_token_steps=-1"]))
+    cfg = compose_cfg([*TINY_CLIP, "boundary=fixed", "trainer.full_token_steps=500", "epochs=1"])
+    runtime.seed_everything(0)
+    with pytest.raises(ConfigError, match="trainer.full_token_steps=500 is longer than the run"):
+        Trainer(build_task(cfg, CPU, None), cfg, CPU)  # the run's length known once the data is read
