@@ -18,7 +18,7 @@ CLIP_DATASETS = ("digits", "image_folder", "csv", "coco2014", "webdataset")
 # the datasets that bring a class-captioned held-out set (zero-shot top-1)
 ZERO_SHOT_DATASETS = ("digits", "image_folder")
 LEARNED_IMAGE_BOUNDARIES = ("gumbel", "entropy_spike")
-IMAGE_ONLY_BOUNDARIES = ("tome", "patch_dropout", "evit")  # the peer baselines: token reduction in a ViT
+IMAGE_ONLY_BOUNDARIES = ("tome", "patch_dropout", "evit", "lowres")  # the peer baselines: token reduction in a ViT
 
 
 def check_config(cfg: DictConfig) -> DictConfig:

@@ -13,7 +13,7 @@ from fastclip.tasks import build_task
 
 CPU = torch.device("cpu")
 REDUCTIONS = [["boundary=fixed"], ["boundary=gumbel"], ["boundary=entropy_spike"], ["boundary=patch_dropout"],
-              ["boundary=tome"], ["boundary=evit"]]
+              ["boundary=tome"], ["boundary=evit"], ["boundary=lowres"]]
 
 
 def model_for(*overrides):

@@ -288,3 +288,31 @@ def test_group_outlines_run_between_neighbouring_cells_of_different_groups():
     grid = np.array([[0, 0, 1], [2, 2, 1]])
     assert sorted(group_edges(grid)) == sorted([((2, 0), (2, 1)), ((2, 1), (2, 2)),  # 0|1, 2|1
                                                 ((0, 1), (1, 1)), ((1, 1), (2, 1))])  # 0 over 2, twice
+
+
+# CLIPA's low resolution (boundary=lowres)
+
+@pytest.mark.parametrize("scale, grid", [(0.5, 4), (0.75, 6), (1.0, 8)])
+def test_lowres_reads_the_image_at_a_lower_resolution_on_fewer_patches_with_interpolated_positions(scale, grid):
+    """8 x 8 patches at scale 1; the position embeddings resized to the smaller grid keep the class
+    token's and, at scale 1, are the tower's own (the forward is then open_clip's)."""
+    visual = tower("boundary=lowres", f"boundary.scale={scale}")
+    images = torch.randn(3, 3, 32, 32)
+    out = visual(images)
+    assert out.tokens.tolist() == [64.0] * 3 and out.segments.tolist() == [float(grid * grid)] * 3
+    pos = visual.positions()
+    assert pos.shape == (1 + grid * grid, D) and torch.equal(pos[0], visual.vit.positional_embedding[0])
+    vanilla = count_gflops(visual.vit, images)[0]
+    if scale == 1.0:
+        assert torch.equal(pos, visual.vit.positional_embedding)
+        with torch.no_grad():
+            assert torch.allclose(out.embedding, visual.vit(images), atol=1e-5)
+    else:
+        assert count_gflops(visual, images)[0] < vanilla * (grid * grid + 1) / 64 * 1.1
+
+
+def test_lowres_is_an_image_peer_with_its_scale_checked():
+    with pytest.raises(ConfigError, match="boundary=lowres has no meaning on the text tower"):
+        check_config(compose_cfg(["boundary=lowres", "boundary.apply_to=[image,text]"]))
+    with pytest.raises(ConfigError, match=r"boundary.scale=1.5: expected a share of the image side in \(0, 1\]"):
+        check_config(compose_cfg(["boundary=lowres", "boundary.scale=1.5"]))

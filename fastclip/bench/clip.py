@@ -124,6 +124,9 @@ PEERS = {
     # at block 0, where DTP pools (after block 0): matched, it keeps 0.35 (at block 1 it would keep 0.10)
     "evit": ("EViT keep={:.2f} at block 0", [k / 100 for k in range(5, 100, 5)],
              lambda keep: ["boundary=evit", f"boundary.keep={keep}", "boundary.layers=[0]"]),
+    # CLIPA: the image read at scale x its side; on the 8 x 8 patch grid, whole patches: k/8
+    "lowres": ("CLIPA low resolution scale={:.3f}", [k / 8 for k in range(2, 8)],
+               lambda scale: ["boundary=lowres", f"boundary.scale={scale}"]),
     "coarser_grid": ("vanilla ViT, patch {} (coarser grid)", range(5, 9),
                      lambda p: ["boundary=none", f"encoder.vision.patch_size={p}"]),
 }

@@ -15,6 +15,7 @@ from fastclip.models.meaning import dtp_towers
 from fastclip.models.outputs import TowerOutput
 from fastclip.models.text import CharTokenizer, DTPTextTower, VanillaTextTower
 from fastclip.models.evit import EViTImageTower
+from fastclip.models.lowres import LowResImageTower
 from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.tome import ToMeImageTower
 from fastclip.models.vision import DTPImageTower, VanillaImageTower
@@ -115,6 +116,8 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
         image = PatchDropoutImageTower(visual, boundary.keep, boundary.eval_keep)
     elif boundary.name == "evit" and "image" in towers:
         image = EViTImageTower(visual, boundary.keep, boundary.layers)
+    elif boundary.name == "lowres" and "image" in towers:
+        image = LowResImageTower(visual, boundary.scale)
     elif "image" in towers:
         image_method = build_boundary_method(boundary)
         vc = geometry["vision_cfg"]

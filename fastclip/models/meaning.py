@@ -14,6 +14,7 @@ MEANING = {
     "tome": {"image": "ToMe bipartite soft matching on the keys, r tokens per layer", "text": None},
     "patch_dropout": {"image": "FLIP: a random keep fraction of the patches in training", "text": None},
     "evit": {"image": "EViT: the top keep fraction of patches by class attention, the rest fused", "text": None},
+    "lowres": {"image": "CLIPA: the image read at a lower resolution (boundary.scale of its side)", "text": None},
 }
 
 

@@ -6,8 +6,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fastclip.schema.compression import Distill, NoCompression, Prune, Quant
 from fastclip.schema.data import Coco, Csv, Digits, ImageFolder, Text8, WebDataset
-from fastclip.schema.model import (Boundary, CharLMEncoder, ClipEncoder, EntropySpike, Evit, Fixed, Gumbel, PatchDropout,
-                                   Tome, Unigram, Whitespace)
+from fastclip.schema.model import (Boundary, CharLMEncoder, ClipEncoder, EntropySpike, Evit, Fixed, Gumbel, Lowres,
+                                   PatchDropout, Tome, Unigram, Whitespace)
 from fastclip.schema.run import ClipTask, Eval, LMTask, Run, Trainer, Tracking
 from fastclip.schema.errors import ConfigError
 
@@ -21,7 +21,7 @@ OPTIONS: dict[str, dict[str, type]] = {
                 **{name: CharLMEncoder for name in ("char_lm_small", "char_lm_bench", "char_lm_paper")}},
     "boundary": {"none": Boundary, "fixed": Fixed, "gumbel": Gumbel,
                  "entropy_spike": EntropySpike, "unigram": Unigram, "whitespace": Whitespace,
-                 "tome": Tome, "patch_dropout": PatchDropout, "evit": Evit},
+                 "tome": Tome, "patch_dropout": PatchDropout, "evit": Evit, "lowres": Lowres},
     "compression": {"none": NoCompression, "quant": Quant, "prune": Prune,
                     "distill": Distill},
     "trainer": {"default": Trainer},

@@ -4,6 +4,7 @@ depth) by the tower constructors, which name the key."""
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from fastclip.schema.errors import ConfigError
 from fastclip.schema.fields import frozen
 
 
@@ -100,3 +101,14 @@ class Evit(Boundary):
     keep: float = frozen()
     layers: List[int] = frozen()
     loss_weight: float = frozen()
+
+
+@dataclass
+class Lowres(Boundary):
+    scale: float = frozen()
+    loss_weight: float = frozen()
+
+    def __post_init__(self):
+        if not 0 < self.scale <= 1:
+            raise ConfigError(f"boundary.scale={self.scale}: expected a share of the image side in (0, 1]")
+
