@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-step bench-train-flops bench-ddp bench-compress bench-overhead bench-gpu bench-gpu-recipe clean
+.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-step bench-train-flops bench-frontier bench-ddp bench-compress bench-overhead bench-gpu bench-gpu-recipe clean
 
 install: $(STAMP)
 
@@ -52,6 +52,9 @@ bench-step: $(STAMP)
 
 bench-train-flops: $(STAMP)
 	$(PY) -m fastclip.bench.train_flops $(ARGS)
+
+bench-frontier: $(STAMP)
+	$(PY) -m fastclip.bench.frontier $(ARGS)
 
 bench-ddp: $(STAMP)
 	$(PY) -m fastclip.bench.ddp $(ARGS)

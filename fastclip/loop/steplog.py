@@ -107,7 +107,9 @@ class StepTimer:
     def summary(self, state: TrainState) -> dict[str, float]:
         out = {"time/train_s": state.train_s,
                "throughput/train_samples_per_s": state.samples_seen / max(state.train_s, 1e-9),
-               "efficiency/train_pflops_total": state.train_pflops}  # the run's counted training compute
+               "efficiency/train_pflops_total": state.train_pflops,  # the run's counted training compute
+               "train/steps": float(state.step),  # the optimizer steps it took (a budget's, under max_pflops)
+               "train/samples": float(state.samples_seen)}
         if state.train_gflops is not None:
             out["efficiency/train_gflops"] = state.train_gflops
         if self.step_times:

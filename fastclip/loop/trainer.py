@@ -58,14 +58,24 @@ class Trainer:
     def _planned_steps(self, task: Task, cfg, device: torch.device) -> int:
         """The run's optimizer steps: epochs x steps per epoch, capped by trainer.max_steps; under
         trainer.max_pflops, the steps the budget buys at the first batch's counted training GFLOPs per
-        sample (the run also stops once its counted compute reaches the budget: finished())."""
+        sample, a full-token phase's steps at theirs (the run also stops once its counted compute
+        reaches the budget: finished())."""
         tc = cfg.trainer
         if not self.max_pflops:
             total = self.steps_per_epoch * cfg.epochs
             return min(total, tc.max_steps) if tc.max_steps else total
-        gflops = probe_gflops(task, self.amp_dtype, device)
         step_samples = tc.batch_size * self.accum * self.world.size
-        return max(1, math.ceil(self.max_pflops * 1e6 / (gflops * step_samples)))
+        budget = self.max_pflops * 1e6 / step_samples  # GFLOPs per sample the run may spend, summed over steps
+        reduced = probe_gflops(task, self.amp_dtype, device)
+        phase = tc.full_token_steps
+        if not phase:
+            return max(1, math.ceil(budget / reduced))
+        task.model.set_full_tokens(True)  # the phase's steps cost more: priced at their own count
+        full = probe_gflops(task, self.amp_dtype, device)
+        task.model.set_full_tokens(False)
+        if phase < 1:  # a fraction of the run
+            return max(1, math.ceil(budget / ((1 - phase) * reduced + phase * full)))
+        return int(phase) + max(1, math.ceil((budget - int(phase) * full) / reduced))
 
     @staticmethod
     def _quality_now(task, what: str = "the evaluation before pruning"):

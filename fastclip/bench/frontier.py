@@ -1,0 +1,125 @@
+"""make bench-frontier: every row trained on the SAME counted training compute, the budget vanilla's
+`--steps` steps cost (efficiency/train_pflops_total of vanilla's run, seed 0), as FLIP and CLIPA compare
+methods: vanilla, DTP fixed k=4 Hilbert and learned DTP (gumbel, d->d->1 predictor, Hilbert order,
+stride start), each with and without a full-token fine-tune (trainer.full_token_steps), and the peers
+at bench-clip's matched knobs: FLIP patch dropout + fine-tune, CLIPA low resolution + fine-tune,
+ToMe, EViT. CIFAR-10 (bench-clip's recipe: vit_tiny at patch 4, 64 patches, 4 blocks) and digits.
+
+Per row: zero-shot top-1 (mean and per seed), the whole model's training GFLOPs per sample (the
+run's mean: efficiency/train_pflops_total over its samples), the steps the budget bought, wall-clock on this machine,
+and the compute the row needed to first reach vanilla's final validation top-1 (from its per-epoch
+val/zeroshot_top1 against efficiency/train_pflops_total, read from the bench's MLflow store), as a
+share of the budget ("-" where it never did). The table is rewritten after every run, so a time
+limit leaves what finished; --only and --seeds build it in parts.
+
+    python -m fastclip.bench.frontier [--steps 1000] [--datasets cifar10,digits] [--seeds 0,1,2]
+        [--only vanilla,fixed_hilbert,...] [--full-token 0.1]
+"""
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from fastclip import PROJECT_ROOT
+from fastclip.bench.clip import CIFAR, DATASETS, DTP_VARIANTS, GEOMETRY, PEERS, matched_knob, per_seed
+from fastclip.bench.common import emit, markdown_table, run_isolated, schedule
+
+TOP1, VAL_TOP1, COMPUTE = "zeroshot/top1", "val/zeroshot_top1", "efficiency/train_pflops_total"
+FIXED_HILBERT = DTP_VARIANTS["fixed_hilbert"][1]
+LEARNED = [o for o in DTP_VARIANTS["gumbel_r1_hilbert_stride"][1] if o != "eval.placement_control=true"]
+
+
+def rows_for(dataset: str, full_token: float) -> dict[str, tuple[str, list[str]]]:
+    """key -> (label, overrides beyond the budget) of every row; the peers' knobs matched to DTP fixed
+    k=4 Hilbert's image GFLOPs as bench-clip matches them."""
+    from fastclip.bench.clip import tower_gflops
+    target = tower_gflops(FIXED_HILBERT)
+    fine_tune = [f"trainer.full_token_steps={full_token}"]
+    rows = {"vanilla": ("vanilla ViT", ["boundary=none"]),
+            "fixed_hilbert": ("DTP fixed k=4 Hilbert", FIXED_HILBERT),
+            "fixed_hilbert_ft": (f"DTP fixed k=4 Hilbert + full-token {full_token}", FIXED_HILBERT + fine_tune),
+            "learned": ("DTP gumbel d->d->1, Hilbert, stride start", LEARNED),
+            "learned_ft": (f"DTP gumbel d->d->1, Hilbert, stride start + full-token {full_token}", LEARNED + fine_tune)}
+    for key, fine in (("patch_dropout", True), ("lowres", True), ("tome", False), ("evit", False)):
+        label, candidates, overrides_for = PEERS[key]
+        value, _ = matched_knob(candidates, overrides_for, target)
+        overrides = overrides_for(value)
+        if key == "patch_dropout":  # FLIP trains at its keep rate and evaluates on every patch after the fine-tune
+            overrides = [o for o in overrides if not o.startswith("boundary.eval_keep")]
+        rows[key + ("_ft" if fine else "")] = (label.format(value).replace(", eval at keep", "")
+                                               + (f" + full-token {full_token}" if fine else ""),
+                                               overrides + (fine_tune if fine else []))
+    return rows
+
+
+def reached_at(store: str, run_id: str, target: float) -> float | None:
+    """The counted compute (PFLOPs) at the first evaluation whose val/zeroshot_top1 reached `target`."""
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=store)
+    top1 = sorted((m.step, m.value) for m in client.get_metric_history(run_id, VAL_TOP1))
+    compute = dict(sorted((m.step, m.value) for m in client.get_metric_history(run_id, COMPUTE)))
+    for step, value in top1:
+        if value >= target:
+            return max((c for s, c in compute.items() if s <= step), default=None)
+    return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1000, help="vanilla's steps: their counted compute is every row's budget")
+    ap.add_argument("--datasets", default="cifar10,digits")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated; digits runs seed 0 only")
+    ap.add_argument("--only", default="", help="comma-separated row keys (vanilla always runs: it sets the budget)")
+    ap.add_argument("--full-token", type=float, default=0.1, help="trainer.full_token_steps of the fine-tuned rows")
+    ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "frontier.md"))
+    args = ap.parse_args(argv)
+    root = PROJECT_ROOT / "outputs" / "bench" / f"frontier-{time.strftime('%Y%m%d-%H%M%S')}"
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    sections = {}
+    for ds in args.datasets.split(","):
+        if ds == "cifar10" and not CIFAR.is_dir():
+            print(f"skipping cifar10: {CIFAR} is absent")
+            continue
+        seeds = [int(s) for s in args.seeds.split(",")] if ds == "cifar10" else [0]
+        common = DATASETS[ds] + GEOMETRY + ["epochs=100000", "trainer.progress=false", "eval.boundary_picture=false",
+                                            f"tracking.uri={store}", f"tracking.experiment=frontier-{ds}"]
+        rows = rows_for(ds, args.full_token)
+        keys = ["vanilla"] + [k for k in rows if k != "vanilla" and (not args.only or k in args.only.split(","))]
+        table, budget, vanilla_val = [], None, None
+        for key in keys:
+            label, overrides = rows[key]
+            runs = []
+            for seed in seeds:
+                length = schedule(args.steps, warmup=20) if key == "vanilla" else \
+                    [f"trainer.max_pflops={budget!r}", f"trainer.warmup_steps={min(20, max(1, args.steps // 10))}"]
+                t0 = time.perf_counter()
+                m = run_isolated(common + overrides + length + [f"seed={seed}"], root / ds / key / f"seed{seed}")
+                m["wall_s"] = time.perf_counter() - t0
+                runs.append(m)
+                if key == "vanilla" and budget is None:
+                    budget = m[COMPUTE]
+            if key == "vanilla":
+                vanilla_val = statistics.mean(r[VAL_TOP1] for r in runs)
+            reached = [reached_at(store, r["mlflow_run_id"], vanilla_val) for r in runs]
+            table.append({
+                "variant": label, "top1": statistics.mean(r[TOP1] for r in runs),
+                "per_seed": per_seed([r[TOP1] for r in runs]),
+                # the run's mean: a fine-tuned row's last count is its full-token phase's
+                "gflops": statistics.mean(r[COMPUTE] * 1e6 / r["train/samples"] for r in runs),
+                "steps": statistics.mean(r["train/steps"] for r in runs),
+                "compute": statistics.mean(r[COMPUTE] for r in runs) / budget,
+                "wall": statistics.mean(r["wall_s"] for r in runs),
+                "to_vanilla": "-" if None in reached else f"{statistics.mean(reached) / budget:.2f}"})
+            sections[ds] = (f"### {ds}: every row at vanilla's {args.steps}-step training compute ({budget:.4g} PFLOPs), "
+                            f"seeds {','.join(map(str, seeds))}\n\n" + markdown_table(table, [
+                                ("variant", "variant", ""), ("zero-shot top-1", "top1", ".3f"),
+                                ("per seed", "per_seed", ""), ("mean train GFLOPs/sample", "gflops", ".4g"),
+                                ("steps bought", "steps", ".0f"), ("compute used / budget", "compute", ".3f"),
+                                ("wall-clock s", "wall", ".0f"),
+                                ("compute to vanilla's final val top-1 / budget", "to_vanilla", "")]))
+            emit("\n\n".join(sections.values()), Path(args.out))  # rewritten after every row
+    return sections
+
+
+if __name__ == "__main__":
+    main()
