@@ -105,3 +105,46 @@ def test_a_full_token_phase_longer_than_the_run_or_outside_clip_is_refused():
     runtime.seed_everything(0)
     with pytest.raises(ConfigError, match="trainer.full_token_steps=500 is longer than the run"):
         Trainer(build_task(cfg, CPU, None), cfg, CPU)  # the run's length known once the data is read
+
+
+@pytest.mark.parametrize("boundary", [["boundary=gumbel"], ["boundary=entropy_spike"]])
+def test_in_the_phase_every_trained_parameter_still_gets_a_gradient_as_ddp_expects(boundary):
+    """Data-parallel, DDP (find_unused_parameters=false) fails on a step where a parameter it was built
+    with gets no gradient: the idle predictors and heads stay in the graph with a zero one."""
+    cfg = compose_cfg([*TINY_CLIP, *boundary, "eval.boundary_picture=false", "trainer.batch_size=16"])
+    runtime.seed_everything(0)
+    task = build_task(cfg, CPU, None)
+    task.model.set_full_tokens(True)
+    out = task.loss(next(iter(task.train_batches(0))))
+    out.loss.backward()
+    missing = [name for name, p in task.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    idle = [p for name, p in task.model.named_parameters() if "predictor" in name.split(".")]
+    assert idle and all(p.grad.abs().sum() == 0 for p in idle)
+
+
+@pytest.mark.slow
+def test_a_run_resumed_inside_the_phase_ends_as_the_uninterrupted_one(tmp_path):
+    """Stopped at step 6 of 8 (inside a 3-step phase) and resumed: the same compute, the same reduced
+    measurement, the same final top-1 as the run that never stopped."""
+    overrides = [*TINY_CLIP, "eval.boundary_picture=false", "trainer.batch_size=64", "trainer.max_steps=8",
+                 "boundary=fixed", "boundary.apply_to=[image]", "trainer.full_token_steps=3"]
+    cfg = compose_cfg(overrides)
+
+    def trained(steps: int, state=None, run="whole"):
+        runtime.seed_everything(0)
+        task = build_task(cfg, CPU, tmp_path / run)
+        trainer = Trainer(task, cfg, CPU)
+        if state is not None:
+            trainer.load_state_dict(state)
+        trainer.total_steps_saved = trainer.total_steps
+        if steps < trainer.total_steps:
+            trainer.total_steps = steps  # stop early, as a SIGTERM after step `steps` would
+            fit(task, cfg, None, tmp_path / run, CPU, trainer)
+            trainer.total_steps = trainer.total_steps_saved
+            return {**trainer.state_dict(), "config": {"trainer": {"lr": cfg.trainer.lr}}}
+        return fit(task, cfg, None, tmp_path / run, CPU, trainer)
+    whole = trained(8)
+    part = trained(8, trained(6, run="first"), run="second")
+    for key in ("efficiency/train_pflops_total", "zeroshot/top1_reduced", "zeroshot/top1"):
+        assert part[key] == pytest.approx(whole[key], rel=1e-9), key

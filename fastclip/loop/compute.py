@@ -41,6 +41,10 @@ class TrainingCompute:
         return (self._recount or state.train_gflops is None or state.steps_in_epoch == 0
                 or bool(self.every and state.step % self.every == 0))
 
+    def discard(self) -> None:
+        """The micro-batches counted so far belong to a step that will not be taken."""
+        self.counting, self._flops = None, 0
+
     def recount(self) -> None:
         """The next step is counted whatever the schedule (the model's cost changed: a full-token phase)."""
         self._recount = True
@@ -58,8 +62,7 @@ class TrainingCompute:
         """After the optimizer step on `samples` of this rank (`global_samples` over all ranks)."""
         self.counted_now = None
         if self.counting:
-            per_sample = torch.tensor(self._flops / max(samples, 1) / 1e9, dtype=torch.float64, device=self.device)
-            state.train_gflops = float(distributed.mean(per_sample))
+            state.train_gflops = ranks_mean(self._flops / max(samples, 1) / 1e9, self.device)
             self.counted_now = state.train_gflops
             self._flops = 0
         state.train_pflops += (state.train_gflops or 0.0) * global_samples / 1e6
@@ -93,8 +96,15 @@ def probe_gflops(task, amp_dtype, device: torch.device) -> float:
             b.copy_(buffers[name])
     if out.loss is None or not out.samples:
         raise ValueError("trainer.max_pflops: the first training batch has no usable sample to count the compute of")
-    per_sample = torch.tensor(counter.compute._flops / out.samples / 1e9, dtype=torch.float64, device=device)
-    return float(distributed.mean(per_sample))
+    return ranks_mean(counter.compute._flops / out.samples / 1e9, device)
+
+
+def ranks_mean(value: float, device: torch.device) -> float:
+    """A host number's mean over the data-parallel ranks: one all-reduce when there are several, no
+    device tensor at all when there is one (a read back would wait for the device's queue)."""
+    if not distributed.current().distributed:
+        return value
+    return float(distributed.mean(torch.tensor(value, dtype=torch.float64, device=device)))
 
 
 class _Counting:

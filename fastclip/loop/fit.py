@@ -89,7 +89,7 @@ def train_epoch(run: Run) -> Accumulation:
     run's (a stop request ends the run here, checkpointed: raises) -> the micro-batches at its end
     that did not fill a step."""
     trainer, state = run.trainer, run.trainer.state
-    trainer.optimizer.zero_grad(set_to_none=True)  # nothing carries over from an unfinished accumulation
+    trainer.discard_partial_step()  # nothing carries over from an unfinished accumulation
     step = Accumulation()
     run.timer.start()
     # a checkpoint taken after an epoch's last step has nothing left of it to run (len % accum batches at most)

@@ -50,7 +50,8 @@ class Trainer:
         self.compression = task.compression
         self.compression.start(self.model, self.total_steps, self.warmup_steps, self._quality_now(task))
         self.phase = FullTokenPhase(tc.full_token_steps, self.total_steps,
-                                    self._quality_now(task, "the evaluation before the full-token phase"))
+                                    self._quality_now(task, "the evaluation before the full-token phase"),
+                                    self.max_pflops, self._phase_pflops)
         self._in_step = False  # a micro-batch of the step in progress has run
         if self.world.rank:  # each rank its own noise (gumbel, dropout); the weights are rank 0's (DDP)
             runtime.seed_everything(runtime.sample_seed(cfg.seed, self.world.rank) % 2**32)
@@ -61,6 +62,7 @@ class Trainer:
         sample, a full-token phase's steps at theirs (the run also stops once its counted compute
         reaches the budget: finished())."""
         tc = cfg.trainer
+        self._phase_pflops = 0.0  # under max_pflops, what the full-token phase is planned to spend
         if not self.max_pflops:
             total = self.steps_per_epoch * cfg.epochs
             return min(total, tc.max_steps) if tc.max_steps else total
@@ -74,8 +76,13 @@ class Trainer:
         full = probe_gflops(task, self.amp_dtype, device)
         task.model.set_full_tokens(False)
         if phase < 1:  # a fraction of the run
-            return max(1, math.ceil(budget / ((1 - phase) * reduced + phase * full)))
-        return int(phase) + max(1, math.ceil((budget - int(phase) * full) / reduced))
+            total = max(1, math.ceil(budget / ((1 - phase) * reduced + phase * full)))
+            phase_steps = round(phase * total)
+        else:
+            phase_steps = int(phase)
+            total = phase_steps + max(1, math.ceil((budget - phase_steps * full) / reduced))
+        self._phase_pflops = phase_steps * full * step_samples / 1e6
+        return total
 
     @staticmethod
     def _quality_now(task, what: str = "the evaluation before pruning"):
@@ -85,6 +92,13 @@ class Trainer:
             with runtime.preserved_rng():
                 return distributed.on_main(task.quality, what)
         return quality_now
+
+    def discard_partial_step(self) -> None:
+        """An epoch starts: micro-batches of an unfinished step (the last epoch's leftover, fewer than
+        accum_steps) are dropped, their gradients and FLOP count with them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._in_step = False
+        self.compute.discard()
 
     def finished(self) -> bool:
         if self.max_pflops:  # the budget decides, however many epochs it takes
@@ -173,9 +187,10 @@ class Trainer:
         # the option re-planned on the resumed schedule (a pruning ramp starts at the warm-up's end, which
         # the checkpoint keeps), then given its state back
         self.compression.start(self.model, self.total_steps, self.warmup_steps, self._quality_now(self.task))
-        self.phase = FullTokenPhase(self.cfg.trainer.full_token_steps, self.total_steps, self.phase.quality_now)
-        if self.state.step > self.phase.start:  # inside the phase (measured before it): evaluations too at full tokens
-            self.phase.before_step(self.state, self.model, self.compute)
+        self.phase = FullTokenPhase(self.cfg.trainer.full_token_steps, self.total_steps, self.phase.quality_now,
+                                    self.max_pflops, self._phase_pflops)
+        if self.state.reduced is not None:  # inside the phase (it measured the reduced model): evaluations too
+            self.model.set_full_tokens(True)  # at full tokens; its count was made where the uninterrupted run's was
         if ckpt.get("compression"):
             self.compression.load_state_dict(ckpt["compression"])
         self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)

@@ -87,14 +87,21 @@ def boundary_loss(method, tower: TowerOutput) -> torch.Tensor | None:
     return loss
 
 
+# what decides and learns the boundaries: idle while the reduction is off (trainer.full_token_steps)
+IDLE_IN_PHASE = {"predictor", "next_patch", "next_char", "position_logits"}
+
+
 def clip_objective(model, criterion, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training objective: contrastive loss plus each DTP tower's boundary objective times its
     loss_weight. -> (loss, its unweighted parts: contrastive_loss, boundary_loss_<tower>)."""
     loss = criterion(out["image_features"], out["text_features"], out["logit_scale"])
     parts = {"contrastive_loss": loss}
+    if model.full_tokens:  # the reduction is off: its boundaries are forced, nothing to learn from them
+        # the predictors and their heads stay in the graph with a zero gradient: data-parallel, DDP
+        # expects a gradient for every parameter it was built with (find_unused_parameters=false)
+        idle = [p for name, p in model.named_parameters() if p.requires_grad and set(name.split(".")) & IDLE_IN_PHASE]
+        return (loss + 0.0 * sum(p.sum() for p in idle) if idle else loss), parts
     for tower, method in (("image", model.image_method), ("text", model.text_method)):
-        if model.full_tokens:  # the reduction is off: its boundaries are forced, nothing to learn from them
-            break
         aux = boundary_loss(method, out[f"{tower}_output"])
         if aux is not None:
             parts[f"boundary_loss_{tower}"] = aux

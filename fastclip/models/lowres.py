@@ -32,7 +32,7 @@ class LowResImageTower(nn.Module):
         the blocks ran on at the lower resolution."""
         vit = self.vit
         n_full = vit.grid_size[0] * vit.grid_size[1]
-        if self.full_tokens or self.grid == tuple(vit.grid_size):
+        if self.full_tokens:
             return full_token_forward(vit, images)
         patch = vit.conv1.kernel_size
         size = (self.grid[0] * patch[0], self.grid[1] * patch[1])

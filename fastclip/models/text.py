@@ -68,14 +68,17 @@ class VanillaTextTower(nn.Module):
         super().__init__()
         self.text = text
         # the trimmed forward below handles open_clip's default text tower; others run as open_clip runs them
+        # pooled from a position the padding after it cannot move (argmax/eos: EOT; first), no token output
         self.trims = getattr(text, "cls_emb", None) is None and not getattr(text, "use_pad_mask", False) \
-            and getattr(text, "attn_mask", None) is not None
+            and getattr(text, "attn_mask", None) is not None and not getattr(text, "output_tokens", False) \
+            and getattr(text, "pool_type", None) in ("argmax", "eos", "first")
+        self.pad_id = getattr(text, "pad_id", 0)
 
     def forward(self, tokens) -> TowerOutput:
         n = (tokens != 0).sum(1).float()
         if not self.trims:
             return TowerOutput(self.text(tokens), tokens=n, segments=n)
-        return TowerOutput(self.encode(tokens[:, :longest_caption(tokens)]), tokens=n, segments=n)
+        return TowerOutput(self.encode(tokens[:, :longest_caption(tokens, self.pad_id)]), tokens=n, segments=n)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """TextTransformer.forward on [B, L <= context_length] tokens. Written here because open_clip
