@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fastclip import CONF_DIR, checkpoint
 from fastclip.checkpoint import ResumeError
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS, flatten, unflatten
-from fastclip.schema.resume_rules import MUTABLE_KEYS, RUNTIME_KEYS, rule_of
+from fastclip.schema.resume_rules import MUTABLE_KEYS, RUNTIME_KEYS, rule_of, with_legacy
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
     Raises FileNotFoundError / CheckpointError / ResumeError naming the problem."""
     path = Path(cfg.trainer.resume)
     ckpt = checkpoint.load(path)
-    old = flatten(ckpt["config"])
+    old = flatten(with_legacy(ckpt["config"]))  # a key added since, with a legacy value: what the run meant
     if overrides is None:
         proposal, touched = _callers_choices(cfg, ckpt)
     else:
@@ -86,7 +86,8 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
             effective[key] = proposal[key]
         else:
             effective.pop(key, None)  # `~key` on the command line
-    for key in proposal.keys() - old.keys() - touched:  # keys this version of fastclip added since the checkpoint
+    # keys this version of fastclip added since the checkpoint (those declaring a legacy value are in old)
+    for key in proposal.keys() - old.keys() - touched:
         effective[key], added = proposal[key], added + [key]
     effective["trainer.resume"] = str(path)
     changes = {k: (old.get(k), effective.get(k)) for k in sorted(touched | {"trainer.resume"})
