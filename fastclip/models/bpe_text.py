@@ -1,7 +1,8 @@
 """The DTP text tower over open_clip's BPE tokens (boundary.text_tokens=bpe): open_clip's text tower cut
 in two. Its token embedding and its first boundary.text_pre_layers causal blocks run on every BPE token
-(each batch trimmed to its longest caption, as VanillaTextTower runs); the boundary predictor closes
-segments there; the remaining blocks run on the segment means, causally (a segment attends to itself
+(each batch trimmed to its longest caption, as VanillaTextTower runs, and with text_layout=packed
+every caption's tokens end to end, so the FLOPs follow each caption's own length); the boundary
+predictor closes segments there; the remaining blocks run on the segment means, causally (a segment attends to itself
 and the segments before it); the embedding is the segment that holds the EOT token (the row's highest
 id, as open_clip's argmax pooling reads it) after ln_final and the projection.
 
@@ -9,6 +10,7 @@ Causality: a segment's mean holds its own tokens only, and the shortened blocks'
 only the segments that closed before it, so a segment's output depends on the tokens up to its own
 end and on none after it (the test perturbs later tokens). The EOT segment, the last one, reads the
 whole caption, as open_clip's EOT token does."""
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,9 +19,19 @@ from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, fi
                                  segment_counts, segment_ids)
 from fastclip.models.outputs import TowerOutput
 from fastclip.models.packed import PackedRows, packed_block
-from fastclip.models.text import longest_caption
-
 PAD_ID = 0  # open_clip's SimpleTokenizer pads with 0
+
+
+def caption_sizes(tokens: torch.Tensor) -> tuple[int, int]:
+    """(the columns [B, L] BPE rows need: up to the longest caption's last token, at least 1; their tokens
+    in all). Captions are prefixes of their rows (SOT .. EOT, then padding). A CPU batch is read through
+    numpy (no device read); a CUDA one costs one host sync."""
+    lengths = (tokens != PAD_ID).sum(1)
+    if tokens.is_cpu:
+        longest, total = int(np.max(lengths.numpy(), initial=0)), int(np.sum(lengths.numpy()))
+    else:
+        longest, total = torch.stack([lengths.max(), lengths.sum()]).tolist()
+    return max(longest, 1), total
 
 
 def word_end_ids(tokenizer) -> torch.Tensor:
@@ -63,10 +75,10 @@ class BPEDTPTextTower(nn.Module):
         """tokens [B, context_length] BPE ids (0 padding) -> TowerOutput; boundaries, boundary_logits and
         token_mask over the batch's first longest-caption tokens; boundary_targets and auxiliary_loss
         (mean next-token NLL in nats) from the next-token head (entropy_spike)."""
-        tokens = tokens[:, :longest_caption(tokens, PAD_ID)]
+        longest, total = caption_sizes(tokens)
+        tokens = tokens[:, :longest]
         token_mask = tokens != PAD_ID
-        x = self.causal_prefix(tokens)
-        logits = self.predictor(x) if self.predictor is not None else None
+        x, logits = self.causal_prefix(tokens, token_mask, total)
         b = self.method.boundaries(logits, tokens, token_mask) * token_mask
         counts = segment_counts(b, token_mask)
         # the one host sync: the pooled sizes, and whether the predictor has diverged (before they size anything)
@@ -84,14 +96,21 @@ class BPEDTPTextTower(nn.Module):
                            boundary_logits=logits, boundary_targets=targets, auxiliary_loss=auxiliary_loss,
                            token_mask=token_mask.float())
 
-    def causal_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, L, width]: the embedding and the causal pre-layers, as open_clip runs them."""
+    def causal_prefix(self, tokens: torch.Tensor, token_mask: torch.Tensor, total: int):
+        """[B, L] -> ([B, L, width]: the embedding and the causal pre-layers, as open_clip runs them; the
+        predictor's logits [B, L] or None). Packed: on every caption's tokens end to end (padding: zeros)."""
         L = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:L]
+        if self.layout == "packed" and total > 0:
+            rows = PackedRows.from_lengths(token_mask.sum(1), L, total, causal=True)
+            h = rows.pack(x)
+            for block in self.pre:
+                h = self.packed_block(block, h, rows)
+            return rows.unpack(h), rows.unpack(self.predictor(h)) if self.predictor is not None else None
         mask = self.attn_mask[:L, :L].to(x.dtype)
         for block in self.pre:
             x = block(x, attn_mask=mask)
-        return x
+        return x, self.predictor(x) if self.predictor is not None else None
 
     def shortened(self, x, b, token_mask, counts, longest: int, total: int) -> torch.Tensor:
         """The segment means through the shortened blocks (causal over segments) and ln_final -> [B, S, width]."""
@@ -110,11 +129,11 @@ class BPEDTPTextTower(nn.Module):
     def segment_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(every segment's output [B, S, width] after ln_final, boundaries [B, L]) as forward computes them
         (the causality test reads them)."""
-        tokens = tokens[:, :longest_caption(tokens, PAD_ID)]
+        longest, total = caption_sizes(tokens)
+        tokens = tokens[:, :longest]
         token_mask = tokens != PAD_ID
-        x = self.causal_prefix(tokens)
-        b = self.method.boundaries(self.predictor(x) if self.predictor is not None else None, tokens,
-                                   token_mask) * token_mask
+        x, logits = self.causal_prefix(tokens, token_mask, total)
+        b = self.method.boundaries(logits, tokens, token_mask) * token_mask
         counts = segment_counts(b, token_mask)
         return self.shortened(x, b, token_mask, counts, max(int(counts.max()), 1), int(counts.sum())), b
 
