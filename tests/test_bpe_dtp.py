@@ -231,3 +231,17 @@ def test_resuming_a_checkpoint_without_text_tokens_keeps_bytes(tmp_path):
         assert resumed.config.boundary.text_tokens == "bytes" and not resumed.changes
     with pytest.raises(ResumeError, match=r"boundary.text_tokens: 'bytes' -> 'bpe'"):
         resume.prepare(cfg, ["boundary=gumbel", "boundary.text_tokens=bpe", f"trainer.resume={path}"])
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_the_embedding_is_the_segment_that_holds_eot(layout):
+    """As open_clip reads its EOT token: the caption's last segment (the one that holds EOT, the row's
+    highest id), after ln_final and the projection; the segments before it are not read."""
+    model, tokenizer = clip_with("boundary=fixed", "boundary.k=3", "boundary.apply_to=[text]",
+                                 f"boundary.text_layout={layout}")
+    tower, tokens = model.text.eval(), tokenizer(CAPTIONS)
+    with torch.no_grad():
+        out = tower(tokens)
+        states, _ = tower.segment_states(tokens)
+    last = states[torch.arange(len(CAPTIONS)), out.segments.long() - 1]
+    torch.testing.assert_close(out.embedding, last @ tower.text_projection)
