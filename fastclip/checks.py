@@ -9,7 +9,7 @@ Only omegaconf and torch-free fastclip modules are imported at module level: kee
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from fastclip.models.meaning import dtp_towers
+from fastclip.models.meaning import check_tokenizer, dtp_towers
 from fastclip.schema import typed, typed_config
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.steps import steps_of
@@ -104,11 +104,9 @@ def _check_clip(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset={ds.name} is not an image-text dataset for task=clip ({', '.join(CLIP_DATASETS)})")
     try:
         towers = dtp_towers(boundary)
+        check_tokenizer(enc.tokenizer, boundary, towers)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if enc.tokenizer == "char" and "text" not in towers:
-        raise ConfigError("encoder.tokenizer=char needs a DTP text tower (a boundary applied to text); "
-                          "vanilla text towers use open_clip's BPE tokenizer")
     if not _has_eval_set(cfg):
         raise ConfigError(f"dataset={ds.name} brings no evaluation set as configured: "
                           + {"webdataset": "set dataset.eval_shards (held-out shards: `make_shards --eval-fraction` "

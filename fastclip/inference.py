@@ -77,8 +77,9 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
     from fastclip import checkpoint as ckpt
     from fastclip.models.clip import build_clip, build_transforms
     path = checkpoint_path(checkpoint, uri)
+    from fastclip.schema.resume_rules import with_legacy
     state = ckpt.load(path)
-    cfg = OmegaConf.create(state["config"])
+    cfg = OmegaConf.create(with_legacy(state["config"]))  # a key added since: the value its run had (legacy)
     task = OmegaConf.select(cfg, "task.name")
     if task != "clip":
         what = " (a character language model)" if task == "lm" else ""

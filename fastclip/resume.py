@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fastclip import CONF_DIR, checkpoint
 from fastclip.checkpoint import ResumeError
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS, flatten, unflatten
-from fastclip.schema.resume_rules import MUTABLE_KEYS, RUNTIME_KEYS, rule_of
+from fastclip.schema.resume_rules import MUTABLE_KEYS, RUNTIME_KEYS, missing_legacy, rule_of
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,16 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
     Raises FileNotFoundError / CheckpointError / ResumeError naming the problem."""
     path = Path(cfg.trainer.resume)
     ckpt = checkpoint.load(path)
-    old = flatten(ckpt["config"])
+    # a key added since the checkpoint that declares a legacy value (schema/fields.py): what its run meant
+    legacy = missing_legacy(flatten(ckpt["config"]))
+    old = flatten(ckpt["config"]) | legacy
     if overrides is None:
         proposal, touched = _callers_choices(cfg, ckpt)
     else:
         proposal, touched = _apply_overrides(ckpt, overrides)
+    # ... unless this command line names it: choosing the checkpoint's group option again (a requeued
+    # job's own command line) keeps what the checkpoint's run was
+    touched -= {k for k in legacy if k not in _named_keys(overrides or [])}
     unknown = [k for k in unknown_keys(ckpt, proposal) if k not in touched]
     if unknown:  # copied into the run and its params, and read by nothing: the run would not be what it says
         raise ResumeError(f"trainer.resume={path}: {describe_unknown(ckpt, unknown)}. Resume it with that version (its "
@@ -86,7 +91,8 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
             effective[key] = proposal[key]
         else:
             effective.pop(key, None)  # `~key` on the command line
-    for key in proposal.keys() - old.keys() - touched:  # keys this version of fastclip added since the checkpoint
+    # keys this version of fastclip added since the checkpoint (those declaring a legacy value are in old)
+    for key in proposal.keys() - old.keys() - touched:
         effective[key], added = proposal[key], added + [key]
     effective["trainer.resume"] = str(path)
     changes = {k: (old.get(k), effective.get(k)) for k in sorted(touched | {"trainer.resume"})
@@ -154,6 +160,12 @@ def _apply_overrides(ckpt: dict, overrides: list[str]) -> tuple[dict, set]:
         prefix = o.key_or_group.replace("/", ".")
         touched |= {k for k in proposal if k == prefix or k.startswith(prefix + ".")}
     return proposal, touched
+
+
+def _named_keys(overrides: list[str]) -> set[str]:
+    """The keys a command line's overrides name themselves (key=value, ~key, +key=value; not a group's choice)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    return {o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))}
 
 
 def _callers_choices(cfg: DictConfig, ckpt: dict) -> tuple[dict, set]:

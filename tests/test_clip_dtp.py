@@ -22,7 +22,8 @@ def task_for(*overrides):
 
 @pytest.mark.parametrize("boundary", ["none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram", "tome"])
 def test_every_boundary_option_trains_and_evaluates_with_clip(boundary, tmp_path):
-    task = task_for(f"boundary={boundary}", "trainer.batch_size=32", f"+dataset.cache_dir={tmp_path}")
+    over_bytes = ["boundary.text_tokens=bytes"] if boundary == "unigram" else []  # unigram has no meaning over BPE
+    task = task_for(f"boundary={boundary}", "trainer.batch_size=32", f"+dataset.cache_dir={tmp_path}", *over_bytes)
     loss, extras, n = task.loss(next(iter(task.train_batches(0))))
     loss.backward()
     assert torch.isfinite(loss) and n == 32
@@ -61,7 +62,7 @@ def test_rn50_image_tower_with_dtp_text_tower():
 
 
 def test_segment_masks_with_different_counts_in_one_batch():
-    task = task_for("boundary=fixed", "boundary.k=3", "boundary.apply_to=[text]")
+    task = task_for("boundary=fixed", "boundary.k=3", "boundary.apply_to=[text]", "boundary.text_tokens=bytes")
     tokens = task.tokenizer(["ab", "a much longer caption here"])
     out = task.model.text(tokens)
     assert out.segments.tolist() == [1.0, 9.0]  # ceil(2/3), ceil(26/3)
@@ -228,7 +229,7 @@ def test_text_entropy_spike_sets_no_target_on_the_last_byte_of_a_full_context():
     targets are the spikes of the head's entropies."""
     from fastclip.models.boundaries import entropy_spikes
     from fastclip.models.charlm import causal_mask
-    task = task_for("boundary=entropy_spike", "boundary.apply_to=[text]")
+    task = task_for("boundary=entropy_spike", "boundary.apply_to=[text]", "boundary.text_tokens=bytes")
     tower = task.model.text.eval()
     tokens = task.tokenizer(["a photo of a cat " * 8, "a dog"])  # the first fills the 64-byte context
     assert (tokens[0] != 0).all() and (tokens[1] == 0).any()
@@ -626,7 +627,8 @@ def test_packed_text_tower_matches_padded_and_spends_less(boundary):
     captions = ["a cat", "", "two red buses parked by a long wall", "dogs"]
     out, flops = {}, {}
     for layout in ("padded", "packed"):
-        task = task_for(f"boundary={boundary}", "boundary.apply_to=[text]", f"boundary.text_layout={layout}")
+        task = task_for(f"boundary={boundary}", "boundary.apply_to=[text]", f"boundary.text_layout={layout}",
+                        "boundary.text_tokens=bytes")
         tower = task.model.text.eval()
         tokens = task.tokenizer(captions)
         tower_out = tower(tokens)

@@ -90,7 +90,8 @@ def test_the_affinity_kl_is_kl_teacher_to_student_times_t_squared_worked_by_hand
 def test_a_char_level_dtp_student_distills_from_a_bpe_teacher_and_no_gradient_reaches_the_teacher(teacher, tmp_path):
     from fastclip.loop import Trainer
     from fastclip.tasks.clip import ClipTask
-    cfg = compose_cfg([*TINY_CLIP, *STEPS, "boundary=fixed", "encoder.tokenizer=char", "encoder.embed_dim=16",
+    cfg = compose_cfg([*TINY_CLIP, *STEPS, "boundary=fixed", "encoder.tokenizer=char", "boundary.text_tokens=bytes",
+                       "encoder.embed_dim=16",
                        "compression=distill", f"compression.teacher={teacher['path']}", "trainer.max_steps=2",
                        "tracking.uri=sqlite:///" + str(tmp_path / "m.db")])
     task = ClipTask(cfg, torch.device("cpu"), tmp_path)

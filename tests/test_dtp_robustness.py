@@ -24,8 +24,9 @@ assert len(CAPTIONS[-1].encode()) > 64 and len(CAPTIONS[-1].encode()[:64].decode
 
 
 def clip_with(*overrides, captions=None, cache_dir=None):
+    """The byte-level text tower's CLIP (these tests are about bytes; tests/test_bpe_dtp.py: BPE's)."""
     torch.manual_seed(0)
-    cfg = compose_cfg(TINY_CLIP + list(overrides))
+    cfg = compose_cfg(TINY_CLIP + ["boundary.text_tokens=bytes"] + list(overrides))
     return build_clip(cfg.encoder, cfg.boundary, captions, cache_dir)
 
 

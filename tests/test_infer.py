@@ -28,7 +28,8 @@ def trained(tmp_path_factory):
     home = tmp_path_factory.mktemp("infer")
     uri = f"sqlite:///{home / 'mlflow.db'}"
     out = {}
-    for name, extra in (("vanilla", []), ("dtp", ["boundary=gumbel"]), ("unigram", ["boundary=unigram"])):
+    bytes_ = ["boundary.text_tokens=bytes"]  # the byte-level text tower (tests/test_bpe_dtp.py loads a BPE one)
+    for name, extra in (("vanilla", []), ("dtp", ["boundary=gumbel", *bytes_]), ("unigram", ["boundary=unigram", *bytes_])):
         run(compose_cfg(FEW + extra + [f"tracking.uri={uri}"]), home / name)
         run_id = mlflow.MlflowClient(tracking_uri=uri).search_runs(
             [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("fastclip").experiment_id],

@@ -21,7 +21,7 @@ from fastclip.compression.measure import QUALITY, eval_batch_ms, model_bytes, ru
 from fastclip.schema.compression import QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.schema.fields import choice
 
-FLOAT_PARTS = ("predictor", "next_patch", "next_char")  # module names whose Linears stay float
+FLOAT_PARTS = ("predictor", "next_patch", "next_char", "next_token")  # module names whose Linears stay float
 
 
 def quantized_copy(model: nn.Module, scheme: str, embedding: str = "int8") -> nn.Module:

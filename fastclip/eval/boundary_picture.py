@@ -116,9 +116,12 @@ def draw(model, images: torch.Tensor, tokens: torch.Tensor, decode, path, n: int
             _draw_groups(ax, groups[i].cpu().numpy().reshape(rows, cols), image.shape[-2], image.shape[-1])
             ax.set_title(f"{groups[i].numel()} -> {len(groups[i].unique())} tokens", fontsize=8)
         ax.axis("off")
-        tb = text_out.boundaries  # DTP text towers: per byte, so the label comes from the bytes
-        label = (caption_with_breaks(model.text.tokenizer.to_bytes(tokens[i].tolist()), tb[i].tolist())
-                 if tb is not None else decode(tokens[i]))
+        tb = text_out.boundaries  # DTP text towers: per BPE token (the tower labels them) or per byte
+        if tb is not None and hasattr(model.text, "caption_with_breaks"):
+            label = model.text.caption_with_breaks(tokens[i].tolist(), tb[i].tolist())
+        else:
+            label = (caption_with_breaks(model.text.tokenizer.to_bytes(tokens[i].tolist()), tb[i].tolist())
+                     if tb is not None else decode(tokens[i]))
         axes[1, i].text(0, 0.5, "\n".join(label[j:j + 18] for j in range(0, len(label), 18)), fontsize=7,
                         family="monospace", va="center")
         axes[1, i].axis("off")

@@ -67,14 +67,18 @@ class Fixed(BoundaryMethod):
 
 
 class Whitespace(BoundaryMethod):
-    """A space closes its word's segment ('the ', 'cat ')."""
+    """A space closes its word's segment ('the ', 'cat '); over BPE tokens (word_ends: [vocab] bool,
+    the tokens that end a word), a word's last token closes it ('the</w>', 'ca' 'ts</w>')."""
     name = "whitespace"
 
-    def __init__(self, space_id: int, **kw):
+    def __init__(self, space_id: int | None = None, word_ends: torch.Tensor | None = None, **kw):
         super().__init__(**kw)
         self.space_id = space_id
+        self.register_buffer("word_ends", word_ends, persistent=False)
 
     def boundaries(self, logits, tokens, token_mask=None):
+        if self.word_ends is not None:
+            return self.word_ends[tokens].float()
         return (tokens == self.space_id).float()
 
 
@@ -227,10 +231,12 @@ class Unigram(SupervisedBoundaries):
         self.vocab_size = vocab_size
 
 
-def build_boundary_method(cfg, space_id: int | None = None, causal: bool = False) -> BoundaryMethod | None:
+def build_boundary_method(cfg, space_id: int | None = None, causal: bool = False,
+                          word_ends: torch.Tensor | None = None) -> BoundaryMethod | None:
     """None for boundary=none (no pooling at all). causal: the sequence model is autoregressive
-    (the LM), so no rule may look ahead."""
-    method = _build(cfg, space_id, causal)
+    (the LM), so no rule may look ahead. word_ends: a BPE vocabulary's word-final tokens ([vocab] bool),
+    whitespace's rule over BPE tokens (space_id: over characters)."""
+    method = _build(cfg, space_id, causal, word_ends)
     if method is not None and method.needs_predictor:
         ratio = cfg.get("predictor_ratio", 4)
         if ratio <= 0:
@@ -239,7 +245,7 @@ def build_boundary_method(cfg, space_id: int | None = None, causal: bool = False
     return method
 
 
-def _build(cfg, space_id: int | None, causal: bool) -> BoundaryMethod | None:
+def _build(cfg, space_id: int | None, causal: bool, word_ends: torch.Tensor | None) -> BoundaryMethod | None:
     name = cfg.name
     weight = cfg.get("loss_weight", 1.0)
     if name == "none":
@@ -247,6 +253,8 @@ def _build(cfg, space_id: int | None, causal: bool) -> BoundaryMethod | None:
     if name == "fixed":
         return Fixed(cfg.k, loss_weight=weight)
     if name == "whitespace":
+        if word_ends is not None:
+            return Whitespace(word_ends=word_ends, loss_weight=weight)
         if space_id is None:
             raise ValueError("boundary=whitespace needs a tokenizer with a space token (a character-level tower)")
         return Whitespace(space_id, loss_weight=weight)

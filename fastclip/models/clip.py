@@ -1,5 +1,6 @@
 """The one way to build a CLIP: encoder geometry (ours or open_clip's) + boundary config ->
-FastCLIP with one image tower and one text tower, each vanilla (open_clip's own) or DTP."""
+FastCLIP with one image tower and one text tower, each vanilla (open_clip's own) or DTP (the text
+tower over BPE tokens or bytes: boundary.text_tokens)."""
 import copy
 import math
 
@@ -11,7 +12,8 @@ from open_clip.model import _build_text_tower, _build_vision_tower
 from torch import nn
 
 from fastclip.models.boundaries import build_boundary_method
-from fastclip.models.meaning import dtp_towers
+from fastclip.models.bpe_text import BPEDTPTextTower, word_end_ids
+from fastclip.models.meaning import check_tokenizer, dtp_towers
 from fastclip.models.outputs import TowerOutput
 from fastclip.models.text import CharTokenizer, DTPTextTower, VanillaTextTower
 from fastclip.models.evit import EViTImageTower
@@ -135,7 +137,13 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
                               order=boundary.image_order)
     else:
         image = VanillaImageTower(visual)
-    if "text" in towers:
+    check_tokenizer(enc.tokenizer, boundary, towers)
+    if "text" in towers and boundary.text_tokens == "bpe":  # the BPE tower cut at its pre-layers
+        tokenizer = open_clip.SimpleTokenizer(context_length=geometry["text_cfg"].get("context_length", 77))
+        text_method = build_boundary_method(boundary, word_ends=word_end_ids(tokenizer))
+        text = BPEDTPTextTower(_build_text_tower(embed_dim, geometry["text_cfg"], quick_gelu), text_method,
+                               boundary.text_pre_layers, tokenizer, layout=boundary.text_layout)
+    elif "text" in towers:  # boundary.text_tokens=bytes: the tokenizer-free tower
         text_method = build_boundary_method(boundary, space_id=CharTokenizer.space_id)
         tc = geometry["text_cfg"]
         sp = None
@@ -147,9 +155,6 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
                             layout=boundary.text_layout, inference=inference)
         tokenizer = text.tokenizer
     else:
-        if enc.tokenizer == "char":
-            raise ValueError("encoder.tokenizer=char needs a DTP text tower (a boundary applied to text); "
-                             "vanilla text towers use open_clip's BPE tokenizer")
         text = VanillaTextTower(_build_text_tower(embed_dim, geometry["text_cfg"], quick_gelu))
         tokenizer = open_clip.SimpleTokenizer(context_length=geometry["text_cfg"].get("context_length", 77))
     return FastCLIP(image, text, image_method, text_method), tokenizer

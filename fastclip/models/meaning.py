@@ -16,6 +16,14 @@ MEANING = {
     "evit": {"image": "EViT: the top keep fraction of patches by class attention, the rest fused", "text": None},
     "lowres": {"image": "CLIPA: the image read at a lower resolution (boundary.scale of its side)", "text": None},
 }
+# The text tower over BPE tokens (boundary.text_tokens=bpe; MEANING's text column is the byte tower's)
+OVER_BPE = {
+    "fixed": "every k BPE tokens",
+    "gumbel": "learned, over BPE tokens",
+    "entropy_spike": "spikes of an auxiliary next-BPE-token head's entropy",
+    "whitespace": "a token that ends a word (BPE's </w>) closes its segment",
+    "unigram": None,  # piece ends of another tokenizer, which need not fall on BPE token ends
+}
 
 
 def dtp_towers(boundary) -> tuple[str, ...]:
@@ -32,4 +40,22 @@ def dtp_towers(boundary) -> tuple[str, ...]:
             raise ValueError(f"boundary={boundary.name} has no meaning on the {tower} tower "
                              f"(boundary.apply_to={list(towers)}); apply it to "
                              f"{[t for t in TOWERS if MEANING[boundary.name][t]]} only")
+    if "text" in towers and boundary.text_tokens == "bpe" and OVER_BPE.get(boundary.name) is None:
+        raise ValueError(f"boundary={boundary.name} has no meaning over BPE tokens (boundary.text_tokens=bpe): "
+                         f"apply it to the byte-level text tower (boundary.text_tokens=bytes), or to "
+                         f"{[t for t in TOWERS if t != 'text' and MEANING[boundary.name][t]] or 'no other tower'}")
     return towers
+
+
+def check_tokenizer(tokenizer: str, boundary, towers: tuple[str, ...]) -> None:
+    """encoder.tokenizer=char is the byte-level DTP text tower's: refused anywhere else, naming the keys.
+    (encoder.tokenizer=bpe with boundary.text_tokens=bytes is what every run before text_tokens wrote.)"""
+    if tokenizer != "char":
+        return
+    if "text" not in towers:
+        raise ValueError("encoder.tokenizer=char needs a DTP text tower (a boundary applied to text); "
+                         "vanilla text towers use open_clip's BPE tokenizer")
+    if boundary.text_tokens != "bytes":
+        raise ValueError(f"encoder.tokenizer=char with boundary.text_tokens={boundary.text_tokens}: the char "
+                         f"tokenizer feeds the byte-level DTP text tower (boundary.text_tokens=bytes); the BPE one "
+                         f"reads open_clip's BPE (encoder.tokenizer=bpe)")

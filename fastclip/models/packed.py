@@ -37,10 +37,11 @@ class PackedRows:
     src: torch.Tensor      # [size]: flat padded position of each packed row (filler: the last slot)
     dest: torch.Tensor     # [B * L]: packed position of each padded slot; padding -> size (a zero row)
     starts: torch.Tensor   # [B]: packed position of each row's first token
-    key_mask: torch.Tensor  # [B, 1, 1, L] bool: which keys a row may attend to
+    key_mask: torch.Tensor  # [B, 1, 1, L] bool (causal: [B, 1, L, L]): which keys a row's queries may attend to
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, length: int, total: int) -> "PackedRows":
+    def from_lengths(cls, lengths: torch.Tensor, length: int, total: int, causal: bool = False) -> "PackedRows":
+        """causal: each token attends to its row's tokens up to itself only."""
         B = lengths.shape[0]
         size = -(-total // B) * B
         pos = torch.arange(length, device=lengths.device)
@@ -52,8 +53,10 @@ class PackedRows:
         dest = torch.where(valid, starts[:, None] + pos[None, :], size).flatten()
         # an empty row (a caption of no characters) may attend to its padding: its outputs are never
         # packed, but a query with every key masked would give NaN
-        keys = valid | (lengths == 0)[:, None]
-        return cls(B, length, total, size, src, dest, starts, keys[:, None, None, :])
+        keys = (valid | (lengths == 0)[:, None])[:, None, None, :]
+        if causal:
+            keys = keys & torch.ones(length, length, dtype=torch.bool, device=lengths.device).tril()
+        return cls(B, length, total, size, src, dest, starts, keys)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [size, ...] (the real tokens first)"""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 
+from fastclip.schema.resume_rules import missing_legacy
 from fastclip.tracking import EFFECTIVE_TAG, redacted
 
 SWEEP_ROLE = ("fastclip.role", "sweep")  # the tag fastclip's sweep parent runs carry
@@ -118,7 +119,8 @@ def effective_params(params: dict[str, str], tags: dict[str, str]) -> dict[str, 
     for part in resume_parts(tags):
         out.update(part.set)
     out.update({k.removeprefix(EFFECTIVE_TAG): v for k, v in tags.items() if k.startswith(EFFECTIVE_TAG)})
-    return out
+    # a key added since the run, with a legacy value (schema/fields.py): what the run ran with
+    return out | {k: str(v) for k, v in missing_legacy(out).items()}
 
 
 def canonical(params: dict[str, str]) -> dict[str, str]:

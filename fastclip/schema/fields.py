@@ -6,6 +6,10 @@ A resume (fastclip.resume) may change a key only if its rule says so:
   mutable  how long and how fast it goes on, and what it evaluates: epochs, trainer.max_steps, the lr.
   runtime  how it executes and where it writes, never what it learns or measures (workers, device,
            paths); the report does not tell runs apart by these either.
+
+A key added after runs were written may declare `legacy`: the value every config written before it
+meant (a checkpoint without the key ran that way). Resuming or loading such a checkpoint reads the
+legacy value, not today's default (resume_rules.with_legacy; fastclip.resume and fastclip.inference).
 """
 import dataclasses
 from typing import Any
@@ -15,8 +19,9 @@ from omegaconf import MISSING
 FROZEN, MUTABLE, RUNTIME = "frozen", "mutable", "runtime"
 
 
-def frozen(default: Any = MISSING) -> Any:
-    return dataclasses.field(default=default, metadata={"resume": FROZEN})
+def frozen(default: Any = MISSING, legacy: Any = MISSING) -> Any:
+    metadata = {"resume": FROZEN} if legacy is MISSING else {"resume": FROZEN, "legacy": legacy}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def mutable(default: Any = MISSING) -> Any:

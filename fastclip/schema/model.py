@@ -5,7 +5,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from fastclip.schema.errors import ConfigError
-from fastclip.schema.fields import frozen
+from fastclip.schema.fields import choice, frozen
+
+TEXT_TOKENS = ("bpe", "bytes")  # what a DTP text tower pools (boundary.text_tokens)
 
 
 @dataclass
@@ -45,6 +47,11 @@ class Boundary:
     image_layout: str = frozen()
     text_layout: str = frozen()
     image_buckets: Any = frozen()  # auto or an integer >= 1
+    # a run written before the key existed pooled bytes: its checkpoint keeps meaning that
+    text_tokens: str = frozen(legacy="bytes")
+
+    def __post_init__(self):
+        choice("boundary.text_tokens", self.text_tokens, TEXT_TOKENS)
 
 
 @dataclass
