@@ -138,11 +138,12 @@ def test_whitespace_closes_a_segment_at_each_word_end():
 
 
 def test_a_method_without_meaning_over_bpe_fails_at_config_time_naming_the_key():
+    # unigram.yaml reads bytes, its only meaning; asked to pool BPE tokens it fails naming both
     with pytest.raises(ConfigError, match=r"boundary=unigram has no meaning over BPE tokens \(boundary.text_tokens=bpe\)"):
-        check_config(compose_cfg(["boundary=unigram"]))
+        check_config(compose_cfg(["boundary=unigram", "boundary.text_tokens=bpe"]))
     with pytest.raises(ValueError, match=r"boundary=unigram has no meaning over BPE tokens \(boundary.text_tokens=bpe\)"):
-        clip_with("boundary=unigram")
-    check_config(compose_cfg(["boundary=unigram", "boundary.text_tokens=bytes"]))
+        clip_with("boundary=unigram", "boundary.text_tokens=bpe")
+    check_config(compose_cfg(["boundary=unigram"]))
     check_config(compose_cfg(["boundary=unigram", "boundary.apply_to=[]"]))  # no text tower: the key means nothing
     with pytest.raises(ConfigError, match=r"boundary.text_tokens='words': expected bpe or bytes"):
         check_config(compose_cfg(["boundary=gumbel", "boundary.text_tokens=words"]))

@@ -44,13 +44,18 @@ def test_the_full_token_phase_turns_each_image_reduction_off_at_the_vanilla_towe
     assert not model.full_tokens
 
 
-def test_a_dtp_text_tower_makes_every_byte_its_own_segment():
-    cfg = compose_cfg([*TINY_CLIP, "boundary=gumbel", "boundary.apply_to=[text]", "encoder.tokenizer=char"])
+@pytest.mark.parametrize("text_tokens, counts", [("bytes", [5.0, 13.0]), ("bpe", [4.0, 5.0])])
+def test_a_dtp_text_tower_makes_every_token_its_own_segment(text_tokens, counts):
+    """bytes: every byte; bpe: every BPE token (with start and end of text)."""
+    cfg = compose_cfg([*TINY_CLIP, "boundary=gumbel", "boundary.apply_to=[text]", f"boundary.text_tokens={text_tokens}"]
+                      + (["encoder.tokenizer=char"] if text_tokens == "bytes" else []))
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
     tokens = tokenizer(["a cat", "two red buses"])
+    model.train()
+    assert not torch.equal(model.text(tokens).segments, model.text(tokens).tokens)  # reduced: fewer segments
     model.set_full_tokens(True)
     out = model.text(tokens)
-    assert torch.equal(out.segments, out.tokens) and out.tokens.tolist() == [5.0, 13.0]
+    assert torch.equal(out.segments, out.tokens) and out.tokens.tolist() == counts
 
 
 @pytest.mark.slow

@@ -71,6 +71,8 @@ class BPEDTPTextTower(nn.Module):
         # entropy_spike: next-token entropies from an auxiliary head over the BPE vocabulary (its FLOPs are counted)
         self.next_token = nn.Linear(width, text.vocab_size) if isinstance(method, EntropySpike) else None
 
+    full_tokens = False  # trainer.full_token_steps' phase (FastCLIP.set_full_tokens)
+
     def forward(self, tokens) -> TowerOutput:
         """tokens [B, context_length] BPE ids (0 padding) -> TowerOutput; boundaries, boundary_logits and
         token_mask over the batch's first longest-caption tokens; boundary_targets and auxiliary_loss
@@ -80,6 +82,8 @@ class BPEDTPTextTower(nn.Module):
         token_mask = tokens != PAD_ID
         x, logits = self.causal_prefix(tokens, token_mask, total)
         b = self.method.boundaries(logits, tokens, token_mask) * token_mask
+        if self.full_tokens:  # trainer.full_token_steps' phase: every token its own segment
+            b = token_mask.to(b.dtype)
         counts = segment_counts(b, token_mask)
         # the one host sync: the pooled sizes, and whether the predictor has diverged (before they size anything)
         longest, total, finite = torch.stack([counts.max(), counts.sum(), finite_flag(logits, counts)]).tolist()
@@ -134,6 +138,8 @@ class BPEDTPTextTower(nn.Module):
         token_mask = tokens != PAD_ID
         x, logits = self.causal_prefix(tokens, token_mask, total)
         b = self.method.boundaries(logits, tokens, token_mask) * token_mask
+        if self.full_tokens:  # trainer.full_token_steps' phase: every token its own segment
+            b = token_mask.to(b.dtype)
         counts = segment_counts(b, token_mask)
         return self.shortened(x, b, token_mask, counts, max(int(counts.max()), 1), int(counts.sum())), b
 

@@ -90,7 +90,7 @@ def boundary_loss(method, tower: TowerOutput) -> torch.Tensor | None:
 
 
 # what decides and learns the boundaries: idle while the reduction is off (trainer.full_token_steps)
-IDLE_IN_PHASE = {"predictor", "next_patch", "next_char", "position_logits"}
+IDLE_IN_PHASE = {"predictor", "next_patch", "next_char", "next_token", "position_logits"}
 
 
 def clip_objective(model, criterion, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
