@@ -20,6 +20,8 @@ from fastclip.tasks import build_task
 VARIANTS = [
     ("vanilla", ["boundary=none"]),
     ("DTP gumbel, both towers (the default DTP: boundary=gumbel)", ["boundary=gumbel"]),
+    ("DTP gumbel, both towers, byte-level text (boundary.text_tokens=bytes)",
+     ["boundary=gumbel", "boundary.text_tokens=bytes"]),
     ("DTP gumbel, image tower", ["boundary=gumbel", "boundary.apply_to=[image]"]),
     ("DTP fixed k=4 Hilbert, image tower", ["boundary=fixed", "boundary.k=4", "boundary.image_order=hilbert",
                                             "boundary.apply_to=[image]"]),
