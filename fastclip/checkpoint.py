@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
+from fastclip.errors import InputError, InputNotFound
+
 FORMAT = "fastclip.checkpoint"
 VERSION = 3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A file that is not a readable fastclip checkpoint."""
 
 
@@ -36,7 +38,7 @@ class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (full disk, no permission); the message names the file."""
 
 
-class ResumeError(ValueError):
+class ResumeError(InputError):
     """A checkpoint that cannot continue this run; raised before anything of the run is touched."""
 
 
@@ -103,7 +105,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     does not exist, CheckpointError when it is not a torch file or not a fastclip checkpoint."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: {'a directory, not a checkpoint file' if path.is_dir() else 'no such checkpoint file'}")
+        raise InputNotFound(f"{path}: {'a directory, not a checkpoint file' if path.is_dir() else 'no such checkpoint file'}")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)")
     try:

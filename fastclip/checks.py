@@ -10,7 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from fastclip.models.meaning import check_tokenizer, dtp_towers
-from fastclip.schema import typed, typed_config
+from dataclasses import fields
+
+from fastclip.schema import OPTIONS, ROOT, typed, typed_config
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.steps import steps_of
 
@@ -85,6 +87,75 @@ def check_override_syntax(args: list[str]) -> None:
             reason = str(exc).strip().splitlines()[0]
             raise ConfigError(f"the override {arg!r} cannot be read ({reason}): a value with '=', spaces, braces, "
                               f"commas or quotes needs Hydra's quotes inside the shell's: \"{key}='{value}'\"") from None
+
+
+def check_override_keys(args: list[str]) -> None:
+    """Each overridden key the config tree does not have, named with the nearest keys it does have
+    (`trainer.max_step` -> "did you mean trainer.max_steps?"), before Hydra's own error, which advises
+    appending it with `+`. A key is known when some option of its group declares it in its schema, so
+    this never refuses a key Hydra would take; one that only another option declares is left to Hydra,
+    which names the option. Appends (`+`, `++`), deletions (`~`), hydra's and other groups' keys
+    (cluster, experiment, hydra/launcher) are Hydra's to judge. An unknown option of a main group
+    (`boundary=gumbl`) gets the same suggestion."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_overrides([arg])[0]
+        except OverrideParseException:
+            continue  # check_override_syntax names it
+        if override.is_add() or override.is_force_add() or override.is_delete() or override.package is not None:
+            continue
+        if override.is_sweep_override():  # a grid's values (a range or an interval names no option)
+            values = list(override.sweep_string_iterator()) if override.is_choice_sweep() else []
+        else:
+            values = [override.value()]
+        _check_key(override.key_or_group, values)
+
+
+def _check_key(key: str, values: list) -> None:
+    head, _, rest = key.partition(".")
+    if head == "hydra" or "/" in head:
+        return
+    root = {f.name for f in fields(ROOT)} - set(OPTIONS)
+    if head not in OPTIONS:
+        if head in root or _is_conf_group(head):  # a run key (seed, epochs), or cluster=, experiment=
+            return
+        known = sorted(root | set(OPTIONS))
+        if rest:  # a misspelt group: suggest only the groups that declare the key
+            known = [g for g in OPTIONS if rest.split(".")[0] in _declared(g)] or known
+        raise ConfigError(f"{key} is not a config key{_nearest(head, known, suffix='.' + rest if rest else '')} "
+                          f"(top-level keys and groups: {', '.join(sorted(root | set(OPTIONS)))})")
+    if not rest:  # the group's option
+        for value in values:
+            if isinstance(value, str) and value not in OPTIONS[head]:
+                raise ConfigError(f"{key}={value}: no such option{_nearest(value, list(OPTIONS[head]), head + '=')} "
+                                  f"({head} options: {', '.join(OPTIONS[head])})")
+        return
+    field = rest.split(".")[0]
+    declared = _declared(head)
+    if field not in declared:
+        raise ConfigError(f"{key} is not a config key{_nearest(field, declared, head + '.')} "
+                          f"(keys of {head}: {', '.join(declared)})")
+
+
+def _declared(group: str) -> list[str]:
+    """The keys some option of `group` declares in its schema."""
+    return sorted({f.name for schema in OPTIONS[group].values() for f in fields(schema)})
+
+
+def _nearest(word: str, known: list[str], prefix: str = "", suffix: str = "") -> str:
+    import difflib
+    close = difflib.get_close_matches(word, known, n=2, cutoff=0.7)
+    return f"; did you mean {' or '.join(prefix + c + suffix for c in close)}?" if close else ""
+
+
+def _is_conf_group(name: str) -> bool:
+    from fastclip import CONF_DIR
+    return (CONF_DIR / name).is_dir()
 
 
 def _no_missing_values(cfg: DictConfig) -> None:

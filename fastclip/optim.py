@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastclip.errors import InputError
 from fastclip.schema.run import ADAMW_IMPLS
 from fastclip.checks import warmup_steps as checked_warmup
 
@@ -47,7 +48,7 @@ class Schedule:
         if total == self.total:
             return self
         if total < self.warmup:
-            raise ValueError(f"the run's warm-up is {self.warmup} steps (resolved when it started); a schedule of "
+            raise InputError(f"the run's warm-up is {self.warmup} steps (resolved when it started); a schedule of "
                              f"{total} steps would end before it")
         if step <= self.start:
             return Schedule(self.warmup, total, self.start, self.peak)
@@ -93,7 +94,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, predict
     is the straight-through estimate through the pooling, and in CLIP towers they stayed near the
     prior: README)."""
     if predictor_lr_scale <= 0:
-        raise ValueError(f"trainer.predictor_lr_scale={predictor_lr_scale}: expected > 0")
+        raise InputError(f"trainer.predictor_lr_scale={predictor_lr_scale}: expected > 0")
     deciding = boundary_decision_parameters(model) if predictor_lr_scale != 1.0 else set()
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
@@ -111,7 +112,7 @@ def adamw_impl(name: str) -> dict:
     stepped 5.3M parameters (vit_tiny CLIP, mostly the BPE embedding) in 7 ms vs 48 ms for the
     per-parameter loop (foreach: 22 ms)."""
     if name not in ADAMW_IMPLS:
-        raise ValueError(f"trainer.optimizer_impl={name!r}: expected one of {', '.join(ADAMW_IMPLS)}")
+        raise InputError(f"trainer.optimizer_impl={name!r}: expected one of {', '.join(ADAMW_IMPLS)}")
     return {"fused": name == "fused", "foreach": name == "foreach"}
 
 

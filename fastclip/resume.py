@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fastclip import CONF_DIR, checkpoint
 from fastclip.checkpoint import ResumeError
+from fastclip.checkpoint_paths import checkpoint_path
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS, flatten, unflatten
 from fastclip.schema.resume_rules import MUTABLE_KEYS, RUNTIME_KEYS, missing_legacy, rule_of
 
@@ -68,8 +69,10 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
     """The resumed run's config and run dir. overrides: this command line's (Hydra's task
     overrides); None when a caller hands over a composed config (then what it sets apart from
     the defaults of its groups counts as overridden).
-    Raises FileNotFoundError / CheckpointError / ResumeError naming the problem."""
-    path = Path(cfg.trainer.resume)
+    trainer.resume: a checkpoint file, a run dir (its checkpoints/last.pt) or runs:/<MLflow run id>, as
+    fastclip.infer --checkpoint takes. Raises FileNotFoundError / CheckpointError / ResumeError naming
+    the problem."""
+    path = checkpoint_path(cfg.trainer.resume, cfg.tracking.uri or None)
     ckpt = checkpoint.load(path)
     # a key added since the checkpoint that declares a legacy value (schema/fields.py): what its run meant
     legacy = missing_legacy(flatten(ckpt["config"]))

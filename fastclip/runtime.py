@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fastclip import PROJECT_ROOT
+from fastclip.errors import InputError
 
 
 def pick_device(name: str) -> torch.device:
@@ -17,7 +18,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but torch.cuda.is_available() is False")
+        raise InputError(f"device={name} but torch.cuda.is_available() is False")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
@@ -124,7 +125,7 @@ def autocast_dtype(precision: str, device: torch.device):
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
-    raise ValueError(f"trainer.precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    raise InputError(f"trainer.precision={precision!r}: expected auto, fp32, bf16 or fp16")
 
 
 def autocast(device: torch.device, dtype):

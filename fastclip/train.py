@@ -4,6 +4,7 @@ Composes the config and checks it (before torch and MLflow load), resolves a res
 checkpoint, builds the task, opens the MLflow run (params = flattened resolved config, tags = git
 commit + Hydra job) and hands both to the shared loop.
 """
+import contextlib
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastclip import CONF_DIR, run_lock, tracking
 from fastclip.checks import ConfigError, check_config, check_overrides
 from fastclip.compression.base import TWIN_SUFFIXES, twin_label
+from fastclip.errors import InputError, show_traceback
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS
 
 log = logging.getLogger("fastclip")
@@ -90,6 +92,14 @@ def _leave_the_run_dir_to_rank_0(rank_0_dir: str) -> None:
     log file in the job dir is rank 0's. Under torchrun each process composed its own Hydra job dir;
     where this one's differs from rank 0's (named after a later second) and holds nothing but
     Hydra's record of the job, it goes."""
+    _discard_own_job_dir(keep=Path(rank_0_dir))
+
+
+def _discard_own_job_dir(keep: Path | None = None) -> None:
+    """Closes this process's log file and removes its Hydra job dir where that holds nothing but
+    Hydra's record of the job, that log and a released run lock (a run that failed before it opened
+    its MLflow run, which writes config.yaml first; a rank's own dir):
+    the newest run dir is then always a run's. Single runs only: a grid's job dirs are the sweep's."""
     import shutil
     from hydra.core.hydra_config import HydraConfig
     logged = set()  # the files this process logged to (device, inode): its own, not a namesake's
@@ -104,11 +114,13 @@ def _leave_the_run_dir_to_rank_0(rank_0_dir: str) -> None:
         return
     own = Path(HydraConfig.get().runtime.output_dir).resolve()
     log_file = own / f"{HydraConfig.get().job.name}.log"
-    if own == Path(rank_0_dir) or not log_file.is_file():
+    if own == keep or not log_file.is_file():
         return
     stat = log_file.stat()
-    if (stat.st_dev, stat.st_ino) in logged and {p.name for p in own.iterdir()} <= {".hydra", log_file.name}:
+    if (stat.st_dev, stat.st_ino) in logged and {p.name for p in own.iterdir()} <= {".hydra", log_file.name, run_lock.LOCK_NAME}:
         shutil.rmtree(own)
+        with contextlib.suppress(OSError):  # the day's dir (outputs/runs/<date>) when it was this run's alone
+            own.parent.rmdir()
 
 
 def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held: ExitStack) -> dict:
@@ -331,7 +343,7 @@ def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
-    from fastclip.checkpoint import CheckpointError, CheckpointWriteError, ResumeError
+    from fastclip.checkpoint import CheckpointWriteError
     hc = HydraConfig.get()
     from fastclip.distributed import RankFailed
     from fastclip.loop import NoTrainingData, RunInterrupted, TrainingDiverged
@@ -343,9 +355,11 @@ def main(cfg: DictConfig) -> float | None:
                               "Data-parallel training), or one torchrun per configuration")
         metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
                       choices=_choices(cfg))
-    except (ConfigError, ResumeError, CheckpointError, CheckpointWriteError, run_lock.RunDirInUse,
-            run_lock.RunDirNotWritable, NoTrainingData,
+    except (InputError, CheckpointWriteError, run_lock.RunDirInUse, run_lock.RunDirNotWritable, NoTrainingData,
             TrainingDiverged, RankFailed) as exc:
+        _discard_own_job_dir()  # failed before training: nothing of a run in it (a trained run's dir stays)
+        if show_traceback():
+            raise
         if str(hc.mode) == "RunMode.MULTIRUN":  # the sweep goes on and counts it (SystemExit would end it)
             from fastclip.sweep_jobs import JobFailed
             raise JobFailed(f"error: {exc}") from None
@@ -353,15 +367,22 @@ def main(cfg: DictConfig) -> float | None:
     except RunInterrupted as exc:
         print(f"fastclip: {exc}", file=sys.stderr)
         raise SystemExit(130) from None
+    except BaseException:
+        _discard_own_job_dir()
+        raise
+    _discard_own_job_dir()  # a resume's: the run went on in its own dir, this one holds only Hydra's record
     # The returned value is what a sweeper optimises: a validation metric, never a test one.
     found = objective(metrics)
     return None if found is None else found[1]
 
 
 if __name__ == "__main__":
-    try:  # before Hydra parses them: its grammar errors do not name the argument
-        from fastclip.checks import check_override_syntax
+    try:  # before Hydra parses them: its errors do not name the argument, nor the key meant
+        from fastclip.checks import check_override_keys, check_override_syntax
         check_override_syntax(sys.argv[1:])
+        check_override_keys(sys.argv[1:])
     except ConfigError as exc:
+        if show_traceback():
+            raise
         raise SystemExit(f"error: {exc}") from None
     main()

@@ -29,3 +29,65 @@ def test_the_quoting_the_message_suggests_is_itself_readable():
         check_override_syntax(["trainer.lr=1e-3", "dataset.path=/d/x=y z.csv"])
     suggested = str(err.value).rsplit("shell's: ", 1)[1].strip('"')
     check_override_syntax([suggested])
+
+
+def test_a_misspelt_key_fails_in_one_line_naming_the_key_meant_and_leaves_no_run_dir(tmp_path, cli_env):
+    done = subprocess.run([PYTHON, "-m", "fastclip.train", "trainer.max_step=3"], cwd=tmp_path, env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith(
+        "error: trainer.max_step is not a config key; did you mean trainer.max_steps? (keys of trainer: ")
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("args, meant", [
+    (["trainr.lr=1e-3"], "did you mean trainer.lr?"),
+    (["sed=1"], "did you mean seed?"),
+    (["boundary=gumbl"], "did you mean boundary=gumbel?"),
+    (["-m", "boundary=fixed,gumbl"], "did you mean boundary=gumbel?"),
+    (["dataset.val_fracton=0.2"], "did you mean dataset.val_fraction"),
+])
+def test_misspelt_keys_and_options_get_the_nearest_real_one(args, meant):
+    from fastclip.checks import check_override_keys
+    with pytest.raises(ConfigError, match=meant.replace("?", r"\?")):
+        check_override_keys(args)
+
+
+def _yaml_keys(path, group: str) -> list[str]:
+    """The full keys a config file sets: `group.key`, or for a `_global_` package its top keys and
+    their children (`trainer.batch_size`)."""
+    from omegaconf import OmegaConf
+    node = OmegaConf.load(path)
+    if "@package _global_" not in path.read_text():
+        return [f"{group}.{key}" for key in node if key != "defaults"]
+    keys = []
+    for key in (k for k in node if k != "defaults"):
+        keys += [f"{key}.{sub}" for sub in node[key]] if OmegaConf.is_dict(node[key]) else [str(key)]
+    return keys
+
+
+def test_every_key_the_config_tree_has_passes_the_key_check():
+    """The check must never refuse a key Hydra would take: every key of every config file (the groups'
+    options, the cluster profiles, the experiments), every option of every group, and Hydra's own."""
+    from fastclip import CONF_DIR
+    from fastclip.checks import check_override_keys
+    from fastclip.schema import OPTIONS
+    args = ["seed=1", "epochs=2", "device=cpu", "cluster=local", "hydra/launcher=basic", "hydra.run.dir=x",
+            "+new=1", "++trainer.lr=1", "~trainer.max_steps", "trainer.lr=range(1,3)", "-m"]
+    args += [f"{group}={','.join(options)}" for group, options in OPTIONS.items()]
+    for path in sorted(CONF_DIR.glob("*/*.yaml")):
+        args += [f"{key}=1" for key in _yaml_keys(path, path.parent.name) if not key.startswith("hydra")]
+    assert len(args) > 150  # every file was read
+    check_override_keys(args)
+
+
+def test_a_data_error_is_one_line_leaves_no_run_dir_and_shows_its_traceback_when_asked(tmp_path, cli_env):
+    args = [PYTHON, "-m", "fastclip.train", "dataset=image_folder", f"dataset.path={tmp_path / 'nowhere'}"]
+    done = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"error: dataset.path='{tmp_path / 'nowhere'}': no such directory"]
+    assert list((tmp_path / "outputs").rglob("*")) == [tmp_path / "outputs" / "runs"]  # no run's dir left
+    shown = subprocess.run(args, cwd=tmp_path, env={**cli_env, "FASTCLIP_TRACEBACK": "1"}, capture_output=True,
+                           text=True, timeout=300)
+    assert shown.returncode != 0 and "Traceback" in shown.stderr and "image_folder.py" in shown.stderr

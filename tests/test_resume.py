@@ -108,21 +108,22 @@ def _cosine(step, total, warmup):
 
 
 def test_resume_from_the_command_line_continues_the_run_it_came_from(tmp_path, store, cli_env, monkeypatch):
-    """The README's command alone (`trainer.resume=...`, the original epochs=4 not repeated) goes on
-    under the original schedule, into the original run dir and MLflow run."""
+    """The README's command alone (`trainer.resume=<run dir>`, the original epochs=4 not repeated) goes
+    on under the original schedule, into the original run dir and MLflow run, and leaves no job dir of
+    its own behind."""
     killed = run_killed_at_loss_call(compose_cfg(COMMON + [f"tracking.uri={store}", "epochs=4"]), tmp_path / "run",
                                      monkeypatch, call=8)
     assert killed["train_state"]["step"] == 5
     odd = tmp_path / "epoch=1"  # a path with '=' needs Hydra's quotes: the README says so
     (tmp_path / "run").rename(odd)
-    resumed = subprocess.run([PYTHON, "-m", "fastclip.train", f"trainer.resume='{odd / 'checkpoints' / 'last.pt'}'",
+    resumed = subprocess.run([PYTHON, "-m", "fastclip.train", f"trainer.resume='{odd}'",
                               f"hydra.run.dir={tmp_path / 'resume'}"],
                              cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     state = load_checkpoint(odd / "checkpoints" / "last.pt")
     assert state["config"]["epochs"] == 4 and state["train_state"]["step"] == 20  # 4 epochs x 5 steps
     assert state["config"]["encoder"]["vision"]["width"] == 32  # the checkpoint's model, not the defaults
-    assert not (tmp_path / "resume" / "checkpoints").exists()
+    assert not (tmp_path / "resume").exists()
     client = mlflow.MlflowClient(tracking_uri=store)
     (only,) = client.search_runs([client.get_experiment_by_name("fastclip").experiment_id])
     assert only.info.run_id == killed["mlflow_run_id"] and only.info.status == "FINISHED"

@@ -1,5 +1,6 @@
 """compression.name -> its option (base.Compression), the one place the names are mapped to code."""
 from fastclip.compression.base import Compression
+from fastclip.errors import InputError
 from fastclip.schema import typed_group
 
 
@@ -19,4 +20,4 @@ def build_compression(cfg) -> Compression:
     if cc.name == "distill":
         from fastclip.compression.distill import Distillation
         return Distillation(cc, cfg)
-    raise ValueError(f"compression={cc.name!r}: expected none, quant, prune or distill")
+    raise InputError(f"compression={cc.name!r}: expected none, quant, prune or distill")

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fastclip.errors import InputError
 from fastclip.runtime import seeded
 
 
@@ -29,7 +30,7 @@ def split_indices(labels: np.ndarray, holdout_fraction: float, split_seed: int,
     so that every class keeps a training image (a class of one image then holds none out). key:
     the config key the fraction came from, named in the ValueError a fraction outside (0, 1) raises."""
     if not 0.0 < holdout_fraction < 1.0:
-        raise ValueError(f"{key}={holdout_fraction}: expected a value in (0, 1)")
+        raise InputError(f"{key}={holdout_fraction}: expected a value in (0, 1)")
     rng = np.random.default_rng(split_seed)
     train, held = [], []
     for cls in np.unique(labels):
@@ -116,7 +117,7 @@ def check_unseen_templates(train_templates, eval_templates) -> None:
     seen = {norm(t) for t in train_templates}
     shared = [t for t in eval_templates if norm(t) in seen]
     if shared:
-        raise ValueError(f"dataset.train_templates and dataset.eval_templates share {shared}: zero-shot evaluation "
+        raise InputError(f"dataset.train_templates and dataset.eval_templates share {shared}: zero-shot evaluation "
                          f"must use templates training never saw")
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from fastclip.data.pairs import PairDataset, group_captions, retrieval_set, training_records
 from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import read_json
+from fastclip.errors import InputError, InputNotFound
 from fastclip.schema.data import Coco
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,10 @@ def load_coco(root: Path, split: str) -> tuple[dict[str, list[str]], Counter]:
     not UTF-8 or not COCO's JSON fails naming it."""
     ann = root / "annotations" / f"captions_{split}.json"
     if not ann.is_file():
-        raise FileNotFoundError(f"dataset.root={str(root)!r}: no {ann.relative_to(root)} (COCO captions JSON)")
+        raise InputNotFound(f"dataset.root={str(root)!r}: no {ann.relative_to(root)} (COCO captions JSON)")
     images_dir = root / split
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"dataset.root={str(root)!r}: no image folder {split}/")
+        raise InputNotFound(f"dataset.root={str(root)!r}: no image folder {split}/")
     data = read_json(ann, str(ann))
     records, skipped = [], Counter()
     try:
@@ -53,7 +54,7 @@ def load_coco(root: Path, split: str) -> tuple[dict[str, list[str]], Counter]:
             log.warning("skipping %s: caption id %s names image_id %s, which is not in its images",
                         ann, a["id"], a["image_id"])
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{ann}: not a COCO captions file (expected {{'images': [{{'id', 'file_name'}}], "
+        raise InputError(f"{ann}: not a COCO captions file (expected {{'images': [{{'id', 'file_name'}}], "
                          f"'annotations': [{{'id', 'image_id', 'caption'}}]}}; {type(exc).__name__}: {exc})") from None
     groups = group_captions(records)
     for image_file in files.values():  # images without captions still count (and are skipped)
@@ -72,27 +73,27 @@ def read_karpathy(split_file: str | Path, root: Path) -> dict[str, dict[str, lis
     path = Path(split_file)
     key = f"dataset.split_file={str(split_file)!r}"
     if not path.is_file():
-        raise FileNotFoundError(f"{key}: no such file (Karpathy's dataset_coco.json)")
+        raise InputNotFound(f"{key}: no such file (Karpathy's dataset_coco.json)")
     data = read_json(path, key)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{key}: not a Karpathy split file: expected {{'dataset': 'coco', 'images': "
+        raise InputError(f"{key}: not a Karpathy split file: expected {{'dataset': 'coco', 'images': "
                          f"[{{'filepath', 'filename', 'split', 'sentences': [{{'raw'}}]}}]}}")
     if data.get("dataset", "coco") != "coco":
-        raise ValueError(f"{key}: the split file of dataset {data['dataset']!r}, not coco")
+        raise InputError(f"{key}: the split file of dataset {data['dataset']!r}, not coco")
     records = {split: [] for split in KARPATHY_SPLITS}
     for i, im in enumerate(data["images"]):
         try:
             file, split = str(root / im["filepath"] / im["filename"]), im["split"]
             captions = [s["raw"] for s in im["sentences"]]
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"{key}: image {i} is not {{filepath, filename, split, sentences: [{{raw}}]}} "
+            raise InputError(f"{key}: image {i} is not {{filepath, filename, split, sentences: [{{raw}}]}} "
                              f"({type(exc).__name__}: {exc})") from None
         if split not in records:
-            raise ValueError(f"{key}: image {i} ({im['filename']}) has split {split!r}; expected one of "
+            raise InputError(f"{key}: image {i} ({im['filename']}) has split {split!r}; expected one of "
                              f"{list(KARPATHY_SPLITS)}")
         records[split] += [(file, c) for c in captions] or [(file, "")]  # no sentences: kept, counted as bad
     if not records["test"]:
-        raise ValueError(f"{key}: no image has split 'test' (the retrieval images)")
+        raise InputError(f"{key}: no image has split 'test' (the retrieval images)")
     return {split: dict(sorted(group_captions(r).items())) for split, r in records.items()}
 
 
@@ -111,7 +112,7 @@ def validation_images(cfg, candidates: list[str], test_images: list[str], source
     test = set(test_images)
     pool = [im for im in candidates if im not in test]
     if not pool:
-        raise ValueError(f"dataset=coco2014: no {source} image is left for validation (dataset.retrieval_images="
+        raise InputError(f"dataset=coco2014: no {source} image is left for validation (dataset.retrieval_images="
                          f"{cfg.retrieval_images} takes all {len(candidates)} for the test split): set "
                          f"dataset.retrieval_images below {len(candidates)}, or dataset.split_file (Karpathy's val)")
     n = cfg.val_images
@@ -140,7 +141,7 @@ def build_coco(cfg: Coco, preprocess_train, preprocess_eval, tokenizer) -> ClipD
     the three splits' images checked disjoint."""
     root = Path(cfg.root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset.root={str(root)!r}: no such directory")
+        raise InputNotFound(f"dataset.root={str(root)!r}: no such directory")
     if cfg.split_file:
         if cfg.retrieval_images != RETRIEVAL_IMAGES_DEFAULT:
             log.warning("dataset.retrieval_images=%s is ignored: with dataset.split_file retrieval runs on the "
@@ -150,7 +151,7 @@ def build_coco(cfg: Coco, preprocess_train, preprocess_eval, tokenizer) -> ClipD
         test_groups, test_skipped = splits["test"], Counter()
         test_images, description = list(test_groups), f"coco2014 karpathy test split ({len(test_groups)} images)"
         if not splits["val"]:
-            raise ValueError(f"dataset.split_file={str(cfg.split_file)!r}: no image has split 'val' (the validation "
+            raise InputError(f"dataset.split_file={str(cfg.split_file)!r}: no image has split 'val' (the validation "
                              f"images)")
         val_groups = splits["val"]
         val_images, val_description = validation_images(cfg, list(val_groups), [], "karpathy val split")

@@ -18,6 +18,7 @@ from pathlib import Path
 from fastclip.data.pairs import PairDataset, group_captions, retrieval_set, split_images, training_records
 from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import decode_lenient, first_bad_byte, has_undecodable, not_utf8, undecoded_repr
+from fastclip.errors import InputError, InputNotFound
 from fastclip.schema.data import Csv
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def _numbered(reader, path: Path):
         except StopIteration:
             return
         except csv.Error as exc:
-            raise ValueError(f"{path}:{start}: unreadable CSV row ({exc})") from None
+            raise InputError(f"{path}:{start}: unreadable CSV row ({exc})") from None
         yield start, row
 
 
@@ -44,10 +45,10 @@ def load_pairs(path: str | Path, image_root: str | Path | None, image_column: st
     naming the file, the key and the line before training (missing columns, mostly bad rows)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset.path={str(path)!r}: no such CSV file")
+        raise InputNotFound(f"dataset.path={str(path)!r}: no such CSV file")
     root = Path(image_root) if image_root else (path.parent / "images" if (path.parent / "images").is_dir() else path.parent)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset.image_root={str(root)!r}: no such directory")
+        raise InputNotFound(f"dataset.image_root={str(root)!r}: no such directory")
     data = path.read_bytes()
     rows_in = _numbered(csv.reader(io.StringIO(decode_lenient(data), newline=""), delimiter=separator), path)
     header = next(rows_in, (1, []))[1]
@@ -55,7 +56,7 @@ def load_pairs(path: str | Path, image_root: str | Path | None, image_column: st
         raise not_utf8(str(path), data, first_bad_byte(data), " (in the header)")
     missing = [c for c in (image_column, caption_column) if c not in header]
     if missing:
-        raise ValueError(f"{path}: no column {missing} (dataset.image_column / dataset.caption_column); "
+        raise InputError(f"{path}: no column {missing} (dataset.image_column / dataset.caption_column); "
                          f"the header has {header} with dataset.separator={separator!r}")
     image_at, caption_at = header.index(image_column), header.index(caption_column)
     rows, skipped, first_bad, total = [], Counter(), {}, 0
@@ -77,7 +78,7 @@ def load_pairs(path: str | Path, image_root: str | Path | None, image_column: st
         log.warning("%s: skipped %d of %d rows (%s)", path, sum(skipped.values()), total,
                     ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
     if not rows:
-        raise ValueError(f"dataset.path={str(path)!r}: no rows")
+        raise InputError(f"dataset.path={str(path)!r}: no rows")
     return rows, skipped
 
 
@@ -97,7 +98,7 @@ def _fail_if_mostly_bad(path: Path, data: bytes, separator: str, skipped: Counte
         raise not_utf8(str(path), data, first_bad_byte(data), f" ({skipped[NOT_UTF8]} of {total} rows)")
     if 2 * skipped[FIELD_COUNT] > total:
         line, row = first_bad[FIELD_COUNT]
-        raise ValueError(f"{path}: {skipped[FIELD_COUNT]} of {total} rows do not have the header's field count "
+        raise InputError(f"{path}: {skipped[FIELD_COUNT]} of {total} rows do not have the header's field count "
                          f"with dataset.separator={separator!r}; first at line {line}: {separator.join(row)!r}. "
                          f"Check dataset.separator, or quote captions that contain it")
 

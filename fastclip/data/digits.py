@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSet, caption_table, carve_validation,
                                      check_unseen_templates, split_indices)
 from fastclip.data.splits import ClipData, require_disjoint
+from fastclip.errors import InputError
 from fastclip.schema.data import Digits
 
 
@@ -30,7 +31,7 @@ def build_digits(cfg: Digits, preprocess_train, preprocess_eval, tokenizer) -> C
     require_disjoint("dataset=digits", train=train_idx.tolist(), val=val_idx.tolist(), test=held_idx.tolist())
     classnames = list(cfg.classnames)
     if len(classnames) != 10:
-        raise ValueError(f"dataset.classnames has {len(classnames)} names; digits has 10 classes")
+        raise InputError(f"dataset.classnames has {len(classnames)} names; digits has 10 classes")
     tokens = caption_table(classnames, cfg.train_templates, tokenizer)
     train = CaptionedImages([images[i] for i in train_idx], labels[train_idx], tokens, preprocess_train)
     templates = list(cfg.eval_templates)

@@ -14,6 +14,7 @@ from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSe
 from fastclip.data.pairs import open_rgb
 from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import read_names
+from fastclip.errors import InputError, InputNotFound
 from fastclip.schema.data import ImageFolder
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,12 @@ def scan(root: str | Path, key: str = "dataset.path",
     which may hold a subset of the classes)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{key}={str(root)!r}: no such directory")
+        raise InputNotFound(f"{key}={str(root)!r}: no such directory")
     folders = [p for p in root.iterdir() if p.is_dir()]
     hidden = sorted(p.name for p in folders if is_hidden_or_os(p))
     classes = sorted(p.name for p in folders if not is_hidden_or_os(p))
     if not classes:
-        raise ValueError(f"{key}={str(root)!r}: no class subfolders" + (f" (only hidden or OS folders: {hidden})"
+        raise InputError(f"{key}={str(root)!r}: no class subfolders" + (f" (only hidden or OS folders: {hidden})"
                                                                       if hidden else ""))
     files, labels, other, hidden_files, empty = [], [], 0, 0, []
     for i, cls in enumerate(classes):
@@ -69,10 +70,10 @@ def scan(root: str | Path, key: str = "dataset.path",
                     " ".join(sorted(IMAGE_SUFFIXES)))
     suffixes = " ".join(sorted(IMAGE_SUFFIXES))
     if not files:
-        raise ValueError(f"{key}={str(root)!r}: no image file in its {len(classes)} class folders (suffixes "
+        raise InputError(f"{key}={str(root)!r}: no image file in its {len(classes)} class folders (suffixes "
                          f"{suffixes})")
     if empty and not subset:
-        raise ValueError(f"{key}={str(root)!r}: class folder(s) {empty} hold no image (suffixes {suffixes}): a class "
+        raise InputError(f"{key}={str(root)!r}: class folder(s) {empty} hold no image (suffixes {suffixes}): a class "
                          f"without images would be scored as a distractor; add its images or remove the folder")
     if empty:
         log.warning("%s=%s: class folder(s) %s hold no image: no %s image of those classes", key, root, empty, key)
@@ -97,10 +98,10 @@ def folder_classnames(cfg, classes: list[str] | None = None) -> list[str]:
         return [c.replace("_", " ") for c in classes]
     path = Path(cfg.classnames)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset.classnames={str(path)!r}: no such file")
+        raise InputNotFound(f"dataset.classnames={str(path)!r}: no such file")
     names = read_names(path, f"dataset.classnames={str(path)!r}")
     if len(names) != len(classes):
-        raise ValueError(f"dataset.classnames={str(path)!r} has {len(names)} names; dataset.path has "
+        raise InputError(f"dataset.classnames={str(path)!r} has {len(names)} names; dataset.path has "
                          f"{len(classes)} class folders")
     return names
 
@@ -111,7 +112,7 @@ def training_labels(labels: np.ndarray, eval_classes: list[str], classes: list[s
     fails, naming it."""
     unknown = sorted(set(eval_classes) - set(classes))
     if unknown:
-        raise ValueError(f"dataset.eval_path has class folders training (dataset.path) has not: {unknown}")
+        raise InputError(f"dataset.eval_path has class folders training (dataset.path) has not: {unknown}")
     index = np.array([classes.index(c) for c in eval_classes])
     return index[labels]
 

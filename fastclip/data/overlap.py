@@ -15,13 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastclip.data.pairs import Skip
+from fastclip.errors import InputError
 
 log = logging.getLogger(__name__)
 EVAL_OVERLAP = "eval overlap"
 MODES = ("drop", "fail")
 
 
-class EvalOverlapError(ValueError):
+class EvalOverlapError(InputError):
     pass
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from fastclip.data.captioned import ZeroShotSet
 from fastclip.data.pairs import RetrievalSet
+from fastclip.errors import InputError
 
 SPLITS = ("val", "test")
 
@@ -31,7 +32,7 @@ class ClipData:
             return self.val_zeroshot, self.val_retrieval
         if name == "test":
             return self.zeroshot, self.retrieval
-        raise ValueError(f"split={name!r}: expected one of {', '.join(SPLITS)}")
+        raise InputError(f"split={name!r}: expected one of {', '.join(SPLITS)}")
 
 
 def require_disjoint(what: str, **splits: Iterable) -> None:
@@ -42,5 +43,5 @@ def require_disjoint(what: str, **splits: Iterable) -> None:
         for item in items:
             other = seen.setdefault(item, name)
             if other != name:
-                raise ValueError(f"{what}: {item!r} is in both the {other} and the {name} split; the splits must be "
+                raise InputError(f"{what}: {item!r} is in both the {other} and the {name} split; the splits must be "
                                  f"disjoint (a validation or test number on a training sample is no estimate)")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fastclip.data.textfile import decode_utf8
+from fastclip.errors import InputError, InputNotFound
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz"
 SPACE_ID = 0
@@ -29,7 +30,7 @@ def clean_to_text8(text: str) -> str:
 def validate(text: str, source: str) -> None:
     bad = re.search(r"[^ a-z]", text)
     if bad:
-        raise ValueError(f"{source}: character {bad.group()!r} at position {bad.start()} is outside the text8 "
+        raise InputError(f"{source}: character {bad.group()!r} at position {bad.start()} is outside the text8 "
                          f"vocabulary (a-z and space); clean the file or set dataset.clean=true")
 
 
@@ -45,7 +46,7 @@ def load_text(path: str | None, clean: bool = False) -> tuple[str, str]:
         return default_text(), "pydoc_data.topics (built-in)"
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"dataset.path={str(path)!r}: no such file")
+        raise InputNotFound(f"dataset.path={str(path)!r}: no such file")
     text = decode_utf8(p.read_bytes(), f"dataset.path={str(p)!r}")  # not UTF-8: names the byte offset
     text = text[:-1] if text.endswith("\n") else text
     if clean:
@@ -61,13 +62,13 @@ def split(text: str, fractions) -> tuple[str, str, str]:
     or a split would be empty."""
     train_f, valid_f, test_f = fractions
     if abs(train_f + valid_f + test_f - 1.0) > 1e-6:
-        raise ValueError(f"dataset.split={list(fractions)}: fractions must sum to 1")
+        raise InputError(f"dataset.split={list(fractions)}: fractions must sum to 1")
     n = len(text)
     n_valid, n_test = round(n * valid_f), round(n * test_f)
     n_train = n - n_valid - n_test
     empty = [name for name, size in (("train", n_train), ("valid", n_valid), ("test", n_test)) if size <= 0]
     if empty:
-        raise ValueError(f"dataset.split={list(fractions)}: the {' and '.join(empty)} split of this {n}-char text "
+        raise InputError(f"dataset.split={list(fractions)}: the {' and '.join(empty)} split of this {n}-char text "
                          f"would be empty; each of train, valid (per-epoch evaluation) and test needs a share")
     return text[:n_train], text[n_train:n_train + n_valid], text[n_train + n_valid:]
 

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+from fastclip.errors import InputError
+
 BOM = codecs.BOM_UTF8
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
 REENCODE = "re-encode it as UTF-8 (e.g. iconv -f cp1252 -t utf-8 in > out)"
@@ -71,4 +73,4 @@ def read_json(path: Path, source: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{source}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise InputError(f"{source}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from fastclip.errors import InputError
+
 log = logging.getLogger(__name__)
 _LINE = 4000  # sentencepiece reads lines; text8 is one line, so it is cut at spaces
 # hard_vocab_limit off: a small corpus (a few templates) yields fewer pieces than asked for
@@ -62,7 +64,7 @@ def _train_or_load(lines: list[str], vocab_size: int, cache_dir) -> spm.Sentence
     if not model.exists():
         need = min_vocab_size(corpus_text)
         if need is not None and vocab_size < need:
-            raise ValueError(f"boundary.vocab_size={vocab_size} is too small for this corpus: sentencepiece needs at "
+            raise InputError(f"boundary.vocab_size={vocab_size} is too small for this corpus: sentencepiece needs at "
                              f"least {need} ({need - len(_SPECIAL_PIECES)} distinct characters + "
                              f"{', '.join(_SPECIAL_PIECES)})")
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,7 @@ def _train_or_load(lines: list[str], vocab_size: int, cache_dir) -> spm.Sentence
                 spm.SentencePieceTrainer.train(input=f"{tmp_prefix}.txt", model_prefix=str(tmp_prefix),
                                                vocab_size=vocab_size, **_TRAINER)
             except RuntimeError as e:
-                raise ValueError(f"boundary.vocab_size={vocab_size}: sentencepiece could not train a unigram model "
+                raise InputError(f"boundary.vocab_size={vocab_size}: sentencepiece could not train a unigram model "
                                  f"on this corpus: {e}") from e
             Path(f"{tmp_prefix}.vocab").replace(f"{prefix}.vocab")
             Path(f"{tmp_prefix}.model").replace(model)  # atomic: concurrent jobs never read half a model

@@ -7,11 +7,13 @@ import math
 import numpy as np
 import torch
 
+from fastclip.errors import InputError
+
 
 def window_plan(n_targets: int, context: int, stride: int) -> list[tuple[int, int]]:
     """[(window start, first scored offset inside the window)] covering targets 0..n_targets-1 once."""
     if not 0 < stride <= context:
-        raise ValueError(f"eval stride={stride}: expected 0 < stride <= context ({context})")
+        raise InputError(f"eval stride={stride}: expected 0 < stride <= context ({context})")
     if n_targets <= context:
         return [(0, 0)]
     starts = list(range(0, n_targets - context + 1, stride))

@@ -15,6 +15,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 
 from fastclip.data.image_folder import scan
 from fastclip.data.pairs import DecodedBatches, ImageFiles
+from fastclip.errors import InputError
 from fastclip.eval.zeroshot import classify
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def imagenet_files(root: str | Path, classnames=IMAGENET_CLASSNAMES):
     """(files, labels) of a val folder; fails naming the path when the layout is not 1000 classes."""
     files, labels, wnids = scan(root, "eval.imagenet_val")
     if len(wnids) != len(classnames):
-        raise ValueError(f"eval.imagenet_val={str(root)!r} has {len(wnids)} class folders; the val layout has "
+        raise InputError(f"eval.imagenet_val={str(root)!r} has {len(wnids)} class folders; the val layout has "
                          f"{len(classnames)} (one per WNID, sorted = class index)")
     return files, labels
 
@@ -40,7 +41,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 def cached_classifier(model, tokenizer, classnames, templates_name: str, device, cache_dir: Path | None):
     if templates_name not in TEMPLATE_SETS:
-        raise ValueError(f"eval.imagenet_templates={templates_name!r}: expected one of {', '.join(TEMPLATE_SETS)}")
+        raise InputError(f"eval.imagenet_templates={templates_name!r}: expected one of {', '.join(TEMPLATE_SETS)}")
     path = None
     if cache_dir is not None:
         key = f"{weights_digest(model.text)}-{templates_name}-{len(classnames)}"
@@ -68,7 +69,7 @@ def imagenet_eval(model, tokenizer, root, preprocess, device, templates: str = "
     correct, n = classify(model, batches, classifier, device)
     model.train(was_training)
     if n == 0:
-        raise ValueError(f"eval.imagenet_val={str(root)!r}: no image could be decoded")
+        raise InputError(f"eval.imagenet_val={str(root)!r}: no image could be decoded")
     return {"zeroshot/imagenet_top1": correct[1] / n, "zeroshot/imagenet_top5": correct[5] / n,
             "zeroshot/imagenet_images": float(n), "zeroshot/imagenet_skipped": float(batches.skipped),
             "zeroshot/imagenet_classifier_cached": float(hit)}

@@ -5,6 +5,7 @@ t2i: a caption is a hit at K when ITS image ranks in its top K images.
 """
 import torch
 from fastclip.data.pairs import DecodedBatches
+from fastclip.errors import InputError
 
 KS = (1, 5, 10)
 
@@ -46,7 +47,7 @@ def retrieval_eval(model, tokenizer, retrieval, device, batch_size=256, num_work
                      for s in range(0, len(flat), batch_size)]
     model.train(was_training)
     if not kept:  # checked before training too (data.pairs.require_usable); files can vanish since
-        raise ValueError(f"{retrieval.description or 'the retrieval set'}: none of its {len(retrieval.images)} "
+        raise InputError(f"{retrieval.description or 'the retrieval set'}: none of its {len(retrieval.images)} "
                          f"images could be decoded at evaluation")
     similarity = torch.cat(features) @ torch.cat(text_features).T
     return {**recall_at_k(similarity, caption_image), "retrieval/images": float(len(kept)),

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastclip.errors import InputError
 from fastclip.models.dtp import POOLING_GRAD_SIGN
 
 METHODS = ("none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram", "tome")
@@ -54,7 +55,7 @@ class Fixed(BoundaryMethod):
     def __init__(self, k: int, **kw):
         super().__init__(**kw)
         if k < 1:
-            raise ValueError(f"boundary.k={k}: expected >= 1")
+            raise InputError(f"boundary.k={k}: expected >= 1")
         self.k = k
 
     def boundaries(self, logits, tokens, token_mask=None):
@@ -104,14 +105,14 @@ class Gumbel(BoundaryMethod):
                  eval_rule: str = "threshold", pooling_grad: str = "paper", **kw):
         super().__init__(**kw)
         if pooling_grad not in POOLING_GRAD_SIGN:
-            raise ValueError(f"boundary.pooling_grad={pooling_grad!r}: expected one of {', '.join(POOLING_GRAD_SIGN)}")
+            raise InputError(f"boundary.pooling_grad={pooling_grad!r}: expected one of {', '.join(POOLING_GRAD_SIGN)}")
         self.pooling_grad = pooling_grad
         if not 0.0 < prior < 1.0:
-            raise ValueError(f"boundary.prior={prior}: expected a rate in (0, 1)")
+            raise InputError(f"boundary.prior={prior}: expected a rate in (0, 1)")
         if eval_rule not in self.EVAL_RULES:
-            raise ValueError(f"boundary.eval_rule={eval_rule!r}: expected one of {', '.join(self.EVAL_RULES)}")
+            raise InputError(f"boundary.eval_rule={eval_rule!r}: expected one of {', '.join(self.EVAL_RULES)}")
         if confidence < 0:
-            raise ValueError(f"boundary.confidence={confidence}: expected >= 0")
+            raise InputError(f"boundary.confidence={confidence}: expected >= 0")
         self.prior, self.temperature = prior, temperature
         self.confidence, self.eval_rule = confidence, eval_rule
         self.init_rate = prior
@@ -184,7 +185,7 @@ class SupervisedBoundaries(BoundaryMethod):
 
     def aux_loss(self, logits, hard, targets=None, token_mask=None):
         if targets is None:
-            raise ValueError(f"boundary={self.name} needs targets for its loss")
+            raise InputError(f"boundary={self.name} needs targets for its loss")
         loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
         if token_mask is not None:
             return (loss * token_mask).sum() / token_mask.sum().clamp_min(1)
@@ -240,7 +241,7 @@ def build_boundary_method(cfg, space_id: int | None = None, causal: bool = False
     if method is not None and method.needs_predictor:
         ratio = cfg.get("predictor_ratio", 4)
         if ratio <= 0:
-            raise ValueError(f"boundary.predictor_ratio={ratio}: expected > 0")
+            raise InputError(f"boundary.predictor_ratio={ratio}: expected > 0")
         method.predictor_ratio = ratio
     return method
 
@@ -256,14 +257,14 @@ def _build(cfg, space_id: int | None, causal: bool, word_ends: torch.Tensor | No
         if word_ends is not None:
             return Whitespace(word_ends=word_ends, loss_weight=weight)
         if space_id is None:
-            raise ValueError("boundary=whitespace needs a tokenizer with a space token (a character-level tower)")
+            raise InputError("boundary=whitespace needs a tokenizer with a space token (a character-level tower)")
         return Whitespace(space_id, loss_weight=weight)
     if name == "gumbel":
         rule = cfg.get("eval_rule", "auto")
         if rule == "auto":  # measured in bench-clip: threshold collapsed CIFAR images to one segment
             rule = "threshold" if causal else "expected_count"
         if causal and rule == "expected_count":
-            raise ValueError(f"boundary.eval_rule={rule} looks at the whole sequence; an autoregressive "
+            raise InputError(f"boundary.eval_rule={rule} looks at the whole sequence; an autoregressive "
                              "model (task=lm) needs eval_rule=threshold or sample")
         return Gumbel(cfg.prior, cfg.temperature, cfg.get("confidence", 0.0), rule,
                       cfg.get("pooling_grad", "paper"), loss_weight=weight)
@@ -272,6 +273,6 @@ def _build(cfg, space_id: int | None, causal: bool, word_ends: torch.Tensor | No
     if name == "unigram":
         return Unigram(cfg.vocab_size, loss_weight=weight)
     if name == "tome":
-        raise ValueError("boundary=tome merges image tokens inside a ViT; it is not a boundary method for "
+        raise InputError("boundary=tome merges image tokens inside a ViT; it is not a boundary method for "
                          "character sequences (task=lm)")
-    raise ValueError(f"boundary={name!r}: expected one of {', '.join(METHODS)}")
+    raise InputError(f"boundary={name!r}: expected one of {', '.join(METHODS)}")

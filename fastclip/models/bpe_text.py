@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastclip.errors import InputError
 from fastclip.models.boundaries import EntropySpike
 from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, finite_flag, padding_attn_mask,
                                  segment_counts, segment_ids)
@@ -49,13 +50,13 @@ class BPEDTPTextTower(nn.Module):
         super().__init__()
         blocks = text.transformer.resblocks
         if not 0 < pre_layers < len(blocks):
-            raise ValueError(f"boundary.text_pre_layers={pre_layers}: expected 1 .. {len(blocks) - 1} for a "
+            raise InputError(f"boundary.text_pre_layers={pre_layers}: expected 1 .. {len(blocks) - 1} for a "
                              f"{len(blocks)}-layer text tower")
         if layout not in ("packed", "padded"):
-            raise ValueError(f"boundary.text_layout={layout!r}: expected packed or padded")
+            raise InputError(f"boundary.text_layout={layout!r}: expected packed or padded")
         if getattr(text, "cls_emb", None) is not None or getattr(text, "use_pad_mask", False) \
                 or text.attn_mask is None or text.pool_type != "argmax":
-            raise ValueError("boundary.text_tokens=bpe cuts open_clip's default text tower (causal mask, no class "
+            raise InputError("boundary.text_tokens=bpe cuts open_clip's default text tower (causal mask, no class "
                              "token, argmax pooling); this encoder's text_cfg differs: use boundary.text_tokens=bytes")
         self.method, self.layout, self.tokenizer = method, layout, tokenizer
         self.packed_block = packed_block  # trainer.compile swaps in a compiled copy (runtime.compile_blocks)

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from open_clip.model import _build_text_tower, _build_vision_tower
 from torch import nn
 
+from fastclip.errors import InputError
 from fastclip.models.boundaries import build_boundary_method
 from fastclip.models.bpe_text import BPEDTPTextTower, word_end_ids
 from fastclip.models.meaning import check_tokenizer, dtp_towers
@@ -28,7 +29,7 @@ def clip_geometry(enc) -> dict:
     if enc.get("open_clip_name"):
         base = open_clip.get_model_config(enc["open_clip_name"])
         if base is None:
-            raise ValueError(f"encoder.open_clip_name={enc['open_clip_name']!r} is not an open_clip model config")
+            raise InputError(f"encoder.open_clip_name={enc['open_clip_name']!r} is not an open_clip model config")
         base = copy.deepcopy(base)
     else:
         base = {"embed_dim": enc["embed_dim"], "vision_cfg": {}, "text_cfg": {}}

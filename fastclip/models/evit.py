@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from fastclip.errors import InputError
 from fastclip.models.outputs import TowerOutput
 from fastclip.models.vision import require_vit
 from fastclip.models.vit_block import attention_half, check_block, encode, full_token_forward, mlp_half
@@ -39,12 +40,12 @@ class EViTImageTower(nn.Module):
     def __init__(self, visual, keep: float, layers):
         super().__init__()
         if not 0 < keep < 1:
-            raise ValueError(f"boundary.keep={keep}: expected the fraction of patch tokens kept, in (0, 1)")
+            raise InputError(f"boundary.keep={keep}: expected the fraction of patch tokens kept, in (0, 1)")
         self.vit = require_vit(visual, "boundary=evit")
         n_blocks = len(self.vit.transformer.resblocks)
         self.layers = sorted(set(int(i) for i in layers))
         if not self.layers or not all(0 <= i < n_blocks for i in self.layers):
-            raise ValueError(f"boundary.layers={list(layers)}: expected block indices in 0 .. {n_blocks - 1}")
+            raise InputError(f"boundary.layers={list(layers)}: expected block indices in 0 .. {n_blocks - 1}")
         for i in self.layers:
             check_block(self.vit.transformer.resblocks[i], "boundary=evit")
         self.keep = keep

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastclip.errors import InputError
 from fastclip.models.outputs import TowerOutput
 from fastclip.models.vision import require_vit
 from fastclip.models.vit_block import encode, full_token_forward
@@ -24,7 +25,7 @@ class LowResImageTower(nn.Module):
         grid = self.vit.grid_size
         self.grid = tuple(max(1, round(g * scale)) for g in grid)
         if not 0 < scale <= 1 or self.grid[0] > grid[0]:
-            raise ValueError(f"boundary.scale={scale}: expected a share of the image side in (0, 1]")
+            raise InputError(f"boundary.scale={scale}: expected a share of the image side in (0, 1]")
         self.scale = scale
 
     def forward(self, images) -> TowerOutput:

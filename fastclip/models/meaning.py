@@ -2,6 +2,8 @@
 no meaning on a tower is a clear error at config time, never a silent no-op. Imports nothing
 heavy: checks.py reads it before torch loads."""
 
+from fastclip.errors import InputError
+
 TOWERS = ("image", "text")
 # None = no meaning there
 MEANING = {
@@ -31,17 +33,17 @@ def dtp_towers(boundary) -> tuple[str, ...]:
     if boundary.name == "none":
         return ()
     if boundary.name not in MEANING:
-        raise ValueError(f"boundary={boundary.name!r}: expected none or one of {', '.join(MEANING)}")
+        raise InputError(f"boundary={boundary.name!r}: expected none or one of {', '.join(MEANING)}")
     towers = tuple(boundary.apply_to)
     for tower in towers:
         if tower not in TOWERS:
-            raise ValueError(f"boundary.apply_to contains {tower!r}: expected image and/or text")
+            raise InputError(f"boundary.apply_to contains {tower!r}: expected image and/or text")
         if MEANING[boundary.name][tower] is None:
-            raise ValueError(f"boundary={boundary.name} has no meaning on the {tower} tower "
+            raise InputError(f"boundary={boundary.name} has no meaning on the {tower} tower "
                              f"(boundary.apply_to={list(towers)}); apply it to "
                              f"{[t for t in TOWERS if MEANING[boundary.name][t]]} only")
     if "text" in towers and boundary.text_tokens == "bpe" and OVER_BPE.get(boundary.name) is None:
-        raise ValueError(f"boundary={boundary.name} has no meaning over BPE tokens (boundary.text_tokens=bpe): "
+        raise InputError(f"boundary={boundary.name} has no meaning over BPE tokens (boundary.text_tokens=bpe): "
                          f"apply it to the byte-level text tower (boundary.text_tokens=bytes), or to "
                          f"{[t for t in TOWERS if t != 'text' and MEANING[boundary.name][t]] or 'no other tower'}")
     return towers
@@ -53,9 +55,9 @@ def check_tokenizer(tokenizer: str, boundary, towers: tuple[str, ...]) -> None:
     if tokenizer != "char":
         return
     if "text" not in towers:
-        raise ValueError("encoder.tokenizer=char needs a DTP text tower (a boundary applied to text); "
+        raise InputError("encoder.tokenizer=char needs a DTP text tower (a boundary applied to text); "
                          "vanilla text towers use open_clip's BPE tokenizer")
     if boundary.text_tokens != "bytes":
-        raise ValueError(f"encoder.tokenizer=char with boundary.text_tokens={boundary.text_tokens}: the char "
+        raise InputError(f"encoder.tokenizer=char with boundary.text_tokens={boundary.text_tokens}: the char "
                          f"tokenizer feeds the byte-level DTP text tower (boundary.text_tokens=bytes); the BPE one "
                          f"reads open_clip's BPE (encoder.tokenizer=bpe)")

@@ -9,6 +9,7 @@ import torch
 from open_clip.transformer import PatchDropout
 from torch import nn
 
+from fastclip.errors import InputError
 from fastclip.models.outputs import TowerOutput
 from fastclip.models.vision import require_vit
 
@@ -31,7 +32,7 @@ class PatchDropoutImageTower(nn.Module):
     def __init__(self, visual, keep: float, eval_keep: bool = False):
         super().__init__()
         if not 0 < keep <= 1:
-            raise ValueError(f"boundary.keep={keep}: expected the fraction of patches kept, in (0, 1]")
+            raise InputError(f"boundary.keep={keep}: expected the fraction of patches kept, in (0, 1]")
         self.vit = require_vit(visual, "boundary=patch_dropout")
         self.keep, self.eval_keep = keep, eval_keep
         self.vit.patch_dropout = (_EvalToo if eval_keep else PatchDropout)(1.0 - keep) if keep < 1 else nn.Identity()

@@ -5,6 +5,8 @@ neighbouring patch and every aligned run of 4^j patches is a 2^j x 2^j square, s
 compact blobs and fixed k=4 pools 2x2 squares. Hand-written: torch has no space-filling curve."""
 import torch
 
+from fastclip.errors import InputError
+
 ORDERS = ("raster", "hilbert")
 
 
@@ -31,7 +33,7 @@ def patch_order(order: str, rows: int, cols: int) -> torch.Tensor | None:
     enclosing one, skipping cells outside the grid: on an even grid (ViT-B/16's 14 x 14) whole 2x2
     squares are kept or skipped, so fixed k=4 still pools squares."""
     if order not in ORDERS:
-        raise ValueError(f"boundary.image_order={order!r}: expected one of {', '.join(ORDERS)}")
+        raise InputError(f"boundary.image_order={order!r}: expected one of {', '.join(ORDERS)}")
     if order == "raster":
         return None
     side = 1

@@ -9,6 +9,7 @@ from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import nn
 
 from fastclip.data.unigram import piece_end_bytes
+from fastclip.errors import InputError
 from fastclip.models.boundaries import EntropySpike, Unigram
 from fastclip.models.charlm import causal_mask
 from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, finite_flag, mean_of_valid,
@@ -99,9 +100,9 @@ class DTPTextTower(nn.Module):
                  inference: bool = False):
         super().__init__()
         if not 0 < pre_layers < layers:
-            raise ValueError(f"boundary.text_pre_layers={pre_layers}: expected 1 .. {layers - 1} for a {layers}-layer text tower")
+            raise InputError(f"boundary.text_pre_layers={pre_layers}: expected 1 .. {layers - 1} for a {layers}-layer text tower")
         if layout not in ("packed", "padded"):
-            raise ValueError(f"boundary.text_layout={layout!r}: expected packed or padded")
+            raise InputError(f"boundary.text_layout={layout!r}: expected packed or padded")
         self.layout = layout
         self.packed_block = packed_block  # trainer.compile swaps in a compiled copy (runtime.compile_blocks)
         self.method = method
@@ -117,7 +118,7 @@ class DTPTextTower(nn.Module):
         self.next_char = nn.Linear(width, CharTokenizer.vocab_size) if isinstance(method, EntropySpike) else None
         self.unigram_model = unigram_model
         if isinstance(method, Unigram) and unigram_model is None and not inference:  # its targets train the predictor
-            raise ValueError("boundary=unigram on the text tower needs a unigram model of the training captions")
+            raise InputError("boundary=unigram on the text tower needs a unigram model of the training captions")
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, embed_dim) * width ** -0.5)
 

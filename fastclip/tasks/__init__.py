@@ -1,4 +1,5 @@
 """A task builds model + data from the config and says what a loss and an evaluation are."""
+from fastclip.errors import InputError
 
 
 def build_task(cfg, device, run_dir=None):
@@ -8,4 +9,4 @@ def build_task(cfg, device, run_dir=None):
     if cfg.task.name == "lm":
         from fastclip.tasks.lm import LMTask
         return LMTask(cfg, device)
-    raise ValueError(f"task.name={cfg.task.name!r}: expected clip or lm")
+    raise InputError(f"task.name={cfg.task.name!r}: expected clip or lm")

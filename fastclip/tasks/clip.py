@@ -24,6 +24,7 @@ from fastclip.data.overlap import (EVAL_OVERLAP, FileKeys, eval_overlap_of, leav
 from fastclip.data.pairs import Batch, ImageFiles, collate_skipping, require_usable
 from fastclip.data.shards import build_shards, shard_captions
 from fastclip.data.splits import ClipData
+from fastclip.errors import InputError
 from fastclip.eval.boundary_picture import draw
 from fastclip.eval.efficiency import parameter_counts
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
@@ -48,7 +49,7 @@ def build_clip_data(cfg, preprocess_train, preprocess_eval, tokenizer) -> ClipDa
     if name in BUILDERS:
         # the dataset group as its schema's dataclass (fastclip.schema.data): the sources take typed objects
         return BUILDERS[name](typed_group(cfg, "dataset"), preprocess_train, preprocess_eval, tokenizer)
-    raise ValueError(f"dataset={name!r} is not an image-text dataset for task=clip "
+    raise InputError(f"dataset={name!r} is not an image-text dataset for task=clip "
                      f"(digits, image_folder, csv, coco2014, webdataset)")
 
 
@@ -65,7 +66,7 @@ def training_captions(ds) -> list[str]:
         return coco_training_captions(ds)
     if ds.name == "webdataset":
         return shard_captions(ds, limit=100_000)
-    raise ValueError(f"dataset={ds.name!r}: no caption corpus for boundary=unigram")
+    raise InputError(f"dataset={ds.name!r}: no caption corpus for boundary=unigram")
 
 
 def has_boundary_picture(model) -> bool:
@@ -120,11 +121,11 @@ class ClipTask(TaskBase):
         starts, not after it."""
         ds = self.cfg.dataset
         if not (self.data.zeroshot or self.data.retrieval or self.cfg.eval.imagenet_val):
-            raise ValueError(f"dataset={ds.name} holds out no image to evaluate on"
+            raise InputError(f"dataset={ds.name} holds out no image to evaluate on"
                              + (f" (dataset.eval_fraction={ds.eval_fraction} of {len(self.data.train)} rows' images)"
                                 if ds.name == "csv" else "") + ": set a held-out split or eval.imagenet_val")
         if not (self.data.val_zeroshot or self.data.val_retrieval):
-            raise ValueError(f"dataset={ds.name} holds out no validation image: per-epoch evaluation and a sweep's "
+            raise InputError(f"dataset={ds.name} holds out no validation image: per-epoch evaluation and a sweep's "
                              f"objective need one (dataset.val_fraction, val_images or val_shards)")
         for split, field in (("test", "zeroshot"), ("val", "val_zeroshot")):
             if getattr(self.data, field) is not None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fastclip import distributed, runtime
 from fastclip.checks import check_config
 from fastclip.data import text8, unigram
+from fastclip.errors import InputError
 from fastclip.eval.bpc import evaluate_bpc
 from fastclip.models.boundaries import EntropySpike, Unigram, build_boundary_method
 from fastclip.models.charlm import HourglassLM
@@ -67,7 +68,7 @@ class LMTask(TaskBase):
         self.ids = dict(zip(("train", "valid", "test"), (text8.encode(s) for s in splits)))
         self.context = cfg.task.context
         if len(self.ids["train"]) <= self.context + 1:
-            raise ValueError(f"{self.source}: training split has {len(self.ids['train'])} chars, "
+            raise InputError(f"{self.source}: training split has {len(self.ids['train'])} chars, "
                              f"fewer than task.context={self.context}")
         self.method = build_boundary_method(cfg.boundary, space_id=text8.SPACE_ID, causal=True)
         self.train_targets = None
