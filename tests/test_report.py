@@ -171,6 +171,15 @@ def test_the_frontier_of_a_hand_made_case():
     assert pareto_frontier([(1.0, 1.5), (2.0, 1.2), (3.0, 1.3)], lower_better=True) == [0, 1]
 
 
+def test_make_reports_default_finds_the_newest_sweep_in_any_experiment(sweep_store, tmp_path):
+    """`make sweep` logs to the sweep's own experiment (boundary_ablation); `make report` (--sweep latest,
+    no --experiment) reports it, not the default experiment's runs."""
+    uri, client, pid = sweep_store
+    client.create_experiment("fastclip", artifact_location=(tmp_path / "f").as_uri())
+    report = main(["--sweep", "latest", "--uri", uri, "--out", str(tmp_path / "r")])
+    assert report.selection.experiment == "demo" and report.selection.sweep_id == pid
+
+
 def test_report_errors_name_what_is_missing(sweep_store, tmp_path):
     uri, client, _ = sweep_store
     with pytest.raises(ReportError, match="'nope'.*it has.*demo"):
@@ -178,8 +187,12 @@ def test_report_errors_name_what_is_missing(sweep_store, tmp_path):
     with pytest.raises(ReportError, match="--sweep 123: not a sweep parent run"):
         select_runs(uri, "demo", "123")
     client.create_experiment("plain")
-    with pytest.raises(ReportError, match="has no sweep.*--sweep all"):
+    with pytest.raises(ReportError, match="has no sweep.*the newest sweep is in experiment 'demo'.*--sweep all"):
         select_runs(uri, "plain", "latest")
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    mlflow.MlflowClient(tracking_uri=empty).create_experiment("plain", artifact_location=(tmp_path / "e").as_uri())
+    with pytest.raises(SystemExit, match="no sweep .a `-m` run. in"):
+        main(["--sweep", "latest", "--uri", empty, "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--cost efficiency/imag_gflops: no run logged it"):
         main(["--experiment", "demo", "--uri", uri, "--cost", "efficiency/imag_gflops", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--metric lm/test_bpc: no run logged it"):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fastclip.eval.names import val_name
 from fastclip.report.plots import CurvePanel
-from fastclip.report.runs import ReportError, Selection, load_histories, select_runs
+from fastclip.report.runs import ReportError, Selection, latest_sweep_experiment, load_histories, select_runs
 from fastclip.report.table import Group, group_by_seed, markdown, write_csv
 from fastclip.tracking import redacted
 
@@ -100,7 +100,9 @@ def main(argv=None) -> Report:
     from fastclip.tracking import TrackingStoreError, require_store, resolve_uri
     ap = argparse.ArgumentParser(prog="python -m fastclip.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", default="fastclip", help="MLflow experiment (tracking.experiment); default fastclip")
+    ap.add_argument("--experiment", default=None,
+                    help="MLflow experiment (tracking.experiment); default: with --sweep latest, the experiment of the "
+                         "newest sweep in the store, else fastclip")
     ap.add_argument("--sweep", default=None, help="a sweep's parent run id, latest, or all (the default: every run of the experiment)")
     ap.add_argument("--out", default=None, help="default: outputs/reports/<experiment>[/<sweep>]")
     ap.add_argument("--metric", default="zeroshot/top1")
@@ -115,7 +117,8 @@ def main(argv=None) -> Report:
     uri = resolve_uri(args.uri)  # the store training writes from this directory
     try:
         require_store(uri, "runs launched from this directory write there; --uri names another")
-        report = build_report(uri, args.experiment, Path(args.out) if args.out else None, args.sweep, args.metric,
+        experiment = args.experiment or (latest_sweep_experiment(uri) if args.sweep == "latest" else "fastclip")
+        report = build_report(uri, experiment, Path(args.out) if args.out else None, args.sweep, args.metric,
                               args.cost, args.pool_versions, args.x)
     except (ReportError, TrackingStoreError) as exc:
         raise SystemExit(f"fastclip.report: {exc}") from None

@@ -162,8 +162,10 @@ def select_runs(uri: str, experiment: str, sweep: str | None = None) -> Selectio
         parents = [r for r in runs if r.data.tags.get(SWEEP_ROLE[0]) == SWEEP_ROLE[1]]
         if sweep == "latest":
             if not parents:
+                elsewhere = _or_none(latest_sweep_experiment, uri)
                 raise ReportError(f"--sweep latest: experiment {experiment!r} in {redacted(uri)} has no sweep (a `-m` run); "
-                                  f"--sweep all reports all its runs")
+                                  + (f"the newest sweep is in experiment {elsewhere!r} (--experiment {elsewhere}); "
+                                     if elsewhere else "") + "--sweep all reports all its runs")
             parent = parents[-1]
         else:
             parent = next((r for r in parents if r.info.run_id == sweep), None)
@@ -185,6 +187,27 @@ def select_runs(uri: str, experiment: str, sweep: str | None = None) -> Selectio
     sweep_dir = Path(parent.data.tags.get("fastclip.sweep_dir", parent.info.run_id))
     return Selection(experiment, uri, records, parent.info.run_id, parent.info.run_name,
                      "_".join(sweep_dir.parts[-2:]), left_out)
+
+
+def _or_none(find, *args):
+    try:
+        return find(*args)
+    except ReportError:
+        return None
+
+
+def latest_sweep_experiment(uri: str) -> str:
+    """The experiment that holds the newest sweep (a `-m` run's parent) in the store, whatever its
+    tracking.experiment: what `make report` reports after `make sweep`. Raises ReportError when the
+    store has no sweep."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    newest = client.search_runs(ids, filter_string=f"tags.`{SWEEP_ROLE[0]}` = '{SWEEP_ROLE[1]}'",
+                                order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    if not newest:
+        raise ReportError(f"--sweep latest: no sweep (a `-m` run) in {redacted(uri)}; --experiment NAME --sweep all "
+                          f"reports single runs")
+    return client.get_experiment(newest[0].info.experiment_id).name
 
 
 def all_runs(client, experiment_id: str) -> list:
