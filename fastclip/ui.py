@@ -1,10 +1,13 @@
 """make ui: the MLflow UI over fastclip's store, on this machine only.
 
-    python -m fastclip.ui [--experiment fastclip] [--port 5000] [--uri sqlite:///.../outputs/mlflow.db]
+    python -m fastclip.ui [--experiment NAME] [--port 5000] [--uri sqlite:///.../outputs/mlflow.db]
 
 Listens on 127.0.0.1 (never on the network: the UI can delete runs), on --port or, where that is
-taken, on a free port; prints the URL of the experiment's runs table, then runs `mlflow ui` in this
-process (Ctrl-C stops it). The UI itself is MLflow's; fastclip only picks the store, port and page.
+taken, on a free port; prints where to look, then runs `mlflow ui` in this process (Ctrl-C stops it).
+Without --experiment, where the store has a sweep (a `-m` run), the first URL is MLflow's comparison
+of the newest sweep's finished runs (their params and metrics side by side, with parallel-coordinates
+and scatter plots), the second that sweep's experiment's runs table; else the `fastclip` experiment's
+runs table. The UI itself is MLflow's; fastclip only picks the store, port and pages.
 """
 import argparse
 import os
@@ -42,11 +45,37 @@ def runs_page(uri: str, experiment: str, port: int) -> str:
     return f"http://{HOST}:{port}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning"
 
 
+def compare_page(uri: str, port: int) -> tuple[str, str, int] | None:
+    """MLflow's compare view of the newest sweep's FINISHED runs -> (URL, experiment, runs), or None
+    where the store has no sweep. The route is MLflow's own (`#/compare-runs?runs=[ids]&experiments=[id]`)."""
+    import json
+    import urllib.parse
+    from fastclip.report.runs import ReportError, latest_sweep_experiment, select_runs
+    try:
+        experiment = latest_sweep_experiment(uri)
+        chosen = select_runs(uri, experiment, "latest")
+    except ReportError:
+        return None
+    ids = [r.run_id for r in chosen.runs]
+    if not ids:
+        return None
+    exp_id = mlflow_experiment_id(uri, experiment)
+    query = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([exp_id])},
+                                   quote_via=urllib.parse.quote)
+    return f"http://{HOST}:{port}/#/compare-runs?{query}", experiment, len(ids)
+
+
+def mlflow_experiment_id(uri: str, experiment: str) -> str:
+    import mlflow
+    return mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment).experiment_id
+
+
 def main(argv=None) -> None:
     from fastclip.tracking import TrackingStoreError, redacted, require_store, resolve_uri
     ap = argparse.ArgumentParser(prog="python -m fastclip.ui", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", default="fastclip", help="whose runs table the printed URL opens")
+    ap.add_argument("--experiment", default=None,
+                    help="whose runs table the printed URL opens; default: the newest sweep's comparison, else fastclip")
     ap.add_argument("--port", type=int, default=5000, help="tried first; a free one where it is taken")
     ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db (as training)")
     args = ap.parse_args(argv)
@@ -58,7 +87,14 @@ def main(argv=None) -> None:
     port = free_port(args.port)
     if port != args.port:
         print(f"port {args.port} is taken: using {port}")
-    print(f"MLflow UI for {redacted(uri)}\nruns of {args.experiment!r}: {runs_page(uri, args.experiment, port)}\n"
+    sweep = compare_page(uri, port) if args.experiment is None else None
+    print(f"MLflow UI for {redacted(uri)}")
+    if sweep:
+        url, experiment, n = sweep
+        print(f"the newest sweep's {n} finished runs, compared: {url}")
+    else:
+        experiment = args.experiment or "fastclip"
+    print(f"runs of {experiment!r}: {runs_page(uri, experiment, port)}\n"
           f"(the page answers once MLflow says 'Uvicorn running': some seconds; Ctrl-C stops it)", flush=True)
     # MLflow binds the port a moment later: another program taking it in between makes MLflow fail, saying so
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST,

@@ -74,3 +74,26 @@ def test_ui_without_a_store_says_to_train_first(tmp_path, cli_env):
     done = subprocess.run([PYTHON, "-m", "fastclip.ui", "--uri", f"sqlite:///{tmp_path / 'none.db'}"], env=cli_env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "no MLflow store at" in done.stderr and "make train" in done.stderr
+
+
+def test_without_an_experiment_the_ui_opens_the_newest_sweeps_comparison(tmp_path):
+    """After `make sweep`, `make ui` points at MLflow's compare view of that sweep's finished runs, in
+    whatever experiment the sweep logged to; with no sweep in the store, at the fastclip runs table."""
+    import urllib.parse
+    from fastclip.ui import compare_page
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_store(uri, "fastclip")
+    assert compare_page(uri, 5000) is None  # no sweep yet
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = ensure_store(uri, "boundary_ablation")
+    parent = client.create_run(exp, run_name="sweep", tags={"fastclip.role": "sweep"}).info.run_id
+    jobs = [client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id for _ in range(3)]
+    for job in jobs[:2]:
+        client.set_terminated(job)
+    client.set_terminated(jobs[2], "FAILED")
+    url, experiment, n = compare_page(uri, 5000)
+    assert experiment == "boundary_ablation" and n == 2
+    route, query = url.split("#", 1)[1].split("?", 1)
+    fields = dict(urllib.parse.parse_qsl(query))
+    assert route == "/compare-runs" and json.loads(fields["experiments"]) == [exp]
+    assert sorted(json.loads(fields["runs"])) == sorted(jobs[:2])
