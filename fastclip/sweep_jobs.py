@@ -11,6 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fastclip.eval.names import HEADLINE_METRICS, OBJECTIVE_METRICS
+
 OUTCOME_FILE = ".fastclip_job.json"
 
 
@@ -60,3 +62,35 @@ def summary(outcomes: list[JobOutcome]) -> str:
     lines = [f"sweep: {len(outcomes)} jobs ended, {len(outcomes) - len(failed)} completed, {len(failed)} failed"]
     lines += [f"  job {o.num} ({o.overrides or 'no overrides'}) failed: {o.error}" for o in failed]
     return "\n".join(lines)
+
+
+# a sweep's end table: (column title, metric, format), shown where some job logged the metric
+COST_COLUMNS = (("train GFLOPs/sample", "efficiency/train_gflops", "{:.4g}"), ("train s", "time/train_s", "{:.0f}"))
+
+
+def results_table(outcomes: list[JobOutcome], metrics: dict[int, dict[str, float]]) -> str:
+    """The sweep's jobs, one row each (job number, status, overrides), with the headline metrics their
+    MLflow runs logged (`metrics`: job number -> the run's last values): the objective (a validation
+    metric, what a sweeper optimises), the test metric reported last, the counted training compute and
+    the training time. A Markdown table, readable as text."""
+    logged = {k for m in metrics.values() for k in m}
+    columns = [(name, name, "{:.4f}") for name in (next((n for n in OBJECTIVE_METRICS if n in logged), None),
+                                                   next((n for n in HEADLINE_METRICS if n in logged), None)) if name]
+    columns += [c for c in COST_COLUMNS if c[1] in logged]
+    shared = set.intersection(*(set(o.overrides.split()) for o in outcomes)) if len(outcomes) > 1 else set()
+    lines = ["| job | status | overrides" + (" (the swept ones)" if shared else "") + " | "
+             + " | ".join(title for title, _, _ in columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for o in outcomes:
+        values = metrics.get(o.num, {})
+        cells = [fmt.format(values[key]) if key in values else "-" for _, key, fmt in columns]
+        swept = " ".join(w for w in o.overrides.split() if w not in shared)
+        lines.append(f"| {o.num} | {o.status} | {swept or '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def next_steps(experiment: str, parent_run_id: str | None) -> str:
+    """What to run after a sweep to compare its jobs: the exact report and UI commands."""
+    sweep = f" --sweep {parent_run_id}" if parent_run_id else ""
+    return (f"the sweep's runs are in MLflow experiment {experiment!r}" + (f" under parent run {parent_run_id}" if parent_run_id else "")
+            + f"; compare them:\n  make report ARGS=\"--experiment {experiment}{sweep}\"   (table, Pareto plot, curves; plain "
+              f"`make report` takes the newest sweep)\n  make ui   (MLflow's comparison of the newest sweep's runs)")

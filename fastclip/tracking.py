@@ -273,6 +273,13 @@ def sweep_run_name(overrides: str, sweep_dir: Path, limit: int = 200) -> str:
     return name if len(name) <= limit else name[:limit - 3] + "..."
 
 
+def _jobs_metrics(client, parent: str) -> dict[int, dict[str, float]]:
+    """The last metric values of a sweep's job runs, by Hydra job number (its hydra.job.num tag)."""
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000)
+    return {int(r.data.tags["hydra.job.num"]): dict(r.data.metrics) for r in runs if "hydra.job.num" in r.data.tags}
+
+
 class MlflowStoreCallback(Callback):
     """Creates store + experiment once before a multirun fans out, plus a parent run for the sweep.
     A single run creates its own (in run(), after its config is checked: a config mistake fails
@@ -324,4 +331,6 @@ class MlflowStoreCallback(Callback):
             client.set_tag(parent, "fastclip.sweep.jobs", len(outcomes))
             client.set_tag(parent, "fastclip.sweep.failed_jobs", failed)
             client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
+            log.info("the sweep's jobs:\n%s", sweep_jobs.results_table(outcomes, _jobs_metrics(client, parent)))
+        log.info("%s", sweep_jobs.next_steps(config.tracking.experiment, parent))
         return failed

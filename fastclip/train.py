@@ -18,14 +18,10 @@ from fastclip import CONF_DIR, run_lock, tracking
 from fastclip.checks import ConfigError, check_config, check_overrides
 from fastclip.compression.base import TWIN_SUFFIXES, twin_label
 from fastclip.errors import InputError, show_traceback
+from fastclip.eval.names import HEADLINE_METRICS, OBJECTIVE_METRICS
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS
 
 log = logging.getLogger("fastclip")
-# what a run reports last, in order of preference: the test split's, measured once at the end
-HEADLINE_METRICS = ("zeroshot/top1", "zeroshot/imagenet_top1", "retrieval/i2t_r1", "lm/test_bpc")
-# what the entrypoint returns, so what Hydra's sweeper optimises, in order of preference: the validation
-# split's (per-epoch evaluation), never the test split's, whose best value over a search would be biased up
-OBJECTIVE_METRICS = ("val/zeroshot_top1", "val/i2t_r1", "val/bpc")
 
 
 def hydra_tags() -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Per-step logging that does not stall the device (StepLog) and the step's time split into data
 wait and compute (StepTimer)."""
+import logging
 import math
 import time
 from pathlib import Path
@@ -10,6 +11,10 @@ import torch
 from fastclip import distributed
 from fastclip.loop.divergence import diverged
 from fastclip.loop.state import TrainState
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 30.0  # without a progress bar (trainer.progress=false, a sweep's jobs), a line this often
+
 
 
 class StepLog:
@@ -22,6 +27,7 @@ class StepLog:
         self.tracker, self.every, self.bar, self.checkpoint_path = tracker, max(1, int(every)), bar, checkpoint_path
         self._rows: list[tuple[int, int, torch.Tensor | bool, dict]] = []
         self._window = (0, time.perf_counter())  # steps since the last drain, and its start
+        self._said = time.perf_counter()  # the last heartbeat line
 
     def add(self, state: TrainState, loss: torch.Tensor, finite: torch.Tensor, lr: float, metrics: dict) -> None:
         """The step just taken: its last micro-batch's loss and metrics, and whether every micro-batch
@@ -61,7 +67,12 @@ class StepLog:
                      f"a micro-batch loss of step {step} (epoch {epoch + 1}) is not finite", self.checkpoint_path)
         if rows and self.bar is not None:
             steps, t0 = self._window
-            self.bar.set_postfix(loss=f"{rows[-1][3]['train/loss']:.4f}", steps_s=f"{steps / max(1e-9, time.perf_counter() - t0):.2f}")
+            rate = steps / max(1e-9, time.perf_counter() - t0)
+            self.bar.set_postfix(loss=f"{rows[-1][3]['train/loss']:.4f}", steps_s=f"{rate:.2f}")
+            if self.bar.disable and self.tracker and time.perf_counter() - self._said >= HEARTBEAT_S:
+                self._said = time.perf_counter()  # no bar to watch: a line, so a sweep's job is never silent long
+                log.info("step %d of %d (epoch %d): train/loss %.4f, %.2f steps/s", rows[-1][0] + 1, self.bar.total,
+                         rows[-1][1] + 1, rows[-1][3]["train/loss"], rate)
         self._window = (0, time.perf_counter())
 
 
