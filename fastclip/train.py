@@ -373,6 +373,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if {"--help", "-h"} & set(sys.argv[1:]):  # the groups a user chooses, not Hydra's dump of every group
+        from fastclip.cli_help import help_text
+        print(help_text())
+        raise SystemExit(0)
     try:  # before Hydra parses them: its errors do not name the argument, nor the key meant
         from fastclip.checks import check_override_keys, check_override_syntax
         check_override_syntax(sys.argv[1:])

@@ -91,3 +91,17 @@ def test_a_data_error_is_one_line_leaves_no_run_dir_and_shows_its_traceback_when
     shown = subprocess.run(args, cwd=tmp_path, env={**cli_env, "FASTCLIP_TRACEBACK": "1"}, capture_output=True,
                            text=True, timeout=300)
     assert shown.returncode != 0 and "Traceback" in shown.stderr and "image_folder.py" in shown.stderr
+
+
+def test_help_lists_the_groups_and_options_a_user_chooses_not_the_internal_ones(tmp_path, cli_env):
+    from fastclip.schema import OPTIONS
+    done = subprocess.run([PYTHON, "-m", "fastclip.train", "--help"], cwd=tmp_path, env=cli_env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "_shared" not in text and "schema/" not in text and "== Config ==" not in text  # Hydra's dump
+    for group, options in OPTIONS.items():
+        assert f"\n  {group}:\n" in text
+        assert all(f" {option} " in text for option in options), group
+    assert "* digits        Embedded default" in text and "+cluster=" in text
+    assert not (tmp_path / "outputs").exists()
