@@ -7,7 +7,9 @@
 With --text: per image, each text's probability (a softmax over the texts at the model's learned
 temperature: they sum to 1). With --classes (one class name per line): zero-shot classification
 over the class names in the template set's prompts, the top 5 per image. For DTP models, how many
-tokens each tower kept (tokens in -> segments).
+tokens each tower kept (tokens in -> segments). First, what the model was trained on (data set,
+input size, normalisation); under an image, what sets it apart from the training images where that
+is far (a light background for a dark-ground model, a size far off), rather than a silent guess.
 """
 import argparse
 import sys
@@ -19,7 +21,8 @@ from fastclip.checkpoint import CheckpointError
 from fastclip.data.pairs import UnusableImage, open_rgb
 from fastclip.data.textfile import read_names
 from fastclip.eval.imagenet import TEMPLATE_SETS
-from fastclip.inference import classify, load, score
+from fastclip.data.profiles import far_from_training
+from fastclip.inference import classify, load_run, score
 
 
 def require_file(flag: str, path: str) -> Path:
@@ -30,15 +33,31 @@ def require_file(flag: str, path: str) -> Path:
     return Path(path)
 
 
-def read_images(paths: list[str], preprocess) -> torch.Tensor:
-    """[N, 3, H, W]; an image that cannot be read fails naming it (a user's own file: no skipping)."""
-    out = []
+def read_images(paths: list[str], preprocess, far_from_training=None) -> tuple[torch.Tensor, list[list[str]]]:
+    """-> ([N, 3, H, W], per image what sets it apart from the training images: far_from_training(PIL
+    image) -> notes). An image that cannot be read fails naming it (a user's own file: no skipping)."""
+    out, notes = [], []
     for path in paths:
         try:
-            out.append(preprocess(open_rgb(require_file("--image", path), f"--image {path}", skip=False)))
+            image = open_rgb(require_file("--image", path), f"--image {path}", skip=False)
         except UnusableImage as exc:
             raise SystemExit(str(exc)) from None
-    return torch.stack(out)
+        out.append(preprocess(image))
+        notes.append(far_from_training(image) if far_from_training else [])
+    return torch.stack(out), notes
+
+
+def trained_on(run) -> str:
+    """One line: the data set and input size the model was trained on, and its normalisation."""
+    from torchvision.transforms import Normalize
+    norm = next((t for t in getattr(run.preprocess, "transforms", []) if isinstance(t, Normalize)), None)
+    said = f", normalised with mean {_rounded(norm.mean)} std {_rounded(norm.std)}" if norm is not None else ""
+    return (f"model trained on dataset={run.config.dataset.name} ({run.profile.source}); reads {run.image_side}x"
+            f"{run.image_side} px RGB{said}")
+
+
+def _rounded(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
 
 def read_classes(path: str) -> list[str]:
@@ -52,6 +71,11 @@ def read_classes(path: str) -> list[str]:
     if twice:
         raise SystemExit(f"--classes {path}: {twice} appear more than once")
     return names
+
+
+def _warn(notes: list[str]) -> None:
+    for note in notes:
+        print(f"  far from the training images: {note}")
 
 
 def tokens_line(kind: str, counts: torch.Tensor) -> str:
@@ -88,16 +112,21 @@ def main(argv=None) -> None:
     except RuntimeError as exc:
         raise SystemExit(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
     try:
-        model, preprocess, tokenizer = load(args.checkpoint, device, args.uri)
+        run = load_run(args.checkpoint, device, args.uri)
     except (FileNotFoundError, CheckpointError) as exc:  # their messages name the file or run
         raise SystemExit(f"--checkpoint: {exc}") from None
-    images = read_images(args.image, preprocess).to(device)
+    model, tokenizer = run.model, run.tokenizer
+    print(trained_on(run))
+    images, notes = read_images(args.image, run.preprocess,
+                                lambda image: far_from_training(image, run.profile, run.image_side))
+    images = images.to(device)
     pools_image, pools_text = shortens(model)
     if args.classes:
         classnames = read_classes(args.classes)
         probs, top, kept = classify(model, tokenizer, images, classnames, TEMPLATE_SETS[args.templates])
         for i, path in enumerate(args.image):
             print(path)
+            _warn(notes[i])
             for rank, c in enumerate(top[i].tolist(), 1):
                 print(f"  {rank}. {probs[i, c]:.4f}  {classnames[c]}")
             if pools_image:
@@ -106,6 +135,7 @@ def main(argv=None) -> None:
     scores = score(model, images, tokenizer(args.text).to(device))
     for i, path in enumerate(args.image):
         print(path)
+        _warn(notes[i])
         for j, text in enumerate(args.text):
             print(f"  {scores.probs[i, j]:.4f}  {text}")
         if pools_image:

@@ -17,12 +17,31 @@ import torch
 
 from fastclip.checkpoint import CheckpointError
 from fastclip.checkpoint_paths import checkpoint_path
+from fastclip.data.profiles import InputProfile, profile_of
 from fastclip.models.outputs import TowerOutput
 
 def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | None = None):
-    """A trained CLIP from a fastclip checkpoint -> (model, preprocess, tokenizer), as open_clip's
-    create_model_and_transforms: model.encode_image(images [B, 3, H, W]) / model.encode_text(tokens
-    [B, L]) give [B, embed_dim] embeddings (normalize=True for unit length); preprocess is the eval
+    """A trained CLIP from a fastclip checkpoint -> (model, preprocess, tokenizer): `load_run`'s first three."""
+    found = load_run(checkpoint, device, uri)
+    return found.model, found.preprocess, found.tokenizer
+
+
+@dataclass
+class LoadedRun:
+    """A trained CLIP with what it was trained on: config (the run's resolved config, legacy keys
+    filled), image_side (its input side in pixels), profile (its training data: data.profiles)."""
+    model: torch.nn.Module
+    preprocess: object
+    tokenizer: object
+    config: object
+    image_side: int
+    profile: InputProfile
+
+
+def load_run(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | None = None) -> LoadedRun:
+    """A trained CLIP from a fastclip checkpoint -> LoadedRun: (model, preprocess, tokenizer), as
+    open_clip's create_model_and_transforms, with what the model was trained on.
+    model.encode_image(images [B, 3, H, W]) / model.encode_text(tokens [B, L]) give [B, embed_dim] embeddings (normalize=True for unit length); preprocess is the eval
     transform (PIL image -> [3, H, W] tensor; the image first turned as its EXIF orientation says, as a
     viewer shows it: `PIL.Image.open` alone reads a phone's portrait photo sideways); tokenizer(list
     of str) -> [B, L] token ids (open_clip's BPE, or bytes for a DTP text tower). The model is in eval
@@ -51,7 +70,10 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu", uri: str | 
     # a distilled student's projection to its teacher's width served the training only
     model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith(PROJECTION + ".")})
     model.to(device).eval()
-    return model, upright_first(build_transforms(cfg.encoder)[1]), tokenizer
+    from fastclip.models.clip import clip_geometry
+    side = int(clip_geometry(cfg.encoder)["vision_cfg"].get("image_size", 224))
+    return LoadedRun(model, upright_first(build_transforms(cfg.encoder)[1]), tokenizer, cfg, side,
+                     profile_of(str(OmegaConf.select(cfg, "dataset.name"))))
 
 
 class Upright:

@@ -184,3 +184,31 @@ def test_a_language_model_checkpoint_is_refused_naming_its_task(tmp_path):
     run(compose_cfg(lm), tmp_path / "lm")
     with pytest.raises(CheckpointError, match="last.pt: a task=lm checkpoint"):
         fastclip.load(tmp_path / "lm" / "checkpoints" / "last.pt")
+
+
+def test_infer_says_what_the_model_was_trained_on_and_when_an_input_is_far_from_it(trained, images, tmp_path,
+                                                                                    capsys):
+    """The digits model saw 8x8 bright-on-dark digits: a 64x64 dark-on-white drawing gets both notes,
+    a dark-ground image of the digits' size none; the numbers themselves are unchanged."""
+    drawing = Image.new("RGB", (64, 64), (255, 255, 255))
+    drawing.paste((0, 0, 0), (20, 10, 44, 54))
+    drawing.save(tmp_path / "three.png")
+    main(["--checkpoint", str(trained["vanilla"][0]), "--image", str(images[1]), "--image", str(tmp_path / "three.png"),
+          "--text", TEXTS[0], "--text", TEXTS[1]])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("model trained on dataset=digits (scikit-learn's 8x8 handwritten digits: grayscale, "
+                             "bright ink on a dark background); reads 32x32 px RGB, normalised with mean (0.481")
+    dark, light = out.index(str(images[1])), out.index(str(tmp_path / "three.png"))
+    assert not any("far from the training images" in line for line in out[dark:light])
+    notes = [line for line in out[light:] if "far from the training images" in line]
+    assert len(notes) == 2 and "light background (border brightness 1.00 of 1)" in notes[0]
+    assert "64x64 px: the training images were 8x8" in notes[1]
+
+
+def test_far_from_training_compares_only_what_the_source_states():
+    from fastclip.data.profiles import far_from_training, profile_of
+    white = Image.new("RGB", (300, 200), (255, 255, 255))
+    assert far_from_training(white, profile_of("image_folder"), 224) == []  # photos: any ground, any size
+    tiny = Image.new("RGB", (20, 20), (0, 0, 0))
+    assert far_from_training(tiny, profile_of("csv"), 224) == ["20x20 px is upscaled more than 4x to the model's "
+                                                                "224 px input"]
