@@ -17,8 +17,8 @@ DESCRIBE = [("task", "task.name"), ("dataset", "dataset.name"), ("encoder", "enc
             ("boundary", "boundary.name"), ("compression", "compression.name"), ("epochs", "epochs"),
             ("max_steps", "trainer.max_steps"), ("lr", "trainer.lr")]
 # what a run measured, where logged: (header, metric, format)
-MEASURES = [("compression image", "efficiency/compression_image", ".3g"),
-            ("compression text", "efficiency/compression_text", ".3g"),
+MEASURES = [("image shortening factor", "efficiency/compression_image", ".3g"),
+            ("text shortening factor", "efficiency/compression_text", ".3g"),
             ("image GFLOPs", "efficiency/image_gflops", ".4g"), ("text GFLOPs", "efficiency/text_gflops", ".4g"),
             ("params (M)", "params_m", ".3g"), ("model MB", "compression/model_mb", ".4g"),
             ("train samples/s", "throughput/train_samples_per_s", ".4g"),
@@ -151,18 +151,33 @@ def cell(stat: tuple[float, float | None, int] | None, fmt: str, runs: int) -> s
     return text if n == runs else f"{text} (n={n})"
 
 
+# columns every table keeps: which group, and how many runs its statistics are over
+ALWAYS_SHOWN = ("runs", "n")
+
+
 def markdown(groups: list[Group]) -> str:
-    """One row per group: what the runs are, n and their seeds, each metric as mean ± std."""
+    """One row per group: what the runs are, n and their seeds, each metric as mean ± std. A column
+    of what the runs are with one value in every row (the data set of a boundary sweep, its code
+    version, the seeds) is stated once, in a line above the table, rather than repeated down it; the
+    metrics stay columns."""
     runs = [r for g in groups for r in g.runs]
     measures = _present(runs)
-    describe = [(h, k) for h, k in DESCRIBE if any(k in r.params for r in runs)]
+    varied = set(varied_keys(runs))  # the runs column's label names them already
+    describe = [(h, k) for h, k in DESCRIBE if any(k in r.params for r in runs) and k not in varied]
     rows = [{"runs": g.label, **{k: g.runs[0].params.get(k, "") for _, k in describe}, "n": str(len(g.runs)),
              "seeds": ",".join(g.seeds), "code": g.code,
              **{m: cell(g.stat(m), fmt, len(g.runs)) for _, m, fmt in measures}}
             for g in groups]
     columns = [("runs", "runs", "s"), *((h, k, "s") for h, k in describe), ("n", "n", "s"), ("seeds", "seeds", "s"),
                ("code", "code", "s"), *((h, m, "s") for h, m, _ in measures)]
-    return markdown_table(rows, columns)
+    if len(rows) < 2:
+        return markdown_table(rows, columns)
+    measured_keys = {m for _, m, _ in measures}  # what is compared stays in the table, equal or not
+    same = [(h, k) for h, k, _ in columns
+            if k not in ALWAYS_SHOWN and k not in measured_keys and len({row[k] for row in rows}) == 1]
+    shown = [c for c in columns if (c[0], c[1]) not in same]
+    stated = "Same in every group: " + "; ".join(f"{h} {rows[0][k] or '(unset)'}" for h, k in same) + ".\n\n"
+    return (stated if same else "") + markdown_table(rows, shown)
 
 
 def write_csv(groups: list[Group], path: Path) -> None:
