@@ -17,7 +17,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import PYTHON, TINY_CLIP, load_checkpoint, store_runs
-from datagen import colour_image, jpeg_bytes, write_shard
 from fastclip import PROJECT_ROOT, distributed
 from fastclip.tasks.clip import EpochOrder
 
@@ -33,27 +32,6 @@ def test_ranks_take_their_runs_of_each_global_batch():
         assert ranks[0][8 * b:8 * b + 8] + ranks[1][8 * b:8 * b + 8] == one[16 * b:16 * b + 16]
     resumed = list(EpochOrder(100, 0, 3, start=2, batch_size=8, rank=1, world_size=2))
     assert resumed == ranks[1][16:]
-
-
-def test_each_rank_decodes_its_part_of_every_global_batch_of_a_shard_stream(tmp_path):
-    from fastclip.data.shards import ShardSource, ShardStream
-    for shard in range(3):
-        write_shard(tmp_path / f"shard-{shard:06d}.tar", [
-            {"__key__": f"{shard}-{i}", "jpg": jpeg_bytes(colour_image("red", i)), "txt": f"{shard}-{i}"}
-            for i in range(14)])
-    source = ShardSource(str(tmp_path / "shard-{000000..000002}.tar"), 1.0, None)
-
-    def captions(rank, world, batch, skip=0):
-        stream = ShardStream([source], lambda image: torch.zeros(1), lambda texts: texts, 0, False, 42)
-        stream.set_epoch(0, 0, skip_batches=skip, batch_size=batch, rank=rank, world_size=world)
-        return [caption for _, caption in stream]
-
-    one = captions(0, 1, 10)
-    assert len(one) == 40  # the last 2 of 42 do not fill a batch
-    parts = [captions(r, 2, 5) for r in range(2)]
-    assert len(parts[0]) == len(parts[1]) == 20
-    assert [c for b in range(4) for r in range(2) for c in parts[r][5 * b:5 * b + 5]] == one
-    assert captions(1, 2, 5, skip=1) == parts[1][5:]  # a resumed epoch passes over its first global batch
 
 
 def _lockstep(rank: int, sizes: list[int], init: str, out):

@@ -31,5 +31,7 @@ Beyond these names, benchmarks rely on:
 - a task as fastclip.tasks.protocol.Task describes it (model, train_batches, loss -> StepOutput);
 - a model from build_clip: forward(images, texts) -> its outputs dict (image_output, logit_scale, ...),
   the towers `visual` and `text` (outputs with embedding, tokens, segments), `image_method`;
+- a webdataset task's training stream, task.data.train: set_epoch(seed, epoch, batch_size=, rank=,
+  world_size=) and iterating it (bench-loader's simulated data-parallel ranks, loader_ranks);
 - fit's tracker argument: a Tracker, None, or a stand-in answering log_metrics, log_artifact and flush.
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fastclip import PROJECT_ROOT, runtime
+from fastclip.bench import loader_ranks
 from fastclip.bench.common import emit, markdown_table
 from fastclip.bench.clip import CIFAR
 from fastclip.data import make_shards
@@ -80,6 +81,7 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ranks", default="1,8,64", help="simulated data-parallel ranks (loader_ranks); empty: none")
     ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "loader.md"))
     args = ap.parse_args(argv)
     root = PROJECT_ROOT / "outputs" / "bench" / "loader"
@@ -108,6 +110,8 @@ def main(argv=None):
          + markdown_table(table, [("measurement", "what", "s"), ("samples/s (median)", "samples_s", ".0f"),
                                   ("/ training step alone", "ratio", ".2f"), ("repeats", "all", "s")]),
          Path(args.out))
+    if args.ranks:  # rank scaling: the CPU a rank spends per sample as ranks grow
+        loader_ranks.main(["--ranks", args.ranks, "--repeats", str(args.repeats)])
 
 
 if __name__ == "__main__":

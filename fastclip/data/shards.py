@@ -7,10 +7,19 @@ or a list of sources {shards, weight} mixed at random in proportion to their wei
 Samples per epoch: `dataset.num_samples`, else read from sizes.json (webdataset's convention)
 or img2dataset's <shard>_stats.json beside the shards.
 
-The stream is deterministic per (seed, epoch, worker): shard order, the shuffle buffer and the
+The stream is deterministic per (seed, epoch, rank, worker): shard order, the shuffle buffer and the
 source mixing all draw from seeded generators, so a resumed run replays the same epoch.
-Without resampling an epoch is one pass over the shards, split between loader workers; with
-`resampled: true` every worker draws shards with replacement and an epoch is num_samples.
+Without resampling an epoch is one pass over the shards, dealt out to (rank, loader worker) so
+that each sample is read by one worker of one rank: the epoch's shard order (the same on every
+rank) goes rank by rank, then each rank's worker by worker (the split of webdataset's
+split_by_node then split_by_worker, with the rank given, not read from the environment, and the
+workers' parts turned on a resume). With `resampled: true` every worker of every rank draws its
+own shards with replacement and an epoch is num_samples over all ranks.
+
+Every rank makes the same number of batches (DDP steps in lockstep): resampled, num_samples over
+ranks; otherwise the fewest that any rank's shards make (from the shard sizes), each rank's
+further batches left out and counted as skipped (LEFT_OUT). Several ranks without resampling need
+the shard sizes and at least one shard a rank (ShardStream.check_split).
 
 Held out: `eval_shards` (the test split, read at the end of a run) and `val_shards` (per-epoch
 validation, at most `val_max_images` images); `val_shards: null` holds out the last shard of
@@ -26,6 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import filters
 
 from fastclip.data.pairs import ImageFiles, RetrievalSet, Skip, clean_caption, open_rgb
+from fastclip.data.shard_split import taken_in_turn
 from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.tar_shards import (IMAGE_KEYS, LOST, caption_of, expand_shards, read_samples, shard_samples,
                                       shard_sizes)
@@ -98,9 +108,8 @@ class ShardStream(IterableDataset):
         """The epoch to stream, and how many of its loader batches (of batch_size samples) a resumed
         run has already trained on: each worker passes over its share of them without decoding
         (only where skips_in_workers says that is exact). rank / world_size: data-parallel training,
-        where each worker's stream is cut into global batches of batch_size x world_size and this rank
-        decodes the rank-th run of batch_size in each (every rank reads the whole stream, undecoded):
-        together the ranks' batches are the batch one process would take at batch_size x world_size."""
+        where this rank reads its own shards only (or, resampled, its own draw) and makes
+        epoch_batches() batches, as every other rank does."""
         self.seed, self.epoch, self.skip_batches, self.batch_size = seed, epoch, skip_batches, batch_size
         self.rank, self.world_size = rank, world_size
 
@@ -111,15 +120,61 @@ class ShardStream(IterableDataset):
         counts = self._worker_batches(max(1, workers), batch_size)
         return counts is not None and start <= min(counts) * len(counts)
 
-    def _worker_batches(self, workers: int, batch_size: int) -> list[int] | None:
-        """Full batches each worker makes this epoch, where the shard sizes say (None where they do not)."""
-        if self.resampled:
-            return [self.num_samples // workers // batch_size] * workers
+    def epoch_batches(self, batch_size: int, workers: int) -> int:
+        """Batches of batch_size this rank makes this epoch with `workers` loader workers (0: in this
+        process), the same number on every rank; where the shard sizes are unknown, num_samples over
+        the ranks' batches (the shards may end the epoch sooner)."""
+        counts = self._worker_batches(max(1, workers), batch_size)
+        return self.num_samples // (batch_size * self.world_size) if counts is None else sum(counts)
+
+    def left_out(self, batch_size: int, workers: int) -> int:
+        """Samples of this rank's shards in whole batches past epoch_batches (another rank's shards
+        make fewer): never decoded (read at most into the shuffle buffer), counted as skipped (LEFT_OUT)."""
+        made = self._rank_batches(max(1, workers), batch_size)
+        return 0 if made is None else (sum(made[self.rank]) - min(map(sum, made))) * batch_size
+
+    def check_split(self, batch_size: int, world_size: int, workers: int) -> None:
+        """ValueError, before training, where the ranks cannot take equal steps: several ranks without
+        resampling and without shard sizes, fewer shards than ranks, or no full batch on some rank.
+        Fewer shards than ranks x workers leaves workers idle (a warning)."""
+        self.set_epoch(self.seed, self.epoch, 0, batch_size, 0, world_size)
+        urls = self.sources[0].urls
+        if not self.resampled and world_size > 1:
+            if not self.sources[0].sizes:
+                raise ValueError(f"dataset.resampled=false with {world_size} ranks needs each shard's sample count "
+                                 f"(sizes.json or <shard>_stats.json beside dataset.train_shards="
+                                 f"{self.sources[0].pattern!r}; make_shards writes sizes.json) so that every rank "
+                                 f"takes the same steps; or set dataset.resampled=true (each rank draws its own)")
+            if len(urls) < world_size:
+                raise ValueError(f"dataset.train_shards={self.sources[0].pattern!r}: {len(urls)} training shards for "
+                                 f"{world_size} ranks; each rank reads its own shards: give at least {world_size} "
+                                 f"shards, or set dataset.resampled=true (each rank draws its own)")
+        if self.epoch_batches(batch_size, workers) == 0:
+            raise ValueError(f"dataset.train_shards={self.sources[0].pattern!r}: no full batch of trainer.batch_size="
+                             f"{batch_size} on some rank of {world_size} with trainer.num_workers={workers} "
+                             f"({self.num_samples} samples an epoch)")
+        if not self.resampled and len(urls) < world_size * max(1, workers):
+            log.warning("dataset.train_shards: %d training shards for %d ranks x %d loader workers: each (rank, "
+                        "worker) reads its own shards, so some workers have none", len(urls), world_size, workers)
+
+    def _rank_batches(self, workers: int, batch_size: int) -> list[list[int]] | None:
+        """[rank][worker part]: full batches each rank's worker parts would make from their shards
+        (None where the shard sizes are unknown or the stream is resampled)."""
         source = self.sources[0]  # several sources need resampled
-        if not source.sizes:
+        if self.resampled or not source.sizes:
             return None
         urls = self._epoch_order(source, 0)
-        return [sum(source.sizes[u] for u in urls[k::workers]) // batch_size for k in range(workers)]
+        return [[sum(source.sizes[u] for u in urls[r::self.world_size][k::workers]) // batch_size
+                 for k in range(workers)] for r in range(self.world_size)]
+
+    def _worker_batches(self, workers: int, batch_size: int) -> list[int] | None:
+        """Batches each worker part of this rank makes this epoch, where known (None where the shard
+        sizes are not): the first of its parts' full batches as the loader takes them in turn, as many
+        as the rank with the fewest has."""
+        if self.resampled:
+            return [len(range(k, self.num_samples // (batch_size * self.world_size), workers)) for k in range(workers)]
+        made = self._rank_batches(workers, batch_size)
+        return None if made is None else taken_in_turn(made[self.rank], min(map(sum, made)))
 
     def _epoch_order(self, source: ShardSource, index: int) -> list[str]:
         """The epoch's shard order, the same in every worker."""
@@ -143,9 +198,15 @@ class ShardStream(IterableDataset):
         workers = info.num_workers if info else 1
         return ((info.id if info else 0) + self.skip_batches) % workers, workers
 
+    def _stream_id(self) -> int:
+        """This (rank, worker part)'s number among all ranks' parts; one process's is its part (as
+        before ranks had streams of their own)."""
+        part, parts = self._worker()
+        return self.rank * parts + part
+
     def _rng(self, *salt) -> random.Random:
         # a str seed is hashed stably (unlike hash(), which is salted per process)
-        return random.Random("/".join(map(str, (self.seed, self.epoch, self._worker()[0]) + salt)))
+        return random.Random("/".join(map(str, (self.seed, self.epoch, self._stream_id()) + salt)))
 
     def _shard_urls(self, source: ShardSource, index: int):
         if self.resampled:
@@ -153,7 +214,7 @@ class ShardStream(IterableDataset):
             while True:
                 yield {"url": rng.choice(source.urls)}
         part, parts = self._worker()
-        for url in self._epoch_order(source, index)[part::parts]:
+        for url in self._epoch_order(source, index)[self.rank::self.world_size][part::parts]:
             yield {"url": url}
 
     def _samples(self, source: ShardSource, index: int):
@@ -185,34 +246,33 @@ class ShardStream(IterableDataset):
         image = open_rgb(sample[image_key], what)
         if image is None:
             return Skip("undecodable image")
-        with seeded(self.seed, self.epoch, self._worker()[0], index):
+        with seeded(self.seed, self.epoch, self._stream_id(), index):
             image = self.transform(image)
         return image, self.tokenizer([caption])[0]
 
     def __iter__(self):
-        """Decoded samples; a non-resampled pass ends with the shards, a resampled one after
-        num_samples / workers per worker."""
+        """Decoded samples of this rank's worker part: its batches of epoch_batches() where the
+        sizes say (then the samples past them are never read), else until its shards end."""
         part, parts = self._worker()
         streams = [iter(self._samples(s, i)) for i, s in enumerate(self.sources)]
         weights = [s.weight for s in self.sources]
         pick = self._rng("mix")
-        quota = self.num_samples // parts if self.resampled else None
+        counts = self._worker_batches(parts, self.batch_size)
+        quota = None if counts is None else counts[part] * self.batch_size
         # the loader took the first skip_batches from the parts in turn: this part made every parts-th
         # one (exact while every part still had data: skips_in_workers)
-        window = self.batch_size * self.world_size  # one global batch; this rank's part of it is kept
-        skip = len(range(part, self.skip_batches, parts)) * window
+        skip = len(range(part, self.skip_batches, parts)) * self.batch_size
         produced, mine = 0, []
         while quota is None or produced < quota:
             i = pick.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
             sample = next(streams[i], None)
-            if sample is None:  # a non-resampled pass is over (a last global batch it did not fill is dropped)
+            if sample is None:  # a non-resampled pass is over (a last batch it did not fill is dropped)
                 return
             produced += 1
             if produced <= skip:  # passed over undecoded, but through the shuffle buffer as before
                 continue
-            if (produced - 1) % window // self.batch_size == self.rank:
-                mine.append((sample, produced - 1))
-            if produced % window == 0:  # decoded once the global batch is complete, so every rank has its part
+            mine.append((sample, produced - 1))
+            if produced % self.batch_size == 0:  # decoded once the batch is complete (a partial one is dropped)
                 yield from (self.decode(sample, index) for sample, index in mine)
                 mine = []
 

@@ -22,7 +22,8 @@ from fastclip.data.image_folder import build_image_folder, folder_classnames
 from fastclip.data.overlap import (EVAL_OVERLAP, FileKeys, eval_overlap_of, leave_test_images_out_of_validation,
                                    merge_eval_duplicates)
 from fastclip.data.pairs import Batch, ImageFiles, collate_skipping, require_usable
-from fastclip.data.shards import build_shards, shard_captions
+from fastclip.data.shard_split import LeftOut
+from fastclip.data.shards import ShardStream, build_shards, shard_captions
 from fastclip.data.splits import ClipData
 from fastclip.errors import InputError
 from fastclip.eval.boundary_picture import draw
@@ -92,6 +93,8 @@ class ClipTask(TaskBase):
         self.data = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)
         self.preprocess_eval = preprocess_eval
         world = distributed.current()
+        if isinstance(self.data.train, ShardStream):  # equal steps on every rank, or an error now
+            self.data.train.check_split(cfg.trainer.batch_size, world.size, cfg.trainer.num_workers)
         # over the GLOBAL batch: every rank's features gathered with their gradients (open_clip_train's
         # choice); with one process it is the plain loss
         self.criterion = ClipLoss(gather_with_grad=world.distributed, cache_labels=True, rank=world.rank,
@@ -152,10 +155,11 @@ class ClipTask(TaskBase):
         train, tc, world = self.data.train, self.cfg.trainer, distributed.current()
         workers = tc.num_workers
         stream = isinstance(train, IterableDataset)
-        in_workers = stream and bool(start) and train.skips_in_workers(start, tc.batch_size * world.size, workers)
-        if stream:
-            train.set_epoch(self.cfg.seed, epoch, skip_batches=start if in_workers else 0, batch_size=tc.batch_size,
-                            rank=world.rank, world_size=world.size)
+        in_workers = False
+        if stream:  # the epoch first: which batches each worker makes depends on its shard order
+            train.set_epoch(self.cfg.seed, epoch, batch_size=tc.batch_size, rank=world.rank, world_size=world.size)
+            in_workers = bool(start) and train.skips_in_workers(start, tc.batch_size, workers)
+            train.set_epoch(self.cfg.seed, epoch, start if in_workers else 0, tc.batch_size, world.rank, world.size)
         elif hasattr(train, "set_epoch"):
             train.set_epoch(self.cfg.seed, epoch)
         order = None if stream else EpochOrder(len(train), self.cfg.seed, epoch, start, tc.batch_size, world.rank,
@@ -166,11 +170,13 @@ class ClipTask(TaskBase):
                             worker_init_fn=ignore_stop_signals,  # Ctrl-C is the loop's: it stops after a step
                             timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
                             persistent_workers=False, pin_memory=self.device.type == "cuda")
-        batches = len(train) // (tc.batch_size * world.size)
+        batches = train.epoch_batches(tc.batch_size, workers) if stream else len(train) // (tc.batch_size * world.size)
         if stream and start and not in_workers:  # where the workers cannot: read past them here, decoded
             loader = ReadPast(loader, start, batches)
         elif start or stream:
             loader = Sized(loader, batches)
+        if stream and not start and train.left_out(tc.batch_size, workers):
+            loader = LeftOut(loader, train.left_out(tc.batch_size, workers))  # counted as the epoch starts
         return distributed.Lockstep(loader, _batch_size, _trim) if world.distributed else loader
 
     def epoch_samples(self) -> int:
