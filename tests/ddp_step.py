@@ -1,5 +1,5 @@
 """Two optimizer steps of a config, in one process or data-parallel under torchrun: rank 0 saves the
-first step's loss as the loop would log it (the mean over ranks) and its gradients after the backward
+first step's loss as the loop would log it (the mean over ranks), each rank's own and its gradients after the backward
 (DDP's averaged ones), and the weights after both steps (a second forward is where DDP notices a
 parameter that got no gradient), for tests/test_distributed.py to compare.
 
@@ -28,10 +28,12 @@ def main(path: str, overrides: list[str]) -> None:
         out = trainer.forward_backward(batch)
         if step == 0:
             loss = distributed.mean(out.loss.detach())
+            rank_losses = distributed.gather(float(out.loss))
             grads = {name: p.grad.clone() for name, p in task.model.named_parameters() if p.grad is not None}
         trainer.step()
     if world.main:
         torch.save({"loss": loss, "grads": grads, "weights": task.model.state_dict(), "world_size": world.size,
+                    "rank_losses": rank_losses,
                     "local_batch": len(batch.images),
                     "trainable": [name for name, p in task.model.named_parameters() if p.requires_grad]}, path)
     distributed.shutdown()

@@ -84,6 +84,8 @@ def test_two_processes_on_2b_give_the_loss_and_gradients_of_one_process_on_the_w
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert (one["world_size"], one["local_batch"], two["world_size"], two["local_batch"]) == (1, 16, 2, 8)
     torch.testing.assert_close(two["loss"], one["loss"], atol=1e-5, rtol=0)
+    # local_loss: each rank's loss is over its own 8 rows (against all 16 columns), not the whole 16 x 16
+    assert abs(two["rank_losses"][0] - two["rank_losses"][1]) > 1e-4
     assert set(two["grads"]) == set(one["grads"]) == set(one["trainable"])  # every parameter got its gradient
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, atol=1e-5, rtol=0, msg=name)

@@ -91,10 +91,11 @@ class ClipTask(TaskBase):
         self.data = build_clip_data(cfg, preprocess_train, preprocess_eval, self.tokenizer)
         self.preprocess_eval = preprocess_eval
         world = distributed.current()
-        # over the GLOBAL batch: every rank's features gathered with their gradients (open_clip_train's
-        # choice); with one process it is the plain loss
-        self.criterion = ClipLoss(gather_with_grad=world.distributed, cache_labels=True, rank=world.rank,
-                                  world_size=world.size)
+        # over the GLOBAL batch: every rank's features gathered with their gradients, each rank's loss over
+        # its own rows against every column (local_loss: B x G logits, not G x G; the same gradients once
+        # DDP averages them); with one process it is the plain loss
+        self.criterion = ClipLoss(local_loss=True, gather_with_grad=world.distributed, cache_labels=True,
+                                  rank=world.rank, world_size=world.size)
         self._artifacts = []
         skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
         self.build_skipped = dict(skipped) if isinstance(skipped, dict) else {"bad sample": skipped} if skipped else {}
