@@ -24,8 +24,9 @@ def main(path: str, overrides: list[str]) -> None:
     trainer = Trainer(task, cfg, device)
     batches = iter(task.train_batches(0))
     for step in range(2):
-        batch = next(batches)
-        out = trainer.forward_backward(batch)
+        micro = [next(batches) for _ in range(trainer.accum)]  # trainer.accum_steps of them, as the loop runs them
+        out = trainer.accumulate(micro)[-1]
+        batch = micro[-1]
         if step == 0:
             loss = distributed.mean(out.loss.detach())
             rank_losses = distributed.gather(float(out.loss))
