@@ -272,9 +272,11 @@ def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):
         tracker.log_params(tracking.flatten(cfg))
         tracker.log_params({k: str(v) for k, v in task.params().items()})
         world = distributed.current().size
-        if world > 1:  # the batch one optimizer step averages over: per process x processes x accumulation
-            tracker.log_params({"distributed.world_size": str(world), "trainer.global_batch_size":
-                                str(cfg.trainer.batch_size * world * cfg.trainer.accum_steps)})
+        if world > 1:
+            tracker.log_params({"distributed.world_size": str(world)})
+        if world > 1 or cfg.trainer.accum_steps > 1:  # the batch each step's loss is over (tasks/accumulation.py)
+            tracker.log_params({"trainer.global_batch_size": str(cfg.trainer.batch_size * world
+                                                                 * cfg.trainer.accum_steps)})
         tracker.log_artifact(resolved)
     except BaseException as exc:
         tracker.end_failed(exc, trained=False)
@@ -329,11 +331,13 @@ def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
     sizes = task.sizes()
     log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()) or "?")
     world = trainer.world.size
-    log.info("plan: %d steps (%d per epoch = %d batches of %d%s / accum %d, %d epochs%s), from step %d: %s; run dir %s",
+    log.info("plan: %d steps (%d per epoch = %d batches of %d%s / accum %d, %d epochs%s; each step's loss over a "
+             "global batch of %d), from step %d: %s; run dir %s",
              trainer.total_steps, trainer.steps_per_epoch, trainer.batches_per_epoch, cfg.trainer.batch_size,
              f" per process x {world} processes" if world > 1 else "", trainer.accum, cfg.epochs,
              f", max_steps {cfg.trainer.max_steps}" if cfg.trainer.max_steps else "",
-             trainer.state.step, trainer.schedule.describe(trainer.state.step), run_dir)
+             cfg.trainer.batch_size * world * trainer.accum, trainer.state.step,
+             trainer.schedule.describe(trainer.state.step), run_dir)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

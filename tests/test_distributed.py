@@ -62,11 +62,35 @@ def test_two_processes_on_2b_give_the_loss_and_gradients_of_one_process_on_the_w
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert (one["world_size"], one["local_batch"], two["world_size"], two["local_batch"]) == (1, 16, 2, 8)
     torch.testing.assert_close(two["loss"], one["loss"], atol=1e-5, rtol=0)
+    # local_loss: each rank's loss is over its own 8 rows (against all 16 columns), not the whole 16 x 16
+    assert abs(two["rank_losses"][0] - two["rank_losses"][1]) > 1e-4
     assert set(two["grads"]) == set(one["grads"]) == set(one["trainable"])  # every parameter got its gradient
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, atol=1e-5, rtol=0, msg=name)
     for name, weight in one["weights"].items():  # and two optimizer steps after them
         torch.testing.assert_close(two["weights"][name], weight, atol=1e-5, rtol=0, msg=name)
+
+
+def test_two_processes_accumulating_2_at_batch_4_give_the_loss_and_gradients_of_one_process_at_16(tmp_path, cli_env):
+    """Contrastive accumulation data-parallel: 2 ranks x 2 micro-batches x 4 samples is one batch of 16
+    (each rank's rows against every micro-batch's of every rank), and so is one process at 2 x 8."""
+    common = [*TINY_CLIP, "boundary=fixed"]
+    runs = {"whole": [PYTHON, STEP, str(tmp_path / "whole.pt"), *common, "trainer.batch_size=16"],
+            "one": [PYTHON, STEP, str(tmp_path / "one.pt"), *common, "trainer.batch_size=8", "trainer.accum_steps=2"],
+            "two": [*TORCHRUN, STEP, str(tmp_path / "two.pt"), *common, "trainer.batch_size=4",
+                    "trainer.accum_steps=2"]}
+    for command in runs.values():
+        done = subprocess.run(command, env=cli_env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    whole = torch.load(tmp_path / "whole.pt")
+    for name in ("one", "two"):
+        got = torch.load(tmp_path / f"{name}.pt")
+        torch.testing.assert_close(got["loss"], whole["loss"], atol=1e-5, rtol=0, msg=name)
+        assert set(got["grads"]) == set(whole["grads"]) == set(whole["trainable"])
+        for param, grad in whole["grads"].items():
+            torch.testing.assert_close(got["grads"][param], grad, atol=1e-5, rtol=0, msg=f"{name}: {param}")
+        for param, weight in whole["weights"].items():  # and two optimizer steps after them
+            torch.testing.assert_close(got["weights"][param], weight, atol=1e-5, rtol=0, msg=f"{name}: {param}")
 
 
 def test_torchrun_as_written_trains_one_run_with_one_checkpoint_then_a_resume_needs_the_same_world(tmp_path, cli_env):

@@ -95,12 +95,18 @@ def train_epoch(run: Run) -> Accumulation:
     # a checkpoint taken after an epoch's last step has nothing left of it to run (len % accum batches at most)
     batches = run.task.train_batches(state.epoch, start=state.batch_in_epoch) \
         if state.steps_in_epoch < trainer.steps_per_epoch else ()
+    pending = []  # the step's micro-batches, run together once they can fill it (a contrastive loss needs them all)
     for batch in batches:
         run.timer.arrived()
-        out = micro_step(run, batch, step)
-        if step.micro < trainer.accum:
+        pending.append(batch)
+        if step.micro + sum(map(run.task.usable, pending)) < trainer.accum:
             run.timer.waiting()
             continue
+        outs, pending = micro_steps(run, pending, step), []
+        if step.micro < trainer.accum:  # a batch the task took for usable had no loss: the step is not full
+            run.timer.waiting()
+            continue
+        out = next(o for o in reversed(outs) if o.loss is not None)
         # the ranks' batches are the same size (distributed.Lockstep)
         lr = trainer.step(step.samples * trainer.world.size)
         run.steps.add(state, out.loss, step.finite, lr, {**out.metrics, **trainer.compute.metrics(state)})
@@ -111,21 +117,24 @@ def train_epoch(run: Run) -> Accumulation:
         if trainer.finished() or state.steps_in_epoch >= trainer.steps_per_epoch:
             break  # the epoch's last len % accum_steps batches would not fill a step: left out, as drop_last
         run.timer.waiting()
+    if pending:  # the epoch ran out before they filled a step: run and counted as before, then left out (end_pass)
+        micro_steps(run, pending, step)
     return step
 
 
-def micro_step(run: Run, batch, step: Accumulation) -> StepOutput:
-    """One micro-batch's forward and backward, counted in the state and in `step`."""
+def micro_steps(run: Run, batches: list, step: Accumulation) -> list[StepOutput]:
+    """Micro-batches' forward and backward (Trainer.accumulate), each counted in the state and in `step`."""
     trainer, state = run.trainer, run.trainer.state
     try:
-        out = trainer.forward_backward(batch, sync=step.micro == trainer.accum - 1)
+        outs = trainer.accumulate(batches)
     except FloatingPointError as exc:  # models.dtp.NonFiniteBoundaries: the weights went non-finite
         if not trainer.world.distributed:  # (data-parallel, the other ranks are not draining now)
             run.steps.drain()
         diverged(f"{exc} at step {state.step} (epoch {state.epoch + 1})", run.checkpoints.path)
-    state.count(out)
-    step.add(out)
-    return out
+    for out in outs:
+        state.count(out)
+        step.add(out)
+    return outs
 
 
 def after_step(run: Run) -> None:

@@ -109,19 +109,21 @@ class Trainer:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def forward_backward(self, batch, sync: bool = True) -> StepOutput:
-        """sync=False: a micro-batch before the step's last; data-parallel, its gradients stay local
-        (DDP's no_sync) and are averaged with the last one's."""
-        ddp = self.world.distributed
+    def accumulate(self, batches: list) -> list[StepOutput]:
+        """One optimizer step's micro-batches (trainer.accum_steps of them with a loss, and any whose every
+        sample was bad; fewer at an epoch's end), forward and backward through the task's accumulate()
+        -> each one's StepOutput. Data-parallel, gradients are averaged over the ranks on the list's last
+        backward (DDP's no_sync before it). The FLOPs of everything the task runs count (a contrastive
+        task's extra forward without gradients too)."""
         if not self._in_step:  # the step's first micro-batch
             self.phase.before_step(self.state, self.model, self.compute)
             self._in_step = True
-        with self.forward.no_sync() if ddp and not sync else contextlib.nullcontext(), self.compute.micro_batch(self.state):
-            with runtime.autocast(self.device, self.amp_dtype):
-                out = self.task.loss(batch, forward=self.forward) if ddp else self.task.loss(batch)
-            if out.loss is not None:
-                self.scaler.scale(out.loss / self.accum).backward()
-        return out
+        with self.compute.micro_batch(self.state):
+            return self.task.accumulate(batches, _Backward(self))
+
+    def forward_backward(self, batch) -> StepOutput:
+        """One micro-batch on its own (accumulate([batch])): its loss / accum_steps, backward."""
+        return self.accumulate([batch])[0]
 
     def step(self, samples: int = 0) -> float:
         """The optimizer step on the accumulated gradients, counted in the state with the `samples` it
@@ -220,6 +222,23 @@ class Trainer:
         except ValueError as exc:
             raise ResumeError(f"{source}: {exc} (epochs={self.cfg.epochs}, trainer.max_steps="
                               f"{self.cfg.trainer.max_steps})") from exc
+
+
+class _Backward:
+    """The Trainer as the tasks' `Backward`: its autocast, DDP wrapper, no_sync and grad scaler."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.accum = trainer, trainer.accum
+        self.forward = trainer.forward if trainer.world.distributed else None
+
+    def autocast(self):
+        return runtime.autocast(self.trainer.device, self.trainer.amp_dtype)
+
+    def sync(self, last: bool):
+        return self.forward.no_sync() if self.forward is not None and not last else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.trainer.scaler.scale(loss).backward()
 
 
 @dataclass

@@ -35,6 +35,7 @@ from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.models.clip import build_clip, build_transforms, clip_objective, decode_tokens
 from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import placement_control
+from fastclip.tasks.accumulation import accumulate_contrastive
 from fastclip.schema import typed_group
 from fastclip.tasks.protocol import StepOutput, TaskBase
 from fastclip.worker_signals import ignore_stop_signals
@@ -95,10 +96,11 @@ class ClipTask(TaskBase):
         world = distributed.current()
         if isinstance(self.data.train, ShardStream):  # equal steps on every rank, or an error now
             self.data.train.check_split(cfg.trainer.batch_size, world.size, cfg.trainer.num_workers)
-        # over the GLOBAL batch: every rank's features gathered with their gradients (open_clip_train's
-        # choice); with one process it is the plain loss
-        self.criterion = ClipLoss(gather_with_grad=world.distributed, cache_labels=True, rank=world.rank,
-                                  world_size=world.size)
+        # over the GLOBAL batch: every rank's features gathered with their gradients, each rank's loss over
+        # its own rows against every column (local_loss: B x G logits, not G x G; the same gradients once
+        # DDP averages them); with one process it is the plain loss
+        self.criterion = ClipLoss(local_loss=True, gather_with_grad=world.distributed, cache_labels=True,
+                                  rank=world.rank, world_size=world.size)
         self._artifacts = []
         skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
         self.build_skipped = dict(skipped) if isinstance(skipped, dict) else {"bad sample": skipped} if skipped else {}
@@ -195,15 +197,27 @@ class ClipTask(TaskBase):
             out["validation retrieval images"] = len(self.data.val_retrieval.captions)
         return out
 
-    def loss(self, batch, forward=None) -> StepOutput:
-        """forward: what runs the model (the loop's DistributedDataParallel wrapper; else the model)."""
+    def usable(self, batch) -> bool:
+        return batch.images is not None
+
+    def accumulate(self, batches, run):
+        """Contrastive accumulation over the step's micro-batches (tasks/accumulation.py): the loss and
+        gradients of one batch of accum_steps x batch_size."""
+        if sum(map(self.usable, batches)) <= 1:  # nothing to gain from a second forward
+            return super().accumulate(batches, run)
+        return accumulate_contrastive(self, batches, run)
+
+    def loss(self, batch, forward=None, criterion=None) -> StepOutput:
+        """forward: what runs the model (the loop's DistributedDataParallel wrapper; else the model).
+        criterion: the contrastive loss of (image_features, text_features, logit_scale) in place of
+        self.criterion (accumulation's, over the step's micro-batches)."""
         if batch.images is None:  # every sample of this batch was bad: nothing to learn from
             return StepOutput(None, skipped=batch.skipped)
         images, texts = batch.images.to(self.device, non_blocking=True), batch.tokens.to(self.device, non_blocking=True)
         with torch.no_grad():  # as open_clip_train: temperature capped at 100
             self.model.logit_scale.clamp_(0, 4.6052)
         out = (forward if forward is not None else self.model)(images, texts)
-        loss, parts = clip_objective(self.model, self.criterion, out)
+        loss, parts = clip_objective(self.model, criterion or self.criterion, out)
         # device scalars: the loop reads them in one transfer when it logs (no per-step sync)
         extras = {name: part.detach() for name, part in parts.items()}
         loss, compressing = self.compression.training_loss(loss, parts, out, images, texts)

@@ -7,6 +7,7 @@ This module imports nothing of the package but the compression interface (itself
 data and the loop all sit on either side of it.
 """
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -37,6 +38,23 @@ class Batches(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
+class Backward(Protocol):
+    """What a task's accumulate() runs one optimizer step's micro-batches through (the Trainer's)."""
+
+    accum: int                         # trainer.accum_steps: micro-batches with a loss in a full step
+    forward: torch.nn.Module | None    # data-parallel: the DistributedDataParallel wrapper; else None
+
+    def autocast(self) -> AbstractContextManager:
+        """The run's mixed precision, around a forward and its loss."""
+
+    def sync(self, last: bool) -> AbstractContextManager:
+        """Around a forward and its backward: data-parallel, gradients stay local (DDP's no_sync)
+        unless `last`, the step's last backward, which averages them over the ranks."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Adds the gradients of `loss` (scaled by the fp16 grad scaler where there is one)."""
+
+
 class Task(Protocol):
     """Everything the loop and the run use of a task. The first four each task defines; the rest
     TaskBase answers with "none" unless the task overrides them."""
@@ -55,6 +73,13 @@ class Task(Protocol):
         """One micro-batch's loss and metrics; tensor metrics stay on the device until the loop reads
         them (logged as train/<name>; a name with its own prefix, distill/kl, as is). forward
         (data-parallel runs only): the DistributedDataParallel wrapper to run the model through."""
+
+    def usable(self, batch: Any) -> bool:
+        """Whether `batch` has anything to learn from (False: every sample was bad; its loss is None)."""
+
+    def accumulate(self, batches: list, run: Backward) -> list[StepOutput]:
+        """One optimizer step's micro-batches: forward and backward of each through `run`, the
+        gradients of the step's objective left in the parameters -> each batch's StepOutput, in order."""
 
     def evaluate(self) -> dict[str, float]:
         """The periodic evaluation (validation split): metric name -> value."""
@@ -88,6 +113,24 @@ class TaskBase:
     eval_duplicates: int | None = None
     tags: Mapping[str, str] = MappingProxyType({})
     compression: Compression = Compression()  # compression=none holds no state: one instance serves every task
+
+    def usable(self, batch: Any) -> bool:
+        return True
+
+    def accumulate(self, batches: list, run: Backward) -> list[StepOutput]:
+        """Plain gradient accumulation: each micro-batch's loss / trainer.accum_steps, backward in
+        turn. Exact where a sample's loss does not depend on the other samples of its batch and each
+        micro-batch is a mean over the same number of samples (the LM task's next-character
+        cross-entropy); a contrastive loss is not such a loss (ClipTask overrides this)."""
+        outs = []
+        for i, batch in enumerate(batches):
+            with run.sync(i == len(batches) - 1):
+                with run.autocast():
+                    out = self.loss(batch, forward=run.forward) if run.forward is not None else self.loss(batch)
+                if out.loss is not None:
+                    run.backward(out.loss / run.accum)
+            outs.append(out)
+        return outs
 
     def final_evaluate(self) -> dict[str, float]:
         return {}
