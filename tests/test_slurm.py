@@ -102,3 +102,68 @@ def test_a_job_noticed_before_its_time_limit_is_requeued_by_submitit_and_finishe
     assert resumed.info.run_id == job and resumed.info.status == "FINISHED"
     assert 5 <= int(resumed.data.tags["fastclip.resume.1.from_step"]) < 40
     assert load_checkpoint(tmp_path / "sweep" / "0" / "checkpoints" / "last.pt")["train_state"]["step"] == 40
+
+
+def _srun_env(cli_env: dict, job: int, rank: int, ntasks: int = 2, **more) -> dict:
+    """The variables `srun --ntasks=2` sets in task `rank` on one node (no torchrun's, no Submitit's)."""
+    env = {k: v for k, v in cli_env.items() if not k.startswith(("SLURM_", "SUBMITIT_")) and k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(SLURM_JOB_ID=str(job), SLURM_NTASKS=str(ntasks), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+               SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost",
+               SLURM_TASKS_PER_NODE=str(ntasks), SLURM_STEP_ID="0")
+    env.update(more)
+    return env
+
+
+def test_two_tasks_started_by_srun_alone_train_as_one_data_parallel_run_with_one_checkpoint(tmp_path, cli_env):
+    """srun without Submitit or torchrun: the tasks read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and
+    the first node of SLURM_JOB_NODELIST, and form one process group (not two runs of their own)."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [PYTHON, "-m", "fastclip.train", *TINY_CLIP, "trainer.max_steps=4", "eval.boundary_picture=false",
+           f"tracking.uri={store}", f"hydra.run.dir={tmp_path / 'run'}"]
+    job = 40000 + os.getpid() % 20000  # the tasks draw their master port from the job id
+    tasks = [subprocess.Popen(cmd, cwd=tmp_path, env=_srun_env(cli_env, job, rank), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    outs = [t.communicate(timeout=600)[0] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    checkpoints = list(tmp_path.rglob("last.pt"))
+    assert len(checkpoints) == 1, checkpoints
+    assert load_checkpoint(checkpoints[0])["train_state"]["world_size"] == 2
+    runs = mlflow.MlflowClient(tracking_uri=store).search_runs(
+        [mlflow.MlflowClient(tracking_uri=store).get_experiment_by_name("fastclip").experiment_id])
+    assert len(runs) == 1 and runs[0].data.params["distributed.world_size"] == "2"
+
+
+def test_srun_tasks_whose_counts_disagree_fail_naming_them(tmp_path, cli_env):
+    env = _srun_env(cli_env, 1234, 0, ntasks=4, SLURM_TASKS_PER_NODE="2")  # 4 tasks, 2 on the job's one node
+    done = subprocess.run([PYTHON, "-m", "fastclip.train", *TINY_CLIP, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "SLURM's task counts disagree: SLURM_NTASKS=4, tasks per node '2' (2 tasks)" in done.stderr, \
+        done.stderr[-3000:]
+    assert not list(tmp_path.rglob("last.pt"))
+
+
+@pytest.mark.parametrize("asked", [{"SLURM_GPUS_PER_NODE": "1"}, {"SLURM_JOB_GPUS": "3"},
+                                   {"CUDA_VISIBLE_DEVICES": "0"}])
+def test_a_task_that_was_given_gpus_and_sees_none_fails_naming_the_request(monkeypatch, asked):
+    import torch
+    from fastclip import runtime
+    for name in (*runtime.SLURM_GPU_VARIABLES, "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.pick_device("auto").type == "cpu"  # asked for nothing: the CPU is the choice
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every GPU hidden on purpose: still the CPU
+    assert runtime.pick_device("auto").type == "cpu"
+    for name, value in asked.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"{next(iter(asked))}={next(iter(asked.values()))} but torch sees no GPU"):
+        runtime.pick_device("auto")
+
+
+def test_a_single_gpu_task_that_sees_no_gpu_fails_before_training(tmp_path, cli_env):
+    env = _srun_env(cli_env, 1235, 0, ntasks=1, SLURM_TASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="1")
+    done = subprocess.run([PYTHON, "-m", "fastclip.train", *TINY_CLIP, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "SLURM_GPUS_ON_NODE=1 but torch sees no GPU" in done.stderr, done.stderr[-3000:]
+    assert not list(tmp_path.rglob("last.pt"))
