@@ -202,12 +202,18 @@ def wrap(model: torch.nn.Module, device: torch.device, find_unused_parameters: b
     """DistributedDataParallel around `model` for the training forward (gradients averaged over ranks,
     rank 0's weights broadcast at the start); the model itself when there is one process.
     find_unused_parameters: for a model some of whose parameters get no gradient on some steps (an extra
-    pass over the autograd graph each step; every boundary method here uses all its parameters)."""
+    pass over the autograd graph each step; every boundary method here uses all its parameters).
+    Gradients are reduced in bucket views (gradient_as_bucket_view: no second copy of them). Buffers are
+    broadcast from rank 0 before each forward only where a forward changes them: BatchNorm's running
+    statistics (the RN50 tower); the ViT towers have none (LayerNorm), and their other buffers (masks,
+    scan orders, token ids) are constants every rank built alike."""
     if not _world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
+    running_stats = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused_parameters)
+                                   find_unused_parameters=find_unused_parameters, broadcast_buffers=running_stats,
+                                   gradient_as_bucket_view=True)
 
 
 class Lockstep:

@@ -192,3 +192,17 @@ def test_a_job_of_two_submitit_tasks_trains_as_one_data_parallel_run(tmp_path, c
     assert len(runs) == 2 and len(jobs) == 1  # the sweep's parent and its one job
     assert jobs[0].info.status == "FINISHED" and jobs[0].data.params["distributed.world_size"] == "2"
     assert len(glob.glob(str(tmp_path / "outputs" / "multirun" / "*" / "*" / "0" / "checkpoints" / "last.pt"))) == 1
+
+
+def test_ddp_reduces_in_bucket_views_and_broadcasts_buffers_only_for_batchnorm_statistics(tmp_path):
+    """The ViT towers' buffers are constants (no broadcast before every forward); RN50's BatchNorm
+    running statistics are the one buffer a forward changes, so they stay rank 0's."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    distributed._world = distributed.World(0, 2, 0)  # wrap() as in a run of several processes
+    try:
+        vit = distributed.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)), torch.device("cpu"))
+        bn = distributed.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), torch.device("cpu"))
+        assert vit.gradient_as_bucket_view and bn.gradient_as_bucket_view
+        assert not vit.broadcast_buffers and bn.broadcast_buffers
+    finally:
+        distributed.shutdown()

@@ -25,6 +25,7 @@ def test_a_grid_on_the_example_cluster_renders_its_sbatch_lines_and_both_jobs_lo
     env = dict(cli_env, PATH=f"{STUBS}{os.pathsep}{cli_env['PATH']}", STUB_SLURM_DIR=str(tmp_path / "slurm"),
                PWD=str(tmp_path))  # as a shell sets it in the directory it launches from
     cmd = [PYTHON, "-m", "fastclip.train", "-m", "+cluster=example_gpu", "boundary=none,gumbel", "trainer.max_steps=5",
+           "trainer.num_workers=0",  # the profile's 11 workers are for its 12 CPUs a task, not this machine's
            *TINY_CLIP, "eval.boundary_picture=false", f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     logs = "\n".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*.out")) \
@@ -32,8 +33,8 @@ def test_a_grid_on_the_example_cluster_renders_its_sbatch_lines_and_both_jobs_lo
     assert done.returncode == 0, done.stderr[-3000:] + logs[-3000:]
 
     [script] = [p.read_text() for p in (tmp_path / "slurm").glob("sbatch_*.sh")]  # one array for the grid
-    for line in ("#SBATCH --account=my_account", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --time=240", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --array=0-1%2",
+    for line in ("#SBATCH --account=my_account", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=240", "#SBATCH --cpus-per-task=12", "#SBATCH --mem=640GB", "#SBATCH --array=0-1%2",
                  "#SBATCH --signal=USR2@120", "module load cuda/12.4",
                  f"source {tmp_path}/.venv/bin/activate"):
         assert line in script, line
@@ -75,6 +76,7 @@ def test_a_job_noticed_before_its_time_limit_is_requeued_by_submitit_and_finishe
     (tmp_path / ".venv" / "bin" / "activate").write_text("")  # the profile's setup line sources it
     env = dict(cli_env, PATH=f"{STUBS}{os.pathsep}{cli_env['PATH']}", STUB_SLURM_DIR=str(stub), PWD=str(tmp_path))
     cmd = [PYTHON, "-m", "fastclip.train", "-m", "+cluster=example_gpu", "boundary=gumbel", "trainer.max_steps=40",
+           "trainer.num_workers=0",
            "tracking.log_every=1", *TINY_CLIP, "eval.boundary_picture=false", f"tracking.uri={store}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
