@@ -206,3 +206,43 @@ def test_ddp_reduces_in_bucket_views_and_broadcasts_buffers_only_for_batchnorm_s
         assert not vit.broadcast_buffers and bn.broadcast_buffers
     finally:
         distributed.shutdown()
+
+
+def _count_host_collectives(rank: int, port: int, run_dir: str, out):
+    """A short data-parallel fit; every host-group collective counted by who asked for it."""
+    import traceback
+    from fastclip import runtime
+    from fastclip.config import compose_train_config
+    from fastclip.loop import fit
+    from fastclip.tasks import build_task
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = compose_train_config([*TINY_CLIP, "trainer.max_steps=8", "tracking.log_every=4", "trainer.batch_size=8",
+                                "eval.boundary_picture=false"])
+    world, device = distributed.init("cpu")
+    runtime.seed_everything(cfg.seed)
+    task = build_task(cfg, device, None)
+    counts: dict[str, int] = {}
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            if kwargs.get("group") is distributed._host_group:
+                names = {frame.name for frame in traceback.extract_stack()}
+                who = "stop" if "requested" in names else "lockstep" if "__iter__" in names else "other"
+                counts[who] = counts.get(who, 0) + 1
+            return fn(*args, **kwargs)
+        return call
+    for name in ("all_reduce", "broadcast_object_list", "all_gather_object", "barrier", "broadcast"):
+        setattr(dist, name, counted(getattr(dist, name)))
+    fit(task, cfg, None, Path(run_dir), device, evaluation=False)
+    out[rank] = counts
+    distributed.shutdown()
+
+
+def test_the_ranks_agree_on_a_stop_every_log_every_steps_not_every_step(tmp_path):
+    """8 steps, tracking.log_every=4: the stop flag is agreed after steps 4 and 8 and around the
+    epoch's end (before it, after its checkpoint), not after each step."""
+    out = mp.Manager().dict()
+    port = 29000 + os.getpid() % 1000
+    mp.spawn(_count_host_collectives, args=(port, str(tmp_path / "run"), out), nprocs=2, join=True)
+    assert out[0]["stop"] == out[1]["stop"] == 8 // 4 + 2, dict(out)
