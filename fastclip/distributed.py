@@ -2,9 +2,11 @@
 few collectives the loop needs. Everything here is a no-op in a single process (World(0, 1, 0)).
 
 The process group comes from the environment, as torchrun sets it (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR/PORT) or, in a job of several tasks launched by Submitit (SLURM, or local), from Submitit's
-TorchDistributedEnvironment (which also sets CUDA_VISIBLE_DEVICES to one GPU per task, so that
-task's device is cuda:0, not cuda:local_rank). nccl on CUDA, gloo on CPU. The loop's small host-side
+MASTER_ADDR/PORT); in a job of several tasks launched by Submitit (SLURM, or local), from Submitit's
+TorchDistributedEnvironment; for tasks `srun` started alone, from the variables srun sets (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, read through Submitit's SlurmJobEnvironment). Neither
+touches CUDA_VISIBLE_DEVICES: SLURM's GPU binding stays (a task bound to one GPU trains on cuda:0, one
+that sees the node's GPUs on cuda:local_rank). nccl on CUDA, gloo on CPU. The loop's small host-side
 agreements (batch sizes, a stop request, skip counts, evaluation results) go over a gloo group, so
 on CUDA they never wait for the GPU's queue.
 """
@@ -52,16 +54,56 @@ def current() -> World:
 
 def from_environment() -> World:
     """The world the launcher describes, without joining it: torchrun's variables, else the tasks of a
-    job Submitit runs (on SLURM, or its local executor's processes), exported as torchrun's, else a
-    single process."""
+    job Submitit runs (on SLURM, or its local executor's processes), else the tasks `srun` started
+    (both exported as torchrun's), else a single process. Raises ValueError where SLURM's task counts
+    disagree (before any process waits for another)."""
     if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):
         import submitit
         from submitit.helpers import TorchDistributedEnvironment
         if submitit.JobEnvironment().num_tasks > 1:  # overwrite: a MASTER_PORT set by the user is the one it takes
-            TorchDistributedEnvironment().export(overwrite=True)
+            # set_cuda_visible_devices=False: its default narrows each task to GPU <local rank>, which under
+            # --gpus-per-task (SLURM already bound one GPU, renumbered 0) leaves ranks 1.. with none
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    elif "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        _export_srun_tasks()
     if "RANK" not in os.environ:
         return World()
     return World(int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _export_srun_tasks() -> None:
+    """The tasks of a SLURM job step started by `srun` alone, exported as torchrun's variables:
+    ranks from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the master the job's first node
+    (SLURM_JOB_NODELIST, parsed by Submitit), its port MASTER_PORT if set, else one drawn from the
+    job id (every task draws the same). Tasks on this node: SLURM_TASKS_PER_NODE ("4(x2),2"), which
+    must add up to SLURM_NTASKS (ValueError naming both, as for a rank outside the counts)."""
+    import random
+    from submitit.slurm.slurm import SlurmJobEnvironment
+    job = SlurmJobEnvironment()
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE", os.environ.get("SLURM_TASKS_PER_NODE", ""))
+    per_node = _tasks_per_node(spec)
+    ntasks, node = job.num_tasks, int(os.environ.get("SLURM_NODEID", 0))
+    if not per_node:  # as Submitit's TorchDistributedEnvironment: an even split
+        per_node = [ntasks // max(1, job.num_nodes)] * max(1, job.num_nodes)
+    if sum(per_node) != ntasks or not 0 <= job.global_rank < ntasks or not 0 <= node < len(per_node) \
+            or not 0 <= job.local_rank < per_node[node]:
+        raise ValueError(f"SLURM's task counts disagree: SLURM_NTASKS={ntasks}, tasks per node {spec!r} "
+                         f"({sum(per_node)} tasks), SLURM_PROCID="
+                         f"{job.global_rank}, SLURM_NODEID={node}, SLURM_LOCALID={job.local_rank}: launch the "
+                         f"tasks with one srun of the job's allocation (srun --ntasks=N --ntasks-per-node=M)")
+    os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
+    os.environ.setdefault("MASTER_PORT", str(random.Random(job.job_id).randint(20000, 60000)))
+    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(ntasks), LOCAL_RANK=str(job.local_rank),
+                      LOCAL_WORLD_SIZE=str(per_node[node]))
+
+
+def _tasks_per_node(spec: str) -> list[int]:
+    """SLURM's compressed task counts ("4(x2),2") -> [4, 4, 2]; "" -> []."""
+    out = []
+    for part in filter(None, spec.split(",")):
+        count, _, times = part.partition("(x")
+        out += [int(count)] * (int(times.rstrip(")")) if times else 1)
+    return out
 
 
 def init(device_name: str) -> tuple[World, torch.device]:
@@ -160,12 +202,18 @@ def wrap(model: torch.nn.Module, device: torch.device, find_unused_parameters: b
     """DistributedDataParallel around `model` for the training forward (gradients averaged over ranks,
     rank 0's weights broadcast at the start); the model itself when there is one process.
     find_unused_parameters: for a model some of whose parameters get no gradient on some steps (an extra
-    pass over the autograd graph each step; every boundary method here uses all its parameters)."""
+    pass over the autograd graph each step; every boundary method here uses all its parameters).
+    Gradients are reduced in bucket views (gradient_as_bucket_view: no second copy of them). Buffers are
+    broadcast from rank 0 before each forward only where a forward changes them: BatchNorm's running
+    statistics (the RN50 tower); the ViT towers have none (LayerNorm), and their other buffers (masks,
+    scan orders, token ids) are constants every rank built alike."""
     if not _world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
+    running_stats = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused_parameters)
+                                   find_unused_parameters=find_unused_parameters, broadcast_buffers=running_stats,
+                                   gradient_as_bucket_view=True)
 
 
 class Lockstep:

@@ -14,15 +14,43 @@ from fastclip.errors import InputError
 
 def pick_device(name: str) -> torch.device:
     """The config's `device` (auto, cpu, cuda, cuda:N). cuda:N becomes the process's current CUDA
-    device, the one whose RNG state checkpoints keep (rng_state)."""
+    device, the one whose RNG state checkpoints keep (rng_state). auto in a process that was given GPUs
+    (a SLURM job's GPU request, CUDA_VISIBLE_DEVICES) yet sees none raises ValueError naming the request,
+    rather than training on the CPU unnoticed."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        asked = gpus_requested()
+        if asked:
+            raise ValueError(f"{asked} but torch sees no GPU (torch.cuda.is_available() is False; torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}): check the job's GPU binding "
+                             f"and the CUDA driver, or set device=cpu to train on the CPU")
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device={name} but torch.cuda.is_available() is False")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
+
+
+# what a SLURM job sets when it was given GPUs (sbatch/srun --gpus, --gpus-per-node, --gpus-per-task, --gres)
+SLURM_GPU_VARIABLES = ("SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS_ON_NODE",
+                       "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+
+
+def gpus_requested() -> str | None:
+    """The variable (NAME=value) that says this process was given GPUs, or None: a SLURM GPU
+    variable other than 0, or CUDA_VISIBLE_DEVICES naming devices ("" and -1 hide them all: a
+    request for none)."""
+    for name in SLURM_GPU_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value and value not in ("0", "none"):
+            return f"{name}={value}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() not in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    return None
 
 
 def set_torch_threads(requested, num_workers: int, device: torch.device) -> int:

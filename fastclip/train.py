@@ -78,9 +78,11 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
 
 
 def _launched_data_parallel() -> bool:
-    """torchrun's variables, or a job Submitit runs (on SLURM or locally; it may have several tasks):
-    then fastclip.distributed decides (cheap to ask, without importing torch for a plain run)."""
-    return "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local")
+    """torchrun's variables, a job Submitit runs (on SLURM or locally; it may have several tasks), or a
+    SLURM task (srun alone): then fastclip.distributed decides (cheap to ask, without importing torch
+    for a plain run)."""
+    return "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local") \
+        or "SLURM_PROCID" in os.environ
 
 
 def _leave_the_run_dir_to_rank_0(rank_0_dir: str) -> None:

@@ -194,3 +194,57 @@ def test_a_job_of_two_submitit_tasks_trains_as_one_data_parallel_run(tmp_path, c
     assert len(runs) == 2 and len(jobs) == 1  # the sweep's parent and its one job
     assert jobs[0].info.status == "FINISHED" and jobs[0].data.params["distributed.world_size"] == "2"
     assert len(glob.glob(str(tmp_path / "outputs" / "multirun" / "*" / "*" / "0" / "checkpoints" / "last.pt"))) == 1
+
+
+def test_ddp_reduces_in_bucket_views_and_broadcasts_buffers_only_for_batchnorm_statistics(tmp_path):
+    """The ViT towers' buffers are constants (no broadcast before every forward); RN50's BatchNorm
+    running statistics are the one buffer a forward changes, so they stay rank 0's."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    distributed._world = distributed.World(0, 2, 0)  # wrap() as in a run of several processes
+    try:
+        vit = distributed.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)), torch.device("cpu"))
+        bn = distributed.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), torch.device("cpu"))
+        assert vit.gradient_as_bucket_view and bn.gradient_as_bucket_view
+        assert not vit.broadcast_buffers and bn.broadcast_buffers
+    finally:
+        distributed.shutdown()
+
+
+def _count_host_collectives(rank: int, port: int, run_dir: str, out):
+    """A short data-parallel fit; every host-group collective counted by who asked for it."""
+    import traceback
+    from fastclip import runtime
+    from fastclip.config import compose_train_config
+    from fastclip.loop import fit
+    from fastclip.tasks import build_task
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = compose_train_config([*TINY_CLIP, "trainer.max_steps=8", "tracking.log_every=4", "trainer.batch_size=8",
+                                "eval.boundary_picture=false"])
+    world, device = distributed.init("cpu")
+    runtime.seed_everything(cfg.seed)
+    task = build_task(cfg, device, None)
+    counts: dict[str, int] = {}
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            if kwargs.get("group") is distributed._host_group:
+                names = {frame.name for frame in traceback.extract_stack()}
+                who = "stop" if "requested" in names else "lockstep" if "__iter__" in names else "other"
+                counts[who] = counts.get(who, 0) + 1
+            return fn(*args, **kwargs)
+        return call
+    for name in ("all_reduce", "broadcast_object_list", "all_gather_object", "barrier", "broadcast"):
+        setattr(dist, name, counted(getattr(dist, name)))
+    fit(task, cfg, None, Path(run_dir), device, evaluation=False)
+    out[rank] = counts
+    distributed.shutdown()
+
+
+def test_the_ranks_agree_on_a_stop_every_log_every_steps_not_every_step(tmp_path):
+    """8 steps, tracking.log_every=4: the stop flag is agreed after steps 4 and 8 and around the
+    epoch's end (before it, after its checkpoint), not after each step."""
+    out = mp.Manager().dict()
+    port = 29000 + os.getpid() % 1000
+    mp.spawn(_count_host_collectives, args=(port, str(tmp_path / "run"), out), nprocs=2, join=True)
+    assert out[0]["stop"] == out[1]["stop"] == 8 // 4 + 2, dict(out)

@@ -142,8 +142,9 @@ def after_step(run: Run) -> None:
     (drained first, so a non-finite loss never reaches it); a stop request then ends the run."""
     state = run.trainer.state
     checkpoint_now = run.checkpoints.due()
-    stop_now = run.stop.requested()
-    if state.step % run.steps.every == 0 or checkpoint_now or stop_now:
+    log_now = state.step % run.steps.every == 0
+    stop_now = run.stop.requested(agree=log_now or checkpoint_now)  # ranks agree at these steps only
+    if log_now or checkpoint_now or stop_now:
         run.steps.drain()
     if checkpoint_now or stop_now:
         run.checkpoints.save()

@@ -59,9 +59,14 @@ class StopRequests:
             log.info("handing SIGUSR2 on to %s (the job's requeue)", getattr(previous, "__qualname__", previous))
             previous(usr2, None)
 
-    def requested(self) -> bool:
+    def requested(self, agree: bool = True) -> bool:
         """Whether the run stops now: a signal came to this process or, data-parallel, to any rank
-        (one host all-reduce, so every rank stops after the same step)."""
+        (one host all-reduce, so every rank stops after the same step). agree=False, data-parallel:
+        False without asking the others (fit asks every tracking.log_every steps only: a host
+        collective each step would hold every rank to the slowest one's host, and a stop waits at
+        most log_every steps, well inside SLURM's KillWait or Submitit's signal_delay_s)."""
+        if not agree and distributed.current().distributed:
+            return False
         return distributed.any_rank(self.received is not None)
 
     def _handle(self, signum, frame):
