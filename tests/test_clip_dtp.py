@@ -198,7 +198,7 @@ def test_image_layout_errors_name_the_key():
     with pytest.raises(ValueError, match="boundary.image_layout='jagged'"):
         task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_layout=jagged")
     with pytest.raises(ValueError, match="boundary.image_buckets=4 applies to boundary.image_layout=padded"):
-        task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_buckets=4")
+        task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_layout=packed", "boundary.image_buckets=4")
     from open_clip.transformer import ResidualAttentionBlock
     from fastclip.models.packed import check_packable
 

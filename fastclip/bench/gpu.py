@@ -1,24 +1,30 @@
 """make bench-gpu: one short script for a single GPU (under 5 minutes on an H100). CLIP training
 steps of ViT-B/16 (open_clip geometry, BPE text tower) at batch 256 on synthetic images:
-vanilla vs DTP-ViT gumbel 0.25 vs DTP-ViT fixed k=4 (2 blocks at full length, 10 on segments)
-vs ToMe at each DTP row's GFLOPs. Prints step time, images/s, image GFLOPs (FlopCounterMode,
-the boundaries the model produced), achieved compression and peak memory, and how busy the GPU
-was: kernel time per step (torch.profiler over 3 steps) / step time, and how often one step
-synchronizes the host with the GPU (torch.cuda.set_sync_debug_mode). A step well under 100%
-busy is bound by the host issuing kernels, not by the FLOPs DTP removes. AdamW uses the loop's
-kernel (trainer.optimizer_impl); --compile compiles every transformer block as trainer.compile.
+vanilla vs DTP-ViT gumbel 0.25 (its default layout, packed, and packed under a token budget) vs
+DTP-ViT fixed k=4 (the config's default pre-layers) vs ToMe at each DTP row's GFLOPs, and vanilla
+fed by the real loader from webdataset shards at 224 px. The step time is the throughput of N steps
+between two synchronizations (the GPU queue never drains between steps, as in training). Prints
+images/s, the whole training step's counted GFLOPs (both towers, forward and backward, at the bench
+batch: fastclip.loop.probe_gflops, the count trainer.max_pflops plans with), image GFLOPs in eval
+(FlopCounterMode, the boundaries the model produced), achieved compression, peak memory, and how
+busy the GPU was: kernel time per step (torch.profiler's device kernels and copies over 3 steps,
+annotation spans left out) / step time, and how often one step synchronizes the host with the GPU
+(torch.cuda.set_sync_debug_mode). A step well under 100% busy is bound by the host issuing kernels,
+not by the FLOPs DTP removes. AdamW uses the loop's kernel (trainer.optimizer_impl); --compile
+compiles every transformer block as trainer.compile. No data-parallel row yet (one GPU only).
 
-    python -m fastclip.bench.gpu [--batch 256] [--steps 30] [--warmup 10] [--compile] [--out table.md]
-    python -m fastclip.bench.gpu --device cpu --batch 2 --steps 1 --warmup 0   # smoke check
+    python -m fastclip.bench.gpu [--batch 256] [--steps 30] [--warmup 10] [--workers N] [--compile] [--out table.md]
+    python -m fastclip.bench.gpu --device cpu --encoder vit_tiny --batch 2 --steps 1 --warmup 0   # smoke check
 """
 import argparse
 import collections
 import contextlib
+import os
 import resource
-import statistics
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,26 +32,70 @@ from open_clip import ClipLoss
 
 from fastclip.bench.clip import tome_r_for
 from fastclip.bench.common import in_fresh_process
+from fastclip import PROJECT_ROOT
 from fastclip.config import compose_train_config
+from fastclip.data import make_shards
 from fastclip import runtime
 from fastclip.eval.efficiency import count_gflops, unpadded_gflops
+from fastclip.loop import probe_gflops
 from fastclip.optim import adamw_impl
 from fastclip.models.clip import build_clip, clip_objective
+from fastclip.tasks import build_task
 
-DTP_IMAGE = ["boundary.apply_to=[image]", "boundary.image_pre_layers=2"]
+DTP_IMAGE = ["boundary.apply_to=[image]"]  # the config's default pre-layers
+GUMBEL = ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE
 VARIANTS = [("vanilla ViT-B/16", ["boundary=none"]),
-            ("DTP gumbel 0.25", ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE),
+            ("DTP gumbel 0.25", GUMBEL),  # image_layout=auto: padded on CUDA
             ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE),
-            # the default packs the rows (image_layout=packed); session 5's layout was one padded batch
-            ("DTP gumbel 0.25, padded", ["boundary=gumbel", "boundary.prior=0.25",
-                                         "boundary.image_layout=padded", "boundary.image_buckets=1"] + DTP_IMAGE)]
+            ("DTP gumbel 0.25, packed", GUMBEL + ["boundary.image_layout=packed"]),
+            # static shapes: room for 0.3 x 196 segments an image on average, no host read
+            ("DTP gumbel 0.25, packed, budget 0.3", GUMBEL + ["boundary.image_layout=packed",
+                                                          "boundary.image_token_budget=0.3"])]
+
+
+@dataclass
+class _Counted:
+    loss: torch.Tensor
+    samples: int
+
+
+class InMemorySteps:
+    """The bench's model and batch in the shape fastclip.loop.probe_gflops counts a task's training
+    step in: model, train_batches(epoch), loss(batch) -> (loss, samples)."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch, self.criterion = model, batch, ClipLoss()
+
+    def train_batches(self, epoch):
+        yield self.batch
+
+    def loss(self, batch):
+        loss, _ = clip_objective(self.model, self.criterion, self.model(*batch))
+        return _Counted(loss, batch[0].shape[0])
+
+
+def seconds_per_step(step, steps: int, device) -> float:
+    """Throughput: the wall time of `steps` steps between two synchronizations, / steps. A sync around
+    each step would time it with an empty GPU queue, which training never has."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / steps
 
 
 def build(overrides, device):
-    cfg = compose_train_config(["encoder=vit_b16"] + overrides)
+    cfg = compose_train_config(overrides)
     torch.manual_seed(0)
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
     return model.to(device), tokenizer, cfg.trainer.optimizer_impl
+
+
+def image_size(overrides) -> int:
+    """The input side of the encoder the overrides name (open_clip's ViT-B/16: 224)."""
+    return compose_train_config(overrides).encoder.vision.get("image_size", 224)
 
 
 @torch.no_grad()
@@ -64,10 +114,18 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS (CPU smoke runs)
 
 
+def device_busy_us(events) -> float:
+    """Microseconds of the device's kernels and copies among torch.profiler's events. The device-side
+    annotation spans (gpu_user_annotation: record_function, ProfilerStep#) are left out: they span
+    kernels already counted, and counting them too reported more than 100% busy."""
+    from torch.autograd import DeviceType
+    return sum(e.time_range.elapsed_us() for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+
+
 def kernel_seconds_per_step(step, steps: int = 3) -> float | None:
     """Device time of the kernels (and copies) one step launches, from the profiler's device
     events; None without CUDA or when the profiler saw no device event (no CUPTI)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     if not torch.cuda.is_available():
         return None
@@ -79,7 +137,7 @@ def kernel_seconds_per_step(step, steps: int = 3) -> float | None:
     except RuntimeError as err:  # a profiler that cannot start costs one column, not the timings above it
         print(f"GPU busy not measured: torch.profiler failed: {err}", flush=True)
         return None
-    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    total_us = device_busy_us(prof.events())
     return total_us / 1e6 / steps if total_us > 0 else None
 
 
@@ -119,7 +177,8 @@ def bench_variant(overrides, batch, steps, warmup, device, compile_blocks=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw_impl(optimizer_impl))
     criterion = ClipLoss()
     gen = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(batch, 3, 224, 224, generator=gen).to(device)
+    size = image_size(overrides)
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device)
     texts = tokenizer([f"a synthetic photo number {i}" for i in range(batch)]).to(device)
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True  # here, not in main: a --compile variant runs in its own process
@@ -134,40 +193,85 @@ def bench_variant(overrides, batch, steps, warmup, device, compile_blocks=False)
         loss.backward()
         opt.step()
 
-    times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+    for _ in range(warmup):
         step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    step_s = seconds_per_step(step, steps, device)
     peak = peak_memory_gib(device)
     kernel_s = kernel_seconds_per_step(step)
     syncs = host_syncs_per_step(step)
     out = last["out"]
+    model.train()
+    train_gflops = probe_gflops(InMemorySteps(model, (images, texts)), torch.bfloat16 if cuda else None, device) * batch
     gflops, alone, compression = image_efficiency(model, images[:16])
-    step_s = statistics.median(times)
-    return {"step_s": step_s, "images_s": batch / step_s, "image_gflops": gflops, "unpadded_gflops": alone,
+    return {"step_s": step_s, "images_s": batch / step_s, "train_gflops": train_gflops, "image_gflops": gflops,
+            "unpadded_gflops": alone,
             "peak_gib": peak, "compression": compression, "kernel_s": kernel_s, "syncs": syncs, "train_compression":
             float(out["image_output"].tokens.sum() / out["image_output"].segments.sum())}
 
 
+def generated_shards(root: Path, n: int) -> tuple[str, str]:
+    """n generated 256 px JPEGs (noise: the dearest to decode) converted once to webdataset shards at
+    224 px -> (training pattern, test shard): shard 0 the test split, the rest train (their last
+    one held out for validation)."""
+    out = root / "shards224"
+    if not (out / "sizes.json").is_file():
+        import numpy as np
+        from PIL import Image
+        rng, records = np.random.default_rng(0), []
+        for i in range(n):
+            path = root / "generated" / f"{i:05d}.jpg"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(path, quality=90)
+            records.append((str(path), f"a photo of pattern {i % 10}", {}))
+        make_shards.convert(records, out, image_size=224, shard_size=max(1, n // 4), progress=False)
+    last = len(list(out.glob("shard-*.tar"))) - 1
+    return str(out / f"shard-{{000001..{last:06d}}}.tar"), str(out / "shard-000000.tar")
+
+
+def loader_fed(encoder, batch, steps, warmup, device, workers) -> dict:
+    """Vanilla training steps of the CLIP task (task.loss, the loop's path) fed by its real loader
+    from 224 px webdataset shards with `workers` loader workers, against the same task's step on one
+    batch kept on the device: {feed: seconds per step}, each over `steps` steps between two syncs."""
+    pattern, test = generated_shards(PROJECT_ROOT / "outputs" / "bench" / "gpu", max(64, 4 * batch))
+    cfg = compose_train_config([f"encoder={encoder}", "boundary=none", "dataset=webdataset",
+                                f"dataset.train_shards='{pattern}'", "dataset.resampled=true",
+                                "dataset.num_samples=100000000", f"dataset.eval_shards='{test}'",
+                                "dataset.eval_max_images=16", f"trainer.batch_size={batch}",
+                                f"trainer.num_workers={workers}", "trainer.progress=false"])
+    task = build_task(cfg, device)
+    task.model.train()
+    opt = torch.optim.AdamW(task.model.parameters(), lr=1e-4, **adamw_impl(cfg.trainer.optimizer_impl))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    batches = iter(task.train_batches(0))
+    in_memory = next(batches)
+
+    def step(batch):
+        with autocast:
+            out = task.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+    for _ in range(warmup + 1):  # the workers' start-up is not a step's cost
+        step(next(batches))
+    fed = seconds_per_step(lambda: step(next(batches)), steps, device)
+    memory = seconds_per_step(lambda: step(in_memory), steps, device)
+    return {f"fed by the loader ({workers} workers)": fed, "batch in memory": memory}
+
+
 def table(rows) -> str:
     base = rows[0][1]
-    lines = ["| variant | step (s) | images/s | step / vanilla | image GFLOPs/img | GFLOPs / vanilla | "
-             "unpadded GFLOPs/img | compression (eval / last train step) | peak mem (GiB) | "
+    lines = ["| variant | step (s) | images/s | step / vanilla | train GFLOPs/step | / vanilla | image GFLOPs/img "
+             "(eval) | / vanilla | unpadded GFLOPs/img | compression (eval / last train step) | peak mem (GiB) | "
              "kernel time / step (GPU busy) | host syncs / step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         alone = "n/a" if r["unpadded_gflops"] is None else f"{r['unpadded_gflops']:.2f}"
         busy = "n/a" if r["kernel_s"] is None else f"{r['kernel_s']:.3f} s ({100 * r['kernel_s'] / r['step_s']:.0f}%)"
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['images_s']:.0f} | {r['step_s'] / base['step_s']:.2f} | "
-                     f"{r['image_gflops']:.2f} | {r['image_gflops'] / base['image_gflops']:.2f} | {alone} | "
+                     f"{r['train_gflops']:.0f} | {r['train_gflops'] / base['train_gflops']:.2f} | {r['image_gflops']:.2f} | {r['image_gflops'] / base['image_gflops']:.2f} | {alone} | "
                      f"{r['compression']:.2f} / {r['train_compression']:.2f} | {r['peak_gib']:.1f} | {busy} | "
                      f"{'n/a' if r['syncs'] is None else sum(r['syncs'].values())} |")
     return "\n".join(lines)
@@ -179,6 +283,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke check only)")
+    ap.add_argument("--encoder", default="vit_b16", help="conf/encoder option (vit_tiny: a CPU smoke check)")
+    ap.add_argument("--workers", type=int, default=max(0, min(16, len(os.sched_getaffinity(0)) - 1)),
+                    help="loader workers of the loader-fed row (default: the CPUs this process may use, less one)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every transformer block (trainer.compile)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = ap.parse_args(argv)
@@ -189,8 +296,8 @@ def main(argv=None):
         name = torch.cuda.get_device_name(device)
     else:
         name = "cpu"
-    print(f"device: {name}, torch {torch.__version__}, batch {args.batch}, median of {args.steps} steps "
-          f"after {args.warmup} warm-up, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+    print(f"device: {name}, torch {torch.__version__}, {args.encoder}, batch {args.batch}, {args.steps} steps "
+          f"between two syncs after {args.warmup} warm-up, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
           f"{', blocks compiled' if args.compile else ''}", flush=True)
     # Compiled variants each get a fresh process: on the H200 the DTP rows measured after a compiled
     # vanilla model in the same process ran at their eager kernel time, with no compile logged.
@@ -199,7 +306,7 @@ def main(argv=None):
 
     def add(label, overrides):
         t0 = time.perf_counter()
-        rows.append((label, measure(overrides, args.batch, args.steps, args.warmup, device, args.compile)))
+        rows.append((label, measure([f"encoder={args.encoder}"] + overrides, args.batch, args.steps, args.warmup, device, args.compile)))
         print(f"{label}: {rows[-1][1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     for label, overrides in VARIANTS:
@@ -207,10 +314,15 @@ def main(argv=None):
     # ToMe matched to each DTP row's GFLOPs (fixed k=4: the peers' target in bench-clip), once per r
     matched = {}
     for label, result in rows[1:3]:
-        matched.setdefault(tome_r_for(result["image_gflops"], ["encoder=vit_b16"], 224, device), []).append(label)
+        encoder = [f"encoder={args.encoder}"]
+        matched.setdefault(tome_r_for(result["image_gflops"], encoder, image_size(encoder), device), []).append(label)
     for r, labels in matched.items():
         add(f"ToMe r={r} (GFLOPs of {' and '.join(labels)})", ["boundary=tome", f"boundary.r={r}"])
     text = table(rows)
+    fed = loader_fed(args.encoder, args.batch, args.steps, args.warmup, device, args.workers)
+    memory = fed["batch in memory"]
+    text += ("\n\n| vanilla, the CLIP task's step | step (s) | images/s | / batch in memory |\n|---|---|---|---|\n"
+             + "\n".join(f"| {feed} | {s:.3f} | {args.batch / s:.0f} | {s / memory:.2f} |" for feed, s in fed.items()))
     print("\n" + text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -37,6 +37,8 @@ class TowerOutput:
     token_mask: [B, N] float, DTP text tower only: 1 on real bytes, 0 on padding.
     scan: [N] long, DTP image tower read in a non-raster order only: reading position -> raster
         patch index (the boundary picture maps boundaries back to the grid with it).
+    dropped: [B] long, DTP image tower under boundary.image_token_budget only: the boundaries the
+        budget dropped from each image (boundaries keeps the predictor's own, which its loss reads).
     """
     embedding: torch.Tensor
     tokens: torch.Tensor
@@ -47,6 +49,7 @@ class TowerOutput:
     auxiliary_loss: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     scan: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
 
 
 @dataclass

@@ -23,49 +23,62 @@ from torch import nn
 @dataclass
 class PackedRows:
     """Index maps between a padded [B, L] layout whose valid tokens are a prefix of each row
-    (lengths[b] of them) and a packed [size] layout: the total valid tokens, then filler rows up to
-    size, a multiple of the batch size (on average B / 2 filler rows: ~1/(2 x mean row length) of
-    the work, ~3% at 17 tokens a row). The filler (copies of one padded slot; every op on packed rows is
-    per token, and attention reads only the real ones) keeps the tensor sizes to a few values: a new
-    size every step made the CPU allocator's peak grow (bench-clip's CIFAR geometry, 120 steps:
-    batch 128, peak RSS 1331 MB unrounded, 1053 MB rounded, one padded batch 1075 MB). total is a host int
-    (no sync to build)."""
+    (lengths[b] of them) and a packed [size] layout: the real tokens, then filler rows up to size.
+    size: a multiple of the batch size (on average B / 2 filler rows: ~1/(2 x mean row length) of
+    the work, ~3% at 17 tokens a row), or a fixed size given by the caller (a token budget: the
+    same shapes every step). The fixed sizes keep the tensor sizes to a few values: a new size every
+    step made the CPU allocator's peak grow (bench-clip's CIFAR geometry, README).
+
+    Every map is one-to-one (no two slots read or write one row): src lists the real tokens' padded
+    positions, then DISTINCT padding slots as filler, and unpack scatters the packed rows back with
+    it (masking the filler). A gather from one shared zero row, the old unpack, put thousands of
+    duplicates of one index in each call, and CUDA's index backward accumulates duplicates of one
+    index serially. Built without a host read when size is given (total may then be unknown)."""
     batch: int
     length: int
-    total: int
+    total: int | None      # real tokens, when the host knows it (None under a token budget)
     size: int
-    src: torch.Tensor      # [size]: flat padded position of each packed row (filler: the last slot)
-    dest: torch.Tensor     # [B * L]: packed position of each padded slot; padding -> size (a zero row)
+    src: torch.Tensor      # [size]: padded position of each packed row, pairwise distinct (filler: padding slots)
+    real: torch.Tensor     # [size, 1] bool: which packed rows are real tokens (the others filler)
     starts: torch.Tensor   # [B]: packed position of each row's first token
     key_mask: torch.Tensor  # [B, 1, 1, L] bool (causal: [B, 1, L, L]): which keys a row's queries may attend to
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, length: int, total: int, causal: bool = False) -> "PackedRows":
-        """causal: each token attends to its row's tokens up to itself only."""
+    def from_lengths(cls, lengths: torch.Tensor, length: int, total: int | None, causal: bool = False,
+                     size: int | None = None) -> "PackedRows":
+        """lengths [B] long (each <= length). total: sum(lengths) if known on the host, else None
+        with size given (>= sum(lengths), <= B x length). causal: each token attends to its row's
+        tokens up to itself only. Raises ValueError when neither total nor size is given."""
         B = lengths.shape[0]
-        size = -(-total // B) * B
+        if size is None:
+            if total is None:
+                raise ValueError("PackedRows.from_lengths needs the host total or a fixed size")
+            size = -(-total // B) * B
         pos = torch.arange(length, device=lengths.device)
         valid = pos[None, :] < lengths[:, None]
         starts = lengths.cumsum(0) - lengths
-        # nonzero_static: the size is known on the host, so no sync (plain nonzero syncs on CUDA);
-        # it fills the rows past the real ones with -1, the last padded slot
-        src = torch.nonzero_static(valid.flatten(), size=size).squeeze(1)
-        dest = torch.where(valid, starts[:, None] + pos[None, :], size).flatten()
+        # the real positions in order, then the padding slots: a stable sort by (is padding, position),
+        # static in shape (plain nonzero would sync on CUDA to size its output)
+        flat = torch.arange(B * length, device=lengths.device)
+        order = torch.where(valid.flatten(), flat, flat + B * length)
+        src = order.sort().values[:size] % (B * length)
+        real = (torch.arange(size, device=lengths.device) < lengths.sum())[:, None]
         # an empty row (a caption of no characters) may attend to its padding: its outputs are never
         # packed, but a query with every key masked would give NaN
         keys = (valid | (lengths == 0)[:, None])[:, None, None, :]
         if causal:
             keys = keys & torch.ones(length, length, dtype=torch.bool, device=lengths.device).tril()
-        return cls(B, length, total, size, src, dest, starts, keys)
+        return cls(B, length, total, size, src, real, starts, keys)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [size, ...] (the real tokens first)"""
-        return padded.flatten(0, 1)[self.src]
+        return padded.flatten(0, 1).index_select(0, self.src)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[size, ...] -> [B, L, ...], zeros in the padding."""
-        with_zero = torch.cat([packed, packed.new_zeros(1, *packed.shape[1:])])
-        return with_zero[self.dest].unflatten(0, (self.batch, self.length))
+        real = self.real.view(-1, *([1] * (packed.dim() - 1)))
+        out = packed.new_zeros(self.batch * self.length, *packed.shape[1:])
+        return out.index_copy(0, self.src, packed * real).unflatten(0, (self.batch, self.length))
 
 
 def check_packable(block: nn.Module) -> None:

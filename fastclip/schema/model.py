@@ -47,11 +47,20 @@ class Boundary:
     image_layout: str = frozen()
     text_layout: str = frozen()
     image_buckets: Any = frozen()  # auto or an integer >= 1
+    # null, a fraction in (0, 1] of the patch tokens, or a count of segments per image (models/budget.py);
+    # None for runs written before the key: they sized the pooled tensors from each step's boundaries
+    image_token_budget: Any = frozen(legacy=None)
     # a run written before the key existed pooled bytes: its checkpoint keeps meaning that
     text_tokens: str = frozen(legacy="bytes")
 
     def __post_init__(self):
         choice("boundary.text_tokens", self.text_tokens, TEXT_TOKENS)
+        choice("boundary.image_layout", self.image_layout, ("packed", "padded", "auto"))
+        budget = self.image_token_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0
+                                   or (isinstance(budget, float) and budget > 1 and budget != int(budget))):
+            raise ConfigError(f"boundary.image_token_budget={budget!r}: expected null, a fraction in (0, 1] of the "
+                              f"patch tokens or a count >= 1 of segments per image")
 
 
 @dataclass

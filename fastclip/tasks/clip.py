@@ -226,6 +226,8 @@ class ClipTask(TaskBase):
         for tower in ("image", "text"):
             counts = out[f"{tower}_output"]
             extras[f"compression_{tower}"] = (counts.tokens.sum() / counts.segments.sum().clamp_min(1)).detach()
+            if counts.dropped is not None:  # boundary.image_token_budget: what the budget cut this micro-batch
+                extras[f"boundaries/dropped_{tower}"] = counts.dropped.sum().float()
         return StepOutput(loss, extras, images.shape[0], batch.skipped)
 
     def eval_batch(self, n: int = 64, split: str = "val"):

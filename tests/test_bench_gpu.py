@@ -1,0 +1,52 @@
+"""bench-gpu's CPU smoke run (make bench-gpu measures on a GPU): every row and column comes out."""
+import torch
+
+from fastclip.bench import gpu
+
+
+def test_bench_gpu_smoke_run_on_cpu_fills_every_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu, "PROJECT_ROOT", tmp_path)
+    out = tmp_path / "table.md"
+    gpu.main(["--device", "cpu", "--encoder", "vit_tiny", "--batch", "4", "--steps", "1", "--warmup", "0",
+              "--workers", "0", "--out", str(out)])
+    text = out.read_text()
+    for label, _ in gpu.VARIANTS:
+        assert f"| {label} |" in text
+    assert "train GFLOPs/step" in text and "fed by the loader (0 workers)" in text and "batch in memory" in text
+    assert (tmp_path / "outputs" / "bench" / "gpu" / "shards224" / "sizes.json").is_file()
+
+
+def test_step_time_is_the_throughput_between_two_synchronizations(monkeypatch):
+    """N steps between ONE synchronize before and one after (not one around each step)."""
+    syncs, calls = [], []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(len(calls)))
+    gpu.seconds_per_step(lambda: calls.append(1), 5, torch.device("cuda"))
+    assert syncs == [0, 5]
+
+
+def test_training_gflops_count_both_towers_forward_and_backward():
+    """The counted step (fastclip.loop.probe_gflops) is the whole step's: more than the image tower's
+    eval forward on the same batch, and the text tower's share included."""
+    from fastclip.config import compose_train_config
+    from fastclip.eval.efficiency import count_gflops
+    from fastclip.loop import probe_gflops
+    model, tokenizer, _ = gpu.build(["encoder=vit_tiny", "boundary=none"], torch.device("cpu"))
+    images, texts = torch.randn(4, 3, 32, 32), tokenizer(["a cat"] * 4)
+    step = probe_gflops(gpu.InMemorySteps(model, (images, texts)), None, torch.device("cpu"))
+    with torch.no_grad():
+        image_eval, _ = count_gflops(model.visual.eval(), images)
+    model.train()
+    assert step > 3 * image_eval  # forward + backward (~3x forward) of the image tower, plus the text tower's
+    assert not any(p.grad is not None for p in model.parameters())  # counted without a trace
+
+
+def test_kernel_time_leaves_out_annotation_spans():
+    """A ProfilerStep annotation span on the device covers the kernels it holds: counted once."""
+    from types import SimpleNamespace
+    from torch.autograd import DeviceType
+
+    def event(us, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(time_range=SimpleNamespace(elapsed_us=lambda: us), device_type=device,
+                               is_user_annotation=annotation)
+    events = [event(100), event(30), event(150, annotation=True), event(500, device=DeviceType.CPU)]
+    assert gpu.device_busy_us(events) == 130
