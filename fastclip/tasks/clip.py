@@ -34,6 +34,7 @@ from fastclip.models.clip import build_clip, build_transforms, clip_objective, d
 from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import placement_control
 from fastclip.schema import typed_group
+from fastclip.schema.workers import loader_workers
 from fastclip.tasks.protocol import StepOutput, TaskBase
 from fastclip.worker_signals import ignore_stop_signals
 
@@ -149,7 +150,7 @@ class ClipTask(TaskBase):
         run of each global batch (EpochOrder, ShardStream.set_epoch), in step with the other ranks'
         (distributed.Lockstep)."""
         train, tc, world = self.data.train, self.cfg.trainer, distributed.current()
-        workers = tc.num_workers
+        workers = loader_workers(self.cfg)
         stream = isinstance(train, IterableDataset)
         in_workers = stream and bool(start) and train.skips_in_workers(start, tc.batch_size * world.size, workers)
         if stream:
@@ -244,7 +245,7 @@ class ClipTask(TaskBase):
             metrics.update({"zeroshot/top1": acc["top1"], "zeroshot/top5": acc["top5"]})
         if retrieval is not None:
             metrics.update(retrieval_eval(model, tokenizer, retrieval, self.device,
-                                          cfg.eval.batch_size, cfg.eval.num_workers))
+                                          cfg.eval.batch_size, loader_workers(cfg, "eval.num_workers")))
         if split == "val":
             return {val_name(k): v for k, v in metrics.items()}
         if cfg.eval.imagenet_val:
@@ -252,7 +253,7 @@ class ClipTask(TaskBase):
                 self.run_dir / "cache" if self.run_dir else None)
             metrics.update(imagenet_eval(model, tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
                                          self.device, cfg.eval.imagenet_templates, cfg.eval.batch_size,
-                                         cfg.eval.num_workers, cache if own else None))
+                                         loader_workers(cfg, "eval.num_workers"), cache if own else None))
         return metrics
 
     def evaluate(self) -> dict[str, float]:
