@@ -214,7 +214,7 @@ class ClipTask(TaskBase):
         has neither (test)."""
         z, r = self.data.split(split)
         if z is not None:
-            images, labels = zip(*(z.images[i] for i in range(min(n, len(z.images)))))
+            images, labels = zip(*(s for s in (z.images[i] for i in range(min(n, len(z.images)))) if s is not None))
             texts = [z.templates[i % len(z.templates)].format(z.classnames[int(c)]) for i, c in enumerate(labels)]
         elif r is not None:
             pairs = [(r.images[i], r.captions[i][0]) for i in range(min(n, len(r.captions)))]
