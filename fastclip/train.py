@@ -140,6 +140,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
     from fastclip import distributed, runtime
     from fastclip.loop import Trainer, fit
     from fastclip.tasks import build_task
+    from fastclip.schema.workers import loader_workers
     world = distributed.current()
     run_dir = Path(run_dir)
     if world.main:  # (the others wait for rank 0's build below, which comes after this)
@@ -147,7 +148,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
         held.enter_context(run_lock.hold(run_dir))  # before the MLflow run or a checkpoint is touched
     device = device or runtime.pick_device(cfg.device)
     runtime.seed_everything(cfg.seed)
-    runtime.set_torch_threads(cfg.trainer.torch_threads, cfg.trainer.num_workers, device)
+    runtime.set_torch_threads(cfg.trainer.torch_threads, loader_workers(cfg), device)
     runtime.use_tf32_matmuls(device)  # CUDA only: its float32 matmuls are TF32, runtime.math_mode says so
 
     if not world.main:  # rank 0 builds first: what it caches (a unigram model, a zero-shot classifier) the others read

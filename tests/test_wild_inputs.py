@@ -38,7 +38,9 @@ def every_image(data) -> dict[str, Image.Image]:
     for ds in sets:
         if isinstance(ds, PairDataset):
             out.update({ds.records[i][0]: ds[i][0] for i in range(len(ds))})
-        elif isinstance(ds, (CaptionedImages, LabelledImages)):
+        elif isinstance(ds, CaptionedImages):  # image_folder's decode as they are read
+            out.update({str(f): ds[i][0] for i, f in enumerate(ds.files)})
+        elif isinstance(ds, LabelledImages):
             out.update({str(f): im for f, im in zip(ds.files, ds.images)})
         elif isinstance(ds, ImageFiles):
             out.update({str(ds.names[i] if ds.names else ds.files[i]): ds[i][0] for i in range(len(ds))})

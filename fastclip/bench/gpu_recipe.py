@@ -63,7 +63,7 @@ class EvalRecorder:
 def train_one(overrides: list[str], run_dir: Path, device: torch.device) -> tuple[dict, list[dict]]:
     cfg = compose_train_config(overrides)
     runtime.seed_everything(cfg.seed)
-    runtime.set_torch_threads(cfg.trainer.torch_threads, cfg.trainer.num_workers, device)
+    runtime.set_torch_threads(cfg.trainer.torch_threads, loader_workers(cfg), device)
     runtime.use_tf32_matmuls(device)  # CUDA only, as a training run
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

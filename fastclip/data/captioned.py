@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fastclip.data.pairs import Skip, open_rgb
 from fastclip.errors import InputError
 from fastclip.runtime import seeded
 
@@ -55,9 +56,11 @@ def carve_validation(train_idx: np.ndarray, labels: np.ndarray, val_fraction: fl
 
 class CaptionedImages(Dataset):
     """(image, tokens) pairs; the caption template and the image's random crop are drawn from
-    (seed, epoch, index), so a resumed run sees the same captions and crops as an uninterrupted one."""
+    (seed, epoch, index), so a resumed run sees the same captions and crops as an uninterrupted one.
+    images: decoded images, or image files decoded as they are read (in the loader's workers; a file
+    that does not decode yields Skip("undecodable image"), counted in data/skipped)."""
 
-    def __init__(self, images: list[Image.Image], labels: np.ndarray, caption_tokens: torch.Tensor, transform,
+    def __init__(self, images: list[Image.Image | Path], labels: np.ndarray, caption_tokens: torch.Tensor, transform,
                  files: list | None = None):
         self.images, self.labels = images, labels
         self.caption_tokens = caption_tokens  # [num_classes, num_templates, context]
@@ -88,8 +91,13 @@ class CaptionedImages(Dataset):
 
     def __getitem__(self, i):
         template = np.random.default_rng((self.seed, self.epoch, i)).integers(self.caption_tokens.shape[1])
+        image = self.images[i]
+        if not isinstance(image, Image.Image):
+            image = open_rgb(image, str(image))
+            if image is None:
+                return Skip("undecodable image")
         with seeded(self.seed, self.epoch, i):  # the crop too: a function of (seed, epoch, index)
-            image = self.transform(self.images[i])
+            image = self.transform(image)
         return image, self.caption_tokens[self.labels[i], template]
 
 

@@ -7,11 +7,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from fastclip.data.captioned import (CaptionedImages, LabelledImages, ZeroShotSet, caption_table, carve_validation,
+from fastclip.data.captioned import (CaptionedImages, ZeroShotSet, caption_table, carve_validation,
                                      check_unseen_templates, split_indices)
-from fastclip.data.pairs import open_rgb
+from fastclip.data.pairs import ImageFiles
 from fastclip.data.splits import ClipData, require_disjoint
 from fastclip.data.textfile import read_names
 from fastclip.errors import InputError, InputNotFound
@@ -80,17 +79,6 @@ def scan(root: str | Path, key: str = "dataset.path",
     return files, np.array(labels), classes
 
 
-def load_images(files: list[Path]) -> tuple[list[Image.Image], list[int]]:
-    """Decoded RGB images and the indices that decoded; undecodable files are skipped (counted by the caller)."""
-    images, ok = [], []
-    for i, f in enumerate(files):
-        image = open_rgb(f, str(f))
-        if image is not None:
-            images.append(image)
-            ok.append(i)
-    return images, ok
-
-
 def folder_classnames(cfg, classes: list[str] | None = None) -> list[str]:
     """Class names in sorted folder order: the `classnames` file when set, else the folder names."""
     classes = classes if classes is not None else scan(cfg.path)[2]
@@ -122,33 +110,29 @@ def build_image_folder(cfg: ImageFolder, preprocess_train, preprocess_eval, toke
     check_unseen_templates(cfg.train_templates, cfg.eval_templates)
     files, labels, classes = scan(cfg.path)
     classnames = folder_classnames(cfg, classes)
-    images, ok = load_images(files)
-    undecodable = len(files) - len(ok)  # counted in data/skipped (the held-out folder's too)
-    files, labels = [files[i] for i in ok], labels[ok]
+    # files, not pixels: each image is decoded when it is read (the loader's workers), so building costs
+    # a directory listing on every rank whatever the set's size; an undecodable one is skipped then
     if cfg.eval_path:
         eval_files, eval_labels, eval_classes = scan(cfg.eval_path, "dataset.eval_path", subset=True)
-        eval_labels = training_labels(eval_labels, eval_classes, classes)
-        eval_images, eval_ok = load_images(eval_files)
-        undecodable += len(eval_files) - len(eval_ok)
-        train_images, train_labels, train_files = images, labels, files
-        held_images, held_labels, held_files = eval_images, eval_labels[eval_ok], [eval_files[i] for i in eval_ok]
+        train_labels, train_files = labels, files
+        held_labels, held_files = training_labels(eval_labels, eval_classes, classes), eval_files
     else:
         train_idx, held_idx = split_indices(labels, cfg.holdout_fraction, cfg.split_seed)
-        train_images, train_labels, train_files = [images[i] for i in train_idx], labels[train_idx], [files[i] for i in train_idx]
-        held_images, held_labels, held_files = [images[i] for i in held_idx], labels[held_idx], [files[i] for i in held_idx]
-    fit_idx, val_idx = carve_validation(np.arange(len(train_images)), train_labels, cfg.val_fraction, cfg.split_seed)
-    val_images, val_labels, val_files = [train_images[i] for i in val_idx], train_labels[val_idx], [train_files[i] for i in val_idx]
-    train_images, train_labels, train_files = [train_images[i] for i in fit_idx], train_labels[fit_idx], [train_files[i] for i in fit_idx]
+        train_labels, train_files = labels[train_idx], [files[i] for i in train_idx]
+        held_labels, held_files = labels[held_idx], [files[i] for i in held_idx]
+    fit_idx, val_idx = carve_validation(np.arange(len(train_files)), train_labels, cfg.val_fraction, cfg.split_seed)
+    val_labels, val_files = train_labels[val_idx], [train_files[i] for i in val_idx]
+    train_labels, train_files = train_labels[fit_idx], [train_files[i] for i in fit_idx]
     # a separate eval_path may share files with path: eval.overlap drops them from training (or fails)
     # once the task is built, as for csv; only splits carved from one folder must be disjoint here
     carved = (("train", train_files), ("val", val_files)) + (() if cfg.eval_path else (("test", held_files),))
     require_disjoint(f"dataset=image_folder path={cfg.path}",
                      **{split: [str(Path(f).resolve()) for f in files] for split, files in carved})
     tokens = caption_table(classnames, cfg.train_templates, tokenizer)
-    train = CaptionedImages(train_images, train_labels, tokens, preprocess_train, files=train_files)
-    train.skipped = {"undecodable image": undecodable} if undecodable else {}
-    held = LabelledImages(held_images, held_labels, preprocess_eval, files=held_files)
-    val = LabelledImages(val_images, val_labels, preprocess_eval, files=val_files)
+    train = CaptionedImages(train_files, train_labels, tokens, preprocess_train, files=train_files)
+    train.skipped = {}
+    held = ImageFiles(held_files, preprocess_eval, held_labels)
+    val = ImageFiles(val_files, preprocess_eval, val_labels)
     templates = list(cfg.eval_templates)
     return ClipData(train, zeroshot=ZeroShotSet(held, classnames, templates),
                     val_zeroshot=ZeroShotSet(val, classnames, templates))

@@ -5,7 +5,8 @@ The classifier comes from open_clip's build_zero_shot_classifier; the accuracy l
 """
 import torch
 from open_clip import build_zero_shot_classifier
-from torch.utils.data import DataLoader
+
+from fastclip.data.pairs import DecodedBatches
 
 
 @torch.no_grad()
@@ -30,11 +31,12 @@ def classify(model, batches, classifier: torch.Tensor, device) -> tuple[dict[int
 
 @torch.no_grad()
 def zero_shot_eval(model, tokenizer, images, classnames, templates, device, batch_size=256) -> dict[str, float]:
-    """Returns {'top1': ..., 'top5': ...} over every image of `images` ((image, label) pairs)."""
+    """Returns {'top1': ..., 'top5': ...} over every image of `images` ((image, label) pairs; an image
+    that fails to decode, None, is left out: an image_folder set decodes as it is read)."""
     was_training = model.training
     model.eval()
     classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates,
                                             num_classes_per_batch=10, device=device)
-    correct, n = classify(model, DataLoader(images, batch_size=batch_size, shuffle=False), classifier, device)
+    correct, n = classify(model, DecodedBatches(images, batch_size), classifier, device)
     model.train(was_training)
     return {"top1": correct[1] / n, "top5": correct[5] / n}

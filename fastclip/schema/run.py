@@ -5,6 +5,7 @@ from typing import Any, List, Optional
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.fields import at_least, choice, frozen, mutable, runtime
 from fastclip.schema.steps import check_steps
+from fastclip.schema.workers import check_workers
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ADAMW_IMPLS = ("fused", "foreach", "for_loop")
@@ -29,7 +30,7 @@ class Trainer:
     count_flops_every: Optional[int] = runtime()
     full_token_steps: Any = frozen()
     precision: str = frozen()
-    num_workers: int = runtime()
+    num_workers: Any = runtime()  # int or "auto": OmegaConf's structured configs take no Union[int, str]
     progress: bool = runtime()
     ckpt_every_steps: Optional[int] = runtime()
     resume: Optional[str] = runtime()
@@ -53,6 +54,7 @@ class Trainer:
                 raise ConfigError(f"trainer.max_pflops={self.max_pflops} with trainer.max_steps={self.max_steps}: the "
                                   f"budget decides the run's length; set one of them")
         at_least("trainer.count_flops_every", self.count_flops_every, 1, ">= 1 (steps), or null")
+        check_workers("trainer.num_workers", self.num_workers)
         check_steps("trainer.full_token_steps", self.full_token_steps)
 
 
@@ -62,7 +64,7 @@ class Eval:
     lm_batch_size: int = runtime()
     every_epochs: int = mutable()
     boundary_picture: bool = runtime()
-    num_workers: int = runtime()
+    num_workers: Any = runtime()  # int or "auto", as trainer.num_workers
     imagenet_val: Optional[str] = mutable()
     imagenet_templates: str = mutable()
     classifier_cache_dir: Optional[str] = runtime()
@@ -71,6 +73,7 @@ class Eval:
 
     def __post_init__(self):
         at_least("eval.every_epochs", self.every_epochs, 1)
+        check_workers("eval.num_workers", self.num_workers)
         choice("eval.overlap", self.overlap, ("drop", "fail"))
 
 

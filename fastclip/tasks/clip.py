@@ -37,6 +37,7 @@ from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import placement_control
 from fastclip.tasks.accumulation import accumulate_contrastive
 from fastclip.schema import typed_group
+from fastclip.schema.workers import loader_workers
 from fastclip.tasks.protocol import StepOutput, TaskBase
 from fastclip.worker_signals import ignore_stop_signals
 
@@ -95,7 +96,7 @@ class ClipTask(TaskBase):
         self.preprocess_eval = preprocess_eval
         world = distributed.current()
         if isinstance(self.data.train, ShardStream):  # equal steps on every rank, or an error now
-            self.data.train.check_split(cfg.trainer.batch_size, world.size, cfg.trainer.num_workers)
+            self.data.train.check_split(cfg.trainer.batch_size, world.size, loader_workers(cfg))
         # over the GLOBAL batch: every rank's features gathered with their gradients, each rank's loss over
         # its own rows against every column (local_loss: B x G logits, not G x G; the same gradients once
         # DDP averages them); with one process it is the plain loss
@@ -155,7 +156,7 @@ class ClipTask(TaskBase):
         run of each global batch (EpochOrder, ShardStream.set_epoch), in step with the other ranks'
         (distributed.Lockstep)."""
         train, tc, world = self.data.train, self.cfg.trainer, distributed.current()
-        workers = tc.num_workers
+        workers = loader_workers(self.cfg)
         stream = isinstance(train, IterableDataset)
         in_workers = False
         if stream:  # the epoch first: which batches each worker makes depends on its shard order
@@ -236,7 +237,7 @@ class ClipTask(TaskBase):
         has neither (test)."""
         z, r = self.data.split(split)
         if z is not None:
-            images, labels = zip(*(z.images[i] for i in range(min(n, len(z.images)))))
+            images, labels = zip(*(s for s in (z.images[i] for i in range(min(n, len(z.images)))) if s is not None))
             texts = [z.templates[i % len(z.templates)].format(z.classnames[int(c)]) for i, c in enumerate(labels)]
         elif r is not None:
             pairs = [(r.images[i], r.captions[i][0]) for i in range(min(n, len(r.captions)))]
@@ -267,7 +268,7 @@ class ClipTask(TaskBase):
             metrics.update({"zeroshot/top1": acc["top1"], "zeroshot/top5": acc["top5"]})
         if retrieval is not None:
             metrics.update(retrieval_eval(model, tokenizer, retrieval, self.device,
-                                          cfg.eval.batch_size, cfg.eval.num_workers))
+                                          cfg.eval.batch_size, loader_workers(cfg, "eval.num_workers")))
         if split == "val":
             return {val_name(k): v for k, v in metrics.items()}
         if cfg.eval.imagenet_val:
@@ -275,7 +276,7 @@ class ClipTask(TaskBase):
                 self.run_dir / "cache" if self.run_dir else None)
             metrics.update(imagenet_eval(model, tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
                                          self.device, cfg.eval.imagenet_templates, cfg.eval.batch_size,
-                                         cfg.eval.num_workers, cache if own else None))
+                                         loader_workers(cfg, "eval.num_workers"), cache if own else None))
         return metrics
 
     def evaluate(self) -> dict[str, float]:

@@ -1,0 +1,42 @@
+"""trainer.num_workers / eval.num_workers: "auto" is this process's CPUs (affinity, shared among local
+ranks) less one, 0 for the in-memory digits; a count above the CPUs is refused before training."""
+import pytest
+
+from conftest import compose_cfg
+from fastclip.checks import ConfigError, check_config
+from fastclip.schema import workers
+from fastclip.schema.workers import loader_workers, resolve_workers
+
+
+@pytest.fixture
+def eight_cpus(monkeypatch):
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+
+def test_auto_is_the_affinity_cpus_shared_among_local_ranks_less_one(eight_cpus, monkeypatch):
+    assert resolve_workers("trainer.num_workers", "auto") == 7
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_workers("trainer.num_workers", "auto") == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resolve_workers("trainer.num_workers", "auto") == 0  # one CPU a rank: the rank itself
+    assert resolve_workers("trainer.num_workers", "auto", in_memory=True) == 0
+
+
+def test_defaults_are_auto_and_digits_trains_in_process(eight_cpus):
+    cfg = check_config(compose_cfg())
+    assert cfg.trainer.num_workers == "auto" and cfg.eval.num_workers == "auto"
+    assert loader_workers(cfg) == 0  # the embedded default: digits, decoded in memory
+    assert loader_workers(cfg, "eval.num_workers") == 0
+    assert loader_workers(check_config(compose_cfg(["dataset=csv", "dataset.path=x.csv"]))) == 7
+    assert loader_workers(check_config(compose_cfg(["trainer.num_workers=3"]))) == 3
+
+
+@pytest.mark.parametrize("key", ["trainer.num_workers", "eval.num_workers"])
+def test_more_workers_than_cpus_fails_before_training_naming_key_and_value(eight_cpus, key):
+    with pytest.raises(ConfigError, match=rf"{key}=9: more loader workers than the 8 CPUs"):
+        check_config(compose_cfg([f"{key}=9"]))
+    with pytest.raises(ConfigError, match=rf"{key}='many': expected a worker count >= 0 or auto"):
+        check_config(compose_cfg([f"{key}=many"]))
+    with pytest.raises(ConfigError, match=rf"{key}=-1: expected a worker count"):
+        check_config(compose_cfg([f"{key}=-1"]))
