@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from fastclip.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _export_srun_tasks() -> None:
         per_node = [ntasks // max(1, job.num_nodes)] * max(1, job.num_nodes)
     if sum(per_node) != ntasks or not 0 <= job.global_rank < ntasks or not 0 <= node < len(per_node) \
             or not 0 <= job.local_rank < per_node[node]:
-        raise ValueError(f"SLURM's task counts disagree: SLURM_NTASKS={ntasks}, tasks per node {spec!r} "
+        raise InputError(f"SLURM's task counts disagree: SLURM_NTASKS={ntasks}, tasks per node {spec!r} "
                          f"({sum(per_node)} tasks), SLURM_PROCID="
                          f"{job.global_rank}, SLURM_NODEID={node}, SLURM_LOCALID={job.local_rank}: launch the "
                          f"tasks with one srun of the job's allocation (srun --ntasks=N --ntasks-per-node=M)")

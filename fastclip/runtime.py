@@ -22,7 +22,7 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda")
         asked = gpus_requested()
         if asked:
-            raise ValueError(f"{asked} but torch sees no GPU (torch.cuda.is_available() is False; torch "
+            raise InputError(f"{asked} but torch sees no GPU (torch.cuda.is_available() is False; torch "
                              f"{torch.__version__}, CUDA build {torch.version.cuda}): check the job's GPU binding "
                              f"and the CUDA driver, or set device=cpu to train on the CPU")
         return torch.device("cpu")

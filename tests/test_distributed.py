@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from conftest import PYTHON, TINY_CLIP, load_checkpoint, store_runs
 from fastclip import PROJECT_ROOT, distributed
-from fastclip.tasks.clip import EpochOrder
+from fastclip.data.epoch_order import EpochOrder
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 STEP = str(PROJECT_ROOT / "tests" / "ddp_step.py")

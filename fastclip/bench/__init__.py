@@ -17,6 +17,7 @@ Public API for the benchmarks (module: names; a module listed here may also be i
     fastclip.tracking: Tracker
     fastclip.runtime: pick_device, seed_everything, set_torch_threads, use_tf32_matmuls, compile_blocks, math_mode
     fastclip.optim: adamw_impl, param_groups, warmup_steps
+    fastclip.schema.workers: loader_workers
     fastclip.models.clip: build_clip, clip_objective, boundary_loss
     fastclip.eval.efficiency: count_gflops, unpadded_gflops
     fastclip.compression.prune: Pruner

@@ -32,6 +32,7 @@ from fastclip.bench.clip import (CIFAR, DATASETS, DTP_VARIANTS, GEOMETRY, PEERS,
 from fastclip.bench.common import markdown_table, schedule
 from fastclip.config import compose_train_config
 from fastclip.loop import fit
+from fastclip.schema.workers import loader_workers
 from fastclip.tasks import build_task
 
 # key -> (table label, overrides); the DTP rows are bench-clip's (their learned rows also report

@@ -34,6 +34,7 @@ from dataclasses import replace
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import filters
 
+from fastclip.errors import InputError
 from fastclip.data.pairs import ImageFiles, RetrievalSet, Skip, clean_caption, open_rgb
 from fastclip.data.shard_split import taken_in_turn
 from fastclip.data.splits import ClipData, require_disjoint
@@ -141,16 +142,16 @@ class ShardStream(IterableDataset):
         urls = self.sources[0].urls
         if not self.resampled and world_size > 1:
             if not self.sources[0].sizes:
-                raise ValueError(f"dataset.resampled=false with {world_size} ranks needs each shard's sample count "
+                raise InputError(f"dataset.resampled=false with {world_size} ranks needs each shard's sample count "
                                  f"(sizes.json or <shard>_stats.json beside dataset.train_shards="
                                  f"{self.sources[0].pattern!r}; make_shards writes sizes.json) so that every rank "
                                  f"takes the same steps; or set dataset.resampled=true (each rank draws its own)")
             if len(urls) < world_size:
-                raise ValueError(f"dataset.train_shards={self.sources[0].pattern!r}: {len(urls)} training shards for "
+                raise InputError(f"dataset.train_shards={self.sources[0].pattern!r}: {len(urls)} training shards for "
                                  f"{world_size} ranks; each rank reads its own shards: give at least {world_size} "
                                  f"shards, or set dataset.resampled=true (each rank draws its own)")
         if self.epoch_batches(batch_size, workers) == 0:
-            raise ValueError(f"dataset.train_shards={self.sources[0].pattern!r}: no full batch of trainer.batch_size="
+            raise InputError(f"dataset.train_shards={self.sources[0].pattern!r}: no full batch of trainer.batch_size="
                              f"{batch_size} on some rank of {world_size} with trainer.num_workers={workers} "
                              f"({self.num_samples} samples an epoch)")
         if not self.resampled and len(urls) < world_size * max(1, workers):

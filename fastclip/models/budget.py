@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from fastclip.errors import InputError
 from fastclip.models.dtp import segment_counts
 
 KEY = "boundary.image_token_budget"
@@ -25,14 +26,14 @@ def segments_per_image(budget: float | int, n_patches: int) -> int:
     token and at least one segment, so fewer than 1 segment an image means nothing; more than
     n_patches can never be used. Raises ValueError naming the key and value."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"{KEY}={budget!r}: expected a fraction in (0, 1] of the patch tokens or a count >= 1")
+        raise InputError(f"{KEY}={budget!r}: expected a fraction in (0, 1] of the patch tokens or a count >= 1")
     if isinstance(budget, float) and budget <= 1.0:
         if budget <= 0:
-            raise ValueError(f"{KEY}={budget}: expected a fraction in (0, 1] of the {n_patches} patch tokens "
+            raise InputError(f"{KEY}={budget}: expected a fraction in (0, 1] of the {n_patches} patch tokens "
                              f"or a count >= 1 segment per image")
         return math.ceil(budget * n_patches)
     if budget != int(budget) or not 1 <= budget <= n_patches:
-        raise ValueError(f"{KEY}={budget}: a count of segments per image must be an integer from 1 (every image "
+        raise InputError(f"{KEY}={budget}: a count of segments per image must be an integer from 1 (every image "
                          f"keeps one segment) to the {n_patches} patch tokens of this tower")
     return int(budget)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from fastclip.errors import InputError
 from fastclip.models.boundaries import EntropySpike, every_kth, spikes
 from fastclip.models.budget import drop_beyond_budget, segments_per_image
 from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, finite_flag, mean_of_valid,
@@ -148,7 +149,7 @@ class DTPImageTower(nn.Module):
         if not (buckets == "auto" or (isinstance(buckets, int) and buckets >= 1)):
             raise ValueError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
         if layout not in ("packed", "padded", "auto"):
-            raise ValueError(f"boundary.image_layout={layout!r}: expected packed, padded or auto")
+            raise InputError(f"boundary.image_layout={layout!r}: expected packed, padded or auto")
         if layout == "packed" and buckets not in ("auto", 1):
             raise ValueError(f"boundary.image_buckets={buckets} applies to boundary.image_layout=padded only: "
                              f"packed rows have no padding to bucket")
@@ -163,7 +164,7 @@ class DTPImageTower(nn.Module):
         n_patches = self.vit.grid_size[0] * self.vit.grid_size[1]
         self.budget = None if token_budget is None else segments_per_image(token_budget, n_patches)
         if self.budget is not None and (layout == "padded" or method.static_segments(n_patches) is not None):
-            raise ValueError(f"boundary.image_token_budget={token_budget} sizes the packed layout of learned "
+            raise InputError(f"boundary.image_token_budget={token_budget} sizes the packed layout of learned "
                              f"boundaries; boundary={method.name} with boundary.image_layout={layout} has no use for it")
         self.packed_block = packed_block  # trainer.compile swaps in a compiled copy (runtime.compile_blocks)
         if row_breaks and method.name != "gumbel":

@@ -3,13 +3,12 @@ tokenizer, transforms and ClipLoss, plus each DTP tower's boundary loss. Every e
 reports zero-shot accuracy and the efficiency the model actually achieved: per epoch on the
 validation split (metrics under val/, what a sweep optimises), at the end of the run on the test
 split under the reported names (zeroshot/top1, retrieval/*, zeroshot/imagenet_*)."""
-import itertools
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from open_clip import ClipLoss
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
 
 from fastclip import distributed, runtime
 from fastclip.checks import check_config
@@ -18,10 +17,11 @@ from fastclip.data.coco import build_coco
 from fastclip.data.coco import training_captions as coco_training_captions
 from fastclip.data.csv_pairs import build_csv, training_pairs
 from fastclip.data.digits import build_digits
+from fastclip.data.epoch_order import EpochOrder, ReadPast, Sized, batch_rows, trim_batch
 from fastclip.data.image_folder import build_image_folder, folder_classnames
 from fastclip.data.overlap import (EVAL_OVERLAP, FileKeys, eval_overlap_of, leave_test_images_out_of_validation,
                                    merge_eval_duplicates)
-from fastclip.data.pairs import Batch, ImageFiles, collate_skipping, require_usable
+from fastclip.data.pairs import ImageFiles, collate_skipping, require_usable
 from fastclip.data.shard_split import LeftOut
 from fastclip.data.shards import ShardStream, build_shards, shard_captions
 from fastclip.data.splits import ClipData
@@ -180,7 +180,7 @@ class ClipTask(TaskBase):
             loader = Sized(loader, batches)
         if stream and not start and train.left_out(tc.batch_size, workers):
             loader = LeftOut(loader, train.left_out(tc.batch_size, workers))  # counted as the epoch starts
-        return distributed.Lockstep(loader, _batch_size, _trim) if world.distributed else loader
+        return distributed.Lockstep(loader, batch_rows, trim_batch) if world.distributed else loader
 
     def epoch_samples(self) -> int:
         """Samples the training source declares per epoch (rows, files, or the shards' sizes)."""
@@ -333,69 +333,3 @@ class ClipTask(TaskBase):
 
     def params(self) -> dict[str, int]:
         return parameter_counts(self.model)
-
-
-class EpochOrder(Sampler):
-    """One rank's part of the epoch's shuffled order (a function of seed and epoch only, so a resumed
-    run replays it), from its batch `start` on. The order is cut into global batches of
-    batch_size x world_size; rank r takes the r-th run of batch_size in each, so the ranks' batches
-    together are the batch one process would take at batch_size x world_size. With one process it is
-    the order DataLoader(shuffle=True, generator=epoch_generator) gave before this class: that loader
-    drew its base seed from the generator, then the permutation."""
-
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, batch_size: int = 1, rank: int = 0,
-                 world_size: int = 1):
-        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-
-    def __len__(self):
-        return max(0, self.n // (self.batch_size * self.world_size) - self.start) * self.batch_size
-
-    def __iter__(self):
-        generator = runtime.epoch_generator(self.seed, self.epoch)
-        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the base seed the old loader drew
-        order = torch.randperm(self.n, generator=generator)
-        per_step = self.batch_size * self.world_size
-        mine = order[:self.n // per_step * per_step].view(-1, self.world_size, self.batch_size)[:, self.rank]
-        return iter(mine[self.start:].flatten().tolist())
-
-
-RANK_MATCH = "cut to another rank's smaller batch"  # data/skipped's reason for what distributed.Lockstep cut
-
-
-def _batch_size(batch: Batch) -> int:
-    return 0 if batch.images is None else len(batch.images)
-
-
-def _trim(batch: Batch, n: int) -> Batch:
-    """The batch cut to its first n samples; the rest count as skipped (another rank's batch was smaller)."""
-    skipped = dict(batch.skipped)
-    skipped[RANK_MATCH] = skipped.get(RANK_MATCH, 0) + _batch_size(batch) - n
-    if n == 0:
-        return Batch(None, None, skipped)
-    return Batch(batch.images[:n], batch.tokens[:n], skipped)
-
-
-class Sized:
-    """An iterable with the length of the whole epoch (the loop plans steps from it)."""
-
-    def __init__(self, batches, length: int):
-        self.batches, self.length = batches, length
-
-    def __len__(self):
-        return self.length
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
-class ReadPast(Sized):
-    """A stream's batches after its first `skip`, read and dropped here (a stream cannot seek)."""
-
-    def __init__(self, batches, skip: int, length: int):
-        super().__init__(batches, length)
-        self.skip = skip
-
-    def __iter__(self):
-        return itertools.islice(iter(self.batches), self.skip, None)
-
