@@ -25,7 +25,8 @@ def test_a_grid_on_the_example_cluster_renders_its_sbatch_lines_and_both_jobs_lo
     env = dict(cli_env, PATH=f"{STUBS}{os.pathsep}{cli_env['PATH']}", STUB_SLURM_DIR=str(tmp_path / "slurm"),
                PWD=str(tmp_path))  # as a shell sets it in the directory it launches from
     cmd = [PYTHON, "-m", "fastclip.train", "-m", "+cluster=example_gpu", "boundary=none,gumbel", "trainer.max_steps=5",
-           "trainer.num_workers=0",  # the profile's 11 workers are for its 12 CPUs a task, not this machine's
+           "trainer.num_workers=0",  # the profile's workers are for its 12 CPUs a task, not this machine's
+           "hydra.launcher.tasks_per_node=1",  # the stub's sbatch starts one task (the profile: 8, one per GPU)
            *TINY_CLIP, "eval.boundary_picture=false", f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     logs = "\n".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*.out")) \
@@ -76,7 +77,7 @@ def test_a_job_noticed_before_its_time_limit_is_requeued_by_submitit_and_finishe
     (tmp_path / ".venv" / "bin" / "activate").write_text("")  # the profile's setup line sources it
     env = dict(cli_env, PATH=f"{STUBS}{os.pathsep}{cli_env['PATH']}", STUB_SLURM_DIR=str(stub), PWD=str(tmp_path))
     cmd = [PYTHON, "-m", "fastclip.train", "-m", "+cluster=example_gpu", "boundary=gumbel", "trainer.max_steps=40",
-           "trainer.num_workers=0",
+           "trainer.num_workers=0", "hydra.launcher.tasks_per_node=1",  # the stub's sbatch starts one task
            "tracking.log_every=1", *TINY_CLIP, "eval.boundary_picture=false", f"tracking.uri={store}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -181,7 +181,8 @@ def bench_variant(overrides, batch, steps, warmup, device, compile_blocks=False)
     images = torch.randn(batch, 3, size, size, generator=gen).to(device)
     texts = tokenizer([f"a synthetic photo number {i}" for i in range(batch)]).to(device)
     cuda = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = True  # here, not in main: a --compile variant runs in its own process
+    if cuda:  # TF32 float32 matmuls as a training run's (process-wide: on CPU, IEEE fp32 stays)
+        runtime.use_tf32_matmuls(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     last = {}
 
