@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test sweep ui report bench bench-lm bench-clip bench-loader bench-step bench-train-flops bench-frontier bench-ddp bench-compress bench-overhead bench-gpu bench-gpu-recipe clean
+.PHONY: install train test docs sweep ui report bench bench-lm bench-clip bench-loader bench-step bench-train-flops bench-frontier bench-ddp bench-compress bench-overhead bench-gpu bench-gpu-recipe clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# the documentation site (docs/, mkdocs.yml) into site/; strict: a broken link or an unlisted page fails
+docs: $(STAMP)
+	$(PY) -m fastclip.docs_reference
+	$(PY) -m mkdocs build --strict --quiet
 
 # A named sweep from sweeps/: make sweep SWEEP=boundary_ablation
 SWEEP ?= boundary_ablation

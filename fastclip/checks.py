@@ -236,7 +236,7 @@ def _check_run_length(cfg: DictConfig) -> None:
 def warmup_steps(value, total: int, run: str) -> int:
     """trainer.warmup_steps as steps: an integer, or a fraction of the run in (0, 1). A warm-up
     longer than the run (`run` says how long it is) is an error: its lr would never reach trainer.lr
-    (the README's old grid at epochs=1 ran 11 steps under a 20-step warm-up and stayed at chance)."""
+    (an old version of the README's grid, at epochs=1, ran 11 steps under a 20-step warm-up and stayed at chance)."""
     steps = steps_of(value, total, "trainer.warmup_steps")
     if steps > total:
         raise ConfigError(f"trainer.warmup_steps={value} is longer than {run}: the learning rate would never reach "

@@ -92,7 +92,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, predict
     """No decay on gains, biases, embeddings' scale and the logit scale (as open_clip_train).
     The boundary predictors' parameters learn at lr x predictor_lr_scale (their only task signal
     is the straight-through estimate through the pooling, and in CLIP towers they stayed near the
-    prior: README)."""
+    prior: docs/results/dtp_image_findings.md)."""
     if predictor_lr_scale <= 0:
         raise InputError(f"trainer.predictor_lr_scale={predictor_lr_scale}: expected > 0")
     deciding = boundary_decision_parameters(model) if predictor_lr_scale != 1.0 else set()

@@ -354,8 +354,8 @@ def main(cfg: DictConfig) -> float | None:
         check_overrides(hc.overrides.task)
         if "TORCHELASTIC_RUN_ID" in os.environ and str(hc.mode) == "RunMode.MULTIRUN":
             raise ConfigError("torchrun with -m: every process would launch the whole grid. Data-parallel jobs "
-                              "of a grid: hydra/launcher=slurm with hydra.launcher.tasks_per_node=N (README: "
-                              "Data-parallel training), or one torchrun per configuration")
+                              "of a grid: hydra/launcher=slurm with hydra.launcher.tasks_per_node=N (docs/guide/"
+                              "scale-out.md), or one torchrun per configuration")
         metrics = run(cfg, hc.runtime.output_dir, launch_dir=hc.runtime.cwd, overrides=list(hc.overrides.task),
                       choices=_choices(cfg))
     except (InputError, CheckpointWriteError, run_lock.RunDirInUse, run_lock.RunDirNotWritable, NoTrainingData,

@@ -29,12 +29,18 @@ def log_run(client, exp_id, boundary, seed, gflops, top1, parent=None, status="F
         client.log_param(rid, k, v)
     for step in (10, 20, 30):
         client.log_metric(rid, "train/loss", 3.0 - step / 20, step=step)
+        if not old:  # the objective alone, and a learned tower's boundary losses (clip_objective's parts)
+            client.log_metric(rid, "train/contrastive_loss", 2.0 - step / 20, step=step)
+        if boundary == "gumbel":
+            client.log_metric(rid, "train/boundary_loss_image", 14.0, step=step)
     if old:
         client.log_metric(rid, "zeroshot/top1", top1 - 0.1, step=30)
     else:
         for step in (20, 40):
             client.log_metric(rid, "val/zeroshot_top1", top1 - 0.2 + step / 200, step=step)
     client.log_metric(rid, "zeroshot/top1", top1, step=60)
+    if not old:
+        client.log_metric(rid, "zeroshot/classes", 10.0, step=60)  # digits: chance is 0.1
     client.log_metric(rid, "efficiency/image_gflops", gflops, step=60)
     if not old:  # counted training compute, logged with train/loss (loop/compute.py)
         for step in (10, 20, 30, 40, 60):
@@ -95,10 +101,15 @@ def test_a_sweep_report_groups_seeds_marks_the_frontier_and_logs_to_the_parent(s
     gumbel0 = next(r for g in report.groups if g.label == "boundary=gumbel" for r in g.runs if r.params["seed"] == "0")
     assert gumbel0.history["val/zeroshot_top1"] == [(20, pytest.approx(0.30)), (40, pytest.approx(0.40))]
     assert gumbel0.history["train/loss"] == [(10, 2.5), (20, 2.0), (30, 1.5)]
-    # the metric's curve is its per-epoch validation twin (zeroshot/top1 is one test-split point at the end)
-    loss, top1 = report.curves
-    assert loss.label == "train/loss" and top1.label == "val/zeroshot_top1"
+    # the metric's curve is its per-epoch validation twin (zeroshot/top1 is one test-split point at the end);
+    # the objective (contrastive loss, not train/loss with the weighted boundary loss in it) and the
+    # boundary loss (logged by the gumbel runs only) each in their own panel
+    loss, boundary, top1 = report.curves
+    assert loss.label == "train/contrastive_loss" and set(loss.plotted.values()) == {"train/contrastive_loss"}
+    assert boundary.label == "train/boundary_loss_image" and len(boundary.plotted) == 2
+    assert top1.label == "val/zeroshot_top1"
     assert set(top1.plotted.values()) == {"val/zeroshot_top1"} and len(top1.plotted) == 6
+    assert report.chance == pytest.approx(0.1)  # top-1 over the 10 digit classes: the dashed line's level
 
 
 def test_curves_against_counted_training_compute_and_the_whole_models_training_cost(sweep_store, tmp_path):
@@ -108,7 +119,7 @@ def test_curves_against_counted_training_compute_and_the_whole_models_training_c
     uri, _, _ = sweep_store
     report = main(["--experiment", "demo", "--uri", uri, "--out", str(tmp_path / "compute"), "--x", "compute",
                    "--cost", "efficiency/train_gflops"])
-    loss, top1 = report.curves
+    top1 = report.curves[-1]
     assert len(top1.plotted) == 6 and len(report.selection.runs) == 7  # the old run has no compute history
     gumbel0 = next(r for g in report.groups if g.label == "boundary=gumbel" for r in g.runs if r.params["seed"] == "0")
     gflops = KNOWN["gumbel"][0]
@@ -138,7 +149,9 @@ def test_without_a_sweep_the_report_covers_the_experiments_finished_runs(sweep_s
     assert [len(g.runs) for g in report.groups if g.label == "boundary=none"] == [3]  # seeds 7, 0, 1
     # the old run has no val/ twin: its curve is the metric itself, and the panel's label says so
     old = next(r for r in report.selection.runs if r.params["seed"] == "7")
-    top1 = report.curves[1]
+    loss, top1 = report.curves[0], report.curves[-1]
+    assert loss.plotted[old.run_id] == "train/loss"  # an older run without the objective alone: its total loss
+    assert loss.label == "train/contrastive_loss (train/loss where a run has no train/contrastive_loss)"
     assert top1.plotted[old.run_id] == "zeroshot/top1"
     assert old.history["zeroshot/top1"] == [(30, pytest.approx(0.89)), (60, 0.99)]
     assert sorted(top1.plotted.values()).count("val/zeroshot_top1") == 6

@@ -173,7 +173,8 @@ def test_per_epoch_evaluation_reads_validation_and_the_final_one_reads_test(monk
     assert calls[-1][0][2] is task.data.val_zeroshot.images
     final = task.final_evaluate()
     assert calls[-1][0][2] is task.data.zeroshot.images
-    assert {k for k in final if not k.startswith("efficiency/")} == {"zeroshot/top1", "zeroshot/top5"}
+    assert {k for k in final if not k.startswith("efficiency/")} == {"zeroshot/top1", "zeroshot/top5", "zeroshot/classes"}
+    assert final["zeroshot/classes"] == len(task.data.zeroshot.classnames)  # the report's chance line: K / classes
     assert len(calls) == 2
 
 

@@ -27,7 +27,7 @@ class PackedRows:
     size: a multiple of the batch size (on average B / 2 filler rows: ~1/(2 x mean row length) of
     the work, ~3% at 17 tokens a row), or a fixed size given by the caller (a token budget: the
     same shapes every step). The fixed sizes keep the tensor sizes to a few values: a new size every
-    step made the CPU allocator's peak grow (bench-clip's CIFAR geometry, README).
+    step made the CPU allocator's peak grow (bench-clip's CIFAR geometry, docs/results/benchmarks.md).
 
     Every map is one-to-one (no two slots read or write one row): src lists the real tokens' padded
     positions, then DISTINCT padding slots as filler, and unpack scatters the packed rows back with

@@ -310,8 +310,8 @@ class DTPImageTower(nn.Module):
         x = self.vit.ln_post(x)
         return x[rows.starts] if self.pool == "cls" else mean_of_valid(rows.unpack(x)[:, 1:], seg_mask)
 
-    # image_layout=auto: padded on CUDA, where it measured faster (README, image towers: 0.111 s against
-    # packed's 0.150 s a ViT-B/16 step on an H200, before the packed maps lost their shared zero row);
+    # image_layout=auto: padded on CUDA, where it measured faster (docs/results/benchmarks.md, bench-gpu's
+    # ViT-B/16 rows, measured before the packed maps lost their shared zero row);
     # packed on CPU, where compute bounds the step and packing saves the padding's FLOPs.
     AUTO_LAYOUT = {"cuda": "padded", "cpu": "packed"}
 
@@ -357,7 +357,7 @@ class DTPImageTower(nn.Module):
 
     # image_buckets=auto: on CUDA each bucket's small kernels cost more host time to launch than the
     # GPU spends on the padding they save, so one padded batch wins; on CPU (compute-bound) the padding
-    # saved wins. The measurements (bench-gpu, bench-step) are in the README's image-towers section.
+    # saved wins. The measurements (bench-gpu, bench-step) are in docs/results/benchmarks.md.
     AUTO_BUCKETS = {"cuda": 1, "cpu": 4}
 
     def _bucket_count(self, device: torch.device) -> int:

@@ -8,7 +8,9 @@ Writes DIR/report.md (one row per group of runs that differ only in seed: mean Â
 its config in effect after every resume, and runs of different code versions, git commit and dirty
 flag, are different groups unless --pool-versions),
 DIR/report.csv (one row per run), DIR/pareto.png (the metric against the cost, the frontier
-marked; a lower cost is better) and DIR/curves.png (train/loss and the metric's per-epoch validation
+marked, with a chance line for a top-K accuracy; a lower cost is better) and DIR/curves.png (the
+training objective, train/contrastive_loss, or train/bpc for a char LM, train/loss for an older run;
+each DTP tower's boundary loss in its own panel where logged; and the metric's per-epoch validation
 twin over steps, eval.names.val_name: val/zeroshot_top1 for zeroshot/top1, which itself is logged once, on
 the test split, at the run's end; a run without the twin, an older one, plots the metric). Where the runs are one sweep's,
 the four files are also logged as artifacts of the sweep's parent run (under report/).
@@ -20,7 +22,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastclip.eval.names import val_name
+from fastclip.eval.names import CLASS_COUNT_METRIC, chance_level, val_name
 from fastclip.report.plots import CurvePanel
 from fastclip.report.runs import ReportError, Selection, latest_sweep_experiment, load_histories, select_runs
 from fastclip.report.table import Group, group_by_seed, markdown, write_csv
@@ -28,6 +30,11 @@ from fastclip.tracking import redacted
 
 FILES = ("report.md", "report.csv", "pareto.png", "curves.png")
 COMPUTE = "efficiency/train_pflops_total"  # --x compute: the curves' x axis
+# the curves' first panel, the objective alone (train/loss adds weighted auxiliary losses, whose scale can
+# squash it): each run plots the first name it logged
+OBJECTIVE = ("train/contrastive_loss", "train/bpc", "train/loss")
+# auxiliary losses, a panel each, drawn where some run logged them
+AUXILIARY = (("train/boundary_loss_image", "train/boundary_loss"), ("train/boundary_loss_text",))
 
 
 @dataclass
@@ -38,6 +45,7 @@ class Report:
     text: str
     out: Path
     curves: list[CurvePanel]  # what each panel of curves.png plotted
+    chance: float | None = None  # what guessing scores on the metric (its dashed line), where known
 
 
 def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str | None = None,
@@ -60,11 +68,16 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
     # the metric's per-epoch series is its validation twin; the metric itself may be one final point
     curve = (val_name(metric), metric)
     x_metric = {"step": None, "compute": COMPUTE}[x]
-    load_histories(uri, selection.runs, ["train/loss", *curve, *([x_metric] if x_metric else [])])
+    load_histories(uri, selection.runs, [*OBJECTIVE, *(n for names in AUXILIARY for n in names), *curve,
+                                         *([x_metric] if x_metric else [])])
     groups = group_by_seed(selection.runs, pool_versions)
     title = f"{experiment}{_scope(selection)}: {len(selection.runs)} runs in {len(groups)} groups"
-    frontier = pareto_plot(groups, metric, cost, out / "pareto.png", title)
-    curves = curves_plot(groups, [("train/loss",), curve], out / "curves.png", title, x_metric)
+    chance = chance_level(metric, common_value(selection.runs, CLASS_COUNT_METRIC))
+    frontier = pareto_plot(groups, metric, cost, out / "pareto.png", title, chance)
+    auxiliary = [names for names in AUXILIARY if any(r.history.get(n) for r in selection.runs for n in names)]
+    panels = [OBJECTIVE, *auxiliary, curve]
+    curves = curves_plot(groups, panels, out / "curves.png", title, x_metric,
+                         {len(panels) - 1: chance} if chance is not None else None)
     write_csv(groups, out / "report.csv")
     text = "\n".join([
         f"### {title}", "",
@@ -75,14 +88,22 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
            if pool_versions else "a group's runs ran the same code (git commit, dirty flag: the code column)."), "",
         markdown(groups), "",
         f"Pareto frontier of {metric} against {cost} (pareto.png): "
-        + (", ".join(g.label for g in frontier) if frontier else f"none (no run logged {cost})"), ""])
+        + (", ".join(g.label for g in frontier) if frontier else f"none (no run logged {cost})")
+        + (f"; chance level {chance:.3g}." if chance is not None else ""), ""])
     (out / "report.md").write_text(text)
     if selection.sweep_id:
         import mlflow
         client = mlflow.MlflowClient(tracking_uri=uri)
         for name in FILES:
             client.log_artifact(selection.sweep_id, str(out / name), "report")
-    return Report(selection, groups, frontier, text, out, curves)
+    return Report(selection, groups, frontier, text, out, curves, chance)
+
+
+def common_value(runs, metric: str) -> float | None:
+    """The metric's value where every run that logged it logged the same one (the class count of one data
+    set), else None (runs over different data sets have no one chance level)."""
+    values = {r.metrics[metric] for r in runs if metric in r.metrics}
+    return values.pop() if len(values) == 1 else None
 
 
 def _scope(selection: Selection) -> str:

@@ -29,16 +29,19 @@ def pareto_frontier(points: list[tuple[float, float]], lower_better: bool = Fals
     return sorted(keep, key=lambda i: points[i])
 
 
-def pareto_plot(groups: list[Group], metric: str, cost: str, path: Path, title: str) -> list[Group]:
+def pareto_plot(groups: list[Group], metric: str, cost: str, path: Path, title: str,
+                chance: float | None = None) -> list[Group]:
     """Each group at (mean cost, mean metric) with std error bars, labelled by its choices; the
-    frontier's points in red, joined by a staircase. A lower cost is better. Returns the frontier's groups (cheapest first); groups that did not
-    log both metrics are left out (and named in the picture's footnote)."""
+    frontier's points in red, joined by a staircase. A lower cost is better. chance: what guessing
+    scores on the metric (eval.names.chance_level), drawn as a dashed line. The legend sits outside the
+    axes, never over a point. Returns the frontier's groups (cheapest first); groups that did not log
+    both metrics are left out (and named in the picture's footnote)."""
     placed = [(g, g.stat(cost), g.stat(metric)) for g in groups]
     missing = [g.label for g, c, m in placed if c is None or m is None]
     placed = [(g, c, m) for g, c, m in placed if c is not None and m is not None]
     lower = lower_is_better(metric)
     front = pareto_frontier([(c[0], m[0]) for _, c, m in placed], lower)
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(7, 5.2), layout="constrained")
     for i, (g, c, m) in enumerate(placed):
         on = i in front
         ax.errorbar(c[0], m[0], xerr=c[1] or 0, yerr=m[1] or 0, fmt="o", capsize=3,
@@ -47,14 +50,16 @@ def pareto_plot(groups: list[Group], metric: str, cost: str, path: Path, title: 
     if front:
         xs, ys = zip(*[(placed[i][1][0], placed[i][2][0]) for i in front])
         ax.step(xs, ys, where="post", color="C3", lw=1, alpha=0.7, label="Pareto frontier")
-        ax.legend(loc="best", fontsize=8)
+    if chance is not None:
+        ax.axhline(chance, color="0.4", ls="--", lw=1, label=f"chance ({chance:.3g})")
+    if ax.get_legend_handles_labels()[0]:
+        fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     ax.set_xlabel(cost)
     ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
     ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.grid(alpha=0.3)
     if missing:
         fig.text(0.01, 0.01, f"not placed (no {cost} or {metric}): {', '.join(missing)}", fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [placed[i][0] for i in front]
@@ -78,16 +83,20 @@ def panel_label(names: tuple[str, ...], used: set[str]) -> str:
 
 
 def curves_plot(groups: list[Group], panels: list[tuple[str, ...]], path: Path, title: str,
-                x_metric: str | None = None) -> list[CurvePanel]:
+                x_metric: str | None = None, chance: dict[int, float] | None = None) -> list[CurvePanel]:
     """One panel per entry of `panels` (value against step), one line per run, coloured by group.
     A panel's entry lists metric names in order of preference: each run plots the first of them it
     has a history of (the per-epoch validation twin first, the metric itself for a run without one).
     x_metric: plotted against that metric's value at each point's step instead (the report's
     --x compute: efficiency/train_pflops_total; a run that never logged it is left out of the panel).
+    chance: panel index -> what guessing scores there, a dashed line. One legend for the figure (a
+    group has one colour in every panel), outside the axes.
     Returns what each panel plotted, its label being the y axis's."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 2, 4.2), squeeze=False,
+                             layout="constrained")
     drawn = []
-    for ax, names in zip(axes[0], panels):
+    legend = {}
+    for index, (ax, names) in enumerate(zip(axes[0], panels)):
         plotted = {}
         for n, g in enumerate(groups):
             for k, run in enumerate(g.runs):
@@ -101,17 +110,19 @@ def curves_plot(groups: list[Group], panels: list[tuple[str, ...]], path: Path, 
                         continue
                 plotted[run.run_id] = name
                 steps, values = zip(*points)
-                ax.plot(steps, values, color=f"C{n % 10}", lw=1, marker="." if len(points) < 30 else None,
-                        alpha=0.85, label=g.label if k == 0 else None)
+                line, = ax.plot(steps, values, color=f"C{n % 10}", lw=1, marker="." if len(points) < 30 else None,
+                                alpha=0.85)
+                legend.setdefault(g.label, line)
+        if chance and index in chance:
+            legend.setdefault("chance", ax.axhline(chance[index], color="0.4", ls="--", lw=1))
         label = panel_label(names, set(plotted.values()))
         drawn.append(CurvePanel(label, plotted))
         ax.set_xlabel(x_metric or "step")
         ax.set_ylabel("\n".join(textwrap.wrap(label, 60)))
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=7)
     fig.suptitle("\n".join(textwrap.wrap(title, 160)), fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return drawn

@@ -5,7 +5,7 @@ container's cpuset, not the machine's core count), divided among the node's rank
 torchrun and fastclip.distributed set it), less one for the training process itself. A source whose
 samples are already decoded in memory (the embedded digits: 8x8 images, a transform of well under a
 millisecond a sample) gets 0 workers instead: handing each batch between processes costs more than
-making it (bench-loader and the README's loader table measure both)."""
+making it (bench-loader and the loader table in docs/results/benchmarks.md measure both)."""
 import os
 
 from fastclip.schema.errors import ConfigError

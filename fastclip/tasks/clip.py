@@ -29,7 +29,7 @@ from fastclip.errors import InputError
 from fastclip.eval.boundary_picture import draw
 from fastclip.eval.efficiency import parameter_counts
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
-from fastclip.eval.names import val_name
+from fastclip.eval.names import CLASS_COUNT_METRIC, val_name
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.models.clip import build_clip, build_transforms, clip_objective, decode_tokens
@@ -310,6 +310,9 @@ class ClipTask(TaskBase):
         The learned top-1 is recomputed (one more zero-shot pass, opt-in) rather than taken from the
         loop's last evaluate, so the pair always comes from the same weights whatever called this."""
         metrics = self.quality()
+        z = self.data.split("test")[0]
+        if z is not None:  # the report's chance line: K / classes for a top-K accuracy
+            metrics[CLASS_COUNT_METRIC] = float(len(z.classnames))
         images, tokens = self.eval_batch(split="test")
         metrics.update(self.compression.efficiency(self.model, images, tokens))
         visual = self.model.visual
