@@ -128,10 +128,16 @@ def sample_seed(*key: int) -> int:
 def seeded(*key: int):
     """torch's CPU generator seeded from key inside, restored after: a sample's random crop depends
     on (seed, epoch, index) alone, not on which worker made it or what it made before, so a resumed
-    epoch that starts mid-way, or runs with other loader workers, crops every sample as before."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(*key))
+    epoch that starts mid-way, or runs with other loader workers, crops every sample as before.
+    Only the CPU generator is saved, seeded and restored: torchvision's transforms draw from it alone,
+    and fork_rng + torch.manual_seed also walked (and reseeded) every accelerator's generators."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(sample_seed(*key))
+    try:
         yield
+    finally:
+        generator.set_state(state)
 
 
 def config_container(cfg) -> dict:
