@@ -157,7 +157,7 @@ class ClipTask(TaskBase):
         starts its sampler there, a stream's workers pass over their share without decoding it (or,
         where a worker runs out before them, this process reads past them). Data-parallel: this rank's
         run of each global batch (EpochOrder, ShardStream.set_epoch), in step with the other ranks'
-        (distributed.Lockstep)."""
+        (distributed.Lockstep, where a bad sample can make a batch short)."""
         train, tc, world = self.data.train, self.cfg.trainer, distributed.current()
         workers = loader_workers(self.cfg)
         stream = isinstance(train, IterableDataset)
@@ -183,7 +183,9 @@ class ClipTask(TaskBase):
             loader = Sized(loader, batches)
         if stream and not start and train.left_out(tc.batch_size, workers):
             loader = LeftOut(loader, train.left_out(tc.batch_size, workers))  # counted as the epoch starts
-        return distributed.Lockstep(loader, batch_rows, trim_batch) if world.distributed else loader
+        # a source whose batches are always whole (in-memory images) needs no agreement on batch sizes each step
+        lockstep = world.distributed and not getattr(train, "whole_batches", False)
+        return distributed.Lockstep(loader, batch_rows, trim_batch) if lockstep else loader
 
     def epoch_samples(self) -> int:
         """Samples the training source declares per epoch (rows, files, or the shards' sizes)."""
