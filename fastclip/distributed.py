@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # the training collectives (gradients, the gathered loss): a rank that stopped answering fails the others
 # after this, not after hours
 TRAINING_TIMEOUT = datetime.timedelta(minutes=30)
-# the host group: the others wait here while rank 0 evaluates on the whole sets or writes a checkpoint
+# the host group: the others wait here while rank 0 writes a checkpoint (or, for a task that does not share
+# its evaluation, evaluates)
 HOST_TIMEOUT = datetime.timedelta(hours=2)
 
 

@@ -60,7 +60,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
 
     Data-parallel (torchrun, or a SLURM job's tasks): every process calls this; the ranks join one
     process group first and take rank 0's run dir; only rank 0 writes (MLflow, checkpoints, the run
-    dir's files) and evaluates, and every rank returns its metrics."""
+    dir's files), the ranks share the evaluation, and every rank returns the metrics."""
     world = device = None
     if _launched_data_parallel():
         from fastclip import distributed
@@ -161,7 +161,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
         trainer.load_state_dict(resume.checkpoint, str(resume.checkpoint_path))
     opened = distributed.on_main(lambda: _open_run(cfg, task, resume, uri, run_dir), "opening the MLflow run",
                                  share=lambda run: run[0].run_id)
-    if not world.main:  # the others train and wait; rank 0 tracks, writes and evaluates
+    if not world.main:  # the others train and evaluate their share; rank 0 tracks and writes
         return {**fit(task, cfg, None, run_dir, device, trainer), "mlflow_run_id": opened}
     tracker, commit, dirty = opened
     opened_at = trainer.state.step

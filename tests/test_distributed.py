@@ -243,8 +243,27 @@ def _count_host_collectives(rank: int, port: int, run_dir: str, out):
 
 def test_the_ranks_agree_on_a_stop_every_log_every_steps_not_every_step(tmp_path):
     """8 steps, tracking.log_every=4: the stop flag is agreed after steps 4 and 8 and around the
-    epoch's end (before it, after its checkpoint), not after each step."""
+    epoch's end (before it, after its checkpoint), not after each step; the in-memory digits make
+    no short batch, so the batch sizes are never agreed: no host collective on the other steps."""
     out = mp.Manager().dict()
     port = 29000 + os.getpid() % 1000
     mp.spawn(_count_host_collectives, args=(port, str(tmp_path / "run"), out), nprocs=2, join=True)
     assert out[0]["stop"] == out[1]["stop"] == 8 // 4 + 2, dict(out)
+    assert "lockstep" not in out[0] and "lockstep" not in out[1], dict(out)
+
+
+def test_a_source_that_can_skip_a_sample_keeps_its_ranks_batch_sizes_in_lockstep(tmp_path):
+    """Images read from files (one may not decode): the ranks agree on each batch's size; images held
+    decoded (digits): no agreement needed, the batches go to the loop as the loader makes them."""
+    from fastclip.config import compose_train_config
+    from fastclip.tasks import build_task
+    from PIL import Image
+    task = build_task(compose_train_config([*TINY_CLIP, "trainer.num_workers=0"]), torch.device("cpu"), None)
+    distributed._world = distributed.World(0, 2, 0)  # train_batches as rank 0 of two (no batch is read)
+    try:
+        assert not isinstance(task.train_batches(0), distributed.Lockstep)
+        Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+        task.data.train.images[0] = tmp_path / "a.png"  # read when its batch comes: it could fail to decode
+        assert isinstance(task.train_batches(0), distributed.Lockstep)
+    finally:
+        distributed._world = distributed.World()

@@ -44,7 +44,7 @@ class Compression:
         """Once the run's length is known (the Trainer), and again on a resume, with the resumed
         schedule's length and warm-up, before load_state_dict: it (re)plans, replacing what an earlier
         call set up, and has no other effect. quality_before: a callable returning the model's quality
-        numbers now (rank 0 evaluates, the training RNG untouched)."""
+        numbers now (evaluated as the loop evaluates: shared by the ranks; the training RNG untouched)."""
 
     def training_loss(self, loss: torch.Tensor, parts: dict, out: dict, images: torch.Tensor,
                       tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -86,6 +86,13 @@ class CaptionedImages(Dataset):
     def set_epoch(self, seed: int, epoch: int) -> None:
         self.seed, self.epoch = seed, epoch
 
+    @property
+    def whole_batches(self) -> bool:
+        """Whether every sample is made (none skipped): the images are held decoded, none is read from
+        a file. Data-parallel, the ranks' batches are then always whole and as many on every rank, so
+        they need no per-batch agreement on their sizes (distributed.Lockstep)."""
+        return all(isinstance(image, Image.Image) for image in self.images)
+
     def __len__(self):
         return len(self.images)
 

@@ -14,9 +14,10 @@ from open_clip import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from fastclip.data.image_folder import scan
-from fastclip.data.pairs import DecodedBatches, ImageFiles
+from fastclip.data.pairs import ImageFiles
 from fastclip.errors import InputError
-from fastclip.eval.zeroshot import classify
+from fastclip.eval import sharded
+from fastclip.eval.zeroshot import classify_shared
 
 log = logging.getLogger(__name__)
 TEMPLATE_SETS = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
@@ -50,7 +51,7 @@ def cached_classifier(model, tokenizer, classnames, templates_name: str, device,
             return torch.load(path, map_location=device), True
     classifier = build_zero_shot_classifier(model, tokenizer, classnames, TEMPLATE_SETS[templates_name],
                                             num_classes_per_batch=10, device=device)
-    if path is not None:
+    if path is not None and sharded.world().main:  # ranks evaluating together: one writer
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(classifier.cpu(), tmp)
@@ -65,11 +66,12 @@ def imagenet_eval(model, tokenizer, root, preprocess, device, templates: str = "
     was_training = model.training
     model.eval()
     classifier, hit = cached_classifier(model, tokenizer, classnames, templates, device, cache_dir)
-    batches = DecodedBatches(ImageFiles(files, preprocess, labels), batch_size, num_workers)
-    correct, n = classify(model, batches, classifier, device)
+    # inside sharded.together(): each rank its share of the images, the counts summed
+    correct, n, skipped = classify_shared(model, ImageFiles(files, preprocess, labels), classifier, device, batch_size,
+                                          num_workers)
     model.train(was_training)
     if n == 0:
         raise InputError(f"eval.imagenet_val={str(root)!r}: no image could be decoded")
     return {"zeroshot/imagenet_top1": correct[1] / n, "zeroshot/imagenet_top5": correct[5] / n,
-            "zeroshot/imagenet_images": float(n), "zeroshot/imagenet_skipped": float(batches.skipped),
+            "zeroshot/imagenet_images": float(n), "zeroshot/imagenet_skipped": float(skipped),
             "zeroshot/imagenet_classifier_cached": float(hit)}

@@ -1,12 +1,14 @@
 """Zero-shot classification: class-name prompts -> text classifier -> top-k on labelled images.
 
 The classifier comes from open_clip's build_zero_shot_classifier; the accuracy loop is ours
-(open_clip's accuracy() breaks on numpy 2.4).
+(open_clip's accuracy() breaks on numpy 2.4). In a data-parallel evaluation (eval/sharded.py) each
+rank classifies its share of the images and the hit counts are summed over ranks.
 """
 import torch
 from open_clip import build_zero_shot_classifier
 
 from fastclip.data.pairs import DecodedBatches
+from fastclip.eval import sharded
 
 
 @torch.no_grad()
@@ -30,13 +32,27 @@ def classify(model, batches, classifier: torch.Tensor, device) -> tuple[dict[int
 
 
 @torch.no_grad()
-def zero_shot_eval(model, tokenizer, images, classnames, templates, device, batch_size=256) -> dict[str, float]:
+def classify_shared(model, images, classifier: torch.Tensor, device, batch_size: int,
+                    num_workers: int = 0) -> tuple[dict[int, int], int, int]:
+    """classify() over this rank's share of `images` ((image, label) items; None: failed to decode),
+    summed over the ranks evaluating together -> (top-k hits, images classified, images skipped)."""
+    batches = DecodedBatches(sharded.shard(images, batch_size), batch_size, num_workers)
+    correct, n = classify(model, batches, classifier, device)
+    counts = sharded.gather((correct, n, batches.skipped))
+    return ({k: sum(c[k] for c, _, _ in counts) for k in correct}, sum(n for _, n, _ in counts),
+            sum(s for _, _, s in counts))
+
+
+@torch.no_grad()
+def zero_shot_eval(model, tokenizer, images, classnames, templates, device, batch_size=256,
+                   num_workers=0) -> dict[str, float]:
     """Returns {'top1': ..., 'top5': ...} over every image of `images` ((image, label) pairs; an image
-    that fails to decode, None, is left out: an image_folder set decodes as it is read)."""
+    that fails to decode, None, is left out: an image_folder set decodes as it is read). Inside
+    sharded.together(), each rank encodes its share; every rank gets the whole set's numbers."""
     was_training = model.training
     model.eval()
     classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates,
                                             num_classes_per_batch=10, device=device)
-    correct, n = classify(model, DecodedBatches(images, batch_size), classifier, device)
+    correct, n, _ = classify_shared(model, images, classifier, device, batch_size, num_workers)
     model.train(was_training)
     return {"top1": correct[1] / n, "top5": correct[5] / n}

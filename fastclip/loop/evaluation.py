@@ -1,11 +1,13 @@
 """The task's evaluations inside a run: periodic (evaluate) and once at the end (final_evaluation),
-timed, with the data counts, logged; rank 0 evaluates, every rank gets the numbers."""
+timed, with the data counts, logged; the ranks share the evaluation (or rank 0 evaluates), every rank
+gets the numbers."""
 import logging
 import math
 import time
 from pathlib import Path
 
 from fastclip import distributed, runtime
+from fastclip.eval import sharded
 from fastclip.loop.accounting import data_metrics
 from fastclip.loop.state import TrainState
 from fastclip.tasks.protocol import Task
@@ -15,11 +17,21 @@ log = logging.getLogger(__name__)
 
 def evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None = None,
              run_task: bool = True) -> dict[str, float]:
-    """The task's evaluation, its time and the data counts, logged. Data-parallel: rank 0 evaluates
-    the whole sets (the numbers are one process's) while the others wait; every rank returns them.
+    """The task's evaluation, its time and the data counts, logged. Data-parallel: every rank encodes
+    its share of the sets (a task that shards its evaluation), else rank 0 the whole sets while the
+    others wait; the numbers are one process's, and every rank returns rank 0's.
     run_task=False (fit(evaluation=False)): the task's evaluation is skipped, the rest is not."""
-    return distributed.on_main(lambda: _evaluate(task, tracker, state, ckpt_path, run_task),
-                               f"the evaluation at step {state.step}")
+    return run_evaluation(task, lambda: _evaluate(task, tracker, state, ckpt_path, run_task),
+                          f"the evaluation at step {state.step}")
+
+
+def run_evaluation(task: Task, fn, what: str):
+    """fn() (an evaluation of `task`) as the task evaluates in a data-parallel run: on every rank,
+    each encoding its share of the sets (task.shards_evaluation: eval/sharded.py), else on rank 0
+    while the others wait. Rank 0's result on every rank; one process: fn()."""
+    if task.shards_evaluation:
+        return sharded.together(fn, what)
+    return distributed.on_main(fn, what)
 
 
 def _evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None, run_task: bool = True) -> dict[str, float]:
@@ -35,8 +47,9 @@ def _evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None, ru
         raise
     metrics["time/eval_s"] = time.perf_counter() - t0
     metrics.update(data_metrics(task, state))
-    log.info("step %d, epoch %s: %s", state.step, state.epoch if not state.batch_in_epoch else f"{state.epoch + 1} (part)",
-             " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v)))
+    if distributed.current().main:  # one line for the run, not one per rank
+        log.info("step %d, epoch %s: %s", state.step,
+                 state.epoch if not state.batch_in_epoch else f"{state.epoch + 1} (part)", " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v)))
     if tracker:
         tracker.log_metrics({**metrics, "epoch": state.epoch}, state.step)
         for path in task.new_artifacts():
@@ -45,9 +58,10 @@ def _evaluate(task: Task, tracker, state: TrainState, ckpt_path: Path | None, ru
 
 
 def final_evaluation(task: Task, tracker, state: TrainState) -> dict[str, float]:
-    """task.final_evaluate() once after training (rank 0, drawing no random number), logged at the last step."""
+    """task.final_evaluate() once after training (run_evaluation: shared by the ranks or on rank 0;
+    drawing no random number), logged at the last step."""
     with runtime.preserved_rng():
-        final = distributed.on_main(task.final_evaluate, "the final evaluation")
+        final = run_evaluation(task, task.final_evaluate, "the final evaluation")
     if tracker and final:
         tracker.log_metrics(final, state.step)
     return final

@@ -10,6 +10,7 @@ import torch
 from fastclip import distributed, runtime
 from fastclip.checkpoint import ResumeError
 from fastclip.schema.steps import steps_of
+from fastclip.loop.evaluation import run_evaluation
 from fastclip.loop.compute import TrainingCompute, probe_gflops
 from fastclip.loop.full_tokens import FullTokenPhase
 from fastclip.loop.state import TrainState
@@ -87,10 +88,11 @@ class Trainer:
     @staticmethod
     def _quality_now(task, what: str = "the evaluation before pruning"):
         """For what measures the model mid-run (a oneshot pruning just before it prunes, the reduced
-        model before a full-token phase): rank 0 evaluates, no random number training draws is used."""
+        model before a full-token phase): as the loop's evaluations (shared by the ranks, or on rank 0),
+        no random number training draws is used."""
         def quality_now() -> dict[str, float]:
             with runtime.preserved_rng():
-                return distributed.on_main(task.quality, what)
+                return run_evaluation(task, task.quality, what)
         return quality_now
 
     def discard_partial_step(self) -> None:

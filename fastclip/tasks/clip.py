@@ -29,6 +29,7 @@ from fastclip.errors import InputError
 from fastclip.eval.boundary_picture import draw
 from fastclip.eval.efficiency import parameter_counts
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
+from fastclip.eval import sharded
 from fastclip.eval.names import CLASS_COUNT_METRIC, val_name
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
@@ -82,6 +83,8 @@ def has_boundary_picture(model) -> bool:
 
 
 class ClipTask(TaskBase):
+    shards_evaluation = True  # data-parallel: each rank encodes its share of every evaluation set
+
     def __init__(self, cfg, device: torch.device, run_dir: str | Path | None = None):
         check_config(cfg)
         self.cfg, self.device = cfg, device
@@ -154,7 +157,7 @@ class ClipTask(TaskBase):
         starts its sampler there, a stream's workers pass over their share without decoding it (or,
         where a worker runs out before them, this process reads past them). Data-parallel: this rank's
         run of each global batch (EpochOrder, ShardStream.set_epoch), in step with the other ranks'
-        (distributed.Lockstep)."""
+        (distributed.Lockstep, where a bad sample can make a batch short)."""
         train, tc, world = self.data.train, self.cfg.trainer, distributed.current()
         workers = loader_workers(self.cfg)
         stream = isinstance(train, IterableDataset)
@@ -180,7 +183,9 @@ class ClipTask(TaskBase):
             loader = Sized(loader, batches)
         if stream and not start and train.left_out(tc.batch_size, workers):
             loader = LeftOut(loader, train.left_out(tc.batch_size, workers))  # counted as the epoch starts
-        return distributed.Lockstep(loader, batch_rows, trim_batch) if world.distributed else loader
+        # a source whose batches are always whole (in-memory images) needs no agreement on batch sizes each step
+        lockstep = world.distributed and not getattr(train, "whole_batches", False)
+        return distributed.Lockstep(loader, batch_rows, trim_batch) if lockstep else loader
 
     def epoch_samples(self) -> int:
         """Samples the training source declares per epoch (rows, files, or the shards' sizes)."""
@@ -266,17 +271,18 @@ class ClipTask(TaskBase):
         if z is not None:
             acc = self._zero_shot(model, tokenizer, split)
             metrics.update({"zeroshot/top1": acc["top1"], "zeroshot/top5": acc["top5"]})
-        if retrieval is not None:
-            metrics.update(retrieval_eval(model, tokenizer, retrieval, self.device,
-                                          cfg.eval.batch_size, loader_workers(cfg, "eval.num_workers")))
-        if split == "val":
-            return {val_name(k): v for k, v in metrics.items()}
-        if cfg.eval.imagenet_val:
-            cache = Path(cfg.eval.classifier_cache_dir) if cfg.eval.classifier_cache_dir else (
-                self.run_dir / "cache" if self.run_dir else None)
-            metrics.update(imagenet_eval(model, tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
-                                         self.device, cfg.eval.imagenet_templates, cfg.eval.batch_size,
-                                         loader_workers(cfg, "eval.num_workers"), cache if own else None))
+        workers = loader_workers(cfg, "eval.num_workers")
+        with self._autocast():
+            if retrieval is not None:
+                metrics.update(retrieval_eval(model, tokenizer, retrieval, self.device, cfg.eval.batch_size, workers))
+            if split == "val":
+                return {val_name(k): v for k, v in metrics.items()}
+            if cfg.eval.imagenet_val:
+                cache = Path(cfg.eval.classifier_cache_dir) if cfg.eval.classifier_cache_dir else (
+                    self.run_dir / "cache" if self.run_dir else None)
+                metrics.update(imagenet_eval(model, tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
+                                             self.device, cfg.eval.imagenet_templates, cfg.eval.batch_size,
+                                             workers, cache if own else None))
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -287,8 +293,10 @@ class ClipTask(TaskBase):
         cfg, metrics = self.cfg, self.quality(split="val")
         images, tokens = self.eval_batch(split="val")
         # structured pruning: counted on the layout the run deploys (heads and channels removed), the dense one's beside
-        metrics.update(self.compression.efficiency(self.model, images, tokens))
-        if self.run_dir is not None and cfg.eval.boundary_picture and has_boundary_picture(self.model):
+        with self._autocast():  # the boundaries as training draws them
+            metrics.update(self.compression.efficiency(self.model, images, tokens))
+        main = distributed.current().main  # ranks evaluating together: one picture
+        if main and self.run_dir is not None and cfg.eval.boundary_picture and has_boundary_picture(self.model):
             folder = self.run_dir / "boundaries"
             folder.mkdir(parents=True, exist_ok=True)
             # numbered after the pictures already there: a resumed run adds to its first part's
@@ -314,21 +322,30 @@ class ClipTask(TaskBase):
         if z is not None:  # the report's chance line: K / classes for a top-K accuracy
             metrics[CLASS_COUNT_METRIC] = float(len(z.classnames))
         images, tokens = self.eval_batch(split="test")
-        metrics.update(self.compression.efficiency(self.model, images, tokens))
+        with self._autocast():
+            metrics.update(self.compression.efficiency(self.model, images, tokens))
         visual = self.model.visual
         if isinstance(visual, PatchDropoutImageTower) and visual.eval_keep and visual.keep < 1:
             with visual.all_patches():  # the same weights at full cost: a second bench row for free
                 metrics["zeroshot/top1_all_patches"] = self._zero_shot()["top1"]
         if self.cfg.eval.placement_control:
-            learned, swapped = placement_control(visual, lambda: self._zero_shot()["top1"])
+            with sharded.alone():  # its derangement is over the whole set: each rank evaluates all of it
+                learned, swapped = placement_control(visual, lambda: self._zero_shot()["top1"])
             metrics.update({"zeroshot/top1_shuffled_placement": swapped,
                             "zeroshot/top1_placement_gain": learned - swapped})
         return metrics
 
     def _zero_shot(self, model=None, tokenizer=None, split: str = "test") -> dict[str, float]:
         z = self.data.split(split)[0]
-        return zero_shot_eval(model if model is not None else self.model, tokenizer or self.tokenizer, z.images,
-                              z.classnames, z.templates, self.device, batch_size=self.cfg.eval.batch_size)
+        with self._autocast():
+            return zero_shot_eval(model if model is not None else self.model, tokenizer or self.tokenizer, z.images,
+                                  z.classnames, z.templates, self.device, self.cfg.eval.batch_size,
+                                  loader_workers(self.cfg, "eval.num_workers"))
+
+    def _autocast(self):
+        """Evaluation under the training precision's autocast (trainer.precision): the features and
+        DTP boundaries the model was trained to make."""
+        return runtime.autocast(self.device, runtime.autocast_dtype(self.cfg.trainer.precision, self.device))
 
     def new_artifacts(self) -> list[Path]:
         out, self._artifacts = self._artifacts, []

@@ -65,6 +65,7 @@ class Task(Protocol):
     eval_duplicates: int | None       # evaluation images merged as copies (data/eval_duplicates); None: not checked
     tags: Mapping[str, str]           # MLflow run tags the task adds (e.g. which retrieval set)
     compression: Compression          # the run's compression option (its hooks; compression=none: no-ops)
+    shards_evaluation: bool           # data-parallel: every rank evaluates its share (eval/sharded.py), not rank 0 alone
 
     def train_batches(self, epoch: int, start: int = 0) -> Batches:
         """Epoch `epoch`'s micro-batches after its first `start` (a resumed epoch); len = the whole epoch."""
@@ -113,6 +114,7 @@ class TaskBase:
     eval_duplicates: int | None = None
     tags: Mapping[str, str] = MappingProxyType({})
     compression: Compression = Compression()  # compression=none holds no state: one instance serves every task
+    shards_evaluation: bool = False
 
     def usable(self, batch: Any) -> bool:
         return True
