@@ -19,7 +19,6 @@ compiles every transformer block as trainer.compile. No data-parallel row yet (o
 import argparse
 import collections
 import contextlib
-import os
 import resource
 import time
 import traceback
@@ -40,6 +39,7 @@ from fastclip.eval.efficiency import count_gflops, unpadded_gflops
 from fastclip.loop import probe_gflops
 from fastclip.optim import adamw_impl
 from fastclip.models.clip import build_clip, clip_objective
+from fastclip.schema.workers import loader_workers
 from fastclip.tasks import build_task
 
 DTP_IMAGE = ["boundary.apply_to=[image]"]  # the config's default pre-layers
@@ -232,7 +232,7 @@ def generated_shards(root: Path, n: int) -> tuple[str, str]:
     return str(out / f"shard-{{000001..{last:06d}}}.tar"), str(out / "shard-000000.tar")
 
 
-def loader_fed(encoder, batch, steps, warmup, device, workers) -> dict:
+def loader_fed(encoder, batch, steps, warmup, device, workers: int | None) -> dict:
     """Vanilla training steps of the CLIP task (task.loss, the loop's path) fed by its real loader
     from 224 px webdataset shards with `workers` loader workers, against the same task's step on one
     batch kept on the device: {feed: seconds per step}, each over `steps` steps between two syncs."""
@@ -241,7 +241,9 @@ def loader_fed(encoder, batch, steps, warmup, device, workers) -> dict:
                                 f"dataset.train_shards='{pattern}'", "dataset.resampled=true",
                                 "dataset.num_samples=100000000", f"dataset.eval_shards='{test}'",
                                 "dataset.eval_max_images=16", f"trainer.batch_size={batch}",
-                                f"trainer.num_workers={workers}", "trainer.progress=false"])
+                                f"trainer.num_workers={'auto' if workers is None else workers}",
+                                "trainer.progress=false"])
+    workers = loader_workers(cfg)  # auto: the rule a training run uses
     task = build_task(cfg, device)
     task.model.train()
     opt = torch.optim.AdamW(task.model.parameters(), lr=1e-4, **adamw_impl(cfg.trainer.optimizer_impl))
@@ -285,8 +287,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke check only)")
     ap.add_argument("--encoder", default="vit_b16", help="conf/encoder option (vit_tiny: a CPU smoke check)")
-    ap.add_argument("--workers", type=int, default=max(0, min(16, len(os.sched_getaffinity(0)) - 1)),
-                    help="loader workers of the loader-fed row (default: the CPUs this process may use, less one)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="loader workers of the loader-fed row (default: trainer.num_workers=auto's count)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every transformer block (trainer.compile)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = ap.parse_args(argv)
