@@ -23,7 +23,8 @@ SHARED = re.compile(r"^\s*-\s*/(_shared/[\w/]+)@_here_")
 
 
 def key_comments(path: Path) -> dict[str, str]:
-    """key -> its comment in a YAML file: the one after its value, else the comment lines just above it;
+    """key -> its comment in a YAML file: the one after its value, else the comment lines just above it
+    (not the file's leading comment, which describes the file);
     the files its defaults list pulls in from conf/_shared/ first (the option's own comment wins)."""
     lines = path.read_text().splitlines()
     out: dict[str, str] = {}
@@ -32,10 +33,13 @@ def key_comments(path: Path) -> dict[str, str]:
         if shared:
             out.update(key_comments(CONF_DIR / f"{shared.group(1)}.yaml"))
     above: list[str] = []
+    in_header = True  # the file's leading comment describes the file, not its first key
     for line in lines:
         if line.startswith("#"):
-            above.append(line.lstrip("# ").strip())
+            if not in_header:
+                above.append(line.lstrip("# ").strip())
             continue
+        in_header = False
         match = KEY_LINE.match(line)
         if match and match.group(1) not in ("defaults", "name", "hydra"):
             said = match.group(3) or " ".join(a for a in above if "@package" not in a)
