@@ -34,8 +34,9 @@ SWEEP ?= boundary_ablation
 sweep: $(STAMP)
 	bash sweeps/$(SWEEP).sh $(ARGS)
 
+# RUN=<run id>: that run's page (a run's last log line gives the command)
 ui: $(STAMP)
-	$(PY) -m fastclip.ui $(ARGS)
+	$(PY) -m fastclip.ui $(if $(RUN),--run $(RUN)) $(ARGS)
 
 # the latest sweep by default; ARGS="--sweep <parent run id>" or leave a sweep out with a plain python -m
 report: $(STAMP)

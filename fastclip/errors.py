@@ -2,6 +2,7 @@
 a message that names the key, file or value and what to do: the entrypoints print that one line and
 no stack trace (FASTCLIP_TRACEBACK=1 shows it). Anything else is a fault of fastclip's and keeps its
 traceback. Standard library only: every layer may import it."""
+import contextlib
 import os
 
 
@@ -17,3 +18,15 @@ class InputNotFound(InputError, FileNotFoundError):
 def show_traceback() -> bool:
     """FASTCLIP_TRACEBACK=1: an input error is raised with its stack trace, not printed as one line."""
     return os.environ.get("FASTCLIP_TRACEBACK", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A command-line entrypoint's body: an InputError leaves as `error: <message>` on stderr with exit
+    status 1 and no stack trace (unless FASTCLIP_TRACEBACK=1); every other exception keeps its traceback."""
+    try:
+        yield
+    except InputError as exc:
+        if show_traceback():
+            raise
+        raise SystemExit(f"error: {exc}") from None

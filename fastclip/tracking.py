@@ -174,13 +174,11 @@ def require_run(uri: str, run_id: str | None, checkpoint_path) -> None:
 
 
 def ui_hint(uri: str, tracker) -> str:
-    """How to look at the run in the MLflow UI."""
+    """How to look at the run in the MLflow UI: a command that prints this run's page."""
     from fastclip import PROJECT_ROOT
-    page = (f"#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}?workflowType=machine_learning "
-            f"after the URL it prints")
     if uri == default_store_uri(PROJECT_ROOT):
-        return f"view it with `make ui`: {page}"
-    return f"view it with `python -m fastclip.ui --uri {redacted(uri)}`: {page}"
+        return f"view it with `make ui RUN={tracker.run_id}`"
+    return f"view it with `python -m fastclip.ui --run {tracker.run_id} --uri {redacted(uri)}`"
 
 
 def flatten(cfg) -> dict[str, str]:
@@ -301,11 +299,19 @@ class MlflowStoreCallback(Callback):
                                          "fastclip.sweep_overrides": overrides})
         (sweep_dir / PARENT_RUN_FILE).write_text(parent.info.run_id)
         os.environ[PARENT_RUN_ENV] = f"{sweep_dir.resolve()}::{parent.info.run_id}"
-        log.info("MLflow store %s, sweep parent run %s", uri, parent.info.run_id)
+        total = sweep_jobs.planned_jobs(config)
+        sweep_jobs.write_plan(sweep_dir, total)
+        log.info("MLflow store %s, sweep parent run %s; %s jobs", uri, parent.info.run_id,
+                 total if total is not None else "an unknown number of")
         # Hydra's sweepers raise a failed job's error after its batch and then skip on_multirun_end:
         # the parent still gets its status when the process exits
         self._ended = False
         atexit.register(self._end_sweep, config)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        where = sweep_jobs.position(config.hydra)
+        if where:
+            log.info("sweep: %s starts: %s", where, " ".join(config.hydra.overrides.task) or "no overrides")
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         sweep_jobs.record(config, job_return)

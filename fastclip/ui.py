@@ -1,13 +1,14 @@
 """make ui: the MLflow UI over fastclip's store, on this machine only.
 
-    python -m fastclip.ui [--experiment NAME] [--port 5000] [--uri sqlite:///.../outputs/mlflow.db]
+    python -m fastclip.ui [--experiment NAME | --run RUN_ID] [--port 5000] [--uri sqlite:///.../outputs/mlflow.db]
 
 Listens on 127.0.0.1 (never on the network: the UI can delete runs), on --port or, where that is
 taken, on a free port; prints where to look, then runs `mlflow ui` in this process (Ctrl-C stops it).
 Without --experiment, where the store has a sweep (a `-m` run), the first URL is MLflow's comparison
 of the newest sweep's finished runs (their params and metrics side by side, with parallel-coordinates
 and scatter plots), the second that sweep's experiment's runs table; else the `fastclip` experiment's
-runs table. The UI itself is MLflow's; fastclip only picks the store, port and pages.
+runs table. With --run (what a finished run's last log line gives), the first URL is that run's page.
+The UI itself is MLflow's; fastclip only picks the store, port and pages.
 """
 import argparse
 import os
@@ -65,6 +66,24 @@ def compare_page(uri: str, port: int) -> tuple[str, str, int] | None:
     return f"http://{HOST}:{port}/#/compare-runs?{query}", experiment, len(ids)
 
 
+def run_page(uri: str, run_id: str, port: int) -> tuple[str, str]:
+    """(URL of one run's page, its experiment's name). Raises TrackingStoreError naming the run id
+    where the store has no such run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from fastclip.tracking import TrackingStoreError, mark_model_training, redacted
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingStoreError(f"--run {run_id}: no such run in {redacted(uri)} (a run's id is in its "
+                                 f"last log line and its run dir's run_id file; --uri names another store)") from None
+    experiment = client.get_experiment(run.info.experiment_id)
+    mark_model_training(client, experiment)
+    return (f"http://{HOST}:{port}/#/experiments/{experiment.experiment_id}/runs/{run_id}"
+            f"?workflowType=machine_learning", experiment.name)
+
+
 def mlflow_experiment_id(uri: str, experiment: str) -> str:
     import mlflow
     return mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment).experiment_id
@@ -76,6 +95,8 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default=None,
                     help="whose runs table the printed URL opens; default: the newest sweep's comparison, else fastclip")
+    ap.add_argument("--run", default=None, metavar="RUN_ID",
+                    help="open this run's page (a finished run's last log line names its id)")
     ap.add_argument("--port", type=int, default=5000, help="tried first; a free one where it is taken")
     ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db (as training)")
     args = ap.parse_args(argv)
@@ -83,13 +104,24 @@ def main(argv=None) -> None:
     try:
         require_store(uri, "train something first (make train), or --uri names another")
     except TrackingStoreError as exc:
-        raise SystemExit(str(exc)) from None
+        raise SystemExit(f"error: {exc}") from None
+    if args.run and args.experiment:
+        raise SystemExit("error: --run and --experiment: give one (a run's page, or an experiment's runs)")
     port = free_port(args.port)
     if port != args.port:
         print(f"port {args.port} is taken: using {port}")
-    sweep = compare_page(uri, port) if args.experiment is None else None
+    one_run = None
+    if args.run:
+        try:
+            one_run = run_page(uri, args.run, port)
+        except TrackingStoreError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    sweep = compare_page(uri, port) if args.experiment is None and one_run is None else None
     print(f"MLflow UI for {redacted(uri)}")
-    if sweep:
+    if one_run:
+        url, experiment = one_run
+        print(f"run {args.run}: {url}")
+    elif sweep:
         url, experiment, n = sweep
         print(f"the newest sweep's {n} finished runs, compared: {url}")
     else:

@@ -188,10 +188,11 @@ def test_a_language_model_checkpoint_is_refused_naming_its_task(tmp_path):
 
 def test_infer_says_what_the_model_was_trained_on_and_when_an_input_is_far_from_it(trained, images, tmp_path,
                                                                                     capsys):
-    """The digits model saw 8x8 bright-on-dark digits: a 64x64 dark-on-white drawing gets both notes,
-    a dark-ground image of the digits' size none; the numbers themselves are unchanged."""
-    drawing = Image.new("RGB", (64, 64), (255, 255, 255))
-    drawing.paste((0, 0, 0), (20, 10, 44, 54))
+    """The digits model saw 8x8 bright-on-dark digits: a 96x96 dark-on-white drawing gets both notes,
+    each saying what would be near, a dark-ground image of the digits' size none; a 64x64 drawing is
+    only resized (8x the native side: no size note)."""
+    drawing = Image.new("RGB", (96, 96), (255, 255, 255))
+    drawing.paste((0, 0, 0), (30, 15, 66, 81))
     drawing.save(tmp_path / "three.png")
     main(["--checkpoint", str(trained["vanilla"][0]), "--image", str(images[1]), "--image", str(tmp_path / "three.png"),
           "--text", TEXTS[0], "--text", TEXTS[1]])
@@ -202,7 +203,7 @@ def test_infer_says_what_the_model_was_trained_on_and_when_an_input_is_far_from_
     assert not any("far from the training images" in line for line in out[dark:light])
     notes = [line for line in out[light:] if "far from the training images" in line]
     assert len(notes) == 2 and "light background (border brightness 1.00 of 1)" in notes[0]
-    assert "64x64 px: the training images were 8x8" in notes[1]
+    assert "96x96 px: the training images were 8x8" in notes[1] and notes[1].endswith("at most 64 px a side")
 
 
 def test_far_from_training_compares_only_what_the_source_states():
@@ -211,4 +212,6 @@ def test_far_from_training_compares_only_what_the_source_states():
     assert far_from_training(white, profile_of("image_folder"), 224) == []  # photos: any ground, any size
     tiny = Image.new("RGB", (20, 20), (0, 0, 0))
     assert far_from_training(tiny, profile_of("csv"), 224) == ["20x20 px is upscaled more than 4x to the model's "
-                                                                "224 px input"]
+                                                                "224 px input; near: at least 56 px a side"]
+    dark_64 = Image.new("RGB", (64, 64), (0, 0, 0))
+    assert far_from_training(dark_64, profile_of("digits"), 32) == []  # 8x the native 8 px: resized, not far

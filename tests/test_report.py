@@ -326,3 +326,27 @@ def test_a_run_resumed_before_resumes_recorded_their_values_is_read_from_its_cha
     assert old.params == {**first, "trainer.max_steps": "4", "trainer.lr": "0.001", "trainer.num_workers": "2"}
     assert [g.label for g in group_by_seed([old, straight])] == [
         "(resumed at step 2: trainer.lr 0.0005 -> 0.001, trainer.max_steps 2 -> 4)", "not resumed"]
+
+
+class _Point:
+    """What pareto_plot reads of a group: its label and (mean, std, n) of a metric."""
+    def __init__(self, label, cost, top1):
+        self.label, self.values = label, {"cost": cost, "top1": top1}
+
+    def stat(self, name):
+        return (self.values[name], 0.0, 1)
+
+
+@pytest.mark.parametrize("points, entry", [
+    ([("a", 1.0, 0.5), ("b", 2.0, 0.4)], "Pareto-optimal (the only point on the frontier)"),
+    ([("a", 1.0, 0.4), ("b", 2.0, 0.5)], "Pareto frontier"),
+])
+def test_the_pareto_legend_shows_a_line_only_where_the_frontier_has_one(tmp_path, monkeypatch, points, entry):
+    """One optimal point draws no staircase, so the legend names a point there, not a frontier line."""
+    from fastclip.report import plots
+    shown = []
+    monkeypatch.setattr(plots.plt, "close", shown.append)  # keep the figure to read its legend
+    plots.pareto_plot([_Point(*p) for p in points], "top1", "cost", tmp_path / "p.png", "t", chance=0.1)
+    [fig] = shown
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [entry, "chance (0.1)"]

@@ -97,3 +97,20 @@ def test_without_an_experiment_the_ui_opens_the_newest_sweeps_comparison(tmp_pat
     fields = dict(urllib.parse.parse_qsl(query))
     assert route == "/compare-runs" and json.loads(fields["experiments"]) == [exp]
     assert sorted(json.loads(fields["runs"])) == sorted(jobs[:2])
+
+
+def test_run_opens_that_runs_page_and_an_unknown_id_is_one_line(tmp_path, cli_env):
+    """A finished run's last line says `make ui RUN=<id>`: --run prints that run's page in its own
+    experiment; an id the store lacks is refused naming it, before MLflow starts."""
+    from fastclip.ui import run_page
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_store(uri, "fastclip")
+    exp = ensure_store(uri, "elsewhere")
+    run_id = mlflow.MlflowClient(tracking_uri=uri).create_run(exp).info.run_id
+    url, experiment = run_page(uri, run_id, 5000)
+    assert experiment == "elsewhere"
+    assert url == f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+    done = subprocess.run([PYTHON, "-m", "fastclip.ui", "--uri", uri, "--run", "0123abc"], env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.stderr.startswith("error: --run 0123abc: no such run"), done.stderr
+    assert "Traceback" not in done.stderr

@@ -34,6 +34,7 @@ from fastclip.data.coco import load_coco
 from fastclip.data.csv_pairs import load_pairs
 from fastclip.data.image_folder import scan
 from fastclip.data.pairs import clean_caption, open_rgb, split_images
+from fastclip.errors import InputError, one_line_errors
 
 log = logging.getLogger("fastclip.make_shards")
 
@@ -180,16 +181,22 @@ def main(argv=None):
         written["dataset.val_shards"] = (out / "val", summary["val"])
     for folder, part in written.values():
         report(part, folder)
+    if summary["written"] == 0:
+        raise InputError(f"--path {args.path}: no sample could be converted (skipped: {skipped_text(summary)})")
     summary["overrides"] = [pasteable_override(key, shard_pattern(folder, args.prefix, part["shards"]))
                             for key, (folder, part) in written.items() if part["shards"]]
     print("overrides: " + " ".join(summary["overrides"]))
     return summary
 
 
+def skipped_text(summary: dict) -> str:
+    return ", ".join(f"{n} {why}" for why, n in sorted(summary["skipped"].items())) or "none"
+
+
 def report(summary: dict, out: Path) -> None:
-    skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary["skipped"].items())) or "none"
-    print(f"wrote {summary['written']} samples in {summary['shards']} shards to {out}; skipped: {skipped}")
+    print(f"wrote {summary['written']} samples in {summary['shards']} shards to {out}; skipped: {skipped_text(summary)}")
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -31,12 +31,18 @@ def profile_of(dataset: str) -> InputProfile:
     return PROFILES.get(dataset, InputProfile(f"dataset={dataset}"))
 
 
+UPSCALE_FAR = 4  # an input side upscaled more than this many times is mostly invented detail
+NATIVE_FAR = 8  # an input side more than this many times the training images' native side is far finer
+
+
 def far_from_training(image, profile: InputProfile, model_side: int) -> list[str]:
-    """What sets a PIL image apart from the training images, each as a short note ([] when nothing
-    the profile states does): a dark-ground model given a light-ground image (the border's mean
-    brightness above one half, on 0..1); an image far smaller than the model's input (upscaled more
-    than 4x: its detail is invented by the resize); an image far larger than the source's native side
-    (more than 4x: the model saw coarser images)."""
+    """What sets a PIL image apart from the training images, each as a short note that says what
+    would be near ([] when nothing the profile states does): a dark-ground model given a light-ground
+    image (the border's mean brightness above one half, on 0..1); an image far smaller than the
+    model's input (upscaled more than UPSCALE_FAR times: its detail is invented by the resize); an
+    image far larger than the source's native side (more than NATIVE_FAR times: the model learned
+    from much coarser images). A moderately larger image (a 64 px drawing for 8 px digits) is only
+    resized, and gets no note."""
     gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     notes = []
     if profile.ground == "dark":
@@ -44,10 +50,12 @@ def far_from_training(image, profile: InputProfile, model_side: int) -> list[str
         if border.mean() > 0.5:
             notes.append(f"a light background (border brightness {border.mean():.2f} of 1): this model saw only "
                          f"bright ink on dark; invert the image (PIL.ImageOps.invert) or expect a guess")
-    side = min(image.size)
-    if side * 4 < model_side:
-        notes.append(f"{image.size[0]}x{image.size[1]} px is upscaled more than 4x to the model's {model_side} px input")
-    if profile.native_side and side > 4 * profile.native_side:
-        notes.append(f"{image.size[0]}x{image.size[1]} px: the training images were {profile.native_side}x"
-                     f"{profile.native_side} (read at {model_side} px), so fine detail is beyond what it learned")
+    side, size = min(image.size), f"{image.size[0]}x{image.size[1]} px"
+    if side * UPSCALE_FAR < model_side:
+        notes.append(f"{size} is upscaled more than {UPSCALE_FAR}x to the model's {model_side} px input; near: "
+                     f"at least {-(-model_side // UPSCALE_FAR)} px a side")
+    if profile.native_side and side > NATIVE_FAR * profile.native_side:
+        notes.append(f"{size}: the training images were {profile.native_side}x{profile.native_side} (read at "
+                     f"{model_side} px), so its detail is far finer than what the model learned; near: the subject "
+                     f"filling a square image of at most {NATIVE_FAR * profile.native_side} px a side")
     return notes

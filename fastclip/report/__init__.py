@@ -142,7 +142,7 @@ def main(argv=None) -> Report:
         report = build_report(uri, experiment, Path(args.out) if args.out else None, args.sweep, args.metric,
                               args.cost, args.pool_versions, args.x)
     except (ReportError, TrackingStoreError) as exc:
-        raise SystemExit(f"fastclip.report: {exc}") from None
+        raise SystemExit(f"error: {exc}") from None
     print(report.text)
     print(f"wrote {', '.join(str(report.out / f) for f in FILES)}"
           + (f"; logged to the sweep's parent run {report.selection.sweep_id}" if report.selection.sweep_id else ""))

@@ -49,7 +49,11 @@ def pareto_plot(groups: list[Group], metric: str, cost: str, path: Path, title: 
         ax.annotate(f"{g.label} (n={m[2]})", (c[0], m[0]), textcoords="offset points", xytext=(6, 6), fontsize=8)
     if front:
         xs, ys = zip(*[(placed[i][1][0], placed[i][2][0]) for i in front])
-        ax.step(xs, ys, where="post", color="C3", lw=1, alpha=0.7, label="Pareto frontier")
+        ax.step(xs, ys, where="post", color="C3", lw=1, alpha=0.7)
+        # the legend's entry looks like what is drawn: a lone optimum is a red point, not a line
+        joined = len(front) > 1
+        ax.plot([], [], marker="o", color="C3", ls="-" if joined else "none", lw=1,
+                label="Pareto frontier" if joined else "Pareto-optimal (the only point on the frontier)")
     if chance is not None:
         ax.axhline(chance, color="0.4", ls="--", lw=1, label=f"chance ({chance:.3g})")
     if ax.get_legend_handles_labels()[0]:
