@@ -1,11 +1,13 @@
-"""How each job of a multirun ended, and the sweep's outcome from them.
+"""How each job of a multirun ended, the sweep's outcome from them, and its progress as it runs.
 
 Each job writes its outcome into its own job dir when it ends (Hydra's `on_job_end`, which runs
 where the launcher runs the job: in the launching process, a Submitit worker or a SLURM node), so
 the launching process can count them at the end whatever the launcher, and even when Hydra's
-sweeper stopped early by raising the first failure.
+sweeper stopped early by raising the first failure. The sweep's planned job count is written into
+the sweep dir at its start (PLAN_FILE), so a job on any node can say "job 3 of 6, 2 done".
 """
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from omegaconf import DictConfig
 from fastclip.eval.names import HEADLINE_METRICS, OBJECTIVE_METRICS
 
 OUTCOME_FILE = ".fastclip_job.json"
+PLAN_FILE = ".fastclip_sweep.json"
+log = logging.getLogger("fastclip")
 
 
 class JobFailed(Exception):
@@ -43,6 +47,9 @@ def record(config: DictConfig, job_return) -> None:
     out = Path(config.hydra.runtime.output_dir) / OUTCOME_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asdict(outcome)))
+    total, ended, failed = progress(config.hydra.sweep.dir)
+    log.info("sweep: job %d %s; %d of %s jobs ended%s", outcome.num, status.lower(), ended, total or "?",
+             f" ({failed} failed)" if failed else "")
 
 
 def collect(sweep_dir: str | Path) -> list[JobOutcome]:
@@ -54,6 +61,59 @@ def collect(sweep_dir: str | Path) -> list[JobOutcome]:
         except (OSError, ValueError, TypeError):
             continue
     return sorted(found, key=lambda o: o.num)
+
+
+def planned_jobs(config: DictConfig) -> int | None:
+    """How many jobs the sweep will run: the product of the command line's (and hydra.sweeper.params')
+    discrete sweeps for Hydra's basic sweeper, hydra.sweeper.n_trials for Optuna; None where it cannot
+    be known up front (an interval sweep under another sweeper)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    sweeper = config.hydra.sweeper
+    if "n_trials" in sweeper:
+        return int(sweeper.n_trials)
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = sweeper.get("params") or {}
+    given = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    total = 1
+    for override in OverridesParser.create().parse_overrides(given):
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                return None
+            total *= len(list(override.sweep_string_iterator()))
+    return total
+
+
+def write_plan(sweep_dir: str | Path, total: int | None) -> None:
+    Path(sweep_dir, PLAN_FILE).write_text(json.dumps({"jobs": total}))
+
+
+def progress(sweep_dir: str | Path) -> tuple[int | None, int, int]:
+    """(planned jobs or None, jobs ended, of them failed), read from the sweep dir."""
+    try:
+        total = json.loads(Path(sweep_dir, PLAN_FILE).read_text())["jobs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        total = None
+    ended = collect(sweep_dir)
+    return total, len(ended), sum(o.status != "COMPLETED" for o in ended)
+
+
+def position(hydra: DictConfig | None = None) -> str:
+    """A running job's place in its sweep, "job 2 (3 of 6; 2 done)", read from the sweep dir: the job's
+    number is Hydra's (its job dir's name, from 0), then its place counting from 1 ("job 2 (2 done)"
+    where the total is unknown; "" outside a multirun). hydra: the `hydra` node of a job's config
+    (default: HydraConfig's, where a Hydra job is running)."""
+    if hydra is None:
+        from hydra.core.hydra_config import HydraConfig
+        if not HydraConfig.initialized():
+            return ""
+        hydra = HydraConfig.get()
+    if str(hydra.mode) != "RunMode.MULTIRUN":
+        return ""
+    total, ended, failed = progress(hydra.sweep.dir)
+    num = int(hydra.job.num)
+    done = f"{ended} done" + (f", {failed} failed" if failed else "")
+    return f"job {num} ({num + 1} of {total}; {done})" if total else f"job {num} ({done})"
 
 
 def summary(outcomes: list[JobOutcome]) -> str:

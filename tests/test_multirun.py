@@ -58,7 +58,13 @@ def test_a_failing_job_is_counted_and_the_rest_of_the_grid_still_runs(tmp_path, 
            *TINY_CLIP, "eval.boundary_picture=false", f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     done = subprocess.run(cmd, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0  # the multirun's exit code says a job failed
-    assert "sweep: 2 jobs ended, 1 completed, 1 failed" in done.stderr + done.stdout, done.stderr[-3000:]
+    said = done.stderr + done.stdout
+    assert "sweep: 2 jobs ended, 1 completed, 1 failed" in said, done.stderr[-3000:]
+    # progress as it runs: each job's place when it starts, the count when it ends
+    assert "sweep: job 0 (1 of 2; 0 done) starts: trainer.lr=1000000000000.0" in said
+    assert "sweep: job 0 failed; 1 of 2 jobs ended (1 failed)" in said
+    assert "sweep: job 1 (2 of 2; 1 done, 1 failed) starts: trainer.lr=0.0005" in said
+    assert "sweep: job 1 completed; 2 of 2 jobs ended (1 failed)" in said
     parent, children = parent_and_children(store, "fastclip")
     assert children["1000000000000.0"].info.status == "FAILED"
     assert children["0.0005"].info.status == "FINISHED" and "zeroshot/top1" in children["0.0005"].data.metrics
@@ -77,6 +83,7 @@ def test_an_optuna_study_records_a_failed_trial_and_goes_on(tmp_path, cli_env):
            "eval.boundary_picture=false", f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     done = subprocess.run(cmd, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "1 failed" in done.stderr + done.stdout, done.stderr[-3000:]
+    assert "sweep: job 1 (2 of 2; 1 done, 1 failed) starts" in done.stderr + done.stdout  # n_trials is the plan
     import yaml
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     parent, children = parent_and_children(store, "fastclip")
