@@ -27,7 +27,6 @@ def test_step_time_is_the_throughput_between_two_synchronizations(monkeypatch):
 def test_training_gflops_count_both_towers_forward_and_backward():
     """The counted step (fastclip.loop.probe_gflops) is the whole step's: more than the image tower's
     eval forward on the same batch, and the text tower's share included."""
-    from fastclip.config import compose_train_config
     from fastclip.eval.efficiency import count_gflops
     from fastclip.loop import probe_gflops
     model, tokenizer, _ = gpu.build(["encoder=vit_tiny", "boundary=none"], torch.device("cpu"))

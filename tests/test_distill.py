@@ -121,7 +121,6 @@ def test_a_distill_run_logs_its_terms_and_the_teachers_numbers_and_loads_for_inf
     import mlflow
     from fastclip.inference import load
     from fastclip.train import run
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = f"runs:/{teacher['run_id']}"
     cfg = compose_cfg([*TINY_CLIP, *STEPS, "encoder.embed_dim=16", "compression=distill", f"compression.teacher={spec}",
                        "trainer.max_steps=3", "tracking.log_every=1", f"tracking.uri={teacher['store']}"])

@@ -5,7 +5,7 @@ import shutil
 
 import PIL.Image
 
-from conftest import build, compose_cfg, same, tokens
+from conftest import build, compose_cfg, tokens
 from datagen import make_class_folder
 from fastclip.data.image_folder import build_image_folder
 from fastclip.data.overlap import EvalOverlap

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CLIP, build, compose_cfg, record_calls, same, tokens
+from conftest import TINY_CLIP, build, compose_cfg, record_calls
 from datagen import COLOURS, colour_image, jpeg_bytes, make_class_folder, make_coco, make_csv, make_karpathy, write_shard
 from fastclip.checks import ConfigError, check_config
 from fastclip.data import make_shards, text8
