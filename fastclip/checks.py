@@ -56,18 +56,22 @@ def _check_compression(cfg: DictConfig) -> None:
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """A key given more than once on the command line (Hydra keeps the last, silently): most often
-    bash expanding an unquoted brace pattern into one argument per file, so that a run would train
-    on the last shard alone."""
+    """A key given more than once on the command line (Hydra keeps the last, silently). Where every
+    value is a path, most often bash expanded an unquoted brace pattern into one argument per file, so
+    that a run would train on the last shard alone, and the message says how to quote it; else it
+    names the values and asks for one."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     seen: dict[str, list[str]] = {}
     for o in OverridesParser.create().parse_overrides(list(overrides)):
         seen.setdefault(o.key_or_group, []).append(o.input_line)
     for key, given in seen.items():
         if len(given) > 1:
-            raise ConfigError(f"{key} is given {len(given)} times on the command line ({', '.join(given[:3])}"
-                              f"{', ...' if len(given) > 3 else ''}): bash expands an unquoted brace pattern into one "
-                              f"argument per file; quote it for bash and Hydra: \"{key}='/path/{{000..009}}.tar'\"")
+            listed = f"{key} is given {len(given)} times on the command line ({', '.join(given[:3])}" \
+                     f"{', ...' if len(given) > 3 else ''})"
+            if all("/" in line.split("=", 1)[-1] for line in given):
+                raise ConfigError(f"{listed}: bash expands an unquoted brace pattern into one argument per file; "
+                                  f"quote it for bash and Hydra: \"{key}='/path/{{000..009}}.tar'\"")
+            raise ConfigError(f"{listed}: give it once (Hydra would silently keep the last, {given[-1]})")
 
 
 def check_override_syntax(args: list[str]) -> None:

@@ -153,4 +153,4 @@ def next_steps(experiment: str, parent_run_id: str | None) -> str:
     sweep = f" --sweep {parent_run_id}" if parent_run_id else ""
     return (f"the sweep's runs are in MLflow experiment {experiment!r}" + (f" under parent run {parent_run_id}" if parent_run_id else "")
             + f"; compare them:\n  make report ARGS=\"--experiment {experiment}{sweep}\"   (table, Pareto plot, curves; plain "
-              f"`make report` takes the newest sweep)\n  make ui   (MLflow's comparison of the newest sweep's runs)")
+              f"`make report` takes the newest sweep)\n  make ui   (the newest sweep's runs in MLflow, its options and headline metrics as columns)")

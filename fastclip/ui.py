@@ -4,10 +4,11 @@
 
 Listens on 127.0.0.1 (never on the network: the UI can delete runs), on --port or, where that is
 taken, on a free port; prints where to look, then runs `mlflow ui` in this process (Ctrl-C stops it).
-Without --experiment, where the store has a sweep (a `-m` run), the first URL is MLflow's comparison
-of the newest sweep's finished runs (their params and metrics side by side, with parallel-coordinates
-and scatter plots), the second that sweep's experiment's runs table; else the `fastclip` experiment's
-runs table. With --run (what a finished run's last log line gives), the first URL is that run's page.
+Without --experiment, where the store has a sweep (a `-m` run), the first URL is a saved view of the
+newest sweep's runs table: its jobs only, the options it varied and its headline metrics as columns
+(objective, test headline, counted training GFLOPs, image/text GFLOPs, training time), best objective
+first; the second MLflow's comparison of its finished runs (parallel-coordinates and scatter plots);
+the third that experiment's whole runs table. Else the `fastclip` experiment's runs table. With --run (what a finished run's last log line gives), the first URL is that run's page.
 The UI itself is MLflow's; fastclip only picks the store, port and pages.
 """
 import argparse
@@ -46,24 +47,70 @@ def runs_page(uri: str, experiment: str, port: int) -> str:
     return f"http://{HOST}:{port}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning"
 
 
-def compare_page(uri: str, port: int) -> tuple[str, str, int] | None:
-    """MLflow's compare view of the newest sweep's FINISHED runs -> (URL, experiment, runs), or None
-    where the store has no sweep. The route is MLflow's own (`#/compare-runs?runs=[ids]&experiments=[id]`)."""
-    import json
-    import urllib.parse
+def newest_sweep(uri: str):
+    """(experiment, report.runs.Selection of its finished runs) of the newest sweep in the store, or
+    None where it has no sweep with a finished run."""
     from fastclip.report.runs import ReportError, latest_sweep_experiment, select_runs
     try:
         experiment = latest_sweep_experiment(uri)
         chosen = select_runs(uri, experiment, "latest")
     except ReportError:
         return None
-    ids = [r.run_id for r in chosen.runs]
-    if not ids:
+    return (experiment, chosen) if chosen.runs else None
+
+
+def compare_page(uri: str, port: int, found=None) -> tuple[str, str, int] | None:
+    """MLflow's compare view of the newest sweep's FINISHED runs -> (URL, experiment, runs), or None
+    where the store has no sweep. The route is MLflow's own (`#/compare-runs?runs=[ids]&experiments=[id]`).
+    found: newest_sweep(uri), where already read."""
+    import json
+    import urllib.parse
+    found = found or newest_sweep(uri)
+    if found is None:
         return None
+    experiment, chosen = found
+    ids = [r.run_id for r in chosen.runs]
     exp_id = mlflow_experiment_id(uri, experiment)
     query = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([exp_id])},
                                    quote_via=urllib.parse.quote)
     return f"http://{HOST}:{port}/#/compare-runs?{query}", experiment, len(ids)
+
+
+VIEW_TAG = "mlflow.sharedViewState."  # MLflow's saved ("shared") runs-table views: an experiment tag each
+VIEW_METRICS = ("efficiency/train_gflops", "efficiency/image_gflops", "efficiency/text_gflops", "time/train_s")
+
+
+def sweep_view(uri: str, port: int, found=None) -> tuple[str, str, int] | None:
+    """A saved view of the newest sweep's runs table -> (URL, experiment, runs), or None where the
+    store has no sweep with a finished run. The view (MLflow's shared view state, stored as the
+    experiment tag mlflow.sharedViewState.<key>, opened by ?viewStateShareKey=<key>) filters the table to
+    the sweep's jobs, shows the options the sweep varied (report.table.varied_keys, and seed) and its
+    headline metrics as columns, and sorts by the objective (best first). found: newest_sweep(uri),
+    where already read."""
+    import json
+    import mlflow
+    from fastclip.eval.names import HEADLINE_METRICS, OBJECTIVE_METRICS
+    from fastclip.report.plots import lower_is_better
+    from fastclip.report.table import varied_keys
+    found = found or newest_sweep(uri)
+    if found is None:
+        return None
+    experiment, chosen = found
+    runs = chosen.runs
+    logged = {k for r in runs for k in r.metrics}
+    objective = next((m for m in OBJECTIVE_METRICS if m in logged), None)
+    headline = next((m for m in HEADLINE_METRICS if m in logged), None)
+    metrics = [m for m in (objective, headline, *VIEW_METRICS) if m and m in logged]
+    params = varied_keys(runs) + (["seed"] if len({r.params.get("seed") for r in runs}) > 1 else [])
+    state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{chosen.sweep_id}'",
+             "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{m}`" for m in metrics]}
+    if objective:
+        state.update(orderByKey=f"metrics.`{objective}`", orderByAsc=lower_is_better(objective))
+    exp_id = mlflow_experiment_id(uri, experiment)
+    key = f"fastclip-sweep-{chosen.sweep_id}"
+    mlflow.MlflowClient(tracking_uri=uri).set_experiment_tag(exp_id, VIEW_TAG + key, json.dumps(state))
+    return (f"http://{HOST}:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={key}",
+            experiment, len(runs))
 
 
 def run_page(uri: str, run_id: str, port: int) -> tuple[str, str]:
@@ -94,7 +141,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fastclip.ui", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default=None,
-                    help="whose runs table the printed URL opens; default: the newest sweep's comparison, else fastclip")
+                    help="whose runs table the printed URL opens; default: the newest sweep's saved view and comparison, "
+                         "else fastclip")
     ap.add_argument("--run", default=None, metavar="RUN_ID",
                     help="open this run's page (a finished run's last log line names its id)")
     ap.add_argument("--port", type=int, default=5000, help="tried first; a free one where it is taken")
@@ -116,14 +164,17 @@ def main(argv=None) -> None:
             one_run = run_page(uri, args.run, port)
         except TrackingStoreError as exc:
             raise SystemExit(f"error: {exc}") from None
-    sweep = compare_page(uri, port) if args.experiment is None and one_run is None else None
+    newest = args.experiment is None and one_run is None
+    found = newest_sweep(uri) if newest else None
+    view, sweep = (sweep_view(uri, port, found), compare_page(uri, port, found)) if found else (None, None)
     print(f"MLflow UI for {redacted(uri)}")
     if one_run:
         url, experiment = one_run
         print(f"run {args.run}: {url}")
-    elif sweep:
-        url, experiment, n = sweep
-        print(f"the newest sweep's {n} finished runs, compared: {url}")
+    elif view:
+        url, experiment, n = view
+        print(f"the newest sweep's {n} finished runs, its options and headline metrics as columns: {url}\n"
+              f"the same runs in MLflow's comparison (parallel coordinates, scatter plots): {sweep[0]}")
     else:
         experiment = args.experiment or "fastclip"
     print(f"runs of {experiment!r}: {runs_page(uri, experiment, port)}\n"

@@ -1,5 +1,7 @@
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +113,48 @@ def run_killed_at_loss_call(cfg, run_dir, monkeypatch, call: int):
         run(cfg, run_dir)
     monkeypatch.setattr(ClipTask, "loss", real_loss)
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+
+# Commands the docs show, run as pasted into bash (test_readme.py, test_docs.py)
+FEW_STEPS = "trainer.max_steps=2 trainer.warmup_steps=1 trainer.progress=false eval.boundary_picture=false"
+OUTSIDE = ("/data/", "slurm", "+cluster=")  # what a line needs that this machine has not: data, a cluster
+
+
+def few_steps(args: list[str]) -> list[str]:
+    """A train command's arguments with FEW_STEPS' keys set to FEW_STEPS' values (a key given twice
+    is an error)."""
+    ours = FEW_STEPS.split()
+    keys = {a.split("=", 1)[0] for a in ours}
+    return [a for a in args if a.split("=", 1)[0] not in keys] + ours
+
+
+def bash_words(shell, command: str) -> list[str]:
+    """The arguments bash passes on for `command` (its quoting, not Python's)."""
+    done = shell(f"printf '%s\\0' {command}")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("\0")[:-1]
+
+
+def composable(args: list[str]) -> list[str]:
+    """A train command's arguments as one run that Hydra can print (`--cfg job`): without -m, each
+    swept key at its first value."""
+    args = [a for a in args[3:] if a != "-m"]
+    return [a.split(",")[0] if "=" in a and "," in a and not a.split("=", 1)[1].startswith(("[", "'", '"')) else a
+            for a in args]
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory):
+    """Runs a command line in bash, `python` being this interpreter, in a fresh directory."""
+    home = tmp_path_factory.mktemp("readme")
+    (home / "bin").mkdir()
+    (home / "bin" / "python").write_text(f'#!/bin/sh\nexec "{PYTHON}" "$@"\n')  # a symlink would lose the venv
+    (home / "bin" / "python").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PATH=f"{home / 'bin'}{os.pathsep}{env['PATH']}", PYTHONPATH=str(PROJECT_ROOT))
+
+    def run(line: str, cwd: Path = home, timeout: int = 900, **extra_env) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", line], cwd=cwd, env={**env, **extra_env}, capture_output=True, text=True,
+                              timeout=timeout)
+    run.home = home
+    return run

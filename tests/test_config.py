@@ -111,6 +111,11 @@ def test_a_key_given_twice_on_the_command_line_is_an_error():
     """bash expands an unquoted brace pattern into one argument per file; Hydra would keep the last."""
     from fastclip.checks import ConfigError, check_overrides
     check_overrides(["dataset=webdataset", "dataset.train_shards='/d/{0..2}.tar'", "epochs=1,2"])
-    with pytest.raises(ConfigError, match=r"dataset.train_shards is given 3 times on the command line"):
+    with pytest.raises(ConfigError, match=r"dataset.train_shards is given 3 times on the command line.*brace"):
         check_overrides(["dataset=webdataset"] + [f"dataset.train_shards=/d/{i}.tar" for i in range(3)])
+    # not paths: no guess about bash, the values named and the one Hydra would keep
+    with pytest.raises(ConfigError, match=r"trainer.max_steps is given 2 times on the command line \(trainer.max_steps"
+                                          r"=60, trainer.max_steps=2\): give it once \(Hydra would silently keep the "
+                                          r"last, trainer.max_steps=2\)$"):
+        check_overrides(["trainer.max_steps=60", "trainer.max_steps=2"])
 

@@ -193,6 +193,18 @@ def test_make_reports_default_finds_the_newest_sweep_in_any_experiment(sweep_sto
     client.create_experiment("fastclip", artifact_location=(tmp_path / "f").as_uri())
     report = main(["--sweep", "latest", "--uri", uri, "--out", str(tmp_path / "r")])
     assert report.selection.experiment == "demo" and report.selection.sweep_id == pid
+    plain = main(["--uri", uri, "--out", str(tmp_path / "p")])  # python -m fastclip.report, no options: the same
+    assert plain.selection.experiment == "demo" and plain.selection.sweep_id == pid
+
+
+def test_a_plain_report_of_a_store_without_a_sweep_covers_the_fastclip_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("fastclip", artifact_location=(tmp_path / "a").as_uri())
+    log_run(client, exp, "none", 0, 1.0, 0.5)
+    report = main(["--uri", uri, "--out", str(tmp_path / "r")])
+    assert report.selection.experiment == "fastclip" and report.selection.sweep_id is None
+    assert len(report.groups) == 1
 
 
 def test_report_errors_name_what_is_missing(sweep_store, tmp_path):

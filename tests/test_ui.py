@@ -114,3 +114,32 @@ def test_run_opens_that_runs_page_and_an_unknown_id_is_one_line(tmp_path, cli_en
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and done.stderr.startswith("error: --run 0123abc: no such run"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_newest_sweeps_saved_view_shows_what_it_varied_and_its_headline_metrics(tmp_path):
+    """`make ui`'s first page: the sweep's jobs only (not an older run of the experiment), the option
+    and seed it varied and its headline metrics as columns, best objective first; stored as MLflow's
+    shared view state, an experiment tag the UI reads through ?viewStateShareKey=."""
+    from fastclip.ui import VIEW_TAG, sweep_view
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = ensure_store(uri, "boundary_ablation")
+    client.set_terminated(client.create_run(exp).info.run_id)  # an older run outside the sweep
+    parent = client.create_run(exp, tags={"fastclip.role": "sweep"}).info.run_id
+    for boundary in ("none", "fixed"):
+        for seed in ("0", "1"):
+            job = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+            for key, value in {"boundary.name": boundary, "seed": seed, "trainer.lr": "0.001"}.items():
+                client.log_param(job, key, value)
+            for key in ("val/zeroshot_top1", "zeroshot/top1", "efficiency/image_gflops", "train/loss"):
+                client.log_metric(job, key, 0.5)
+            client.set_terminated(job)
+    url, experiment, n = sweep_view(uri, 5000)
+    assert experiment == "boundary_ablation" and n == 4
+    key = url.split("viewStateShareKey=")[1]
+    assert url.startswith(f"http://127.0.0.1:5000/#/experiments/{exp}/runs?")
+    state = json.loads(client.get_experiment(exp).tags[VIEW_TAG + key])
+    assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent}'"
+    assert state["selectedColumns"] == ["params.`boundary.name`", "params.`seed`", "metrics.`val/zeroshot_top1`",
+                                        "metrics.`zeroshot/top1`", "metrics.`efficiency/image_gflops`"]
+    assert state["orderByKey"] == "metrics.`val/zeroshot_top1`" and state["orderByAsc"] is False

@@ -122,9 +122,12 @@ def main(argv=None) -> Report:
     ap = argparse.ArgumentParser(prog="python -m fastclip.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default=None,
-                    help="MLflow experiment (tracking.experiment); default: with --sweep latest, the experiment of the "
-                         "newest sweep in the store, else fastclip")
-    ap.add_argument("--sweep", default=None, help="a sweep's parent run id, latest, or all (the default: every run of the experiment)")
+                    help="MLflow experiment (tracking.experiment); default: the experiment of the newest sweep in the "
+                         "store (with --sweep latest or no --sweep), else fastclip")
+    ap.add_argument("--sweep", default=None,
+                    help="a sweep's parent run id, latest, or all (every run of the experiment); default: all with "
+                         "--experiment, else latest (the newest sweep in any experiment; fastclip's runs where the "
+                         "store has no sweep), as `make report`")
     ap.add_argument("--out", default=None, help="default: outputs/reports/<experiment>[/<sweep>]")
     ap.add_argument("--metric", default="zeroshot/top1")
     ap.add_argument("--cost", default="efficiency/image_gflops")
@@ -138,8 +141,14 @@ def main(argv=None) -> Report:
     uri = resolve_uri(args.uri)  # the store training writes from this directory
     try:
         require_store(uri, "runs launched from this directory write there; --uri names another")
-        experiment = args.experiment or (latest_sweep_experiment(uri) if args.sweep == "latest" else "fastclip")
-        report = build_report(uri, experiment, Path(args.out) if args.out else None, args.sweep, args.metric,
+        experiment, sweep = args.experiment, args.sweep
+        if experiment is None and sweep is None:  # as `make report`: the newest sweep, else fastclip's runs
+            try:
+                experiment, sweep = latest_sweep_experiment(uri), "latest"
+            except ReportError:
+                experiment = "fastclip"
+        experiment = experiment or (latest_sweep_experiment(uri) if sweep == "latest" else "fastclip")
+        report = build_report(uri, experiment, Path(args.out) if args.out else None, sweep, args.metric,
                               args.cost, args.pool_versions, args.x)
     except (ReportError, TrackingStoreError) as exc:
         raise SystemExit(f"error: {exc}") from None
