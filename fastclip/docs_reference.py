@@ -1,12 +1,13 @@
-"""The docs' config reference (docs/reference/config.md), generated from the config tree: every group
-option's keys with their default (the option's YAML file, Hydra-composed with its schema and shared
-files), what a resume may do with each (the schema's frozen / mutable / runtime rule) and the comment the
-YAML file gives it. Torch-free.
+"""The docs' reference pages, generated: docs/reference/config.md from the config tree (every group
+option's keys with their default, the option's YAML file Hydra-composed with its schema and shared
+files; what a resume may do with each, the schema's frozen / mutable / runtime rule; the comment the
+YAML file gives it) and docs/reference/metrics.md from the metric catalog (fastclip.eval.names.CATALOG).
+Torch-free.
 
-    python -m fastclip.docs_reference           # rewrites docs/reference/config.md
-    python -m fastclip.docs_reference --check   # exit 1 when the committed page differs from the tree
+    python -m fastclip.docs_reference           # rewrites both pages
+    python -m fastclip.docs_reference --check   # exit 1 when a committed page differs from its source
 
-tests/test_docs.py runs the check, so the page cannot go stale."""
+tests/test_docs.py runs the check, so the pages cannot go stale."""
 import argparse
 import dataclasses
 import re
@@ -18,6 +19,7 @@ from fastclip.cli_help import describe
 from fastclip.schema import OPTIONS
 
 PAGE = PROJECT_ROOT / "docs" / "reference" / "config.md"
+METRICS_PAGE = PROJECT_ROOT / "docs" / "reference" / "metrics.md"
 KEY_LINE = re.compile(r"^(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$")
 SHARED = re.compile(r"^\s*-\s*/(_shared/[\w/]+)@_here_")
 
@@ -114,21 +116,47 @@ def reference_markdown() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+WHEN = {"step": "training steps (every `tracking.log_every`)",
+        "eval": "each evaluation (per epoch, `eval.every_epochs`; the validation split)",
+        "end": "once, when training ends", "final": "once, at the end (the test split)"}
+
+
+def metrics_markdown() -> str:
+    """The metric-name reference: every name a run logs, grouped by when it is logged."""
+    from fastclip.eval.names import CATALOG, TWINS
+    out = ["# Metric names", "",
+           "Generated from `fastclip.eval.names.CATALOG` by `python -m fastclip.docs_reference` (CI fails when",
+           "this page and the catalog disagree, and when a run logs a name the catalog lacks). Every metric is",
+           "an MLflow metric of the run; `{k}` stands for 1, 5 or 10, `{tower}` for `image` or `text`. *better*:",
+           "which way wins (the report's Pareto plot and `make ui`'s sort read it); empty for counts and settings.",
+           ""]
+    for when, title in WHEN.items():
+        out += [f"## Logged at {title}", "", "| name | unit | better | what it is |", "| --- | --- | --- | --- |"]
+        out += [f"| `{m.name}` | {m.unit} | {m.better} | {m.meaning.replace('|', chr(92) + '|')} |"
+                for m in CATALOG if m.when == when]
+        out.append("")
+    out += ["## Twins", "", "A quality or cost metric measured again on another form of the model carries a suffix:", ""]
+    out += [f"- `<name>{suffix}`: {meaning}." for suffix, meaning in TWINS.items()]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastclip.docs_reference", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare with the committed page instead of writing it")
     args = ap.parse_args(argv)
-    text = reference_markdown()
+    pages = {PAGE: (reference_markdown(), "conf/ and fastclip/schema/"),
+             METRICS_PAGE: (metrics_markdown(), "fastclip.eval.names.CATALOG")}
     if args.check:
-        if not PAGE.is_file() or PAGE.read_text() != text:
-            print(f"{PAGE}: out of date with conf/ and fastclip/schema/ (python -m fastclip.docs_reference)",
-                  file=sys.stderr)
-            return 1
-        return 0
-    PAGE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE.write_text(text)
-    print(f"wrote {PAGE}")
+        stale = [(page, source) for page, (text, source) in pages.items()
+                 if not page.is_file() or page.read_text() != text]
+        for page, source in stale:
+            print(f"{page}: out of date with {source} (python -m fastclip.docs_reference)", file=sys.stderr)
+        return 1 if stale else 0
+    for page, (text, _) in pages.items():
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(text)
+        print(f"wrote {page}")
     return 0
 
 

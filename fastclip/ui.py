@@ -89,8 +89,7 @@ def sweep_view(uri: str, port: int, found=None) -> tuple[str, str, int] | None:
     where already read."""
     import json
     import mlflow
-    from fastclip.eval.names import HEADLINE_METRICS, OBJECTIVE_METRICS
-    from fastclip.report.plots import lower_is_better
+    from fastclip.eval.names import HEADLINE_METRICS, OBJECTIVE_METRICS, lower_is_better
     from fastclip.report.table import varied_keys
     found = found or newest_sweep(uri)
     if found is None:

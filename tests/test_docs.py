@@ -12,7 +12,7 @@ import pytest
 
 from fastclip import PROJECT_ROOT
 from conftest import OUTSIDE, bash_words, composable, few_steps
-from fastclip.docs_reference import PAGE, reference_markdown
+from fastclip.docs_reference import METRICS_PAGE, PAGE, metrics_markdown, reference_markdown
 
 DOCS = PROJECT_ROOT / "docs"
 README_MAX_LINES = 150  # a front page read in five minutes (issue 34)
@@ -49,6 +49,12 @@ def test_the_site_builds_strictly(tmp_path):
     nav = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", (PROJECT_ROOT / "mkdocs.yml").read_text(), re.M))
     assert pages == nav, f"pages outside the navigation: {sorted(pages - nav)}; missing: {sorted(nav - pages)}"
     assert (tmp_path / "site" / "reference" / "config" / "index.html").is_file()
+
+
+def test_the_metric_reference_is_generated_from_the_catalog():
+    text = metrics_markdown()
+    assert METRICS_PAGE.read_text() == text, "docs/reference/metrics.md is stale: python -m fastclip.docs_reference"
+    assert "| `zeroshot/top1` | share | higher |" in text and "| `lm/test_bpc` | bits/char | lower |" in text
 
 
 def test_the_config_reference_is_generated_from_the_tree():

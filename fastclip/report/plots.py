@@ -9,13 +9,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from fastclip.eval.names import lower_is_better  # noqa: E402
 from fastclip.report.table import Group  # noqa: E402
 
-LOWER_IS_BETTER = ("loss", "bpc")  # metrics where a smaller value wins (BPC, losses)
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(part in metric for part in LOWER_IS_BETTER)
 
 
 def pareto_frontier(points: list[tuple[float, float]], lower_better: bool = False) -> list[int]:
