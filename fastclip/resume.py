@@ -106,7 +106,7 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
         # a stream is split between the loader's workers: another count mid-epoch deals other samples
         frozen["trainer.num_workers"] = changes["trainer.num_workers"]
     if frozen:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in frozen.items())
+        listed = describe_frozen_changes(frozen)
         raise ResumeError(f"trainer.resume={path}: this command line changes what the checkpoint's run is, which a "
                           f"resume cannot: {listed}. Start a new run for that (without trainer.resume), or drop these "
                           f"overrides; a resume may change only "
@@ -237,15 +237,28 @@ def _refuse_rewind(path: Path, ckpt: dict, run_dir: Path) -> None:
                           f"checkpoint replaced, two histories in one MLflow run). Resume {newest}, or start a new run")
 
 
-def record(resume: Resume, run_dir: Path, step: int, invocation_dir: str | None, commit: str,
+def describe_frozen_changes(frozen: dict[str, tuple]) -> str:
+    """The changes a resume refuses, each option change first (`boundary.name: 'none' -> 'gumbel'`)
+    with the keys that option sets named after it, then every other changed key with both values."""
+    options = [k for k in frozen if k.endswith(".name")]
+    decided = {k: [d for d in frozen if d != k and d.startswith(k[:-len("name")])] for k in options}
+    said = {d for keys in decided.values() for d in keys}
+    parts = [f"{k}: {frozen[k][0]!r} -> {frozen[k][1]!r}" + (f" (and what that option sets: {', '.join(decided[k])})"
+                                                             if decided[k] else "") for k in options]
+    parts += [f"{k}: {a!r} -> {b!r}" for k, (a, b) in frozen.items() if k not in options and k not in said]
+    return "; ".join(parts)
+
+
+def record(resume: Resume, run_dir: Path, step: int, launched_from: str, commit: str,
            dirty: bool) -> tuple[Path, int]:
-    """Appends this resume to <run dir>/resumes.yaml (what changed, from which step, with which code)
-    -> (its path, this resume's number, from 1)."""
+    """Appends this resume to <run dir>/resumes.yaml (what changed, from which step, with which code,
+    launched from which directory) -> (its path, this resume's number, from 1). The resumed part logs
+    into the run dir's train.log; the invocation's own Hydra dir is removed when it ends."""
     import datetime
     path = run_dir / "resumes.yaml"
     history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
     history.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "from_step": step,
-                    "checkpoint": str(resume.checkpoint_path), "invocation_dir": invocation_dir, "git_commit": commit,
+                    "checkpoint": str(resume.checkpoint_path), "launched_from": launched_from, "git_commit": commit,
                     "git_dirty": dirty,
                     "changed": {k: {"from": a, "to": b} for k, (a, b) in resume.changes.items()}})
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(history)))

@@ -18,7 +18,7 @@ from fastclip import CONF_DIR, run_lock, tracking
 from fastclip.checks import ConfigError, check_config, check_overrides
 from fastclip.compression.base import TWIN_SUFFIXES, twin_label
 from fastclip.errors import InputError, show_traceback
-from fastclip.eval.names import HEADLINE_METRICS, OBJECTIVE_METRICS
+from fastclip.eval.names import CLASS_COUNT_METRIC, HEADLINE_METRICS, OBJECTIVE_METRICS, chance_level
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS
 
 log = logging.getLogger("fastclip")
@@ -212,7 +212,8 @@ def objective_line(metrics: dict, compression: str = "none") -> str:
 
 def final_line(key: str, metrics: dict) -> str:
     """The run's last word on a headline metric, with its twins: `final zeroshot/top1 = 0.4900 (dense
-    0.5000; the trained model's: all_patches 0.5200, placement_gain +0.0100)`. After compression=quant
+    0.5000; the trained model's: all_patches 0.5200, placement_gain +0.0100; chance 0.10)`, chance being
+    what guessing scores on a top-K accuracy (eval.names.chance_level: K / zeroshot/classes). After compression=quant
     (a *_dense twin) the key is the compressed model's, but the loop's own twins (all_patches,
     shuffled_placement, placement_gain) were measured on the model as trained, before the compression
     step, and say so. A oneshot prune's *_before_prune is the model at the step it was pruned (fewer
@@ -224,6 +225,8 @@ def final_line(key: str, metrics: dict) -> str:
     loop = [n for n in twins if n not in compared]
     parts = ([said(compared)] if compared else []) + (
         [("the trained model's: " if "dense" in twins else "") + said(loop)] if loop else [])
+    chance = chance_level(key, metrics.get(CLASS_COUNT_METRIC))
+    parts += [f"chance {chance:.2f}"] if chance is not None else []
     return f"final {key} = {metrics[key]:.4f}" + (f" ({'; '.join(parts)})" if parts else "")
 
 
@@ -320,7 +323,7 @@ def _record_resume(resume, tracker, run_dir: Path, step: int, commit: str, dirty
     from fastclip.resume import record
     changed = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changes.items()) or "nothing changed"
     log.info("resuming %s at step %d into %s (%s)", resume.checkpoint_path, step, run_dir, changed)
-    path, n = record(resume, run_dir, step, hydra_tags().get("hydra.output_dir"), commit, dirty)
+    path, n = record(resume, run_dir, step, os.getcwd(), commit, dirty)
     tracker.log_artifact(path)
     tracker.set_tags({f"fastclip.resume.{n}.changes": changed[:5000], f"fastclip.resume.{n}.from_step": step,
                       f"fastclip.resume.{n}.git_commit": commit, f"fastclip.resume.{n}.git_dirty": dirty,

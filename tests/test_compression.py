@@ -199,6 +199,9 @@ def test_the_final_line_says_whose_numbers_its_twins_are():
     assert final_line("zeroshot/top1", {"zeroshot/top1": 0.3, "zeroshot/top1_teacher": 0.4}) == \
         "final zeroshot/top1 = 0.3000 (teacher 0.4000)"
     assert final_line("lm/test_bpc", {"lm/test_bpc": 1.5}) == "final lm/test_bpc = 1.5000"
+    # what guessing scores, where the run logged its test set's class count
+    assert final_line("zeroshot/top1", {"zeroshot/top1": 0.93, "zeroshot/classes": 10.0}) == \
+        "final zeroshot/top1 = 0.9300 (chance 0.10)"
 
 
 def test_the_math_mode_names_tf32_where_float32_matmuls_may_use_it_and_a_cpu_run_leaves_them_fp32():

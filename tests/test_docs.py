@@ -48,7 +48,13 @@ def test_the_site_builds_strictly(tmp_path):
     pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
     nav = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", (PROJECT_ROOT / "mkdocs.yml").read_text(), re.M))
     assert pages == nav, f"pages outside the navigation: {sorted(pages - nav)}; missing: {sorted(nav - pages)}"
-    assert (tmp_path / "site" / "reference" / "config" / "index.html").is_file()
+    assert (tmp_path / "site" / "reference" / "config.html").is_file()
+    # opened from disk (file://, no server): every link names an HTML file, not a folder's listing
+    home = (tmp_path / "site" / "index.html").read_text()
+    links = re.findall(r'href="((?!https?:|#|mailto:)[^"]+)"', home)
+    pages = [link.split("#")[0] for link in links if link.split("#")[0] and not link.endswith((".css", ".js", ".png",
+                                                                                                   ".svg", ".ico"))]
+    assert pages and all(p.endswith(".html") for p in pages), [p for p in pages if not p.endswith(".html")]
 
 
 def test_the_metric_reference_is_generated_from_the_catalog():

@@ -29,7 +29,9 @@ def test_a_resume_that_changes_the_model_fails_before_touching_the_run(tmp_path,
     run_dir, ckpt, first = finished_run(tmp_path, store)
     before = snapshot(run_dir)
     client = mlflow.MlflowClient(tracking_uri=store)
-    for overrides, named in ((["boundary=fixed"], "boundary.name: 'none' -> 'fixed'"),
+    # an option change leads, the keys it sets named after it
+    for overrides, named in ((["boundary=fixed"], r"which a resume cannot: boundary.name: 'none' -> 'fixed' \(and "
+                                                  r"what that option sets: boundary.apply_to, boundary.k"),
                              (["encoder.vision.width=64"], "encoder.vision.width: 32 -> 64"),
                              (["seed=3", "trainer.lr=1e-3"], "seed: 0 -> 3"),
                              # the warm-up was resolved to steps when the run started: a resume keeps it

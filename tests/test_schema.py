@@ -58,6 +58,11 @@ def test_every_composed_key_has_one_resume_rule_and_the_rules_agree_across_optio
     ("trainer.warmup_steps", -3, r"trainer.warmup_steps=-3: expected steps >= 0 or a fraction"),
     ("eval.overlap", "keep", "eval.overlap='keep': expected drop or fail"),
     ("trainer.lr", "fast", "trainer.lr: Value 'fast' of type 'str' could not be converted to Float"),
+    # boundary keys are checked under boundary=none too (the default), where no tower reads them
+    ("boundary.apply_to", ["imgae"], "boundary.apply_to='imgae': expected image or text"),
+    ("boundary.apply_to", ["image", "image"], r"boundary.apply_to=\['image', 'image'\]: a tower is named twice"),
+    ("boundary.image_order", "zigzag", "boundary.image_order='zigzag': expected raster or hilbert"),
+    ("boundary.image_pool", "max", "boundary.image_pool='max': expected mean or cls"),
 ])
 def test_a_config_built_without_hydra_is_typed_and_ranged_by_the_same_schema(key, value, message):
     """A resumed run's config is rebuilt from its checkpoint's keys, not composed by Hydra: check_config

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from fastclip.errors import InputError
+from fastclip.schema.fields import choice
+from fastclip.schema.model import TEXT_LAYOUTS
 from fastclip.models.boundaries import EntropySpike
 from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, finite_flag, padding_attn_mask,
                                  segment_counts, segment_ids)
@@ -52,8 +54,7 @@ class BPEDTPTextTower(nn.Module):
         if not 0 < pre_layers < len(blocks):
             raise InputError(f"boundary.text_pre_layers={pre_layers}: expected 1 .. {len(blocks) - 1} for a "
                              f"{len(blocks)}-layer text tower")
-        if layout not in ("packed", "padded"):
-            raise InputError(f"boundary.text_layout={layout!r}: expected packed or padded")
+        choice("boundary.text_layout", layout, TEXT_LAYOUTS)  # the schema checks configs; this, direct callers
         if getattr(text, "cls_emb", None) is not None or getattr(text, "use_pad_mask", False) \
                 or text.attn_mask is None or text.pool_type != "argmax":
             raise InputError("boundary.text_tokens=bpe cuts open_clip's default text tower (causal mask, no class "

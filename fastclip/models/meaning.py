@@ -3,8 +3,7 @@ no meaning on a tower is a clear error at config time, never a silent no-op. Imp
 heavy: checks.py reads it before torch loads."""
 
 from fastclip.errors import InputError
-
-TOWERS = ("image", "text")
+from fastclip.schema.model import TOWERS
 # None = no meaning there
 MEANING = {
     "fixed": {"image": "every k patches in reading order (boundary.image_order: raster or hilbert)", "text": "every k characters"},

@@ -6,8 +6,9 @@ compact blobs and fixed k=4 pools 2x2 squares. Hand-written: torch has no space-
 import torch
 
 from fastclip.errors import InputError
+from fastclip.schema.model import IMAGE_ORDERS
 
-ORDERS = ("raster", "hilbert")
+ORDERS = IMAGE_ORDERS
 
 
 def _hilbert_index(side: int, row: int, col: int) -> int:

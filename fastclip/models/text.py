@@ -10,6 +10,8 @@ from torch import nn
 
 from fastclip.data.unigram import piece_end_bytes
 from fastclip.errors import InputError
+from fastclip.schema.fields import choice
+from fastclip.schema.model import TEXT_LAYOUTS
 from fastclip.models.boundaries import EntropySpike, Unigram
 from fastclip.models.charlm import causal_mask
 from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, finite_flag, mean_of_valid,
@@ -101,8 +103,7 @@ class DTPTextTower(nn.Module):
         super().__init__()
         if not 0 < pre_layers < layers:
             raise InputError(f"boundary.text_pre_layers={pre_layers}: expected 1 .. {layers - 1} for a {layers}-layer text tower")
-        if layout not in ("packed", "padded"):
-            raise InputError(f"boundary.text_layout={layout!r}: expected packed or padded")
+        choice("boundary.text_layout", layout, TEXT_LAYOUTS)  # the schema checks configs; this, direct callers
         self.layout = layout
         self.packed_block = packed_block  # trainer.compile swaps in a compiled copy (runtime.compile_blocks)
         self.method = method

@@ -18,6 +18,8 @@ from fastclip.models.dtp import (BoundaryPredictor, check_finite, downsample, fi
 from fastclip.models.outputs import TowerOutput
 from fastclip.models.packed import PackedRows, check_packable, packed_block
 from fastclip.models.patch_order import patch_order
+from fastclip.schema.fields import choice
+from fastclip.schema.model import IMAGE_POOLS, IMAGE_STARTS
 
 
 def _heads(vit: VisionTransformer) -> int:
@@ -178,10 +180,8 @@ class DTPImageTower(nn.Module):
             raise ValueError(f"boundary.image_row_breaks=true forces breaks at raster row ends; with "
                              f"boundary.image_order={order} runs never wrap across rows (set one of the two)")
         self.register_buffer("scan", scan, persistent=False)
-        if start not in ("prior", "stride"):
-            raise ValueError(f"boundary.image_start={start!r}: expected prior or stride")
-        if pool not in ("mean", "cls"):
-            raise ValueError(f"boundary.image_pool={pool!r}: expected mean or cls")
+        choice("boundary.image_start", start, IMAGE_STARTS)  # the schema checks configs; this, direct callers
+        choice("boundary.image_pool", pool, IMAGE_POOLS)
         self.method, self.pre_layers, self.pool = method, pre_layers, pool
         width = self.vit.conv1.out_channels
         self.predictor = BoundaryPredictor(width, init_rate=method.init_rate, hidden_ratio=method.predictor_ratio) if method.needs_predictor else None

@@ -8,6 +8,11 @@ from fastclip.schema.errors import ConfigError
 from fastclip.schema.fields import choice, frozen
 
 TEXT_TOKENS = ("bpe", "bytes")  # what a DTP text tower pools (boundary.text_tokens)
+TOWERS = ("image", "text")  # what boundary.apply_to may name
+IMAGE_ORDERS = ("raster", "hilbert")  # the patch scan order a DTP image tower pools along
+IMAGE_STARTS = ("prior", "stride")
+IMAGE_POOLS = ("mean", "cls")
+TEXT_LAYOUTS = ("packed", "padded")
 
 
 @dataclass
@@ -54,7 +59,16 @@ class Boundary:
     text_tokens: str = frozen(legacy="bytes")
 
     def __post_init__(self):
+        # checked whatever boundary= is (a typo under boundary=none would otherwise pass unseen)
+        for tower in self.apply_to:
+            choice("boundary.apply_to", tower, TOWERS)
+        if len(set(self.apply_to)) != len(self.apply_to):
+            raise ConfigError(f"boundary.apply_to={list(self.apply_to)}: a tower is named twice")
+        choice("boundary.image_order", self.image_order, IMAGE_ORDERS)
+        choice("boundary.image_start", self.image_start, IMAGE_STARTS)
+        choice("boundary.image_pool", self.image_pool, IMAGE_POOLS)
         choice("boundary.text_tokens", self.text_tokens, TEXT_TOKENS)
+        choice("boundary.text_layout", self.text_layout, TEXT_LAYOUTS)
         choice("boundary.image_layout", self.image_layout, ("packed", "padded", "auto"))
         budget = self.image_token_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0
