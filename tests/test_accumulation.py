@@ -56,7 +56,7 @@ def test_gumbel_boundaries_are_the_same_in_both_passes_of_a_micro_batch():
     torch.set_rng_state(before)
     with torch.no_grad():
         for batch in step:
-            trainer.model(batch.images, batch.tokens)
+            trainer.model(*trainer.task.device_inputs(batch))
     assert torch.equal(torch.get_rng_state(), after)
 
 

@@ -170,6 +170,7 @@ def decode_tokens(tokenizer, ids: torch.Tensor) -> str:
 
 
 def build_transforms(enc):
+    """(train, eval): open_clip's light RandomResizedCrop(0.9..1) for training, resize + centre crop for
+    evaluation; both end in float32 images normalised with open_clip's mean and std."""
     size = clip_geometry(enc)["vision_cfg"].get("image_size", 224)
-    # (train, eval): open_clip's light RandomResizedCrop(0.9..1) for training, resize+crop for eval
     return open_clip.image_transform(size, is_train=True), open_clip.image_transform(size, is_train=False)

@@ -69,7 +69,7 @@ def accumulate_contrastive(task, batches: list, run: Backward) -> list[StepOutpu
 
 
 def _inputs(task, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch.images.to(task.device, non_blocking=True), batch.tokens.to(task.device, non_blocking=True)
+    return task.device_inputs(batch)
 
 
 def _scaled_grad(x: torch.Tensor, factor: float) -> torch.Tensor:

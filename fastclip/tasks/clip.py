@@ -33,6 +33,7 @@ from fastclip.eval import sharded
 from fastclip.eval.names import CLASS_COUNT_METRIC, val_name
 from fastclip.eval.retrieval import retrieval_eval
 from fastclip.eval.zeroshot import zero_shot_eval
+from fastclip.data.uint8_images import split_normalisation
 from fastclip.models.clip import build_clip, build_transforms, clip_objective, decode_tokens
 from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.vision import placement_control
@@ -90,6 +91,8 @@ class ClipTask(TaskBase):
         self.cfg, self.device = cfg, device
         self.run_dir = Path(run_dir) if run_dir else None
         preprocess_train, preprocess_eval = build_transforms(cfg.encoder)
+        # training batches stay uint8 until they reach the device (data/uint8_images.py)
+        preprocess_train, self.normalize = split_normalisation(preprocess_train)
         captions = training_captions(typed_group(cfg, "dataset")) if cfg.boundary.name == "unigram" else None
         self.model, self.tokenizer = build_clip(cfg.encoder, cfg.boundary, captions, cfg.dataset.cache_dir)
         self.model.to(device)
@@ -213,13 +216,19 @@ class ClipTask(TaskBase):
             return super().accumulate(batches, run)
         return accumulate_contrastive(self, batches, run)
 
+    def device_inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch on the device: images [B, 3, H, W] float32, normalised there from the
+        loader's uint8; tokens [B, L]."""
+        images = self.normalize(batch.images.to(self.device, non_blocking=True))
+        return images, batch.tokens.to(self.device, non_blocking=True)
+
     def loss(self, batch, forward=None, criterion=None) -> StepOutput:
         """forward: what runs the model (the loop's DistributedDataParallel wrapper; else the model).
         criterion: the contrastive loss of (image_features, text_features, logit_scale) in place of
         self.criterion (accumulation's, over the step's micro-batches)."""
         if batch.images is None:  # every sample of this batch was bad: nothing to learn from
             return StepOutput(None, skipped=batch.skipped)
-        images, texts = batch.images.to(self.device, non_blocking=True), batch.tokens.to(self.device, non_blocking=True)
+        images, texts = self.device_inputs(batch)
         with torch.no_grad():  # as open_clip_train: temperature capped at 100
             self.model.logit_scale.clamp_(0, 4.6052)
         out = (forward if forward is not None else self.model)(images, texts)
