@@ -27,7 +27,7 @@ test: $(STAMP)
 # the documentation site (docs/, mkdocs.yml) into site/; strict: a broken link or an unlisted page fails
 docs: $(STAMP)
 	$(PY) -m fastclip.docs_reference
-	$(PY) -m mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet  # without the theme's MkDocs 2.0 notice
 
 # A named sweep from sweeps/: make sweep SWEEP=boundary_ablation
 SWEEP ?= boundary_ablation
