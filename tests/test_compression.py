@@ -270,8 +270,8 @@ def test_a_quant_run_logs_the_int8_models_numbers_beside_the_dense_ones(tmp_path
     assert metrics["compression/model_mb"] < metrics["compression/model_mb_dense"]
     said = f"zeroshot/top1 {metrics['zeroshot/top1']:.4g} (dense {metrics['zeroshot/top1_dense']:.4g})"
     assert f"compression=quant (dynamic): {said}" in caplog.text  # the console says it too, not only MLflow
-    assert (f"final zeroshot/top1 = {metrics['zeroshot/top1']:.4f} (dense {metrics['zeroshot/top1_dense']:.4f})"
-            in caplog.text)  # and the run's last line, with the twin
+    assert (f"final zeroshot/top1 = {metrics['zeroshot/top1']:.4f} (dense {metrics['zeroshot/top1_dense']:.4f}; "
+            f"chance 0.10)" in caplog.text)  # and the run's last line, with the twin and what guessing scores
     # a CPU run's float32 is IEEE fp32 (no TF32 set for it), and its latencies say which arithmetic they are
     assert torch.get_float32_matmul_precision() == "highest" and "latencies in fp32" in caplog.text
     client = mlflow.tracking.MlflowClient(store)

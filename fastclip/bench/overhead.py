@@ -43,13 +43,16 @@ class ThreeKeys(nn.Module):
 
 class EpochBatches:
     """What open_clip_train's train_one_epoch reads of its loader (data['train'].dataloader): the
-    batches, num_batches and num_samples; iteration is the task's loader's own."""
+    batches, num_batches and num_samples; iteration is the task's loader's own, each batch's uint8
+    images normalised as fastclip's step does it (normalize: the task's DeviceNormalize), so both loops
+    pay for the same work."""
 
-    def __init__(self, batches, batch_size: int):
+    def __init__(self, batches, batch_size: int, normalize):
         self.batches, self.num_batches, self.num_samples = batches, len(batches), len(batches) * batch_size
+        self.normalize = normalize
 
     def __iter__(self):
-        return iter(self.batches)
+        return ((self.normalize(images), texts) for images, texts in self.batches)
 
 
 def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
@@ -72,7 +75,7 @@ def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:
     scheduler = cosine_lr(optimizer, tc.lr, warmup_steps(tc.warmup_steps, steps * cfg.epochs), steps * cfg.epochs)
     elapsed = 0.0
     for epoch in range(cfg.epochs):
-        loader = EpochBatches(task.train_batches(epoch), tc.batch_size)
+        loader = EpochBatches(task.train_batches(epoch), tc.batch_size, task.normalize)
         t0 = time.perf_counter()
         train_one_epoch(model, {"train": DataInfo(loader)}, ClipLoss(), epoch, optimizer, None, scheduler, None, args)
         elapsed += time.perf_counter() - t0
