@@ -6,6 +6,8 @@ still before training.
 
 Only omegaconf and torch-free fastclip modules are imported at module level: keep it that way.
 """
+import re
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -55,6 +57,11 @@ def _check_compression(cfg: DictConfig) -> None:
                               f"before pruning (trainer.max_steps={total})")
 
 
+def _looks_like_a_path(value: str) -> bool:
+    """A directory in it or a file suffix (`shard-0.tar`): what bash's brace expansion turns into many."""
+    return "/" in value or re.search(r"\.[A-Za-z]\w*$", value) is not None
+
+
 def check_overrides(overrides: list[str]) -> None:
     """A key given more than once on the command line (Hydra keeps the last, silently). Where every
     value is a path, most often bash expanded an unquoted brace pattern into one argument per file, so
@@ -68,7 +75,7 @@ def check_overrides(overrides: list[str]) -> None:
         if len(given) > 1:
             listed = f"{key} is given {len(given)} times on the command line ({', '.join(given[:3])}" \
                      f"{', ...' if len(given) > 3 else ''})"
-            if all("/" in line.split("=", 1)[-1] for line in given):
+            if all(_looks_like_a_path(line.split("=", 1)[-1]) for line in given):
                 raise ConfigError(f"{listed}: bash expands an unquoted brace pattern into one argument per file; "
                                   f"quote it for bash and Hydra: \"{key}='/path/{{000..009}}.tar'\"")
             raise ConfigError(f"{listed}: give it once (Hydra would silently keep the last, {given[-1]})")

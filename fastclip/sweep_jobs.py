@@ -64,9 +64,10 @@ def collect(sweep_dir: str | Path) -> list[JobOutcome]:
 
 
 def planned_jobs(config: DictConfig) -> int | None:
-    """How many jobs the sweep will run: the product of the command line's (and hydra.sweeper.params')
-    discrete sweeps for Hydra's basic sweeper, hydra.sweeper.n_trials for Optuna; None where it cannot
-    be known up front (an interval sweep under another sweeper)."""
+    """How many jobs the sweep will run: the product of the discrete sweeps of hydra.sweeper.params and
+    the command line (a key in both: the command line's, as Hydra's basic sweeper takes it) for the
+    basic sweeper, hydra.sweeper.n_trials for Optuna; None where it cannot be known up front (an
+    interval sweep under another sweeper, a sweep the parser cannot expand alone, such as glob())."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     sweeper = config.hydra.sweeper
     if "n_trials" in sweeper:
@@ -74,13 +75,17 @@ def planned_jobs(config: DictConfig) -> int | None:
     if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
     params = sweeper.get("params") or {}
-    given = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
-    total = 1
-    for override in OverridesParser.create().parse_overrides(given):
-        if override.is_sweep_override():
-            if not override.is_discrete_sweep():
-                return None
-            total *= len(list(override.sweep_string_iterator()))
+    given = [*(f"{k}={v}" for k, v in params.items()), *config.hydra.overrides.task]
+    try:
+        last = {o.get_key_element(): o for o in OverridesParser.create().parse_overrides(given)}
+        total = 1
+        for override in last.values():
+            if override.is_sweep_override():
+                if not override.is_discrete_sweep():
+                    return None
+                total *= len(list(override.sweep_string_iterator()))
+    except Exception:  # a progress count must never stop a sweep (glob() needs Hydra's config loader)
+        return None
     return total
 
 

@@ -299,14 +299,14 @@ class MlflowStoreCallback(Callback):
                                          "fastclip.sweep_overrides": overrides})
         (sweep_dir / PARENT_RUN_FILE).write_text(parent.info.run_id)
         os.environ[PARENT_RUN_ENV] = f"{sweep_dir.resolve()}::{parent.info.run_id}"
-        total = sweep_jobs.planned_jobs(config)
-        sweep_jobs.write_plan(sweep_dir, total)
-        log.info("MLflow store %s, sweep parent run %s; %s jobs", uri, parent.info.run_id,
-                 total if total is not None else "an unknown number of")
         # Hydra's sweepers raise a failed job's error after its batch and then skip on_multirun_end:
         # the parent still gets its status when the process exits
         self._ended = False
         atexit.register(self._end_sweep, config)
+        total = sweep_jobs.planned_jobs(config)
+        sweep_jobs.write_plan(sweep_dir, total)
+        log.info("MLflow store %s, sweep parent run %s; %s jobs", uri, parent.info.run_id,
+                 total if total is not None else "an unknown number of")
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         where = sweep_jobs.position(config.hydra)

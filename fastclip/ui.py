@@ -85,7 +85,8 @@ def sweep_view(uri: str, port: int, found=None) -> tuple[str, str, int] | None:
     store has no sweep with a finished run. The view (MLflow's shared view state, stored as the
     experiment tag mlflow.sharedViewState.<key>, opened by ?viewStateShareKey=<key>) filters the table to
     the sweep's jobs, shows the options the sweep varied (report.table.varied_keys, and seed) and its
-    headline metrics as columns, and sorts by the objective (best first). found: newest_sweep(uri),
+    headline metrics as columns, and sorts by the objective (best first). None too where the store
+    refuses the tag (read-only): the caller still has the comparison URL. found: newest_sweep(uri),
     where already read."""
     import json
     import mlflow
@@ -101,13 +102,17 @@ def sweep_view(uri: str, port: int, found=None) -> tuple[str, str, int] | None:
     headline = next((m for m in HEADLINE_METRICS if m in logged), None)
     metrics = [m for m in (objective, headline, *VIEW_METRICS) if m and m in logged]
     params = varied_keys(runs) + (["seed"] if len({r.params.get("seed") for r in runs}) > 1 else [])
-    state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{chosen.sweep_id}'",
+    state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{chosen.sweep_id}' and attributes.status = 'FINISHED'",
              "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{m}`" for m in metrics]}
     if objective:
         state.update(orderByKey=f"metrics.`{objective}`", orderByAsc=lower_is_better(objective))
     exp_id = mlflow_experiment_id(uri, experiment)
     key = f"fastclip-sweep-{chosen.sweep_id}"
-    mlflow.MlflowClient(tracking_uri=uri).set_experiment_tag(exp_id, VIEW_TAG + key, json.dumps(state))
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).set_experiment_tag(exp_id, VIEW_TAG + key, json.dumps(state))
+    except Exception as exc:  # a read-only store or a server that refuses writes: the comparison URL still serves
+        print(f"(no saved view of the sweep: the store refused its tag: {type(exc).__name__}: {str(exc)[:200]})")
+        return None
     return (f"http://{HOST}:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={key}",
             experiment, len(runs))
 
@@ -170,10 +175,12 @@ def main(argv=None) -> None:
     if one_run:
         url, experiment = one_run
         print(f"run {args.run}: {url}")
-    elif view:
-        url, experiment, n = view
-        print(f"the newest sweep's {n} finished runs, its options and headline metrics as columns: {url}\n"
-              f"the same runs in MLflow's comparison (parallel coordinates, scatter plots): {sweep[0]}")
+    elif sweep:
+        _, experiment, n = sweep
+        if view:
+            print(f"the newest sweep's {n} finished runs, its options and headline metrics as columns: {view[0]}")
+        print(f"the newest sweep's {n} finished runs in MLflow's comparison (parallel coordinates, scatter plots): "
+              f"{sweep[0]}")
     else:
         experiment = args.experiment or "fastclip"
     print(f"runs of {experiment!r}: {runs_page(uri, experiment, port)}\n"

@@ -113,6 +113,8 @@ def test_a_key_given_twice_on_the_command_line_is_an_error():
     check_overrides(["dataset=webdataset", "dataset.train_shards='/d/{0..2}.tar'", "epochs=1,2"])
     with pytest.raises(ConfigError, match=r"dataset.train_shards is given 3 times on the command line.*brace"):
         check_overrides(["dataset=webdataset"] + [f"dataset.train_shards=/d/{i}.tar" for i in range(3)])
+    with pytest.raises(ConfigError, match=r"is given 2 times.*brace"):  # expanded in the current directory
+        check_overrides(["dataset=webdataset"] + [f"dataset.train_shards=shard-{i}.tar" for i in range(2)])
     # not paths: no guess about bash, the values named and the one Hydra would keep
     with pytest.raises(ConfigError, match=r"trainer.max_steps is given 2 times on the command line \(trainer.max_steps"
                                           r"=60, trainer.max_steps=2\): give it once \(Hydra would silently keep the "

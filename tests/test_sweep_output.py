@@ -26,7 +26,7 @@ class _Tracker:
 def test_a_job_without_a_progress_bar_says_where_it_is(tmp_path, caplog, monkeypatch, progress):
     monkeypatch.setattr(steplog, "HEARTBEAT_S", 0.0)
     bar = tqdm(total=50, disable=not progress)
-    log = steplog.StepLog(_Tracker(), 1, bar, tmp_path / "last.pt", heading="job 2 (3 of 6; 2 done)")
+    log = steplog.StepLog(_Tracker(), 1, bar, tmp_path / "last.pt", heading=lambda: "job 2 (3 of 6; 2 done)")
     state = TrainState(step=7, epoch=1)
     with caplog.at_level(logging.INFO, logger=steplog.__name__):
         log.add(state, torch.tensor(2.5), torch.tensor(True), 1e-3, {})
@@ -59,6 +59,10 @@ BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
     ({"_target_": BASIC}, ["boundary=none,fixed,gumbel", "seed=range(0,2)", "trainer.lr=1e-3"], 6),
     ({"_target_": BASIC, "params": {"trainer.lr": "1e-3,2e-3"}}, ["seed=0,1"], 4),  # hydra.sweeper.params too
     ({"_target_": BASIC}, ["trainer.lr=1e-3"], 1),
+    # a key in both: the command line's values, as the basic sweeper takes them
+    ({"_target_": BASIC, "params": {"seed": "0,1,2"}}, ["seed=5"], 1),
+    ({"_target_": BASIC, "params": {"seed": "0,1,2"}}, ["seed=0,1", "boundary=none,fixed"], 4),
+    ({"_target_": BASIC}, ["dataset.path=glob(*.csv)"], None),  # needs Hydra's config loader: unknown, no error
     ({"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "n_trials": 12},
      ["trainer.lr=interval(1e-4,1e-3)"], 12),
     ({"_target_": "some.OtherSweeper"}, ["trainer.lr=interval(1e-4,1e-3)"], None),

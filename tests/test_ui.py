@@ -134,12 +134,15 @@ def test_the_newest_sweeps_saved_view_shows_what_it_varied_and_its_headline_metr
             for key in ("val/zeroshot_top1", "zeroshot/top1", "efficiency/image_gflops", "train/loss"):
                 client.log_metric(job, key, 0.5)
             client.set_terminated(job)
+    client.set_terminated(client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id, "FAILED")
     url, experiment, n = sweep_view(uri, 5000)
     assert experiment == "boundary_ablation" and n == 4
     key = url.split("viewStateShareKey=")[1]
     assert url.startswith(f"http://127.0.0.1:5000/#/experiments/{exp}/runs?")
     state = json.loads(client.get_experiment(exp).tags[VIEW_TAG + key])
-    assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent}'"
+    assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'"
+    # the filter is MLflow's search syntax: it finds the sweep's four finished jobs
+    assert len(client.search_runs([exp], filter_string=state["searchFilter"])) == 4
     assert state["selectedColumns"] == ["params.`boundary.name`", "params.`seed`", "metrics.`val/zeroshot_top1`",
                                         "metrics.`zeroshot/top1`", "metrics.`efficiency/image_gflops`"]
     assert state["orderByKey"] == "metrics.`val/zeroshot_top1`" and state["orderByAsc"] is False

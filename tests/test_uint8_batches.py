@@ -33,3 +33,12 @@ def test_a_clip_tasks_training_batches_are_uint8_until_the_device(tmp_path):
     images, tokens = task.device_inputs(batch)
     assert images.dtype == torch.float32 and images.shape == batch.images.shape
     assert -3 < float(images.min()) < 0 < float(images.max()) < 3  # normalised, not 0..255
+
+
+def test_the_lookup_table_reaches_a_device_once():
+    """A per-step copy of the table from pageable memory would make the host wait for the GPU's queue."""
+    _, normalize = split_normalisation(open_clip.image_transform(32, is_train=True))
+    batch = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    first = normalize(batch)
+    table = normalize._on[batch.device][0]
+    assert torch.equal(normalize(batch), first) and normalize._on[batch.device][0] is table

@@ -52,7 +52,7 @@ class EpochBatches:
         self.normalize = normalize
 
     def __iter__(self):
-        return ((self.normalize(images), texts) for images, texts in self.batches)
+        return ((self.normalize(images), texts) for images, texts in self.batches if images is not None)
 
 
 def open_clip_train_step_s(cfg, steps: int) -> tuple[float, nn.Module]:

@@ -4,9 +4,11 @@ A float32 batch is 4x the bytes of the same batch as uint8 (154 MB against 39 MB
 224 px): in each worker's shared memory, in the prefetch queue, in pinned memory and over the
 host-to-device copy. The training transform therefore stops at a uint8 [3, H, W] tensor, and
 DeviceNormalize does on the device what open_clip's transform ends with (ToTensor's /255, then
-Normalize's (x - mean) / std), with the same float32 operations in the same order: the normalised
-batch is bit-for-bit the one open_clip's transform makes (tests/test_uint8_batches.py). Evaluation and
-inference keep open_clip's float transform (their batches are not the bottleneck, and users call it).
+Normalize's (x - mean) / std) by a lookup: each channel's 256 possible values are computed once, on the
+CPU, with those very float32 operations, so the normalised batch is bit for bit what open_clip's
+transform makes on any device (a CUDA division by 255 would round 126 of the 256 values differently);
+tests/test_uint8_batches.py. Evaluation and inference keep open_clip's float transform (their batches
+are not the bottleneck, and users call it).
 """
 import numpy as np
 import torch
@@ -29,18 +31,31 @@ class ToUint8Tensor:
 
 
 class DeviceNormalize:
-    """uint8 images [B, 3, H, W] (any device) -> float32 (x / 255 - mean) / std, as torchvision's
-    ToTensor + Normalize compute it. A float batch (a source that gave floats) passes unchanged."""
+    """uint8 images [B, C, H, W] (any device) -> float32 (x / 255 - mean) / std, exactly as torchvision's
+    ToTensor + Normalize compute it on the CPU. A float batch (a source that gave floats) passes
+    unchanged. The lookup table moves to a device once (a per-step copy from pageable memory would make
+    the host wait for the GPU's queue)."""
 
     def __init__(self, mean, std):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        values = torch.arange(256, dtype=torch.uint8).to(torch.float32).div(255)  # ToTensor's arithmetic
+        mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1)
+        std = torch.tensor(std, dtype=torch.float32).view(-1, 1)
+        self.table = (values.view(1, -1) - mean).div(std).reshape(-1)  # [C * 256]: Normalize's, per channel
+        self.channels = mean.shape[0]
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on:
+            offsets = (torch.arange(self.channels, dtype=torch.int32) * 256).view(1, -1, 1, 1)
+            self._on[device] = (self.table.to(device), offsets.to(device))
+        return self._on[device]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             return images
-        x = images.to(torch.float32).div(255)
-        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        table, offsets = self._tables(images.device)
+        index = images.to(torch.int32) + offsets  # channel c's value v -> row c * 256 + v
+        return table.index_select(0, index.reshape(-1)).view(images.shape)
 
 
 def split_normalisation(transform: Compose) -> tuple[Compose, DeviceNormalize]:

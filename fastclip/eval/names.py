@@ -68,14 +68,14 @@ CATALOG = (
     Metric("train/compression", "x", "", "step", "task=lm: tokens per segment on the step's batch (the shortening factor)"),
     Metric("train/compression_{tower}", "x", "", "step", "a DTP or ToMe tower's shortening factor on the step's batch: tokens / segments"),
     Metric("boundaries/dropped_{tower}", "boundaries", "lower", "step", "boundaries beyond boundary.image_token_budget, dropped on the step's batch"),
-    Metric("train/logit_scale", "", "", "step", "CLIP's learned temperature, exp(logit_scale) multiplies the cosine similarities"),
+    Metric("train/logit_scale", "", "", "step", "CLIP's learned inverse temperature: the factor on the cosine similarities, exp of the parameter (capped at 100)"),
     Metric("train/lr", "", "", "step", "the learning rate the step's update used"),
     Metric("efficiency/train_pflops_total", "PFLOPs", "lower", "step", "counted training compute so far (forward + backward of the whole model, a full-token phase and a teacher included): the x axis of --x compute"),
     Metric("distill/kl", "nats", "lower", "step", "compression=distill: KL divergence from the teacher's similarity distribution"),
     Metric("distill/feature_mse", "", "lower", "step", "compression=distill: MSE between the student's and the teacher's embeddings"),
     Metric("time/teacher_ms", "ms", "lower", "step", "compression=distill: the teacher's forward time on the step's batch"),
     # evaluation (per epoch, validation split) and final (test split)
-    Metric("epoch", "epochs", "", "eval", "the epoch an evaluation closed (1-based)"),
+    Metric("epoch", "epochs", "", "eval", "the run's epoch counter at the evaluation: epochs completed (0 in a run shorter than one epoch)"),
     Metric("val/zeroshot_top1", "share", "higher", "eval", "zero-shot top-1 on the validation split: a sweep's objective"),
     Metric("val/zeroshot_top5", "share", "higher", "eval", "zero-shot top-5 on the validation split"),
     Metric("val/i2t_r{k}", "share", "higher", "eval", "image-to-text recall@K on the validation split (val/i2t_r1: the objective without a zero-shot set)"),
@@ -106,7 +106,7 @@ CATALOG = (
     Metric("efficiency/text_gflops", "GFLOPs", "lower", "eval", "the text tower's forward per caption on the eval batch"),
     Metric("efficiency/{tower}_gflops_unpadded", "GFLOPs", "lower", "eval", "the tower's forward per sample, each sample alone (no padding to the batch's longest)"),
     Metric("efficiency/compression_{tower}", "x", "", "eval", "the tower's achieved shortening factor on the eval batch: tokens / segments (task=lm: _text, on the evaluated text)"),
-    Metric("efficiency/train_gflops", "GFLOPs", "lower", "eval", "counted training compute per sample of the whole model (both towers, predictors, loss; forward + backward)"),
+    Metric("efficiency/train_gflops", "GFLOPs", "lower", "step", "counted training compute per sample of the whole model (both towers, predictors, loss; forward + backward), at counted steps (trainer.count_flops_every) and at the end"),
     Metric("boundary/image_on_stride", "share", "", "eval", "DTP image towers: the share of boundaries where fixed k = round(shortening factor) puts one"),
     Metric("data/skipped", "samples", "lower", "eval", "bad samples skipped so far (running total, kept across resumes)"),
     Metric("data/eval_duplicates", "images", "", "eval", "evaluation images merged as copies of another"),
@@ -121,13 +121,12 @@ CATALOG = (
     Metric("train/steps", "steps", "", "end", "optimizer steps taken (under trainer.max_pflops: what the budget bought)"),
     Metric("train/samples", "samples", "", "end", "training samples seen (global batch x steps)"),
     Metric("throughput/train_samples_per_s", "samples/s", "higher", "end", "training samples per second of training wall time"),
-    Metric("zeroshot/top1_reduced", "share", "higher", "final", "trainer.full_token_steps: zero-shot top-1 of the reduced model just before the full-token phase"),
     # compression (final)
     Metric("compression/sparsity", "share", "", "final", "compression=prune: the share of prunable weights that are zero"),
     Metric("compression/params_nonzero", "params", "lower", "final", "compression=prune: nonzero parameters of the deployed model"),
     Metric("compression/pruned_at_end", "0/1", "", "final", "compression=prune: 1 where pruning happened at the run's end (no fine-tune after it)"),
     Metric("compression/before_prune_step", "steps", "", "final", "compression=prune: the step the *_before_prune twins were measured at"),
-    Metric("compression/model_mb", "MB", "lower", "final", "compression=quant: the quantized model's serialized size"),
+    Metric("compression/model_mb", "MB", "lower", "final", "compression=quant|prune: the compressed model's serialized size"),
     Metric("compression/int8_weight_fraction", "share", "", "final", "compression=quant: the share of weights stored as int8"),
     Metric("time/eval_batch_ms", "ms", "lower", "final", "compression: the compressed model's latency on one eval batch"),
 )
@@ -135,7 +134,8 @@ CATALOG = (
 TWINS = {"_dense": "the same, on the uncompressed model (compression=quant|prune)",
          "_teacher": "the same, on the distillation teacher (compression=distill)",
          "_before_prune": "the same, before pruning (compression=prune)",
-         "_reduced": "the same, before the full-token phase (trainer.full_token_steps)"}
+         "_reduced": "the same, of the reduced model just before the full-token phase (trainer.full_token_steps; "
+                     "zeroshot/top1_reduced)"}
 _PLACEHOLDERS = {"{k}": "(?:1|5|10)", "{tower}": "(?:image|text)"}
 
 

@@ -38,7 +38,7 @@ def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: 
     checkpoints = CheckpointPolicy(trainer, cfg, tracker, run_dir, provenance)
     bar = tqdm(total=trainer.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not cfg.trainer.progress or not trainer.world.main)
-    steps = StepLog(tracker, cfg.tracking.log_every, bar, checkpoints.path, heading=sweep_jobs.position())
+    steps = StepLog(tracker, cfg.tracking.log_every, bar, checkpoints.path, heading=sweep_jobs.position)
     timer = StepTimer()
     metrics: dict[str, float] = {}
     task.model.train()

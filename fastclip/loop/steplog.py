@@ -23,10 +23,11 @@ class StepLog:
     the host in one transfer per device (each read of a device tensor makes the host wait for
     the GPU's queue to drain; open_clip_train, likewise, reads its loss at log steps only)."""
 
-    def __init__(self, tracker, every: int, bar, checkpoint_path: Path, heading: str = ""):
-        """heading: what the heartbeat line starts with (a sweep job's "job 3 of 6 (2 done)")."""
+    def __init__(self, tracker, every: int, bar, checkpoint_path: Path, heading=lambda: ""):
+        """heading: () -> what the heartbeat line starts with, read at each heartbeat (a sweep job's
+        "job 2 (3 of 6; 2 done)": parallel jobs end meanwhile)."""
         self.tracker, self.every, self.bar, self.checkpoint_path = tracker, max(1, int(every)), bar, checkpoint_path
-        self.heading = f"{heading}: " if heading else ""
+        self.heading = heading
         self._rows: list[tuple[int, int, torch.Tensor | bool, dict]] = []
         self._window = (0, time.perf_counter())  # steps since the last drain, and its start
         self._said = time.perf_counter()  # the last heartbeat line
@@ -73,8 +74,9 @@ class StepLog:
             self.bar.set_postfix(loss=f"{rows[-1][3]['train/loss']:.4f}", steps_s=f"{rate:.2f}")
             if self.bar.disable and self.tracker and time.perf_counter() - self._said >= HEARTBEAT_S:
                 self._said = time.perf_counter()  # no bar to watch: a line, so a sweep's job is never silent long
-                log.info("%sstep %d of %d (epoch %d): train/loss %.4f, %.2f steps/s", self.heading, rows[-1][0] + 1,
-                         self.bar.total, rows[-1][1] + 1, rows[-1][3]["train/loss"], rate)
+                where = self.heading()
+                log.info("%sstep %d of %d (epoch %d): train/loss %.4f, %.2f steps/s", f"{where}: " if where else "",
+                         rows[-1][0] + 1, self.bar.total, rows[-1][1] + 1, rows[-1][3]["train/loss"], rate)
         self._window = (0, time.perf_counter())
 
 

@@ -19,7 +19,7 @@ from fastclip.models.outputs import TowerOutput
 from fastclip.models.packed import PackedRows, check_packable, packed_block
 from fastclip.models.patch_order import patch_order
 from fastclip.schema.fields import choice
-from fastclip.schema.model import IMAGE_POOLS, IMAGE_STARTS
+from fastclip.schema.model import IMAGE_LAYOUTS, IMAGE_POOLS, IMAGE_STARTS
 
 
 def _heads(vit: VisionTransformer) -> int:
@@ -150,8 +150,7 @@ class DTPImageTower(nn.Module):
         super().__init__()
         if not (buckets == "auto" or (isinstance(buckets, int) and buckets >= 1)):
             raise ValueError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
-        if layout not in ("packed", "padded", "auto"):
-            raise InputError(f"boundary.image_layout={layout!r}: expected packed, padded or auto")
+        choice("boundary.image_layout", layout, IMAGE_LAYOUTS)
         if layout == "packed" and buckets not in ("auto", 1):
             raise ValueError(f"boundary.image_buckets={buckets} applies to boundary.image_layout=padded only: "
                              f"packed rows have no padding to bucket")

@@ -13,6 +13,7 @@ IMAGE_ORDERS = ("raster", "hilbert")  # the patch scan order a DTP image tower p
 IMAGE_STARTS = ("prior", "stride")
 IMAGE_POOLS = ("mean", "cls")
 TEXT_LAYOUTS = ("packed", "padded")
+IMAGE_LAYOUTS = ("packed", "padded", "auto")
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Boundary:
         choice("boundary.image_pool", self.image_pool, IMAGE_POOLS)
         choice("boundary.text_tokens", self.text_tokens, TEXT_TOKENS)
         choice("boundary.text_layout", self.text_layout, TEXT_LAYOUTS)
-        choice("boundary.image_layout", self.image_layout, ("packed", "padded", "auto"))
+        choice("boundary.image_layout", self.image_layout, IMAGE_LAYOUTS)
         budget = self.image_token_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0
                                    or (isinstance(budget, float) and budget > 1 and budget != int(budget))):

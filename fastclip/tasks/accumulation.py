@@ -43,7 +43,7 @@ def accumulate_contrastive(task, batches: list, run: Backward) -> list[StepOutpu
         with run.autocast():
             for i in usable:
                 states.append(runtime.rng_state())
-                out = model(*_inputs(task, batches[i]))
+                out = model(*task.device_inputs(batches[i]))
                 cached.append((out["image_features"], out["text_features"]))
     after = runtime.rng_state()
     outs = [StepOutput(None, skipped=batch.skipped) for batch in batches]
@@ -66,10 +66,6 @@ def accumulate_contrastive(task, batches: list, run: Backward) -> list[StepOutpu
         outs[i] = out
     runtime.set_rng_state(after)
     return outs
-
-
-def _inputs(task, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    return task.device_inputs(batch)
 
 
 def _scaled_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
