@@ -142,12 +142,13 @@ def main(argv=None) -> Report:
     try:
         require_store(uri, "runs launched from this directory write there; --uri names another")
         experiment, sweep = args.experiment, args.sweep
-        if experiment is None and sweep is None:  # as `make report`: the newest sweep, else fastclip's runs
+        if experiment is None and sweep in (None, "latest"):  # as `make report`: the newest sweep in any experiment
             try:
                 experiment, sweep = latest_sweep_experiment(uri), "latest"
             except ReportError:
-                experiment = "fastclip"
-        experiment = experiment or (latest_sweep_experiment(uri) if sweep == "latest" else "fastclip")
+                if sweep == "latest":  # asked for: no sweep is an error; by default, fastclip's runs
+                    raise
+        experiment = experiment or "fastclip"
         report = build_report(uri, experiment, Path(args.out) if args.out else None, sweep, args.metric,
                               args.cost, args.pool_versions, args.x)
     except (ReportError, TrackingStoreError) as exc:
