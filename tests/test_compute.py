@@ -132,3 +132,44 @@ def test_the_bpe_text_tower_runs_at_the_longest_caption_and_gives_the_padded_tow
     assert trimmed_short < trimmed_long <= padded
     if encoder == "vit_b32":  # 77 tokens of context, captions of a few: most of the padded cost was padding
         assert trimmed_short < 0.2 * padded
+
+
+@pytest.mark.parametrize("method,mode", [("fixed", "eval"), ("whitespace", "train"), ("gumbel", "eval"),
+                                         ("entropy_spike", "train"), ("entropy_spike", "eval")])
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_the_byte_text_tower_runs_at_the_longest_caption_and_gives_the_padded_towers_outputs(method, mode, layout,
+                                                                                              monkeypatch):
+    """boundary.text_tokens=bytes: the bytes after the longest caption change nothing (causal pre-layers,
+    no boundary or segment on padding), so the tower trims them: embedding, boundaries, segment counts,
+    entropy-spike targets and its next-byte loss equal the untrimmed run's within 1e-5, and the FLOPs
+    follow the captions' lengths."""
+    import fastclip.models.text as text_towers
+    from fastclip.eval.efficiency import count_gflops
+    from fastclip.models.clip import build_clip
+    cfg = compose_cfg(TINY_CLIP + [f"boundary={method}", "boundary.apply_to=[text]", "boundary.text_tokens=bytes",
+                                   f"boundary.text_layout={layout}", "encoder.text.context_length=64"])
+    torch.manual_seed(0)
+    model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
+    tower = model.text.train(mode == "train")
+    if tower.predictor is not None:  # a predictor that fires on some bytes and not on others
+        torch.nn.init.normal_(tower.predictor.mlp[-1].weight, std=2.0)
+        torch.nn.init.zeros_(tower.predictor.mlp[-1].bias)
+    tokens = tokenizer(["a cat on a mat", "a red bus parked near the house", "x"])
+    longest = 31
+    assert int((tokens != 0).sum(1).max()) == longest < tokens.shape[1]
+    with torch.no_grad():
+        trimmed = tower(tokens)
+        gflops_trimmed = count_gflops(tower, tokens)[0]
+        monkeypatch.setattr(text_towers, "longest_caption", lambda rows, pad_id: rows.shape[1])  # as it ran before
+        padded = tower(tokens)
+        gflops_padded = count_gflops(tower, tokens)[0]
+    assert trimmed.boundaries.shape == (3, longest) and padded.boundaries.shape == (3, 64)
+    assert torch.equal(trimmed.boundaries, padded.boundaries[:, :longest]) and not padded.boundaries[:, longest:].any()
+    assert torch.equal(trimmed.segments, padded.segments) and (trimmed.segments < trimmed.tokens).any()
+    torch.testing.assert_close(trimmed.embedding, padded.embedding, atol=1e-5, rtol=1e-5)
+    if method == "entropy_spike":
+        assert torch.equal(trimmed.boundary_targets, padded.boundary_targets[:, :longest])
+        assert not padded.boundary_targets[:, longest:].any()
+        assert trimmed.boundary_targets[1, -1] == 1, "the longest caption's last byte: a spike with this init"
+        torch.testing.assert_close(trimmed.auxiliary_loss, padded.auxiliary_loss, atol=1e-5, rtol=1e-5)
+    assert gflops_trimmed < 0.6 * gflops_padded

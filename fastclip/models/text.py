@@ -136,8 +136,12 @@ class DTPTextTower(nn.Module):
 
     def forward(self, tokens) -> TowerOutput:
         """tokens [B, L] bytes (+1, 0 padding) -> TowerOutput with boundaries, boundary_logits and
-        token_mask over the L bytes; boundary_targets from the next-char head (entropy_spike, which
-        also gives auxiliary_loss, its mean next-byte NLL in nats) or the unigram model."""
+        token_mask over the batch's first L' bytes (L' its longest caption: the padding after it changes
+        nothing before it under the causal pre-layers, and no segment holds it, so trimming it is exact);
+        boundary_targets from the next-char head (entropy_spike, which also gives auxiliary_loss, its mean
+        next-byte NLL in nats) or the unigram model."""
+        context = tokens.shape[1]
+        tokens = tokens[:, :longest_caption(tokens, CharTokenizer.pad_id)]
         token_mask = tokens != CharTokenizer.pad_id
         B, L = tokens.shape
         x = self.embed(tokens) + self.pos[:L]
@@ -167,16 +171,16 @@ class DTPTextTower(nn.Module):
         emb = mean_of_valid(pooled, seg_mask)
         targets = auxiliary_loss = None
         if self.next_char is not None:
-            next_logits = self.next_char(x[:, :-1])
-            nll = nn.functional.cross_entropy(next_logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+            next_logits = self.next_char(x)  # a caption's last byte predicts the end (padding), as untrimmed
+            nll = nn.functional.cross_entropy(next_logits[:, :-1].float().transpose(1, 2), tokens[:, 1:],
+                                              reduction="none")
             keep = token_mask[:, 1:].float()
             auxiliary_loss = (nll * keep).sum() / keep.sum().clamp_min(1)
-            padded = nn.functional.pad(next_logits.detach(), (0, 0, 0, 1))
-            targets = self.method.targets(padded) * token_mask
-            # The context's last byte has no next byte in view: its padded logits (zeros) read as the
-            # uniform distribution, the highest entropy there is, a spike on every caption that fills
-            # the context. No target there, as the image tower's last patch gets none.
-            targets[:, -1] = 0
+            targets = self.method.targets(next_logits.detach()) * token_mask
+            if L == context:
+                # The context's last byte has no next byte in view: no target there, as the image
+                # tower's last patch gets none (spikes read only earlier entropies, so no other moves).
+                targets[:, -1] = 0
         elif self.unigram_model is not None:
             targets = self.unigram_targets(tokens)
         return TowerOutput(emb @ self.proj, tokens=token_mask.sum(1).float(), segments=counts.float(),
