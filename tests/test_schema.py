@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg
+from fastclip import PROJECT_ROOT
 from fastclip.checks import ConfigError, check_config
 from fastclip.config import flatten
 from fastclip.schema import OPTIONS, typed
@@ -72,6 +73,25 @@ def test_a_config_built_without_hydra_is_typed_and_ranged_by_the_same_schema(key
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
     assert typed(compose_cfg()).trainer.lr == 5e-4
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (PROJECT_ROOT / "conf" / "boundary").glob("*.yaml")))
+def test_every_boundary_option_checks_the_shared_placement_keys(option):
+    """An option's own checks add to the placement keys' (boundary=lowres once replaced them: a typo in
+    image_order passed under it)."""
+    with pytest.raises(ConfigError, match="boundary.image_order='zigzag': expected raster or hilbert"):
+        check_config(compose_cfg([f"boundary={option}", "boundary.image_order=zigzag"]))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("gumbel", 0, "boundary.predictor_ratio=0: expected auto or an integer >= 1"),
+    ("gumbel", "wide", "boundary.predictor_ratio='wide': expected auto or an integer >= 1"),
+    ("entropy_spike", 0, r"boundary.predictor_ratio=0: expected an integer >= 1"),
+    ("unigram", -2, r"boundary.predictor_ratio=-2: expected an integer >= 1"),
+])
+def test_the_predictor_ratio_is_checked_before_a_model_is_built(option, value, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_cfg([f"boundary={option}", f"boundary.predictor_ratio={value}"]))
 
 
 def test_steps_or_a_fraction_of_the_run_is_parsed_in_one_place():

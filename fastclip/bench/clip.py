@@ -44,7 +44,7 @@ PLACEMENT_CONTROL = ["eval.placement_control=true"]  # + zero-shot top-1 with bo
 LEARNED = GUMBEL + PLACEMENT_CONTROL  # learned rows also report top-1 with each image at another image's boundaries
 # The DTP rows both CIFAR benches run, one definition: key -> (table label, overrides)
 DTP_VARIANTS = {
-    "gumbel": ("DTP-ViT gumbel 0.25", LEARNED),
+    "gumbel": ("DTP-ViT gumbel 0.25", LEARNED + ["boundary.predictor_ratio=4"]),  # the paper's predictor
     "fixed": ("DTP-ViT fixed k=4", FIXED),
     "gumbel_r1": ("DTP-ViT gumbel 0.25, predictor d->d->1", LEARNED + ["boundary.predictor_ratio=1"]),
     "gumbel_r1_rb": ("DTP-ViT gumbel 0.25, predictor d->d->1, row breaks", LEARNED + SMALL_PREDICTOR_ROW_BREAKS),

@@ -84,15 +84,29 @@ class Fixed(Boundary):
     loss_weight: float = frozen()
 
 
+def check_predictor_ratio(value: Any, auto: bool = False) -> None:
+    """boundary.predictor_ratio: the predictor MLP's hidden width over the model width, an integer >= 1
+    (gumbel also takes auto: fastclip.models.boundaries.predictor_ratio decides per task)."""
+    if auto and value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"boundary.predictor_ratio={value!r}: expected {'auto or ' if auto else ''}an integer >= 1 "
+                          "(the predictor MLP d -> ratio*d -> 1)")
+
+
 @dataclass
 class Gumbel(Boundary):
-    predictor_ratio: int = frozen()
+    predictor_ratio: Any = frozen()  # auto or an integer >= 1
     prior: float = frozen()
     temperature: float = frozen()
     loss_weight: float = frozen()
     confidence: float = frozen()
     pooling_grad: str = frozen()
     eval_rule: str = frozen()
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_predictor_ratio(self.predictor_ratio, auto=True)
 
 
 @dataclass
@@ -101,12 +115,20 @@ class EntropySpike(Boundary):
     window: int = frozen()
     loss_weight: float = frozen()
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_predictor_ratio(self.predictor_ratio)
+
 
 @dataclass
 class Unigram(Boundary):
     predictor_ratio: int = frozen()
     vocab_size: int = frozen()
     loss_weight: float = frozen()
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_predictor_ratio(self.predictor_ratio)
 
 
 @dataclass
@@ -140,6 +162,7 @@ class Lowres(Boundary):
     loss_weight: float = frozen()
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 < self.scale <= 1:
             raise ConfigError(f"boundary.scale={self.scale}: expected a share of the image side in (0, 1]")
 
