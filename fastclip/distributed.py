@@ -11,6 +11,7 @@ agreements (batch sizes, a stop request, skip counts, evaluation results) go ove
 on CUDA they never wait for the GPU's queue.
 """
 import datetime
+import itertools
 import logging
 import os
 import warnings
@@ -219,27 +220,35 @@ def wrap(model: torch.nn.Module, device: torch.device, find_unused_parameters: b
 
 
 class Lockstep:
-    """A rank's micro-batches kept in step with every other rank's: before each, the ranks agree on
-    the smallest batch among them (one host all-reduce); a larger one is cut to it (the contrastive
-    loss gathers features of the same size from every rank), and the epoch ends for all when any
-    rank's data runs out (a rank that went on would wait forever in the next gradient all-reduce).
-    size_of(batch) -> samples in it; trim(batch, n) -> the batch cut to its first n (n may be 0)."""
+    """A rank's micro-batches kept in step with every other rank's: the ranks agree on the smallest
+    batch among them at each position (one host all-reduce for a window of batches read ahead: 1, 2, 4,
+    then `window` at a time, so that the first step of an epoch waits for one batch only); a larger one
+    is cut to it (the contrastive loss gathers features of the same size from every rank), and the epoch
+    ends for all when any rank's data runs out (a rank that went on would wait forever in the next
+    gradient all-reduce). size_of(batch) -> samples in it; trim(batch, n) -> the batch cut to its
+    first n (n may be 0). The batches read ahead are host memory: `window` loader batches."""
 
-    def __init__(self, batches, size_of, trim):
-        self.batches, self.size_of, self.trim = batches, size_of, trim
+    def __init__(self, batches, size_of, trim, window: int = 8):
+        if window < 1:
+            raise ValueError(f"Lockstep window={window}: expected >= 1")
+        self.batches, self.size_of, self.trim, self.window = batches, size_of, trim, window
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
-        batches = iter(self.batches)
+        batches, ahead = iter(self.batches), 1
         while True:
-            batch = next(batches, None)
-            size = -1 if batch is None else self.size_of(batch)
-            agreed = host_min([size])[0]
-            if agreed < 0:
+            read = list(itertools.islice(batches, ahead))
+            sizes = [self.size_of(b) for b in read]
+            agreed = host_min(sizes + [-1] * (ahead - len(read)))  # -1: this rank's data ran out there
+            for batch, size, n in zip(read, sizes, agreed):
+                if n < 0:
+                    return
+                yield self.trim(batch, n) if n < size else batch
+            if len(read) < ahead or min(agreed) < 0:
                 return
-            yield self.trim(batch, agreed) if agreed < size else batch
+            ahead = min(2 * ahead, self.window)
 
 
 class RankFailed(RuntimeError):

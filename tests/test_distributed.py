@@ -34,11 +34,14 @@ def test_ranks_take_their_runs_of_each_global_batch():
     assert resumed == ranks[1][16:]
 
 
-def _lockstep(rank: int, sizes: list[int], init: str, out):
+def _lockstep(rank: int, sizes: list[int], init: str, out, window: int = 8):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     distributed._world, distributed._host_group = distributed.World(rank, 2, rank), dist.group.WORLD
     batches = [list(range(n)) for n in sizes[rank]]
-    out[rank] = [len(b) for b in distributed.Lockstep(batches, len, lambda b, n: b[:n])]
+    calls, host_min = [], distributed.host_min
+    distributed.host_min = lambda values: calls.append(len(values)) or host_min(values)
+    out[rank] = [len(b) for b in distributed.Lockstep(batches, len, lambda b, n: b[:n], window)]
+    out[f"calls {rank}"] = calls
     distributed.shutdown()
 
 
@@ -49,6 +52,18 @@ def test_lockstep_cuts_to_the_smallest_rank_batch_and_ends_every_rank_with_the_f
     sizes = [[8, 8, 0, 8, 8], [8, 6, 8, 8]]
     mp.spawn(_lockstep, args=(sizes, f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
     assert out[0] == out[1] == [8, 6, 0, 8]
+
+
+@pytest.mark.parametrize("window", [1, 8])
+def test_lockstep_agrees_on_a_window_of_batches_in_one_host_collective(tmp_path, window):
+    """Not one host all-reduce a step: 1, 2, 4, then `window` batches a collective (the epoch's first step
+    waits for one batch); a short batch or an early end anywhere in a window is still agreed on."""
+    out = mp.Manager().dict()
+    sizes = [[8] * 20, [8] * 9 + [5] + [8] * 12]  # rank 1's 10th batch short, and two batches more
+    mp.spawn(_lockstep, args=(sizes, f"file://{tmp_path / 'store'}", out, window), nprocs=2, join=True)
+    assert out[0] == out[1] == [8] * 9 + [5] + [8] * 10
+    expected = [1] * 21 if window == 1 else [1, 2, 4, 8, 8]  # 20 batches and the end: 21 collectives before
+    assert out["calls 0"] == out["calls 1"] == expected
 
 
 @pytest.mark.parametrize("boundary", ["none", "fixed"])
