@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fastclip.checkpoint import CheckpointError
+from fastclip.errors import InputError, InputNotFound, one_line_errors
 from fastclip.data.pairs import UnusableImage, open_rgb
 from fastclip.data.textfile import read_names
 from fastclip.eval.imagenet import TEMPLATE_SETS
@@ -27,9 +28,9 @@ from fastclip.inference import classify, load_run, score
 
 def require_file(flag: str, path: str) -> Path:
     if Path(path).is_dir():
-        raise SystemExit(f"error: {flag} {path}: a directory, not a file")
+        raise InputError(f"{flag} {path}: a directory, not a file")
     if not Path(path).is_file():
-        raise SystemExit(f"error: {flag} {path}: no such file")
+        raise InputNotFound(f"{flag} {path}: no such file")
     return Path(path)
 
 
@@ -41,7 +42,7 @@ def read_images(paths: list[str], preprocess, far_from_training=None) -> tuple[t
         try:
             image = open_rgb(require_file("--image", path), f"--image {path}", skip=False)
         except UnusableImage as exc:
-            raise SystemExit(f"error: {exc}") from None
+            raise InputError(str(exc)) from None
         out.append(preprocess(image))
         notes.append(far_from_training(image) if far_from_training else [])
     return torch.stack(out), notes
@@ -64,12 +65,12 @@ def read_classes(path: str) -> list[str]:
     try:
         names = read_names(require_file("--classes", path), f"--classes {path}")
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise InputError(str(exc)) from None
     if len(names) < 2:
-        raise SystemExit(f"error: --classes {path}: {len(names)} class name(s); one per line, at least 2")
+        raise InputError(f"--classes {path}: {len(names)} class name(s); one per line, at least 2")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise SystemExit(f"error: --classes {path}: {twice} appear more than once")
+        raise InputError(f"--classes {path}: {twice} appear more than once")
     return names
 
 
@@ -103,18 +104,23 @@ def main(argv=None) -> None:
     ap.add_argument("--uri", default=None, help="the MLflow store of a runs:/ checkpoint (default as training)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     args = ap.parse_args(argv)
+    with one_line_errors():  # a flag's file, device or checkpoint that cannot be used: one line naming it
+        infer(args)
+
+
+def infer(args: argparse.Namespace) -> None:
     if args.text is not None and (len(args.text) < 2 or not all(t.strip() for t in args.text)):
-        raise SystemExit("error: --text: give at least two non-empty texts (the probabilities are a softmax over them; "
+        raise InputError("--text: give at least two non-empty texts (the probabilities are a softmax over them; "
                          "one text would always get 1.0)")
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)  # a device this machine lacks fails here, named
     except RuntimeError as exc:
-        raise SystemExit(f"error: --device {args.device}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
     try:
         run = load_run(args.checkpoint, device, args.uri)
     except (FileNotFoundError, CheckpointError) as exc:  # their messages name the file or run
-        raise SystemExit(f"error: --checkpoint: {exc}") from None
+        raise InputError(f"--checkpoint: {exc}") from None
     model, tokenizer = run.model, run.tokenizer
     print(trained_on(run))
     images, notes = read_images(args.image, run.preprocess,

@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from fastclip import sweep_jobs
+from fastclip.errors import InputError
 
 log = logging.getLogger(__name__)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
@@ -39,8 +40,8 @@ def sweep_parent(sweep_dir: str | os.PathLike) -> str | None:
     return marker.read_text().strip() if marker.exists() else None
 
 
-class TrackingStoreError(RuntimeError):
-    pass
+class TrackingStoreError(InputError):
+    """The MLflow store a URI names cannot be used (absent, not writable, a server that does not answer)."""
 
 
 def default_store_uri(launch_dir: str | os.PathLike | None = None) -> str:
@@ -129,7 +130,10 @@ def ensure_store(uri: str, experiment: str) -> str:
     import mlflow
     check_writable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
+    try:
+        found = client.get_experiment_by_name(experiment)
+    except OSError as exc:  # a folder the permission check passed but the store cannot be made in (root on /proc)
+        raise TrackingStoreError(f"tracking.uri={redacted(uri)!r}: cannot open the MLflow store: {exc}") from None
     if found is not None:
         _warn_if_artifacts_elsewhere(uri, found)
         mark_model_training(client, found)  # made before fastclip set it

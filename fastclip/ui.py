@@ -16,6 +16,8 @@ import os
 import socket
 import sys
 
+from fastclip.errors import one_line_errors
+
 HOST = "127.0.0.1"
 
 
@@ -141,33 +143,25 @@ def mlflow_experiment_id(uri: str, experiment: str) -> str:
 
 
 def main(argv=None) -> None:
-    from fastclip.tracking import TrackingStoreError, redacted, require_store, resolve_uri
+    from fastclip.tracking import redacted, require_store, resolve_uri
     ap = argparse.ArgumentParser(prog="python -m fastclip.ui", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", default=None,
+    which = ap.add_mutually_exclusive_group()  # a run's page, or an experiment's runs
+    which.add_argument("--experiment", default=None,
                     help="whose runs table the printed URL opens; default: the newest sweep's saved view and comparison, "
                          "else fastclip")
-    ap.add_argument("--run", default=None, metavar="RUN_ID",
+    which.add_argument("--run", default=None, metavar="RUN_ID",
                     help="open this run's page (a finished run's last log line names its id)")
     ap.add_argument("--port", type=int, default=5000, help="tried first; a free one where it is taken")
     ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db (as training)")
     args = ap.parse_args(argv)
     uri = resolve_uri(args.uri)
-    try:
+    with one_line_errors():  # no store there, no such run: one line
         require_store(uri, "train something first (make train), or --uri names another")
-    except TrackingStoreError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    if args.run and args.experiment:
-        raise SystemExit("error: --run and --experiment: give one (a run's page, or an experiment's runs)")
-    port = free_port(args.port)
+        port = free_port(args.port)
+        one_run = run_page(uri, args.run, port) if args.run else None
     if port != args.port:
         print(f"port {args.port} is taken: using {port}")
-    one_run = None
-    if args.run:
-        try:
-            one_run = run_page(uri, args.run, port)
-        except TrackingStoreError as exc:
-            raise SystemExit(f"error: {exc}") from None
     newest = args.experiment is None and one_run is None
     found = newest_sweep(uri) if newest else None
     view, sweep = (sweep_view(uri, port, found), compare_page(uri, port, found)) if found else (None, None)

@@ -16,6 +16,23 @@ TINY_CLIP = ["encoder.vision.width=32", "encoder.vision.layers=2", "encoder.visi
              "trainer.progress=false", "trainer.warmup_steps=2"]
 
 
+@pytest.fixture(autouse=True)
+def logged_metrics_are_catalogued(monkeypatch):
+    """Every metric a run logs in any test (whatever it trains: distillation, ToMe, a full-token phase,
+    ImageNet...) has an entry in fastclip.eval.names.CATALOG, the metrics reference: a name it lacks
+    fails the test that logged it (after the test: the loop may swallow a logging error)."""
+    from fastclip import tracking
+    from fastclip.eval.names import catalog_entry
+    missing, real = set(), tracking.Tracker.log_metrics
+
+    def checked(self, metrics, step, flush=True):
+        missing.update(name for name in metrics if catalog_entry(name) is None)
+        return real(self, metrics, step, flush)
+    monkeypatch.setattr(tracking.Tracker, "log_metrics", checked)
+    yield
+    assert not missing, f"logged but not in fastclip.eval.names.CATALOG (docs/reference/metrics.md): {sorted(missing)}"
+
+
 TENSOR_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 
 

@@ -105,3 +105,16 @@ def test_help_lists_the_groups_and_options_a_user_chooses_not_the_internal_ones(
         assert all(f" {option} " in text for option in options), group
     assert "* digits        Embedded default" in text and "+cluster=" in text
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_tracking_store_that_cannot_be_written_fails_train_in_one_line_naming_the_uri(tmp_path, cli_env):
+    """A store error is an input error like any other (it printed Hydra's traceback before)."""
+    (tmp_path / "a_file").write_text("")
+    uri = f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"
+    done = subprocess.run([PYTHON, "-m", "fastclip.train", f"tracking.uri={uri}", "trainer.max_steps=1"], cwd=tmp_path,
+                          env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == f"error: tracking.uri='{uri}': cannot write the MLflow store at {tmp_path / 'a_file'}: " \
+                        f"{tmp_path / 'a_file'} is not a directory", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -1,7 +1,7 @@
 """The metric catalog (fastclip.eval.names.CATALOG, docs/reference/metrics.md) names every metric a
 run logs: real short runs of each kind (CLIP with learned DTP towers and pruning, CLIP over a CSV with
 retrieval, quantization, the char LM) log nothing the catalog lacks, and which way is better comes from
-it."""
+it. Every other test's runs are held to the catalog too (conftest.logged_metrics_are_catalogued)."""
 import pytest
 
 from conftest import TINY_CLIP, compose_cfg

@@ -22,6 +22,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastclip.errors import one_line_errors
 from fastclip.eval.names import CLASS_COUNT_METRIC, chance_level, val_name
 from fastclip.report.plots import CurvePanel
 from fastclip.report.runs import ReportError, Selection, latest_sweep_experiment, load_histories, select_runs
@@ -118,7 +119,7 @@ def _counts(left_out: dict[str, int]) -> str:
 
 
 def main(argv=None) -> Report:
-    from fastclip.tracking import TrackingStoreError, require_store, resolve_uri
+    from fastclip.tracking import require_store, resolve_uri
     ap = argparse.ArgumentParser(prog="python -m fastclip.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default=None,
@@ -139,7 +140,7 @@ def main(argv=None) -> Report:
                     help=f"the curves' x axis: optimizer steps, or counted training compute ({COMPUTE})")
     args = ap.parse_args(argv)
     uri = resolve_uri(args.uri)  # the store training writes from this directory
-    try:
+    with one_line_errors():  # the store, experiment, sweep or metric asked for is not there: one line
         require_store(uri, "runs launched from this directory write there; --uri names another")
         experiment, sweep = args.experiment, args.sweep
         if experiment is None and sweep in (None, "latest"):  # as `make report`: the newest sweep in any experiment
@@ -151,8 +152,6 @@ def main(argv=None) -> Report:
         experiment = experiment or "fastclip"
         report = build_report(uri, experiment, Path(args.out) if args.out else None, sweep, args.metric,
                               args.cost, args.pool_versions, args.x)
-    except (ReportError, TrackingStoreError) as exc:
-        raise SystemExit(f"error: {exc}") from None
     print(report.text)
     print(f"wrote {', '.join(str(report.out / f) for f in FILES)}"
           + (f"; logged to the sweep's parent run {report.selection.sweep_id}" if report.selection.sweep_id else ""))

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import mlflow
 
+from fastclip.errors import InputError
 from fastclip.schema.resume_rules import missing_legacy
 from fastclip.tracking import EFFECTIVE_TAG, redacted
 
 SWEEP_ROLE = ("fastclip.role", "sweep")  # the tag fastclip's sweep parent runs carry
 
 
-class ReportError(ValueError):
+class ReportError(InputError):
     """What the report was asked for is not in the store (names the experiment, sweep or metric)."""
 
 
