@@ -104,3 +104,39 @@ def test_evaluation_runs_under_the_training_precision_with_eval_loader_workers(m
     task.quality(split="val")
     assert seen and set(seen) == {torch.bfloat16}
     assert workers == [1]
+
+
+CLASSNAMES = [f"class {i}" for i in range(25)]  # three batches of 10 classes: rank 0 encodes two, rank 1 one
+
+
+def _classifier(rank: int, init: str, out):
+    from fastclip.config import compose_train_config
+    from fastclip.eval.zeroshot import shared_classifier
+    from fastclip.models.clip import build_clip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    distributed._world, distributed._host_group = distributed.World(rank, 2, rank), dist.group.WORLD
+    try:
+        torch.manual_seed(0)
+        cfg = compose_train_config(TINY_CLIP)
+        model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
+        model.eval()
+        encoded, encode_text = [], model.encode_text
+        model.encode_text = lambda texts, **kw: encoded.append(len(texts)) or encode_text(texts, **kw)
+        templates = ["a photo of {}.", "{}"]
+        shared = sharded.together(lambda: shared_classifier(model, tokenizer, CLASSNAMES, templates, "cpu"), "test")
+        out[rank] = {"shared": shared, "prompts": sum(encoded),
+                     "alone": shared_classifier(model, tokenizer, CLASSNAMES, templates, "cpu")}
+    finally:
+        distributed.shutdown()
+
+
+def test_the_zero_shot_classifier_is_built_in_shares_and_equals_one_process(tmp_path):
+    """Each rank encodes the prompts of every other batch of 10 classes (the ImageNet classifier's 80K
+    prompts were encoded whole on every rank); the gathered columns are one process's, in class order."""
+    out = mp.Manager().dict()
+    mp.spawn(_classifier, args=(f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
+    assert out[0]["shared"].shape == (32, 25)
+    for rank in (0, 1):
+        assert torch.equal(out[rank]["shared"], out[0]["alone"]), rank
+    assert (out[0]["prompts"], out[1]["prompts"]) == (2 * 15, 2 * 10)  # classes 0-9 and 20-24; 10-19

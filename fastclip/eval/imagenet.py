@@ -10,14 +10,13 @@ import logging
 from pathlib import Path
 
 import torch
-from open_clip import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from fastclip.data.image_folder import scan
 from fastclip.data.pairs import ImageFiles
 from fastclip.errors import InputError
 from fastclip.eval import sharded
-from fastclip.eval.zeroshot import classify_shared
+from fastclip.eval.zeroshot import classify_shared, shared_classifier
 
 log = logging.getLogger(__name__)
 TEMPLATE_SETS = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
@@ -49,8 +48,7 @@ def cached_classifier(model, tokenizer, classnames, templates_name: str, device,
         path = Path(cache_dir) / f"imagenet_classifier_{key}.pt"
         if path.is_file():
             return torch.load(path, map_location=device), True
-    classifier = build_zero_shot_classifier(model, tokenizer, classnames, TEMPLATE_SETS[templates_name],
-                                            num_classes_per_batch=10, device=device)
+    classifier = shared_classifier(model, tokenizer, classnames, TEMPLATE_SETS[templates_name], device)
     if path is not None and sharded.world().main:  # ranks evaluating together: one writer
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -2,13 +2,34 @@
 
 The classifier comes from open_clip's build_zero_shot_classifier; the accuracy loop is ours
 (open_clip's accuracy() breaks on numpy 2.4). In a data-parallel evaluation (eval/sharded.py) each
-rank classifies its share of the images and the hit counts are summed over ranks.
+rank builds the classifier's columns of every W-th run of CLASSES_PER_BATCH classes (the batches one
+process encodes, so the columns are that process's) and classifies its share of the images; the
+columns are gathered and the hit counts summed over ranks.
 """
 import torch
 from open_clip import build_zero_shot_classifier
 
 from fastclip.data.pairs import DecodedBatches
 from fastclip.eval import sharded
+
+
+CLASSES_PER_BATCH = 10  # build_zero_shot_classifier's num_classes_per_batch: the prompts of 10 classes a text batch
+
+
+@torch.no_grad()
+def shared_classifier(model, tokenizer, classnames, templates, device) -> torch.Tensor:
+    """open_clip's zero-shot classifier [embed_dim, classes] (each class: its prompts' normalised mean
+    embedding). Inside sharded.together() each rank encodes every W-th batch of CLASSES_PER_BATCH
+    classes and every rank gets the whole classifier, equal to one process's (its batches)."""
+    def build(names):
+        return build_zero_shot_classifier(model, tokenizer, names, templates,
+                                          num_classes_per_batch=CLASSES_PER_BATCH, device=device)
+    if sharded.world().size == 1:
+        return build(classnames)
+    mine = [(b, build([classnames[i] for i in items]).cpu())
+            for b, items in sharded.batch_ranges(len(classnames), CLASSES_PER_BATCH)]
+    columns = sorted((piece for part in sharded.gather(mine) for piece in part), key=lambda piece: piece[0])
+    return torch.cat([c for _, c in columns], dim=1).to(device)
 
 
 @torch.no_grad()
@@ -51,8 +72,7 @@ def zero_shot_eval(model, tokenizer, images, classnames, templates, device, batc
     sharded.together(), each rank encodes its share; every rank gets the whole set's numbers."""
     was_training = model.training
     model.eval()
-    classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates,
-                                            num_classes_per_batch=10, device=device)
+    classifier = shared_classifier(model, tokenizer, classnames, templates, device)
     correct, n, _ = classify_shared(model, images, classifier, device, batch_size, num_workers)
     model.train(was_training)
     return {"top1": correct[1] / n, "top5": correct[5] / n}
