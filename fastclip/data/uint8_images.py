@@ -9,10 +9,14 @@ CPU, with those very float32 operations, so the normalised batch is bit for bit 
 transform makes on any device (a CUDA division by 255 would round 126 of the 256 values differently);
 tests/test_uint8_batches.py. Evaluation and inference keep open_clip's float transform (their batches
 are not the bottleneck, and users call it).
+
+The training crop runs on the uint8 tensor too (TensorRandomResizedCrop): torchvision's v2 kernel over
+a channels-last view of the decoded image costs about a third of PIL's CPU at 224 px, the largest
+part of a sample's cost in a loader worker (docs/results/benchmarks.md, bench-loader).
 """
 import numpy as np
 import torch
-from torchvision.transforms import Compose, Normalize
+from torchvision.transforms import Compose, Normalize, RandomResizedCrop, v2
 
 
 class ToUint8Tensor:
@@ -28,6 +32,26 @@ class ToUint8Tensor:
 
     def __repr__(self) -> str:
         return "ToUint8Tensor()"
+
+
+class TensorRandomResizedCrop:
+    """open_clip's training crop (torchvision's RandomResizedCrop: a box drawn from torch's generator,
+    resized bicubic with antialiasing) on a uint8 [C, H, W] tensor instead of a PIL image -> a contiguous
+    uint8 [C, size, size]. The same draw gives the same box; torch's antialiased bicubic differs from
+    PIL's by at most 2 of 255 on under 1% of the values (tests/test_uint8_batches.py). A PIL image is
+    viewed channels-last (no transpose copy), the layout torchvision's fast uint8 kernel reads."""
+
+    def __init__(self, crop: RandomResizedCrop):
+        self.crop = v2.RandomResizedCrop(crop.size, crop.scale, crop.ratio, crop.interpolation, antialias=True)
+
+    def __call__(self, image) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            array = np.array(image, dtype=np.uint8)
+            image = torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
+        return self.crop(image).contiguous()
+
+    def __repr__(self) -> str:
+        return f"TensorRandomResizedCrop({self.crop})"
 
 
 class DeviceNormalize:
@@ -60,9 +84,12 @@ class DeviceNormalize:
 
 def split_normalisation(transform: Compose) -> tuple[Compose, DeviceNormalize]:
     """open_clip's training transform (..., MaybeToTensor, Normalize) -> (the same up to a uint8
-    tensor, the normalisation to run on the device). Raises ValueError where the transform does not
-    end that way (another library version: then nothing is split)."""
+    tensor, the normalisation to run on the device). Its leading RandomResizedCrop moves after the
+    mode conversion (made RGB first: per pixel, the same) onto the uint8 tensor. Raises ValueError where
+    the transform does not end that way (another library version: then nothing is split)."""
     *head, to_tensor, normalize = transform.transforms
     if not isinstance(normalize, Normalize) or "ToTensor" not in type(to_tensor).__name__:
         raise ValueError(f"expected open_clip's training transform to end with ToTensor, Normalize: {transform}")
+    if head and type(head[0]) is RandomResizedCrop:
+        return Compose([*head[1:], TensorRandomResizedCrop(head[0])]), DeviceNormalize(normalize.mean, normalize.std)
     return Compose([*head, ToUint8Tensor()]), DeviceNormalize(normalize.mean, normalize.std)
