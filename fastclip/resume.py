@@ -148,10 +148,14 @@ def _apply_overrides(ckpt: dict, overrides: list[str]) -> tuple[dict, set]:
     """(the config the checkpoint's group choices + these overrides compose to, the keys the
     overrides set: named keys, whole groups they choose, and whatever else composing them changed)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    theirs = _choices(ckpt)
+    # a group option the checkpoint's run chose too (a requeued job's own command line) changes nothing,
+    # even where this version's defaults for that option differ from the ones the run was composed with
     parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides))
-              if not o.key_or_group.startswith("hydra")]
+              if not o.key_or_group.startswith("hydra")
+              and not ((CONF_DIR / o.key_or_group).is_dir() and str(o.value()) == theirs.get(o.key_or_group))]
     chosen = {o.key_or_group for o in parsed if (CONF_DIR / o.key_or_group).is_dir()}
-    base = [f"{group}={option}" for group, option in _choices(ckpt).items() if group not in chosen]
+    base = [f"{group}={option}" for group, option in theirs.items() if group not in chosen]
     mine = [o.input_line for o in parsed if o.key_or_group != "trainer.resume"]
     try:
         reference, proposal = (flatten(_compose(base)), flatten(_compose(base + mine)))

@@ -18,9 +18,10 @@ TINY_CLIP = ["encoder.vision.width=32", "encoder.vision.layers=2", "encoder.visi
 
 @pytest.fixture(autouse=True)
 def logged_metrics_are_catalogued(monkeypatch):
-    """Every metric a run logs in any test (whatever it trains: distillation, ToMe, a full-token phase,
-    ImageNet...) has an entry in fastclip.eval.names.CATALOG, the metrics reference: a name it lacks
-    fails the test that logged it (after the test: the loop may swallow a logging error)."""
+    """Every metric a run logs through fastclip.tracking.Tracker in a test's own process (whatever it
+    trains: distillation, ToMe, EViT, ImageNet...) has an entry in fastclip.eval.names.CATALOG, the
+    metrics reference: a name it lacks fails the test that logged it (after the test: the loop may
+    swallow a logging error). Runs in subprocesses and tests' stand-in trackers are not seen here."""
     from fastclip import tracking
     from fastclip.eval.names import catalog_entry
     missing, real = set(), tracking.Tracker.log_metrics

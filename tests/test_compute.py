@@ -134,6 +134,18 @@ def test_the_bpe_text_tower_runs_at_the_longest_caption_and_gives_the_padded_tow
         assert trimmed_short < 0.2 * padded
 
 
+def test_the_longest_caption_is_the_same_read_on_the_cpu_and_on_a_device(monkeypatch):
+    """CUDA's path (one device read) against the CPU's numpy path; one read where there were three."""
+    from conftest import count_tensor_reads
+    from fastclip.models.text import longest_caption, longest_caption_read
+    for rows in ([[5, 3, 0, 0], [1, 0, 0, 0]], [[0, 0, 0]], [[1, 2, 3, 4]], [[0, 0, 7, 0], [0, 0, 0, 0]]):
+        tokens = torch.tensor(rows)
+        assert longest_caption_read(tokens) == longest_caption(tokens)
+    reads = count_tensor_reads(monkeypatch)
+    longest_caption_read(torch.tensor([[5, 3, 0, 0]]))
+    assert sum(reads.values()) == 1, reads
+
+
 @pytest.mark.parametrize("method,mode", [("fixed", "eval"), ("whitespace", "train"), ("gumbel", "eval"),
                                          ("entropy_spike", "train"), ("entropy_spike", "eval")])
 @pytest.mark.parametrize("layout", ["packed", "padded"])
@@ -173,3 +185,10 @@ def test_the_byte_text_tower_runs_at_the_longest_caption_and_gives_the_padded_to
         assert trimmed.boundary_targets[1, -1] == 1, "the longest caption's last byte: a spike with this init"
         torch.testing.assert_close(trimmed.auxiliary_loss, padded.auxiliary_loss, atol=1e-5, rtol=1e-5)
     assert gflops_trimmed < 0.6 * gflops_padded
+    monkeypatch.undo()  # the trimming tower again
+    full = tokenizer(["a caption much longer than the sixty-four bytes of context this tower reads at most"])
+    with torch.no_grad():
+        out = tower(full)  # nothing to trim: the context's last byte has no next byte in view
+    assert out.boundaries.shape == (1, 64)
+    if method == "entropy_spike":
+        assert not out.boundary_targets[:, -1].any()

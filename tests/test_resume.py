@@ -302,3 +302,40 @@ def test_a_finished_run_reopened_from_a_read_only_folder_fails_first_and_stays_f
         run(compose_cfg(COMMON + [f"tracking.uri={store}", "epochs=2", f"trainer.resume={ckpt}"]), tmp_path / "r")
     after = client.get_run(first["mlflow_run_id"])
     assert after.info.status == "FINISHED" and "went away" in after.data.tags["fastclip.reopen_failed"]
+
+
+def gumbel_checkpoint(tmp_path, ratio):
+    """A checkpoint of a gumbel CLIP written when boundary=gumbel's predictor_ratio default was 4: its
+    config says ratio (None: a run from before the key existed, whose config lacks it)."""
+    from omegaconf import OmegaConf
+    from fastclip import checkpoint
+    from fastclip.models.clip import build_clip
+    cfg = compose_cfg(TINY_CLIP + ["boundary=gumbel", "boundary.predictor_ratio=4"])
+    model, _ = build_clip(cfg.encoder, cfg.boundary)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    if ratio is None:
+        del config["boundary"]["predictor_ratio"]
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    checkpoint.save(path, {"model": model.state_dict(), "config": config, "train_state": {"step": 3, "epoch": 0},
+                           "run_dir": str(path.parent.parent)})
+    return path
+
+
+@pytest.mark.parametrize("written", [4, None])
+def test_a_default_changed_since_the_checkpoint_keeps_the_runs_value_under_its_own_command_line(tmp_path, written):
+    """boundary=gumbel's predictor_ratio default went from 4 to auto (1 for CLIP): a requeued job re-running
+    `boundary=gumbel ...` resumes its run's ratio-4 predictor rather than being refused (or building a
+    model its weights do not fit); naming the key still counts as a change."""
+    import fastclip
+    from fastclip import resume
+    path = gumbel_checkpoint(tmp_path, written)
+    cfg = compose_cfg(TINY_CLIP + ["boundary=gumbel", f"trainer.resume={path}"])
+    for overrides in ([f"trainer.resume={path}"], ["boundary=gumbel", f"trainer.resume={path}"]):
+        resumed = resume.prepare(cfg, overrides)
+        assert resumed.config.boundary.predictor_ratio == 4 and not resumed.changes, overrides
+    with pytest.raises(ResumeError, match=r"boundary.predictor_ratio: 4 -> 1"):
+        resume.prepare(cfg, ["boundary=gumbel", "boundary.predictor_ratio=1", f"trainer.resume={path}"])
+    model, _, _ = fastclip.load(path)
+    assert model.visual.predictor.mlp[0].out_features == 4 * model.visual.predictor.mlp[0].in_features

@@ -99,3 +99,15 @@ def test_steps_or_a_fraction_of_the_run_is_parsed_in_one_place():
     for bad in (-1, None, "ten", True):
         with pytest.raises(ConfigError, match=f"compression.finetune_steps={bad}: expected steps >= 0"):
             steps_of(bad, 100, "compression.finetune_steps")
+
+
+def test_predictor_ratio_auto_is_the_papers_4_for_the_lm_and_1_for_clip_towers():
+    from fastclip.models.boundaries import build_boundary_method
+    cfg = compose_cfg(["boundary=gumbel"])
+    assert cfg.boundary.predictor_ratio == "auto"
+    assert build_boundary_method(cfg.boundary, space_id=1, causal=True, task="lm").predictor_ratio == 4
+    assert build_boundary_method(cfg.boundary).predictor_ratio == 1
+    lm = compose_cfg(["task=lm", "boundary=gumbel"])
+    assert lm.boundary.predictor_ratio == "auto"
+    named = compose_cfg(["boundary=gumbel", "boundary.predictor_ratio=2"])
+    assert build_boundary_method(named.boundary, task="lm").predictor_ratio == 2

@@ -1,6 +1,9 @@
 """Evaluation sharded over the ranks of a data-parallel run (fastclip/eval/sharded.py): two gloo
 processes on CPU, each encoding about half of every set, give exactly one process's numbers; and
 evaluation runs under the training precision with eval.num_workers loader workers."""
+from datetime import timedelta
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -114,7 +117,7 @@ def _classifier(rank: int, init: str, out):
     from fastclip.eval.zeroshot import shared_classifier
     from fastclip.models.clip import build_clip
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60))
     distributed._world, distributed._host_group = distributed.World(rank, 2, rank), dist.group.WORLD
     try:
         torch.manual_seed(0)
@@ -127,6 +130,13 @@ def _classifier(rank: int, init: str, out):
         shared = sharded.together(lambda: shared_classifier(model, tokenizer, CLASSNAMES, templates, "cpu"), "test")
         out[rank] = {"shared": shared, "prompts": sum(encoded),
                      "alone": shared_classifier(model, tokenizer, CLASSNAMES, templates, "cpu")}
+        # the ImageNet cache seen by rank 0 only (a node-local cache dir): both ranks build, none waits alone
+        from fastclip.eval.imagenet import cached_classifier
+        cache = Path(init[len("file://"):]).parent / f"cache{rank}"
+        with sharded.alone():
+            cached_classifier(model, tokenizer, CLASSNAMES, "simple", "cpu", cache if rank == 0 else None)
+        out[f"cached {rank}"] = sharded.together(
+            lambda: cached_classifier(model, tokenizer, CLASSNAMES, "simple", "cpu", cache)[1], "test")
     finally:
         distributed.shutdown()
 
@@ -140,3 +150,4 @@ def test_the_zero_shot_classifier_is_built_in_shares_and_equals_one_process(tmp_
     for rank in (0, 1):
         assert torch.equal(out[rank]["shared"], out[0]["alone"]), rank
     assert (out[0]["prompts"], out[1]["prompts"]) == (2 * 15, 2 * 10)  # classes 0-9 and 20-24; 10-19
+    assert out["cached 0"] is out["cached 1"] is False  # rank 1 has no cache: neither reads one

@@ -43,7 +43,7 @@ from fastclip.schema.workers import loader_workers
 from fastclip.tasks import build_task
 
 DTP_IMAGE = ["boundary.apply_to=[image]"]  # the config's default pre-layers
-GUMBEL = ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE
+GUMBEL = ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE  # the default predictor (d->d->1 since 2026-12-06)
 VARIANTS = [("vanilla ViT-B/16", ["boundary=none"]),
             ("DTP gumbel 0.25", GUMBEL),  # image_layout=auto: padded on CUDA
             ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE),

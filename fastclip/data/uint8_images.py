@@ -6,7 +6,7 @@ host-to-device copy. The training transform therefore stops at a uint8 [3, H, W]
 DeviceNormalize does on the device what open_clip's transform ends with (ToTensor's /255, then
 Normalize's (x - mean) / std) by a lookup: each channel's 256 possible values are computed once, on the
 CPU, with those very float32 operations, so the normalised batch is bit for bit what open_clip's
-transform makes on any device (a CUDA division by 255 would round 126 of the 256 values differently);
+transform makes of the same cropped uint8 image on any device (a CUDA division by 255 would round 126 of the 256 values differently);
 tests/test_uint8_batches.py. Evaluation and inference keep open_clip's float transform (their batches
 are not the bottleneck, and users call it).
 
@@ -38,7 +38,7 @@ class TensorRandomResizedCrop:
     """open_clip's training crop (torchvision's RandomResizedCrop: a box drawn from torch's generator,
     resized bicubic with antialiasing) on a uint8 [C, H, W] tensor instead of a PIL image -> a contiguous
     uint8 [C, size, size]. The same draw gives the same box; torch's antialiased bicubic differs from
-    PIL's by at most 2 of 255 on under 1% of the values (tests/test_uint8_batches.py). A PIL image is
+    PIL's by at most 2 of 255 on a few percent of the values at most (tests/test_uint8_batches.py). A PIL image is
     viewed channels-last (no transpose copy), the layout torchvision's fast uint8 kernel reads."""
 
     def __init__(self, crop: RandomResizedCrop):

@@ -46,7 +46,9 @@ def cached_classifier(model, tokenizer, classnames, templates_name: str, device,
     if cache_dir is not None:
         key = f"{weights_digest(model.text)}-{templates_name}-{len(classnames)}"
         path = Path(cache_dir) / f"imagenet_classifier_{key}.pt"
-        if path.is_file():
+        # ranks evaluating together build the classifier together: the cache counts where every rank sees it
+        # (a node-local cache dir, a network file system's lag), or one would wait in a build the others skip
+        if all(sharded.gather(path.is_file())):
             return torch.load(path, map_location=device), True
     classifier = shared_classifier(model, tokenizer, classnames, TEMPLATE_SETS[templates_name], device)
     if path is not None and sharded.world().main:  # ranks evaluating together: one writer

@@ -233,22 +233,22 @@ class Unigram(SupervisedBoundaries):
 
 
 def build_boundary_method(cfg, space_id: int | None = None, causal: bool = False,
-                          word_ends: torch.Tensor | None = None) -> BoundaryMethod | None:
+                          word_ends: torch.Tensor | None = None, task: str = "clip") -> BoundaryMethod | None:
     """None for boundary=none (no pooling at all). causal: the sequence model is autoregressive
     (the LM), so no rule may look ahead. word_ends: a BPE vocabulary's word-final tokens ([vocab] bool),
-    whitespace's rule over BPE tokens (space_id: over characters)."""
+    whitespace's rule over BPE tokens (space_id: over characters). task: clip or lm (predictor_ratio=auto)."""
     method = _build(cfg, space_id, causal, word_ends)
     if method is not None and method.needs_predictor:
-        method.predictor_ratio = predictor_ratio(cfg.get("predictor_ratio", 4), causal)
+        method.predictor_ratio = predictor_ratio(cfg.get("predictor_ratio", 4), task)
     return method
 
 
-def predictor_ratio(ratio, causal: bool) -> int:
-    """boundary.predictor_ratio as a number. auto: the paper's d -> 4d -> 1 for the autoregressive char LM
-    (whose BPC reproduces the paper's), d -> d -> 1 for CLIP towers (measured no worse there at a quarter
-    of the predictor's FLOPs: docs/guide/configure.md)."""
+def predictor_ratio(ratio, task: str) -> int:
+    """boundary.predictor_ratio as a number. auto: the paper's d -> 4d -> 1 for the char LM (task=lm, the
+    paper's model), d -> d -> 1 for CLIP towers (a quarter of the predictor's FLOPs, quality within noise
+    or mixed: docs/guide/configure.md)."""
     if ratio == "auto":
-        return 4 if causal else 1
+        return 4 if task == "lm" else 1
     if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:  # the schema checks configs; this, direct callers
         raise InputError(f"boundary.predictor_ratio={ratio!r}: expected auto or an integer >= 1")
     return ratio

@@ -52,12 +52,18 @@ class CharTokenizer:
 
 
 def longest_caption(tokens: torch.Tensor, pad_id: int = 0) -> int:
-    """The columns [B, L] token rows need: up to the last non-padding token of any row. A CPU batch is
-    read through numpy (no device read); a CUDA one costs one host sync."""
+    """The columns [B, L] token rows need: up to the last non-padding token of any row, at least 1. A CPU
+    batch is read through numpy (no device read); a CUDA one costs one host sync."""
     if tokens.is_cpu:
         used = np.flatnonzero((tokens.numpy() != pad_id).any(0))
         return int(used[-1]) + 1 if used.size else 1
-    return int((tokens != pad_id).any(0).nonzero().max()) + 1 if bool((tokens != pad_id).any()) else 1
+    return longest_caption_read(tokens, pad_id)
+
+
+def longest_caption_read(tokens: torch.Tensor, pad_id: int = 0) -> int:
+    """longest_caption computed on the tokens' device, read back in one transfer (CUDA's path)."""
+    used = (tokens != pad_id).any(0)
+    return max(int((used * torch.arange(1, used.numel() + 1, device=used.device)).max()), 1)
 
 
 class VanillaTextTower(nn.Module):

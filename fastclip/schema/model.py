@@ -96,7 +96,8 @@ def check_predictor_ratio(value: Any, auto: bool = False) -> None:
 
 @dataclass
 class Gumbel(Boundary):
-    predictor_ratio: Any = frozen()  # auto or an integer >= 1
+    # auto or an integer >= 1; a run written before the key (2026-11-27) had the paper's 4
+    predictor_ratio: Any = frozen(legacy=4)
     prior: float = frozen()
     temperature: float = frozen()
     loss_weight: float = frozen()
@@ -111,7 +112,7 @@ class Gumbel(Boundary):
 
 @dataclass
 class EntropySpike(Boundary):
-    predictor_ratio: int = frozen()
+    predictor_ratio: int = frozen(legacy=4)
     window: int = frozen()
     loss_weight: float = frozen()
 
@@ -122,7 +123,7 @@ class EntropySpike(Boundary):
 
 @dataclass
 class Unigram(Boundary):
-    predictor_ratio: int = frozen()
+    predictor_ratio: int = frozen(legacy=4)
     vocab_size: int = frozen()
     loss_weight: float = frozen()
 

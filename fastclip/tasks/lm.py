@@ -70,7 +70,7 @@ class LMTask(TaskBase):
         if len(self.ids["train"]) <= self.context + 1:
             raise InputError(f"{self.source}: training split has {len(self.ids['train'])} chars, "
                              f"fewer than task.context={self.context}")
-        self.method = build_boundary_method(cfg.boundary, space_id=text8.SPACE_ID, causal=True)
+        self.method = build_boundary_method(cfg.boundary, space_id=text8.SPACE_ID, causal=True, task="lm")
         self.train_targets = None
         if isinstance(self.method, Unigram):
             cache = cfg.dataset.cache_dir or os.path.join(os.getcwd(), "outputs", "cache")
