@@ -138,6 +138,26 @@ FEW_STEPS = "trainer.max_steps=2 trainer.warmup_steps=1 trainer.progress=false e
 OUTSIDE = ("/data/", "slurm", "+cluster=")  # what a line needs that this machine has not: data, a cluster
 
 
+def old_clip_checkpoint(tmp_path, overrides, missing: tuple[str, ...] = ()) -> Path:
+    """A CLIP checkpoint as an older fastclip wrote it: the TINY_CLIP model composed with `overrides`, its
+    config without the `missing` keys ("group.key": keys added since) -> tmp_path/run/checkpoints/last.pt."""
+    from omegaconf import OmegaConf
+    from fastclip import checkpoint
+    from fastclip.models.clip import build_clip
+    cfg = compose_cfg(TINY_CLIP + list(overrides))
+    model, _ = build_clip(cfg.encoder, cfg.boundary)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    for key in missing:
+        group, name = key.split(".", 1)
+        del config[group][name]
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    checkpoint.save(path, {"model": model.state_dict(), "config": config, "train_state": {"step": 3, "epoch": 0},
+                           "run_dir": str(path.parent.parent)})
+    return path
+
+
 def few_steps(args: list[str]) -> list[str]:
     """A train command's arguments with FEW_STEPS' keys set to FEW_STEPS' values (a key given twice
     is an error)."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_CLIP, compose_cfg
+from conftest import TINY_CLIP, compose_cfg, old_clip_checkpoint
 from fastclip.checks import check_config
 from fastclip.eval.efficiency import count_gflops, tower_efficiency
 from fastclip.models.boundaries import every_kth
@@ -204,20 +204,9 @@ def test_a_short_cpu_run_trains_and_logs_the_text_compression(tmp_path, store):
 
 # old runs: a checkpoint written before boundary.text_tokens pooled bytes, and keeps meaning that
 
-def old_checkpoint(tmp_path, model_overrides=()):
+def old_checkpoint(tmp_path):
     """A checkpoint as a run before text_tokens wrote it: a byte-tower gumbel CLIP, no text_tokens key."""
-    from omegaconf import OmegaConf
-    from fastclip import checkpoint
-    cfg = compose_cfg(TINY_CLIP + ["boundary=gumbel", "boundary.text_tokens=bytes", *model_overrides])
-    model, _ = build_clip(cfg.encoder, cfg.boundary)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
-    del config["boundary"]["text_tokens"]
-    path = tmp_path / "run" / "checkpoints" / "last.pt"
-    path.parent.mkdir(parents=True)
-    checkpoint.save(path, {"model": model.state_dict(), "config": config, "train_state": {"step": 3, "epoch": 0},
-                           "run_dir": str(path.parent.parent)})
-    return path
+    return old_clip_checkpoint(tmp_path, ["boundary=gumbel", "boundary.text_tokens=bytes"], ["boundary.text_tokens"])
 
 
 def test_loading_a_checkpoint_without_text_tokens_builds_the_byte_tower(tmp_path):

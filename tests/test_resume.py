@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import PYTHON, TINY_CLIP, compose_cfg, load_checkpoint, run_killed_at_loss_call
+from conftest import PYTHON, TINY_CLIP, compose_cfg, load_checkpoint, old_clip_checkpoint, run_killed_at_loss_call
 from fastclip.checkpoint import CheckpointError, ResumeError
 from fastclip.train import run
 
@@ -307,20 +307,8 @@ def test_a_finished_run_reopened_from_a_read_only_folder_fails_first_and_stays_f
 def gumbel_checkpoint(tmp_path, ratio):
     """A checkpoint of a gumbel CLIP written when boundary=gumbel's predictor_ratio default was 4: its
     config says ratio (None: a run from before the key existed, whose config lacks it)."""
-    from omegaconf import OmegaConf
-    from fastclip import checkpoint
-    from fastclip.models.clip import build_clip
-    cfg = compose_cfg(TINY_CLIP + ["boundary=gumbel", "boundary.predictor_ratio=4"])
-    model, _ = build_clip(cfg.encoder, cfg.boundary)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
-    if ratio is None:
-        del config["boundary"]["predictor_ratio"]
-    path = tmp_path / "run" / "checkpoints" / "last.pt"
-    path.parent.mkdir(parents=True)
-    checkpoint.save(path, {"model": model.state_dict(), "config": config, "train_state": {"step": 3, "epoch": 0},
-                           "run_dir": str(path.parent.parent)})
-    return path
+    return old_clip_checkpoint(tmp_path, ["boundary=gumbel", "boundary.predictor_ratio=4"],
+                               ["boundary.predictor_ratio"] if ratio is None else [])
 
 
 @pytest.mark.parametrize("written", [4, None])
