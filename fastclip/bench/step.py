@@ -26,20 +26,16 @@ from fastclip.optim import adamw_impl
 from fastclip.models.clip import boundary_loss, build_clip, clip_objective
 
 DTP = ["boundary.apply_to=[image]"]
+PAPER_GUMBEL = ["boundary=gumbel", "boundary.prior=0.25", "boundary.predictor_ratio=4"] + DTP  # the paper's predictor
 VARIANTS = [("vanilla ViT", ["boundary=none"]),
-            ("DTP-ViT gumbel 0.25, predictor d->4d->1", ["boundary=gumbel", "boundary.prior=0.25",
-                                                         "boundary.predictor_ratio=4"] + DTP),
+            ("DTP-ViT gumbel 0.25, predictor d->4d->1", PAPER_GUMBEL),
             ("DTP-ViT fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP),
             ("DTP-ViT gumbel 0.25, predictor d->d->1", ["boundary=gumbel", "boundary.prior=0.25",
                                                         "boundary.predictor_ratio=1"] + DTP),
-            ("DTP-ViT gumbel 0.25, d->4d->1, padded, 4 buckets", ["boundary=gumbel", "boundary.prior=0.25",
-                                                                  "boundary.predictor_ratio=4",
-                                                                  "boundary.image_layout=padded",
-                                                                  "boundary.image_buckets=4"] + DTP),
-            ("DTP-ViT gumbel 0.25, d->4d->1, padded, one batch", ["boundary=gumbel", "boundary.prior=0.25",
-                                                                  "boundary.predictor_ratio=4",
-                                                                  "boundary.image_layout=padded",
-                                                                  "boundary.image_buckets=1"] + DTP)]
+            ("DTP-ViT gumbel 0.25, d->4d->1, padded, 4 buckets", PAPER_GUMBEL + ["boundary.image_layout=padded",
+                                                                                 "boundary.image_buckets=4"]),
+            ("DTP-ViT gumbel 0.25, d->4d->1, padded, one batch", PAPER_GUMBEL + ["boundary.image_layout=padded",
+                                                                                 "boundary.image_buckets=1"])]
 
 
 class Variant:

@@ -13,6 +13,7 @@ from torch import nn
 
 from fastclip.errors import InputError
 from fastclip.models.dtp import POOLING_GRAD_SIGN
+from fastclip.schema.model import check_predictor_ratio
 
 METHODS = ("none", "fixed", "whitespace", "gumbel", "entropy_spike", "unigram", "tome")
 
@@ -247,10 +248,9 @@ def predictor_ratio(ratio, task: str) -> int:
     """boundary.predictor_ratio as a number. auto: the paper's d -> 4d -> 1 for the char LM (task=lm, the
     paper's model), d -> d -> 1 for CLIP towers (a quarter of the predictor's FLOPs, quality within noise
     or mixed: docs/guide/configure.md)."""
+    check_predictor_ratio(ratio, auto=True)  # the schema's rule: configs pass it there, direct callers here
     if ratio == "auto":
         return 4 if task == "lm" else 1
-    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:  # the schema checks configs; this, direct callers
-        raise InputError(f"boundary.predictor_ratio={ratio!r}: expected auto or an integer >= 1")
     return ratio
 
 
