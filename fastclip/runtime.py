@@ -10,6 +10,7 @@ import torch
 
 from fastclip import PROJECT_ROOT
 from fastclip.errors import InputError
+from fastclip.schema.workers import available_cpus
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,8 +60,8 @@ def set_torch_threads(requested, num_workers: int, device: torch.device) -> int:
     the loader ran at 0.44x of its in-memory rate against 0.8-1.2x with 1 thread (bench-loader)."""
     if requested:
         n = int(requested)
-    elif device.type == "cpu" and num_workers:  # data-parallel: this process's share of the node's cores
-        n = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - num_workers)
+    elif device.type == "cpu" and num_workers:  # this rank's share of the CPUs it may run on (its cpuset)
+        n = max(1, available_cpus() - num_workers)
     else:
         return torch.get_num_threads()
     torch.set_num_threads(n)

@@ -10,10 +10,12 @@ run's mean: efficiency/train_pflops_total over its samples), the steps the budge
 and the compute the row needed to first reach vanilla's final validation top-1 (from its per-epoch
 val/zeroshot_top1 against efficiency/train_pflops_total, read from the bench's MLflow store), as a
 share of the budget ("-" where it never did). The table is rewritten after every run, so a time
-limit leaves what finished; --only and --seeds build it in parts.
+limit leaves what finished; --only and --seeds build it in parts, and --vanilla-from takes vanilla's
+runs (budget, final top-1, curve) from earlier frontiers' MLflow stores instead of training them again
+(their wall-clock is the MLflow run's, without the process start).
 
     python -m fastclip.bench.frontier [--steps 1000] [--datasets cifar10,digits] [--seeds 0,1,2]
-        [--only vanilla,fixed_hilbert,...] [--full-token 0.1]
+        [--only vanilla,fixed_hilbert,...] [--full-token 0.1] [--vanilla-from outputs/bench/frontier-A,...]
 """
 import argparse
 import statistics
@@ -64,6 +66,29 @@ def reached_at(store: str, run_id: str, target: float) -> float | None:
     return None
 
 
+def logged_vanilla(roots: list[str], dataset: str, seed: int, steps: int) -> dict:
+    """Vanilla's finished run of `seed` at `steps` steps in an earlier frontier's store (ROOT/mlflow.db),
+    as run_isolated's metrics plus its store and wall-clock. InputError naming the roots when none is."""
+    import mlflow
+    from fastclip.errors import InputError
+    for root in roots:
+        db = Path(root) / "mlflow.db"
+        if not db.is_file():
+            raise InputError(f"--vanilla-from: {db} does not exist")
+        store = f"sqlite:///{db.resolve()}"
+        client = mlflow.MlflowClient(tracking_uri=store)
+        experiment = client.get_experiment_by_name(f"frontier-{dataset}")
+        if experiment is None:
+            continue
+        for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'"):
+            params = run.data.params
+            if (params.get("boundary.name"), params.get("seed"), params.get("trainer.max_steps")) == ("none", str(seed), str(steps)):
+                return {**run.data.metrics, "mlflow_run_id": run.info.run_id, "store": store,
+                        "wall_s": (run.info.end_time - run.info.start_time) / 1000}
+    raise InputError(f"--vanilla-from: no finished vanilla run of {dataset} seed {seed} at {steps} steps "
+                     f"in {', '.join(roots)}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1000, help="vanilla's steps: their counted compute is every row's budget")
@@ -71,6 +96,8 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated; digits runs seed 0 only")
     ap.add_argument("--only", default="", help="comma-separated row keys (vanilla always runs: it sets the budget)")
     ap.add_argument("--full-token", type=float, default=0.1, help="trainer.full_token_steps of the fine-tuned rows")
+    ap.add_argument("--vanilla-from", default="",
+                    help="comma-separated earlier frontier folders whose vanilla runs are reused, matched by seed")
     ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "frontier.md"))
     args = ap.parse_args(argv)
     root = PROJECT_ROOT / "outputs" / "bench" / f"frontier-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -90,17 +117,21 @@ def main(argv=None):
             label, overrides = rows[key]
             runs = []
             for seed in seeds:
+                if key == "vanilla" and args.vanilla_from:
+                    runs.append(logged_vanilla(args.vanilla_from.split(","), ds, seed, args.steps))
+                    budget = runs[0][COMPUTE]
+                    continue
                 length = schedule(args.steps, warmup=20) if key == "vanilla" else \
                     [f"trainer.max_pflops={budget!r}", f"trainer.warmup_steps={min(20, max(1, args.steps // 10))}"]
                 t0 = time.perf_counter()
                 m = run_isolated(common + overrides + length + [f"seed={seed}"], root / ds / key / f"seed{seed}")
-                m["wall_s"] = time.perf_counter() - t0
+                m["wall_s"], m["store"] = time.perf_counter() - t0, store
                 runs.append(m)
                 if key == "vanilla" and budget is None:
                     budget = m[COMPUTE]
             if key == "vanilla":
                 vanilla_val = statistics.mean(r[VAL_TOP1] for r in runs)
-            reached = [reached_at(store, r["mlflow_run_id"], vanilla_val) for r in runs]
+            reached = [reached_at(r["store"], r["mlflow_run_id"], vanilla_val) for r in runs]
             table.append({
                 "variant": label, "top1": statistics.mean(r[TOP1] for r in runs),
                 "per_seed": per_seed([r[TOP1] for r in runs]),
