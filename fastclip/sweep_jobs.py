@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fastclip.eval.names import HEADLINE_METRICS, OBJECTIVE_METRICS
+from fastclip.eval.names import COST_METRICS, HEADLINE_METRICS, OBJECTIVE_METRICS
 
 OUTCOME_FILE = ".fastclip_job.json"
 PLAN_FILE = ".fastclip_sweep.json"
@@ -100,7 +100,7 @@ def progress(sweep_dir: str | Path) -> tuple[int | None, int, int]:
     except (OSError, ValueError, KeyError, TypeError):
         total = None
     ended = collect(sweep_dir)
-    return total, len(ended), sum(o.status != "COMPLETED" for o in ended)
+    return total, len(ended), len(failed_jobs(ended))
 
 
 def position(hydra: DictConfig | None = None) -> str:
@@ -121,16 +121,21 @@ def position(hydra: DictConfig | None = None) -> str:
     return f"job {num} ({num + 1} of {total}; {done})" if total else f"job {num} ({done})"
 
 
+def failed_jobs(outcomes: list[JobOutcome]) -> list[JobOutcome]:
+    """The jobs that did not complete (failed, or killed before they recorded an end)."""
+    return [o for o in outcomes if o.status != "COMPLETED"]
+
+
 def summary(outcomes: list[JobOutcome]) -> str:
     """One line for the sweep, then one per failed job."""
-    failed = [o for o in outcomes if o.status != "COMPLETED"]
+    failed = failed_jobs(outcomes)
     lines = [f"sweep: {len(outcomes)} jobs ended, {len(outcomes) - len(failed)} completed, {len(failed)} failed"]
     lines += [f"  job {o.num} ({o.overrides or 'no overrides'}) failed: {o.error}" for o in failed]
     return "\n".join(lines)
 
 
-# a sweep's end table: (column title, metric, format), shown where some job logged the metric
-COST_COLUMNS = (("train GFLOPs/sample", "efficiency/train_gflops", "{:.4g}"), ("train s", "time/train_s", "{:.0f}"))
+# a sweep's end table: COST_METRICS' (column title, format), shown where some job logged the metric
+COST_COLUMNS = tuple(zip(("train GFLOPs/sample", "train s"), COST_METRICS, ("{:.4g}", "{:.0f}"), strict=True))
 
 
 def results_table(outcomes: list[JobOutcome], metrics: dict[int, dict[str, float]]) -> str:

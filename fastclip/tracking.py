@@ -332,7 +332,7 @@ class MlflowStoreCallback(Callback):
         self._ended = True
         import mlflow
         outcomes = sweep_jobs.collect(config.hydra.sweep.dir)
-        failed = sum(o.status != "COMPLETED" for o in outcomes)
+        failed = len(sweep_jobs.failed_jobs(outcomes))
         log.info("%s", sweep_jobs.summary(outcomes))
         parent = sweep_parent(config.hydra.sweep.dir)
         os.environ.pop(PARENT_RUN_ENV, None)

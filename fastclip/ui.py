@@ -79,7 +79,7 @@ def compare_page(uri: str, port: int, found=None) -> tuple[str, str, int] | None
 
 
 VIEW_TAG = "mlflow.sharedViewState."  # MLflow's saved ("shared") runs-table views: an experiment tag each
-VIEW_METRICS = ("efficiency/train_gflops", "efficiency/image_gflops", "efficiency/text_gflops", "time/train_s")
+VIEW_METRICS = ("efficiency/image_gflops", "efficiency/text_gflops")  # shown after COST_METRICS
 
 
 def sweep_view(uri: str, port: int, found=None) -> tuple[str, str, int] | None:
@@ -92,7 +92,7 @@ def sweep_view(uri: str, port: int, found=None) -> tuple[str, str, int] | None:
     where already read."""
     import json
     import mlflow
-    from fastclip.eval.names import HEADLINE_METRICS, OBJECTIVE_METRICS, lower_is_better
+    from fastclip.eval.names import COST_METRICS, HEADLINE_METRICS, OBJECTIVE_METRICS, lower_is_better
     from fastclip.report.table import varied_keys
     found = found or newest_sweep(uri)
     if found is None:
@@ -102,7 +102,7 @@ def sweep_view(uri: str, port: int, found=None) -> tuple[str, str, int] | None:
     logged = {k for r in runs for k in r.metrics}
     objective = next((m for m in OBJECTIVE_METRICS if m in logged), None)
     headline = next((m for m in HEADLINE_METRICS if m in logged), None)
-    metrics = [m for m in (objective, headline, *VIEW_METRICS) if m and m in logged]
+    metrics = [m for m in (objective, headline, *COST_METRICS, *VIEW_METRICS) if m and m in logged]
     params = varied_keys(runs) + (["seed"] if len({r.params.get("seed") for r in runs}) > 1 else [])
     state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{chosen.sweep_id}' and attributes.status = 'FINISHED'",
              "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{m}`" for m in metrics]}

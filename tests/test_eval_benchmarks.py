@@ -136,3 +136,34 @@ def test_bench_lm_flags_a_collapsed_row_instead_of_reporting_its_bpc():
     flag_collapsed(rows, context=256)
     assert rows[1]["lm/test_bpc"] is None and rows[1]["note"].startswith("collapsed: 256x")
     assert rows[0]["lm/test_bpc"] == 3.2 and rows[2]["lm/test_bpc"] == 3.3 and rows[2]["note"] == ""
+
+
+def test_frontier_reuses_vanillas_finished_run_of_the_same_seed_and_steps(tmp_path):
+    """--vanilla-from: the budget and curve of a part of the frontier come from an earlier store's vanilla
+    run of the same seed and steps; an unfinished or other run is never taken, and none is an InputError."""
+    import mlflow
+    from fastclip.bench.frontier import logged_vanilla, reached_at
+    from fastclip.errors import InputError
+    root = tmp_path / "frontier-a"
+    root.mkdir()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.create_experiment("frontier-cifar10")
+    ids = {}
+    for name, seed, steps, status in (("vanilla", 0, 1000, "FINISHED"), ("killed", 1, 1000, "KILLED"),
+                                      ("short", 1, 300, "FINISHED"), ("gumbel", 1, 1000, "FINISHED")):
+        run = client.create_run(experiment)
+        for key, value in (("boundary.name", "gumbel" if name == "gumbel" else "none"), ("seed", seed),
+                           ("trainer.max_steps", steps)):
+            client.log_param(run.info.run_id, key, value)
+        for step, (top1, pflops) in enumerate(((0.3, 0.01), (0.5, 0.02), (0.55, 0.03))):
+            client.log_metric(run.info.run_id, "val/zeroshot_top1", top1, step=step)
+            client.log_metric(run.info.run_id, "efficiency/train_pflops_total", pflops, step=step)
+        client.set_terminated(run.info.run_id, status=status)
+        ids[name] = run.info.run_id
+    found = logged_vanilla([str(root)], "cifar10", 0, 1000)
+    assert found["mlflow_run_id"] == ids["vanilla"] and found["efficiency/train_pflops_total"] == 0.03
+    assert found["wall_s"] >= 0 and reached_at(found["store"], found["mlflow_run_id"], 0.5) == 0.02
+    with pytest.raises(InputError, match="no finished vanilla run of cifar10 seed 1 at 1000 steps"):
+        logged_vanilla([str(root)], "cifar10", 1, 1000)
+    with pytest.raises(InputError, match="nowhere/mlflow.db does not exist"):
+        logged_vanilla([str(tmp_path / "nowhere")], "cifar10", 0, 1000)

@@ -40,3 +40,18 @@ def test_more_workers_than_cpus_fails_before_training_naming_key_and_value(eight
         check_config(compose_cfg([f"{key}=many"]))
     with pytest.raises(ConfigError, match=rf"{key}=-1: expected a worker count"):
         check_config(compose_cfg([f"{key}=-1"]))
+
+
+def test_torch_threads_are_the_affinity_cpus_left_after_the_workers(eight_cpus, monkeypatch):
+    """On CPU the training process's intra-op threads come from the same CPUs as the workers: its cpuset
+    (a SLURM job's share of a 64-core node), not the machine's core count."""
+    import torch
+    from fastclip import runtime
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 64)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    assert runtime.set_torch_threads(None, 3, torch.device("cpu")) == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.set_torch_threads(None, 3, torch.device("cpu")) == 1  # 4 CPUs a rank, 3 of them workers
+    assert runtime.set_torch_threads(2, 3, torch.device("cpu")) == 2  # trainer.torch_threads, as asked
+    assert chosen == [5, 1, 2]

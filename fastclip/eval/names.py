@@ -8,6 +8,8 @@ HEADLINE_METRICS = ("zeroshot/top1", "zeroshot/imagenet_top1", "retrieval/i2t_r1
 # what the entrypoint returns, so what Hydra's sweeper optimises, in order of preference: the validation
 # split's (per-epoch evaluation), never the test split's, whose best value over a search would be biased up
 OBJECTIVE_METRICS = ("val/zeroshot_top1", "val/i2t_r1", "val/bpc")
+# what a run cost, shown beside the headline wherever runs are compared (a sweep's end table, the UI's view)
+COST_METRICS = ("efficiency/train_gflops", "time/train_s")
 # per-epoch (validation) metric names: the test split's name -> the validation split's
 VAL_NAMES = {"zeroshot/top1": "val/zeroshot_top1", "zeroshot/top5": "val/zeroshot_top5", "lm/test_bpc": "val/bpc"}
 

@@ -2,7 +2,7 @@
 checked here; their ranges where they depend on the model (a pre-layer count against the tower's
 depth) by the tower constructors, which name the key."""
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.fields import choice, frozen
@@ -95,41 +95,38 @@ def check_predictor_ratio(value: Any, auto: bool = False) -> None:
 
 
 @dataclass
-class Gumbel(Boundary):
-    # auto or an integer >= 1; a run written before the key (2026-11-27) had the paper's 4
+class LearnedPredictor(Boundary):
+    """A boundary method with a predictor MLP (d -> predictor_ratio*d -> 1); a run written before the key
+    (2026-11-27) had the paper's 4. AUTO_RATIO: the option also takes auto."""
     predictor_ratio: Any = frozen(legacy=4)
+    AUTO_RATIO: ClassVar[bool] = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_predictor_ratio(self.predictor_ratio, auto=self.AUTO_RATIO)
+
+
+@dataclass
+class Gumbel(LearnedPredictor):
     prior: float = frozen()
     temperature: float = frozen()
     loss_weight: float = frozen()
     confidence: float = frozen()
     pooling_grad: str = frozen()
     eval_rule: str = frozen()
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_predictor_ratio(self.predictor_ratio, auto=True)
+    AUTO_RATIO: ClassVar[bool] = True
 
 
 @dataclass
-class EntropySpike(Boundary):
-    predictor_ratio: int = frozen(legacy=4)
+class EntropySpike(LearnedPredictor):
     window: int = frozen()
     loss_weight: float = frozen()
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_predictor_ratio(self.predictor_ratio)
-
 
 @dataclass
-class Unigram(Boundary):
-    predictor_ratio: int = frozen(legacy=4)
+class Unigram(LearnedPredictor):
     vocab_size: int = frozen()
     loss_weight: float = frozen()
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_predictor_ratio(self.predictor_ratio)
 
 
 @dataclass
