@@ -70,7 +70,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, launch_dir: str | os.PathLi
             _leave_the_run_dir_to_rank_0(run_dir)
         log.info("process %d of %d (local rank %d) on %s", world.rank, world.size, world.local_rank, device)
     try:
-        with ExitStack() as held:  # what the run holds until it ends: its run dir's lock
+        with ExitStack() as held:  # what the run holds until it ends: its run dir's lock, the loader's workers
             return _run(cfg, run_dir, launch_dir, overrides, choices, device, held)
     finally:
         if world is not None:
@@ -154,6 +154,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
     if not world.main:  # rank 0 builds first: what it caches (a unigram model, a zero-shot classifier) the others read
         distributed.barrier()
     task = build_task(cfg, device, run_dir)
+    held.callback(task.close)  # the loader's workers end with the run, however it ends
     if world.main:
         distributed.barrier()
     trainer = Trainer(task, cfg, device)

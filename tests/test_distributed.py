@@ -276,9 +276,9 @@ def test_a_source_that_can_skip_a_sample_keeps_its_ranks_batch_sizes_in_lockstep
     task = build_task(compose_train_config([*TINY_CLIP, "trainer.num_workers=0"]), torch.device("cpu"), None)
     distributed._world = distributed.World(0, 2, 0)  # train_batches as rank 0 of two (no batch is read)
     try:
-        assert not isinstance(task.train_batches(0), distributed.Lockstep)
+        assert not isinstance(task.train_batches(0).batches, distributed.Lockstep)  # (inside Latest)
         Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
         task.data.train.images[0] = tmp_path / "a.png"  # read when its batch comes: it could fail to decode
-        assert isinstance(task.train_batches(0), distributed.Lockstep)
+        assert isinstance(task.train_batches(0).batches, distributed.Lockstep)
     finally:
         distributed._world = distributed.World()

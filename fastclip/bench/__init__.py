@@ -11,6 +11,7 @@ Public API for the benchmarks (module: names; a module listed here may also be i
 
     fastclip: PROJECT_ROOT
     fastclip.config: compose_train_config
+    fastclip.errors: InputError
     fastclip.train: run
     fastclip.tasks: build_task
     fastclip.loop: fit, probe_gflops
@@ -29,7 +30,7 @@ Public API for the benchmarks (module: names; a module listed here may also be i
 Beyond these names, benchmarks rely on:
 - the command line `python -m fastclip.train key=value ...` and the config keys (conf/), and the
   metric names a run returns and logs to MLflow (time/step_median_s, zeroshot/top1, ...);
-- a task as fastclip.tasks.protocol.Task describes it (model, train_batches, loss -> StepOutput);
+- a task as fastclip.tasks.protocol.Task describes it (model, train_batches, loss -> StepOutput, close);
 - a model from build_clip: forward(images, texts) -> its outputs dict (image_output, logit_scale, ...),
   the towers `visual` and `text` (outputs with embedding, tokens, segments), `image_method`;
 - a webdataset task's training stream, task.data.train: set_epoch(seed, epoch, batch_size=, rank=,

@@ -3,7 +3,9 @@
   1. the loader alone (trainer.num_workers workers, default 2): samples/s
   2. the vit_tiny training step alone, on a batch already in memory: samples/s it consumes
   3. training fed by the loader (the real thing): samples/s
-The loader keeps up when 3 is close to 2 (and 1 is above 2).
+The loader keeps up when 3 is close to 2 (and 1 is above 2). Also the wait for an epoch's first batch:
+in the first epoch (the workers start, as they did every epoch before they persisted) and in the later
+ones (persistent workers).
 
     python -m fastclip.bench.loader [--workers 2] [--steps 30]
 """
@@ -47,15 +49,16 @@ def prepared_shards(root: Path) -> tuple[str, str]:
     return str(out / f"shard-{{000001..{n - 1:06d}}}.tar"), str(out / "shard-000000.tar")
 
 
-def timed_batches(batches, n: int) -> tuple[float, int]:
-    """(samples/s, samples) over n batches after the first (worker start-up excluded)."""
+def timed_batches(batches, n: int) -> tuple[float, float]:
+    """(samples/s over n batches after the first, seconds waited for the first: the epoch's start)."""
+    start = time.perf_counter()
     it = iter(batches)
     next(it)
     t0, samples = time.perf_counter(), 0
     for _ in range(n):
         batch = next(it)
         samples += batch.images.shape[0]
-    return samples / (time.perf_counter() - t0), samples
+    return samples / (time.perf_counter() - t0), t0 - start
 
 
 def train_steps(task, batches, steps: int) -> float:
@@ -95,9 +98,13 @@ def main(argv=None):
     task = build_task(cfg, torch.device("cpu"))
     task.model.train()
     in_memory = next(iter(task.train_batches(0)))
+    task.close()  # so the first measured epoch starts its workers, as every epoch did before they persisted
     rows = {"loader alone": [], "training step alone (batch in memory)": [], "training fed by the loader": []}
+    waits = []  # the first batch of each epoch of the loader alone (epoch 0: its workers start)
     for r in range(args.repeats):  # alternated, medians reported (a noisy 2-core machine)
-        rows["loader alone"].append(timed_batches(task.train_batches(r), args.steps)[0])
+        rate, wait = timed_batches(task.train_batches(r), args.steps)
+        rows["loader alone"].append(rate)
+        waits.append(wait)
         rows["training step alone (batch in memory)"].append(
             train_steps(task, (in_memory for _ in range(args.steps + 1)), args.steps))
         rows["training fed by the loader"].append(train_steps(task, task.train_batches(100 + r), args.steps))
@@ -108,7 +115,11 @@ def main(argv=None):
          f"workers, {args.steps} batches per measurement, median of {args.repeats} alternated repeats, "
          f"{threads} torch threads\n\n"
          + markdown_table(table, [("measurement", "what", "s"), ("samples/s (median)", "samples_s", ".0f"),
-                                  ("/ training step alone", "ratio", ".2f"), ("repeats", "all", "s")]),
+                                  ("/ training step alone", "ratio", ".2f"), ("repeats", "all", "s")])
+         + f"\n\nwait for an epoch's first batch: {waits[0]:.3f} s in the first epoch (workers start), "
+         f"median {statistics.median(waits[1:] or [float('nan')]):.3f} s in the later ones (persistent workers; "
+         "the wait includes discarding the batches the previous, unfinished epoch had in flight, which an "
+         "epoch read to its end has none of)",
          Path(args.out))
     if args.ranks:  # rank scaling: the CPU a rank spends per sample as ranks grow
         loader_ranks.main(["--ranks", args.ranks, "--repeats", str(args.repeats)])

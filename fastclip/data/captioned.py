@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from fastclip.data.pairs import Skip, open_rgb
 from fastclip.errors import InputError
 from fastclip.runtime import seeded
+from fastclip.data.shared_state import SharedInt
 
 
 @dataclass
@@ -59,6 +60,8 @@ class CaptionedImages(Dataset):
     (seed, epoch, index), so a resumed run sees the same captions and crops as an uninterrupted one.
     images: decoded images, or image files decoded as they are read (in the loader's workers; a file
     that does not decode yields Skip("undecodable image"), counted in data/skipped)."""
+
+    seed, epoch = SharedInt(), SharedInt()  # set_epoch's: what persistent loader workers read
 
     def __init__(self, images: list[Image.Image | Path], labels: np.ndarray, caption_tokens: torch.Tensor, transform,
                  files: list | None = None):

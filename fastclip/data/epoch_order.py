@@ -22,6 +22,10 @@ class EpochOrder(Sampler):
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Moves a persistent loader's sampler to batch `start` of `epoch`."""
+        self.epoch, self.start = epoch, start
+
     def __len__(self):
         return max(0, self.n // (self.batch_size * self.world_size) - self.start) * self.batch_size
 
@@ -61,6 +65,30 @@ class Sized:
 
     def __iter__(self):
         return iter(self.batches)
+
+
+class SupersededEpoch(RuntimeError):
+    """An epoch's batches read after a later train_batches call moved the loader to another epoch."""
+
+
+class Latest:
+    """The batches of one train_batches call, readable only while no later call has moved the shared
+    loader and the source's epoch state (a persistent loader's one iterator, the workers' shared
+    epoch): reading them after that raises SupersededEpoch instead of mixing two epochs' samples.
+    is_latest() -> whether this is still the newest call's."""
+
+    def __init__(self, batches, is_latest):
+        self.batches, self.is_latest = batches, is_latest
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            if not self.is_latest():
+                raise SupersededEpoch("train_batches: these batches were read after a later train_batches call "
+                                      "moved the loader to another epoch (one epoch's batches at a time)")
+            yield batch
 
 
 class ReadPast(Sized):

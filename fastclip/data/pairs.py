@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastclip.runtime import seeded
 from fastclip.worker_signals import ignore_stop_signals
+from fastclip.data.shared_state import SharedInt
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ def collate_skipping(samples: list) -> Batch:
 
 class PairDataset(Dataset):
     """(image file, caption) records -> (image tensor, tokens), or None for a bad record."""
+
+    seed, epoch = SharedInt(), SharedInt()  # set_epoch's: what persistent loader workers read
 
     def __init__(self, records: list[tuple[str, str]], transform, tokenizer):
         self.records, self.transform, self.tokenizer = records, transform, tokenizer

@@ -42,6 +42,7 @@ from fastclip.data.tar_shards import (IMAGE_KEYS, LOST, caption_of, expand_shard
                                       shard_sizes)
 from fastclip.runtime import seeded
 from fastclip.schema.data import WebDataset
+from fastclip.data.shared_state import SharedInt
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ def build_sources(cfg) -> list[ShardSource]:
 
 class ShardStream(IterableDataset):
     """Decoded (image tensor, tokens) samples, or Skip(reason) for a bad one (counted by the collate)."""
+
+    # set_epoch's: what persistent loader workers read as each epoch starts
+    seed, epoch, skip_batches, batch_size = SharedInt(), SharedInt(), SharedInt(), SharedInt()
+    rank, world_size = SharedInt(), SharedInt()
 
     def __init__(self, sources: list[ShardSource], transform, tokenizer, shuffle_buffer: int, resampled: bool,
                  num_samples: int | None, caption_key: str = "caption"):

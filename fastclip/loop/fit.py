@@ -50,6 +50,8 @@ def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: 
             left = train_epoch(run)
             steps.drain()  # before this epoch's checkpoint and evaluation
             epoch_done = end_pass(task, trainer, left)
+            if trainer.finished():  # the training loader's workers are done: the evaluations get their CPUs and memory
+                task.close()
             checkpoints.save()  # before evaluating: a failing evaluation never loses the training
             if stop.requested() and not trainer.finished():  # not an evaluation the time left may not hold
                 stopped(stop, state, checkpoints.path)

@@ -16,8 +16,9 @@ from fastclip.compression.options import build_compression
 from fastclip.data.coco import build_coco
 from fastclip.data.coco import training_captions as coco_training_captions
 from fastclip.data.csv_pairs import build_csv, training_pairs
+from fastclip.data.device_copies import DeviceCopies
 from fastclip.data.digits import build_digits
-from fastclip.data.epoch_order import EpochOrder, ReadPast, Sized, batch_rows, trim_batch
+from fastclip.data.epoch_order import EpochOrder, Latest, ReadPast, Sized, batch_rows, trim_batch
 from fastclip.data.image_folder import build_image_folder, folder_classnames
 from fastclip.data.overlap import (EVAL_OVERLAP, FileKeys, eval_overlap_of, leave_test_images_out_of_validation,
                                    merge_eval_duplicates)
@@ -109,6 +110,8 @@ class ClipTask(TaskBase):
         self.criterion = ClipLoss(local_loss=True, gather_with_grad=world.distributed, cache_labels=True,
                                   rank=world.rank, world_size=world.size)
         self._artifacts = []
+        self._persistent_loader = None  # the training DataLoader, once built with workers (_train_loader)
+        self._calls = 0  # train_batches calls: only the newest one's batches may be read
         skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
         self.build_skipped = dict(skipped) if isinstance(skipped, dict) else {"bad sample": skipped} if skipped else {}
         files = FileKeys()  # each evaluation file read once for both checks
@@ -164,6 +167,8 @@ class ClipTask(TaskBase):
         train, tc, world = self.data.train, self.cfg.trainer, distributed.current()
         workers = loader_workers(self.cfg)
         stream = isinstance(train, IterableDataset)
+        self._calls += 1  # what follows moves the shared loader and epoch state: earlier results go stale
+        call = self._calls
         in_workers = False
         if stream:  # the epoch first: which batches each worker makes depends on its shard order
             train.set_epoch(self.cfg.seed, epoch, batch_size=tc.batch_size, rank=world.rank, world_size=world.size)
@@ -171,14 +176,7 @@ class ClipTask(TaskBase):
             train.set_epoch(self.cfg.seed, epoch, start if in_workers else 0, tc.batch_size, world.rank, world.size)
         elif hasattr(train, "set_epoch"):
             train.set_epoch(self.cfg.seed, epoch)
-        order = None if stream else EpochOrder(len(train), self.cfg.seed, epoch, start, tc.batch_size, world.rank,
-                                               world.size)
-        loader = DataLoader(train, batch_size=tc.batch_size, drop_last=True, num_workers=workers, sampler=order,
-                            # the workers' base seed from (seed, epoch), not from the training process's generator
-                            generator=runtime.epoch_generator(self.cfg.seed, epoch), collate_fn=collate_skipping,
-                            worker_init_fn=ignore_stop_signals,  # Ctrl-C is the loop's: it stops after a step
-                            timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
-                            persistent_workers=False, pin_memory=self.device.type == "cuda")
+        loader = self._train_loader(workers, epoch, start)
         batches = train.epoch_batches(tc.batch_size, workers) if stream else len(train) // (tc.batch_size * world.size)
         if stream and start and not in_workers:  # where the workers cannot: read past them here, decoded
             loader = ReadPast(loader, start, batches)
@@ -188,7 +186,44 @@ class ClipTask(TaskBase):
             loader = LeftOut(loader, train.left_out(tc.batch_size, workers))  # counted as the epoch starts
         # a source whose batches are always whole (in-memory images) needs no agreement on batch sizes each step
         lockstep = world.distributed and not getattr(train, "whole_batches", False)
-        return distributed.Lockstep(loader, batch_rows, trim_batch) if lockstep else loader
+        ready = distributed.Lockstep(loader, batch_rows, trim_batch) if lockstep else loader
+        ready = Latest(ready, lambda: self._calls == call)
+        # on a GPU each batch is copied on a side stream one batch ahead, beside the step's kernels
+        return DeviceCopies(ready, self.device) if self.device.type == "cuda" else ready
+
+    def _train_loader(self, workers: int, epoch: int, start: int) -> DataLoader:
+        """The training DataLoader at (epoch, start). With workers it is built once and persists
+        (persistent_workers): the workers outlive the epoch, so their start and the wait for the first
+        batches are paid once a run, not every epoch. A new epoch changes only the sampler (this
+        process's) and the source's set_epoch state (data/shared_state.py: what the workers read).
+        Every sample's randomness comes from (seed, epoch, index), never from a worker's seed (the
+        workers' seeds are drawn once, from the first call's generator), so the batches are those of a
+        loader built for the epoch (tested). A transform that drew from Python's or numpy's global
+        generator would break that, and exact resume with it."""
+        train, tc, world = self.data.train, self.cfg.trainer, distributed.current()
+        loader = self._persistent_loader
+        if loader is not None:
+            if isinstance(loader.sampler, EpochOrder):
+                loader.sampler.set_epoch(epoch, start)
+            return loader
+        order = None if isinstance(train, IterableDataset) else \
+            EpochOrder(len(train), self.cfg.seed, epoch, start, tc.batch_size, world.rank, world.size)
+        loader = DataLoader(train, batch_size=tc.batch_size, drop_last=True, num_workers=workers, sampler=order,
+                            # the workers' seeds from (seed, epoch of the first call), not the training process's generator
+                            generator=runtime.epoch_generator(self.cfg.seed, epoch), collate_fn=collate_skipping,
+                            worker_init_fn=ignore_stop_signals,  # Ctrl-C is the loop's: it stops after a step
+                            timeout=tc.loader_timeout_s if workers else 0,  # a stuck worker raises, never hangs
+                            persistent_workers=workers > 0, pin_memory=self.device.type == "cuda")
+        if workers:
+            self._persistent_loader = loader
+        return loader
+
+    def close(self) -> None:
+        """Stops the persistent training loader's workers (once training ends, and when the run ends or
+        fails); a later train_batches call starts new ones."""
+        loader, self._persistent_loader = self._persistent_loader, None
+        if loader is not None and loader._iterator is not None:  # torch's own shutdown of a persistent iterator
+            loader._iterator._shutdown_workers()
 
     def epoch_samples(self) -> int:
         """Samples the training source declares per epoch (rows, files, or the shards' sizes)."""

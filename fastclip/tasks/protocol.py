@@ -97,6 +97,9 @@ class Task(Protocol):
     def new_artifacts(self) -> list[Path]:
         """Files written since the last call (by evaluate), to attach to the run."""
 
+    def close(self) -> None:
+        """Releases what the task holds past the run (the training loader's persistent workers)."""
+
     def params(self) -> dict[str, int]:
         """Parameter counts logged as run params (name -> count)."""
 
@@ -136,6 +139,9 @@ class TaskBase:
 
     def final_evaluate(self) -> dict[str, float]:
         return {}
+
+    def close(self) -> None:
+        return None
 
     def quality(self) -> dict[str, float]:
         raise NotImplementedError(f"{type(self).__name__} has no quality measure for compression to compare")
