@@ -138,10 +138,12 @@ def test_bench_lm_flags_a_collapsed_row_instead_of_reporting_its_bpc():
     assert rows[0]["lm/test_bpc"] == 3.2 and rows[2]["lm/test_bpc"] == 3.3 and rows[2]["note"] == ""
 
 
-def test_frontier_reuses_vanillas_finished_run_of_the_same_seed_and_steps(tmp_path):
+def test_frontier_reuses_vanillas_finished_run_of_the_same_seed_and_steps(tmp_path, monkeypatch):
     """--vanilla-from: the budget and curve of a part of the frontier come from an earlier store's vanilla
-    run of the same seed and steps; an unfinished or other run is never taken, and none is an InputError."""
+    run of the same seed and steps; an unfinished or other run is never taken, and none is an InputError.
+    --collect builds the table from the finished runs, each row named by its run directory."""
     import mlflow
+    from fastclip.bench import frontier
     from fastclip.bench.frontier import logged_vanilla, reached_at
     from fastclip.errors import InputError
     root = tmp_path / "frontier-a"
@@ -158,6 +160,10 @@ def test_frontier_reuses_vanillas_finished_run_of_the_same_seed_and_steps(tmp_pa
         for step, (top1, pflops) in enumerate(((0.3, 0.01), (0.5, 0.02), (0.55, 0.03))):
             client.log_metric(run.info.run_id, "val/zeroshot_top1", top1, step=step)
             client.log_metric(run.info.run_id, "efficiency/train_pflops_total", pflops, step=step)
+        for key, value in (("zeroshot/top1", 0.5 + seed / 10), ("train/samples", 10.0), ("train/steps", 5.0)):
+            client.log_metric(run.info.run_id, key, value)
+        key = {"vanilla": "vanilla", "gumbel": "learned"}.get(name, "vanilla")
+        client.set_tag(run.info.run_id, "fastclip.run_dir", str(root / "cifar10" / key / f"seed{seed}"))
         client.set_terminated(run.info.run_id, status=status)
         ids[name] = run.info.run_id
     found = logged_vanilla([str(root)], "cifar10", 0, 1000)
@@ -167,3 +173,12 @@ def test_frontier_reuses_vanillas_finished_run_of_the_same_seed_and_steps(tmp_pa
         logged_vanilla([str(root)], "cifar10", 1, 1000)
     with pytest.raises(InputError, match="nowhere/mlflow.db does not exist"):
         logged_vanilla([str(tmp_path / "nowhere")], "cifar10", 0, 1000)
+    # --collect: one table from the parts' stores; vanilla's only finished run at 1000 steps is seed 0's
+    monkeypatch.setattr(frontier, "rows_for", lambda ds, full_token: {"vanilla": ("vanilla ViT", []),
+                                                                      "learned": ("DTP gumbel", []), "tome": ("ToMe", [])})
+    table = frontier.collect([str(root)], "cifar10", 1000, 0.1)
+    assert "| vanilla ViT (seeds 0) | 0.500 |" in table and "| DTP gumbel (seeds 1) | 0.600 |" in table
+    assert "ToMe" not in table  # never run
+    assert "| vanilla ViT (seeds 1) |" in frontier.collect([str(root)], "cifar10", 300, 0.1)  # the short one
+    with pytest.raises(InputError, match="no finished vanilla run of cifar10 at 500 steps"):
+        frontier.collect([str(root)], "cifar10", 500, 0.1)

@@ -10,12 +10,14 @@ run's mean: efficiency/train_pflops_total over its samples), the steps the budge
 and the compute the row needed to first reach vanilla's final validation top-1 (from its per-epoch
 val/zeroshot_top1 against efficiency/train_pflops_total, read from the bench's MLflow store), as a
 share of the budget ("-" where it never did). The table is rewritten after every run, so a time
-limit leaves what finished; --only and --seeds build it in parts, and --vanilla-from takes vanilla's
+limit leaves what finished; --only and --seeds build it in parts, --vanilla-from takes vanilla's
 runs (budget, final top-1, curve) from earlier frontiers' MLflow stores instead of training them again
-(their wall-clock is the MLflow run's, without the process start).
+(their wall-clock is the MLflow run's, without the process start), and --collect builds one table
+from the parts' stores without training (every wall-clock then the MLflow run's).
 
     python -m fastclip.bench.frontier [--steps 1000] [--datasets cifar10,digits] [--seeds 0,1,2]
         [--only vanilla,fixed_hilbert,...] [--full-token 0.1] [--vanilla-from outputs/bench/frontier-A,...]
+        [--collect outputs/bench/frontier-A,outputs/bench/frontier-B,...]
 """
 import argparse
 import statistics
@@ -66,27 +68,85 @@ def reached_at(store: str, run_id: str, target: float) -> float | None:
     return None
 
 
-def logged_vanilla(roots: list[str], dataset: str, seed: int, steps: int) -> dict:
-    """Vanilla's finished run of `seed` at `steps` steps in an earlier frontier's store (ROOT/mlflow.db),
-    as run_isolated's metrics plus its store and wall-clock. InputError naming the roots when none is."""
+def finished_runs(roots: list[str], dataset: str):
+    """(row key, seed, metrics with mlflow_run_id, store and wall_s) of every finished run of `dataset`
+    in earlier frontiers' stores (ROOT/mlflow.db), the row key read from the run's directory
+    (ROOT/<dataset>/<key>/seed<S>), its wall-clock the MLflow run's (without the process start).
+    InputError naming a root that has no store."""
     import mlflow
     from fastclip.errors import InputError
     for root in roots:
         db = Path(root) / "mlflow.db"
         if not db.is_file():
-            raise InputError(f"--vanilla-from: {db} does not exist")
+            raise InputError(f"{db} does not exist (not a frontier's folder)")
         store = f"sqlite:///{db.resolve()}"
         client = mlflow.MlflowClient(tracking_uri=store)
         experiment = client.get_experiment_by_name(f"frontier-{dataset}")
         if experiment is None:
             continue
-        for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'"):
-            params = run.data.params
-            if (params.get("boundary.name"), params.get("seed"), params.get("trainer.max_steps")) == ("none", str(seed), str(steps)):
-                return {**run.data.metrics, "mlflow_run_id": run.info.run_id, "store": store,
-                        "wall_s": (run.info.end_time - run.info.start_time) / 1000}
+        for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
+                                      order_by=["attributes.start_time ASC"]):
+            key = Path(run.data.tags.get("fastclip.run_dir", "")).parent.name
+            yield key, int(run.data.params["seed"]), run.data.params, {
+                **run.data.metrics, "mlflow_run_id": run.info.run_id, "store": store,
+                "wall_s": (run.info.end_time - run.info.start_time) / 1000}
+
+
+def logged_vanilla(roots: list[str], dataset: str, seed: int, steps: int) -> dict:
+    """Vanilla's finished run of `seed` at `steps` steps in an earlier frontier's store (finished_runs).
+    InputError naming the roots when there is none."""
+    from fastclip.errors import InputError
+    for _, run_seed, params, metrics in finished_runs(roots, dataset):
+        if (params.get("boundary.name"), run_seed, params.get("trainer.max_steps")) == ("none", seed, str(steps)):
+            return metrics
     raise InputError(f"--vanilla-from: no finished vanilla run of {dataset} seed {seed} at {steps} steps "
                      f"in {', '.join(roots)}")
+
+
+def summary_row(label: str, runs: list[dict], budget: float, vanilla_val: float) -> dict:
+    """One table row from a row's runs (one per seed): means, and per seed where they differ."""
+    reached = [reached_at(r["store"], r["mlflow_run_id"], vanilla_val) for r in runs]
+    return {"variant": label, "top1": statistics.mean(r[TOP1] for r in runs),
+            "per_seed": per_seed([r[TOP1] for r in runs]),
+            # the run's mean: a fine-tuned row's last count is its full-token phase's
+            "gflops": statistics.mean(r[COMPUTE] * 1e6 / r["train/samples"] for r in runs),
+            "steps": statistics.mean(r["train/steps"] for r in runs),
+            "compute": statistics.mean(r[COMPUTE] for r in runs) / budget,
+            "wall": statistics.mean(r["wall_s"] for r in runs),
+            "to_vanilla": "-" if None in reached else f"{statistics.mean(reached) / budget:.2f}",
+            "to_vanilla_seeds": " / ".join("-" if c is None else f"{c / budget:.2f}" for c in reached)}
+
+
+def section(ds: str, steps: int, budget: float, seeds: list[int], table: list[dict]) -> str:
+    return (f"### {ds}: every row at vanilla's {steps}-step training compute ({budget:.4g} PFLOPs), "
+            f"seeds {','.join(map(str, seeds))}\n\n" + markdown_table(table, [
+                ("variant", "variant", ""), ("zero-shot top-1", "top1", ".3f"),
+                ("per seed", "per_seed", ""), ("mean train GFLOPs/sample", "gflops", ".4g"),
+                ("steps bought", "steps", ".0f"), ("compute used / budget", "compute", ".3f"),
+                ("wall-clock s", "wall", ".0f"),
+                ("compute to vanilla's final val top-1 / budget", "to_vanilla", ""),
+                ("per seed", "to_vanilla_seeds", "")]))
+
+
+def collect(roots: list[str], ds: str, steps: int, full_token: float) -> str:
+    """The table of every row run in earlier frontiers (--collect), built in parts: each row's newest
+    finished run per seed; the budget is vanilla's first seed's compute, the accuracy to reach the mean
+    of vanilla's final validation top-1 over its seeds. InputError where vanilla has no run."""
+    from fastclip.errors import InputError
+    found: dict[str, dict[int, dict]] = {}
+    for key, seed, params, metrics in finished_runs(roots, ds):
+        if key != "vanilla" or params.get("trainer.max_steps") == str(steps):
+            found.setdefault(key, {})[seed] = metrics  # newest last
+    if "vanilla" not in found:
+        raise InputError(f"--collect: no finished vanilla run of {ds} at {steps} steps in {', '.join(roots)}")
+    vanilla = found["vanilla"]
+    budget = vanilla[min(vanilla)][COMPUTE]
+    vanilla_val = statistics.mean(r[VAL_TOP1] for r in vanilla.values())
+    rows = rows_for(ds, full_token)
+    table = [summary_row(label, [found[key][s] for s in sorted(found[key])], budget, vanilla_val)
+             | {"variant": f"{label} (seeds {','.join(map(str, sorted(found[key])))})"}
+             for key, (label, _) in rows.items() if key in found]
+    return section(ds, steps, budget, sorted(vanilla), table)
 
 
 def main(argv=None):
@@ -99,7 +159,13 @@ def main(argv=None):
     ap.add_argument("--vanilla-from", default="",
                     help="comma-separated earlier frontier folders whose vanilla runs are reused, matched by seed")
     ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "frontier.md"))
+    ap.add_argument("--collect", default="",
+                    help="comma-separated earlier frontier folders: build the table from their runs, train nothing")
     args = ap.parse_args(argv)
+    if args.collect:
+        sections = {ds: collect(args.collect.split(","), ds, args.steps, args.full_token) for ds in args.datasets.split(",")}
+        emit("\n\n".join(sections.values()), Path(args.out))
+        return sections
     root = PROJECT_ROOT / "outputs" / "bench" / f"frontier-{time.strftime('%Y%m%d-%H%M%S')}"
     store = f"sqlite:///{root / 'mlflow.db'}"
     sections = {}
@@ -131,23 +197,8 @@ def main(argv=None):
                     budget = m[COMPUTE]
             if key == "vanilla":
                 vanilla_val = statistics.mean(r[VAL_TOP1] for r in runs)
-            reached = [reached_at(r["store"], r["mlflow_run_id"], vanilla_val) for r in runs]
-            table.append({
-                "variant": label, "top1": statistics.mean(r[TOP1] for r in runs),
-                "per_seed": per_seed([r[TOP1] for r in runs]),
-                # the run's mean: a fine-tuned row's last count is its full-token phase's
-                "gflops": statistics.mean(r[COMPUTE] * 1e6 / r["train/samples"] for r in runs),
-                "steps": statistics.mean(r["train/steps"] for r in runs),
-                "compute": statistics.mean(r[COMPUTE] for r in runs) / budget,
-                "wall": statistics.mean(r["wall_s"] for r in runs),
-                "to_vanilla": "-" if None in reached else f"{statistics.mean(reached) / budget:.2f}"})
-            sections[ds] = (f"### {ds}: every row at vanilla's {args.steps}-step training compute ({budget:.4g} PFLOPs), "
-                            f"seeds {','.join(map(str, seeds))}\n\n" + markdown_table(table, [
-                                ("variant", "variant", ""), ("zero-shot top-1", "top1", ".3f"),
-                                ("per seed", "per_seed", ""), ("mean train GFLOPs/sample", "gflops", ".4g"),
-                                ("steps bought", "steps", ".0f"), ("compute used / budget", "compute", ".3f"),
-                                ("wall-clock s", "wall", ".0f"),
-                                ("compute to vanilla's final val top-1 / budget", "to_vanilla", "")]))
+            table.append(summary_row(label, runs, budget, vanilla_val))
+            sections[ds] = section(ds, args.steps, budget, seeds, table)
             emit("\n\n".join(sections.values()), Path(args.out))  # rewritten after every row
     return sections
 
