@@ -5,7 +5,6 @@ kernel would otherwise hand the step memory not yet written)."""
 import pytest
 import torch
 
-from fastclip.data import device_copies
 from fastclip.data.device_copies import DeviceCopies
 from fastclip.data.pairs import Batch
 
@@ -25,20 +24,15 @@ def test_only_a_cuda_device_takes_side_stream_copies():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_on_a_gpu_each_batch_arrives_on_the_device_equal_to_the_host_batch(monkeypatch):
+def test_on_a_gpu_each_batch_arrives_on_the_device_equal_to_the_host_batch():
     device = torch.device("cuda")
-    real_stream = torch.cuda.Stream
-
-    def slow_stream(dev):  # the side stream starts with ~0.5 s of GPU sleep: an unawaited copy reads as garbage
-        stream = real_stream(dev)
-        with torch.cuda.stream(stream):
-            torch.cuda._sleep(1_000_000_000)
-        return stream
-    monkeypatch.setattr(device_copies.torch.cuda, "Stream", slow_stream)
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):  # ~0.5 s of GPU sleep first: a copy the step did not wait for reads as garbage
+        torch.cuda._sleep(1_000_000_000)
     batches = [Batch(b.images.pin_memory(), b.tokens.pin_memory(), b.skipped) if b.images is not None else b
                for b in host_batches(pixels=224)]
     arrived = []
-    for batch in DeviceCopies(batches, device):
+    for batch in DeviceCopies(batches, device, side):
         if batch.images is not None:  # used on the compute stream at once, as a step would
             arrived.append(Batch(batch.images.float().mul(2), batch.tokens + 1, batch.skipped))
         else:

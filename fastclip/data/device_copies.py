@@ -19,18 +19,19 @@ class DeviceCopies:
     `device`, each copied on a side stream while the batch before it is in use (so two batches are on
     the device at once). Each batch's tensors are recorded on the compute stream (record_stream) so the
     caching allocator does not hand their memory to the side stream again while a step still reads
-    them. A batch of only bad samples (images None) passes as it is."""
+    them. A batch of only bad samples (images None) passes as it is. side: the copies' stream (default:
+    a new one on `device` each epoch)."""
 
-    def __init__(self, batches, device: torch.device):
+    def __init__(self, batches, device: torch.device, side: "torch.cuda.Stream | None" = None):
         if device.type != "cuda":
             raise ValueError(f"DeviceCopies: {device} has no CUDA streams")
-        self.batches, self.device = batches, device
+        self.batches, self.device, self.side = batches, device, side
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
-        side, pending = torch.cuda.Stream(self.device), None
+        side, pending = self.side or torch.cuda.Stream(self.device), None
         for batch in self.batches:
             copy = self._issue(batch, side)
             if pending is not None:
