@@ -2,8 +2,8 @@
 `--steps` steps cost (efficiency/train_pflops_total of vanilla's run, seed 0), as FLIP and CLIPA compare
 methods: vanilla, DTP fixed k=4 Hilbert and learned DTP (gumbel, d->d->1 predictor, Hilbert order,
 stride start), each with and without a full-token fine-tune (trainer.full_token_steps), and the peers
-at bench-clip's matched knobs: FLIP patch dropout + fine-tune, CLIPA low resolution + fine-tune,
-ToMe, EViT. CIFAR-10 (bench-clip's recipe: vit_tiny at patch 4, 64 patches, 4 blocks) and digits.
+at bench-clip's matched knobs: FLIP patch dropout with and without the fine-tune (evaluated on every
+patch), CLIPA low resolution + fine-tune, ToMe, EViT. CIFAR-10 (bench-clip's recipe: vit_tiny at patch 4, 64 patches, 4 blocks) and digits.
 
 Per row: zero-shot top-1 (mean and per seed), the whole model's training GFLOPs per sample (the
 run's mean: efficiency/train_pflops_total over its samples), the steps the budget bought, wall-clock on this machine,
@@ -44,11 +44,13 @@ def rows_for(dataset: str, full_token: float) -> dict[str, tuple[str, list[str]]
             "fixed_hilbert_ft": (f"DTP fixed k=4 Hilbert + full-token {full_token}", FIXED_HILBERT + fine_tune),
             "learned": ("DTP gumbel d->d->1, Hilbert, stride start", LEARNED),
             "learned_ft": (f"DTP gumbel d->d->1, Hilbert, stride start + full-token {full_token}", LEARNED + fine_tune)}
-    for key, fine in (("patch_dropout", True), ("lowres", True), ("tome", False), ("evit", False)):
+    # patch dropout also without the fine-tune (evaluated on every patch): what the fine-tune adds
+    for key, fine in (("patch_dropout", True), ("patch_dropout", False), ("lowres", True), ("tome", False),
+                      ("evit", False)):
         label, candidates, overrides_for = PEERS[key]
         value, _ = matched_knob(candidates, overrides_for, target)
         overrides = overrides_for(value)
-        if key == "patch_dropout":  # FLIP trains at its keep rate and evaluates on every patch after the fine-tune
+        if key == "patch_dropout":  # FLIP trains at its keep rate and evaluates on every patch
             overrides = [o for o in overrides if not o.startswith("boundary.eval_keep")]
         rows[key + ("_ft" if fine else "")] = (label.format(value).replace(", eval at keep", "")
                                                + (f" + full-token {full_token}" if fine else ""),
