@@ -94,15 +94,21 @@ def finished_runs(roots: list[str], dataset: str):
                 "wall_s": (run.info.end_time - run.info.start_time) / 1000}
 
 
+def vanilla_at(key: str, params: dict, steps: int) -> bool:
+    """Whether a finished run (finished_runs) is vanilla's at the bench's `steps` steps: its row's."""
+    return key == "vanilla" and params.get("trainer.max_steps") == str(steps)
+
+
 def logged_vanilla(roots: list[str], dataset: str, seed: int, steps: int) -> dict:
-    """Vanilla's finished run of `seed` at `steps` steps in an earlier frontier's store (finished_runs).
-    InputError naming the roots when there is none."""
+    """Vanilla's newest finished run of `seed` at `steps` steps in earlier frontiers' stores
+    (finished_runs), as --collect takes it. InputError naming the roots when there is none."""
     from fastclip.errors import InputError
-    for _, run_seed, params, metrics in finished_runs(roots, dataset):
-        if (params.get("boundary.name"), run_seed, params.get("trainer.max_steps")) == ("none", seed, str(steps)):
-            return metrics
-    raise InputError(f"--vanilla-from: no finished vanilla run of {dataset} seed {seed} at {steps} steps "
-                     f"in {', '.join(roots)}")
+    found = [metrics for key, run_seed, params, metrics in finished_runs(roots, dataset)
+             if run_seed == seed and vanilla_at(key, params, steps)]
+    if not found:
+        raise InputError(f"--vanilla-from: no finished vanilla run of {dataset} seed {seed} at {steps} steps "
+                         f"in {', '.join(roots)}")
+    return found[-1]  # newest last
 
 
 def summary_row(label: str, runs: list[dict], budget: float, vanilla_val: float) -> dict:
@@ -137,7 +143,7 @@ def collect(roots: list[str], ds: str, steps: int, full_token: float) -> str:
     from fastclip.errors import InputError
     found: dict[str, dict[int, dict]] = {}
     for key, seed, params, metrics in finished_runs(roots, ds):
-        if key != "vanilla" or params.get("trainer.max_steps") == str(steps):
+        if key != "vanilla" or vanilla_at(key, params, steps):
             found.setdefault(key, {})[seed] = metrics  # newest last
     if "vanilla" not in found:
         raise InputError(f"--collect: no finished vanilla run of {ds} at {steps} steps in {', '.join(roots)}")
