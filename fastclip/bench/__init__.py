@@ -11,7 +11,7 @@ Public API for the benchmarks (module: names; a module listed here may also be i
 
     fastclip: PROJECT_ROOT
     fastclip.config: compose_train_config
-    fastclip.errors: InputError
+    fastclip.errors: InputError, one_line_errors
     fastclip.train: run
     fastclip.tasks: build_task
     fastclip.loop: fit, probe_gflops

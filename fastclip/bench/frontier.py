@@ -160,15 +160,17 @@ def collect(roots: list[str], ds: str, steps: int, full_token: float) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1000, help="vanilla's steps: their counted compute is every row's budget")
-    ap.add_argument("--datasets", default="cifar10,digits")
+    ap.add_argument("--datasets", default="cifar10,digits", help="comma-separated: cifar10, digits")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated; digits runs seed 0 only")
     ap.add_argument("--only", default="", help="comma-separated row keys (vanilla always runs: it sets the budget)")
     ap.add_argument("--full-token", type=float, default=0.1, help="trainer.full_token_steps of the fine-tuned rows")
     ap.add_argument("--vanilla-from", default="",
                     help="comma-separated earlier frontier folders whose vanilla runs are reused, matched by seed")
-    ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "frontier.md"))
+    ap.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "frontier.md"),
+                    help="the Markdown table's file (also printed)")
     ap.add_argument("--collect", default="",
-                    help="comma-separated earlier frontier folders: build the table from their runs, train nothing")
+                    help="comma-separated earlier frontier folders: build the table from every finished run in "
+                         "them, train nothing (--seeds, --only and --vanilla-from do not apply)")
     args = ap.parse_args(argv)
     if args.collect:
         sections = {ds: collect(args.collect.split(","), ds, args.steps, args.full_token) for ds in args.datasets.split(",")}
@@ -212,4 +214,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from fastclip.errors import one_line_errors
+    with one_line_errors():  # a folder or run that is not there: one line naming it
+        main()
