@@ -5,13 +5,17 @@ boundaries). Padding them all to the batch's longest makes every shortened layer
 do not exist; for images, a Binomial spread of counts made that ~40% extra work (bench-clip
 geometry). Packed, the LayerNorms, the QKV and output projections and the MLP, which are nearly all
 of a block's FLOPs (12 L d^2 against attention's 2 L^2 d per row, L << d here), touch real tokens
-only. Attention alone is run on the padded [B, L] layout with a key mask: it is the only op where
-rows interact within themselves.
+only. Attention is the only op where rows interact within themselves. On a CUDA device in half
+precision it runs on the packed tokens too, through torch's variable-length flash attention
+(torch.nn.attention.varlen.varlen_attn: one kernel over every row, each attending within itself).
+Elsewhere (CPU, float32, attention dropout, a torch without it) it runs on the padded [B, L] layout
+with a key mask.
 
 Written by hand because nothing we use does it: open_clip's blocks take padded batches, and torch's
 jagged nested tensors (the library route) fail in scaled_dot_product_attention on a CPU machine with
 a CUDA build (it probes the CUDA driver), and nn.MultiheadAttention refuses them in training.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +46,8 @@ class PackedRows:
     real: torch.Tensor     # [size, 1] bool: which packed rows are real tokens (the others filler)
     starts: torch.Tensor   # [B]: packed position of each row's first token
     key_mask: torch.Tensor  # [B, 1, 1, L] bool (causal: [B, 1, L, L]): which keys a row's queries may attend to
+    cu_seqlens: torch.Tensor  # [B + 1] int32: packed position where each row starts, then the real tokens' count
+    causal: bool = False
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor, length: int, total: int | None, causal: bool = False,
@@ -68,7 +74,8 @@ class PackedRows:
         keys = (valid | (lengths == 0)[:, None])[:, None, None, :]
         if causal:
             keys = keys & torch.ones(length, length, dtype=torch.bool, device=lengths.device).tril()
-        return cls(B, length, total, size, src, real, starts, keys)
+        cu_seqlens = torch.cat([starts, lengths.sum().view(1)]).int()
+        return cls(B, length, total, size, src, real, starts, keys, cu_seqlens, causal)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [size, ...] (the real tokens first)"""
@@ -106,9 +113,62 @@ def packed_block(block: ResidualAttentionBlock, x: torch.Tensor, rows: PackedRow
     qkv = in_proj(block.ln_1(x)) if in_proj is not None else F.linear(block.ln_1(x), attn.in_proj_weight,
                                                                          attn.in_proj_bias)
     # the head width from the projection: a structurally pruned block has fewer heads than width // heads
-    q, k, v = rows.unpack(qkv).unflatten(-1, (3, heads, qkv.shape[-1] // (3 * heads))).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.key_mask,
-                                         dropout_p=attn.dropout if block.training else 0.0)
-    out = rows.pack(out.transpose(1, 2).flatten(-2))
+    out = packed_attention(qkv, rows, heads, attn.dropout if block.training else 0.0)
     x = x + block.ls_1(attn.out_proj(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def packed_attention(qkv: torch.Tensor, rows: PackedRows, heads: int, dropout: float = 0.0) -> torch.Tensor:
+    """Multi-head attention of every row within itself (causal where rows.causal), on packed tokens.
+    qkv [size, 3 x heads x head_dim] (q, k, v concatenated, as nn.MultiheadAttention's in_proj gives
+    them) -> [size, heads x head_dim]; the filler rows' outputs are zeros on the varlen path and
+    finite values nothing reads on the masked one. varlen_attn where varlen_usable says it runs,
+    else scaled_dot_product_attention on the padded layout with rows.key_mask."""
+    head_dim = qkv.shape[-1] // (3 * heads)
+    if varlen_usable(qkv, head_dim, dropout):
+        q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).unbind(1)  # each [size, heads, head_dim]
+        # max_q = max_k = the padded length: an upper bound on every row's, read without a host sync
+        out = VARLEN(q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.length, rows.length,
+                     window_size=(-1, 0) if rows.causal else (-1, -1))
+        # the filler rows lie beyond the last row's end: no sequence writes them (unset memory)
+        return torch.where(rows.real, out.flatten(-2), 0)
+    q, k, v = rows.unpack(qkv).unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.key_mask, dropout_p=dropout)
+    return rows.pack(out.transpose(1, 2).flatten(-2))
+
+
+def _varlen_kernel():
+    try:  # torch >= 2.10
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+VARLEN = _varlen_kernel()
+
+
+def varlen_usable(qkv: torch.Tensor, head_dim: int, dropout: float) -> bool:
+    """Whether varlen_attn runs this attention: torch has it, the tensors are half or bfloat16 (autocast)
+    on a CUDA device it runs on (checked once per device, dtype and head width with a tiny call, so a
+    GPU or build without flash attention falls back instead of failing), head_dim a multiple of 8 up
+    to 256 (flash attention's), and no attention dropout (varlen_attn has none)."""
+    if (VARLEN is None or not qkv.is_cuda or qkv.dtype not in (torch.float16, torch.bfloat16) or dropout
+            or head_dim % 8 or head_dim > 256):
+        return False
+    return _varlen_runs(qkv.device, qkv.dtype, head_dim)
+
+
+@functools.cache
+def _varlen_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    q = torch.zeros(2, 1, head_dim, device=device, dtype=dtype, requires_grad=True)
+    cu = torch.tensor([0, 1, 2], device=device, dtype=torch.int32)
+    try:  # the backward too (training), whatever grad mode or autocast the first call came in
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            VARLEN(q, q, q, cu, cu, 1, 1).sum().backward()
+    except (RuntimeError, NotImplementedError) as exc:
+        import logging
+        logging.getLogger(__name__).warning("varlen attention unavailable on %s (%s, head_dim %d): packed rows "
+                                            "attend on the padded layout instead (%s)", device, dtype, head_dim, exc)
+        return False
+    return True
