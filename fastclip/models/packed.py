@@ -128,8 +128,7 @@ def packed_attention(qkv: torch.Tensor, rows: PackedRows, heads: int, dropout: f
     if varlen_usable(qkv, head_dim, dropout):
         q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).unbind(1)  # each [size, heads, head_dim]
         # max_q = max_k = the padded length: an upper bound on every row's, read without a host sync
-        out = VARLEN(q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.length, rows.length,
-                     window_size=(-1, 0) if rows.causal else (-1, -1))
+        out = VARLEN(q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.length, rows.length, **causal_kwargs(rows.causal))
         # the filler rows lie beyond the last row's end: no sequence writes them (unset memory)
         return torch.where(rows.real, out.flatten(-2), 0)
     q, k, v = rows.unpack(qkv).unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
@@ -138,7 +137,7 @@ def packed_attention(qkv: torch.Tensor, rows: PackedRows, heads: int, dropout: f
 
 
 def _varlen_kernel():
-    try:  # torch >= 2.10
+    try:  # torch >= 2.9
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
@@ -146,6 +145,14 @@ def _varlen_kernel():
 
 
 VARLEN = _varlen_kernel()
+
+
+def causal_kwargs(causal: bool) -> dict:
+    """varlen_attn's causal argument: window_size (-1, 0) in later torch, is_causal in the first release that has it (2.9)."""
+    import inspect
+    if "window_size" in inspect.signature(VARLEN).parameters:
+        return {"window_size": (-1, 0) if causal else (-1, -1)}
+    return {"is_causal": causal}
 
 
 def varlen_usable(qkv: torch.Tensor, head_dim: int, dropout: float) -> bool:
