@@ -141,6 +141,46 @@ def test_patch_dropout_logs_the_patch_count_open_clip_keeps():
     assert ran == 4 and out.segments.tolist() == [4.0, 4.0] and out.tokens.tolist() == [25.0, 25.0]
 
 
+def blank_patch_tokens(visual, images, train: bool) -> list[int]:
+    """Per image: how many patch tokens entering ln_pre are their positional embedding alone."""
+    seen = {}
+    hook = visual.vit.ln_pre.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    visual.train(train)
+    with torch.no_grad():
+        visual(images)
+    hook.remove()
+    position = visual.vit.positional_embedding[1:]
+    return (seen["x"][:, 1:] - position).abs().amax(-1).lt(1e-6).sum(-1).tolist()
+
+
+def test_patch_mask_blanks_the_dropped_patches_and_runs_every_token():
+    """boundary.mask_only=true, the augmentation-only control: in training every block runs on all 64
+    patches (vanilla's FLOPs, compression 1 logged) while int(64 x 0.25) = 16 of each image's patch
+    tokens keep their content and the other 48 are their positional embedding alone (their pixels
+    zeroed); a different draw per image. Evaluation and the full-token phase blank nothing."""
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    visual = tower("boundary=patch_dropout", "boundary.keep=0.25", "boundary.mask_only=true")
+    assert first_block_lengths(visual, images, train=True) == [1 + 64]
+    assert blank_patch_tokens(visual, images, train=True) == [48] * 3
+    seen = {}
+    hook = visual.vit.ln_pre.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    with torch.no_grad():
+        out = visual.train()(images)
+    hook.remove()
+    blank = (seen["x"][:, 1:] - visual.vit.positional_embedding[1:]).abs().amax(-1).lt(1e-6)
+    assert not torch.equal(blank[0], blank[1])
+    assert out.tokens.tolist() == [64.0] * 3 and out.segments.tolist() == [64.0] * 3
+    assert blank_patch_tokens(visual, images, train=False) == [0] * 3
+    visual.full_tokens = True
+    assert blank_patch_tokens(visual, images, train=True) == [0] * 3
+    visual.full_tokens = False
+    with torch.no_grad():  # every patch at the vanilla tower's cost
+        masked, _ = count_gflops(visual.train(), images)
+        vanilla, _ = count_gflops(tower("boundary=none").train(), images)
+    assert masked == pytest.approx(vanilla, rel=1e-3)
+
+
 def test_a_patch_dropout_run_at_keep_also_scores_every_patch_at_the_end(tmp_path):
     """One training gives bench-clip both patch-dropout rows: top-1 at the keep rate (the matched
     GFLOPs) and, from the same weights, on every patch."""

@@ -55,6 +55,12 @@ def rows_for(dataset: str, full_token: float) -> dict[str, tuple[str, list[str]]
         rows[key + ("_ft" if fine else "")] = (label.format(value).replace(", eval at keep", "")
                                                + (f" + full-token {full_token}" if fine else ""),
                                                overrides + (fine_tune if fine else []))
+    # the control: FLIP's draw as an augmentation alone (the patches blanked, every token run: vanilla's
+    # compute), which separates what patch dropout's random masking does from the steps its savings buy
+    keep_overrides = rows["patch_dropout"][1]
+    keep = next(o.split("=")[1] for o in keep_overrides if o.startswith("boundary.keep="))
+    rows["patch_mask"] = (f"patch dropout keep={float(keep):.3f} as masking only (every token run)",
+                          keep_overrides + ["boundary.mask_only=true"])
     return rows
 
 

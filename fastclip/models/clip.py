@@ -123,7 +123,7 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
     if boundary.name == "tome" and "image" in towers:
         image = ToMeImageTower(visual, boundary.r)
     elif boundary.name == "patch_dropout" and "image" in towers:
-        image = PatchDropoutImageTower(visual, boundary.keep, boundary.eval_keep)
+        image = PatchDropoutImageTower(visual, boundary.keep, boundary.eval_keep, boundary.mask_only)
     elif boundary.name == "evit" and "image" in towers:
         image = EViTImageTower(visual, boundary.keep, boundary.layers)
     elif boundary.name == "lowres" and "image" in towers:

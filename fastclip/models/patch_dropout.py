@@ -2,7 +2,13 @@
 in training each image keeps a random `keep` fraction of its patches (the class token always) and
 the whole ViT runs on them; evaluation sees every patch, or with eval_keep=true the same random
 fraction, so that its GFLOPs match training's. The dropping is open_clip's PatchDropout (the module
-open_clip's `patch_dropout` option installs after the positional embedding)."""
+open_clip's `patch_dropout` option installs after the positional embedding).
+
+mask_only=true is the control that separates what FLIP's dropout does as an augmentation from what it
+saves: the same random patches lose their content (their tokens keep the positional embedding alone,
+as if those pixels were zero after normalisation: open_clip's patch embedding has no bias), but every
+token still runs through every block, so the model costs vanilla's FLOPs. Written here: open_clip has
+no such mode."""
 import contextlib
 
 import torch
@@ -26,16 +32,34 @@ class _EvalToo(PatchDropout):
             self.training = was_training
 
 
-class PatchDropoutImageTower(nn.Module):
-    """open_clip's ViT with its patch_dropout set to drop 1 - keep of the patches."""
+def mask_patches(images: torch.Tensor, grid: tuple[int, int], keep: float) -> torch.Tensor:
+    """images [B, 3, H, W] (normalised) with a random 1 - keep of each image's grid cells set to zero:
+    their patch tokens are then the positional embedding alone (open_clip's patch embedding has no bias).
+    As many cells keep their content as open_clip's PatchDropout keeps (max(1, int(N x keep))), drawn
+    from torch's generator as it draws them."""
+    B, (gh, gw) = images.shape[0], grid
+    n = gh * gw
+    order = torch.randn(B, n, device=images.device).topk(max(1, int(n * keep)), dim=-1).indices
+    cells = torch.zeros(B, n, device=images.device, dtype=images.dtype).scatter_(1, order, 1.0)
+    ph, pw = images.shape[-2] // gh, images.shape[-1] // gw
+    pixels = cells.view(B, 1, gh, 1, gw, 1).expand(B, 1, gh, ph, gw, pw).reshape(B, 1, gh * ph, gw * pw)
+    return images * pixels
 
-    def __init__(self, visual, keep: float, eval_keep: bool = False):
+
+class PatchDropoutImageTower(nn.Module):
+    """open_clip's ViT with its patch_dropout set to drop 1 - keep of the patches (mask_only: their
+    content blanked and their tokens kept, mask_patches)."""
+
+    def __init__(self, visual, keep: float, eval_keep: bool = False, mask_only: bool = False):
         super().__init__()
         if not 0 < keep <= 1:
             raise InputError(f"boundary.keep={keep}: expected the fraction of patches kept, in (0, 1]")
         self.vit = require_vit(visual, "boundary=patch_dropout")
-        self.keep, self.eval_keep = keep, eval_keep
-        self.vit.patch_dropout = (_EvalToo if eval_keep else PatchDropout)(1.0 - keep) if keep < 1 else nn.Identity()
+        self.keep, self.eval_keep, self.mask_only = keep, eval_keep, mask_only
+        if keep == 1 or mask_only:  # mask_only: every token runs, the masking is on the pixels (_forward)
+            self.vit.patch_dropout = nn.Identity()
+        else:
+            self.vit.patch_dropout = (_EvalToo if eval_keep else PatchDropout)(1.0 - keep)
 
     full_tokens = False  # trainer.full_token_steps' phase: every patch, in training too (FastCLIP.set_full_tokens)
 
@@ -52,6 +76,8 @@ class PatchDropoutImageTower(nn.Module):
         int(n x (1 - (1 - keep))), which is not always int(n x keep))."""
         grid = self.vit.grid_size
         n = grid[0] * grid[1]
+        if self.mask_only and self.keep < 1 and (self.training or self.eval_keep) and not self.full_tokens:
+            images = mask_patches(images, grid, self.keep)
         ran = {}
         hook = self.vit.patch_dropout.register_forward_hook(lambda m, a, out: ran.update(patches=out.shape[1] - 1))
         try:
@@ -76,7 +102,7 @@ class PatchDropoutImageTower(nn.Module):
     @property
     def drops_at_eval(self) -> bool:
         """Whether evaluation runs on fewer patches (only then is there a boundary picture)."""
-        return self.eval_keep and self.keep < 1
+        return self.eval_keep and self.keep < 1 and not self.mask_only
 
     @torch.no_grad()
     def kept_patches(self, images) -> torch.Tensor:

@@ -144,6 +144,7 @@ class Tome(Boundary):
 class PatchDropout(Boundary):
     keep: float = frozen()
     eval_keep: bool = frozen()
+    mask_only: bool = frozen(legacy=False)
     loss_weight: float = frozen()
 
 
