@@ -181,6 +181,27 @@ def test_patch_mask_blanks_the_dropped_patches_and_runs_every_token():
     assert masked == pytest.approx(vanilla, rel=1e-3)
 
 
+@pytest.mark.parametrize("keep,side", [(0.453125, 32), (1 / 7, 30)])
+def test_patch_mask_blanks_the_patches_open_clips_dropout_drops_from_the_same_generator_state(keep, side):
+    """The same draw as open_clip's PatchDropout (its count, int(N x (1 - (1 - keep))), 6 of 49 at
+    keep 1/7 where int(N x keep) would be 7), the class token never blanked; at 30 px and patch 4 the
+    conv crops the last 2 pixel rows and columns, which the mask leaves alone."""
+    from open_clip.transformer import PatchDropout
+    from fastclip.models.patch_dropout import mask_patches
+    grid = side // 4
+    n = grid * grid
+    images = torch.rand(2, 3, side, side) + 1  # no zero pixel: a zero is a blanked one
+    tokens = torch.arange(1 + n, dtype=torch.float).view(1, -1, 1).expand(2, -1, 1)
+    torch.manual_seed(7)
+    kept = PatchDropout(1 - keep, exclude_first_token=True).train()(tokens)[:, 1:, 0].long() - 1
+    torch.manual_seed(7)
+    masked = mask_patches(images, (grid, grid), (4, 4), keep)
+    cells = masked[:, 0, :grid * 4, :grid * 4].unflatten(1, (grid, 4)).unflatten(3, (grid, 4)).amax((2, 4)).flatten(1) > 0
+    assert cells.sum(1).tolist() == [kept.shape[1]] * 2
+    assert all(set(cells[b].nonzero().squeeze(1).tolist()) == set(kept[b].tolist()) for b in range(2))
+    assert torch.equal(masked[:, :, grid * 4:], images[:, :, grid * 4:])  # beyond the grid: untouched
+
+
 def test_a_patch_dropout_run_at_keep_also_scores_every_patch_at_the_end(tmp_path):
     """One training gives bench-clip both patch-dropout rows: top-1 at the keep rate (the matched
     GFLOPs) and, from the same weights, on every patch."""

@@ -3,7 +3,9 @@
 methods: vanilla, DTP fixed k=4 Hilbert and learned DTP (gumbel, d->d->1 predictor, Hilbert order,
 stride start), each with and without a full-token fine-tune (trainer.full_token_steps), and the peers
 at bench-clip's matched knobs: FLIP patch dropout with and without the fine-tune (evaluated on every
-patch), CLIPA low resolution + fine-tune, ToMe, EViT. CIFAR-10 (bench-clip's recipe: vit_tiny at patch 4, 64 patches, 4 blocks) and digits.
+patch), CLIPA low resolution + fine-tune, ToMe, EViT; and a control, patch_mask: FLIP's random
+patches blanked but every token run (boundary.mask_only, vanilla's FLOPs; the blank tokens keep their
+positional embedding and still take part in attention), its augmentation without its savings. CIFAR-10 (bench-clip's recipe: vit_tiny at patch 4, 64 patches, 4 blocks) and digits.
 
 Per row: zero-shot top-1 (mean and per seed), the whole model's training GFLOPs per sample (the
 run's mean: efficiency/train_pflops_total over its samples), the steps the budget bought, wall-clock on this machine,

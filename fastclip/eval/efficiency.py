@@ -44,8 +44,9 @@ def count_gflops(fn, *inputs) -> tuple[float, object]:
 def unpadded_gflops(tower, inputs: torch.Tensor, n: int) -> float:
     """Mean GFLOPs of the first n samples each run alone: each one's own segment count, none of
     the padding a batch with different counts pays for. A packed tower (image_layout / text_layout
-    =packed) comes within its padded attention and its filler rows of this; a padded one pays for
-    every row's padding."""
+    =packed) comes within its filler rows and, where its attention runs on the padded layout with a
+    mask (not through varlen_attn: CUDA under half-precision autocast, models/packed.py), that
+    attention's padding, of this; a padded one pays for every row's padding."""
     return sum(count_gflops(tower, inputs[i:i + 1])[0] for i in range(min(n, len(inputs)))) / min(n, len(inputs))
 
 

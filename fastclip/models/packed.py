@@ -16,6 +16,7 @@ jagged nested tensors (the library route) fail in scaled_dot_product_attention o
 a CUDA build (it probes the CUDA driver), and nn.MultiheadAttention refuses them in training.
 """
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class PackedRows:
     key_mask: torch.Tensor  # [B, 1, 1, L] bool (causal: [B, 1, L, L]): which keys a row's queries may attend to
     cu_seqlens: torch.Tensor  # [B + 1] int32: packed position where each row starts, then the real tokens' count
     causal: bool = False
+    varlen: bool = False    # attention through varlen_attn (varlen_on: CUDA under half-precision autocast)
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor, length: int, total: int | None, causal: bool = False,
@@ -75,7 +77,7 @@ class PackedRows:
         if causal:
             keys = keys & torch.ones(length, length, dtype=torch.bool, device=lengths.device).tril()
         cu_seqlens = torch.cat([starts, lengths.sum().view(1)]).int()
-        return cls(B, length, total, size, src, real, starts, keys, cu_seqlens, causal)
+        return cls(B, length, total, size, src, real, starts, keys, cu_seqlens, causal, varlen_on(lengths.device))
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [size, ...] (the real tokens first)"""
@@ -122,14 +124,19 @@ def packed_attention(qkv: torch.Tensor, rows: PackedRows, heads: int, dropout: f
     """Multi-head attention of every row within itself (causal where rows.causal), on packed tokens.
     qkv [size, 3 x heads x head_dim] (q, k, v concatenated, as nn.MultiheadAttention's in_proj gives
     them) -> [size, heads x head_dim]; the filler rows' outputs are zeros on the varlen path and
-    finite values nothing reads on the masked one. varlen_attn where varlen_usable says it runs,
-    else scaled_dot_product_attention on the padded layout with rows.key_mask."""
+    finite values nothing reads on the masked one. varlen_attn where rows.varlen (decided where the
+    rows were built, outside any compiled block) and this attention suits it (half precision, head_dim
+    a multiple of 8 up to 256, no dropout: varlen_attn has none), else scaled_dot_product_attention on
+    the padded layout with rows.key_mask."""
     head_dim = qkv.shape[-1] // (3 * heads)
-    if varlen_usable(qkv, head_dim, dropout):
+    if (rows.varlen and qkv.dtype in VARLEN_DTYPES and not dropout
+            and head_dim % 8 == 0 and head_dim <= 256):
+        # the filler rows lie beyond the last row's end: the kernel neither writes their outputs nor their
+        # gradients (unset memory, possibly NaN). Selected, not multiplied: what is unset never gets through.
+        qkv = torch.where(rows.real, qkv, 0)
         q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).unbind(1)  # each [size, heads, head_dim]
         # max_q = max_k = the padded length: an upper bound on every row's, read without a host sync
         out = VARLEN(q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.length, rows.length, **causal_kwargs(rows.causal))
-        # the filler rows lie beyond the last row's end: no sequence writes them (unset memory)
         return torch.where(rows.real, out.flatten(-2), 0)
     q, k, v = rows.unpack(qkv).unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.key_mask, dropout_p=dropout)
@@ -145,37 +152,40 @@ def _varlen_kernel():
 
 
 VARLEN = _varlen_kernel()
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # the kernel's
+# its causal argument: window_size (-1, 0) in later torch, is_causal in the first release that has it (2.9)
+_WINDOW = VARLEN is not None and "window_size" in inspect.signature(VARLEN).parameters
 
 
 def causal_kwargs(causal: bool) -> dict:
-    """varlen_attn's causal argument: window_size (-1, 0) in later torch, is_causal in the first release that has it (2.9)."""
-    import inspect
-    if "window_size" in inspect.signature(VARLEN).parameters:
-        return {"window_size": (-1, 0) if causal else (-1, -1)}
-    return {"is_causal": causal}
+    return {"window_size": (-1, 0) if causal else (-1, -1)} if _WINDOW else {"is_causal": causal}
 
 
-def varlen_usable(qkv: torch.Tensor, head_dim: int, dropout: float) -> bool:
-    """Whether varlen_attn runs this attention: torch has it, the tensors are half or bfloat16 (autocast)
-    on a CUDA device it runs on (checked once per device, dtype and head width with a tiny call, so a
-    GPU or build without flash attention falls back instead of failing), head_dim a multiple of 8 up
-    to 256 (flash attention's), and no attention dropout (varlen_attn has none)."""
-    if (VARLEN is None or not qkv.is_cuda or qkv.dtype not in (torch.float16, torch.bfloat16) or dropout
-            or head_dim % 8 or head_dim > 256):
+def varlen_on(device: torch.device) -> bool:
+    """Whether packed rows built now on `device` attend through varlen_attn: torch has it, the device is
+    CUDA, autocast runs there in half precision or bfloat16 (the kernel's dtypes; float32 keeps the
+    masked path), and the kernel runs on this device (checked once per device and dtype with tiny calls,
+    forward and backward, on both the backends varlen_attn dispatches to: a GPU or build without them
+    falls back with a warning instead of failing mid-run)."""
+    if VARLEN is None or device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
         return False
-    return _varlen_runs(qkv.device, qkv.dtype, head_dim)
+    dtype = torch.get_autocast_dtype("cuda")
+    return dtype in VARLEN_DTYPES and _varlen_runs(device, dtype)
 
 
 @functools.cache
-def _varlen_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    q = torch.zeros(2, 1, head_dim, device=device, dtype=dtype, requires_grad=True)
-    cu = torch.tensor([0, 1, 2], device=device, dtype=torch.int32)
+def _varlen_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    # rows of 1 token (flash attention), and rows of 129 without a causal mask, which torch 2.14 sends to
+    # cuDNN on recent GPUs; head_dim 64, as ViT-B's
     try:  # the backward too (training), whatever grad mode or autocast the first call came in
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            VARLEN(q, q, q, cu, cu, 1, 1).sum().backward()
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            for length, causal in ((1, True), (129, False)):
+                q = torch.zeros(2 * length, 1, 64, device=device, dtype=dtype, requires_grad=True)
+                cu = torch.tensor([0, length, 2 * length], device=device, dtype=torch.int32)
+                VARLEN(q, q, q, cu, cu, length, length, **causal_kwargs(causal)).sum().backward()
     except (RuntimeError, NotImplementedError) as exc:
         import logging
-        logging.getLogger(__name__).warning("varlen attention unavailable on %s (%s, head_dim %d): packed rows "
-                                            "attend on the padded layout instead (%s)", device, dtype, head_dim, exc)
+        logging.getLogger(__name__).warning("varlen attention unavailable on %s (%s): packed rows attend on the "
+                                            "padded layout instead (%s)", device, dtype, exc)
         return False
     return True

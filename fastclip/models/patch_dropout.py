@@ -12,6 +12,7 @@ no such mode."""
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import PatchDropout
 from torch import nn
 
@@ -32,18 +33,19 @@ class _EvalToo(PatchDropout):
             self.training = was_training
 
 
-def mask_patches(images: torch.Tensor, grid: tuple[int, int], keep: float) -> torch.Tensor:
-    """images [B, 3, H, W] (normalised) with a random 1 - keep of each image's grid cells set to zero:
-    their patch tokens are then the positional embedding alone (open_clip's patch embedding has no bias).
-    As many cells keep their content as open_clip's PatchDropout keeps (max(1, int(N x keep))), drawn
-    from torch's generator as it draws them."""
-    B, (gh, gw) = images.shape[0], grid
+def mask_patches(images: torch.Tensor, grid: tuple[int, int], patch: tuple[int, int], keep: float) -> torch.Tensor:
+    """images [B, 3, H, W] (normalised) with a random 1 - keep of each image's patches ([gh, gw] grid
+    cells of [ph, pw] pixels) set to zero: their tokens are then the positional embedding alone
+    (open_clip's patch embedding has no bias). The draw is open_clip PatchDropout's, on the CPU
+    generator as it draws: as many patches keep their content as it keeps (max(1, int(N x (1 - (1 -
+    keep))))), so from the same generator state it blanks the very patches the dropout drops. Pixels beyond the grid
+    (which the patch embedding crops) are left as they are."""
+    B, (gh, gw), (ph, pw) = images.shape[0], grid, patch
     n = gh * gw
-    order = torch.randn(B, n, device=images.device).topk(max(1, int(n * keep)), dim=-1).indices
+    order = torch.randn(B, n).topk(max(1, int(n * (1 - (1 - keep)))), dim=-1).indices.to(images.device)
     cells = torch.zeros(B, n, device=images.device, dtype=images.dtype).scatter_(1, order, 1.0)
-    ph, pw = images.shape[-2] // gh, images.shape[-1] // gw
     pixels = cells.view(B, 1, gh, 1, gw, 1).expand(B, 1, gh, ph, gw, pw).reshape(B, 1, gh * ph, gw * pw)
-    return images * pixels
+    return images * F.pad(pixels, (0, images.shape[-1] - gw * pw, 0, images.shape[-2] - gh * ph), value=1.0)
 
 
 class PatchDropoutImageTower(nn.Module):
@@ -77,7 +79,7 @@ class PatchDropoutImageTower(nn.Module):
         grid = self.vit.grid_size
         n = grid[0] * grid[1]
         if self.mask_only and self.keep < 1 and (self.training or self.eval_keep) and not self.full_tokens:
-            images = mask_patches(images, grid, self.keep)
+            images = mask_patches(images, grid, self.vit.conv1.stride, self.keep)
         ran = {}
         hook = self.vit.patch_dropout.register_forward_hook(lambda m, a, out: ran.update(patches=out.shape[1] - 1))
         try:
