@@ -257,9 +257,12 @@ def loader_fed(encoder, batch, steps, warmup, device, workers: int | None) -> di
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-    for _ in range(warmup + 1):  # the workers' start-up is not a step's cost
-        step(next(batches))
-    fed = seconds_per_step(lambda: step(next(batches)), steps, device)
+    try:
+        for _ in range(warmup + 1):  # the workers' start-up is not a step's cost
+            step(next(batches))
+        fed = seconds_per_step(lambda: step(next(batches)), steps, device)
+    finally:  # the persistent workers stop here, not when the process ends, beside the next measurement
+        task.close()
     memory = seconds_per_step(lambda: step(in_memory), steps, device)
     return {f"fed by the loader ({workers} workers)": fed, "batch in memory": memory}
 
