@@ -310,7 +310,8 @@ class DTPImageTower(nn.Module):
         return x[rows.starts] if self.pool == "cls" else mean_of_valid(rows.unpack(x)[:, 1:], seg_mask)
 
     # image_layout=auto: padded on CUDA, where it measured faster (docs/results/benchmarks.md, bench-gpu's
-    # ViT-B/16 rows, measured before the packed maps lost their shared zero row);
+    # ViT-B/16 rows, measured before the packed maps lost their shared zero row and before packed
+    # attention went through varlen_attn on CUDA: both to be measured again on a GPU);
     # packed on CPU, where compute bounds the step and packing saves the padding's FLOPs.
     AUTO_LAYOUT = {"cuda": "padded", "cpu": "packed"}
 
