@@ -45,7 +45,9 @@ def load_run(checkpoint: str | Path, device: str | torch.device = "cpu", uri: st
     transform (PIL image -> [3, H, W] tensor; the image first turned as its EXIF orientation says, as a
     viewer shows it: `PIL.Image.open` alone reads a phone's portrait photo sideways); tokenizer(list
     of str) -> [B, L] token ids (open_clip's BPE, or bytes for a DTP text tower). The model is in eval
-    mode on `device`.
+    mode on `device`, its token reduction off where its run ended in a trainer.full_token_steps phase
+    (as that run's final zeroshot/top1 was measured; `model.set_full_tokens(False)` gives the reduced
+    model back).
 
     checkpoint: a path, a run dir, or runs:/<MLflow run id> (see checkpoint_path). Raises FileNotFoundError
     (no such file), CheckpointError (not a fastclip checkpoint, or a task=lm one), naming the file."""
@@ -69,11 +71,20 @@ def load_run(checkpoint: str | Path, device: str | torch.device = "cpu", uri: st
     from fastclip.compression import PROJECTION
     # a distilled student's projection to its teacher's width served the training only
     model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith(PROJECTION + ".")})
+    if ended_at_full_tokens(state):  # as its run's final evaluation measured it, and as its last steps trained
+        model.set_full_tokens(True)
     model.to(device).eval()
     from fastclip.models.clip import clip_geometry
     side = int(clip_geometry(cfg.encoder)["vision_cfg"].get("image_size", 224))
     return LoadedRun(model, upright_first(build_transforms(cfg.encoder)[1]), tokenizer, cfg, side,
                      profile_of(str(OmegaConf.select(cfg, "dataset.name"))))
+
+
+def ended_at_full_tokens(state: dict) -> bool:
+    """Whether a checkpoint's run was inside its trainer.full_token_steps phase (the phase measured the
+    reduced model as it began: train_state.reduced), so its weights were last trained, and its
+    zeroshot/top1 measured, with every tower's token reduction off."""
+    return state.get("train_state", {}).get("reduced") is not None
 
 
 class Upright:

@@ -93,6 +93,45 @@ def test_a_run_ends_with_a_full_token_phase_counted_in_its_compute_and_logs_the_
                                                                      rel=1e-9)
     assert 0 <= metrics["zeroshot/top1_reduced"] <= 1 and "zeroshot/top1" in metrics
     assert metrics["efficiency/compression_image"] == 1.0  # the final evaluation at full tokens
+    loaded_as_its_run_ended(tmp_path / "phase", metrics, trainer)
+
+
+def loaded_as_its_run_ended(run_dir, metrics, trainer):
+    """fastclip.load of a run that ended in the phase gives the model at full tokens, as its final
+    zeroshot/top1 was measured (the distillation teacher and fastclip.infer load through it); the
+    train-fit score reads that model on the run's own training split, with the evaluation templates."""
+    from fastclip.data.splits import ClipData
+    from fastclip.eval.train_fit import training_images, training_top1
+    from fastclip.eval.zeroshot import zero_shot_eval
+    from fastclip.tasks.clip import build_clip_data
+    run, train = training_images(run_dir)
+    assert run.model.full_tokens
+    data: ClipData = build_clip_data(run.config, run.preprocess, run.preprocess, run.tokenizer)
+    test = data.zeroshot
+    again = zero_shot_eval(run.model, run.tokenizer, test.images, test.classnames, test.templates, CPU)
+    assert again["top1"] == metrics["zeroshot/top1"]
+    with torch.no_grad():  # the weights the run trained last, at full tokens (not the reduced model)
+        x = test.images[0][0].unsqueeze(0)
+        trainer.model.eval()
+        assert torch.allclose(run.model.encode_image(x), trainer.model.encode_image(x), atol=1e-6)
+    assert len(train.images) == len(data.train) and (train.images.labels == data.train.labels).all()
+    assert train.templates == list(run.config.dataset.eval_templates) == test.templates
+    assert training_top1(run_dir) == zero_shot_eval(run.model, run.tokenizer, train.images, train.classnames,
+                                                     train.templates, CPU)["top1"]
+
+
+def test_train_fit_refuses_a_run_without_class_labels(tmp_path, monkeypatch):
+    """Zero-shot top-1 on the training images needs a class per image: a csv run's checkpoint is an
+    InputError naming the dataset, before any image is read."""
+    from fastclip import inference
+    from fastclip.errors import InputError
+    from fastclip.eval.train_fit import training_images
+
+    class Loaded:
+        config = compose_cfg([*TINY_CLIP, "dataset=csv", "dataset.path=captions.csv"])
+    monkeypatch.setattr(inference, "load_run", lambda checkpoint, device: Loaded())
+    with pytest.raises(InputError, match="dataset=csv has no class labels"):
+        training_images(tmp_path / "last.pt")
 
 
 def task_model_full(trainer) -> bool:
