@@ -182,3 +182,15 @@ def test_frontier_reuses_vanillas_finished_run_of_the_same_seed_and_steps(tmp_pa
     assert "| vanilla ViT (seeds 1) |" in frontier.collect([str(root)], "cifar10", 300, 0.1)  # the short one
     with pytest.raises(InputError, match="no finished vanilla run of cifar10 at 500 steps"):
         frontier.collect([str(root)], "cifar10", 500, 0.1)
+    # --train-fit: each row's runs scored from their own checkpoints, the gap to their held-out top-1
+    from fastclip.eval import train_fit
+    with pytest.raises(InputError, match=f"run {ids['vanilla']} .* has no checkpoint"):
+        frontier.collect([str(root)], "cifar10", 1000, 0.1, train_fit=True)
+    for key, seed in (("vanilla", 0), ("learned", 1)):
+        (root / "cifar10" / key / f"seed{seed}" / "checkpoints").mkdir(parents=True)
+        (root / "cifar10" / key / f"seed{seed}" / "checkpoints" / "last.pt").write_bytes(b"")
+    monkeypatch.setattr(train_fit, "training_top1", lambda checkpoint: 0.9 if "learned" in str(checkpoint) else 0.7)
+    table = frontier.collect([str(root)], "cifar10", 1000, 0.1, train_fit=True)
+    assert "| top-1 on its training images | gap (training - held-out) |" in table
+    assert "| vanilla ViT (seeds 0) | 0.500 | 0.500 | 0.700 | +0.200 |" in table
+    assert "| DTP gumbel (seeds 1) | 0.600 | 0.600 | 0.900 | +0.300 |" in table

@@ -15,11 +15,13 @@ share of the budget ("-" where it never did). The table is rewritten after every
 limit leaves what finished; --only and --seeds build it in parts, --vanilla-from takes vanilla's
 runs (budget, final top-1, curve) from earlier frontiers' MLflow stores instead of training them again
 (their wall-clock is the MLflow run's, without the process start), and --collect builds one table
-from the parts' stores without training (every wall-clock then the MLflow run's).
+from the parts' stores without training (every wall-clock then the MLflow run's); with --train-fit it
+also scores each run's checkpoint on its own training images (fastclip.eval.train_fit) and gives the
+gap to its held-out top-1: which rows fit their training images better, which generalise better.
 
     python -m fastclip.bench.frontier [--steps 1000] [--datasets cifar10,digits] [--seeds 0,1,2]
         [--only vanilla,fixed_hilbert,...] [--full-token 0.1] [--vanilla-from outputs/bench/frontier-A,...]
-        [--collect outputs/bench/frontier-A,outputs/bench/frontier-B,...]
+        [--collect outputs/bench/frontier-A,outputs/bench/frontier-B,... [--train-fit]]
 """
 import argparse
 import statistics
@@ -31,6 +33,7 @@ from fastclip.bench.clip import CIFAR, DATASETS, DTP_VARIANTS, GEOMETRY, PEERS, 
 from fastclip.bench.common import emit, markdown_table, run_isolated, schedule
 
 TOP1, VAL_TOP1, COMPUTE = "zeroshot/top1", "val/zeroshot_top1", "efficiency/train_pflops_total"
+TRAIN_TOP1 = "train_fit/zeroshot_top1"  # the table's, not a logged metric: computed from the run's checkpoint
 FIXED_HILBERT = DTP_VARIANTS["fixed_hilbert"][1]
 LEARNED = [o for o in DTP_VARIANTS["gumbel_r1_hilbert_stride"][1] if o != "eval.placement_control=true"]
 
@@ -99,7 +102,8 @@ def finished_runs(roots: list[str], dataset: str):
             key = Path(run.data.tags.get("fastclip.run_dir", "")).parent.name
             yield key, int(run.data.params["seed"]), run.data.params, {
                 **run.data.metrics, "mlflow_run_id": run.info.run_id, "store": store,
-                "wall_s": (run.info.end_time - run.info.start_time) / 1000}
+                "wall_s": (run.info.end_time - run.info.start_time) / 1000,
+                "run_dir": run.data.tags.get("fastclip.run_dir")}
 
 
 def vanilla_at(key: str, params: dict, steps: int) -> bool:
@@ -130,24 +134,42 @@ def summary_row(label: str, runs: list[dict], budget: float, vanilla_val: float)
             "compute": statistics.mean(r[COMPUTE] for r in runs) / budget,
             "wall": statistics.mean(r["wall_s"] for r in runs),
             "to_vanilla": "-" if None in reached else f"{statistics.mean(reached) / budget:.2f}",
-            "to_vanilla_seeds": " / ".join("-" if c is None else f"{c / budget:.2f}" for c in reached)}
+            "to_vanilla_seeds": " / ".join("-" if c is None else f"{c / budget:.2f}" for c in reached)} | (
+        {"train_top1": statistics.mean(r[TRAIN_TOP1] for r in runs),
+         "gap": statistics.mean(r[TRAIN_TOP1] - r[TOP1] for r in runs)} if all(TRAIN_TOP1 in r for r in runs) else {})
+
+
+def training_top1_of(run: dict) -> float:
+    """A finished run's (finished_runs) zero-shot top-1 on its training images, from its checkpoint.
+    InputError naming the run when its directory or checkpoint is gone."""
+    from fastclip.errors import InputError
+    from fastclip.eval.train_fit import training_top1
+    checkpoint = Path(run["run_dir"] or "") / "checkpoints" / "last.pt"
+    if not run["run_dir"] or not checkpoint.is_file():
+        raise InputError(f"--train-fit: run {run['mlflow_run_id']} in {run['store']} has no checkpoint "
+                         f"({checkpoint}): its run directory was moved or deleted")
+    return training_top1(checkpoint)
 
 
 def section(ds: str, steps: int, budget: float, seeds: list[int], table: list[dict]) -> str:
+    fit = [("top-1 on its training images", "train_top1", ".3f"), ("gap (training - held-out)", "gap", "+.3f")] \
+        if table and all("train_top1" in row for row in table) else []
     return (f"### {ds}: every row at vanilla's {steps}-step training compute ({budget:.4g} PFLOPs), "
             f"seeds {','.join(map(str, seeds))}\n\n" + markdown_table(table, [
                 ("variant", "variant", ""), ("zero-shot top-1", "top1", ".3f"),
-                ("per seed", "per_seed", ""), ("mean train GFLOPs/sample", "gflops", ".4g"),
+                ("per seed", "per_seed", ""), *fit, ("mean train GFLOPs/sample", "gflops", ".4g"),
                 ("steps bought", "steps", ".0f"), ("compute used / budget", "compute", ".3f"),
                 ("wall-clock s", "wall", ".0f"),
                 ("compute to vanilla's final val top-1 / budget", "to_vanilla", ""),
                 ("per seed", "to_vanilla_seeds", "")]))
 
 
-def collect(roots: list[str], ds: str, steps: int, full_token: float) -> str:
+def collect(roots: list[str], ds: str, steps: int, full_token: float, train_fit: bool = False) -> str:
     """The table of every row run in earlier frontiers (--collect), built in parts: each row's newest
     finished run per seed; the budget is vanilla's first seed's compute, the accuracy to reach the mean
-    of vanilla's final validation top-1 over its seeds. InputError where vanilla has no run."""
+    of vanilla's final validation top-1 over its seeds. train_fit: each run's checkpoint also scored on
+    its training images (fastclip.eval.train_fit), with the gap to its held-out top-1. InputError where
+    vanilla has no run (or, with train_fit, a run has no checkpoint)."""
     from fastclip.errors import InputError
     found: dict[str, dict[int, dict]] = {}
     for key, seed, params, metrics in finished_runs(roots, ds):
@@ -155,10 +177,14 @@ def collect(roots: list[str], ds: str, steps: int, full_token: float) -> str:
             found.setdefault(key, {})[seed] = metrics  # newest last
     if "vanilla" not in found:
         raise InputError(f"--collect: no finished vanilla run of {ds} at {steps} steps in {', '.join(roots)}")
+    rows = rows_for(ds, full_token)
+    if train_fit:
+        for key in (k for k in rows if k in found):
+            for r in found[key].values():
+                r[TRAIN_TOP1] = training_top1_of(r)
     vanilla = found["vanilla"]
     budget = vanilla[min(vanilla)][COMPUTE]
     vanilla_val = statistics.mean(r[VAL_TOP1] for r in vanilla.values())
-    rows = rows_for(ds, full_token)
     table = [summary_row(label, [found[key][s] for s in sorted(found[key])], budget, vanilla_val)
              | {"variant": f"{label} (seeds {','.join(map(str, sorted(found[key])))})"}
              for key, (label, _) in rows.items() if key in found]
@@ -179,9 +205,13 @@ def main(argv=None):
     ap.add_argument("--collect", default="",
                     help="comma-separated earlier frontier folders: build the table from every finished run in "
                          "them, train nothing (--seeds, --only and --vanilla-from do not apply)")
+    ap.add_argument("--train-fit", action="store_true",
+                    help="with --collect: also score each run's checkpoint on its own training images (zero-shot "
+                         "top-1, evaluation templates) and give the gap to its held-out top-1")
     args = ap.parse_args(argv)
     if args.collect:
-        sections = {ds: collect(args.collect.split(","), ds, args.steps, args.full_token) for ds in args.datasets.split(",")}
+        sections = {ds: collect(args.collect.split(","), ds, args.steps, args.full_token, args.train_fit)
+                    for ds in args.datasets.split(",")}
         emit("\n\n".join(sections.values()), Path(args.out))
         return sections
     root = PROJECT_ROOT / "outputs" / "bench" / f"frontier-{time.strftime('%Y%m%d-%H%M%S')}"
