@@ -448,6 +448,51 @@ def test_hilbert_order_pools_2x2_squares_and_draws_them_in_place(monkeypatch):
                  "boundary.image_order=hilbert")
 
 
+def test_random_offset_shifts_each_rows_grid_in_training_and_evaluates_on_the_grid():
+    """boundary.random_offset: in training every row's fixed-k grid is shifted by its own offset, drawn
+    afresh each forward (every offset 0..k-1 appears; segments k long but the first and last); the
+    tower trains on them, with the boundaries the rows really got counted; evaluation is the grid."""
+    from fastclip.models.boundaries import Fixed, every_kth
+    from fastclip.models.dtp import segment_counts
+    method, T, k = Fixed(4, random_offset=True), 64, 4
+    order = torch.arange(T).expand(256, T)
+    torch.manual_seed(0)
+    first, second = method.boundaries(None, order), method.boundaries(None, order)
+    assert not torch.equal(first, second)  # drawn again each step
+    offsets = set()
+    for row in first:
+        ends = row.nonzero().squeeze(1)
+        offset = (k - 1 - int(ends[0])) % k
+        offsets.add(offset)
+        assert torch.equal(row.bool(), (torch.arange(T) + 1 + offset) % k == 0)
+        lengths = torch.diff(torch.cat([torch.tensor([-1]), ends, torch.tensor([T - 1])]))
+        lengths = lengths[lengths > 0]
+        assert (lengths[1:-1] == k).all() and int(lengths.sum()) == T
+    assert offsets == {0, 1, 2, 3}
+    counts = segment_counts(first)
+    assert set(counts.tolist()) == {16, 17} and method.static_segments(T) is None
+    method.eval()
+    assert torch.equal(method.boundaries(None, order), every_kth(T, k).float().expand(256, T))
+    assert method.static_segments(T) == 16
+    task = task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_order=hilbert",
+                    "boundary.random_offset=true", "encoder.vision.patch_size=4")
+    images, _ = task.eval_batch(32)
+    task.model.train()
+    out = task.model.visual(images)
+    out.embedding.sum().backward()
+    assert set(out.segments.tolist()) <= {16.0, 17.0} and out.segments.max() == 17
+    assert torch.equal(out.segments.long(), segment_counts(out.boundaries))
+    task.model.eval()
+    with torch.no_grad():
+        assert (task.model.visual(images).segments == 16).all()
+    plain = task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_order=hilbert",
+                     "encoder.vision.patch_size=4")
+    plain.model.load_state_dict(task.model.state_dict())
+    plain.model.eval()
+    with torch.no_grad():  # the offset is training's only: the same weights evaluate as the plain grid's
+        assert torch.equal(plain.model.visual(images).embedding, task.model.visual(images).embedding)
+
+
 def test_stride_start_begins_at_fixed_k_and_learns_from_there():
     """image_start=stride: before training, the learned tower's eval boundaries are fixed k's, so
     with the same ViT weights it gives fixed k=4's embeddings; training samples about the prior's

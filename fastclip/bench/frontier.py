@@ -1,7 +1,8 @@
 """make bench-frontier: every row trained on the SAME counted training compute, the budget vanilla's
 `--steps` steps cost (efficiency/train_pflops_total of vanilla's run, seed 0), as FLIP and CLIPA compare
 methods: vanilla, DTP fixed k=4 Hilbert and learned DTP (gumbel, d->d->1 predictor, Hilbert order,
-stride start), each with and without a full-token fine-tune (trainer.full_token_steps), and the peers
+stride start), each with and without a full-token fine-tune (trainer.full_token_steps), fixed k=4 with
+its grid at a random offset each training step (boundary.random_offset), and the peers
 at bench-clip's matched knobs: FLIP patch dropout with and without the fine-tune (evaluated on every
 patch), CLIPA low resolution + fine-tune, ToMe, EViT; and a control, patch_mask: FLIP's random
 patches blanked but every token run (boundary.mask_only, vanilla's FLOPs; the blank tokens keep their
@@ -47,6 +48,9 @@ def rows_for(dataset: str, full_token: float) -> dict[str, tuple[str, list[str]]
     rows = {"vanilla": ("vanilla ViT", ["boundary=none"]),
             "fixed_hilbert": ("DTP fixed k=4 Hilbert", FIXED_HILBERT),
             "fixed_hilbert_ft": (f"DTP fixed k=4 Hilbert + full-token {full_token}", FIXED_HILBERT + fine_tune),
+            # the grid shifted by a random offset each step: boundaries that vary as patch dropout's subset does
+            "fixed_hilbert_offset": ("DTP fixed k=4 Hilbert, random grid offset in training",
+                                     FIXED_HILBERT + ["boundary.random_offset=true"]),
             "learned": ("DTP gumbel d->d->1, Hilbert, stride start", LEARNED),
             "learned_ft": (f"DTP gumbel d->d->1, Hilbert, stride start + full-token {full_token}", LEARNED + fine_tune)}
     # patch dropout also without the fine-tune (evaluated on every patch): what the fine-tune adds

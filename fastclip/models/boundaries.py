@@ -50,22 +50,38 @@ def every_kth(length: int, k: int, device=None) -> torch.Tensor:
 
 
 class Fixed(BoundaryMethod):
-    """Every k-th token closes a segment (k = 2, 3, 4 are the paper's baselines)."""
+    """Every k-th token closes a segment (k = 2, 3, 4 are the paper's baselines).
+
+    random_offset (boundary.random_offset, ours: an ablation, not the paper's): in training each row's
+    grid is shifted by an offset drawn uniformly from 0..k-1 at every forward (torch's generator), so
+    its boundaries fall elsewhere each step as patch dropout's kept subset does, while its segments stay
+    k tokens long but the first (k - offset) and the last (offset); a shifted row has one more segment
+    (17 for 64 patches at k=4, where the grid has 16). Evaluation uses the grid (offset 0)."""
     name = "fixed"
 
-    def __init__(self, k: int, **kw):
+    def __init__(self, k: int, random_offset: bool = False, **kw):
         super().__init__(**kw)
         if k < 1:
             raise InputError(f"boundary.k={k}: expected >= 1")
-        self.k = k
+        self.k, self.random_offset = k, random_offset
 
     def boundaries(self, logits, tokens, token_mask=None):
-        T = tokens.shape[1]
+        """-> [B, T] hard boundaries (float 0/1): the grid, or in training with random_offset each row's
+        grid shifted by its own offset (a boundary at t where (t + 1 + offset) % k == 0)."""
+        B, T = tokens.shape[:2]
+        if self.shifted:
+            offset = torch.randint(self.k, (B, 1), device=tokens.device)
+            return ((torch.arange(T, device=tokens.device) + 1 + offset) % self.k == 0).float()
         b = every_kth(T, self.k, tokens.device).float()
-        return b.expand(tokens.shape[0], T).contiguous()
+        return b.expand(B, T).contiguous()
 
-    def static_segments(self, length: int) -> int:
-        return -(-length // self.k)
+    @property
+    def shifted(self) -> bool:
+        """Whether this forward draws offsets (random_offset, in training)."""
+        return self.random_offset and self.training and self.k > 1
+
+    def static_segments(self, length: int) -> int | None:
+        return None if self.shifted else -(-length // self.k)
 
 
 class Whitespace(BoundaryMethod):
@@ -260,7 +276,7 @@ def _build(cfg, space_id: int | None, causal: bool, word_ends: torch.Tensor | No
     if name == "none":
         return None
     if name == "fixed":
-        return Fixed(cfg.k, loss_weight=weight)
+        return Fixed(cfg.k, random_offset=cfg.get("random_offset", False), loss_weight=weight)
     if name == "whitespace":
         if word_ends is not None:
             return Whitespace(word_ends=word_ends, loss_weight=weight)

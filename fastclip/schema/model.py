@@ -81,6 +81,7 @@ class Boundary:
 @dataclass
 class Fixed(Boundary):
     k: int = frozen()
+    random_offset: bool = frozen(legacy=False)
     loss_weight: float = frozen()
 
 
