@@ -49,12 +49,15 @@ def read_images(paths: list[str], preprocess, far_from_training=None) -> tuple[t
 
 
 def trained_on(run) -> str:
-    """One line: the data set and input size the model was trained on, and its normalisation."""
+    """One line: the data set and input size the model was trained on, its normalisation, and whether
+    it runs at full tokens (its run ended in a full-token phase: inference.load_run)."""
     from torchvision.transforms import Normalize
     norm = next((t for t in getattr(run.preprocess, "transforms", []) if isinstance(t, Normalize)), None)
     said = f", normalised with mean {_rounded(norm.mean)} std {_rounded(norm.std)}" if norm is not None else ""
+    full = ("; its run ended with a full-token fine-tune (trainer.full_token_steps), so it reads every token"
+            if run.model.full_tokens else "")
     return (f"model trained on dataset={run.config.dataset.name} ({run.profile.source}); reads {run.image_side}x"
-            f"{run.image_side} px RGB{said}")
+            f"{run.image_side} px RGB{said}{full}")
 
 
 def _rounded(values) -> str:

@@ -190,6 +190,10 @@ def test_token_budget_refuses_layouts_and_rules_it_cannot_size():
         task_for("boundary.image_token_budget=4", "boundary.image_layout=padded")
     with pytest.raises(ValueError, match="boundary=fixed"):
         task_for("boundary=fixed", "boundary.image_token_budget=4")
+    with pytest.raises(ValueError, match="boundary=fixed"):  # whatever mode the tower is built in
+        task_for("boundary=fixed", "boundary.random_offset=true", "boundary.image_token_budget=8")
+    with pytest.raises(ValueError, match="boundary.random_offset=true with boundary.k=1"):
+        task_for("boundary=fixed", "boundary.random_offset=true", "boundary.k=1")
 
 
 def test_image_layout_auto_follows_the_device_and_changes_no_result():

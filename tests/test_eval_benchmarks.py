@@ -194,3 +194,5 @@ def test_frontier_reuses_vanillas_finished_run_of_the_same_seed_and_steps(tmp_pa
     assert "| top-1 on its training images | gap (training - held-out) |" in table
     assert "| vanilla ViT (seeds 0) | 0.500 | 0.500 | 0.700 | +0.200 |" in table
     assert "| DTP gumbel (seeds 1) | 0.600 | 0.600 | 0.900 | +0.300 |" in table
+    with pytest.raises(SystemExit):  # nothing collected, nothing to score: refused, not ignored
+        frontier.main(["--train-fit"])

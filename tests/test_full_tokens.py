@@ -93,7 +93,7 @@ def test_a_run_ends_with_a_full_token_phase_counted_in_its_compute_and_logs_the_
                                                                      rel=1e-9)
     assert 0 <= metrics["zeroshot/top1_reduced"] <= 1 and "zeroshot/top1" in metrics
     assert metrics["efficiency/compression_image"] == 1.0  # the final evaluation at full tokens
-    loaded_as_its_run_ended(tmp_path / "phase", metrics, trainer)
+    loaded_as_its_run_ended(tmp_path / "phase", metrics, runs["phase"][1])
 
 
 def loaded_as_its_run_ended(run_dir, metrics, trainer):
@@ -104,20 +104,24 @@ def loaded_as_its_run_ended(run_dir, metrics, trainer):
     from fastclip.eval.train_fit import training_images, training_top1
     from fastclip.eval.zeroshot import zero_shot_eval
     from fastclip.tasks.clip import build_clip_data
+    from fastclip.infer import trained_on
     run, train = training_images(run_dir)
-    assert run.model.full_tokens
+    assert run.model.full_tokens and "ended with a full-token fine-tune" in trained_on(run)
     data: ClipData = build_clip_data(run.config, run.preprocess, run.preprocess, run.tokenizer)
     test = data.zeroshot
-    again = zero_shot_eval(run.model, run.tokenizer, test.images, test.classnames, test.templates, CPU)
+    again = zero_shot_eval(run.model, run.tokenizer, test.images, test.classnames, test.templates, CPU,
+                           run.config.eval.batch_size)
     assert again["top1"] == metrics["zeroshot/top1"]
     with torch.no_grad():  # the weights the run trained last, at full tokens (not the reduced model)
         x = test.images[0][0].unsqueeze(0)
         trainer.model.eval()
         assert torch.allclose(run.model.encode_image(x), trainer.model.encode_image(x), atol=1e-6)
-    assert len(train.images) == len(data.train) and (train.images.labels == data.train.labels).all()
+    trained = trainer.task.data.train  # the images the run trained on (after its overlap checks)
+    assert len(train.images) == len(trained) and (train.images.labels == trained.labels).all()
+    assert all(a is b or a == b for a, b in zip(train.images.images, trained.images))
     assert train.templates == list(run.config.dataset.eval_templates) == test.templates
     assert training_top1(run_dir) == zero_shot_eval(run.model, run.tokenizer, train.images, train.classnames,
-                                                     train.templates, CPU)["top1"]
+                                                     train.templates, CPU, run.config.eval.batch_size)["top1"]
 
 
 def test_train_fit_refuses_a_run_without_class_labels(tmp_path, monkeypatch):

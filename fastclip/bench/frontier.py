@@ -213,6 +213,8 @@ def main(argv=None):
                     help="with --collect: also score each run's checkpoint on its own training images (zero-shot "
                          "top-1, evaluation templates) and give the gap to its held-out top-1")
     args = ap.parse_args(argv)
+    if args.train_fit and not args.collect:
+        ap.error("--train-fit applies with --collect (it scores the collected runs' checkpoints)")
     if args.collect:
         sections = {ds: collect(args.collect.split(","), ds, args.steps, args.full_token, args.train_fit)
                     for ds in args.datasets.split(",")}

@@ -42,11 +42,12 @@ class BoundaryMethod(nn.Module):
         return None
 
 
-def every_kth(length: int, k: int, device=None) -> torch.Tensor:
+def every_kth(length: int, k: int, device=None, offset: torch.Tensor | int = 0) -> torch.Tensor:
     """[length] bool: True at every k-th token (indices k-1, 2k-1, ...), where fixed k closes a
     segment. The one definition of fixed k's grid: Fixed, the stride start, row breaks and the
-    on-stride metric all read it."""
-    return (torch.arange(length, device=device) + 1) % k == 0
+    on-stride metric all read it. offset ([B, 1] ints, or one int): the grid shifted left by it
+    (True where (t + 1 + offset) % k == 0) -> [B, length] for a [B, 1] offset."""
+    return (torch.arange(length, device=device) + 1 + offset) % k == 0
 
 
 class Fixed(BoundaryMethod):
@@ -55,8 +56,8 @@ class Fixed(BoundaryMethod):
     random_offset (boundary.random_offset, ours: an ablation, not the paper's): in training each row's
     grid is shifted by an offset drawn uniformly from 0..k-1 at every forward (torch's generator), so
     its boundaries fall elsewhere each step as patch dropout's kept subset does, while its segments stay
-    k tokens long but the first (k - offset) and the last (offset); a shifted row has one more segment
-    (17 for 64 patches at k=4, where the grid has 16). Evaluation uses the grid (offset 0)."""
+    k tokens long but the first and the last (64 patches at k=4: 16 segments on the grid, 17 at any
+    other offset). Evaluation uses the grid (offset 0)."""
     name = "fixed"
 
     def __init__(self, k: int, random_offset: bool = False, **kw):
@@ -71,7 +72,7 @@ class Fixed(BoundaryMethod):
         B, T = tokens.shape[:2]
         if self.shifted:
             offset = torch.randint(self.k, (B, 1), device=tokens.device)
-            return ((torch.arange(T, device=tokens.device) + 1 + offset) % self.k == 0).float()
+            return every_kth(T, self.k, tokens.device, offset).float()
         b = every_kth(T, self.k, tokens.device).float()
         return b.expand(B, T).contiguous()
 

@@ -164,7 +164,9 @@ class DTPImageTower(nn.Module):
                 check_packable(block)
         n_patches = self.vit.grid_size[0] * self.vit.grid_size[1]
         self.budget = None if token_budget is None else segments_per_image(token_budget, n_patches)
-        if self.budget is not None and (layout == "padded" or method.static_segments(n_patches) is not None):
+        # fixed's count is known in advance (random_offset: within one), whatever the module's mode now
+        if self.budget is not None and (layout == "padded" or method.name == "fixed"
+                                        or method.static_segments(n_patches) is not None):
             raise InputError(f"boundary.image_token_budget={token_budget} sizes the packed layout of learned "
                              f"boundaries; boundary={method.name} with boundary.image_layout={layout} has no use for it")
         self.packed_block = packed_block  # trainer.compile swaps in a compiled copy (runtime.compile_blocks)

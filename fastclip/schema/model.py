@@ -84,6 +84,12 @@ class Fixed(Boundary):
     random_offset: bool = frozen(legacy=False)
     loss_weight: float = frozen()
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.random_offset and self.k == 1:
+            raise ConfigError("boundary.random_offset=true with boundary.k=1: every token is its own segment, "
+                              "there is no grid to shift (use k >= 2)")
+
 
 def check_predictor_ratio(value: Any, auto: bool = False) -> None:
     """boundary.predictor_ratio: the predictor MLP's hidden width over the model width, an integer >= 1

@@ -75,6 +75,22 @@ def training_captions(ds) -> list[str]:
     raise InputError(f"dataset={ds.name!r}: no caption corpus for boundary=unigram")
 
 
+def settle_eval_overlap(data: ClipData, rule: str) -> tuple[int, bool, int]:
+    """The splits made disjoint as a run makes them before training (in place): an image twice in an
+    evaluation set merged, validation images that are test images left out of validation, training
+    images that are evaluation images dropped (eval.overlap=`rule`: drop, or fail naming one)
+    -> (evaluation duplicates merged, whether training was checked, training images dropped)."""
+    files = FileKeys()  # each evaluation file read once for both checks
+    # an image twice in an evaluation set (two paths, a copy) is one held-out image: data/eval_duplicates
+    duplicates = merge_eval_duplicates(data, files)
+    overlap = eval_overlap_of(data, rule, ("test",), files=files)
+    # validation images that are test images (a separate eval_path listing a training-side file, a copy)
+    leave_test_images_out_of_validation(data, overlap)
+    eval_overlap_of(data, rule, ("val",), into=overlap)  # test and validation: never trained on
+    checked = bool(overlap) and hasattr(data.train, "exclude_eval")
+    return duplicates, checked, data.train.exclude_eval(overlap) if checked else 0
+
+
 def has_boundary_picture(model) -> bool:
     """Whether an evaluation draws the boundary picture: DTP towers (their segments), and the peers
     where it has a meaning (patch dropout at eval_keep and EViT: the kept patches; ToMe: its merges)."""
@@ -114,18 +130,9 @@ class ClipTask(TaskBase):
         self._calls = 0  # train_batches calls: only the newest one's batches may be read
         skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
         self.build_skipped = dict(skipped) if isinstance(skipped, dict) else {"bad sample": skipped} if skipped else {}
-        files = FileKeys()  # each evaluation file read once for both checks
-        # an image twice in an evaluation set (two paths, a copy) is one held-out image: data/eval_duplicates
-        self.eval_duplicates = merge_eval_duplicates(self.data, files)
-        overlap = eval_overlap_of(self.data, cfg.eval.overlap, ("test",), files=files)
-        # validation images that are test images (a separate eval_path listing a training-side file, a copy)
-        leave_test_images_out_of_validation(self.data, overlap)
-        eval_overlap_of(self.data, cfg.eval.overlap, ("val",), into=overlap)  # test and validation: never trained on
-        self.checks_eval_overlap = bool(overlap) and hasattr(self.data.train, "exclude_eval")
-        if self.checks_eval_overlap:
-            dropped = self.data.train.exclude_eval(overlap)
-            if dropped:
-                self.build_skipped[EVAL_OVERLAP] = self.build_skipped.get(EVAL_OVERLAP, 0) + dropped
+        self.eval_duplicates, self.checks_eval_overlap, dropped = settle_eval_overlap(self.data, cfg.eval.overlap)
+        if dropped:
+            self.build_skipped[EVAL_OVERLAP] = self.build_skipped.get(EVAL_OVERLAP, 0) + dropped
         self._check_eval_sets()
         self.tags = {tag: r.description for tag, r in (("fastclip.retrieval_set", self.data.retrieval),
                                                         ("fastclip.val_retrieval_set", self.data.val_retrieval))
