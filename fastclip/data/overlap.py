@@ -196,3 +196,19 @@ def merge_eval_duplicates(data, files: FileKeys | None = None) -> int:
             merged += len(images) - len(keep)
             setattr(data, field if split == "test" else f"val_{field}", held)
     return merged
+
+
+def settle_eval_overlap(data, rule: str) -> tuple[int, bool, int]:
+    """The splits made disjoint as a run makes them before training (in place): an image twice in an
+    evaluation set merged, validation images that are test images left out of validation, training
+    images that are evaluation images dropped (eval.overlap=`rule`: drop, or fail naming one)
+    -> (evaluation duplicates merged, whether training was checked, training images dropped)."""
+    files = FileKeys()  # each evaluation file read once for both checks
+    # an image twice in an evaluation set (two paths, a copy) is one held-out image: data/eval_duplicates
+    duplicates = merge_eval_duplicates(data, files)
+    overlap = eval_overlap_of(data, rule, ("test",), files=files)
+    # validation images that are test images (a separate eval_path listing a training-side file, a copy)
+    leave_test_images_out_of_validation(data, overlap)
+    eval_overlap_of(data, rule, ("val",), into=overlap)  # test and validation: never trained on
+    checked = bool(overlap) and hasattr(data.train, "exclude_eval")
+    return duplicates, checked, data.train.exclude_eval(overlap) if checked else 0

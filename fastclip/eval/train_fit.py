@@ -24,7 +24,8 @@ def training_images(checkpoint: str | Path, device: str | torch.device = "cpu"):
     from fastclip.data.captioned import LabelledImages, ZeroShotSet
     from fastclip.data.pairs import ImageFiles
     from fastclip.inference import load_run
-    from fastclip.tasks.clip import build_clip_data, settle_eval_overlap
+    from fastclip.data.overlap import settle_eval_overlap
+    from fastclip.tasks.clip import build_clip_data
     run = load_run(checkpoint, device)
     name = run.config.dataset.name
     if name not in CLASS_CAPTIONED:

@@ -20,8 +20,7 @@ from fastclip.data.device_copies import DeviceCopies
 from fastclip.data.digits import build_digits
 from fastclip.data.epoch_order import EpochOrder, Latest, ReadPast, Sized, batch_rows, trim_batch
 from fastclip.data.image_folder import build_image_folder, folder_classnames
-from fastclip.data.overlap import (EVAL_OVERLAP, FileKeys, eval_overlap_of, leave_test_images_out_of_validation,
-                                   merge_eval_duplicates)
+from fastclip.data.overlap import EVAL_OVERLAP, settle_eval_overlap
 from fastclip.data.pairs import ImageFiles, collate_skipping, require_usable
 from fastclip.data.shard_split import LeftOut
 from fastclip.data.shards import ShardStream, build_shards, shard_captions
@@ -73,22 +72,6 @@ def training_captions(ds) -> list[str]:
     if ds.name == "webdataset":
         return shard_captions(ds, limit=100_000)
     raise InputError(f"dataset={ds.name!r}: no caption corpus for boundary=unigram")
-
-
-def settle_eval_overlap(data: ClipData, rule: str) -> tuple[int, bool, int]:
-    """The splits made disjoint as a run makes them before training (in place): an image twice in an
-    evaluation set merged, validation images that are test images left out of validation, training
-    images that are evaluation images dropped (eval.overlap=`rule`: drop, or fail naming one)
-    -> (evaluation duplicates merged, whether training was checked, training images dropped)."""
-    files = FileKeys()  # each evaluation file read once for both checks
-    # an image twice in an evaluation set (two paths, a copy) is one held-out image: data/eval_duplicates
-    duplicates = merge_eval_duplicates(data, files)
-    overlap = eval_overlap_of(data, rule, ("test",), files=files)
-    # validation images that are test images (a separate eval_path listing a training-side file, a copy)
-    leave_test_images_out_of_validation(data, overlap)
-    eval_overlap_of(data, rule, ("val",), into=overlap)  # test and validation: never trained on
-    checked = bool(overlap) and hasattr(data.train, "exclude_eval")
-    return duplicates, checked, data.train.exclude_eval(overlap) if checked else 0
 
 
 def has_boundary_picture(model) -> bool:
