@@ -176,10 +176,8 @@ def bpe_geometry(encoder):
 def test_bpe_dtp_text_gflops_are_at_most_half_of_the_untrimmed_bpe_tower(encoder):
     """The target: the BPE-DTP text tower (gumbel at its prior, as it starts) against open_clip's
     TextTransformer on the full context_length, both counted by count_gflops on the same captions.
-    Measured (2 CPU cores, these captions): vit_tiny 0.0044 vs 0.0109 GFLOPs (0.40x), vit_b16 0.362 vs
-    5.96 (0.06x). At vit_tiny it holds for these captions only: COCO-length ones fill its 16-token
-    context and give 0.525x (one of its three blocks runs before the predictor, whose 4x MLP costs a
-    third of a block per token)."""
+    At vit_tiny it holds for these short captions only: captions that fill its 16-token context miss
+    it (the numbers: docs/results/benchmarks.md, "The BPE-DTP text tower")."""
     torch.manual_seed(0)
     cfg = compose_cfg(bpe_geometry(encoder))
     model, tokenizer = build_clip(cfg.encoder, cfg.boundary)
