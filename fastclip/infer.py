@@ -84,7 +84,8 @@ def _warn(notes: list[str]) -> None:
 
 def tokens_line(kind: str, counts: torch.Tensor) -> str:
     n_in, kept = int(counts[0]), int(counts[1])
-    return f"{kind} tower kept {kept} of {n_in} tokens ({n_in / max(kept, 1):.2f}x shorter)"
+    shorter = f"{n_in / max(kept, 1):.2f}x shorter" if kept < n_in else "no reduction"
+    return f"{kind} tower kept {kept} of {n_in} tokens ({shorter})"
 
 
 def shortens(model) -> tuple[bool, bool]:

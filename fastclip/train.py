@@ -211,6 +211,10 @@ def objective_line(metrics: dict, compression: str = "none") -> str:
             f"above are the test split's)")
 
 
+# how the final line names the loop's own twins where the suffix alone would mislead
+LOOP_TWINS = {"reduced": "reduced, just before the full-token phase,"}
+
+
 def final_line(key: str, metrics: dict) -> str:
     """The run's last word on a headline metric, with its twins: `final zeroshot/top1 = 0.4900 (dense
     0.5000; the trained model's: all_patches 0.5200, placement_gain +0.0100; chance 0.10)`, chance being
@@ -221,7 +225,7 @@ def final_line(key: str, metrics: dict) -> str:
     steps trained), and says that step: `(before pruning, at step 80: 0.5000)`."""
     twins = {k[len(key) + 1:]: v for k, v in metrics.items() if k.startswith(key + "_") and isinstance(v, float)}
     said = lambda names: ", ".join(f"{n} {twins[n]:+.4f}" if n.endswith("_gain") else  # noqa: E731
-                                   f"{twin_label(n, metrics)} {twins[n]:.4f}" for n in names)
+                                   f"{LOOP_TWINS.get(n) or twin_label(n, metrics)} {twins[n]:.4f}" for n in names)
     compared = [n for n in twins if n in TWIN_SUFFIXES]
     loop = [n for n in twins if n not in compared]
     parts = ([said(compared)] if compared else []) + (
@@ -339,12 +343,22 @@ def _log_plan(task, trainer, cfg: DictConfig, run_dir: Path) -> None:
     log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()) or "?")
     world = trainer.world.size
     log.info("plan: %d steps (%d per epoch = %d batches of %d%s / accum %d, %d epochs%s; each step's loss over a "
-             "global batch of %d), from step %d: %s; run dir %s",
+             "global batch of %d), from step %d: %s%s; run dir %s",
              trainer.total_steps, trainer.steps_per_epoch, trainer.batches_per_epoch, cfg.trainer.batch_size,
              f" per process x {world} processes" if world > 1 else "", trainer.accum, cfg.epochs,
              f", max_steps {cfg.trainer.max_steps}" if cfg.trainer.max_steps else "",
              cfg.trainer.batch_size * world * trainer.accum, trainer.state.step,
-             trainer.schedule.describe(trainer.state.step), run_dir)
+             trainer.schedule.describe(trainer.state.step), _phase_plan(trainer), run_dir)
+
+
+def _phase_plan(trainer) -> str:
+    """The plan line's word on trainer.full_token_steps: its steps and where it starts, or nothing."""
+    phase = trainer.phase
+    if not phase.steps:
+        return ""
+    budget = " (or earlier, once only its planned compute is left of trainer.max_pflops)" if trainer.max_pflops else ""
+    return (f"; the last {phase.steps} steps at full tokens (trainer.full_token_steps), from step {phase.start}"
+            f"{budget}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

@@ -199,6 +199,8 @@ def test_the_final_line_says_whose_numbers_its_twins_are():
     assert final_line("zeroshot/top1", {"zeroshot/top1": 0.3, "zeroshot/top1_teacher": 0.4}) == \
         "final zeroshot/top1 = 0.3000 (teacher 0.4000)"
     assert final_line("lm/test_bpc", {"lm/test_bpc": 1.5}) == "final lm/test_bpc = 1.5000"
+    assert final_line("zeroshot/top1", {"zeroshot/top1": 0.3, "zeroshot/top1_reduced": 0.4}) == \
+        "final zeroshot/top1 = 0.3000 (reduced, just before the full-token phase, 0.4000)"
     # what guessing scores, where the run logged its test set's class count
     assert final_line("zeroshot/top1", {"zeroshot/top1": 0.93, "zeroshot/classes": 10.0}) == \
         "final zeroshot/top1 = 0.9300 (chance 0.10)"

@@ -215,3 +215,9 @@ def test_far_from_training_compares_only_what_the_source_states():
                                                                 "224 px input; near: at least 56 px a side"]
     dark_64 = Image.new("RGB", (64, 64), (0, 0, 0))
     assert far_from_training(dark_64, profile_of("digits"), 32) == []  # 8x the native 8 px: resized, not far
+
+
+def test_the_tokens_line_says_when_nothing_was_reduced():
+    from fastclip.infer import tokens_line
+    assert tokens_line("text", torch.tensor([8, 2])) == "text tower kept 2 of 8 tokens (4.00x shorter)"
+    assert tokens_line("image", torch.tensor([16, 16])) == "image tower kept 16 of 16 tokens (no reduction)"
