@@ -86,7 +86,7 @@ def test_a_run_ends_with_a_full_token_phase_counted_in_its_compute_and_logs_the_
     metrics, trainer, per_step = runs["phase"]
     vanilla = runs["vanilla"][2]
     assert trainer.phase.start == 5 and task_model_full(trainer)
-    from fastclip.train import _phase_plan
+    from fastclip.run_lines import _phase_plan
     assert _phase_plan(trainer) == "; the last 3 steps at full tokens (trainer.full_token_steps), from step 5"
     assert _phase_plan(runs["vanilla"][1]) == ""
     assert sorted(per_step) == [1, 6]  # the run's first step, and the phase's: its cost changed, counted again
