@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test docs sweep ui report bench bench-lm bench-clip bench-loader bench-step bench-train-flops bench-frontier bench-ddp bench-compress bench-overhead bench-gpu bench-gpu-recipe clean
+.PHONY: install train test docs sweep ui report bench bench-lm bench-clip bench-loader bench-step bench-train-flops bench-frontier bench-ddp bench-compress bench-overhead bench-gpu bench-gpu-recipe gpu-kit clean
 
 install: $(STAMP)
 
@@ -76,6 +76,10 @@ bench-gpu: $(STAMP)
 
 bench-gpu-recipe: $(STAMP)
 	$(PY) -m fastclip.bench.gpu_recipe $(ARGS)
+
+# scripts/gpu_check.sh's kit: the wheels the lent GPU machine's image lacks, at this venv's versions, into .whl/
+gpu-kit: $(STAMP)
+	$(PY) scripts/gpu_kit.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,4 +1,5 @@
 """bench-gpu's CPU smoke run (make bench-gpu measures on a GPU): every row and column comes out."""
+import pytest
 import torch
 
 from fastclip.bench import gpu
@@ -10,10 +11,26 @@ def test_bench_gpu_smoke_run_on_cpu_fills_every_row(tmp_path, monkeypatch):
     gpu.main(["--device", "cpu", "--encoder", "vit_tiny", "--batch", "4", "--steps", "1", "--warmup", "0",
               "--workers", "0", "--out", str(out)])
     text = out.read_text()
-    for label, _ in gpu.VARIANTS:
+    for label, _ in gpu.VARIANTS.values():
         assert f"| {label} |" in text
     assert "train GFLOPs/step" in text and "fed by the loader (0 workers)" in text and "batch in memory" in text
     assert (tmp_path / "outputs" / "bench" / "gpu" / "shards224" / "sizes.json").is_file()
+
+
+def test_only_runs_the_rows_named_with_vanilla_and_refuses_an_unknown_one(tmp_path, monkeypatch):
+    """--only (the device check's compiled pass runs a few rows in its minutes): vanilla always (every
+    ratio is over it), table order kept, an unknown row named before anything runs."""
+    assert gpu.chosen(None) == [*gpu.VARIANTS, "tome", "loader"]
+    assert gpu.chosen("fixed, gumbel") == ["vanilla", "gumbel", "fixed"]
+    with pytest.raises(SystemExit, match="unknown fixd"):
+        gpu.chosen("vanilla,fixd")
+    monkeypatch.setattr(gpu, "PROJECT_ROOT", tmp_path)
+    out = tmp_path / "table.md"
+    gpu.main(["--device", "cpu", "--encoder", "vit_tiny", "--batch", "4", "--steps", "1", "--warmup", "0",
+              "--only", "fixed", "--out", str(out)])
+    rows = [line.split(" | ")[0] for line in out.read_text().splitlines()[2:]]
+    assert rows == ["| vanilla ViT-B/16", "| DTP fixed k=4"]  # no ToMe row, no loader table
+    assert not (tmp_path / "outputs").exists()  # the loader row's shards were never made
 
 
 def test_step_time_is_the_throughput_between_two_synchronizations(monkeypatch):
@@ -49,3 +66,18 @@ def test_kernel_time_leaves_out_annotation_spans():
                                is_user_annotation=annotation)
     events = [event(100), event(30), event(150, annotation=True), event(500, device=DeviceType.CPU)]
     assert gpu.device_busy_us(events) == 130
+
+
+
+def test_gpu_kit_covers_every_distribution_the_gpu_check_imports():
+    """scripts/gpu_check.sh runs on a machine that reaches no network: what its code imports must be in
+    that machine's image or in the kit (make gpu-kit), and an import that is in neither is named."""
+    import subprocess
+    import sys
+    from fastclip import PROJECT_ROOT
+    kit = [sys.executable, str(PROJECT_ROOT / "scripts" / "gpu_kit.py"), "--check"]
+    done = subprocess.run(kit, capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run(kit + ["--modules", "fastclip.bench.gpu,mlflow"], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT)
+    assert done.returncode == 1 and " mlflow," in done.stderr  # the MLflow store is not on that machine

@@ -14,6 +14,7 @@ not by the FLOPs DTP removes. AdamW uses the loop's kernel (trainer.optimizer_im
 compiles every transformer block as trainer.compile. No data-parallel row yet (one GPU only).
 
     python -m fastclip.bench.gpu [--batch 256] [--steps 30] [--warmup 10] [--workers N] [--compile] [--out table.md]
+        [--only vanilla,gumbel,fixed,packed,budget,tome,loader]
     python -m fastclip.bench.gpu --device cpu --encoder vit_tiny --batch 2 --steps 1 --warmup 0   # smoke check
 """
 import argparse
@@ -44,13 +45,29 @@ from fastclip.tasks import build_task
 
 DTP_IMAGE = ["boundary.apply_to=[image]"]  # the config's default pre-layers
 GUMBEL = ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE  # the default predictor (d->d->1 since 2026-12-06)
-VARIANTS = [("vanilla ViT-B/16", ["boundary=none"]),
-            ("DTP gumbel 0.25", GUMBEL),  # image_layout=auto: padded on CUDA
-            ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE),
-            ("DTP gumbel 0.25, packed", GUMBEL + ["boundary.image_layout=packed"]),
+# key (for --only) -> (table label, overrides)
+VARIANTS = {"vanilla": ("vanilla ViT-B/16", ["boundary=none"]),
+            "gumbel": ("DTP gumbel 0.25", GUMBEL),  # image_layout=auto: padded on CUDA
+            "fixed": ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE),
+            "packed": ("DTP gumbel 0.25, packed", GUMBEL + ["boundary.image_layout=packed"]),
             # static shapes: room for 0.3 x 196 segments an image on average, no host read
-            ("DTP gumbel 0.25, packed, budget 0.3", GUMBEL + ["boundary.image_layout=packed",
-                                                          "boundary.image_token_budget=0.3"])]
+            "budget": ("DTP gumbel 0.25, packed, budget 0.3", GUMBEL + ["boundary.image_layout=packed",
+                                                                    "boundary.image_token_budget=0.3"])}
+# the rows after the variants: ToMe at each DTP row's GFLOPs, vanilla fed by the real loader
+LATER = ("tome", "loader")
+
+
+def chosen(only: str | None) -> list[str]:
+    """--only's comma-separated keys -> the keys to run, in table order; vanilla always (every ratio
+    is over it). Raises SystemExit naming an unknown key."""
+    if only is None:
+        return [*VARIANTS, *LATER]
+    keys = {k.strip() for k in only.split(",") if k.strip()}
+    unknown = sorted(keys - set(VARIANTS) - set(LATER))
+    if unknown:
+        raise SystemExit(f"bench-gpu --only: unknown {', '.join(unknown)}; expected some of "
+                         f"{', '.join([*VARIANTS, *LATER])}")
+    return [k for k in (*VARIANTS, *LATER) if k in keys or k == "vanilla"]
 
 
 @dataclass
@@ -294,7 +311,10 @@ def main(argv=None):
                     help="loader workers of the loader-fed row (default: trainer.num_workers=auto's count)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every transformer block (trainer.compile)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    ap.add_argument("--only", default=None, help=f"comma-separated rows ({', '.join([*VARIANTS, *LATER])}); "
+                    "vanilla always runs (default: all)")
     args = ap.parse_args(argv)
+    keys = chosen(args.only)
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -315,20 +335,23 @@ def main(argv=None):
         rows.append((label, measure([f"encoder={args.encoder}"] + overrides, args.batch, args.steps, args.warmup, device, args.compile)))
         print(f"{label}: {rows[-1][1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    for label, overrides in VARIANTS:
-        add(label, overrides)
+    for key in keys:
+        if key in VARIANTS:
+            add(*VARIANTS[key])
     # ToMe matched to each DTP row's GFLOPs (fixed k=4: the peers' target in bench-clip), once per r
     matched = {}
-    for label, result in rows[1:3]:
+    targets = [row for row in rows if "tome" in keys and row[0] in (VARIANTS["gumbel"][0], VARIANTS["fixed"][0])]
+    for label, result in targets:
         encoder = [f"encoder={args.encoder}"]
         matched.setdefault(tome_r_for(result["image_gflops"], encoder, image_size(encoder), device), []).append(label)
     for r, labels in matched.items():
         add(f"ToMe r={r} (GFLOPs of {' and '.join(labels)})", ["boundary=tome", f"boundary.r={r}"])
     text = table(rows)
-    fed = loader_fed(args.encoder, args.batch, args.steps, args.warmup, device, args.workers)
-    memory = fed["batch in memory"]
-    text += ("\n\n| vanilla, the CLIP task's step | step (s) | images/s | / batch in memory |\n|---|---|---|---|\n"
-             + "\n".join(f"| {feed} | {s:.3f} | {args.batch / s:.0f} | {s / memory:.2f} |" for feed, s in fed.items()))
+    if "loader" in keys:
+        fed = loader_fed(args.encoder, args.batch, args.steps, args.warmup, device, args.workers)
+        memory = fed["batch in memory"]
+        text += ("\n\n| vanilla, the CLIP task's step | step (s) | images/s | / batch in memory |\n|---|---|---|---|\n"
+                 + "\n".join(f"| {feed} | {s:.3f} | {args.batch / s:.0f} | {s / memory:.2f} |" for feed, s in fed.items()))
     print("\n" + text)
     if args.out:
         args.out.write_text(text + "\n")
