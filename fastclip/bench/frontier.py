@@ -52,6 +52,9 @@ def rows_for(dataset: str, full_token: float) -> dict[str, tuple[str, list[str]]
             "fixed_hilbert_offset": ("DTP fixed k=4 Hilbert, random grid offset in training",
                                      FIXED_HILBERT + ["boundary.random_offset=true"]),
             "learned": ("DTP gumbel d->d->1, Hilbert, stride start", LEARNED),
+            # the stride start's position logits shifted the same way: learned boundaries that vary too
+            "learned_offset": ("DTP gumbel d->d->1, Hilbert, stride start, random offset in training",
+                               LEARNED + ["boundary.random_offset=true"]),
             "learned_ft": (f"DTP gumbel d->d->1, Hilbert, stride start + full-token {full_token}", LEARNED + fine_tune)}
     # patch dropout also without the fine-tune (evaluated on every patch): what the fine-tune adds
     for key, fine in (("patch_dropout", True), ("patch_dropout", False), ("lowres", True), ("tome", False),

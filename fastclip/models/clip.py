@@ -135,7 +135,8 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
                               next_patch_dim=3 * vc["patch_size"] ** 2 if vc.get("patch_size") else None,
                               buckets=boundary.image_buckets, layout=boundary.image_layout,
                               row_breaks=boundary.image_row_breaks, start=boundary.image_start,
-                              order=boundary.image_order, token_budget=boundary.image_token_budget)
+                              order=boundary.image_order, token_budget=boundary.image_token_budget,
+                              shift_start=boundary.name == "gumbel" and boundary.get("random_offset", False))
     else:
         image = VanillaImageTower(visual)
     check_tokenizer(enc.tokenizer, boundary, towers)

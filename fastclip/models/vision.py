@@ -146,7 +146,8 @@ class DTPImageTower(nn.Module):
 
     def __init__(self, visual, method, pre_layers: int, pool: str = "cls", next_patch_dim: int | None = None,
                  buckets: int | str = "auto", layout: str = "packed", row_breaks: bool = False,
-                 start: str = "prior", order: str = "raster", token_budget: float | int | None = None):
+                 start: str = "prior", order: str = "raster", token_budget: float | int | None = None,
+                 shift_start: bool = False):
         super().__init__()
         if not (buckets == "auto" or (isinstance(buckets, int) and buckets >= 1)):
             raise ValueError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
@@ -187,6 +188,9 @@ class DTPImageTower(nn.Module):
         width = self.vit.conv1.out_channels
         self.predictor = BoundaryPredictor(width, init_rate=method.init_rate, hidden_ratio=method.predictor_ratio) if method.needs_predictor else None
         self.position_logits = self._stride_start(method) if start == "stride" else None
+        if shift_start and self.position_logits is None:
+            raise ValueError("boundary.random_offset shifts the stride start: it needs boundary.image_start=stride")
+        self.shift_start = shift_start
         # eval.placement_control's hook on the logits (RecordedPlacement / BorrowedPlacement), else None
         self.placement: Callable[[torch.Tensor], torch.Tensor] | None = None
         # entropy_spike's image analog: spikes of an auxiliary next-patch predictor's error
@@ -212,7 +216,7 @@ class DTPImageTower(nn.Module):
         B, N, _ = patches.shape
         logits = self.predictor(patches) if self.predictor is not None else None
         if self.position_logits is not None:
-            logits = logits + self.position_logits
+            logits = logits + self._positions(B, N, images.device)
         if self.placement is not None:
             logits = self.placement(logits)
         if self.row_breaks:
@@ -281,6 +285,17 @@ class DTPImageTower(nn.Module):
         lo = min(max(lo, 1e-3), 0.5)  # a grid whose stride share exceeds the prior: others near 0
         nn.init.zeros_(self.predictor.mlp[-1].bias)
         return nn.Parameter(torch.where(on, torch.logit(torch.tensor(hi)), torch.logit(torch.tensor(lo))))
+
+    def _positions(self, b: int, n: int, device) -> torch.Tensor:
+        """The stride start's logits, [N] (broadcast over rows); with boundary.random_offset in training
+        [B, N]: each row's shifted by its own offset 0..k-1, drawn every forward (torch's generator), so
+        the stride boundaries fall where fixed's random_offset puts its grid (a boundary at t where
+        (t + 1 + offset) % k == 0; the last k - 1 positions take the first ones' logits)."""
+        if not (self.shift_start and self.training):
+            return self.position_logits
+        k = round(1 / self.method.prior)
+        offset = torch.randint(k, (b, 1), device=device)
+        return self.position_logits[(torch.arange(n, device=device) + offset) % n]
 
     def _shortened_packed(self, cls, patches, b, counts, logits):
         """Shortened blocks on every row's [class token, segments] laid end to end (models/packed.py).

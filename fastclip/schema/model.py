@@ -121,7 +121,15 @@ class Gumbel(LearnedPredictor):
     confidence: float = frozen()
     pooling_grad: str = frozen()
     eval_rule: str = frozen()
+    random_offset: bool = frozen(legacy=False)
     AUTO_RATIO: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.random_offset and (self.image_start != "stride" or "image" not in self.apply_to):
+            raise ConfigError(f"boundary.random_offset=true with boundary=gumbel shifts the image tower's stride "
+                              f"start (boundary.image_start=stride, image in boundary.apply_to); got image_start="
+                              f"{self.image_start}, apply_to={list(self.apply_to)}")
 
 
 @dataclass
