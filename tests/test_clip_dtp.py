@@ -525,6 +525,41 @@ def test_stride_start_begins_at_fixed_k_and_learns_from_there():
         task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_start=grid")
 
 
+
+def test_random_offset_shifts_a_learned_towers_stride_start_per_row_in_training_only():
+    """boundary.random_offset with boundary=gumbel, image_start=stride: in training each row's
+    per-position logits are the stride start shifted by its own offset 0..k-1 (fixed's shifted grid:
+    high where (t + 1 + offset) % k == 0), drawn afresh each forward, the gradient reaching the one
+    shared parameter; evaluation adds them unshifted, so the same weights evaluate as a plain
+    stride-start tower's. Without the stride start there is nothing to shift: refused, naming both keys."""
+    from fastclip.checks import ConfigError
+    stride = ["boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]", "boundary.image_start=stride",
+              "boundary.image_order=hilbert", "encoder.vision.patch_size=4"]
+    task = task_for(*stride, "boundary.random_offset=true")
+    tower, k = task.model.visual.train(), 4
+    n = tower.position_logits.numel()
+    torch.manual_seed(0)
+    first, second = tower._positions(256, n, "cpu"), tower._positions(256, n, "cpu")
+    assert first.shape == (256, n) and not torch.equal(first, second)
+    offsets = set()
+    for row in first:
+        on = row > 0
+        offset = next(o for o in range(k) if torch.equal(on, (torch.arange(n) + 1 + o) % k == 0))
+        offsets.add(offset)
+        assert torch.equal(row, tower.position_logits[(torch.arange(n) + offset) % n])
+    assert offsets == {0, 1, 2, 3}
+    images, _ = task.eval_batch(16)
+    tower(images).embedding.square().sum().backward()
+    assert tower.position_logits.grad.abs().sum() > 0
+    tower.eval()
+    assert torch.equal(tower._positions(256, n, "cpu"), tower.position_logits)
+    plain = task_for(*stride)
+    plain.model.load_state_dict(task.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(plain.model.visual.eval()(images).embedding, tower(images).embedding)
+    with pytest.raises(ConfigError, match="boundary.random_offset=true with boundary=gumbel.*image_start=prior"):
+        task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.random_offset=true")
+
 def segmentation_reading_task(follows_image: bool):
     """A DTP image tower (16 patches) whose embedding reads its segmentation: identity blocks (zero
     output projections), no LayerNorms, patch features = the patch's mean colour (dims 0-2) + a large
