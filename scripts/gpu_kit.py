@@ -2,18 +2,21 @@
 
 That machine's image holds torch, timm, pytest and about 190 more packages (gpu_image_packages.txt
 beside this file) and reaches no network. The kit is what the check's code imports beyond them,
-each at the version this environment runs, so the GPU measures the code the tests pass here. All
-are pure Python (wcwidth's wheel is abi3), so wheels built on this machine's Python install on the
-image's 3.12.
+each at the version this environment runs (the image's own torch, timm, numpy... keep theirs:
+gpu_check.sh writes their versions to env.txt). Each wheel is downloaded for the image's CPython 3.12
+on x86-64 Linux; a project with no such wheel on the index (antlr4-python3-runtime 4.9.3: a source
+archive only) is built here and must come out pure Python.
 
-    python scripts/gpu_kit.py            # the wheels into .whl/ (git-ignored; the device call carries it)
-    python scripts/gpu_kit.py --check    # exit 1 naming each distribution that the check imports
-                                         # and neither the image nor the kit has
+    python scripts/gpu_kit.py            # .whl/ emptied, then the wheels into it (git-ignored; the call carries it)
+    python scripts/gpu_kit.py --check    # exit 1 naming each distribution that the check's modules
+                                         # import at load and neither the image nor the kit has, or a
+                                         # kit project the image also has (on PYTHONPATH it would shadow it)
 """
 import argparse
 import importlib
 import importlib.metadata as md
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,16 +44,22 @@ def imported_distributions(modules) -> set[str]:
     return {norm(d) for top in {name.split(".")[0] for name in list(sys.modules)} for d in owners.get(top, ())}
 
 
+IMAGE_PYTHON = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+                "platform_system": "Linux", "os_name": "posix", "platform_machine": "x86_64",
+                "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+
+
 def requirements(dist: str) -> set[str]:
-    """dist's own requirements (no extras), as names."""
-    return {norm(re.split(r"[\s;<>=!~\[(]", req, maxsplit=1)[0]) for req in md.requires(dist) or []
-            if "extra ==" not in req}
+    """dist's own requirements on the image's Python (markers evaluated there; no extras), as names."""
+    from packaging.requirements import Requirement
+    reqs = (Requirement(req) for req in md.requires(dist) or [])
+    return {norm(req.name) for req in reqs if req.marker is None or req.marker.evaluate(IMAGE_PYTHON)}
 
 
 def missing(modules=CHECKED) -> list[str]:
     """The distributions `modules` import that neither the image nor the kit provides. An image
     package's own requirements, and theirs, are left out: the image's version of it brings what it needs."""
-    image = {norm(line) for line in IMAGE.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    image = image_packages()
     used = imported_distributions(modules)
     brought, grown = set(), True
     while grown:
@@ -59,21 +68,52 @@ def missing(modules=CHECKED) -> list[str]:
     return sorted(used - image - {norm(k) for k in KIT} - {"fastclip"} - brought)
 
 
+def image_packages() -> set[str]:
+    return {norm(line) for line in IMAGE.read_text().splitlines() if line.strip() and not line.startswith("#")}
+
+
+def build(dest: Path = ROOT / ".whl") -> list[str]:
+    """dest emptied (two versions of one project stop the install there), then one wheel per KIT
+    project at this environment's version -> the wheels' names. Raises RuntimeError naming a wheel
+    built here that is not pure Python."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    pip = [sys.executable, "-m", "pip"]
+    for name in KIT:
+        pin = f"{name}=={md.version(name)}"
+        downloaded = subprocess.call(pip + ["download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+                                            "3.12", "--implementation", "cp", "--platform", "manylinux2014_x86_64",
+                                            "--platform", "manylinux_2_28_x86_64", "-d", str(dest), pin],
+                                     stderr=subprocess.DEVNULL)
+        if downloaded:  # no wheel on the index: built here from its source archive
+            before = set(dest.iterdir())
+            subprocess.check_call(pip + ["wheel", "-q", "--no-deps", "-w", str(dest), pin])
+            built = [p.name for p in set(dest.iterdir()) - before]
+            if not all(n.endswith("-none-any.whl") for n in built):
+                raise RuntimeError(f"{pin}: built here as {built}, not pure Python: it would not install on the image")
+    return sorted(p.name for p in dest.glob("*.whl"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="name what the check imports that no wheel provides")
     ap.add_argument("--modules", default=",".join(CHECKED), help="comma-separated modules the check imports")
     args = ap.parse_args(argv)
     if args.check:
+        shadowing = sorted({norm(k) for k in KIT} & image_packages())
+        if shadowing:
+            print(f"the kit carries {', '.join(shadowing)}, which the GPU image has: on PYTHONPATH it would "
+                  f"shadow the image's own", file=sys.stderr)
+            return 1
         lacking = missing(args.modules.split(","))
         if lacking:
             print(f"the GPU check imports {', '.join(lacking)}: neither the GPU image ({IMAGE.name}) nor the "
                   f"kit (scripts/gpu_kit.py KIT) has it", file=sys.stderr)
             return 1
-        print("the GPU image and the kit cover every distribution the check imports")
+        print("the GPU image and the kit cover every distribution the check's modules import at load")
         return 0
-    pins = [f"{name}=={md.version(name)}" for name in KIT]
-    return subprocess.call([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(ROOT / ".whl"), *pins])
+    print("\n".join(build()))
+    return 0
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ def chosen(only: str | None) -> list[str]:
     if unknown:
         raise SystemExit(f"bench-gpu --only: unknown {', '.join(unknown)}; expected some of "
                          f"{', '.join([*VARIANTS, *LATER])}")
+    if "tome" in keys and not keys & {"gumbel", "fixed"}:
+        raise SystemExit("bench-gpu --only tome: ToMe's rows are matched to the gumbel and fixed rows' GFLOPs; "
+                         "name one of them too")
     return [k for k in (*VARIANTS, *LATER) if k in keys or k == "vanilla"]
 
 
@@ -328,12 +331,27 @@ def main(argv=None):
     # Compiled variants each get a fresh process: on the H200 the DTP rows measured after a compiled
     # vanilla model in the same process ran at their eager kernel time, with no compile logged.
     measure = (lambda *a: in_fresh_process(bench_variant, *a)) if args.compile else bench_variant
-    rows = []
+    rows, failed = [], []
+
+    def written(more: str = "") -> str:
+        """The table so far (--out rewritten after every row: a phase cut short keeps what it measured)."""
+        text = (table(rows) if rows else "") + "".join(f"\n| {label} | failed: {why} |" for label, why in failed) + more
+        if args.out:
+            args.out.write_text(text + "\n")
+        return text
 
     def add(label, overrides):
         t0 = time.perf_counter()
-        rows.append((label, measure([f"encoder={args.encoder}"] + overrides, args.batch, args.steps, args.warmup, device, args.compile)))
-        print(f"{label}: {rows[-1][1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        try:
+            result = measure([f"encoder={args.encoder}"] + overrides, args.batch, args.steps, args.warmup, device,
+                             args.compile)
+        except Exception as exc:  # one row's out-of-memory or compile error costs that row only
+            traceback.print_exc()
+            failed.append((label, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+        else:
+            rows.append((label, result))
+            print(f"{label}: {result} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        written()
 
     for key in keys:
         if key in VARIANTS:
@@ -346,15 +364,15 @@ def main(argv=None):
         matched.setdefault(tome_r_for(result["image_gflops"], encoder, image_size(encoder), device), []).append(label)
     for r, labels in matched.items():
         add(f"ToMe r={r} (GFLOPs of {' and '.join(labels)})", ["boundary=tome", f"boundary.r={r}"])
-    text = table(rows)
+    more = ""
     if "loader" in keys:
         fed = loader_fed(args.encoder, args.batch, args.steps, args.warmup, device, args.workers)
         memory = fed["batch in memory"]
-        text += ("\n\n| vanilla, the CLIP task's step | step (s) | images/s | / batch in memory |\n|---|---|---|---|\n"
-                 + "\n".join(f"| {feed} | {s:.3f} | {args.batch / s:.0f} | {s / memory:.2f} |" for feed, s in fed.items()))
-    print("\n" + text)
-    if args.out:
-        args.out.write_text(text + "\n")
+        more = ("\n\n| vanilla, the CLIP task's step | step (s) | images/s | / batch in memory |\n|---|---|---|---|\n"
+                + "\n".join(f"| {feed} | {s:.3f} | {args.batch / s:.0f} | {s / memory:.2f} |" for feed, s in fed.items()))
+    print("\n" + written(more))
+    if failed:
+        raise SystemExit(f"bench-gpu: {len(failed)} row(s) failed: {', '.join(label for label, _ in failed)}")
 
 
 if __name__ == "__main__":
