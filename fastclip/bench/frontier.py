@@ -2,7 +2,8 @@
 `--steps` steps cost (efficiency/train_pflops_total of vanilla's run, seed 0), as FLIP and CLIPA compare
 methods: vanilla, DTP fixed k=4 Hilbert and learned DTP (gumbel, d->d->1 predictor, Hilbert order,
 stride start), each with and without a full-token fine-tune (trainer.full_token_steps), fixed k=4 with
-its grid at a random offset each training step (boundary.random_offset), and the peers
+its grid at a random offset each training step (boundary.random_offset) and learned DTP with its
+stride start shifted the same way (learned_offset), and the peers
 at bench-clip's matched knobs: FLIP patch dropout with and without the fine-tune (evaluated on every
 patch), CLIPA low resolution + fine-tune, ToMe, EViT; and a control, patch_mask: FLIP's random
 patches blanked but every token run (boundary.mask_only, vanilla's FLOPs; the blank tokens keep their
