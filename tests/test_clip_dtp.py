@@ -619,7 +619,7 @@ def test_placement_gain_is_zero_for_image_independent_boundaries_and_positive_fo
     that follow the content: an image scored with another image's is right only when the donor is of
     its class, so the swapped top-1 is the derangement's same-class share, and the gain positive."""
     from fastclip.eval import zeroshot
-    from fastclip.models.vision import derangement, placement_control
+    from fastclip.models.placement import derangement, placement_control
     task, data = segmentation_reading_task(follows_image), lit_patch_images()
     images, labels = torch.stack([x for x, _ in data]), torch.tensor([y for _, y in data])
     with torch.no_grad():
@@ -645,7 +645,7 @@ def test_placement_control_lends_each_image_another_images_boundaries():
     its donor's boundaries, so the set keeps its segment counts (as a multiset) and the forced row
     ends; the tower is itself again afterwards; the final eval reports both top-1s' difference."""
     from fastclip.models.boundaries import every_kth
-    from fastclip.models.vision import derangement, placement_control
+    from fastclip.models.placement import derangement, placement_control
     images = torch.randn(13, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for row_breaks in ("false", "true"):
         task = task_for("boundary=gumbel", "boundary.prior=0.25", "boundary.apply_to=[image]",

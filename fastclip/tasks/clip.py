@@ -36,7 +36,7 @@ from fastclip.eval.zeroshot import zero_shot_eval
 from fastclip.data.uint8_images import split_normalisation
 from fastclip.models.clip import build_clip, build_transforms, clip_objective, decode_tokens
 from fastclip.models.patch_dropout import PatchDropoutImageTower
-from fastclip.models.vision import placement_control
+from fastclip.models.placement import placement_control
 from fastclip.tasks.accumulation import accumulate_contrastive
 from fastclip.schema import typed_group
 from fastclip.schema.workers import loader_workers
