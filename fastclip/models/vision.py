@@ -94,7 +94,9 @@ class DTPImageTower(nn.Module):
         self.method, self.pre_layers, self.pool = method, pre_layers, pool
         width = self.vit.conv1.out_channels
         self.predictor = BoundaryPredictor(width, init_rate=method.init_rate, hidden_ratio=method.predictor_ratio) if method.needs_predictor else None
-        self.position_logits = self._stride_start(method) if start == "stride" else None
+        # image_start=stride: fixed k's stride (k = round(1/prior)), where the per-position logits start
+        self.stride_k = self._stride(method) if start == "stride" else None
+        self.position_logits = self._stride_start(method, self.stride_k) if self.stride_k else None
         if shift_start and self.position_logits is None:
             raise ValueError("boundary.random_offset shifts the stride start: it needs boundary.image_start=stride")
         self.shift_start = shift_start
@@ -173,11 +175,9 @@ class DTPImageTower(nn.Module):
     # straight-through gradient vanishes as |logit| grows, and then nothing could move.
     STRIDE_START_P = 0.9
 
-    def _stride_start(self, method) -> nn.Parameter:
-        """A learned logit per patch position, added to the predictor's, that starts the boundaries
-        at fixed k's (every k = round(1/prior)-th patch in reading order) at the prior's rate; the
-        predictor's own bias starts at 0. Training begins from the fixed segmentation and moves a
-        boundary where the task pays for it."""
+    @staticmethod
+    def _stride(method) -> int:
+        """image_start=stride's k = round(1/prior): learned boundaries (gumbel) only, k >= 2."""
         if method.name != "gumbel":
             raise ValueError(f"boundary.image_start=stride starts learned boundaries (boundary=gumbel) at fixed "
                              f"k's; boundary={method.name} has none to start")
@@ -185,6 +185,13 @@ class DTPImageTower(nn.Module):
         if k < 2:
             raise ValueError(f"boundary.image_start=stride needs boundary.prior <= 0.5 (a stride k = round(1/prior) "
                              f">= 2); got prior={method.prior}")
+        return k
+
+    def _stride_start(self, method, k: int) -> nn.Parameter:
+        """A learned logit per patch position, added to the predictor's, that starts the boundaries
+        at fixed k's (every k-th patch in reading order) at the prior's rate; the predictor's own bias
+        starts at 0. Training begins from the fixed segmentation and moves a boundary where the task
+        pays for it."""
         n = self.vit.grid_size[0] * self.vit.grid_size[1]
         on = every_kth(n, k)
         share, hi = on.float().mean().item(), self.STRIDE_START_P
@@ -200,8 +207,7 @@ class DTPImageTower(nn.Module):
         (t + 1 + offset) % k == 0; the last k - 1 positions take the first ones' logits)."""
         if not (self.shift_start and self.training):
             return self.position_logits
-        k = round(1 / self.method.prior)
-        offset = torch.randint(k, (b, 1), device=device)
+        offset = torch.randint(self.stride_k, (b, 1), device=device)
         return self.position_logits[(torch.arange(n, device=device) + offset) % n]
 
     def _shortened_packed(self, cls, patches, b, counts, logits):
