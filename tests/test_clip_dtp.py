@@ -559,6 +559,8 @@ def test_random_offset_shifts_a_learned_towers_stride_start_per_row_in_training_
         assert torch.equal(plain.model.visual.eval()(images).embedding, tower(images).embedding)
     with pytest.raises(ConfigError, match="boundary.random_offset=true with boundary=gumbel.*image_start=prior"):
         task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.random_offset=true")
+    with pytest.raises(ConfigError, match=r"the image tower must pool, add image to boundary.apply_to.*\['text'\]"):
+        task_for("boundary=gumbel", "boundary.apply_to=[text]", "boundary.image_start=stride", "boundary.random_offset=true")
 
 def segmentation_reading_task(follows_image: bool):
     """A DTP image tower (16 patches) whose embedding reads its segmentation: identity blocks (zero

@@ -126,10 +126,12 @@ class Gumbel(LearnedPredictor):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.random_offset and (self.image_start != "stride" or "image" not in self.apply_to):
-            raise ConfigError(f"boundary.random_offset=true with boundary=gumbel shifts the image tower's stride "
-                              f"start (boundary.image_start=stride, image in boundary.apply_to); got image_start="
-                              f"{self.image_start}, apply_to={list(self.apply_to)}")
+        what = "boundary.random_offset=true with boundary=gumbel shifts the image tower's stride start"
+        if self.random_offset and self.image_start != "stride":
+            raise ConfigError(f"{what}: add boundary.image_start=stride (got image_start={self.image_start})")
+        if self.random_offset and "image" not in self.apply_to:
+            raise ConfigError(f"{what}: the image tower must pool, add image to boundary.apply_to "
+                              f"(got apply_to={list(self.apply_to)})")
 
 
 @dataclass
