@@ -103,14 +103,18 @@ def check_override_syntax(args: list[str]) -> None:
 def check_override_keys(args: list[str]) -> None:
     """Each overridden key the config tree does not have, named with the nearest keys it does have
     (`trainer.max_step` -> "did you mean trainer.max_steps?"), before Hydra's own error, which advises
-    appending it with `+`. A key is known when some option of its group declares it in its schema, so
-    this never refuses a key Hydra would take; one that only another option declares is left to Hydra,
-    which names the option. Appends (`+`, `++`), deletions (`~`), hydra's and other groups' keys
-    (cluster, experiment, hydra/launcher) are Hydra's to judge. An unknown option of a main group
-    (`boundary=gumbl`) gets the same suggestion."""
+    appending it with `+`. A key of a group must be declared by the option the run composes the group
+    with (fastclip.group_choices: the command line's, an experiment's or task's, or the default); one
+    only other options declare is named with them (`boundary=tome boundary.random_offset=true`). In a
+    multirun Hydra applies an unswept key to the default option first, so one that option lacks is
+    refused with the one-value sweep that reaches every job (`boundary.random_offset='choice(true)'`).
+    Appends (`+`, `++`), deletions (`~`), hydra's and other groups' keys (cluster, experiment,
+    hydra/launcher) are Hydra's to judge. An unknown option of a main group (`boundary=gumbl`) gets the
+    same suggestion."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
     parser = OverridesParser.create()
+    judged, given = [], {}
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -124,10 +128,16 @@ def check_override_keys(args: list[str]) -> None:
             values = list(override.sweep_string_iterator()) if override.is_choice_sweep() else []
         else:
             values = [override.value()]
-        _check_key(override.key_or_group, values)
+        judged.append((override, values))
+        if "." not in override.key_or_group and values:
+            given[override.key_or_group] = (values, override.is_sweep_override())
+    multirun = bool({"-m", "--multirun"} & set(args))
+    for override, values in judged:
+        _check_key(override, values, given, multirun)
 
 
-def _check_key(key: str, values: list) -> None:
+def _check_key(override, values: list, given: dict, multirun: bool) -> None:
+    key = override.key_or_group
     head, _, rest = key.partition(".")
     if head == "hydra" or "/" in head:
         return
@@ -146,16 +156,34 @@ def _check_key(key: str, values: list) -> None:
                 raise ConfigError(f"{key}={value}: no such option{_nearest(value, list(OPTIONS[head]), head + '=')} "
                                   f"({head} options: {', '.join(OPTIONS[head])})")
         return
+    from fastclip.group_choices import chosen
     field = rest.split(".")[0]
-    declared = _declared(head)
-    if field not in declared:
-        raise ConfigError(f"{key} is not a config key{_nearest(field, declared, head + '.')} "
-                          f"(keys of {head}: {', '.join(declared)})")
+    owners = [option for option in OPTIONS[head] if field in _declared(head, option)]
+    choices = chosen(head, given)  # None: not readable here, left to Hydra
+    jobs = [job for job in choices.jobs if job.option in OPTIONS[head]] if choices else []
+    if not owners:  # no option has it: the nearest keys of the option chosen (of the group, where unknown)
+        one = len(jobs) == 1 and len(OPTIONS[head]) > 1
+        keys = _declared(head, jobs[0].option) if one else _declared(head)
+        raise ConfigError(f"{key} is not a config key{_nearest(field, keys, head + '.')} "
+                          f"(keys of {f'{head}={jobs[0].option}' if one else head}: {', '.join(keys)})")
+    for job in jobs:
+        if job.option not in owners:
+            keys = _declared(head, job.option)
+            raise ConfigError(f"{key} is not a key of {head}={job.option} ({job.why}){_nearest(field, keys, head + '.')}"
+                              f": {field} is a key of {head}={', '.join(owners)} (keys of {head}={job.option}: "
+                              f"{', '.join(keys)})")
+    master = choices.master if choices else None
+    if multirun and master and not override.is_sweep_override() and master.option not in owners:
+        value = override.input_line.split("=", 1)[1]
+        raise ConfigError(f"{key}={value} in a multirun: Hydra first applies a key that is not swept to one config "
+                          f"for the sweeper, composed with {head}={master.option} ({master.why}), which has no "
+                          f"{field}; give it as a one-value sweep, which reaches each job alone: '{key}=choice({value})'")
 
 
-def _declared(group: str) -> list[str]:
-    """The keys some option of `group` declares in its schema."""
-    return sorted({f.name for schema in OPTIONS[group].values() for f in fields(schema)})
+def _declared(group: str, option: str | None = None) -> list[str]:
+    """The keys some option of `group` (or `option` alone) declares in its schema."""
+    schemas = [OPTIONS[group][option]] if option else OPTIONS[group].values()
+    return sorted({f.name for schema in schemas for f in fields(schema)})
 
 
 def _nearest(word: str, known: list[str], prefix: str = "", suffix: str = "") -> str:

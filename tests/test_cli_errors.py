@@ -68,18 +68,67 @@ def _yaml_keys(path, group: str) -> list[str]:
 
 
 def test_every_key_the_config_tree_has_passes_the_key_check():
-    """The check must never refuse a key Hydra would take: every key of every config file (the groups'
-    options, the cluster profiles, the experiments), every option of every group, and Hydra's own."""
+    """The check must never refuse a key Hydra would take: every key of every option's file with that
+    option chosen (the shared boundary keys with every boundary option, swept), every experiment's keys
+    under it, the cluster profiles' keys, every option of every group, and Hydra's own."""
     from fastclip import CONF_DIR
     from fastclip.checks import check_override_keys
     from fastclip.schema import OPTIONS
-    args = ["seed=1", "epochs=2", "device=cpu", "cluster=local", "hydra/launcher=basic", "hydra.run.dir=x",
-            "+new=1", "++trainer.lr=1", "~trainer.max_steps", "trainer.lr=range(1,3)", "-m"]
-    args += [f"{group}={','.join(options)}" for group, options in OPTIONS.items()]
+    check_override_keys(["seed=1", "epochs=2", "device=cpu", "cluster=local", "hydra/launcher=basic", "hydra.run.dir=x",
+                         "+new=1", "++trainer.lr=1", "~trainer.max_steps", "trainer.lr=range(1,3)", "-m"]
+                        + [f"{group}={','.join(options)}" for group, options in OPTIONS.items()])
+    checked = 0
     for path in sorted(CONF_DIR.glob("*/*.yaml")):
-        args += [f"{key}=1" for key in _yaml_keys(path, path.parent.name) if not key.startswith("hydra")]
-    assert len(args) > 150  # every file was read
-    check_override_keys(args)
+        group, option = path.parent.name, path.stem
+        if group == "_shared":  # included by every option of the boundary group
+            group, chosen = "boundary", ["-m", f"boundary={','.join(OPTIONS['boundary'])}"]
+        else:
+            chosen = [f"{group}={option}"] if group in OPTIONS or group == "experiment" else []
+        keys = [f"{key}=1" for key in _yaml_keys(path, group) if not key.startswith("hydra")]
+        check_override_keys(chosen + keys)
+        checked += len(keys)
+    assert checked > 150  # every file was read
+
+
+@pytest.mark.parametrize("args, message", [
+    (["boundary=tome", "boundary.random_offset=true"],
+     "boundary.random_offset is not a key of boundary=tome (chosen on the command line): random_offset is a key of "
+     "boundary=fixed, gumbel (keys of boundary=tome: "),
+    (["boundary.random_offset=true"], "boundary.random_offset is not a key of boundary=none (the default): "),
+    (["-m", "boundary=gumbel,tome", "boundary.random_offset=true,false"],
+     "boundary.random_offset is not a key of boundary=tome (chosen on the command line)"),
+    (["experiment=seed_coco_rn50", "boundary.r=3"],
+     "boundary.r is not a key of boundary=none (chosen by experiment=seed_coco_rn50): r is a key of boundary=tome"),
+    (["task=lm", "dataset.holdout_fraction=0.1"],
+     "dataset.holdout_fraction is not a key of dataset=text8 (chosen by task=lm): holdout_fraction is a key of "
+     "dataset=digits"),
+    (["dataset=csv", "dataset.image_colum=img"],
+     "dataset.image_colum is not a config key; did you mean dataset.image_column? (keys of dataset=csv: "),
+    (["dataset=csv", "dataset.train_shards=x"],
+     "dataset.train_shards is not a key of dataset=csv (chosen on the command line): train_shards is a key of "
+     "dataset=webdataset"),
+])
+def test_a_key_only_other_options_declare_names_the_chosen_option_and_those_that_declare_it(args, message):
+    """Hydra says only "Key 'random_offset' not in 'Tome'" and advises appending it with `+`."""
+    from fastclip.checks import check_override_keys
+    with pytest.raises(ConfigError) as err:
+        check_override_keys(args)
+    assert str(err.value).startswith(message)
+
+
+def test_a_multirun_key_the_default_option_lacks_is_refused_with_the_one_value_sweep_that_reaches_every_job():
+    """Hydra composes one config for the sweeper with the unswept keys on the default boundary=none, and
+    fails there, though every job's option has the key."""
+    from fastclip.checks import check_override_keys
+    args = ["-m", "boundary=gumbel,fixed", "boundary.random_offset=true"]
+    with pytest.raises(ConfigError) as err:
+        check_override_keys(args)
+    assert "composed with boundary=none (the default), which has no random_offset" in str(err.value)
+    suggested = str(err.value).rsplit("alone: ", 1)[1].strip("'")  # the shell's quotes
+    assert suggested == "boundary.random_offset=choice(true)"
+    check_override_keys(args[:2] + [suggested])  # what it suggests passes
+    check_override_keys(["-m", "boundary=gumbel", "boundary.random_offset=true"])  # not swept: the sweeper's option
+    check_override_keys(["boundary=gumbel", "boundary.random_offset=true"])
 
 
 def test_a_data_error_is_one_line_leaves_no_run_dir_and_shows_its_traceback_when_asked(tmp_path, cli_env):
