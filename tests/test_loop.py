@@ -285,6 +285,48 @@ def test_accumulation_never_carries_leftover_micro_batches_into_the_next_epoch(t
         torch.testing.assert_close(grad, torch.autograd.grad(expected, w)[0])
 
 
+class MetricTracker:
+    """Records everything fit logs, by MLflow step."""
+
+    def __init__(self):
+        self.logged: dict[int, dict] = {}
+
+    def log_metrics(self, values, step, flush=True):
+        self.logged.setdefault(step, {}).update(values)
+
+    def flush(self):
+        pass
+
+
+class MicroMetricsTask(CountingTask):
+    """CountingTask whose micro-batch i also reports a ratio (compression_image = i), a count
+    (boundaries/dropped_image = 10 i) and a time (time/teacher_ms = 100 i)."""
+
+    def loss(self, batch):
+        out = super().loss(batch)
+        if out.loss is not None:
+            i = batch[1]
+            out.metrics.update({"compression_image": torch.tensor(float(i)), "boundaries/dropped_image": 10.0 * i,
+                                "time/teacher_ms": 100.0 * i})
+        return out
+
+
+def test_an_accumulated_steps_logged_loss_and_metrics_cover_all_its_micro_batches_not_the_last(tmp_path):
+    """accum_steps=2: train/loss is the mean of the micro-batch losses (the objective the update took),
+    a ratio their mean, a count and a time their sum; they were the last micro-batch's alone."""
+    cfg = compose_cfg(["epochs=1", "trainer.progress=false", "trainer.warmup_steps=0", "trainer.accum_steps=2",
+                       "tracking.log_every=1"])
+    task, tracker = MicroMetricsTask(4), MetricTracker()
+    start = task.model.weight.detach().clone()
+    fit(task, cfg, tracker, tmp_path, torch.device("cpu"))
+    first = tracker.logged[1]  # batches 0 and 1, on the starting weights
+    losses = [(task.batch(0, i)[2] @ start.T).square().mean().item() for i in (0, 1)]
+    assert first["train/loss"] == pytest.approx(sum(losses) / 2) and losses[0] != pytest.approx(losses[1])
+    assert first["train/compression_image"] == pytest.approx(0.5)
+    assert first["boundaries/dropped_image"] == 10.0 and first["time/teacher_ms"] == 100.0
+    assert tracker.logged[2]["boundaries/dropped_image"] == 50.0  # batches 2 and 3
+
+
 def test_a_resume_after_a_batch_whose_every_sample_was_bad_starts_at_the_right_batch(tmp_path):
     """accum_steps=2 with batch 1 all bad: the first step is made of batches 0 and 2. A checkpoint
     after it must resume at batch 3 (it used to count steps x accum = batch 2: trained twice)."""

@@ -61,7 +61,7 @@ class Metric:
 
 CATALOG = (
     # training, per step
-    Metric("train/loss", "nats", "lower", "step", "the loss the optimizer minimises: the objective plus every auxiliary term (boundary losses, distillation)"),
+    Metric("train/loss", "nats", "lower", "step", "the loss the optimizer minimises: the objective plus every auxiliary term (boundary losses, distillation); with trainer.accum_steps, the mean over the step's micro-batches (per-step metrics: their mean, counts and times their sum)"),
     Metric("train/contrastive_loss", "nats", "lower", "step", "CLIP's symmetric InfoNCE over the step's global batch (the objective of task=clip)"),
     Metric("train/bpc", "bits/char", "lower", "step", "the char LM's training loss in bits per character (the objective of task=lm)"),
     Metric("train/boundary_loss", "nats", "lower", "step", "task=lm: the DTP boundary predictor's auxiliary loss (prior or entropy-spike target)"),
@@ -163,6 +163,23 @@ def catalog_entry(name: str) -> tuple[Metric, str] | None:
             if found and not found[1]:
                 return found[0], suffix
     return None
+
+
+# units of a per-step metric that add up over the step's micro-batches (trainer.accum_steps); the rest average
+SUMMED_UNITS = ("boundaries", "ms")
+
+
+def step_metric_name(key: str) -> str:
+    """The name a task's per-step metric is logged under: `compression_image` -> train/compression_image;
+    a key with its own namespace (distill/kl, boundaries/dropped_image) as it is."""
+    return key if "/" in key else f"train/{key}"
+
+
+def summed_over_micro_batches(name: str) -> bool:
+    """Whether a step's value of a logged per-step metric is its micro-batches' sum (a count, a time)
+    rather than their mean (a loss, a ratio), from the catalog's unit."""
+    found = catalog_entry(name)
+    return bool(found) and found[0].unit in SUMMED_UNITS
 
 
 def lower_is_better(name: str) -> bool:

@@ -105,14 +105,15 @@ def train_epoch(run: Run) -> Accumulation:
         if step.micro + sum(map(run.task.usable, pending)) < trainer.accum:
             run.timer.waiting()
             continue
-        outs, pending = micro_steps(run, pending, step), []
+        micro_steps(run, pending, step)
+        pending = []
         if step.micro < trainer.accum:  # a batch the task took for usable had no loss: the step is not full
             run.timer.waiting()
             continue
-        out = next(o for o in reversed(outs) if o.loss is not None)
+        loss, metrics = step.logged()
         # the ranks' batches are the same size (distributed.Lockstep)
         lr = trainer.step(step.samples * trainer.world.size)
-        run.steps.add(state, out.loss, step.finite, lr, {**out.metrics, **trainer.compute.metrics(state)})
+        run.steps.add(state, loss, step.finite, lr, {**metrics, **trainer.compute.metrics(state)})
         step = Accumulation()
         state.train_s += run.timer.stepped()
         run.bar.update(1)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fastclip import distributed
+from fastclip.eval.names import step_metric_name
 from fastclip.loop.divergence import diverged
 from fastclip.loop.state import TrainState
 
@@ -33,10 +34,12 @@ class StepLog:
         self._said = time.perf_counter()  # the last heartbeat line
 
     def add(self, state: TrainState, loss: torch.Tensor, finite: torch.Tensor, lr: float, metrics: dict) -> None:
-        """The step just taken: its last micro-batch's loss and metrics, and whether every micro-batch
-        loss of the step was finite (a device tensor: read at the next drain, not now)."""
+        """The step just taken: its loss and metrics over all its micro-batches (Accumulation.logged),
+        and whether every micro-batch loss of the step was finite (a device tensor: read at the next
+        drain, not now)."""
         self._rows.append((state.step - 1, state.epoch, finite,
-                           {"train/loss": loss.detach(), "train/lr": lr, **{k if "/" in k else f"train/{k}": v for k, v in metrics.items()}}))
+                           {"train/loss": loss.detach(), "train/lr": lr,
+                            **{step_metric_name(k): v for k, v in metrics.items()}}))
         self._window = (self._window[0] + 1, self._window[1])
 
     def fetch(self) -> list[tuple[int, int, bool, dict[str, float]]]:

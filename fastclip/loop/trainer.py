@@ -3,12 +3,13 @@ accumulation, mixed precision and clipping, the compression option's training ho
 round trip."""
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from fastclip import distributed, runtime
 from fastclip.checkpoint import ResumeError
+from fastclip.eval.names import step_metric_name, summed_over_micro_batches
 from fastclip.schema.steps import steps_of
 from fastclip.loop.evaluation import run_evaluation
 from fastclip.loop.compute import TrainingCompute, probe_gflops
@@ -250,8 +251,26 @@ class Accumulation:
     samples: int = 0
     # every micro-batch loss finite: a device tensor, read at the next drain (no host sync per step)
     finite: torch.Tensor | bool = True
+    outputs: list = field(default_factory=list)
 
     def add(self, out: StepOutput) -> None:
         if out.loss is not None:
             self.micro, self.samples = self.micro + 1, self.samples + out.samples
             self.finite = torch.isfinite(out.loss.detach()) & self.finite
+            self.outputs.append(out)
+
+    def logged(self) -> tuple[torch.Tensor, dict]:
+        """(the step's loss, its metrics) over every micro-batch: the loss is their mean, as the
+        objective weighs them (each backward takes loss / accum_steps; a contrastive task's every
+        micro-batch loss carries the step's whole contrastive loss plus its own auxiliary terms); each
+        metric their mean, or their sum where it adds up (a count, a time: names.summed_over_micro_batches).
+        Device tensors stay on the device."""
+        outs = self.outputs
+        if len(outs) == 1:
+            return outs[0].loss.detach(), dict(outs[0].metrics)
+        metrics = {}
+        for key in dict.fromkeys(k for out in outs for k in out.metrics):
+            values = [out.metrics[key] for out in outs if key in out.metrics]
+            total = sum(values[1:], values[0])
+            metrics[key] = total if summed_over_micro_batches(step_metric_name(key)) else total / len(values)
+        return sum(out.loss.detach() for out in outs) / len(outs), metrics
