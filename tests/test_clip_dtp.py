@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY_CLIP, compose_cfg, count_tensor_reads, record_calls
 from fastclip import runtime
-from fastclip.eval.efficiency import count_gflops, on_stride_share, tower_efficiency
+from fastclip.eval.efficiency import count_gflops, on_grid_share, tower_efficiency
 from fastclip.eval.boundary_picture import segment_grid
 from fastclip.models import vision
 from fastclip.models.clip import build_clip
@@ -692,14 +692,35 @@ def test_placement_control_lends_each_image_another_images_boundaries():
         task_for("boundary=fixed", "boundary.apply_to=[image]", "eval.placement_control=true")
 
 
-def test_on_stride_share_counts_boundaries_where_fixed_k_puts_them():
+def test_on_grid_share_counts_boundaries_where_fixed_k_puts_them():
     b = torch.zeros(2, 9)
     b[0, [1, 3, 8]] = 1   # index 3 is on a k=4 stride, 1 is not, 8 (the last) is left out
     b[1, [3, 7]] = 1      # both on
-    assert on_stride_share(b, compression=4.2) == 0.75
-    assert on_stride_share(b, compression=2.0) == 1.0  # k=2: odd indices, all of them
-    assert on_stride_share(b, compression=3.0) == 0.0  # k=3: indices 2 and 5, none of them
-    assert on_stride_share(torch.zeros(1, 5), 4.0) == 1.0  # no boundary: nothing off the grid
+    assert on_grid_share(b, 4) == 0.75
+    assert on_grid_share(b, 2) == 1.0  # k=2: odd indices, all of them
+    assert on_grid_share(b, 3) == 0.0  # k=3: indices 2 and 5, none of them
+    assert on_grid_share(torch.zeros(1, 5), 4) == 1.0  # no boundary: nothing off the grid
+
+
+def test_a_stride_start_tower_logs_its_share_on_its_own_start_grid_beside_fixed_ks_at_its_compression():
+    from fastclip.models.boundaries import every_kth
+    """image_on_stride measures at k = round(compression); a stride start at k=5 (prior 0.2) whose
+    boundaries moved to every 4th patch has left its own grid, which only image_on_start_stride shows."""
+    task = task_for("boundary=gumbel", "boundary.prior=0.2", "boundary.apply_to=[image]", "boundary.image_start=stride")
+    tower = task.model.visual.eval()
+    torch.nn.init.zeros_(tower.predictor.mlp[-1].weight)  # the predictor's content term: 0 at this check
+    images, tokens = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), task.tokenizer(["a"] * 8)
+    assert tower.stride_k == 5
+    at_start = tower_efficiency(task.model, images, tokens, unpadded_samples=0)
+    assert at_start["boundary/image_on_start_stride"] == 1.0
+    with torch.no_grad():  # the boundaries move to fixed k=4's grid
+        n = tower.position_logits.numel()
+        tower.position_logits.copy_(torch.where(every_kth(n, 4), 5.0, -5.0))
+    moved = tower_efficiency(task.model, images, tokens, unpadded_samples=0)
+    assert round(moved["efficiency/compression_image"]) == 4 and moved["boundary/image_on_stride"] == 1.0
+    assert moved["boundary/image_on_start_stride"] < 0.3  # every 20th patch is on both grids
+    plain = task_for("boundary=gumbel", "boundary.apply_to=[image]").model
+    assert "boundary/image_on_start_stride" not in tower_efficiency(plain, images, tokens, unpadded_samples=0)
 
 
 @pytest.mark.parametrize("boundary", ["fixed", "gumbel"])

@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from fastclip.models.boundaries import every_kth
 from fastclip.models.outputs import TowerOutput
+from fastclip.models.vision import DTPImageTower
 
 _aten = torch.ops.aten
 
@@ -70,19 +71,22 @@ def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor, unpadded
 
     image_compression = compression(image)
     if image.boundaries is not None:
-        extra["boundary/image_on_stride"] = on_stride_share(image.boundaries, image_compression)
+        extra["boundary/image_on_stride"] = on_grid_share(image.boundaries, max(1, round(image_compression)))
+        start_k = model.visual.stride_k if isinstance(model.visual, DTPImageTower) else None
+        if start_k:  # image_start=stride: has training moved the boundaries off the grid they started on?
+            extra["boundary/image_on_start_stride"] = on_grid_share(image.boundaries, start_k)
     return {"efficiency/image_gflops": image_gflops, "efficiency/text_gflops": text_gflops,
             "efficiency/compression_image": image_compression,
             "efficiency/compression_text": compression(text), **extra}
 
 
-def on_stride_share(boundaries: torch.Tensor, compression: float) -> float:
-    """Share of the boundaries that sit where fixed k would put one (every k-th patch in reading
-    order, k = round(achieved compression)): 1.0 when a learned tower has settled on fixed k's
-    grid, ~1/k for placements unrelated to it. The last patch is left out (a boundary there
-    closes the last segment either way)."""
+def on_grid_share(boundaries: torch.Tensor, k: int) -> float:
+    """Share of the boundaries (B x patches, 0/1) that sit where fixed k would put one (every k-th
+    patch in reading order): 1.0 when a learned tower has settled on that grid, ~1/k for placements
+    unrelated to it. The tower logs it at k = round(achieved compression) (boundary/image_on_stride)
+    and, with a stride start, at the start's k (boundary/image_on_start_stride). The last patch is
+    left out (a boundary there closes the last segment either way)."""
     b = boundaries[:, :-1].detach().float()
-    k = max(1, round(compression))
     on = every_kth(b.shape[1], k, b.device)
     total = b.sum()
     return float((b * on).sum() / total) if total > 0 else 1.0

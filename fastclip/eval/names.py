@@ -73,8 +73,8 @@ CATALOG = (
     Metric("train/logit_scale", "", "", "step", "CLIP's learned inverse temperature: the factor on the cosine similarities, exp of the parameter (capped at 100)"),
     Metric("train/lr", "", "", "step", "the learning rate the step's update used"),
     Metric("efficiency/train_pflops_total", "PFLOPs", "lower", "step", "counted training compute so far (forward + backward of the whole model, a full-token phase and a teacher included): the x axis of --x compute"),
-    Metric("distill/kl", "nats", "lower", "step", "compression=distill: KL divergence from the teacher's similarity distribution"),
-    Metric("distill/feature_mse", "", "lower", "step", "compression=distill: MSE between the student's and the teacher's embeddings"),
+    Metric("distill/kl", "nats", "lower", "step", "compression=distill: KL divergence from the teacher's image-text similarity distribution (both directions averaged), times temperature^2 (Hinton et al. 2015: gradients keep their size across temperatures)"),
+    Metric("distill/feature_mse", "", "lower", "step", "compression=distill: squared distance between the student's and the teacher's unit embeddings, summed over the width and averaged over the batch and the two towers (0 to 4; not divided by the width)"),
     Metric("time/teacher_ms", "ms", "lower", "step", "compression=distill: the teacher's forward time on the step's batch"),
     # evaluation (per epoch, validation split) and final (test split)
     Metric("epoch", "epochs", "", "eval", "the run's epoch counter at the evaluation: epochs completed (0 in a run shorter than one epoch)"),
