@@ -1,6 +1,8 @@
 """The config tree's typed schema (fastclip/schema): each YAML option and its dataclass hold the same
 keys, every key has one resume rule, and types and ranges are refused with the key named."""
 import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,28 @@ def test_each_yaml_option_has_exactly_its_schemas_keys(group, option):
     assert OmegaConf.get_type(cfg[group]) is OPTIONS[group][option]  # Hydra typed it while composing
 
 
+def _documented_null_keys():
+    """(file, key) for each key whose YAML comment offers null (`captions_per_image: 5  # ...; null: all`)."""
+    for path in sorted(CONF.glob("*/*.yaml")):
+        for line in path.read_text().splitlines():
+            found = re.match(r"^\s*(\w+):\s*[^#\s][^#]*#(.*)$", line)
+            if found and re.search(r"\bnull\b", found.group(2)):
+                yield path, found.group(1)
+
+
+def test_every_value_a_config_comment_offers_as_null_is_one_its_schema_takes():
+    """A key documented with "null: all" but typed int fails when a user writes the documented value."""
+    checked = 0
+    for path, key in _documented_null_keys():
+        group, option = path.parent.name, path.stem
+        schemas = OPTIONS["boundary"].values() if group == "_shared" else [OPTIONS.get(group, {}).get(option)]
+        for schema in [s for s in schemas if s is not None and key in {f.name for f in dataclasses.fields(s)}]:
+            hint = typing.get_type_hints(schema)[key]
+            assert hint is typing.Any or type(None) in typing.get_args(hint), f"conf/{group}/{option}.yaml: {key} offers null, typed {hint}"
+            checked += 1
+    assert checked >= 15  # every group's comments were read
+
+
 def test_every_composed_key_has_one_resume_rule_and_the_rules_agree_across_options():
     for overrides in ([], ["task=lm", "boundary=gumbel"], ["compression=prune"], ["dataset=webdataset"]):
         for key in flatten(OmegaConf.to_container(compose_cfg(overrides))):
@@ -53,6 +77,19 @@ def test_every_composed_key_has_one_resume_rule_and_the_rules_agree_across_optio
     assert rule_of("encoder.vision.width") == "frozen" and rule_of("no.such") is None
 
 
+@pytest.mark.parametrize("option", [o for o, schema in OPTIONS["boundary"].items()
+                                    if "loss_weight" in {f.name for f in dataclasses.fields(schema)}])
+def test_a_loss_weight_is_refused_where_the_option_has_no_auxiliary_loss_to_weigh(option):
+    """fixed, whitespace and the peer baselines declare boundary.loss_weight (a sweep across options sets
+    it) but have no loss for it to weigh: a nonzero value would be logged as if it did something."""
+    overrides = [f"boundary={option}", "boundary.loss_weight=2.0"] + (["task=lm"] if option == "whitespace" else [])
+    if option in ("gumbel", "entropy_spike", "unigram"):
+        assert check_config(compose_cfg(overrides)).boundary.loss_weight == 2.0
+    else:
+        with pytest.raises(ConfigError, match=rf"boundary.loss_weight=2.0 with boundary={option}: it has no auxiliary"):
+            check_config(compose_cfg(overrides))
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("trainer.batch_size", 0, "trainer.batch_size=0: expected >= 1"),
     ("trainer.precision", "fp8", "trainer.precision='fp8': expected one of auto, fp32, bf16, fp16"),
@@ -64,6 +101,7 @@ def test_every_composed_key_has_one_resume_rule_and_the_rules_agree_across_optio
     ("boundary.apply_to", ["image", "image"], r"boundary.apply_to=\['image', 'image'\]: a tower is named twice"),
     ("boundary.image_order", "zigzag", "boundary.image_order='zigzag': expected raster or hilbert"),
     ("boundary.image_pool", "max", "boundary.image_pool='max': expected mean or cls"),
+    ("encoder.tokenizer", "sentencepiece", "encoder.tokenizer='sentencepiece': expected bpe or char"),
 ])
 def test_a_config_built_without_hydra_is_typed_and_ranged_by_the_same_schema(key, value, message):
     """A resumed run's config is rebuilt from its checkpoint's keys, not composed by Hydra: check_config

@@ -58,11 +58,12 @@ class Csv(Dataset):
     val_fraction: float = frozen()
     val_max_images: Optional[int] = frozen()
     split_seed: int = frozen()
-    captions_per_image: int = frozen()
+    captions_per_image: Optional[int] = frozen()
 
     def __post_init__(self):
         _fraction("dataset.val_fraction", self.val_fraction)
         at_least("dataset.val_max_images", self.val_max_images, 1, ">= 1, or null for no cap")
+        at_least("dataset.captions_per_image", self.captions_per_image, 1, ">= 1, or null for all")
 
 
 @dataclass
@@ -71,12 +72,14 @@ class Coco(Dataset):
     split_file: Optional[str] = frozen()
     pairs: str = frozen()
     split_seed: int = frozen()
-    retrieval_images: int = frozen()
+    retrieval_images: Optional[int] = frozen()
     val_images: Optional[int] = frozen()
-    captions_per_image: int = frozen()
+    captions_per_image: Optional[int] = frozen()
 
     def __post_init__(self):
         at_least("dataset.val_images", self.val_images, 1, ">= 1, or null for no cap")
+        at_least("dataset.retrieval_images", self.retrieval_images, 1, ">= 1, or null for all")
+        at_least("dataset.captions_per_image", self.captions_per_image, 1, ">= 1, or null for all")
 
 
 @dataclass

@@ -14,6 +14,7 @@ IMAGE_STARTS = ("prior", "stride")
 IMAGE_POOLS = ("mean", "cls")
 TEXT_LAYOUTS = ("packed", "padded")
 IMAGE_LAYOUTS = ("packed", "padded", "auto")
+TOKENIZERS = ("bpe", "char")  # encoder.tokenizer: open_clip's BPE, or the byte-level DTP text tower's
 
 
 @dataclass
@@ -25,6 +26,9 @@ class ClipEncoder:
     text: Dict[str, Any] = frozen()    # open_clip text_cfg keys over the named model's
     tokenizer: str = frozen()
     char_context_length: int = frozen()
+
+    def __post_init__(self):
+        choice("encoder.tokenizer", self.tokenizer, TOKENIZERS)
 
 
 @dataclass
@@ -58,8 +62,13 @@ class Boundary:
     image_token_budget: Any = frozen(legacy=None)
     # a run written before the key existed pooled bytes: its checkpoint keeps meaning that
     text_tokens: str = frozen(legacy="bytes")
+    AUXILIARY_LOSS: ClassVar[bool] = False  # a boundary predictor's loss, which boundary.loss_weight weighs
 
     def __post_init__(self):
+        weight = getattr(self, "loss_weight", 0.0)  # every option but none declares it (a sweep across them sets it)
+        if weight and not self.AUXILIARY_LOSS:
+            raise ConfigError(f"boundary.loss_weight={weight} with boundary={self.name}: it has no auxiliary loss to "
+                              f"weigh (gumbel, entropy_spike and unigram have one); leave it 0")
         # checked whatever boundary= is (a typo under boundary=none would otherwise pass unseen)
         for tower in self.apply_to:
             choice("boundary.apply_to", tower, TOWERS)
@@ -107,6 +116,7 @@ class LearnedPredictor(Boundary):
     (2026-11-27) had the paper's 4. AUTO_RATIO: the option also takes auto."""
     predictor_ratio: Any = frozen(legacy=4)
     AUTO_RATIO: ClassVar[bool] = False
+    AUXILIARY_LOSS: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()
