@@ -253,6 +253,12 @@ def _check_lm(cfg: DictConfig) -> None:
     if cfg.boundary.name in IMAGE_ONLY_BOUNDARIES:
         raise ConfigError(f"boundary={cfg.boundary.name} reduces image tokens inside a ViT; it is not a boundary "
                           f"method for character sequences (task=lm)")
+    for key, value in (("trainer.num_workers", cfg.trainer.num_workers), ("eval.num_workers", cfg.eval.num_workers),
+                       ("eval.imagenet_val", cfg.eval.imagenet_val), ("eval.placement_control", cfg.eval.placement_control)):
+        if value not in ("auto", 0, None, False):  # a value task=lm would not read: never a silent no-op
+            raise ConfigError(f"{key}={value} with task=lm: the char LM " + (
+                "reads its windows from the text in memory, with no loader workers; leave it auto (or 0)"
+                if key.endswith("num_workers") else "is evaluated by bits per character, with no images") )
 
 
 def _check_run_length(cfg: DictConfig) -> None:

@@ -32,6 +32,17 @@ def test_defaults_are_auto_and_digits_trains_in_process(eight_cpus):
     assert loader_workers(check_config(compose_cfg(["trainer.num_workers=3"]))) == 3
 
 
+def test_the_char_lm_has_no_loader_so_its_training_process_keeps_every_core(eight_cpus):
+    """auto once resolved to 7 workers for task=lm, which has no DataLoader: set_torch_threads then left
+    the training process 8 - 7 = 1 thread. Keys task=lm would not read are refused."""
+    cfg = check_config(compose_cfg(["task=lm"]))
+    assert loader_workers(cfg) == 0 and loader_workers(cfg, "eval.num_workers") == 0
+    for key, value in (("trainer.num_workers", 3), ("eval.num_workers", 2), ("eval.imagenet_val", "/d/val"),
+                       ("eval.placement_control", "true")):
+        with pytest.raises(ConfigError, match=rf"{key}={value if value != 'true' else True} with task=lm: "):
+            check_config(compose_cfg(["task=lm", f"{key}={value}"]))
+
+
 @pytest.mark.parametrize("key", ["trainer.num_workers", "eval.num_workers"])
 def test_more_workers_than_cpus_fails_before_training_naming_key_and_value(eight_cpus, key):
     with pytest.raises(ConfigError, match=rf"{key}=9: more loader workers than the 8 CPUs"):

@@ -48,6 +48,10 @@ IN_MEMORY_SOURCES = ("digits",)  # dataset names whose training samples are deco
 
 
 def loader_workers(cfg, key: str = "trainer.num_workers") -> int:
-    """trainer.num_workers (or eval.num_workers) of a composed config as a count."""
+    """trainer.num_workers (or eval.num_workers) of a composed config as a count. task=lm: 0, whatever
+    the key says: its windows are sliced from the text in memory, with no DataLoader (checks.py refuses
+    a count there), and the training process may use every core (runtime.set_torch_threads)."""
+    if cfg.task.name == "lm":
+        return 0
     group, name = key.split(".")
     return resolve_workers(key, cfg[group][name], in_memory=cfg.dataset.name in IN_MEMORY_SOURCES)
