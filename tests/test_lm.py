@@ -96,6 +96,21 @@ def test_fixed_k_reports_exactly_k_times_compression():
     assert task.evaluate()["efficiency/compression_text"] == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_encoder_dropout_reaches_every_transformer_block_as_the_papers_dropout_and_dropatt(dropout):
+    """encoder.dropout once reached only the embeddings and the predictor: char_lm_paper's 12 blocks ran
+    without the paper's dropout 0.1 and dropatt 0.1."""
+    torch.manual_seed(0)
+    model = HourglassLM(27, 32, 2, 4.0, 1, 2, 1, max_len=64, dropout=dropout)
+    model.drop = torch.nn.Identity()  # the embeddings' dropout aside: what varies now is the blocks'
+    tokens = torch.randint(0, 27, (2, 64))
+    blocks = [*model.pre, *model.short, *model.post]
+    assert [b.attn.dropout for b in blocks] == [dropout] * 4
+    differs = not torch.equal(model.train()(tokens).logits, model(tokens).logits)
+    assert differs == (dropout > 0)
+    assert torch.equal(model.eval()(tokens).logits, model(tokens).logits)
+
+
 def test_window_plan_scores_every_target_once_with_context():
     for n, context, stride in [(1000, 64, 32), (1000, 64, 64), (130, 64, 16), (50, 64, 32)]:
         seen = np.zeros(n, dtype=int)

@@ -24,7 +24,11 @@ class HourglassLM(nn.Module):
         self.boundary = boundary
 
         def blocks(n):
-            return nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(n))
+            out = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(n))
+            for block in out if dropout else ():  # the paper's dropout and dropatt (both 0.1 on text8)
+                block.attn.dropout = dropout  # on the attention weights (nn.MultiheadAttention's own)
+                block.ls_1, block.ls_2 = nn.Dropout(dropout), nn.Dropout(dropout)  # on each residual branch
+            return out
 
         self.embed = nn.Embedding(vocab_size, width)
         nn.init.normal_(self.embed.weight, std=0.02)  # same scale as positions, or order is drowned out
