@@ -237,6 +237,18 @@ def test_a_broken_loader_worker_raises_instead_of_hanging(dataset, error):
     assert time.time() - t0 < 60
 
 
+def test_a_hung_evaluation_worker_raises_after_the_same_timeout():
+    """trainer.loader_timeout_s once reached only the training loader: a stuck evaluation worker (zero-shot,
+    retrieval, ImageNet) held the run forever."""
+    cfg = compose_cfg(FAST + ["eval.num_workers=1", "trainer.loader_timeout_s=3"])
+    task = ClipTask(cfg, torch.device("cpu"))
+    task.data.split("val")[0].images = _HangsInWorker()
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="timed out"):
+        task.quality(split="val")
+    assert time.time() - t0 < 60
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "flickr8k-1k" / "captions.csv").is_file(), reason="../shared/data/flickr8k-1k absent")
 def test_flickr8k_converts_trains_and_logs_retrieval(tmp_path, store):
     rows = (SHARED_DATA / "flickr8k-1k" / "captions.csv").read_text().splitlines()

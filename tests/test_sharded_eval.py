@@ -102,11 +102,11 @@ def test_evaluation_runs_under_the_training_precision_with_eval_loader_workers(m
                                                                if torch.is_autocast_enabled("cpu") else None) \
         or encode_image(images, **kw)
     real = zeroshot.DecodedBatches
-    monkeypatch.setattr(zeroshot, "DecodedBatches", lambda images, batch_size, num_workers=0:
-                        workers.append(num_workers) or real(images, batch_size))  # read here: a fast test
+    monkeypatch.setattr(zeroshot, "DecodedBatches", lambda images, batch_size, num_workers=0, timeout_s=0:
+                        workers.append((num_workers, timeout_s)) or real(images, batch_size))  # read here: a fast test
     task.quality(split="val")
     assert seen and set(seen) == {torch.bfloat16}
-    assert workers == [1]
+    assert workers == [(1, 300)]  # and trainer.loader_timeout_s's default
 
 
 CLASSNAMES = [f"class {i}" for i in range(25)]  # three batches of 10 classes: rank 0 encodes two, rank 1 one

@@ -211,9 +211,11 @@ class DecodedBatches:
     """(images, labels) batches of an ImageFiles set in order, without the images that failed to
     decode; `skipped` counts those once iteration is done."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0):
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0, timeout_s: float = 0):
+        """timeout_s: with workers, a worker silent this long raises (trainer.loader_timeout_s) instead of
+        hanging the run; 0 waits forever."""
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                 collate_fn=collate_labelled,
+                                 collate_fn=collate_labelled, timeout=timeout_s if num_workers else 0,
                                  worker_init_fn=ignore_stop_signals)  # evaluation's workers get a job's signals too
         self.skipped = 0
 

@@ -61,14 +61,15 @@ def cached_classifier(model, tokenizer, classnames, templates_name: str, device,
 
 @torch.no_grad()
 def imagenet_eval(model, tokenizer, root, preprocess, device, templates: str = "openai", batch_size: int = 256,
-                  num_workers: int = 0, cache_dir: Path | None = None, classnames=IMAGENET_CLASSNAMES) -> dict:
+                  num_workers: int = 0, cache_dir: Path | None = None, classnames=IMAGENET_CLASSNAMES,
+                  timeout_s: float = 0) -> dict:
     files, labels = imagenet_files(root, classnames)
     was_training = model.training
     model.eval()
     classifier, hit = cached_classifier(model, tokenizer, classnames, templates, device, cache_dir)
     # inside sharded.together(): each rank its share of the images, the counts summed
     correct, n, skipped = classify_shared(model, ImageFiles(files, preprocess, labels), classifier, device, batch_size,
-                                          num_workers)
+                                          num_workers, timeout_s)
     model.train(was_training)
     if n == 0:
         raise InputError(f"eval.imagenet_val={str(root)!r}: no image could be decoded")

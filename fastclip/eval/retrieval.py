@@ -31,7 +31,8 @@ def recall_at_k(similarity: torch.Tensor, caption_image: torch.Tensor, ks=KS) ->
 
 
 @torch.no_grad()
-def retrieval_eval(model, tokenizer, retrieval, device, batch_size=256, num_workers=0) -> dict[str, float]:
+def retrieval_eval(model, tokenizer, retrieval, device, batch_size=256, num_workers=0,
+                   timeout_s: float = 0) -> dict[str, float]:
     """retrieval: a RetrievalSet (ImageFiles yielding (tensor, image index), captions per image).
     Images that fail to decode are left out together with their captions, and counted. Inside
     sharded.together(), each rank encodes its share of the images and of the captions (whole batches
@@ -40,7 +41,7 @@ def retrieval_eval(model, tokenizer, retrieval, device, batch_size=256, num_work
     was_training = model.training
     model.eval()
     features, kept = [], []
-    batches = DecodedBatches(sharded.shard(retrieval.images, batch_size), batch_size, num_workers)
+    batches = DecodedBatches(sharded.shard(retrieval.images, batch_size), batch_size, num_workers, timeout_s)
     for images, index in batches:
         features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
         kept += index.tolist()

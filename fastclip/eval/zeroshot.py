@@ -54,10 +54,10 @@ def classify(model, batches, classifier: torch.Tensor, device) -> tuple[dict[int
 
 @torch.no_grad()
 def classify_shared(model, images, classifier: torch.Tensor, device, batch_size: int,
-                    num_workers: int = 0) -> tuple[dict[int, int], int, int]:
+                    num_workers: int = 0, timeout_s: float = 0) -> tuple[dict[int, int], int, int]:
     """classify() over this rank's share of `images` ((image, label) items; None: failed to decode),
     summed over the ranks evaluating together -> (top-k hits, images classified, images skipped)."""
-    batches = DecodedBatches(sharded.shard(images, batch_size), batch_size, num_workers)
+    batches = DecodedBatches(sharded.shard(images, batch_size), batch_size, num_workers, timeout_s)
     correct, n = classify(model, batches, classifier, device)
     counts = sharded.gather((correct, n, batches.skipped))
     return ({k: sum(c[k] for c, _, _ in counts) for k in correct}, sum(n for _, n, _ in counts),
@@ -66,13 +66,13 @@ def classify_shared(model, images, classifier: torch.Tensor, device, batch_size:
 
 @torch.no_grad()
 def zero_shot_eval(model, tokenizer, images, classnames, templates, device, batch_size=256,
-                   num_workers=0) -> dict[str, float]:
+                   num_workers=0, timeout_s: float = 0) -> dict[str, float]:
     """Returns {'top1': ..., 'top5': ...} over every image of `images` ((image, label) pairs; an image
     that fails to decode, None, is left out: an image_folder set decodes as it is read). Inside
     sharded.together(), each rank encodes its share; every rank gets the whole set's numbers."""
     was_training = model.training
     model.eval()
     classifier = shared_classifier(model, tokenizer, classnames, templates, device)
-    correct, n, _ = classify_shared(model, images, classifier, device, batch_size, num_workers)
+    correct, n, _ = classify_shared(model, images, classifier, device, batch_size, num_workers, timeout_s)
     model.train(was_training)
     return {"top1": correct[1] / n, "top5": correct[5] / n}

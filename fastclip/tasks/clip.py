@@ -308,7 +308,8 @@ class ClipTask(TaskBase):
         workers = loader_workers(cfg, "eval.num_workers")
         with self._autocast():
             if retrieval is not None:
-                metrics.update(retrieval_eval(model, tokenizer, retrieval, self.device, cfg.eval.batch_size, workers))
+                metrics.update(retrieval_eval(model, tokenizer, retrieval, self.device, cfg.eval.batch_size, workers,
+                                              cfg.trainer.loader_timeout_s))
             if split == "val":
                 return {val_name(k): v for k, v in metrics.items()}
             if cfg.eval.imagenet_val:
@@ -316,7 +317,8 @@ class ClipTask(TaskBase):
                     self.run_dir / "cache" if self.run_dir else None)
                 metrics.update(imagenet_eval(model, tokenizer, cfg.eval.imagenet_val, self.preprocess_eval,
                                              self.device, cfg.eval.imagenet_templates, cfg.eval.batch_size,
-                                             workers, cache if own else None))
+                                             workers, cache if own else None,
+                                             timeout_s=cfg.trainer.loader_timeout_s))
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -374,7 +376,7 @@ class ClipTask(TaskBase):
         with self._autocast():
             return zero_shot_eval(model if model is not None else self.model, tokenizer or self.tokenizer, z.images,
                                   z.classnames, z.templates, self.device, self.cfg.eval.batch_size,
-                                  loader_workers(self.cfg, "eval.num_workers"))
+                                  loader_workers(self.cfg, "eval.num_workers"), self.cfg.trainer.loader_timeout_s)
 
     def _autocast(self):
         """Evaluation under the training precision's autocast (trainer.precision): the features and
