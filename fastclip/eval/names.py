@@ -106,10 +106,11 @@ CATALOG = (
     Metric("lm/test_chars", "chars", "", "final", "task=lm: characters the test BPC was computed over"),
     Metric("efficiency/image_gflops", "GFLOPs", "lower", "eval", "the image tower's forward per image on the eval batch, from the boundaries it produced (torch FlopCounterMode)"),
     Metric("efficiency/text_gflops", "GFLOPs", "lower", "eval", "the text tower's forward per caption on the eval batch"),
-    Metric("efficiency/{tower}_gflops_unpadded", "GFLOPs", "lower", "eval", "the tower's forward per sample, each sample alone (no padding to the batch's longest)"),
+    Metric("efficiency/{tower}_gflops_unpadded", "GFLOPs", "lower", "eval", "the tower's forward per sample, each of the eval batch's first 8 samples alone (no padding to the batch's longest; _gflops averages all 64, so the two differ by sample too)"),
     Metric("efficiency/compression_{tower}", "x", "", "eval", "the tower's achieved shortening factor on the eval batch: tokens / segments (task=lm: _text, on the evaluated text)"),
     Metric("efficiency/train_gflops", "GFLOPs", "lower", "step", "counted training compute per sample of the whole model (both towers, predictors, loss; forward + backward), at counted steps (trainer.count_flops_every) and at the end"),
     Metric("boundary/image_on_stride", "share", "", "eval", "DTP image towers: the share of boundaries where fixed k = round(shortening factor) puts one"),
+    Metric("boundary/image_on_start_stride", "share", "", "eval", "DTP image towers with boundary.image_start=stride: the share of boundaries on the grid they started on (every k-th patch, k = round(1/prior))"),
     Metric("data/skipped", "samples", "lower", "eval", "bad samples skipped so far (running total, kept across resumes)"),
     Metric("data/eval_duplicates", "images", "", "eval", "evaluation images merged as copies of another"),
     Metric("data/eval_overlap", "samples", "", "eval", "training samples left out because they are in an evaluation set"),
@@ -133,7 +134,8 @@ CATALOG = (
     Metric("time/eval_batch_ms", "ms", "lower", "final", "compression: the compressed model's latency on one eval batch"),
 )
 # a quality or cost metric measured on a twin of the model, named with a suffix
-TWINS = {"_dense": "the same, on the uncompressed model (compression=quant|prune)",
+TWINS = {"_dense": "the same, on the uncompressed model (compression=quant) or the pruned model in its dense layout, "
+                   "zeros included (compression=prune)",
          "_teacher": "the same, on the distillation teacher (compression=distill)",
          "_before_prune": "the same, before pruning (compression=prune)",
          "_reduced": "the same, of the reduced model just before the full-token phase (trainer.full_token_steps; "
