@@ -184,6 +184,20 @@ def test_lm_run_logs_bpc_on_valid_and_whole_test(tmp_path, store):
     assert "lm/bpc" not in metrics  # per-epoch evaluation reads valid, under val/
     assert metrics["lm/test_chars"] == len(LMTask(cfg, torch.device("cpu")).ids["test"]) - 1
     assert 3.0 < metrics["efficiency/compression_text"] < 8.0  # words of English
+    # eval.boundary_picture: the valid text as segmented, '|' after each space (whitespace boundaries)
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=store)
+    assert [a.path for a in client.list_artifacts(metrics["mlflow_run_id"], "boundaries")] == ["boundaries/eval_001.txt"]
+    text = (tmp_path / "run" / "boundaries" / "eval_001.txt").read_text().rstrip("\n")
+    window = text8.decode(LMTask(cfg, torch.device("cpu")).ids["valid"][:64])
+    assert text.replace("|", "") == window and text.count("|") == window.count(" ")
+    assert all(text[i - 1] == " " for i, ch in enumerate(text) if ch == "|")
+
+
+def test_lm_segmented_text_marks_where_each_segment_closes():
+    task = LMTask(compose_cfg(TINY_LM + ["boundary=fixed", "boundary.k=4"]), torch.device("cpu"))
+    window = text8.decode(task.ids["valid"][:64])
+    assert task.segmented_text() == "|".join(window[i:i + 4] for i in range(0, 64, 4)) + "|"
 
 
 def test_lm_warm_up_is_a_fraction_of_the_run_as_clips():

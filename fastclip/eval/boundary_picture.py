@@ -2,6 +2,8 @@
 grid (for the peer towers that drop patches, the dropped ones greyed; for ToMe, the patches each
 final token holds as one segment), and captions with '|' at segment breaks. Logged as an MLflow
 artifact every evaluation."""
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -48,6 +50,14 @@ def caption_with_breaks(data: bytes, boundaries) -> str:
         else:
             out.append(text + ("|" if closes[end - 1] else ""))
     return "".join(out)
+
+
+def next_picture(run_dir, suffix: str) -> Path:
+    """<run_dir>/boundaries/eval_NNN.<suffix>, numbered after the pictures already there (a resumed
+    run adds to its first part's); the folder is made."""
+    folder = Path(run_dir) / "boundaries"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"eval_{len(list(folder.glob(f'eval_*.{suffix}'))) + 1:03d}.{suffix}"
 
 
 def segment_grid(boundaries: torch.Tensor, rows: int, cols: int, scan: torch.Tensor | None = None) -> np.ndarray:

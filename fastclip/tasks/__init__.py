@@ -8,5 +8,5 @@ def build_task(cfg, device, run_dir=None):
         return ClipTask(cfg, device, run_dir)
     if cfg.task.name == "lm":
         from fastclip.tasks.lm import LMTask
-        return LMTask(cfg, device)
+        return LMTask(cfg, device, run_dir)
     raise InputError(f"task.name={cfg.task.name!r}: expected clip or lm")

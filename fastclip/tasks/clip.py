@@ -26,7 +26,7 @@ from fastclip.data.shard_split import LeftOut
 from fastclip.data.shards import ShardStream, build_shards, shard_captions
 from fastclip.data.splits import ClipData
 from fastclip.errors import InputError
-from fastclip.eval.boundary_picture import draw
+from fastclip.eval.boundary_picture import draw, next_picture
 from fastclip.eval.efficiency import parameter_counts
 from fastclip.eval.imagenet import IMAGENET_CLASSNAMES, imagenet_eval, imagenet_files
 from fastclip.eval import sharded
@@ -333,10 +333,7 @@ class ClipTask(TaskBase):
             metrics.update(self.compression.efficiency(self.model, images, tokens))
         main = distributed.current().main  # ranks evaluating together: one picture
         if main and self.run_dir is not None and cfg.eval.boundary_picture and has_boundary_picture(self.model):
-            folder = self.run_dir / "boundaries"
-            folder.mkdir(parents=True, exist_ok=True)
-            # numbered after the pictures already there: a resumed run adds to its first part's
-            path = folder / f"eval_{len(list(folder.glob('eval_*.png'))) + 1:03d}.png"
+            path = next_picture(self.run_dir, "png")
             draw(self.model, images, tokens, lambda t: decode_tokens(self.tokenizer, t), path)
             self._artifacts.append(path)
         return metrics

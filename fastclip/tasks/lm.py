@@ -3,6 +3,7 @@ data, an hourglass LM, bits per character on valid during training (val/bpc: the
 and on the WHOLE test split at the end (lm/test_bpc)."""
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from fastclip import distributed, runtime
 from fastclip.checks import check_config
 from fastclip.data import text8, unigram
 from fastclip.errors import InputError
+from fastclip.eval.boundary_picture import caption_with_breaks, next_picture
 from fastclip.eval.bpc import evaluate_bpc
 from fastclip.models.boundaries import EntropySpike, Unigram, build_boundary_method
 from fastclip.models.charlm import HourglassLM
@@ -60,9 +62,10 @@ def build_lm(enc, boundary, context: int) -> HourglassLM:
 
 
 class LMTask(TaskBase):
-    def __init__(self, cfg, device: torch.device):
+    def __init__(self, cfg, device: torch.device, run_dir: str | Path | None = None):
         check_config(cfg)
         self.cfg, self.device = cfg, device
+        self.run_dir, self._artifacts = (Path(run_dir) if run_dir else None), []
         text, self.source = text8.load_text(cfg.dataset.path, cfg.dataset.clean)
         splits = text8.split(text, cfg.dataset.split)
         self.ids = dict(zip(("train", "valid", "test"), (text8.encode(s) for s in splits)))
@@ -121,9 +124,30 @@ class LMTask(TaskBase):
                             batch_size=self.cfg.eval.lm_batch_size)
 
     def evaluate(self) -> dict[str, float]:
-        """Per epoch, on the valid split (at most task.valid_max_chars of it): val/bpc."""
+        """Per epoch, on the valid split (at most task.valid_max_chars of it): val/bpc; with
+        eval.boundary_picture, the segmented text (segmented_text)."""
         r = self._bpc("valid")
+        if (self.cfg.eval.boundary_picture and self.method is not None and self.run_dir is not None
+                and distributed.current().main):
+            path = next_picture(self.run_dir, "txt")
+            path.write_text(self.segmented_text() + "\n")
+            self._artifacts.append(path)
         return {"val/bpc": r["bpc"], "efficiency/compression_text": r["compression"]}
+
+    @torch.no_grad()
+    def segmented_text(self) -> str:
+        """The valid split's first window (task.context chars) as the model segments it in eval mode:
+        '|' after each character that closes a segment (the text twin of the CLIP boundary picture)."""
+        ids = self.ids["valid"][:self.context]
+        was_training = self.model.training
+        self.model.eval()
+        b = self.model(torch.from_numpy(ids.astype(np.int64))[None].to(self.device)).boundaries[0]
+        self.model.train(was_training)
+        return caption_with_breaks(text8.decode(ids).encode(), b.tolist())
+
+    def new_artifacts(self) -> list[Path]:
+        out, self._artifacts = self._artifacts, []
+        return out
 
     def final_evaluate(self) -> dict[str, float]:
         r = self._bpc("test")  # the WHOLE test split, with the model just trained
