@@ -192,13 +192,18 @@ def any_rank(flag: bool) -> bool:
     return -host_min([-int(bool(flag))])[0] > 0
 
 
-def mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean over ranks of a device tensor (in place on a copy; over the training backend)."""
+def total(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a device tensor (in place on a copy; over the training backend)."""
     if not _world.distributed:
         return tensor
     out = tensor.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / _world.size
+    return out
+
+
+def mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a device tensor (over the training backend)."""
+    return total(tensor) / _world.size if _world.distributed else tensor
 
 
 def wrap(model: torch.nn.Module, device: torch.device, find_unused_parameters: bool = False) -> torch.nn.Module:

@@ -54,6 +54,27 @@ def test_lockstep_cuts_to_the_smallest_rank_batch_and_ends_every_rank_with_the_f
     assert out[0] == out[1] == [8, 6, 0, 8]
 
 
+def _step_log(rank: int, init: str, out):
+    from fastclip.loop.state import TrainState
+    from fastclip.loop.steplog import StepLog
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    distributed._world = distributed.World(rank, 2, rank)
+    log = StepLog(None, 1, None, Path("unused"))
+    log.add(TrainState(step=1), torch.tensor(2.0 + rank), torch.tensor(1.0), 0.1,
+            {"boundaries/dropped_image": torch.tensor(3.0 + 4 * rank), "compression_image": torch.tensor(4.0 * (rank + 1))})
+    out[rank] = log.fetch()[0][3]
+    distributed.shutdown()
+
+
+def test_a_step_logs_the_ranks_mean_of_a_loss_or_ratio_and_their_sum_of_a_count(tmp_path):
+    """Data-parallel: each rank's boundaries dropped are on its own share of the global batch, so the
+    step's count is their sum; a loss or shortening factor is their mean."""
+    out = mp.Manager().dict()
+    mp.spawn(_step_log, args=(f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
+    assert out[0] == out[1] == {"train/loss": 2.5, "train/lr": 0.1, "boundaries/dropped_image": 10.0,
+                                "train/compression_image": 6.0}
+
+
 @pytest.mark.parametrize("window", [1, 8])
 def test_lockstep_agrees_on_a_window_of_batches_in_one_host_collective(tmp_path, window):
     """Not one host all-reduce a step: 1, 2, 4, then `window` batches a collective (the epoch's first step

@@ -69,7 +69,7 @@ CATALOG = (
     Metric("train/boundary_rate", "share", "", "step", "task=lm: the share of positions that end a segment (1 / shortening factor)"),
     Metric("train/compression", "x", "", "step", "task=lm: tokens per segment on the step's batch (the shortening factor)"),
     Metric("train/compression_{tower}", "x", "", "step", "a DTP or ToMe tower's shortening factor on the step's batch: tokens / segments"),
-    Metric("boundaries/dropped_{tower}", "boundaries", "lower", "step", "boundaries beyond boundary.image_token_budget, dropped on the step's batch"),
+    Metric("boundaries/dropped_{tower}", "boundaries", "lower", "step", "boundaries beyond boundary.image_token_budget, dropped on the step's global batch (summed over its micro-batches and ranks)"),
     Metric("train/logit_scale", "", "", "step", "CLIP's learned inverse temperature: the factor on the cosine similarities, exp of the parameter (capped at 100)"),
     Metric("train/lr", "", "", "step", "the learning rate the step's update used"),
     Metric("efficiency/train_pflops_total", "PFLOPs", "lower", "step", "counted training compute so far (forward + backward of the whole model, a full-token phase and a teacher included): the x axis of --x compute"),
@@ -182,6 +182,14 @@ def summed_over_micro_batches(name: str) -> bool:
     rather than their mean (a loss, a ratio), from the catalog's unit."""
     found = catalog_entry(name)
     return bool(found) and found[0].unit in SUMMED_UNITS
+
+
+def summed_over_ranks(name: str) -> bool:
+    """Whether a data-parallel step's value of a per-step metric is the ranks' sum: a count on each
+    rank's share of the global batch (boundaries dropped) adds up to the global batch's; anything
+    else (a loss, a ratio, a time the ranks spend side by side) is their mean."""
+    found = catalog_entry(name)
+    return bool(found) and found[0].unit == "boundaries"
 
 
 def lower_is_better(name: str) -> bool:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fastclip import distributed
-from fastclip.eval.names import step_metric_name
+from fastclip.eval.names import step_metric_name, summed_over_ranks
 from fastclip.loop.divergence import diverged
 from fastclip.loop.state import TrainState
 
@@ -45,10 +45,11 @@ class StepLog:
     def fetch(self) -> list[tuple[int, int, bool, dict[str, float]]]:
         """-> [(step, epoch, finite, {name: float})], oldest first; empties the buffer. Data-parallel:
         each value is the mean over ranks (the contrastive loss is the global batch's on every rank,
-        a boundary loss or a compression is each rank's own), finite only where every rank's was."""
-        tensors = [v for _, _, finite, values in self._rows for v in (finite, *values.values())
-                   if isinstance(v, torch.Tensor)]
-        host = iter(_to_host(tensors))
+        a boundary loss or a compression is each rank's own), a count the sum (summed_over_ranks:
+        boundaries dropped on each rank's share of the global batch), finite only where every rank's was."""
+        pairs = [(v, name is not None and summed_over_ranks(name)) for _, _, finite, values in self._rows
+                 for name, v in ((None, finite), *values.items()) if isinstance(v, torch.Tensor)]
+        host = iter(_to_host([t for t, _ in pairs], [summed for _, summed in pairs]))
 
         def read(v):
             return next(host) if isinstance(v, torch.Tensor) else v
@@ -83,17 +84,18 @@ class StepLog:
         self._window = (0, time.perf_counter())
 
 
-def _to_host(tensors: list[torch.Tensor]) -> list[float]:
-    """0-dim tensors -> Python numbers, one stack and one transfer per device (data-parallel: the
-    means over ranks, one all-reduce per device)."""
+def _to_host(tensors: list[torch.Tensor], summed: list[bool]) -> list[float]:
+    """0-dim tensors -> Python numbers, one stack and one transfer per device (data-parallel: one
+    all-reduce per device, giving the sum over ranks where `summed`, else the mean)."""
     out: list[float] = [0.0] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
+    ranks = distributed.current().size
     for idx in by_device.values():
-        values = distributed.mean(torch.stack([tensors[i].detach().reshape(()).float() for i in idx])).tolist()
+        values = distributed.total(torch.stack([tensors[i].detach().reshape(()).float() for i in idx])).tolist()
         for i, v in zip(idx, values):
-            out[i] = v
+            out[i] = v if summed[i] else v / ranks
     return out
 
 
