@@ -12,7 +12,7 @@ def test_bench_gpu_smoke_run_on_cpu_fills_every_row(tmp_path, monkeypatch):
               "--workers", "0", "--out", str(out)])
     text = out.read_text()
     for label, _ in gpu.VARIANTS.values():
-        assert f"| {label} |" in text
+        assert f"| {label.format(encoder='vit_tiny')} |" in text
     assert "train GFLOPs/step" in text and "fed by the loader (0 workers)" in text and "batch in memory" in text
     assert (tmp_path / "outputs" / "bench" / "gpu" / "shards224" / "sizes.json").is_file()
 
@@ -29,7 +29,7 @@ def test_only_runs_the_rows_named_with_vanilla_and_refuses_an_unknown_one(tmp_pa
     gpu.main(["--device", "cpu", "--encoder", "vit_tiny", "--batch", "4", "--steps", "1", "--warmup", "0",
               "--only", "fixed", "--out", str(out)])
     rows = [line.split(" | ")[0] for line in out.read_text().splitlines()[2:]]
-    assert rows == ["| vanilla ViT-B/16", "| DTP fixed k=4"]  # no ToMe row, no loader table
+    assert rows == ["| vanilla vit_tiny", "| DTP fixed k=4"]  # the encoder it ran; no ToMe row, no loader table
     assert not (tmp_path / "outputs").exists()  # the loader row's shards were never made
     with pytest.raises(SystemExit, match="name one of them too"):  # ToMe is matched to their GFLOPs
         gpu.chosen("tome")

@@ -45,8 +45,8 @@ from fastclip.tasks import build_task
 
 DTP_IMAGE = ["boundary.apply_to=[image]"]  # the config's default pre-layers
 GUMBEL = ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE  # the default predictor (d->d->1 since 2026-12-06)
-# key (for --only) -> (table label, overrides)
-VARIANTS = {"vanilla": ("vanilla ViT-B/16", ["boundary=none"]),
+# key (for --only) -> (table label, overrides); {encoder}: the --encoder option the rows run
+VARIANTS = {"vanilla": ("vanilla {encoder}", ["boundary=none"]),
             "gumbel": ("DTP gumbel 0.25", GUMBEL),  # image_layout=auto: padded on CUDA
             "fixed": ("DTP fixed k=4", ["boundary=fixed", "boundary.k=4"] + DTP_IMAGE),
             "packed": ("DTP gumbel 0.25, packed", GUMBEL + ["boundary.image_layout=packed"]),
@@ -355,7 +355,8 @@ def main(argv=None):
 
     for key in keys:
         if key in VARIANTS:
-            add(*VARIANTS[key])
+            label, overrides = VARIANTS[key]
+            add(label.format(encoder=args.encoder), overrides)
     # ToMe matched to each DTP row's GFLOPs (fixed k=4: the peers' target in bench-clip), once per r
     matched = {}
     targets = [row for row in rows if "tome" in keys and row[0] in (VARIANTS["gumbel"][0], VARIANTS["fixed"][0])]
