@@ -111,6 +111,28 @@ def test_encoder_dropout_reaches_every_transformer_block_as_the_papers_dropout_a
     assert torch.equal(model.eval()(tokens).logits, model(tokens).logits)
 
 
+def test_a_checkpoint_written_before_block_dropout_resumes_without_it(tmp_path):
+    """A char_lm_paper run checkpointed before dropout reached the blocks: its config lacks
+    encoder.block_dropout, and resuming it keeps its blocks dropout-free (the legacy value), so the run
+    continues as it was trained; today's runs get it."""
+    from omegaconf import OmegaConf
+    from fastclip import checkpoint, resume
+    cfg = compose_cfg(TINY_LM + ["boundary=fixed", "encoder.dropout=0.1"])
+    assert cfg.encoder.block_dropout is True
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    del config["encoder"]["block_dropout"]
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    checkpoint.save(path, {"model": {}, "config": config, "train_state": {"step": 3, "epoch": 0},
+                           "run_dir": str(path.parent.parent)})
+    resumed = resume.prepare(compose_cfg(TINY_LM + ["boundary=fixed", "encoder.dropout=0.1",
+                                                    f"trainer.resume={path}"]), [f"trainer.resume={path}"])
+    assert resumed.config.encoder.block_dropout is False and not resumed.changes
+    old, new = (LMTask(c, torch.device("cpu")).model for c in (resumed.config, cfg))
+    assert [b.attn.dropout for b in old.pre] == [0.0] and [b.attn.dropout for b in new.pre] == [0.1]
+
+
 def test_window_plan_scores_every_target_once_with_context():
     for n, context, stride in [(1000, 64, 32), (1000, 64, 64), (130, 64, 16), (50, 64, 32)]:
         seen = np.zeros(n, dtype=int)

@@ -19,13 +19,14 @@ def causal_mask(n: int, device) -> torch.Tensor:
 
 class HourglassLM(nn.Module):
     def __init__(self, vocab_size: int, width: int, heads: int, mlp_ratio: float, pre_layers: int,
-                 short_layers: int, post_layers: int, max_len: int, boundary=None, dropout: float = 0.0):
+                 short_layers: int, post_layers: int, max_len: int, boundary=None, dropout: float = 0.0,
+                 block_dropout: bool = True):
         super().__init__()
         self.boundary = boundary
 
         def blocks(n):
             out = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(n))
-            for block in out if dropout else ():  # the paper's dropout and dropatt (both 0.1 on text8)
+            for block in out if dropout and block_dropout else ():  # the paper's dropout and dropatt (0.1 on text8)
                 block.attn.dropout = dropout  # on the attention weights (nn.MultiheadAttention's own)
                 block.ls_1, block.ls_2 = nn.Dropout(dropout), nn.Dropout(dropout)  # on each residual branch
             return out

@@ -58,7 +58,7 @@ class RandomWindows:
 def build_lm(enc, boundary, context: int) -> HourglassLM:
     return HourglassLM(vocab_size=len(text8.ALPHABET), width=enc.width, heads=enc.heads, mlp_ratio=enc.mlp_ratio,
                        pre_layers=enc.pre_layers, short_layers=enc.short_layers, post_layers=enc.post_layers,
-                       max_len=context, boundary=boundary, dropout=enc.dropout)
+                       max_len=context, boundary=boundary, dropout=enc.dropout, block_dropout=enc.block_dropout)
 
 
 class LMTask(TaskBase):
