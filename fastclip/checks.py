@@ -108,11 +108,16 @@ def check_override_keys(args: list[str]) -> None:
     only other options declare is named with them (`boundary=tome boundary.random_offset=true`). In a
     multirun Hydra applies an unswept key to the default option first, so one that option lacks is
     refused with the one-value sweep that reaches every job (`boundary.random_offset='choice(true)'`).
-    Appends (`+`, `++`), deletions (`~`), hydra's and other groups' keys (cluster, experiment,
-    hydra/launcher) are Hydra's to judge. An unknown option of a main group (`boundary=gumbl`) gets the
+    A nonzero `boundary.loss_weight` where no job's option has an auxiliary loss is refused (in a
+    multirun across options, those without one ignore it). `+experiment=...` (a group the defaults list
+    has, which Hydra would refuse as given twice) is named with its fix; other appends (`+`, `++`),
+    deletions (`~`), hydra's and other groups' keys (cluster, hydra/launcher) are Hydra's to judge. An unknown option of a main group (`boundary=gumbl`) gets the
     same suggestion."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
     from hydra.errors import OverrideParseException
+
+    from fastclip.group_choices import conf_options, defaults_groups
     parser = OverridesParser.create()
     judged, given = [], {}
     for arg in args:
@@ -122,16 +127,23 @@ def check_override_keys(args: list[str]) -> None:
             override = parser.parse_overrides([arg])[0]
         except OverrideParseException:
             continue  # check_override_syntax names it
+        group = override.key_or_group
+        if (override.is_add() or override.is_force_add()) and "." not in group and group in defaults_groups():
+            sign = "++" if override.is_force_add() else "+"
+            raise ConfigError(f"{arg}: {group} is in the run's defaults list (conf/train.yaml), so it is chosen "
+                              f"without {sign}: write {arg.removeprefix(sign)} ({sign} adds a group that is not there)")
         if override.is_add() or override.is_force_add() or override.is_delete() or override.package is not None:
             continue
-        if override.is_sweep_override():  # a grid's values (a range or an interval names no option)
+        if override.value_type == ValueType.GLOB_CHOICE_SWEEP:  # the group's options it matches
+            values = override.value().filter(conf_options(group)) if "." not in group else []
+        elif override.is_sweep_override():  # a grid's values (a range or an interval names no option)
             values = list(override.sweep_string_iterator()) if override.is_choice_sweep() else []
         else:
             values = [override.value()]
         judged.append((override, values))
         if "." not in override.key_or_group and values:
             given[override.key_or_group] = (values, override.is_sweep_override())
-    multirun = bool({"-m", "--multirun"} & set(args))
+    multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in args
     for override, values in judged:
         _check_key(override, values, given, multirun)
 
@@ -172,12 +184,24 @@ def _check_key(override, values: list, given: dict, multirun: bool) -> None:
             raise ConfigError(f"{key} is not a key of {head}={job.option} ({job.why}){_nearest(field, keys, head + '.')}"
                               f": {field} is a key of {head}={', '.join(owners)} (keys of {head}={job.option}: "
                               f"{', '.join(keys)})")
+    if (head, field) == ("boundary", "loss_weight") and jobs and any(_number(v) for v in values):
+        if not any(OPTIONS[head][job.option].AUXILIARY_LOSS for job in jobs):  # else a job that has none ignores it
+            raise ConfigError(f"{override.input_line}: boundary={','.join(job.option for job in jobs)} has no auxiliary "
+                              f"loss to weigh (gumbel, entropy_spike and unigram have one); leave it 0")
     master = choices.master if choices else None
     if multirun and master and not override.is_sweep_override() and master.option not in owners:
         value = override.input_line.split("=", 1)[1]
         raise ConfigError(f"{key}={value} in a multirun: Hydra first applies a key that is not swept to one config "
                           f"for the sweeper, composed with {head}={master.option} ({master.why}), which has no "
                           f"{field}; give it as a one-value sweep, which reaches each job alone: '{key}=choice({value})'")
+
+
+def _number(value) -> float | None:
+    """A value as a number (a sweep's values come as strings); None where it is none (an interpolation)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _declared(group: str, option: str | None = None) -> list[str]:

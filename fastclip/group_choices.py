@@ -70,3 +70,15 @@ def _defaults(name: str) -> dict[str, str]:
                 if value is not None and "@" not in group and "/" not in group:
                     out[group] = str(value)
     return out
+
+
+def defaults_groups() -> set[str]:
+    """The groups conf/train.yaml's defaults list names, a null choice included (experiment)."""
+    from omegaconf import OmegaConf
+    return {str(key).strip().lstrip("/") for item in OmegaConf.load(CONF_DIR / "train.yaml").get("defaults", [])
+            if OmegaConf.is_dict(item) for key in item}
+
+
+def conf_options(group: str) -> list[str]:
+    """The options conf/<group>/ holds (what a `glob(...)` sweep of the group matches against)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

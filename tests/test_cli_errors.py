@@ -3,8 +3,8 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON
-from fastclip.checks import ConfigError, check_override_syntax
+from conftest import PYTHON, compose_cfg
+from fastclip.checks import ConfigError, check_config, check_override_syntax
 
 
 def test_an_unquoted_equals_sign_in_a_path_names_the_override_and_how_to_quote_it(tmp_path, cli_env):
@@ -84,7 +84,10 @@ def test_every_key_the_config_tree_has_passes_the_key_check():
             group, chosen = "boundary", ["-m", f"boundary={','.join(OPTIONS['boundary'])}"]
         else:
             chosen = [f"{group}={option}"] if group in OPTIONS or group == "experiment" else []
-        keys = [f"{key}=1" for key in _yaml_keys(path, group) if not key.startswith("hydra")]
+        # 1 for each key (a loss weight: its file's own value; 1 is refused where there is no loss to weigh)
+        weighs = option not in OPTIONS["boundary"] or OPTIONS["boundary"][option].AUXILIARY_LOSS
+        keys = [f"{key}={0 if key.endswith('.loss_weight') and not weighs else 1}"
+                for key in _yaml_keys(path, group) if not key.startswith("hydra")]
         check_override_keys(chosen + keys)
         checked += len(keys)
     assert checked > 150  # every file was read
@@ -107,6 +110,12 @@ def test_every_key_the_config_tree_has_passes_the_key_check():
     (["dataset=csv", "dataset.train_shards=x"],
      "dataset.train_shards is not a key of dataset=csv (chosen on the command line): train_shards is a key of "
      "dataset=webdataset"),
+    (["-m", "boundary=glob(*)", "boundary.k=3"],  # a glob sweep: the options it matches
+     "boundary.k is not a key of boundary=entropy_spike (chosen on the command line): k is a key of boundary=fixed"),
+    # experiment is in train.yaml's defaults: Hydra would say "Multiple values for experiment"
+    (["+experiment=seed_coco_rn50", "dataset.root=/x"], "+experiment=seed_coco_rn50: experiment is in the run's "
+     "defaults list (conf/train.yaml), so it is chosen without +: write experiment=seed_coco_rn50"),
+    (["++boundary=gumbel"], "++boundary=gumbel: boundary is in the run's defaults list"),
 ])
 def test_a_key_only_other_options_declare_names_the_chosen_option_and_those_that_declare_it(args, message):
     """Hydra says only "Key 'random_offset' not in 'Tome'" and advises appending it with `+`."""
@@ -129,6 +138,31 @@ def test_a_multirun_key_the_default_option_lacks_is_refused_with_the_one_value_s
     check_override_keys(args[:2] + [suggested])  # what it suggests passes
     check_override_keys(["-m", "boundary=gumbel", "boundary.random_offset=true"])  # not swept: the sweeper's option
     check_override_keys(["boundary=gumbel", "boundary.random_offset=true"])
+    with pytest.raises(ConfigError, match="composed with boundary=none"):  # multirun by hydra.mode, not -m
+        check_override_keys(["hydra.mode=MULTIRUN", *args[1:]])
+    check_override_keys(["-m", "boundary=glob(fix*)", "boundary.k=choice(3)"])  # a glob sweep of fixed alone
+
+
+@pytest.mark.parametrize("args, refused", [
+    (["boundary=fixed", "boundary.loss_weight=2.0"], "boundary=fixed"),
+    (["task=lm", "boundary=whitespace", "boundary.loss_weight=1"], "boundary=whitespace"),
+    (["-m", "boundary=tome,fixed", "boundary.loss_weight=choice(2.0)"], "boundary=tome,fixed"),
+    (["boundary=gumbel", "boundary.loss_weight=2.0"], None),
+    (["boundary=fixed", "boundary.loss_weight=0"], None),
+    (["-m", "boundary=gumbel,fixed", "boundary.loss_weight=choice(2.0)"], None),  # the fixed job ignores it
+])
+def test_a_loss_weight_is_refused_where_no_job_has_an_auxiliary_loss_to_weigh(args, refused):
+    """fixed, whitespace and the peers declare boundary.loss_weight so that a multirun across options sets
+    it; alone, a nonzero value would be logged as if it did something. The schema accepts it (a run
+    written before the refusal still resumes): the command-line check refuses it."""
+    from fastclip.checks import check_override_keys
+    if refused:
+        with pytest.raises(ConfigError, match=rf"{refused} has no auxiliary loss to weigh"):
+            check_override_keys(args)
+    else:
+        check_override_keys(args)
+    if "-m" not in args:
+        assert check_config(compose_cfg(args)).boundary.loss_weight == float(args[-1].split("=")[1])
 
 
 def test_a_data_error_is_one_line_leaves_no_run_dir_and_shows_its_traceback_when_asked(tmp_path, cli_env):

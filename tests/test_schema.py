@@ -77,19 +77,6 @@ def test_every_composed_key_has_one_resume_rule_and_the_rules_agree_across_optio
     assert rule_of("encoder.vision.width") == "frozen" and rule_of("no.such") is None
 
 
-@pytest.mark.parametrize("option", [o for o, schema in OPTIONS["boundary"].items()
-                                    if "loss_weight" in {f.name for f in dataclasses.fields(schema)}])
-def test_a_loss_weight_is_refused_where_the_option_has_no_auxiliary_loss_to_weigh(option):
-    """fixed, whitespace and the peer baselines declare boundary.loss_weight (a sweep across options sets
-    it) but have no loss for it to weigh: a nonzero value would be logged as if it did something."""
-    overrides = [f"boundary={option}", "boundary.loss_weight=2.0"] + (["task=lm"] if option == "whitespace" else [])
-    if option in ("gumbel", "entropy_spike", "unigram"):
-        assert check_config(compose_cfg(overrides)).boundary.loss_weight == 2.0
-    else:
-        with pytest.raises(ConfigError, match=rf"boundary.loss_weight=2.0 with boundary={option}: it has no auxiliary"):
-            check_config(compose_cfg(overrides))
-
-
 @pytest.mark.parametrize("key, value, message", [
     ("trainer.batch_size", 0, "trainer.batch_size=0: expected >= 1"),
     ("trainer.precision", "fp8", "trainer.precision='fp8': expected one of auto, fp32, bf16, fp16"),
