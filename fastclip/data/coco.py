@@ -3,7 +3,7 @@ train2014/ val2014/ image folders.
 
 Without `dataset.split_file`: training pairs come from train2014 (pairs=one_per_image: one
 caption per image drawn with split_seed = the seed's 82,783 pairs; pairs=all: ~414K); retrieval
-runs on `retrieval_images` val2014 images (5000, drawn with split_seed; null = all 40,504) with
+runs on `retrieval_images` val2014 images (5000, drawn with split_seed; the rest give validation) with
 their first `captions_per_image` captions. Random images: not comparable to published numbers.
 
 With `dataset.split_file` = Karpathy's dataset_coco.json (the usual retrieval protocol):
@@ -98,7 +98,7 @@ def read_karpathy(split_file: str | Path, root: Path) -> dict[str, dict[str, lis
 
 
 def random_val_images(cfg, val_images: list[str]) -> tuple[list[str], str]:
-    """(`retrieval_images` val2014 images drawn with split_seed, or all; its description)."""
+    """(`retrieval_images` val2014 images drawn with split_seed, or all where there are no more; its description)."""
     n = cfg.retrieval_images
     if n and n < len(val_images):
         pick = np.random.default_rng(cfg.split_seed).choice(len(val_images), n, replace=False)

@@ -72,13 +72,13 @@ class Coco(Dataset):
     split_file: Optional[str] = frozen()
     pairs: str = frozen()
     split_seed: int = frozen()
-    retrieval_images: Optional[int] = frozen()
+    retrieval_images: int = frozen()  # all val2014 images would leave none for validation (coco.validation_images)
     val_images: Optional[int] = frozen()
     captions_per_image: Optional[int] = frozen()
 
     def __post_init__(self):
         at_least("dataset.val_images", self.val_images, 1, ">= 1, or null for no cap")
-        at_least("dataset.retrieval_images", self.retrieval_images, 1, ">= 1, or null for all")
+        at_least("dataset.retrieval_images", self.retrieval_images, 1)
         at_least("dataset.captions_per_image", self.captions_per_image, 1, ">= 1, or null for all")
 
 
