@@ -40,6 +40,7 @@ def check_config(cfg: DictConfig) -> DictConfig:
         _check_lm(cfg)
     else:
         raise ConfigError(f"task={task!r}: expected clip or lm")
+    _check_eval_keys(cfg)
     _check_run_length(cfg)
     _check_compression(cfg)
     return cfg
@@ -277,12 +278,27 @@ def _check_lm(cfg: DictConfig) -> None:
     if cfg.boundary.name in IMAGE_ONLY_BOUNDARIES:
         raise ConfigError(f"boundary={cfg.boundary.name} reduces image tokens inside a ViT; it is not a boundary "
                           f"method for character sequences (task=lm)")
-    for key, value in (("trainer.num_workers", cfg.trainer.num_workers), ("eval.num_workers", cfg.eval.num_workers),
-                       ("eval.imagenet_val", cfg.eval.imagenet_val), ("eval.placement_control", cfg.eval.placement_control)):
-        if value not in ("auto", 0, None, False):  # a value task=lm would not read: never a silent no-op
-            raise ConfigError(f"{key}={value} with task=lm: the char LM " + (
-                "reads its windows from the text in memory, with no loader workers; leave it auto (or 0)"
-                if key.endswith("num_workers") else "is evaluated by bits per character, with no images") )
+    if cfg.trainer.num_workers not in ("auto", 0):  # a value task=lm would not read: never a silent no-op
+        raise ConfigError(f"trainer.num_workers={cfg.trainer.num_workers} with task=lm: the char LM reads its windows "
+                          f"from the text in memory, with no loader workers; leave it auto (or 0)")
+
+
+def _check_eval_keys(cfg: DictConfig) -> None:
+    """An eval key only the other task reads (schema Eval.READ_BY), set apart from its default."""
+    from fastclip import CONF_DIR
+    from fastclip.schema.run import Eval
+    defaults, task = OmegaConf.load(CONF_DIR / "eval" / "default.yaml"), cfg.task.name
+    for key, reader in Eval.READ_BY.items():
+        value = cfg.eval[key]
+        if reader != task and value != defaults[key]:
+            raise ConfigError(f"eval.{key}={_yaml(value)} with task={task}: only task={reader} reads it (" + (
+                "the char LM is evaluated by bits per character on text windows in memory, with no images or loader"
+                if task == "lm" else "the char LM's evaluation batch") + f"); leave it {_yaml(defaults[key])}")
+
+
+def _yaml(value) -> str:
+    """A scalar as the command line writes it (true, null)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _check_run_length(cfg: DictConfig) -> None:

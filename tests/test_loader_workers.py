@@ -37,10 +37,29 @@ def test_the_char_lm_has_no_loader_so_its_training_process_keeps_every_core(eigh
     the training process 8 - 7 = 1 thread. Keys task=lm would not read are refused."""
     cfg = check_config(compose_cfg(["task=lm"]))
     assert loader_workers(cfg) == 0 and loader_workers(cfg, "eval.num_workers") == 0
-    for key, value in (("trainer.num_workers", 3), ("eval.num_workers", 2), ("eval.imagenet_val", "/d/val"),
-                       ("eval.placement_control", "true")):
-        with pytest.raises(ConfigError, match=rf"{key}={value if value != 'true' else True} with task=lm: "):
-            check_config(compose_cfg(["task=lm", f"{key}={value}"]))
+    with pytest.raises(ConfigError, match=r"trainer.num_workers=3 with task=lm: the char LM reads its windows"):
+        check_config(compose_cfg(["task=lm", "trainer.num_workers=3"]))
+
+
+OTHER_THAN_DEFAULT = {"batch_size": "64", "num_workers": "2", "imagenet_val": "/d/val", "imagenet_templates": "simple",
+                      "classifier_cache_dir": "/d/cache", "placement_control": "true", "overlap": "fail",
+                      "lm_batch_size": "8"}
+
+
+@pytest.mark.parametrize("key", list(OTHER_THAN_DEFAULT))
+def test_an_eval_key_only_the_other_task_reads_is_refused_when_set(eight_cpus, key):
+    """eval.boundary_picture once did nothing under task=lm, silently: each eval key one task alone
+    reads (schema Eval.READ_BY), set apart from its default under the other task, is refused."""
+    from fastclip.schema.run import Eval
+    assert set(OTHER_THAN_DEFAULT) == set(Eval.READ_BY)  # a new task-only key gets a case here
+    reader = Eval.READ_BY[key]
+    other = "lm" if reader == "clip" else "clip"
+    value = OTHER_THAN_DEFAULT[key]
+    with pytest.raises(ConfigError, match=rf"^eval.{key}={value} with task={other}: only task={reader} reads it"):
+        check_config(compose_cfg([f"task={other}", f"eval.{key}={value}"]))
+    check_config(compose_cfg([f"task={other}"]))  # its default passes
+    if key not in ("imagenet_val", "placement_control"):  # these need a data set or a tower that reads them
+        check_config(compose_cfg([f"task={reader}", f"eval.{key}={value}"]))
 
 
 @pytest.mark.parametrize("key", ["trainer.num_workers", "eval.num_workers"])

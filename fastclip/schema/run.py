@@ -1,6 +1,6 @@
 """Schemas of the run's own keys and of the groups every run has: trainer, eval, tracking, task."""
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.fields import at_least, choice, frozen, mutable, runtime
@@ -70,6 +70,11 @@ class Eval:
     classifier_cache_dir: Optional[str] = runtime()
     placement_control: bool = mutable()
     overlap: str = mutable()
+    # key -> the one task that reads it (every_epochs and boundary_picture: both); set apart from its
+    # default under the other task, it is refused (fastclip.checks), never a silent no-op
+    READ_BY: ClassVar[dict[str, str]] = {
+        "batch_size": "clip", "num_workers": "clip", "imagenet_val": "clip", "imagenet_templates": "clip",
+        "classifier_cache_dir": "clip", "placement_control": "clip", "overlap": "clip", "lm_batch_size": "lm"}
 
     def __post_init__(self):
         at_least("eval.every_epochs", self.every_epochs, 1)
