@@ -278,9 +278,13 @@ def _check_lm(cfg: DictConfig) -> None:
     if cfg.boundary.name in IMAGE_ONLY_BOUNDARIES:
         raise ConfigError(f"boundary={cfg.boundary.name} reduces image tokens inside a ViT; it is not a boundary "
                           f"method for character sequences (task=lm)")
-    if cfg.trainer.num_workers not in ("auto", 0):  # a value task=lm would not read: never a silent no-op
-        raise ConfigError(f"trainer.num_workers={cfg.trainer.num_workers} with task=lm: the char LM reads its windows "
-                          f"from the text in memory, with no loader workers; leave it auto (or 0)")
+    from fastclip import CONF_DIR
+    timeout = OmegaConf.load(CONF_DIR / "trainer" / "default.yaml").loader_timeout_s
+    for key, value, unread in (("num_workers", cfg.trainer.num_workers, cfg.trainer.num_workers not in ("auto", 0)),
+                               ("loader_timeout_s", cfg.trainer.loader_timeout_s, cfg.trainer.loader_timeout_s != timeout)):
+        if unread:  # a value task=lm would not read: never a silent no-op
+            raise ConfigError(f"trainer.{key}={value} with task=lm: the char LM reads its windows from the text in "
+                              f"memory, with no loader workers; leave it " + ("auto (or 0)" if key == "num_workers" else str(timeout)))
 
 
 def _check_eval_keys(cfg: DictConfig) -> None:

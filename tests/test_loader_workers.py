@@ -37,8 +37,10 @@ def test_the_char_lm_has_no_loader_so_its_training_process_keeps_every_core(eigh
     the training process 8 - 7 = 1 thread. Keys task=lm would not read are refused."""
     cfg = check_config(compose_cfg(["task=lm"]))
     assert loader_workers(cfg) == 0 and loader_workers(cfg, "eval.num_workers") == 0
-    with pytest.raises(ConfigError, match=r"trainer.num_workers=3 with task=lm: the char LM reads its windows"):
-        check_config(compose_cfg(["task=lm", "trainer.num_workers=3"]))
+    for key, value in (("num_workers", 3), ("loader_timeout_s", 30)):
+        with pytest.raises(ConfigError, match=rf"trainer.{key}={value} with task=lm: the char LM reads its windows"):
+            check_config(compose_cfg(["task=lm", f"trainer.{key}={value}"]))
+    check_config(compose_cfg(["task=lm", "trainer.num_workers=0"]))  # what auto is for it
 
 
 OTHER_THAN_DEFAULT = {"batch_size": "64", "num_workers": "2", "imagenet_val": "/d/val", "imagenet_templates": "simple",
