@@ -5,6 +5,7 @@ schema declares (fastclip.schema.OPTIONS) and the site profiles. Torch-free (it 
 import re
 
 from fastclip import CONF_DIR
+from fastclip.group_choices import conf_options
 from fastclip.schema import OPTIONS
 
 # groups chosen with `+group=option` (no default in train.yaml): a SLURM site, a paper recipe
@@ -44,10 +45,10 @@ def help_text() -> str:
             mark = "*" if defaults.get(group) == option else " "
             out.append(f"    {mark} {option:<{width}}  {describe(group, option)}".rstrip())
     out.append("")
-    out.append("Added with +group=option:")
+    out.append("Recipes and site profiles (+ adds a group the defaults list lacks):")
     for group, what in APPENDED.items():
-        names = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        out.append(f"  +{group}=  {what}: {', '.join(names)}")
+        sign = "" if group in defaults else "+"  # experiment: null in the defaults list, chosen without +
+        out.append(f"  {sign}{group}=  {what}: {', '.join(conf_options(group))}")
     out += ["",
             "Any key: group.key=value (trainer.lr=1e-3, boundary.prior=0.25, dataset.path=/data/x.csv); a misspelt",
             "key or option is named with the nearest real one. The whole composed config, nothing run:",
