@@ -218,10 +218,14 @@ def wrap(model: torch.nn.Module, device: torch.device, find_unused_parameters: b
     if not _world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
+    import inspect
     running_stats = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    # torch 2.13 renamed broadcast_buffers (deprecated, a warning per rank) to forward_sync_buffers
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused_parameters, broadcast_buffers=running_stats,
-                                   gradient_as_bucket_view=True)
+                                   find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True,
+                                   **{sync: running_stats})
 
 
 class Lockstep:
