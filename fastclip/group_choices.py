@@ -1,5 +1,5 @@
 """Which option of a config group a command line composes, read from the command line and the config
-files' defaults lists without composing (fastclip.checks judges overrides with it before Hydra runs).
+files' defaults lists without composing (fastclip.override_checks judges overrides with it before Hydra runs).
 
 The order is Hydra's: conf/train.yaml's default, then the chosen task's `override /<group>` (task=lm
 swaps dataset and encoder), then the chosen experiment's, then the command line's `<group>=<option>`.

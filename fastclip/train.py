@@ -15,7 +15,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fastclip import CONF_DIR, run_lock, tracking
-from fastclip.checks import ConfigError, check_config, check_overrides
+from fastclip.checks import ConfigError, check_config
+from fastclip.override_checks import check_overrides
 from fastclip.errors import InputError, show_traceback
 from fastclip.eval.names import HEADLINE_METRICS
 from fastclip.run_lines import final_line, log_plan, objective, objective_line
@@ -339,7 +340,7 @@ if __name__ == "__main__":
         print(help_text())
         raise SystemExit(0)
     try:  # before Hydra parses them: its errors do not name the argument, nor the key meant
-        from fastclip.checks import check_override_keys, check_override_syntax
+        from fastclip.override_checks import check_override_keys, check_override_syntax
         check_override_syntax(sys.argv[1:])
         check_override_keys(sys.argv[1:])
     except ConfigError as exc:

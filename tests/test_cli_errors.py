@@ -4,7 +4,8 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, compose_cfg
-from fastclip.checks import ConfigError, check_config, check_override_syntax
+from fastclip.checks import ConfigError, check_config
+from fastclip.override_checks import check_override_syntax
 
 
 def test_an_unquoted_equals_sign_in_a_path_names_the_override_and_how_to_quote_it(tmp_path, cli_env):
@@ -49,22 +50,35 @@ def test_a_misspelt_key_fails_in_one_line_naming_the_key_meant_and_leaves_no_run
     (["dataset.val_fracton=0.2"], "did you mean dataset.val_fraction"),
 ])
 def test_misspelt_keys_and_options_get_the_nearest_real_one(args, meant):
-    from fastclip.checks import check_override_keys
+    from fastclip.override_checks import check_override_keys
     with pytest.raises(ConfigError, match=meant.replace("?", r"\?")):
         check_override_keys(args)
 
 
-def _yaml_keys(path, group: str) -> list[str]:
-    """The full keys a config file sets: `group.key`, or for a `_global_` package its top keys and
-    their children (`trainer.batch_size`)."""
+def _yaml_keys(path, group: str) -> dict[str, object]:
+    """The full keys a config file sets, with their values: `group.key`, or for a `_global_` package
+    its top keys and their children (`trainer.batch_size`)."""
     from omegaconf import OmegaConf
-    node = OmegaConf.load(path)
+    node = OmegaConf.to_container(OmegaConf.load(path))
     if "@package _global_" not in path.read_text():
-        return [f"{group}.{key}" for key in node if key != "defaults"]
-    keys = []
-    for key in (k for k in node if k != "defaults"):
-        keys += [f"{key}.{sub}" for sub in node[key]] if OmegaConf.is_dict(node[key]) else [str(key)]
+        return {f"{group}.{key}": value for key, value in node.items() if key != "defaults"}
+    keys = {}
+    for key, value in ((k, v) for k, v in node.items() if k != "defaults"):
+        keys |= {f"{key}.{sub}": v for sub, v in value.items()} if isinstance(value, dict) else {str(key): value}
     return keys
+
+
+def _as_override(value) -> str:
+    """A YAML value in Hydra's override grammar (a required ??? as some string)."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_as_override(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_as_override(v)}" for k, v in value.items()) + "}"
+    return "'" + ("x" if value == "???" else value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def test_every_key_the_config_tree_has_passes_the_key_check():
@@ -72,7 +86,7 @@ def test_every_key_the_config_tree_has_passes_the_key_check():
     option chosen (the shared boundary keys with every boundary option, swept), every experiment's keys
     under it, the cluster profiles' keys, every option of every group, and Hydra's own."""
     from fastclip import CONF_DIR
-    from fastclip.checks import check_override_keys
+    from fastclip.override_checks import check_override_keys
     from fastclip.schema import OPTIONS
     check_override_keys(["seed=1", "epochs=2", "device=cpu", "cluster=local", "hydra/launcher=basic", "hydra.run.dir=x",
                          "+new=1", "++trainer.lr=1", "~trainer.max_steps", "trainer.lr=range(1,3)", "-m"]
@@ -84,10 +98,8 @@ def test_every_key_the_config_tree_has_passes_the_key_check():
             group, chosen = "boundary", ["-m", f"boundary={','.join(OPTIONS['boundary'])}"]
         else:
             chosen = [f"{group}={option}"] if group in OPTIONS or group == "experiment" else []
-        # 1 for each key (a loss weight: its file's own value; 1 is refused where there is no loss to weigh)
-        weighs = option not in OPTIONS["boundary"] or OPTIONS["boundary"][option].AUXILIARY_LOSS
-        keys = [f"{key}={0 if key.endswith('.loss_weight') and not weighs else 1}"
-                for key in _yaml_keys(path, group) if not key.startswith("hydra")]
+        keys = [f"{key}={_as_override(value)}" for key, value in _yaml_keys(path, group).items()
+                if not key.startswith("hydra")]  # each with its file's value: of the form its schema takes
         check_override_keys(chosen + keys)
         checked += len(keys)
     assert checked > 150  # every file was read
@@ -119,16 +131,34 @@ def test_every_key_the_config_tree_has_passes_the_key_check():
 ])
 def test_a_key_only_other_options_declare_names_the_chosen_option_and_those_that_declare_it(args, message):
     """Hydra says only "Key 'random_offset' not in 'Tome'" and advises appending it with `+`."""
-    from fastclip.checks import check_override_keys
+    from fastclip.override_checks import check_override_keys
     with pytest.raises(ConfigError) as err:
         check_override_keys(args)
     assert str(err.value).startswith(message)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["boundary=fixed", "boundary.apply_to=image"], "boundary.apply_to=image: expected a list: write boundary.apply_to=[image]"),
+    (["trainer.lr=abc"], "trainer.lr=abc: expected a number"),
+    (["-m", "trainer.lr=abc,1e-3"], "trainer.lr=abc,1e-3 (abc): expected a number"),
+    (["seed=1.5"], "seed=1.5: expected an integer"),
+    (["eval.boundary_picture=maybe"], "eval.boundary_picture=maybe: expected true or false"),
+    (["trainer.batch_size=null"], "trainer.batch_size=null: expected a value, not null"),
+])
+def test_a_value_of_the_wrong_form_is_named_with_the_form_its_key_takes(args, message):
+    """Hydra said "Invalid value assigned: str is not a ListConfig, list or tuple" and pointed at
+    HYDRA_FULL_ERROR, naming no fix."""
+    from fastclip.override_checks import check_override_keys
+    with pytest.raises(ConfigError) as err:
+        check_override_keys(args)
+    assert str(err.value) == message
+    check_override_keys(["trainer.lr=${trainer.weight_decay}", "trainer.max_steps=null", "-m", "trainer.lr=range(1,3)"])
+
+
 def test_a_multirun_key_the_default_option_lacks_is_refused_with_the_one_value_sweep_that_reaches_every_job():
     """Hydra composes one config for the sweeper with the unswept keys on the default boundary=none, and
     fails there, though every job's option has the key."""
-    from fastclip.checks import check_override_keys
+    from fastclip.override_checks import check_override_keys
     args = ["-m", "boundary=gumbel,fixed", "boundary.random_offset=true"]
     with pytest.raises(ConfigError) as err:
         check_override_keys(args)
@@ -155,7 +185,7 @@ def test_a_loss_weight_is_refused_where_no_job_has_an_auxiliary_loss_to_weigh(ar
     """fixed, whitespace and the peers declare boundary.loss_weight so that a multirun across options sets
     it; alone, a nonzero value would be logged as if it did something. The schema accepts it (a run
     written before the refusal still resumes): the command-line check refuses it."""
-    from fastclip.checks import check_override_keys
+    from fastclip.override_checks import check_override_keys
     if refused:
         with pytest.raises(ConfigError, match=rf"{refused} has no auxiliary loss to weigh"):
             check_override_keys(args)
@@ -188,6 +218,11 @@ def test_help_lists_the_groups_and_options_a_user_chooses_not_the_internal_ones(
         assert all(f" {option} " in text for option in options), group
     assert "* digits        Embedded default" in text and "+cluster=" in text
     assert not (tmp_path / "outputs").exists()
+    from fastclip.override_checks import check_override_keys
+    import re
+    for sign, group, options in re.findall(r"^  (\+?)(\w+)=  .*?: (.*)$", text, re.MULTILINE):  # written as it says
+        check_override_keys([f"{sign}{group}={options.split(', ')[0]}"])  # +experiment= once said so, and failed
+    assert "\n  experiment=  " in text
 
 
 def test_a_tracking_store_that_cannot_be_written_fails_train_in_one_line_naming_the_uri(tmp_path, cli_env):

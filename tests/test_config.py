@@ -109,7 +109,8 @@ def test_sweeps_across_boundary_options_can_set_where_they_pool():
 
 def test_a_key_given_twice_on_the_command_line_is_an_error():
     """bash expands an unquoted brace pattern into one argument per file; Hydra would keep the last."""
-    from fastclip.checks import ConfigError, check_overrides
+    from fastclip.checks import ConfigError
+    from fastclip.override_checks import check_overrides
     check_overrides(["dataset=webdataset", "dataset.train_shards='/d/{0..2}.tar'", "epochs=1,2"])
     with pytest.raises(ConfigError, match=r"dataset.train_shards is given 3 times on the command line.*brace"):
         check_overrides(["dataset=webdataset"] + [f"dataset.train_shards=/d/{i}.tar" for i in range(3)])

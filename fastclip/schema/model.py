@@ -66,7 +66,7 @@ class Boundary:
     # a run written before the key existed pooled bytes: its checkpoint keeps meaning that
     text_tokens: str = frozen(legacy="bytes")
     # a boundary predictor's loss, which boundary.loss_weight weighs. Every option but none declares the
-    # key, so that a multirun across options sets it; the command-line check (checks._check_key) refuses
+    # key, so that a multirun across options sets it; the command-line check (override_checks._check_key) refuses
     # a nonzero weight where no job has such a loss (here it would also refuse resuming older runs)
     AUXILIARY_LOSS: ClassVar[bool] = False
 
