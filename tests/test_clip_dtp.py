@@ -677,7 +677,7 @@ def test_placement_control_lends_each_image_another_images_boundaries():
         with pytest.raises(ValueError, match="needs at least 2, got 1"):
             placement_control(tower, lambda: top1(n=1))
         sizes = iter([10, 13])
-        with pytest.raises(ValueError, match="are not the learned pass's"):
+        with pytest.raises(RuntimeError, match="are not the learned pass's"):
             placement_control(tower, lambda: top1(n=next(sizes)))
     assert tower.placement is None
     final = task.final_evaluate()

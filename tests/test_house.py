@@ -8,6 +8,7 @@ torch, no import of the package), so this module runs in well under a second:
 
 Each failure names the modules (and lines) that break the rule."""
 import ast
+import re
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "fastclip"
@@ -175,3 +176,18 @@ def test_no_untyped_info_reads_and_no_task_probing():
                     found.append(f"  {path.relative_to(PACKAGE_DIR.parent)}:{lineno}: {line.strip()}\n"
                                  f"    ({text!r}: {why})")
     assert not found, "house rule broken in fastclip/:\n" + "\n".join(found)
+
+
+# a raise whose message starts with a config key (`dataset.path=...`), a CLI flag or the {what}/{key}
+# a caller names: the user's input, so an InputError (fastclip.errors), which the entrypoints print
+# as one line; a ValueError or FileNotFoundError there printed Hydra's "Error executing job" and a
+# stack trace. An invariant of fastclip's own is a RuntimeError or an assertion (it keeps its trace).
+NAMES_AN_INPUT = re.compile(r"raise (ValueError|FileNotFoundError|KeyError)\(f?[\"'](\{?(what|key)\}?|"
+                            r"(task|dataset|encoder|boundary|compression|trainer|eval|tracking)\.[a-z_]+|--)")
+
+
+def test_an_error_that_names_the_users_input_is_an_input_error():
+    found = [f"  {path.relative_to(PACKAGE_DIR.parent)}:{lineno}: {line.strip()}"
+             for path in package_sources().values()
+             for lineno, line in enumerate(path.read_text().splitlines(), 1) if NAMES_AN_INPUT.search(line)]
+    assert not found, "raise InputError (or InputNotFound) for the user's input:\n" + "\n".join(found)

@@ -49,7 +49,7 @@ def records_of(args) -> tuple[list[tuple[str, str, dict]], Counter]:
         return [(im, cap, {}) for im in sorted(groups) for cap in (groups[im] or [""])], skipped
     if args.source == "folder":
         return folder_records(args.path, args.template), Counter()
-    raise ValueError(f"--source {args.source!r}: expected csv, coco or folder")
+    raise InputError(f"--source {args.source!r}: expected csv, coco or folder")
 
 
 def folder_records(path, template: str) -> list[tuple[str, str, dict]]:

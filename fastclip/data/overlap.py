@@ -47,7 +47,7 @@ class EvalOverlap:
 
     def __init__(self, mode: str = "drop", files: FileKeys | None = None):
         if mode not in MODES:
-            raise ValueError(f"eval.overlap={mode!r}: expected one of {', '.join(MODES)}")
+            raise InputError(f"eval.overlap={mode!r}: expected one of {', '.join(MODES)}")
         self.mode, self.paths, self.keys = mode, set(), set()
         self.files = files if files is not None else FileKeys()
         self._warned = 0

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from fastclip.errors import InputError
 from fastclip.runtime import seeded
 from fastclip.worker_signals import ignore_stop_signals
 from fastclip.data.shared_state import SharedInt
@@ -243,12 +244,12 @@ def require_usable(images: Dataset, what: str) -> int:
     ValueError naming `what`. Decodes images in order until one works (usually the first).
     -> how many of its image files do not exist (named in a warning; evaluation counts them)."""
     if len(images) == 0:
-        raise ValueError(f"{what}: no image to evaluate on")
+        raise InputError(f"{what}: no image to evaluate on")
     files = getattr(images, "files", None)
     if files is not None and not isinstance(files[0], bytes):
         missing = [f for f in files if not Path(f).is_file()]
         if len(missing) == len(files):
-            raise ValueError(f"{what}: none of its {len(files)} image files exists (first: {missing[0]})")
+            raise InputError(f"{what}: none of its {len(files)} image files exists (first: {missing[0]})")
         if missing:
             log.warning("%s: %d of %d image files do not exist (first: %s); evaluation leaves them out and "
                         "counts them", what, len(missing), len(files), missing[0])
@@ -257,7 +258,7 @@ def require_usable(images: Dataset, what: str) -> int:
     for i in range(len(images)):
         if images[i] is not None:
             return len(missing)
-    raise ValueError(f"{what}: none of its {len(images)} images could be decoded (the warnings above say why)")
+    raise InputError(f"{what}: none of its {len(images)} images could be decoded (the warnings above say why)")
 
 
 def group_captions(records: list[tuple[str, str]]) -> dict[str, list[str]]:
@@ -275,7 +276,7 @@ def split_images(images: list[str], eval_fraction: float, split_seed: int, key: 
     eval_fraction) of the n images held out, at most max_images (None: no cap). key: the config key
     the fraction came from, named in the ValueError a fraction outside [0, 1) raises."""
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"{key}={eval_fraction}: expected a value in [0, 1)")
+        raise InputError(f"{key}={eval_fraction}: expected a value in [0, 1)")
     order = np.random.default_rng(split_seed).permutation(len(images))
     n_eval = round(len(images) * eval_fraction)
     if eval_fraction > 0 and n_eval == 0 and len(images) > 1:
@@ -296,7 +297,7 @@ def training_records(groups: dict[str, list[str]], images, pairs: str, seed: int
         rng = np.random.default_rng(seed)
         usable = {im: [c for c in groups[im] if c] for im in images}
         return [(im, usable[im][rng.integers(len(usable[im]))] if usable[im] else "") for im in images]
-    raise ValueError(f"dataset.pairs={pairs!r}: expected all or one_per_image")
+    raise InputError(f"dataset.pairs={pairs!r}: expected all or one_per_image")
 
 
 def retrieval_set(groups: dict[str, list[str]], images, transform, captions_per_image: int | None) -> RetrievalSet:

@@ -61,7 +61,7 @@ class ShardSource:
         """Takes the last shard out of this source (for validation) -> its URL. ValueError naming
         dataset.val_shards when the source has a single shard."""
         if len(self.urls) < 2:
-            raise ValueError(f"dataset.val_shards is null and dataset.train_shards={self.pattern!r} has one shard: "
+            raise InputError(f"dataset.val_shards is null and dataset.train_shards={self.pattern!r} has one shard: "
                              f"none can be held out for validation; set dataset.val_shards (held-out shards: "
                              f"`make_shards --val-fraction` writes them)")
         url = self.urls.pop()
@@ -73,15 +73,15 @@ class ShardSource:
 def build_sources(cfg) -> list[ShardSource]:
     spec = cfg.train_shards
     if spec is None or spec == "":
-        raise ValueError("dataset.train_shards is empty: give a brace pattern or a list of {shards, weight}")
+        raise InputError("dataset.train_shards is empty: give a brace pattern or a list of {shards, weight}")
     if isinstance(spec, str):
         sources = [ShardSource(spec, 1.0, None)]
     else:
         if len(spec) == 0:
-            raise ValueError("dataset.train_shards is an empty list")
+            raise InputError("dataset.train_shards is an empty list")
         sources = [ShardSource(s["shards"], s.get("weight", 1.0), s.get("num_samples")) for s in spec]
     if any(s.weight <= 0 for s in sources):
-        raise ValueError(f"dataset.train_shards: weights must be > 0, got {[s.weight for s in sources]}")
+        raise InputError(f"dataset.train_shards: weights must be > 0, got {[s.weight for s in sources]}")
     return sources
 
 
@@ -100,10 +100,10 @@ class ShardStream(IterableDataset):
         known = [s.num_samples for s in sources]
         self.num_samples = num_samples or (sum(known) if all(n is not None for n in known) else None)
         if self.num_samples is None:
-            raise ValueError("dataset.num_samples is unset and some shards have neither sizes.json nor "
+            raise InputError("dataset.num_samples is unset and some shards have neither sizes.json nor "
                              "<shard>_stats.json: set dataset.num_samples")
         if len(sources) > 1 and not resampled:
-            raise ValueError("dataset.train_shards lists several weighted sources: mixing by weight needs "
+            raise InputError("dataset.train_shards lists several weighted sources: mixing by weight needs "
                              "dataset.resampled=true")
         self.seed, self.epoch, self.skip_batches, self.batch_size = 0, 0, 0, 1
         self.rank, self.world_size = 0, 1
@@ -298,7 +298,7 @@ def build_shards(cfg: WebDataset, preprocess_train, preprocess_eval, tokenizer):
     val_shards, or on the last training shard, held out); the splits' shards checked disjoint."""
     caption_key = cfg.caption_key
     if not isinstance(caption_key, str) or not caption_key:
-        raise ValueError(f"dataset.caption_key={caption_key!r}: expected the name of the .json field that holds a "
+        raise InputError(f"dataset.caption_key={caption_key!r}: expected the name of the .json field that holds a "
                          f"caption (img2dataset: caption)")
     sources, val_pattern, held_out = training_sources(cfg)
     val_urls = [held_out] if held_out else expand_shards(val_pattern, "dataset.val_shards")
@@ -362,7 +362,7 @@ def shard_retrieval_set(pattern: str, preprocess_eval, max_images: int | None,
             images[source] = (sample[image_key], name, [])
         images[source][2].append(caption)
     if not images:
-        raise ValueError(f"{key}={pattern!r}: no usable sample (" + (", ".join(
+        raise InputError(f"{key}={pattern!r}: no usable sample (" + (", ".join(
             f"{n} {why}" for why, n in sorted(reasons.items())) or "no sample") + ")")
     data, names, captions = zip(*images.values())
     return RetrievalSet(ImageFiles(list(data), preprocess_eval, names=list(names)), list(captions), skipped,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from webdataset import shardlists, tariterators
 
+from fastclip.errors import InputError, InputNotFound
+
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -17,11 +19,11 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 def expand_shards(pattern: str, what: str = "dataset.train_shards") -> list[str]:
     urls = shardlists.expand_urls(str(pattern))
     if not urls:
-        raise ValueError(f"{what}={pattern!r}: the pattern expands to no shards")
+        raise InputError(f"{what}={pattern!r}: the pattern expands to no shards")
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:
-        raise FileNotFoundError(f"{what}={pattern!r}: {len(missing)} of {len(urls)} shards do not exist, "
+        raise InputNotFound(f"{what}={pattern!r}: {len(missing)} of {len(urls)} shards do not exist, "
                                 f"first {missing[0]!r}")
     return urls
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastclip import distributed
+from fastclip.errors import InputError
 from fastclip.eval.efficiency import CPU_ATTENTION_FLOPS
 from fastclip.loop.state import TrainState
 
@@ -95,7 +96,7 @@ def probe_gflops(task, amp_dtype, device: torch.device) -> float:
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     if out.loss is None or not out.samples:
-        raise ValueError("trainer.max_pflops: the first training batch has no usable sample to count the compute of")
+        raise InputError("trainer.max_pflops: the first training batch has no usable sample to count the compute of")
     return ranks_mean(counter.compute._flops / out.samples / 1e9, device)
 
 

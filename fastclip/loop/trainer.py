@@ -9,6 +9,7 @@ import torch
 
 from fastclip import distributed, runtime
 from fastclip.checkpoint import ResumeError
+from fastclip.errors import InputError
 from fastclip.eval.names import step_metric_name, summed_over_micro_batches
 from fastclip.schema.steps import steps_of
 from fastclip.loop.evaluation import run_evaluation
@@ -30,7 +31,7 @@ class Trainer:
         self.batches_per_epoch = len(task.train_batches(0))
         self.steps_per_epoch = self.batches_per_epoch // self.accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"trainer.batch_size={tc.batch_size} x accum_steps={self.accum} leaves no full step "
+            raise InputError(f"trainer.batch_size={tc.batch_size} x accum_steps={self.accum} leaves no full step "
                              f"per epoch ({self.batches_per_epoch} batches)")
         self.world = distributed.current()
         self.amp_dtype = runtime.autocast_dtype(tc.precision, device)

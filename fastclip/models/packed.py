@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
+from fastclip.errors import InputError
+
 
 @dataclass
 class PackedRows:
@@ -95,11 +97,11 @@ def check_packable(block: nn.Module) -> None:
     block whose forward would differ from what packed_block computes."""
     attn = getattr(block, "attn", None)
     if type(block) is not ResidualAttentionBlock or not isinstance(attn, nn.MultiheadAttention):
-        raise ValueError(f"boundary.image_layout=packed needs open_clip ResidualAttentionBlocks with "
+        raise InputError(f"boundary.image_layout=packed needs open_clip ResidualAttentionBlocks with "
                          f"nn.MultiheadAttention; got {type(block).__name__} (use boundary.image_layout=padded)")
     if (not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn
             or hasattr(block, "ln_1_kv") or not attn.batch_first):
-        raise ValueError("boundary.image_layout=packed: this block's attention has options the packed path "
+        raise InputError("boundary.image_layout=packed: this block's attention has options the packed path "
                          "does not reproduce (separate q/k/v weights, bias_k, add_zero_attn or cross-attention); "
                          "use boundary.image_layout=padded")
 

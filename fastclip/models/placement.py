@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+from fastclip.errors import InputError
+
 
 class RecordedPlacement:
     """The placement control's first pass: every image's boundary logits [B, N] kept, in the order
@@ -22,7 +24,7 @@ class RecordedPlacement:
     def logits(self) -> torch.Tensor:
         """[n_images, N] in the order the images came."""
         if not self.rows:
-            raise ValueError("eval.placement_control: the learned pass ran no image through the DTP image tower")
+            raise RuntimeError("eval.placement_control: the learned pass ran no image through the DTP image tower")
         return torch.cat(self.rows)
 
 
@@ -37,7 +39,7 @@ class BorrowedPlacement:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         B = logits.shape[0]
         if self.used + B > len(self.donors) or self.donors.shape[1:] != logits.shape[1:]:
-            raise ValueError(f"eval.placement_control: the swapped pass's images ({self.used + B} so far, "
+            raise RuntimeError(f"eval.placement_control: the swapped pass's images ({self.used + B} so far, "
                              f"{logits.shape[1]} patches) are not the learned pass's ({len(self.donors)} images, "
                              f"{self.donors.shape[1]} patches)")
         out = self.donors[self.used:self.used + B].to(logits.dtype)
@@ -49,7 +51,7 @@ def derangement(n: int, seed: int) -> torch.Tensor:
     """[n] long: a random permutation with no fixed point, seeded (a random cyclic order: each
     image's donor is the next image along it)."""
     if n < 2:
-        raise ValueError(f"eval.placement_control swaps boundaries between evaluation images; it needs at "
+        raise InputError(f"eval.placement_control swaps boundaries between evaluation images; it needs at "
                          f"least 2, got {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     donor = torch.empty_like(order)
@@ -59,7 +61,7 @@ def derangement(n: int, seed: int) -> torch.Tensor:
 
 def require_learned_placement(tower) -> None:
     if getattr(tower, "predictor", None) is None:
-        raise ValueError("eval.placement_control=true compares learned image boundaries with other images' ones: "
+        raise InputError("eval.placement_control=true compares learned image boundaries with other images' ones: "
                          f"this image tower ({type(tower).__name__}) has no boundary predictor "
                          "(boundary=gumbel or entropy_spike with image in boundary.apply_to)")
 
@@ -95,6 +97,6 @@ def placement_control(tower, top1: Callable[[], float], seed: int = 0) -> tuple[
     with _placement(tower, BorrowedPlacement(logits, derangement(len(logits), seed))) as borrowed:
         swapped = top1()
     if borrowed.used != len(logits):
-        raise ValueError(f"eval.placement_control: the swapped pass saw {borrowed.used} images, the learned "
+        raise RuntimeError(f"eval.placement_control: the swapped pass saw {borrowed.used} images, the learned "
                          f"pass {len(logits)}")
     return learned, swapped

@@ -27,7 +27,7 @@ def _heads(vit: VisionTransformer) -> int:
 
 def require_vit(visual, what: str) -> VisionTransformer:
     if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"{what} needs a ViT image tower; this encoder's image tower is {type(visual).__name__} "
+        raise InputError(f"{what} needs a ViT image tower; this encoder's image tower is {type(visual).__name__} "
                          f"(set boundary.apply_to=[text] to keep it vanilla)")
     return visual
 
@@ -57,16 +57,16 @@ class DTPImageTower(nn.Module):
                  shift_start: bool = False):
         super().__init__()
         if not (buckets == "auto" or (isinstance(buckets, int) and buckets >= 1)):
-            raise ValueError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
+            raise InputError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
         choice("boundary.image_layout", layout, IMAGE_LAYOUTS)
         if layout == "packed" and buckets not in ("auto", 1):
-            raise ValueError(f"boundary.image_buckets={buckets} applies to boundary.image_layout=padded only: "
+            raise InputError(f"boundary.image_buckets={buckets} applies to boundary.image_layout=padded only: "
                              f"packed rows have no padding to bucket")
         self.buckets, self.layout = buckets, layout
         self.vit = require_vit(visual, f"boundary={method.name} on the image tower")
         n_layers = len(self.vit.transformer.resblocks)
         if not 0 < pre_layers < n_layers:
-            raise ValueError(f"boundary.image_pre_layers={pre_layers}: expected 1 .. {n_layers - 1} for a {n_layers}-layer ViT")
+            raise InputError(f"boundary.image_pre_layers={pre_layers}: expected 1 .. {n_layers - 1} for a {n_layers}-layer ViT")
         if layout != "padded":
             for block in self.vit.transformer.resblocks[pre_layers:]:
                 check_packable(block)
@@ -79,14 +79,14 @@ class DTPImageTower(nn.Module):
                              f"boundaries; boundary={method.name} with boundary.image_layout={layout} has no use for it")
         self.packed_block = packed_block  # trainer.compile swaps in a compiled copy (runtime.compile_blocks)
         if row_breaks and method.name != "gumbel":
-            raise ValueError(f"boundary.image_row_breaks=true needs learned boundaries (boundary=gumbel), "
+            raise InputError(f"boundary.image_row_breaks=true needs learned boundaries (boundary=gumbel), "
                              f"not boundary={method.name}")
         self.row_breaks = row_breaks
         # Position embeddings are added before the pre-layers, so reading the patches in another
         # order changes only which patches can share a segment (None: raster, the identity).
         scan = patch_order(order, *self.vit.grid_size)
         if row_breaks and scan is not None:
-            raise ValueError(f"boundary.image_row_breaks=true forces breaks at raster row ends; with "
+            raise InputError(f"boundary.image_row_breaks=true forces breaks at raster row ends; with "
                              f"boundary.image_order={order} runs never wrap across rows (set one of the two)")
         self.register_buffer("scan", scan, persistent=False)
         choice("boundary.image_start", start, IMAGE_STARTS)  # the schema checks configs; this, direct callers
@@ -98,7 +98,7 @@ class DTPImageTower(nn.Module):
         self.stride_k = self._stride(method) if start == "stride" else None
         self.position_logits = self._stride_start(method, self.stride_k) if self.stride_k else None
         if shift_start and self.position_logits is None:
-            raise ValueError("boundary.random_offset shifts the stride start: it needs boundary.image_start=stride")
+            raise InputError("boundary.random_offset shifts the stride start: it needs boundary.image_start=stride")
         self.shift_start = shift_start
         # eval.placement_control's hook on the logits (RecordedPlacement / BorrowedPlacement), else None
         self.placement: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -179,11 +179,11 @@ class DTPImageTower(nn.Module):
     def _stride(method) -> int:
         """image_start=stride's k = round(1/prior): learned boundaries (gumbel) only, k >= 2."""
         if method.name != "gumbel":
-            raise ValueError(f"boundary.image_start=stride starts learned boundaries (boundary=gumbel) at fixed "
+            raise InputError(f"boundary.image_start=stride starts learned boundaries (boundary=gumbel) at fixed "
                              f"k's; boundary={method.name} has none to start")
         k = round(1 / method.prior)
         if k < 2:
-            raise ValueError(f"boundary.image_start=stride needs boundary.prior <= 0.5 (a stride k = round(1/prior) "
+            raise InputError(f"boundary.image_start=stride needs boundary.prior <= 0.5 (a stride k = round(1/prior) "
                              f">= 2); got prior={method.prior}")
         return k
 

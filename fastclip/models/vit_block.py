@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
+from fastclip.errors import InputError
 from fastclip.models.outputs import TowerOutput
 
 
@@ -14,10 +15,10 @@ def check_block(block: nn.Module, what: str) -> None:
     """Refuse a block whose forward attention_half + mlp_half would not reproduce."""
     attn = getattr(block, "attn", None)
     if type(block) is not ResidualAttentionBlock or not hasattr(attn, "in_proj_weight") or hasattr(block, "ln_1_kv"):
-        raise ValueError(f"{what} runs open_clip's ResidualAttentionBlock in halves; got {type(block).__name__}")
+        raise InputError(f"{what} runs open_clip's ResidualAttentionBlock in halves; got {type(block).__name__}")
     if isinstance(attn, nn.MultiheadAttention) and (not attn._qkv_same_embed_dim or attn.bias_k is not None
                                                     or attn.add_zero_attn or not attn.batch_first):
-        raise ValueError(f"{what}: this block's attention has options the split block does not reproduce")
+        raise InputError(f"{what}: this block's attention has options the split block does not reproduce")
 
 
 def attention_half(block: ResidualAttentionBlock, x: torch.Tensor, bias: torch.Tensor | None = None,
