@@ -120,8 +120,11 @@ def _check_key(override, values: list, given: dict, multirun: bool) -> None:
         known = sorted(root | set(OPTIONS))
         if rest:  # a misspelt group: suggest only the groups that declare the key
             known = [g for g in OPTIONS if rest.split(".")[0] in _declared(g)] or known
-        raise ConfigError(f"{key} is not a config key{_nearest(head, known, suffix='.' + rest if rest else '')} "
-                          f"(top-level keys and groups: {', '.join(sorted(root | set(OPTIONS)))})")
+        owners = [] if rest else [g for g in OPTIONS if head in _declared(g)]  # `lr=` for trainer.lr
+        meant = (f"; did you mean {' or '.join(f'{g}.{head}' for g in owners)}?" if owners
+                 else _nearest(head, known, suffix="." + rest if rest else ""))
+        raise ConfigError(f"{key} is not a config key{meant} (top-level keys and groups: "
+                          f"{', '.join(sorted(root | set(OPTIONS)))})")
     if not rest:  # the group's option
         for value in values:
             if isinstance(value, str) and value not in OPTIONS[head]:

@@ -48,6 +48,8 @@ def test_a_misspelt_key_fails_in_one_line_naming_the_key_meant_and_leaves_no_run
     (["boundary=gumbl"], "did you mean boundary=gumbel?"),
     (["-m", "boundary=fixed,gumbl"], "did you mean boundary=gumbel?"),
     (["dataset.val_fracton=0.2"], "did you mean dataset.val_fraction"),
+    (["lr=1e-3"], "did you mean trainer.lr?"),  # a group's key without its group
+    (["batch_size=8"], "did you mean trainer.batch_size or eval.batch_size?"),
 ])
 def test_misspelt_keys_and_options_get_the_nearest_real_one(args, meant):
     from fastclip.override_checks import check_override_keys
