@@ -133,6 +133,21 @@ def test_a_checkpoint_written_before_block_dropout_resumes_without_it(tmp_path):
     assert [b.attn.dropout for b in old.pre] == [0.0] and [b.attn.dropout for b in new.pre] == [0.1]
 
 
+def test_an_evaluation_whose_segments_collapsed_says_so(caplog):
+    """An untrained gumbel predictor (as after a 20-step first try) thresholds to no boundary at
+    evaluation: val/bpc then measures a model that hardly uses its shortened layers, and the run said
+    nothing (efficiency/compression_text 64x beside train/compression ~4)."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="fastclip.tasks.lm"):
+        untrained = LMTask(compose_cfg(TINY_LM + ["boundary=gumbel"]), torch.device("cpu")).evaluate()
+    assert untrained["efficiency/compression_text"] >= 32
+    assert "left ~1.0 segments per 64-char window at evaluation" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastclip.tasks.lm"):
+        LMTask(compose_cfg(TINY_LM + ["boundary=fixed", "boundary.k=4"]), torch.device("cpu")).evaluate()
+    assert "segments per" not in caplog.text
+
+
 def test_window_plan_scores_every_target_once_with_context():
     for n, context, stride in [(1000, 64, 32), (1000, 64, 64), (130, 64, 16), (50, 64, 32)]:
         seen = np.zeros(n, dtype=int)

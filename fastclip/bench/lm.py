@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastclip import PROJECT_ROOT
 from fastclip.bench.common import emit, markdown_table, run_isolated, schedule
+from fastclip.eval.bpc import collapsed
 
 DEFAULT_PATH = PROJECT_ROOT.parent / "shared" / "data" / "text" / "wikitext2-valid.text8"
 VARIANTS = [("vanilla (12 full-length layers)", ["boundary=none"]),
@@ -71,7 +72,7 @@ def flag_collapsed(rows: list[dict], context: int) -> None:
     for r in rows:
         r.setdefault("note", "")
         shortening = r.get("efficiency/compression_text")
-        if shortening and shortening >= context / 2 and not r["variant"].startswith("vanilla"):
+        if shortening and collapsed(shortening, context) and not r["variant"].startswith("vanilla"):
             r["note"] = (f"collapsed: {shortening:.0f}x, ~{context / shortening:.1f} segments per {context}-char "
                          f"window at evaluation (unconfident predictor: train longer); test BPC "
                          f"{r['lm/test_bpc']:.4f} not a result")

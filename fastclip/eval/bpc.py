@@ -52,3 +52,10 @@ def evaluate_bpc(model, ids: np.ndarray, context: int, stride: int, device, batc
     if scored != n_targets:
         raise AssertionError(f"BPC scored {scored} of {n_targets} characters")
     return {"bpc": nats / scored / math.log(2), "chars": scored, "compression": tokens / segments}
+
+
+def collapsed(compression: float, context: int) -> bool:
+    """Whether an evaluation's segmentation has collapsed: at most 2 segments per `context`-char window
+    (compression = chars / segments >= context / 2). The model then hardly uses its shortened layers,
+    so its BPC is not DTP's (an unconfident gumbel predictor after a short run thresholds to none)."""
+    return compression >= context / 2

@@ -1,6 +1,7 @@
 """Character language modelling with DTP (the setting where DTP was first shown): text8-format
 data, an hourglass LM, bits per character on valid during training (val/bpc: the sweep objective)
 and on the WHOLE test split at the end (lm/test_bpc)."""
+import logging
 import math
 import os
 from pathlib import Path
@@ -14,10 +15,12 @@ from fastclip.checks import check_config
 from fastclip.data import text8, unigram
 from fastclip.errors import InputError
 from fastclip.eval.boundary_picture import caption_with_breaks, next_picture
-from fastclip.eval.bpc import evaluate_bpc
+from fastclip.eval.bpc import collapsed, evaluate_bpc
 from fastclip.models.boundaries import EntropySpike, Unigram, build_boundary_method
 from fastclip.models.charlm import HourglassLM
 from fastclip.tasks.protocol import StepOutput, TaskBase
+
+log = logging.getLogger(__name__)
 
 
 class RandomWindows:
@@ -127,6 +130,11 @@ class LMTask(TaskBase):
         """Per epoch, on the valid split (at most task.valid_max_chars of it): val/bpc; with
         eval.boundary_picture, the segmented text (segmented_text)."""
         r = self._bpc("valid")
+        if self.method is not None and collapsed(r["compression"], self.context) and distributed.current().main:
+            log.warning("val/bpc: the boundary predictor left ~%.1f segments per %d-char window at evaluation "
+                        "(efficiency/compression_text %.0fx; training's random draw is train/compression): the "
+                        "shortened layers are hardly used, so this BPC is not DTP's (an unconfident predictor: "
+                        "train longer)", self.context / r["compression"], self.context, r["compression"])
         if (self.cfg.eval.boundary_picture and self.method is not None and self.run_dir is not None
                 and distributed.current().main):
             path = next_picture(self.run_dir, "txt")
