@@ -10,7 +10,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from fastclip.models.meaning import check_tokenizer, dtp_towers
-from fastclip.override_checks import as_written
 from fastclip.schema import typed, typed_config
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.steps import steps_of
@@ -37,7 +36,6 @@ def check_config(cfg: DictConfig) -> DictConfig:
         _check_lm(cfg)
     else:
         raise ConfigError(f"task={task!r}: expected clip or lm")
-    _check_eval_keys(cfg)
     _check_run_length(cfg)
     _check_compression(cfg)
     return cfg
@@ -111,26 +109,6 @@ def _check_lm(cfg: DictConfig) -> None:
     if cfg.boundary.name in IMAGE_ONLY_BOUNDARIES:
         raise ConfigError(f"boundary={cfg.boundary.name} reduces image tokens inside a ViT; it is not a boundary "
                           f"method for character sequences (task=lm)")
-    from fastclip import CONF_DIR
-    timeout = OmegaConf.load(CONF_DIR / "trainer" / "default.yaml").loader_timeout_s
-    for key, value, unread in (("num_workers", cfg.trainer.num_workers, cfg.trainer.num_workers not in ("auto", 0)),
-                               ("loader_timeout_s", cfg.trainer.loader_timeout_s, cfg.trainer.loader_timeout_s != timeout)):
-        if unread:  # a value task=lm would not read: never a silent no-op
-            raise ConfigError(f"trainer.{key}={value} with task=lm: the char LM reads its windows from the text in "
-                              f"memory, with no loader workers; leave it " + ("auto (or 0)" if key == "num_workers" else str(timeout)))
-
-
-def _check_eval_keys(cfg: DictConfig) -> None:
-    """An eval key only the other task reads (schema Eval.READ_BY), set apart from its default."""
-    from fastclip import CONF_DIR
-    from fastclip.schema.run import Eval
-    defaults, task = OmegaConf.load(CONF_DIR / "eval" / "default.yaml"), cfg.task.name
-    for key, reader in Eval.READ_BY.items():
-        value = cfg.eval[key]
-        if reader != task and value != defaults[key]:
-            raise ConfigError(f"eval.{key}={as_written(value)} with task={task}: only task={reader} reads it (" + (
-                "the char LM is evaluated by bits per character on text windows in memory, with no images or loader"
-                if task == "lm" else "the char LM's evaluation batch") + f"); leave it {as_written(defaults[key])}")
 
 
 def _check_run_length(cfg: DictConfig) -> None:

@@ -86,7 +86,8 @@ def check_override_keys(args: list[str]) -> None:
         except OverrideParseException:
             continue  # check_override_syntax names it
         group = override.key_or_group
-        if (override.is_add() or override.is_force_add()) and "." not in group and group in defaults_groups():
+        if (override.is_add() or override.is_force_add()) and override.package is None and "." not in group \
+                and group in defaults_groups():
             sign = "++" if override.is_force_add() else "+"
             raise ConfigError(f"{arg}: {group} is in the run's defaults list (conf/train.yaml), so it is chosen "
                               f"without {sign}: write {arg.removeprefix(sign)} ({sign} adds a group that is not there)")
@@ -101,7 +102,7 @@ def check_override_keys(args: list[str]) -> None:
         judged.append((override, values))
         if "." not in override.key_or_group and values:
             given[override.key_or_group] = (values, override.is_sweep_override())
-    multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in args
+    multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}
     for override, values in judged:
         _check_key(override, values, given, multirun)
 
@@ -154,12 +155,36 @@ def _check_key(override, values: list, given: dict, multirun: bool) -> None:
         if not any(OPTIONS[head][job.option].AUXILIARY_LOSS for job in jobs):  # else a job that has none ignores it
             raise ConfigError(f"{override.input_line}: boundary={','.join(job.option for job in jobs)} has no auxiliary "
                               f"loss to weigh (gumbel, entropy_spike and unigram have one); leave it 0")
+    reader = getattr(OPTIONS[head][jobs[0].option], "READ_BY", {}).get(field) if jobs and "." not in rest else None
+    if reader:
+        _check_task_reads(override, values, head, jobs[0].option, field, reader, given)
     master = choices.master if choices else None
     if multirun and master and not override.is_sweep_override() and master.option not in owners:
         value = override.input_line.split("=", 1)[1]
         raise ConfigError(f"{key}={value} in a multirun: Hydra first applies a key that is not swept to one config "
                           f"for the sweeper, composed with {head}={master.option} ({master.why}), which has no "
                           f"{field}; give it as a one-value sweep, which reaches each job alone: '{key}=choice({value})'")
+
+
+# why a task does not read the other's keys (schema READ_BY)
+UNREAD_BECAUSE = {"lm": "the char LM slices its text windows in memory and scores bits per character: no images, "
+                        "no loader", "clip": "it sizes the char LM's evaluation batches"}
+
+
+def _check_task_reads(override, values: list, head: str, option: str, field: str, reader: str, given: dict) -> None:
+    """A key one task alone reads (schema READ_BY), set apart from its default where no job runs that
+    task (in a multirun over both tasks, the other task's jobs ignore it, as loss_weight's do)."""
+    from fastclip import CONF_DIR
+    from fastclip.group_choices import chosen
+    tasks = chosen("task", given)
+    if tasks is None or any(job.option == reader for job in tasks.jobs):
+        return
+    default = as_written(OmegaConf.load(CONF_DIR / head / f"{option}.yaml")[field])
+    same = {default, "0"} if field == "num_workers" else {default}  # no loader: auto is 0 workers there
+    if any(as_written(v) not in same for v in values):
+        task = ",".join(job.option for job in tasks.jobs)
+        raise ConfigError(f"{override.input_line} with task={task}: only task={reader} reads it "
+                          f"({UNREAD_BECAUSE[task] if task in UNREAD_BECAUSE else 'the other task'}); leave it {default}")
 
 
 def _check_form(override, schema: type, field: str) -> None:

@@ -170,8 +170,9 @@ def test_a_multirun_key_the_default_option_lacks_is_refused_with_the_one_value_s
     check_override_keys(args[:2] + [suggested])  # what it suggests passes
     check_override_keys(["-m", "boundary=gumbel", "boundary.random_offset=true"])  # not swept: the sweeper's option
     check_override_keys(["boundary=gumbel", "boundary.random_offset=true"])
-    with pytest.raises(ConfigError, match="composed with boundary=none"):  # multirun by hydra.mode, not -m
-        check_override_keys(["hydra.mode=MULTIRUN", *args[1:]])
+    for mode in ("MULTIRUN", "RunMode.MULTIRUN"):
+        with pytest.raises(ConfigError, match="composed with boundary=none"):  # multirun by hydra.mode, not -m
+            check_override_keys([f"hydra.mode={mode}", *args[1:]])
     check_override_keys(["-m", "boundary=glob(fix*)", "boundary.k=choice(3)"])  # a glob sweep of fixed alone
 
 

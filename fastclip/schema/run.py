@@ -13,6 +13,9 @@ ADAMW_IMPLS = ("fused", "foreach", "for_loop")
 
 @dataclass
 class Trainer:
+    # key -> the one task that reads it; set apart from its default with the other task alone, it is
+    # refused on the command line (fastclip.override_checks), never a silent no-op
+    READ_BY: ClassVar[dict[str, str]] = {"num_workers": "clip", "loader_timeout_s": "clip"}
     batch_size: int = frozen()
     lr: float = mutable()
     weight_decay: float = frozen()
@@ -71,7 +74,7 @@ class Eval:
     placement_control: bool = mutable()
     overlap: str = mutable()
     # key -> the one task that reads it (every_epochs and boundary_picture: both); set apart from its
-    # default under the other task, it is refused (fastclip.checks), never a silent no-op
+    # default with the other task alone, it is refused on the command line (fastclip.override_checks)
     READ_BY: ClassVar[dict[str, str]] = {
         "batch_size": "clip", "num_workers": "clip", "imagenet_val": "clip", "imagenet_templates": "clip",
         "classifier_cache_dir": "clip", "placement_control": "clip", "overlap": "clip", "lm_batch_size": "lm"}
