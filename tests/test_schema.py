@@ -136,3 +136,12 @@ def test_predictor_ratio_auto_is_the_papers_4_for_the_lm_and_1_for_clip_towers()
     assert lm.boundary.predictor_ratio == "auto"
     named = compose_cfg(["boundary=gumbel", "boundary.predictor_ratio=2"])
     assert build_boundary_method(named.boundary, task="lm").predictor_ratio == 2
+
+
+def test_coco_retrieval_images_null_is_refused_only_where_it_would_leave_no_validation_images():
+    """Without a split file null takes every val2014 image for retrieval (validation then has none and the
+    build failed); with one it is ignored, as runs that wrote it expect on resume."""
+    coco = ["dataset=coco2014", "dataset.root=/x", "dataset.retrieval_images=null"]
+    with pytest.raises(ConfigError, match="dataset.retrieval_images=null takes every val2014 image"):
+        check_config(compose_cfg(coco))
+    assert check_config(compose_cfg(coco + ["dataset.split_file=/s.json"])).dataset.retrieval_images is None

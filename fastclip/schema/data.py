@@ -72,13 +72,16 @@ class Coco(Dataset):
     split_file: Optional[str] = frozen()
     pairs: str = frozen()
     split_seed: int = frozen()
-    retrieval_images: int = frozen()  # all val2014 images would leave none for validation (coco.validation_images)
+    retrieval_images: Optional[int] = frozen()  # null: ignored with split_file (older runs wrote it so)
     val_images: Optional[int] = frozen()
     captions_per_image: Optional[int] = frozen()
 
     def __post_init__(self):
         at_least("dataset.val_images", self.val_images, 1, ">= 1, or null for no cap")
         at_least("dataset.retrieval_images", self.retrieval_images, 1)
+        if self.retrieval_images is None and not self.split_file:  # all val2014 would leave none for validation
+            raise ConfigError("dataset.retrieval_images=null takes every val2014 image for retrieval and leaves none "
+                              "for validation: give a count (5000), or dataset.split_file (Karpathy's splits)")
         at_least("dataset.captions_per_image", self.captions_per_image, 1, ">= 1, or null for all")
 
 
