@@ -17,7 +17,7 @@ from fastclip import CONF_DIR, checkpoint
 from fastclip.checkpoint import ResumeError
 from fastclip.checkpoint_paths import checkpoint_path
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS, flatten, unflatten
-from fastclip.schema.resume_rules import MUTABLE_KEYS, RUNTIME_KEYS, missing_legacy, rule_of
+from fastclip.schema.resume_rules import GUESSED, MUTABLE_KEYS, RUNTIME_KEYS, missing_legacy, rule_of
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,13 @@ def prepare(cfg: DictConfig, overrides: list[str] | None) -> Resume:
     effective["trainer.resume"] = str(path)
     changes = {k: (old.get(k), effective.get(k)) for k in sorted(touched | {"trainer.resume"})
                if k not in added and old.get(k) != effective.get(k)}
-    frozen = {k: v for k, v in changes.items() if not is_mutable(k)}
+    # a key the checkpoint predates whose legacy value is a guess (schema/fields.py, `guessed`): the
+    # command line may state what the run had instead
+    stated = {k for k in changes if k in legacy and k in GUESSED and k in _named_keys(overrides or [])}
+    for key in sorted(stated):
+        log.info("resume: %s=%s as this command line states (the checkpoint predates the key; its legacy value %s "
+                 "was a guess)", key, changes[key][1], changes[key][0])
+    frozen = {k: v for k, v in changes.items() if not is_mutable(k) and k not in stated}
     if "trainer.num_workers" in changes and ckpt["config"]["dataset"]["name"] == "webdataset" \
             and ckpt["train_state"].get("batch_in_epoch"):
         # a stream is split between the loader's workers: another count mid-epoch deals other samples

@@ -10,6 +10,9 @@ A resume (fastclip.resume) may change a key only if its rule says so:
 A key added after runs were written may declare `legacy`: the value every config written before it
 meant (a checkpoint without the key ran that way). Resuming or loading such a checkpoint reads the
 legacy value, not today's default (resume_rules.with_legacy; fastclip.resume and fastclip.inference).
+`guessed=True`: the behaviour changed some commits before the key came, so a checkpoint without it
+may have run either way; the legacy value is the likelier one, and a resume may state the other on
+its command line (a frozen key otherwise refuses any change).
 """
 import dataclasses
 from typing import Any
@@ -19,8 +22,8 @@ from omegaconf import MISSING
 FROZEN, MUTABLE, RUNTIME = "frozen", "mutable", "runtime"
 
 
-def frozen(default: Any = MISSING, legacy: Any = MISSING) -> Any:
-    metadata = {"resume": FROZEN} if legacy is MISSING else {"resume": FROZEN, "legacy": legacy}
+def frozen(default: Any = MISSING, legacy: Any = MISSING, guessed: bool = False) -> Any:
+    metadata = {"resume": FROZEN} if legacy is MISSING else {"resume": FROZEN, "legacy": legacy, "guessed": guessed}
     return dataclasses.field(default=default, metadata=metadata)
 
 

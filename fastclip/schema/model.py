@@ -41,9 +41,10 @@ class CharLMEncoder:
     short_layers: int = frozen()
     post_layers: int = frozen()
     dropout: float = frozen()
-    # whether dropout also reaches the blocks (attention weights, residual branches); runs written
-    # before the key had it on the embeddings and the predictor only
-    block_dropout: bool = frozen(legacy=False)
+    # whether dropout also reaches the blocks (attention weights, residual branches). Runs written before
+    # commit 9e98074 had it on the embeddings and the predictor only (the legacy false); those written
+    # from it until the key came (943ddb7) had it in the blocks too: resume them with block_dropout=true
+    block_dropout: bool = frozen(legacy=False, guessed=True)
 
 
 @dataclass

@@ -47,6 +47,9 @@ def legacy_values() -> dict[str, Any]:
 
 
 LEGACY = legacy_values()
+# legacy keys whose value is a guess (fields.py, `guessed`): a resume may state the other value
+GUESSED = frozenset(f"{group}.{f.name}" for group, options in OPTIONS.items() for schema in options.values()
+                    for f in dataclasses.fields(schema) if f.metadata.get("guessed"))
 
 
 def missing_legacy(flat: dict) -> dict[str, Any]:

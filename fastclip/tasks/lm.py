@@ -130,7 +130,8 @@ class LMTask(TaskBase):
         """Per epoch, on the valid split (at most task.valid_max_chars of it): val/bpc; with
         eval.boundary_picture, the segmented text (segmented_text)."""
         r = self._bpc("valid")
-        if self.method is not None and collapsed(r["compression"], self.context) and distributed.current().main:
+        # a learned predictor's (fixed k or whitespace give what they give: no predictor to train longer)
+        if self.model.predictor is not None and collapsed(r["compression"], self.context) and distributed.current().main:
             log.warning("val/bpc: the boundary predictor left ~%.1f segments per %d-char window at evaluation "
                         "(efficiency/compression_text %.0fx; training's random draw is train/compression): the "
                         "shortened layers are hardly used, so this BPC is not DTP's (an unconfident predictor: "
