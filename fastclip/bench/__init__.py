@@ -22,6 +22,7 @@ Public API for the benchmarks (module: names; a module listed here may also be i
     fastclip.models.clip: build_clip, clip_objective, boundary_loss
     fastclip.eval.efficiency: count_gflops, unpadded_gflops
     fastclip.eval.train_fit: training_top1
+    fastclip.eval.bpc: collapsed
     fastclip.compression.prune: Pruner
     fastclip.compression.prune_masks: shrunk_copy
     fastclip.compression.quant: quantized_copy
