@@ -1,5 +1,6 @@
 """Metric names shared by training and the report, kept free of torch so the report can import them,
 and the catalog of every metric a run logs (CATALOG)."""
+import functools
 import re
 from dataclasses import dataclass
 
@@ -153,6 +154,7 @@ def _pattern(name: str) -> "re.Pattern":
 _COMPILED = tuple((_pattern(m.name), m) for m in CATALOG)
 
 
+@functools.cache  # a constant table, asked per logged value at every drain and accumulated step
 def catalog_entry(name: str) -> tuple[Metric, str] | None:
     """(the catalog's entry, the twin suffix or "") for a logged metric name; None where the catalog
     has no entry."""
