@@ -108,7 +108,6 @@ class ClipTask(TaskBase):
         # DDP averages them); with one process it is the plain loss
         self.criterion = ClipLoss(local_loss=True, gather_with_grad=world.distributed, cache_labels=True,
                                   rank=world.rank, world_size=world.size)
-        self._artifacts = []
         self._persistent_loader = None  # the training DataLoader, once built with workers (_train_loader)
         self._calls = 0  # train_batches calls: only the newest one's batches may be read
         skipped = getattr(self.data.train, "skipped", 0)  # left out while the data was read (counted once)
@@ -335,7 +334,7 @@ class ClipTask(TaskBase):
         if main and self.run_dir is not None and cfg.eval.boundary_picture and has_boundary_picture(self.model):
             path = next_picture(self.run_dir, "png")
             draw(self.model, images, tokens, lambda t: decode_tokens(self.tokenizer, t), path)
-            self._artifacts.append(path)
+            self.wrote(path)
         return metrics
 
     def final_evaluate(self) -> dict[str, float]:
@@ -379,10 +378,6 @@ class ClipTask(TaskBase):
         """Evaluation under the training precision's autocast (trainer.precision): the features and
         DTP boundaries the model was trained to make."""
         return runtime.autocast(self.device, runtime.autocast_dtype(self.cfg.trainer.precision, self.device))
-
-    def new_artifacts(self) -> list[Path]:
-        out, self._artifacts = self._artifacts, []
-        return out
 
     def params(self) -> dict[str, int]:
         return parameter_counts(self.model)

@@ -68,7 +68,7 @@ class LMTask(TaskBase):
     def __init__(self, cfg, device: torch.device, run_dir: str | Path | None = None):
         check_config(cfg)
         self.cfg, self.device = cfg, device
-        self.run_dir, self._artifacts = (Path(run_dir) if run_dir else None), []
+        self.run_dir = Path(run_dir) if run_dir else None
         text, self.source = text8.load_text(cfg.dataset.path, cfg.dataset.clean)
         splits = text8.split(text, cfg.dataset.split)
         self.ids = dict(zip(("train", "valid", "test"), (text8.encode(s) for s in splits)))
@@ -140,7 +140,7 @@ class LMTask(TaskBase):
                 and distributed.current().main):
             path = next_picture(self.run_dir, "txt")
             path.write_text(self.segmented_text() + "\n")
-            self._artifacts.append(path)
+            self.wrote(path)
         return {"val/bpc": r["bpc"], "efficiency/compression_text": r["compression"]}
 
     @torch.no_grad()
@@ -153,10 +153,6 @@ class LMTask(TaskBase):
         b = self.model(torch.from_numpy(ids.astype(np.int64))[None].to(self.device)).boundaries[0]
         self.model.train(was_training)
         return caption_with_breaks(text8.decode(ids).encode(), b.tolist())
-
-    def new_artifacts(self) -> list[Path]:
-        out, self._artifacts = self._artifacts, []
-        return out
 
     def final_evaluate(self) -> dict[str, float]:
         r = self._bpc("test")  # the WHOLE test split, with the model just trained

@@ -149,8 +149,12 @@ class TaskBase:
     def epoch_samples(self) -> int | None:
         return None
 
+    def wrote(self, path: Path) -> None:
+        """A file evaluate() wrote (a boundary picture), handed to the run at the next new_artifacts()."""
+        self.__dict__.setdefault("_artifacts", []).append(path)
+
     def new_artifacts(self) -> list[Path]:
-        return []
+        return self.__dict__.pop("_artifacts", [])
 
     def params(self) -> dict[str, int]:
         return {"model.params_total": sum(p.numel() for p in self.model.parameters())}
