@@ -5,7 +5,7 @@ schema declares (fastclip.schema.OPTIONS) and the site profiles. Torch-free (it 
 import re
 
 from fastclip import CONF_DIR
-from fastclip.group_choices import conf_options
+from fastclip.group_choices import conf_options, defaults_list
 from fastclip.schema import OPTIONS
 
 # groups chosen with `+group=option` (no default in train.yaml): a SLURM site, a paper recipe
@@ -28,11 +28,7 @@ def describe(group: str, option: str, limit: int = 96) -> str:
 
 
 def help_text() -> str:
-    from omegaconf import OmegaConf
-    defaults = {}
-    for item in OmegaConf.load(CONF_DIR / "train.yaml").get("defaults", []):
-        if isinstance(item, dict) or OmegaConf.is_dict(item):
-            defaults.update({str(k): str(v) for k, v in dict(item).items()})
+    defaults = dict(defaults_list("train"))  # group -> its default option (experiment: None)
     out = ["python -m fastclip.train [group=option ...] [group.key=value ...] [-m  for a grid: key=a,b]",
            "",
            "CLIP (or a DTP character LM) trained and evaluated once, tracked in MLflow (make ui, make report).",

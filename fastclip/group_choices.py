@@ -7,6 +7,7 @@ In a multirun Hydra first composes one config for the sweeper from the overrides
 and applies every unswept key to it (`boundary=gumbel,fixed boundary.random_offset=true` is applied to
 the default boundary=none first): `master` is that config's option.
 """
+import functools
 from dataclasses import dataclass
 
 from fastclip import CONF_DIR
@@ -59,24 +60,29 @@ def chosen(group: str, given: dict[str, tuple[list[str], bool]]) -> GroupChoices
     return GroupChoices(tuple(jobs), master)
 
 
-def _defaults(name: str) -> dict[str, str]:
-    """group -> option in conf/<name>.yaml's defaults list (`- boundary: none`, `- override /encoder: rn50`)."""
+@functools.cache  # read once a process: the check asks for every override, the help for every group
+def defaults_list(name: str) -> tuple[tuple[str, str | None], ...]:
+    """(group, option) of each group entry of conf/<name>.yaml's defaults list, in order (`- boundary: none`,
+    `- override /encoder: rn50`); option None for a null choice (`- experiment: null`)."""
     from omegaconf import OmegaConf
-    out = {}
+    out = []
     for item in OmegaConf.load(CONF_DIR / f"{name}.yaml").get("defaults", []):
         if OmegaConf.is_dict(item):
             for key, value in item.items():
                 group = str(key).removeprefix("override ").strip().lstrip("/")
-                if value is not None and "@" not in group and "/" not in group:
-                    out[group] = str(value)
-    return out
+                if "@" not in group and "/" not in group:
+                    out.append((group, None if value is None else str(value)))
+    return tuple(out)
+
+
+def _defaults(name: str) -> dict[str, str]:
+    """group -> option in conf/<name>.yaml's defaults list, null choices left out."""
+    return {group: option for group, option in defaults_list(name) if option is not None}
 
 
 def defaults_groups() -> set[str]:
     """The groups conf/train.yaml's defaults list names, a null choice included (experiment)."""
-    from omegaconf import OmegaConf
-    return {str(key).strip().lstrip("/") for item in OmegaConf.load(CONF_DIR / "train.yaml").get("defaults", [])
-            if OmegaConf.is_dict(item) for key in item}
+    return {group for group, _ in defaults_list("train")}
 
 
 def conf_options(group: str) -> list[str]:

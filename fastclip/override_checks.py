@@ -69,8 +69,8 @@ def check_override_keys(args: list[str]) -> None:
     A nonzero `boundary.loss_weight` where no job's option has an auxiliary loss is refused (in a
     multirun across options, those without one ignore it). `+experiment=...` (a group the defaults list
     has, which Hydra would refuse as given twice) is named with its fix; other appends (`+`, `++`),
-    deletions (`~`), hydra's and other groups' keys (cluster, hydra/launcher) are Hydra's to judge. An unknown option of a main group (`boundary=gumbl`) gets the
-    same suggestion."""
+    deletions (`~`), hydra's and other groups' keys (cluster, hydra/launcher) are Hydra's to judge. An
+    unknown option of a main group (`boundary=gumbl`) gets the same suggestion."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
     from hydra.errors import OverrideParseException
