@@ -49,7 +49,7 @@ IN_MEMORY_SOURCES = ("digits",)  # dataset names whose training samples are deco
 
 def loader_workers(cfg, key: str = "trainer.num_workers") -> int:
     """trainer.num_workers (or eval.num_workers) of a composed config as a count. task=lm: 0, whatever
-    the key says: its windows are sliced from the text in memory, with no DataLoader (checks.py refuses
+    the key says: its windows are sliced from the text in memory, with no DataLoader (override_checks refuses
     a count there), and the training process may use every core (runtime.set_torch_threads)."""
     if cfg.task.name == "lm":
         return 0
