@@ -89,6 +89,16 @@ def test_every_composed_key_has_one_resume_rule_and_the_rules_agree_across_optio
     ("boundary.image_order", "zigzag", "boundary.image_order='zigzag': expected raster or hilbert"),
     ("boundary.image_pool", "max", "boundary.image_pool='max': expected mean or cls"),
     ("encoder.tokenizer", "sentencepiece", "encoder.tokenizer='sentencepiece': expected bpe or char"),
+    # counts where 0 or less was a silent no-op (max_steps=0 read as unset: the whole default run trained)
+    ("trainer.max_steps", 0, r"trainer.max_steps=0: expected >= 1, or null \(epochs decide\)"),
+    ("trainer.max_steps", -5, r"trainer.max_steps=-5: expected >= 1"),
+    ("epochs", 0, "epochs=0: expected >= 1"),
+    ("eval.batch_size", 0, "eval.batch_size=0: expected >= 1"),
+    ("eval.lm_batch_size", 0, "eval.lm_batch_size=0: expected >= 1"),
+    ("trainer.ckpt_every_steps", 0, "trainer.ckpt_every_steps=0: expected >= 1"),
+    ("trainer.torch_threads", 0, "trainer.torch_threads=0: expected >= 1"),
+    ("trainer.loader_timeout_s", -1, "trainer.loader_timeout_s=-1: expected >= 0"),
+    ("eval.imagenet_templates", "simpel", "eval.imagenet_templates='simpel': expected openai or simple"),
 ])
 def test_a_config_built_without_hydra_is_typed_and_ranged_by_the_same_schema(key, value, message):
     """A resumed run's config is rebuilt from its checkpoint's keys, not composed by Hydra: check_config
@@ -145,3 +155,9 @@ def test_coco_retrieval_images_null_is_refused_only_where_it_would_leave_no_vali
     with pytest.raises(ConfigError, match="dataset.retrieval_images=null takes every val2014 image"):
         check_config(compose_cfg(coco))
     assert check_config(compose_cfg(coco + ["dataset.split_file=/s.json"])).dataset.retrieval_images is None
+
+
+def test_the_schemas_imagenet_template_sets_are_those_evaluation_has():
+    from fastclip.eval.imagenet import TEMPLATE_SETS
+    from fastclip.schema.run import IMAGENET_TEMPLATES
+    assert tuple(TEMPLATE_SETS) == IMAGENET_TEMPLATES

@@ -9,6 +9,7 @@ from fastclip.schema.workers import check_workers
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ADAMW_IMPLS = ("fused", "foreach", "for_loop")
+IMAGENET_TEMPLATES = ("openai", "simple")  # eval.imagenet.TEMPLATE_SETS' keys (open_clip's sets)
 
 
 @dataclass
@@ -56,7 +57,11 @@ class Trainer:
             if self.max_steps:
                 raise ConfigError(f"trainer.max_pflops={self.max_pflops} with trainer.max_steps={self.max_steps}: the "
                                   f"budget decides the run's length; set one of them")
+        at_least("trainer.max_steps", self.max_steps, 1, ">= 1, or null (epochs decide)")  # 0 read as unset
         at_least("trainer.count_flops_every", self.count_flops_every, 1, ">= 1 (steps), or null")
+        at_least("trainer.ckpt_every_steps", self.ckpt_every_steps, 1, ">= 1 (steps), or null")
+        at_least("trainer.torch_threads", self.torch_threads, 1, ">= 1, or null")
+        at_least("trainer.loader_timeout_s", self.loader_timeout_s, 0, ">= 0 (seconds; 0 waits forever)")
         check_workers("trainer.num_workers", self.num_workers)
         check_steps("trainer.full_token_steps", self.full_token_steps)
 
@@ -81,8 +86,11 @@ class Eval:
 
     def __post_init__(self):
         at_least("eval.every_epochs", self.every_epochs, 1)
+        at_least("eval.batch_size", self.batch_size, 1)
+        at_least("eval.lm_batch_size", self.lm_batch_size, 1)
         check_workers("eval.num_workers", self.num_workers)
         choice("eval.overlap", self.overlap, ("drop", "fail"))
+        choice("eval.imagenet_templates", self.imagenet_templates, IMAGENET_TEMPLATES)
 
 
 @dataclass
@@ -123,3 +131,6 @@ class Run:
     trainer: Any = frozen()
     tracking: Any = frozen()
     eval: Any = frozen()
+
+    def __post_init__(self):
+        at_least("epochs", self.epochs, 1)
