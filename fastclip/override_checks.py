@@ -12,7 +12,10 @@ from dataclasses import fields
 from omegaconf import OmegaConf
 
 from fastclip.schema import OPTIONS, ROOT
+from fastclip.schema.model import Boundary, placement_unread
 from fastclip.schema.errors import ConfigError
+
+PLACEMENT = {f.name for f in fields(Boundary)} - {"name"}  # conf/_shared/boundary_placement.yaml's keys
 
 
 def _looks_like_a_path(value: str) -> bool:
@@ -77,7 +80,7 @@ def check_override_keys(args: list[str]) -> None:
 
     from fastclip.group_choices import conf_options, defaults_groups
     parser = OverridesParser.create()
-    judged, given = [], {}
+    judged, given, keyed = [], {}, {}
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -100,14 +103,15 @@ def check_override_keys(args: list[str]) -> None:
         else:
             values = [override.value()]
         judged.append((override, values))
+        keyed[override.key_or_group] = _job_values(override)
         if "." not in override.key_or_group and values:
             given[override.key_or_group] = (values, override.is_sweep_override())
     multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}
     for override, values in judged:
-        _check_key(override, values, given, multirun)
+        _check_key(override, values, given, multirun, keyed)
 
 
-def _check_key(override, values: list, given: dict, multirun: bool) -> None:
+def _check_key(override, values: list, given: dict, multirun: bool, keyed: dict) -> None:
     key = override.key_or_group
     head, _, rest = key.partition(".")
     if head == "hydra" or "/" in head:
@@ -155,6 +159,8 @@ def _check_key(override, values: list, given: dict, multirun: bool) -> None:
         if not any(OPTIONS[head][job.option].AUXILIARY_LOSS for job in jobs):  # else a job that has none ignores it
             raise ConfigError(f"{override.input_line}: boundary={','.join(job.option for job in jobs)} has no auxiliary "
                               f"loss to weigh (gumbel, entropy_spike and unigram have one); leave it 0")
+    if head == "boundary" and field in PLACEMENT and jobs and "." not in rest:
+        _check_placement_reads(override, field, jobs, given, keyed)
     reader = getattr(OPTIONS[head][jobs[0].option], "READ_BY", {}).get(field) if jobs and "." not in rest else None
     if reader:
         _check_task_reads(override, values, head, jobs[0].option, field, reader, given)
@@ -185,6 +191,65 @@ def _check_task_reads(override, values: list, head: str, option: str, field: str
         task = ",".join(job.option for job in tasks.jobs)
         raise ConfigError(f"{override.input_line} with task={task}: only task={reader} reads it "
                           f"({UNREAD_BECAUSE[task] if task in UNREAD_BECAUSE else 'the other task'}); leave it {default}")
+
+
+def _check_placement_reads(override, field: str, jobs: list, given: dict, keyed: dict) -> None:
+    """A placement key (conf/_shared/boundary_placement.yaml) set apart from its default where no job
+    reads it (schema.model.placement_unread: the option, the task, the towers boundary.apply_to pools):
+    `boundary=tome boundary.image_order=hilbert` once trained plain ToMe without a word. In a multirun
+    across options the jobs that do not read it ignore it (`-m boundary=fixed,gumbel
+    boundary.image_start=stride`), as loss_weight's do."""
+    from fastclip.group_choices import chosen
+    tasks, values = chosen("task", given), keyed.get(override.key_or_group)
+    if tasks is None or values is None:  # a task Hydra will report missing; a range or an interpolation
+        return
+    towers_given = None  # each job's boundary.apply_to where the command line gives it (unread: both towers)
+    if "boundary.apply_to" in keyed:
+        towers_given = keyed["boundary.apply_to"] or [("image", "text")]
+    reasons = []
+    for job in jobs:
+        schema = OPTIONS["boundary"][job.option]
+        for towers in towers_given or [_placement_default(job.option, "apply_to")]:
+            for task in dict.fromkeys(t.option for t in tasks.jobs):
+                why = placement_unread(job.option, schema, field, task, towers if isinstance(towers, (list, tuple))
+                                       else ("image", "text"))
+                if why is None:
+                    return
+                reasons.append(why)
+    default = {_written(_placement_default(job.option, field)) for job in jobs}
+    if all(_written(v) in default for v in values):
+        return
+    raise ConfigError(f"{override.input_line}: no job reads it ({'; '.join(dict.fromkeys(reasons))}); leave it "
+                      f"{' or '.join(sorted(default))}")
+
+
+def _placement_default(option: str, field: str):
+    """A placement key's value in conf/boundary/<option>.yaml, else the shared file's."""
+    from fastclip import CONF_DIR
+    own = OmegaConf.load(CONF_DIR / "boundary" / f"{option}.yaml")
+    node = own if field in own else OmegaConf.load(CONF_DIR / "_shared" / "boundary_placement.yaml")
+    return _plain(node[field])
+
+
+def _job_values(override) -> list | None:
+    """The values an override gives its jobs (one, or a choice sweep's); None for a range, an
+    interval or a glob, whose values are numbers or options."""
+    from hydra.core.override_parser.types import Glob
+    if not override.is_sweep_override():
+        return [_plain(override.value())]
+    if override.is_choice_sweep() and not isinstance(override.value(), Glob):
+        return [_plain(v) for v in override.value().list]
+    return None
+
+
+def _written(value) -> str:
+    """A value as the command line writes it, a list as [a,b]."""
+    return f"[{','.join(map(_written, value))}]" if isinstance(value, (list, tuple)) else as_written(value)
+
+
+def _plain(value):
+    """A config value as plain Python (a ListConfig as a list)."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _check_form(override, schema: type, field: str) -> None:

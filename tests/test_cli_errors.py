@@ -1,4 +1,5 @@
 """Command-line mistakes Hydra's own parser reports without naming the argument."""
+import re
 import subprocess
 
 import pytest
@@ -196,6 +197,70 @@ def test_a_loss_weight_is_refused_where_no_job_has_an_auxiliary_loss_to_weigh(ar
         check_override_keys(args)
     if "-m" not in args:
         assert check_config(compose_cfg(args)).boundary.loss_weight == float(args[-1].split("=")[1])
+
+
+@pytest.mark.parametrize("args, refused", [
+    # a peer runs its own method on the whole ViT: every placement key but apply_to is unread
+    (["boundary=tome", "boundary.image_order=hilbert"], "boundary=tome runs its own method"),
+    (["boundary=patch_dropout", "boundary.image_pre_layers=2"], "boundary=patch_dropout runs its own method"),
+    (["boundary=evit", "boundary.image_layout=padded"], "boundary=evit runs its own method"),
+    (["boundary=lowres", "boundary.text_tokens=bytes"], "boundary=lowres runs its own method"),
+    (["boundary=none", "boundary.apply_to=[image]"], "boundary=none pools nothing"),
+    (["boundary.image_pool=mean"], "boundary=none pools nothing"),  # the default option
+    # gumbel's own keys, learned boundaries' budget
+    (["boundary=fixed", "boundary.image_start=stride"], "only boundary=gumbel reads it, not boundary=fixed"),
+    (["boundary=entropy_spike", "boundary.image_row_breaks=true"], "only boundary=gumbel reads it"),
+    (["boundary=fixed", "boundary.image_token_budget=0.5"], "only learned boundaries read it, not boundary=fixed"),
+    # a tower apply_to leaves unpooled (the option's default, or the command line's)
+    (["boundary=whitespace", "boundary.image_layout=padded"], r"boundary=whitespace with apply_to=\[text\] leaves the image"),
+    (["boundary=gumbel", "boundary.apply_to=[image]", "boundary.text_pre_layers=2"], "leaves the text tower unpooled"),
+    (["task=lm", "boundary=gumbel", "boundary.image_order=hilbert"], "task=lm reads no placement key"),
+    (["-m", "boundary=tome,evit", "boundary.image_order=hilbert"], "boundary=tome runs .*; boundary=evit runs"),
+    # read by some job: passes
+    (["boundary=tome", "boundary.apply_to=[image]"], None),
+    (["boundary=tome", "boundary.image_order=raster"], None),  # its default: nothing set
+    (["boundary=gumbel", "boundary.image_start=stride"], None),
+    (["boundary=entropy_spike", "boundary.image_token_budget=0.5"], None),
+    (["-m", "boundary=fixed,gumbel", "boundary.image_start=stride"], None),  # the fixed job ignores it
+    (["-m", "boundary=tome,fixed", "boundary.image_order=hilbert"], None),
+    (["-m", "boundary=gumbel", "boundary.apply_to=[text],[image]", "boundary.image_pre_layers=2"], None),
+    (["-m", "task=lm,clip", "boundary=gumbel", "boundary.image_order=hilbert"], None),
+    (["boundary=fixed", "boundary.apply_to=${oc.env:TOWERS}", "boundary.image_pool=mean"], None),  # unread here
+])
+def test_a_placement_key_is_refused_where_no_job_reads_it(args, refused):
+    """`boundary=tome boundary.image_order=hilbert` trained plain ToMe, silently, and
+    `-m boundary=fixed,gumbel boundary.image_start=stride` failed its fixed job after the gumbel one had
+    trained. Every option declares the placement keys (so a multirun across options sets them); one rule,
+    schema.model.placement_unread (the option, the task, the towers apply_to pools), says which a job
+    reads: the builder runs an unread one off, the command line refuses one no job reads."""
+    from fastclip.override_checks import check_override_keys
+    if refused:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(args[-1])}: no job reads it \(.*{refused}"):
+            check_override_keys(args)
+    else:
+        check_override_keys(args)
+
+
+def test_a_job_whose_option_does_not_read_a_placement_key_runs_it_off():
+    """The fixed job of `-m boundary=fixed,gumbel boundary.image_start=stride ...` builds and runs on its
+    grid, as loss_weight is ignored where there is no auxiliary loss; the off values are the shared file's
+    defaults."""
+    from omegaconf import OmegaConf
+
+    from fastclip import CONF_DIR
+    from fastclip.models.clip import build_clip
+    from fastclip.schema.model import PLACEMENT_OFF
+    shared = OmegaConf.load(CONF_DIR / "_shared" / "boundary_placement.yaml")
+    assert PLACEMENT_OFF == {key: shared[key] for key in PLACEMENT_OFF}
+    cfg = check_config(compose_cfg(["boundary=fixed", "boundary.apply_to=[image]", "boundary.image_start=stride",
+                                    "boundary.image_row_breaks=true", "boundary.image_token_budget=0.5"]))
+    model, _ = build_clip(cfg.encoder, cfg.boundary)
+    tower = model.visual
+    assert tower.stride_k is None and tower.budget is None and not tower.row_breaks
+    gumbel = check_config(compose_cfg(["boundary=gumbel", "boundary.apply_to=[image]", "boundary.prior=0.25",
+                                       "boundary.image_start=stride", "boundary.image_token_budget=0.5"]))
+    tower = build_clip(gumbel.encoder, gumbel.boundary)[0].visual
+    assert tower.stride_k == 4 and tower.budget is not None  # the reader reads them
 
 
 def test_a_data_error_is_one_line_leaves_no_run_dir_and_shows_its_traceback_when_asked(tmp_path, cli_env):

@@ -22,6 +22,9 @@ from fastclip.models.lowres import LowResImageTower
 from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.tome import ToMeImageTower
 from fastclip.models.vision import DTPImageTower, VanillaImageTower
+from fastclip.schema import OPTIONS
+from fastclip.schema.model import PLACEMENT_OFF
+
 
 def clip_geometry(enc) -> dict:
     """Model geometry as data: open_clip's shipped JSON when `open_clip_name` is set, with our overrides."""
@@ -131,11 +134,14 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
     elif "image" in towers:
         image_method = build_boundary_method(boundary)
         vc = geometry["vision_cfg"]
+        # a key the option does not read runs off (a multirun across options sets it for every job)
+        read = {key: getattr(boundary, key) if key in OPTIONS["boundary"][boundary.name].READS else off
+                for key, off in PLACEMENT_OFF.items()}
         image = DTPImageTower(visual, image_method, boundary.image_pre_layers, boundary.image_pool,
                               next_patch_dim=3 * vc["patch_size"] ** 2 if vc.get("patch_size") else None,
                               buckets=boundary.image_buckets, layout=boundary.image_layout,
-                              row_breaks=boundary.image_row_breaks, start=boundary.image_start,
-                              order=boundary.image_order, token_budget=boundary.image_token_budget,
+                              row_breaks=read["image_row_breaks"], start=read["image_start"],
+                              order=boundary.image_order, token_budget=read["image_token_budget"],
                               shift_start=boundary.name == "gumbel" and boundary.get("random_offset", False))
     else:
         image = VanillaImageTower(visual)

@@ -15,6 +15,12 @@ IMAGE_POOLS = ("mean", "cls")
 TEXT_LAYOUTS = ("packed", "padded")
 IMAGE_LAYOUTS = ("packed", "padded", "auto")
 TOKENIZERS = ("bpe", "char")  # encoder.tokenizer: open_clip's BPE, or the byte-level DTP text tower's
+# the placement keys a DTP option reads where its towers pool (Boundary.READS): all but learned boundaries'
+# image_token_budget and gumbel's image_row_breaks and image_start, which an option that does not read them
+# runs as (PLACEMENT_OFF: their defaults in conf/_shared/boundary_placement.yaml)
+PLACEMENT_OFF = {"image_token_budget": None, "image_row_breaks": False, "image_start": "prior"}
+DTP_PLACEMENT = frozenset({"apply_to", "image_pre_layers", "text_pre_layers", "image_pool", "image_order",
+                           "image_layout", "image_buckets", "text_layout", "text_tokens"})
 
 
 @dataclass
@@ -70,6 +76,11 @@ class Boundary:
     # key, so that a multirun across options sets it; the command-line check (override_checks._check_key) refuses
     # a nonzero weight where no job has such a loss (here it would also refuse resuming older runs)
     AUXILIARY_LOSS: ClassVar[bool] = False
+    # The placement keys this option reads under task=clip, an image_ key where the image tower pools and a
+    # text_ key where the text tower does (placement_unread). Every option declares them all so that a
+    # multirun across options sets them; a job whose option does not read one ignores it, and the
+    # command-line check refuses one set where no job reads it. none pools nothing.
+    READS: ClassVar[frozenset] = frozenset()
 
     def __post_init__(self):
         # checked whatever boundary= is (a typo under boundary=none would otherwise pass unseen)
@@ -95,6 +106,7 @@ class Fixed(Boundary):
     k: int = frozen()
     random_offset: bool = frozen(legacy=False)
     loss_weight: float = frozen()
+    READS: ClassVar[frozenset] = DTP_PLACEMENT
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,6 +132,7 @@ class LearnedPredictor(Boundary):
     predictor_ratio: Any = frozen(legacy=4)
     AUTO_RATIO: ClassVar[bool] = False
     AUXILIARY_LOSS: ClassVar[bool] = True
+    READS: ClassVar[frozenset] = DTP_PLACEMENT | {"image_token_budget"}  # learned: a variable segment count
 
     def __post_init__(self):
         super().__post_init__()
@@ -136,6 +149,7 @@ class Gumbel(LearnedPredictor):
     eval_rule: str = frozen()
     random_offset: bool = frozen(legacy=False)
     AUTO_RATIO: ClassVar[bool] = True
+    READS: ClassVar[frozenset] = LearnedPredictor.READS | {"image_row_breaks", "image_start"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -162,12 +176,14 @@ class Unigram(LearnedPredictor):
 @dataclass
 class Whitespace(Boundary):
     loss_weight: float = frozen()
+    READS: ClassVar[frozenset] = DTP_PLACEMENT
 
 
 @dataclass
 class Tome(Boundary):
     r: int = frozen()
     loss_weight: float = frozen()
+    READS: ClassVar[frozenset] = frozenset({"apply_to"})  # a peer runs its own method on the whole ViT
 
 
 @dataclass
@@ -176,6 +192,7 @@ class PatchDropout(Boundary):
     eval_keep: bool = frozen()
     mask_only: bool = frozen(legacy=False)
     loss_weight: float = frozen()
+    READS: ClassVar[frozenset] = Tome.READS
 
 
 @dataclass
@@ -183,15 +200,39 @@ class Evit(Boundary):
     keep: float = frozen()
     layers: List[int] = frozen()
     loss_weight: float = frozen()
+    READS: ClassVar[frozenset] = Tome.READS
 
 
 @dataclass
 class Lowres(Boundary):
     scale: float = frozen()
     loss_weight: float = frozen()
+    READS: ClassVar[frozenset] = Tome.READS
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.scale <= 1:
             raise ConfigError(f"boundary.scale={self.scale}: expected a share of the image side in (0, 1]")
 
+
+
+PEERS = ("tome", "patch_dropout", "evit", "lowres")
+
+
+def placement_unread(option: str, schema: type, key: str, task: str, towers) -> str | None:
+    """Why boundary=`option` (typed by `schema`) ignores the placement key `key` under task=`task` with
+    boundary.apply_to=`towers`, or None where it reads it (conf/_shared/boundary_placement.yaml).
+    One rule for the model builders (which pass an unread key's default) and the command-line check."""
+    if key not in schema.READS:
+        if option == "none":
+            return "boundary=none pools nothing"
+        if option in PEERS:
+            return f"boundary={option} runs its own method on the whole ViT and reads only boundary.apply_to"
+        return f"only {'boundary=gumbel reads' if key in ('image_row_breaks', 'image_start') else 'learned boundaries read'}" \
+               f" it, not boundary={option}"
+    if task != "clip":
+        return f"task={task} reads no placement key: the char LM's depth is encoder.pre_layers"
+    tower = key.split("_")[0]
+    if tower in ("image", "text") and tower not in towers:
+        return f"boundary={option} with apply_to=[{','.join(towers)}] leaves the {tower} tower unpooled"
+    return None
