@@ -12,10 +12,9 @@ from dataclasses import fields
 from omegaconf import OmegaConf
 
 from fastclip.schema import OPTIONS, ROOT
-from fastclip.schema.model import Boundary, placement_unread
+from fastclip.schema.model import placement_unread
+from fastclip.schema.unread import PLACEMENT, UNREAD_BECAUSE, option_default, plain, task_default_ok, written
 from fastclip.schema.errors import ConfigError
-
-PLACEMENT = {f.name for f in fields(Boundary)} - {"name"}  # conf/_shared/boundary_placement.yaml's keys
 
 
 def _looks_like_a_path(value: str) -> bool:
@@ -172,22 +171,15 @@ def _check_key(override, values: list, given: dict, multirun: bool, keyed: dict)
                           f"{field}; give it as a one-value sweep, which reaches each job alone: '{key}=choice({value})'")
 
 
-# why a task does not read the other's keys (schema READ_BY)
-UNREAD_BECAUSE = {"lm": "the char LM slices its text windows in memory and scores bits per character: no images, "
-                        "no loader", "clip": "it sizes the char LM's evaluation batches"}
-
-
 def _check_task_reads(override, values: list, head: str, option: str, field: str, reader: str, given: dict) -> None:
     """A key one task alone reads (schema READ_BY), set apart from its default where no job runs that
     task (in a multirun over both tasks, the other task's jobs ignore it, as loss_weight's do)."""
-    from fastclip import CONF_DIR
     from fastclip.group_choices import chosen
     tasks = chosen("task", given)
     if tasks is None or any(job.option == reader for job in tasks.jobs):
         return
-    default = as_written(OmegaConf.load(CONF_DIR / head / f"{option}.yaml")[field])
-    same = {default, "0"} if field == "num_workers" else {default}  # no loader: auto is 0 workers there
-    if any(as_written(v) not in same for v in values):
+    default = written(option_default(head, option, field))
+    if any(written(v) not in task_default_ok(field, default) for v in values):
         task = ",".join(job.option for job in tasks.jobs)
         raise ConfigError(f"{override.input_line} with task={task}: only task={reader} reads it "
                           f"({UNREAD_BECAUSE[task] if task in UNREAD_BECAUSE else 'the other task'}); leave it {default}")
@@ -209,26 +201,18 @@ def _check_placement_reads(override, field: str, jobs: list, given: dict, keyed:
     reasons = []
     for job in jobs:
         schema = OPTIONS["boundary"][job.option]
-        for towers in towers_given or [_placement_default(job.option, "apply_to")]:
+        for towers in towers_given or [option_default("boundary", job.option, "apply_to")]:
             for task in dict.fromkeys(t.option for t in tasks.jobs):
                 why = placement_unread(job.option, schema, field, task, towers if isinstance(towers, (list, tuple))
                                        else ("image", "text"))
                 if why is None:
                     return
                 reasons.append(why)
-    default = {_written(_placement_default(job.option, field)) for job in jobs}
-    if all(_written(v) in default for v in values):
+    default = {written(option_default("boundary", job.option, field)) for job in jobs}
+    if all(written(v) in default for v in values):
         return
     raise ConfigError(f"{override.input_line}: no job reads it ({'; '.join(dict.fromkeys(reasons))}); leave it "
                       f"{' or '.join(sorted(default))}")
-
-
-def _placement_default(option: str, field: str):
-    """A placement key's value in conf/boundary/<option>.yaml, else the shared file's."""
-    from fastclip import CONF_DIR
-    own = OmegaConf.load(CONF_DIR / "boundary" / f"{option}.yaml")
-    node = own if field in own else OmegaConf.load(CONF_DIR / "_shared" / "boundary_placement.yaml")
-    return _plain(node[field])
 
 
 def _job_values(override) -> list | None:
@@ -236,20 +220,10 @@ def _job_values(override) -> list | None:
     interval or a glob, whose values are numbers or options."""
     from hydra.core.override_parser.types import Glob
     if not override.is_sweep_override():
-        return [_plain(override.value())]
+        return [plain(override.value())]
     if override.is_choice_sweep() and not isinstance(override.value(), Glob):
-        return [_plain(v) for v in override.value().list]
+        return [plain(v) for v in override.value().list]
     return None
-
-
-def _written(value) -> str:
-    """A value as the command line writes it, a list as [a,b]."""
-    return f"[{','.join(map(_written, value))}]" if isinstance(value, (list, tuple)) else as_written(value)
-
-
-def _plain(value):
-    """A config value as plain Python (a ListConfig as a list)."""
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _check_form(override, schema: type, field: str) -> None:
@@ -284,9 +258,9 @@ def _wrong_form(line: str, schema: type, field: str, value, exc: Exception) -> N
         base = typing.get_origin(args[0]) or args[0]
     key = line.split("=", 1)[0].lstrip("+~")
     expected = ("a value, not null" if value is None else
-                f"a list: write {key}=[{as_written(value)}]" if base in (list, typing.List) else
+                f"a list: write {key}=[{written(value)}]" if base in (list, typing.List) else
                 {int: "an integer", float: "a number", bool: "true or false"}.get(base, str(exc).splitlines()[0]))
-    one = "" if line.split("=", 1)[1] == as_written(value) else f" ({as_written(value)})"  # a sweep: the value at fault
+    one = "" if line.split("=", 1)[1] == written(value) else f" ({written(value)})"  # a sweep: the value at fault
     raise ConfigError(f"{line}{one}: expected {expected}")
 
 
@@ -313,8 +287,3 @@ def _nearest(word: str, known: list[str], prefix: str = "", suffix: str = "") ->
 def _is_conf_group(name: str) -> bool:
     from fastclip import CONF_DIR
     return (CONF_DIR / name).is_dir()
-
-
-def as_written(value) -> str:
-    """A scalar as the command line writes it (true, null)."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

@@ -20,6 +20,7 @@ from fastclip.override_checks import check_overrides
 from fastclip.errors import InputError, show_traceback
 from fastclip.eval.names import HEADLINE_METRICS
 from fastclip.run_lines import final_line, log_plan, objective, objective_line
+from fastclip.schema.unread import unread_keys
 from fastclip.config import APPENDED_GROUPS, NAMED_GROUPS
 
 log = logging.getLogger("fastclip")
@@ -228,6 +229,12 @@ def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):
     commit, dirty = runtime.git_commit()
     tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
             "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **task.tags}
+    unread = unread_keys(cfg)  # a multirun's shared key this job's option or task ignores
+    if unread:
+        said = "; ".join(f"{key} ({why})" for key, why in unread.items())
+        log.warning("this run does not read %s: it runs without them, and its MLflow run says so "
+                    "(tag fastclip.unread_keys)", said)
+        tags["fastclip.unread_keys"] = said[:5000]
     # written before the run is (re)opened, so that a run dir that refuses it leaves the run as it was, and
     # renamed into place once it is: a reopening that fails leaves the config of the run as it was, too
     resolved, pending = run_dir / "config.yaml", run_dir / "config.yaml.tmp"

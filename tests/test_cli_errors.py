@@ -263,6 +263,26 @@ def test_a_job_whose_option_does_not_read_a_placement_key_runs_it_off():
     assert tower.stride_k == 4 and tower.budget is not None  # the reader reads them
 
 
+def test_a_run_names_the_values_it_does_not_read_and_a_shipped_config_has_none():
+    """What a multirun's job ignores (fastclip.schema.unread, the command-line check's rules on the composed
+    config) goes to its MLflow run as fastclip.unread_keys; every option and experiment as shipped has none."""
+    from pathlib import Path
+
+    from fastclip import CONF_DIR
+    from fastclip.schema import OPTIONS
+    from fastclip.schema.unread import unread_keys
+    job = compose_cfg(["task=lm", "boundary=fixed", "boundary.image_order=hilbert", "boundary.loss_weight=2",
+                       "eval.batch_size=64", "trainer.num_workers=0"])
+    assert unread_keys(job) == {
+        "boundary.image_order=hilbert": "task=lm reads no placement key: the char LM's depth is encoder.pre_layers",
+        "boundary.loss_weight=2.0": "boundary=fixed has no auxiliary loss to weigh",
+        "eval.batch_size=64": "only task=clip reads it (the char LM slices its text windows in memory and scores "
+                              "bits per character: no images, no loader)"}  # num_workers=0: what auto is there
+    shipped = [[f"{group}={option}"] for group, options in OPTIONS.items() for option in options]
+    shipped += [[f"experiment={p.stem}"] for p in sorted(Path(CONF_DIR / "experiment").glob("*.yaml"))]
+    assert {" ".join(args): unread_keys(compose_cfg(args)) for args in shipped} == {" ".join(a): {} for a in shipped}
+
+
 def test_a_data_error_is_one_line_leaves_no_run_dir_and_shows_its_traceback_when_asked(tmp_path, cli_env):
     args = [PYTHON, "-m", "fastclip.train", "dataset=image_folder", f"dataset.path={tmp_path / 'nowhere'}"]
     done = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)

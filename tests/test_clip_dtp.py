@@ -346,10 +346,14 @@ def test_flops_follow_the_boundaries_actually_produced():
 def test_run_logs_efficiency_params_and_boundary_pictures(tmp_path, store):
     import mlflow
     from fastclip.train import run
-    cfg = compose_cfg(TINY_CLIP + [f"tracking.uri={store}", "boundary=fixed", "epochs=1", "trainer.max_steps=2"])
+    # image_start=stride: a multirun's key for its gumbel jobs; this fixed job runs without it and says so
+    cfg = compose_cfg(TINY_CLIP + [f"tracking.uri={store}", "boundary=fixed", "epochs=1", "trainer.max_steps=2",
+                                   "boundary.image_start=stride"])
     metrics = run(cfg, tmp_path / "run")
     client = mlflow.MlflowClient(tracking_uri=store)
     r = client.get_run(metrics["mlflow_run_id"])
+    assert r.data.tags["fastclip.unread_keys"] == \
+        "boundary.image_start=stride (only boundary=gumbel reads it, not boundary=fixed)"
     assert r.data.metrics["efficiency/compression_image"] == 4.0
     assert "efficiency/image_gflops" in r.data.metrics and int(r.data.params["model.params_image"]) > 0
     pictures = [a.path for a in client.list_artifacts(r.info.run_id, "boundaries")]
@@ -394,8 +398,11 @@ def test_row_breaks_close_a_segment_at_every_patch_grid_row_end():
     assert (out.segments >= tower.vit.grid_size[0]).all()
     (out.embedding.sum() + task.model.image_method.aux_loss(out.boundary_logits, out.boundaries)).backward()
     assert tower.predictor.mlp[0].weight.grad.abs().sum() > 0
+    from fastclip.models.vision import DTPImageTower
+    fixed = task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_row_breaks=true").model
+    assert not fixed.visual.row_breaks  # a multirun's key fixed does not read: run off (schema READS)
     with pytest.raises(ValueError, match="boundary.image_row_breaks=true needs learned boundaries"):
-        task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_row_breaks=true")
+        DTPImageTower(fixed.visual.vit, fixed.image_method, 1, row_breaks=True)  # a direct caller's
 
 
 def _cells(order, rows, cols):
@@ -519,8 +526,11 @@ def test_stride_start_begins_at_fixed_k_and_learns_from_there():
     assert not torch.equal(out.boundaries, want.boundaries)  # sampled: it can move
     out.embedding.square().sum().backward()
     assert tower.position_logits.grad.abs().sum() > 0
+    from fastclip.models.vision import DTPImageTower
+    fixed = task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_start=stride").model
+    assert fixed.visual.stride_k is None  # a multirun's key fixed does not read: run off (schema READS)
     with pytest.raises(ValueError, match="boundary.image_start=stride starts learned boundaries"):
-        task_for("boundary=fixed", "boundary.apply_to=[image]", "boundary.image_start=stride")
+        DTPImageTower(fixed.visual.vit, fixed.image_method, 1, start="stride")  # a direct caller's
     with pytest.raises(ValueError, match="boundary.image_start='grid': expected prior or stride"):
         task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.image_start=grid")
 

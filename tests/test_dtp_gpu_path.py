@@ -188,10 +188,12 @@ def test_bad_token_budgets_fail_before_training_naming_key_and_value(budget, mat
 def test_token_budget_refuses_layouts_and_rules_it_cannot_size():
     with pytest.raises(ValueError, match="boundary.image_token_budget=4 .* boundary.image_layout=padded"):
         task_for("boundary.image_token_budget=4", "boundary.image_layout=padded")
-    with pytest.raises(ValueError, match="boundary=fixed"):
-        task_for("boundary=fixed", "boundary.image_token_budget=4")
-    with pytest.raises(ValueError, match="boundary=fixed"):  # whatever mode the tower is built in
-        task_for("boundary=fixed", "boundary.random_offset=true", "boundary.image_token_budget=8")
+    from fastclip.models.vision import DTPImageTower
+    for offset in ("false", "true"):  # whatever mode the tower is built in
+        fixed = task_for("boundary=fixed", f"boundary.random_offset={offset}", "boundary.image_token_budget=8")
+        assert fixed.model.visual.budget is None  # the config's: a multirun's key fixed does not read, run off
+        with pytest.raises(ValueError, match="boundary=fixed"):  # the tower's, for a direct caller
+            DTPImageTower(fixed.model.visual.vit, fixed.model.image_method, 1, token_budget=8)
     with pytest.raises(ValueError, match="boundary.random_offset=true with boundary.k=1"):
         task_for("boundary=fixed", "boundary.random_offset=true", "boundary.k=1")
 
