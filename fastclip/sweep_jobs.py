@@ -135,7 +135,7 @@ def summary(outcomes: list[JobOutcome]) -> str:
 
 
 # a sweep's end table: COST_METRICS' (column title, format), shown where some job logged the metric
-COST_COLUMNS = tuple(zip(("train GFLOPs/sample", "train s"), COST_METRICS, ("{:.4g}", "{:.0f}"), strict=True))
+COST_COLUMNS = tuple(zip(("train GFLOPs/sample (run mean)", "train s"), COST_METRICS, ("{:.4g}", "{:.0f}"), strict=True))
 
 
 def results_table(outcomes: list[JobOutcome], metrics: dict[int, dict[str, float]]) -> str:

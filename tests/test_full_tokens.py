@@ -94,6 +94,9 @@ def test_a_run_ends_with_a_full_token_phase_counted_in_its_compute_and_logs_the_
     assert per_step[6] == pytest.approx(vanilla[6], rel=1e-12)  # the phase: vanilla's cost
     assert metrics["efficiency/train_pflops_total"] == pytest.approx((5 * per_step[1] + 3 * per_step[6]) * 64 / 1e6,
                                                                      rel=1e-9)
+    # the run's cost a sample, where runs are compared: the mean over its steps, not the phase's last count
+    assert metrics["efficiency/train_gflops_mean"] == pytest.approx((5 * per_step[1] + 3 * per_step[6]) / 8, rel=1e-9)
+    assert metrics["efficiency/train_gflops"] == per_step[6] > metrics["efficiency/train_gflops_mean"]
     assert 0 <= metrics["zeroshot/top1_reduced"] <= 1 and "zeroshot/top1" in metrics
     assert metrics["efficiency/compression_image"] == 1.0  # the final evaluation at full tokens
     loaded_as_its_run_ended(tmp_path / "phase", metrics, runs["phase"][1])

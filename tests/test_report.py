@@ -46,6 +46,7 @@ def log_run(client, exp_id, boundary, seed, gflops, top1, parent=None, status="F
         for step in (10, 20, 30, 40, 60):
             client.log_metric(rid, "efficiency/train_pflops_total", step * gflops / 100, step=step)
         client.log_metric(rid, "efficiency/train_gflops", 3 * gflops, step=60)
+        client.log_metric(rid, "train/samples", 2e5, step=60)  # 60 steps' compute over them: 3 x gflops a sample
     client.set_terminated(rid, status)
     return rid
 
@@ -115,10 +116,13 @@ def test_a_sweep_report_groups_seeds_marks_the_frontier_and_logs_to_the_parent(s
 def test_curves_against_counted_training_compute_and_the_whole_models_training_cost(sweep_store, tmp_path):
     """--x compute: each run's validation curve against its efficiency/train_pflops_total at the same
     steps (runs compared at equal compute); a run that never counted it is left out of that panel.
-    --cost efficiency/train_gflops: the Pareto axis is the whole model's training cost."""
+    --cost efficiency/train_gflops_mean: the Pareto axis is the whole model's training cost a sample over
+    the run, its compute over its samples where a run (these, older) did not log it."""
     uri, _, _ = sweep_store
     report = main(["--experiment", "demo", "--uri", uri, "--out", str(tmp_path / "compute"), "--x", "compute",
-                   "--cost", "efficiency/train_gflops"])
+                   "--cost", "efficiency/train_gflops_mean"])
+    assert {g.label: g.stat("efficiency/train_gflops_mean")[0] for g in report.groups} == pytest.approx(
+        {f"boundary={b}": 3 * KNOWN[b][0] for b in ("none", "fixed", "gumbel")})
     top1 = report.curves[-1]
     assert len(top1.plotted) == 6 and len(report.selection.runs) == 7  # the old run has no compute history
     gumbel0 = next(r for g in report.groups if g.label == "boundary=gumbel" for r in g.runs if r.params["seed"] == "0")

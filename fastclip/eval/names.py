@@ -10,7 +10,7 @@ HEADLINE_METRICS = ("zeroshot/top1", "zeroshot/imagenet_top1", "retrieval/i2t_r1
 # split's (per-epoch evaluation), never the test split's, whose best value over a search would be biased up
 OBJECTIVE_METRICS = ("val/zeroshot_top1", "val/i2t_r1", "val/bpc")
 # what a run cost, shown beside the headline wherever runs are compared (a sweep's end table, the UI's view)
-COST_METRICS = ("efficiency/train_gflops", "time/train_s")
+COST_METRICS = ("efficiency/train_gflops_mean", "time/train_s")
 # per-epoch (validation) metric names: the test split's name -> the validation split's
 VAL_NAMES = {"zeroshot/top1": "val/zeroshot_top1", "zeroshot/top5": "val/zeroshot_top5", "lm/test_bpc": "val/bpc"}
 
@@ -109,7 +109,7 @@ CATALOG = (
     Metric("efficiency/text_gflops", "GFLOPs", "lower", "eval", "the text tower's forward per caption on the eval batch"),
     Metric("efficiency/{tower}_gflops_unpadded", "GFLOPs", "lower", "eval", "the tower's forward per sample, each of the eval batch's first 8 samples alone (no padding to the batch's longest; _gflops averages all 64, so the two differ by sample too)"),
     Metric("efficiency/compression_{tower}", "x", "", "eval", "the tower's achieved shortening factor on the eval batch: tokens / segments (task=lm: _text, on the evaluated text)"),
-    Metric("efficiency/train_gflops", "GFLOPs", "lower", "step", "counted training compute per sample of the whole model (both towers, predictors, loss; forward + backward), at counted steps (trainer.count_flops_every) and at the end"),
+    Metric("efficiency/train_gflops", "GFLOPs", "lower", "step", "counted training compute per sample of the whole model (both towers, predictors, loss; forward + backward; the matmuls, convolutions and attention torch's FlopCounterMode counts, not elementwise ops or the optimizer), at counted steps (trainer.count_flops_every) and, the last count, at the end: one batch's, not the run's (that is _mean)"),
     Metric("boundary/image_on_stride", "share", "", "eval", "DTP image towers: the share of boundaries where fixed k = round(shortening factor) puts one"),
     Metric("boundary/image_on_start_stride", "share", "", "eval", "DTP image towers with boundary.image_start=stride: the share of boundaries on the grid they started on (every k-th patch, k = round(1/prior))"),
     Metric("data/skipped", "samples", "lower", "eval", "bad samples skipped so far (running total, kept across resumes)"),
@@ -119,6 +119,7 @@ CATALOG = (
     Metric("time/eval_s", "s", "lower", "eval", "the evaluation's wall time"),
     # once, when training ends
     Metric("time/train_s", "s", "lower", "end", "training wall time (evaluations excluded)"),
+    Metric("efficiency/train_gflops_mean", "GFLOPs", "lower", "end", "what training cost a sample over the whole run: train_pflops_total / train/samples (a full-token phase, a learned predictor's drift included); a run's cost where runs are compared (the sweep's table, the UI, report --cost)"),
     Metric("time/step_median_s", "s", "lower", "end", "median step time, data wait included"),
     Metric("time/data_median_s", "s", "lower", "end", "median time a step waited for its batch (open_clip_train's data_time)"),
     Metric("time/compute_median_s", "s", "lower", "end", "median step time without the data wait (open_clip_train's batch_time)"),

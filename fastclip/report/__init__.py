@@ -15,8 +15,10 @@ twin over steps, eval.names.val_name: val/zeroshot_top1 for zeroshot/top1, which
 the test split, at the run's end; a run without the twin, an older one, plots the metric). Where the runs are one sweep's,
 the four files are also logged as artifacts of the sweep's parent run (under report/).
 --x compute draws the curves against the runs' counted training compute (efficiency/train_pflops_total)
-instead of steps: methods compared at equal compute; --cost efficiency/train_gflops puts the whole
-model's training GFLOPs per sample on the Pareto plot's axis.
+instead of steps: methods compared at equal compute; --cost efficiency/train_gflops_mean puts the
+whole model's training GFLOPs per sample, averaged over the run (its compute over its samples: a
+full-token phase and a learned predictor's drift included), on the Pareto plot's axis
+(efficiency/train_gflops is one batch's count, the last).
 """
 import argparse
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from fastclip.errors import one_line_errors
 from fastclip.eval.names import CLASS_COUNT_METRIC, chance_level, val_name
 from fastclip.report.plots import CurvePanel
 from fastclip.report.runs import ReportError, Selection, latest_sweep_experiment, load_histories, select_runs
-from fastclip.report.table import Group, group_by_seed, markdown, write_csv
+from fastclip.report.table import Group, group_by_seed, markdown, measured, write_csv
 from fastclip.tracking import redacted
 
 FILES = ("report.md", "report.csv", "pareto.png", "curves.png")
@@ -61,7 +63,7 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
         raise ReportError(f"experiment {experiment!r}{_scope(selection)} in {redacted(uri)}: no FINISHED run"
                           + (f" ({_counts(selection.left_out)})" if selection.left_out else ""))
     for flag, name in (("--metric", metric), ("--cost", cost)):
-        if not any(name in r.metrics for r in selection.runs):
+        if not any(name in measured(r) for r in selection.runs):  # measured: a derived value too
             logged = sorted({m for r in selection.runs for m in r.metrics if "/" in m})
             raise ReportError(f"{flag} {name}: no run logged it (they logged {logged})")
     out = out or Path("outputs") / "reports" / experiment / (selection.sweep_folder or "all")

@@ -16,11 +16,13 @@ from fastclip.schema.resume_rules import RUNTIME_KEYS as RUNTIME
 DESCRIBE = [("task", "task.name"), ("dataset", "dataset.name"), ("encoder", "encoder.name"),
             ("boundary", "boundary.name"), ("compression", "compression.name"), ("epochs", "epochs"),
             ("max_steps", "trainer.max_steps"), ("lr", "trainer.lr")]
+MEAN_COST, COMPUTE_SO_FAR = "efficiency/train_gflops_mean", "efficiency/train_pflops_total"
 # what a run measured, where logged: (header, metric, format)
 MEASURES = [("image shortening factor", "efficiency/compression_image", ".3g"),
             ("text shortening factor", "efficiency/compression_text", ".3g"),
             ("image GFLOPs", "efficiency/image_gflops", ".4g"), ("text GFLOPs", "efficiency/text_gflops", ".4g"),
             ("params (M)", "params_m", ".3g"), ("model MB", "compression/model_mb", ".4g"),
+            ("train GFLOPs/sample (run mean)", MEAN_COST, ".4g"), ("train PFLOPs", COMPUTE_SO_FAR, ".4g"),
             ("train samples/s", "throughput/train_samples_per_s", ".4g"),
             ("zero-shot top-1", "zeroshot/top1", ".4f"), ("zero-shot top-5", "zeroshot/top5", ".4f"),
             ("ImageNet top-1", "zeroshot/imagenet_top1", ".4f"), ("ImageNet top-5", "zeroshot/imagenet_top5", ".4f"),
@@ -38,8 +40,11 @@ def is_choice(key: str) -> bool:
 
 
 def measured(run: RunRecord) -> dict[str, float]:
-    """The run's final metrics, plus its parameter count in millions (logged as a param)."""
+    """The run's final metrics, plus its parameter count in millions (logged as a param) and, for a run
+    from before it was logged, its mean training GFLOPs per sample (compute over samples)."""
     values = dict(run.metrics)
+    if MEAN_COST not in values and values.get("train/samples") and COMPUTE_SO_FAR in values:
+        values[MEAN_COST] = values[COMPUTE_SO_FAR] * 1e6 / values["train/samples"]
     if "model.params_total" in run.params:
         values["params_m"] = int(run.params["model.params_total"]) / 1e6
     return values
