@@ -132,6 +132,8 @@ class StepTimer:
                "train/samples": float(state.samples_seen)}
         if state.train_gflops is not None:
             out["efficiency/train_gflops"] = state.train_gflops
+        if state.samples_seen:  # what the run spent a sample, on average: its cost where runs are compared
+            out["efficiency/train_gflops_mean"] = state.train_pflops * 1e6 / state.samples_seen
         if self.step_times:
             out["time/step_median_s"] = float(np.median(self.step_times))
             out["time/data_median_s"] = float(np.median(self.data_times))
