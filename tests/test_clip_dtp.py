@@ -230,7 +230,7 @@ def test_text_entropy_spike_sets_no_target_on_the_last_byte_of_a_full_context():
     from fastclip.models.boundaries import entropy_spikes
     from fastclip.models.charlm import causal_mask
     task = task_for("boundary=entropy_spike", "boundary.apply_to=[text]", "boundary.text_tokens=bytes")
-    tower = task.model.text.eval()
+    tower = task.model.text.train()  # the head and its targets are training's
     tokens = task.tokenizer(["a photo of a cat " * 8, "a dog"])  # the first fills the 64-byte context
     assert (tokens[0] != 0).all() and (tokens[1] == 0).any()
     with torch.no_grad():

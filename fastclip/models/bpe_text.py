@@ -96,7 +96,7 @@ class BPEDTPTextTower(nn.Module):
         emb = segments[rows, eot]
         emb = self.text_projection(emb) if isinstance(self.text_projection, nn.Linear) else emb @ self.text_projection
         targets = auxiliary_loss = None
-        if self.next_token is not None:
+        if self.next_token is not None and self.training:  # a training objective: evaluation pools without it
             targets, auxiliary_loss = self.next_token_spikes(x, tokens, token_mask)
         return TowerOutput(emb, tokens=token_mask.sum(1).float(), segments=counts.float(), boundaries=b,
                            boundary_logits=logits, boundary_targets=targets, auxiliary_loss=auxiliary_loss,

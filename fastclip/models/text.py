@@ -176,7 +176,7 @@ class DTPTextTower(nn.Module):
             pooled = self.ln_final(pooled)
         emb = mean_of_valid(pooled, seg_mask)
         targets = auxiliary_loss = None
-        if self.next_char is not None:
+        if self.next_char is not None and self.training:  # a training objective: evaluation pools without it
             next_logits = self.next_char(x)  # a caption's last byte predicts the end (padding), as untrimmed
             nll = nn.functional.cross_entropy(next_logits[:, :-1].float().transpose(1, 2), tokens[:, 1:],
                                               reduction="none")

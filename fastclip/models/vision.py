@@ -144,7 +144,7 @@ class DTPImageTower(nn.Module):
         if vit.proj is not None:
             emb = emb @ vit.proj
         targets = auxiliary_loss = None
-        if self.next_patch is not None:
+        if self.next_patch is not None and self.training:  # a training objective: evaluation pools without it
             targets, auxiliary_loss = self._next_patch_spikes(patches, images)
         return TowerOutput(emb, tokens=torch.full((B,), float(N), device=images.device), segments=counts.float(),
                            boundaries=b, boundary_logits=logits, boundary_targets=targets,
