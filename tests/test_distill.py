@@ -132,6 +132,22 @@ def test_a_distill_run_logs_its_terms_and_the_teachers_numbers_and_loads_for_inf
         assert len(client.get_metric_history(metrics["mlflow_run_id"], key)) == 3, key
     model, _, tokenizer = load(tmp_path / "run" / "checkpoints" / "last.pt")  # the projection is training-only
     assert not hasattr(model, PROJECTION)
+    # the teacher it learned from, in its checkpoint and its run: runs:/<id> names that run's last.pt,
+    # which changes as the teacher run trains on; a resume against other weights is refused
+    from fastclip.checkpoint import ResumeError
+    from fastclip.compression.distill import Distillation, weights_digest
+    digest = weights_digest(load(teacher["path"])[0])
+    kept = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["compression"]
+    assert kept == {"teacher": {"checkpoint": str(teacher["path"]), "weights_digest": digest}}
+    assert client.get_run(metrics["mlflow_run_id"]).data.tags["fastclip.teacher"] == f"{teacher['path']} (weights {digest})"
+    moved = torch.load(teacher["path"], weights_only=False)
+    moved["model"]["logit_scale"] = moved["model"]["logit_scale"] + 0.5  # the teacher run trained on
+    torch.save(moved, tmp_path / "teacher_later.pt")
+    option = Distillation(distill_cfg(tmp_path / "teacher_later.pt"), cfg)
+    option.prepare(model, tokenizer)
+    with pytest.raises(ResumeError, match=rf"compression.teacher=.*teacher_later.pt: .* other weights .*{digest}"):
+        option.load_state_dict(kept)
+    option.load_state_dict({})  # a checkpoint from before the record: taken as it is
 
 
 def test_a_bad_teacher_fails_before_training_naming_it(teacher, tmp_path):

@@ -1,7 +1,7 @@
 """The one interface between a compression option and the rest of fastclip, and compression=none.
 
 Who calls what, in a run's order:
-  task construction  prepare(model, tokenizer)   before the optimizer sees the model and before any
+  task construction  prepare(model, tokenizer), tags()   before the optimizer sees the model and any
                                                  data is read (a bad option fails first)
   Trainer            start(model, total_steps, warmup_steps, quality_before)
                                                  once the run's length is known (again on a resume)
@@ -56,6 +56,10 @@ class Compression:
 
     def after_optimizer_step(self, step: int) -> None:
         """After the update that made `step` optimizer steps."""
+
+    def tags(self) -> dict[str, str]:
+        """MLflow run tags that say what the option ran with (distill: the teacher's checkpoint and digest)."""
+        return {}
 
     def state_dict(self) -> dict | None:
         """What a checkpoint keeps of the option (None: nothing)."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastclip.checkpoint import CheckpointError
+from fastclip.checkpoint import CheckpointError, ResumeError
 from fastclip.checks import ConfigError
 from fastclip.compression import PROJECTION
 from fastclip.compression.base import Compression, Twin
@@ -121,8 +121,10 @@ def build_distiller(cc, student: nn.Module, student_tokenizer, student_image_siz
     if not spec:
         raise ConfigError("compression=distill needs compression.teacher: a fastclip checkpoint, a run dir or "
                           "runs:/<MLflow run id>")
+    from fastclip.checkpoint_paths import checkpoint_path
     try:
-        teacher, preprocess, tokenizer = load(str(spec), device, uri=tracking_uri)
+        path = checkpoint_path(str(spec), tracking_uri)
+        teacher, preprocess, tokenizer = load(path, device, uri=tracking_uri)
     except (CheckpointError, FileNotFoundError, OSError) as exc:
         raise ConfigError(f"compression.teacher={spec}: {exc}") from None
     width_s, width_t = _embed_width(student, student_tokenizer, device), _embed_width(teacher, tokenizer, device)
@@ -132,7 +134,22 @@ def build_distiller(cc, student: nn.Module, student_tokenizer, student_image_siz
         # projection used in the forward it wraps (with find_unused_parameters too)
         student.register_forward_hook(_with_projected_features)
     size = _image_size(preprocess)
-    return Distiller(teacher, tokenizer, student_tokenizer, cc, size, student_image_size)
+    distiller = Distiller(teacher, tokenizer, student_tokenizer, cc, size, student_image_size)
+    distiller.identity = {"checkpoint": str(path), "weights_digest": weights_digest(teacher)}
+    return distiller
+
+
+def weights_digest(model: nn.Module) -> str:
+    """The teacher's identity: a BLAKE2b digest (16 hex digits) of its state dict (names, dtypes, shapes,
+    values). A run dir or runs:/<id> names that run's last.pt, which changes while the run trains on:
+    the student's checkpoint keeps the digest, and a resume with other weights is refused."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors have no byte view
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -195,9 +212,28 @@ class Distillation(Compression):
     def training_loss(self, loss, parts, out, images, tokens):
         return self.distiller(loss, parts, out, images, tokens)
 
+    def tags(self) -> dict[str, str]:
+        return {"fastclip.teacher": f"{self.distiller.identity['checkpoint']} (weights "
+                                    f"{self.distiller.identity['weights_digest']})"}
+
+    def state_dict(self) -> dict:
+        """The teacher it learned from: its checkpoint and its weights' digest."""
+        return {"teacher": dict(self.distiller.identity)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Refuses a teacher other than the one the checkpoint's steps learned from (a run dir's last.pt
+        trained on since), naming compression.teacher; a checkpoint written before the record is taken
+        as it is."""
+        was, now = state.get("teacher"), self.distiller.identity
+        if was and was["weights_digest"] != now["weights_digest"]:
+            raise ResumeError(f"compression.teacher={self.cc.teacher}: {now['checkpoint']} holds other weights "
+                              f"(digest {now['weights_digest']}) than the teacher this run learned from "
+                              f"({was['checkpoint']}, digest {was['weights_digest']}): that run trained on, or "
+                              f"the path names another; resume with the same teacher, or start a new run")
+
     def finish(self, task, final: dict[str, float], step: int) -> dict[str, float]:
         return compress(task, self.distiller, final)
 
     def describe(self, metrics: dict[str, float]) -> str:
-        return f"teacher {self.cc.teacher}"
+        return f"teacher {self.cc.teacher} (weights {self.distiller.identity['weights_digest']})"
 

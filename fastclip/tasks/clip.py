@@ -116,9 +116,9 @@ class ClipTask(TaskBase):
         if dropped:
             self.build_skipped[EVAL_OVERLAP] = self.build_skipped.get(EVAL_OVERLAP, 0) + dropped
         self._check_eval_sets()
-        self.tags = {tag: r.description for tag, r in (("fastclip.retrieval_set", self.data.retrieval),
-                                                        ("fastclip.val_retrieval_set", self.data.val_retrieval))
-                     if r is not None and r.description}
+        self.tags = {**{tag: r.description for tag, r in (("fastclip.retrieval_set", self.data.retrieval),
+                                                           ("fastclip.val_retrieval_set", self.data.val_retrieval))
+                        if r is not None and r.description}, **self.compression.tags()}
 
     def _check_eval_sets(self) -> None:
         """Every evaluation set (validation and test) exists and has a usable item before training
