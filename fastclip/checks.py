@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from fastclip.models.meaning import check_tokenizer, dtp_towers
-from fastclip.schema import typed, typed_config
+from fastclip.schema import typed, typed_config, typed_group
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.steps import steps_of
 
@@ -48,9 +48,7 @@ def _check_compression(cfg: DictConfig) -> None:
                           f"retrieval (task=clip)")
     if name == "prune" and cfg.trainer.max_steps:  # the run's length is known before the data: pruning must fit in it
         total = cfg.trainer.max_steps
-        if total - steps_of(cfg.compression.finetune_steps, total, "compression.finetune_steps") < 1:
-            raise ConfigError(f"compression.finetune_steps={cfg.compression.finetune_steps} leaves no steps to train "
-                              f"before pruning (trainer.max_steps={total})")
+        typed_group(cfg, "compression").span(total, steps_of(cfg.trainer.warmup_steps, total, "trainer.warmup_steps"))
 
 
 def _no_missing_values(cfg: DictConfig) -> None:

@@ -160,6 +160,9 @@ def _check_key(override, values: list, given: dict, multirun: bool, keyed: dict)
                               f"loss to weigh (gumbel, entropy_spike and unigram have one); leave it 0")
     if head == "boundary" and field in PLACEMENT and jobs and "." not in rest:
         _check_placement_reads(override, field, jobs, given, keyed)
+    when = getattr(OPTIONS[head][jobs[0].option], "READ_WHEN", {}).get(field) if jobs and "." not in rest else None
+    if when:
+        _check_read_when(override, head, field, jobs, when, keyed)
     reader = getattr(OPTIONS[head][jobs[0].option], "READ_BY", {}).get(field) if jobs and "." not in rest else None
     if reader:
         _check_task_reads(override, values, head, jobs[0].option, field, reader, given)
@@ -213,6 +216,21 @@ def _check_placement_reads(override, field: str, jobs: list, given: dict, keyed:
         return
     raise ConfigError(f"{override.input_line}: no job reads it ({'; '.join(dict.fromkeys(reasons))}); leave it "
                       f"{' or '.join(sorted(default))}")
+
+
+def _check_read_when(override, head: str, field: str, jobs: list, when: tuple, keyed: dict) -> None:
+    """A key one value of another key reads (a schema's READ_WHEN: compression.prune_every under
+    schedule=gradual), set apart from its default where no job has that value."""
+    values, (on, wanted) = keyed.get(override.key_or_group), when
+    ons = keyed.get(f"{head}.{on}", [None] if f"{head}.{on}" in keyed else None)  # None: unread, any
+    if values is None or ons is not None and any(o is None or "${" in str(o) for o in ons):  # or interpolated
+        return
+    ons = ons or [option_default(head, job.option, on) for job in jobs]
+    default = {written(option_default(head, job.option, field)) for job in jobs}
+    if wanted not in ons and any(written(v) not in default for v in values):
+        raise ConfigError(f"{override.input_line}: no job reads it (only {head}.{on}={wanted} reads it; "
+                          f"{head}.{on}={','.join(map(written, dict.fromkeys(ons)))} here); leave it "
+                          f"{' or '.join(sorted(default))}")
 
 
 def _job_values(override) -> list | None:

@@ -316,6 +316,47 @@ def test_prune_options_are_checked_before_training():
     for value in (50, 60):  # known before the data
         with pytest.raises(ConfigError, match=f"compression.finetune_steps={value} leaves no steps"):
             check_config(compose_cfg(["compression=prune", f"compression.finetune_steps={value}", "trainer.max_steps=50"]))
+    # a gradual ramp with no steps is named by the key that leaves it none, before the data
+    gradual = ["compression=prune", "compression.schedule=gradual", "trainer.max_steps=10"]
+    with pytest.raises(ConfigError, match=r"compression.start_step=0.9 leaves the gradual ramp no steps: it would "
+                                          r"start at step 9 \(start_step\) and end at step 8 of 10"):
+        check_config(compose_cfg([*gradual, "compression.start_step=0.9"]))
+    with pytest.raises(ConfigError, match=r"compression.prune_every=50 is at least the ramp's 7 steps \(from step 1 "
+                                          r"to 8\): the gradual schedule would prune once"):
+        check_config(compose_cfg([*gradual, "compression.prune_every=50"]))
+    check_config(compose_cfg([*gradual, "compression.prune_every=3"]))
+    # gradual's own keys under oneshot do nothing: refused on the command line unless a job is gradual
+    from fastclip.override_checks import check_override_keys
+    for key in ("start_step=0.3", "prune_every=5"):
+        with pytest.raises(ConfigError, match=rf"compression.{key}: no job reads it \(only compression.schedule="
+                                              rf"gradual reads it; compression.schedule=oneshot here\)"):
+            check_override_keys(["compression=prune", f"compression.{key}"])
+        check_override_keys(["-m", "compression=prune", "compression.schedule=oneshot,gradual", f"compression.{key}"])
+    from fastclip.schema.unread import unread_keys  # the oneshot job of that multirun names it
+    assert unread_keys(compose_cfg(["compression=prune", "compression.prune_every=5"])) == {
+        "compression.prune_every=5": "only compression.schedule=gradual reads it, not oneshot"}
+
+
+def test_a_resume_that_lengthens_a_pruned_run_keeps_its_masks_and_its_before_prune_numbers():
+    """Lengthening re-plans `end` later, where the schedule's target is lower than what the checkpoint's
+    steps pruned (a oneshot: 0): the masks once went, the weights grew back for the steps between, and
+    the grown-back model was measured again as "before pruning". The masks never fall below those held."""
+    model, _ = tiny("none")
+    measured = []
+    quality = lambda: measured.append(1) or {"zeroshot/top1": 0.25 * len(measured)}  # noqa: E731
+    short = Pruner(model, prune_cfg(finetune_steps=0.2), total_steps=20, warmup_steps=0, quality_before=quality)
+    short.after_step(16)
+    assert short.applied == 0.5 and short.before_prune_step == 16 and len(measured) == 1
+    state = short.state_dict()
+    for schedule in ("oneshot", "gradual"):
+        longer = Pruner(model, prune_cfg(finetune_steps=0.2, schedule=schedule), total_steps=40, warmup_steps=0,
+                        quality_before=quality)
+        longer.load_state_dict(state)
+        assert longer.end == 32 and longer.target(20) < 0.5
+        for step in (20, 32, 40):
+            longer.after_step(step)
+            assert longer.applied == 0.5 and all(torch.equal(longer.masks[k], state["masks"][k]) for k in state["masks"])
+        assert longer.before_prune == {"zeroshot/top1": 0.25} and longer.before_prune_step == 16 and len(measured) == 1
 
 
 @pytest.mark.slow

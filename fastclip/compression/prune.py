@@ -26,8 +26,6 @@ import torch
 from torch import nn
 
 from fastclip.schema import typed_node
-from fastclip.schema.errors import ConfigError
-from fastclip.schema.steps import steps_of
 from fastclip.compression.base import Compression, Twin
 from fastclip.compression.measure import QUALITY, eval_batch_ms, model_bytes, run_autocast
 from fastclip.compression.prune_masks import (nonzero_parameters, shrunk_copy, structured_masks, unstructured_masks,
@@ -53,15 +51,7 @@ class Pruner:
         self.model, self.quality_before = model, quality_before
         self.sparsity = float(cc.sparsity)
         self.structure, self.schedule = cc.structure, cc.schedule
-        finetune = steps_of(cc.finetune_steps, total_steps, "compression.finetune_steps")
-        self.end = total_steps - finetune  # pruned to the target from here on
-        self.start = warmup_steps if cc.start_step is None else \
-            steps_of(cc.start_step, total_steps, "compression.start_step")
-        if self.end < 1 or (self.schedule == "gradual" and self.end <= self.start):
-            raise ConfigError(f"compression.finetune_steps={cc.finetune_steps} leaves no steps to train before pruning "
-                              f"(pruning from step {self.start} to {self.end} of {total_steps})")
-        span = self.end - self.start
-        self.every = max(1, int(cc.prune_every) if cc.prune_every else span // 20)
+        self.start, self.end, self.every = cc.span(total_steps, warmup_steps)  # pruned to the target from `end` on
         self.masks: dict[str, torch.Tensor] = {}
         self.applied = 0.0  # the target the masks were made for
         self.before_prune: dict[str, float] = {}
@@ -77,7 +67,9 @@ class Pruner:
         return self.sparsity * (1 - (1 - t / (self.end - self.start)) ** 3)
 
     def after_step(self, step: int) -> None:
-        target = self.target(step)
+        # never below the masks held: a resume that lengthens the run re-plans `end` later, and the
+        # schedule's target there can fall under what the checkpoint's steps already pruned
+        target = max(self.target(step), self.applied)
         if target != self.applied:
             if self.schedule == "oneshot" and self.quality_before is not None:
                 self.before_prune, self.before_prune_step = self.quality_before(), step

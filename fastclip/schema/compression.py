@@ -1,10 +1,10 @@
 """Schemas of the compression group's options (fastclip.compression implements them)."""
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from fastclip.schema.errors import ConfigError
 from fastclip.schema.fields import choice, frozen
-from fastclip.schema.steps import check_steps
+from fastclip.schema.steps import check_steps, steps_of
 
 QUANT_SCHEMES = ("dynamic", "weight_only")         # compression.scheme
 QUANT_EMBEDDINGS = ("int8", "float")               # compression.embedding
@@ -38,6 +38,36 @@ class Prune:
     finetune_steps: Any = frozen()
     start_step: Any = frozen()
     prune_every: Optional[int] = frozen()
+    # key -> (key, value) it is read under; set apart from its default otherwise, it is a no-op: refused on
+    # the command line where no job reads it, named by the job that does not (fastclip.schema.unread)
+    READ_WHEN: ClassVar[dict] = {"start_step": ("schedule", "gradual"), "prune_every": ("schedule", "gradual")}
+
+    def span(self, total_steps: int, warmup_steps: int) -> tuple[int, int, int]:
+        """(start, end, every) of the pruning in a `total_steps`-step run whose warm-up ends at
+        `warmup_steps`: masks at the target from step `end` (finetune_steps before the end); gradual's
+        ramp from `start` (start_step, or the warm-up's end) with a mask update every `every` steps.
+        Raises ConfigError naming the key whose value leaves no pruning: a finetune_steps as long as
+        the run, a start_step at or past the ramp's end, a prune_every that updates once (oneshot)."""
+        finetune = steps_of(self.finetune_steps, total_steps, "compression.finetune_steps")
+        end = total_steps - finetune
+        if end < 1:
+            raise ConfigError(f"compression.finetune_steps={self.finetune_steps} leaves no steps to train before "
+                              f"pruning (a {total_steps}-step run)")
+        start = warmup_steps if self.start_step is None else \
+            steps_of(self.start_step, total_steps, "compression.start_step")
+        if self.schedule == "oneshot":
+            return end, end, 1
+        if end <= start:
+            key, value = (("compression.start_step", self.start_step) if self.start_step is not None else
+                          ("compression.finetune_steps", self.finetune_steps))
+            raise ConfigError(f"{key}={value} leaves the gradual ramp no steps: it would start at step {start} "
+                              f"({'start_step' if self.start_step is not None else 'the warm-up'}) and end at "
+                              f"step {end} of {total_steps} (finetune_steps before the end)")
+        if self.prune_every is not None and self.prune_every >= end - start:
+            raise ConfigError(f"compression.prune_every={self.prune_every} is at least the ramp's {end - start} steps "
+                              f"(from step {start} to {end}): the gradual schedule would prune once, at its end; "
+                              f"use compression.schedule=oneshot, or fewer steps between updates")
+        return start, end, self.prune_every or max(1, (end - start) // 20)
 
     def __post_init__(self):
         if not 0 <= self.sparsity < 1:

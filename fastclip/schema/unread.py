@@ -1,6 +1,6 @@
 """Config values a run does not read. Some keys are shared so that a multirun can set them across
 options or tasks (the boundary placement keys, boundary.loss_weight, a task's own eval and trainer
-keys); a job whose option or task ignores one runs without it. The command line refuses such a key
+keys, a key one value of another reads: a schema's READ_WHEN); a job whose option or task ignores one runs without it. The command line refuses such a key
 where no job reads it (fastclip.override_checks); a job that ignores one names it in its MLflow run
 (tag `fastclip.unread_keys`) and its log, so its logged config does not pass for what it ran.
 
@@ -52,6 +52,12 @@ def unread_keys(cfg) -> dict[str, str]:
     if not schema.AUXILIARY_LOSS and boundary.get("loss_weight"):
         out[f"boundary.loss_weight={written(boundary.loss_weight)}"] = \
             f"boundary={boundary.name} has no auxiliary loss to weigh"
+    for group in OPTIONS:
+        node = cfg[group]
+        option = node.get("name", "default")
+        for key, (on, wanted) in getattr(OPTIONS[group].get(option), "READ_WHEN", {}).items():
+            if node[on] != wanted and written(node[key]) != written(option_default(group, option, key)):
+                out[f"{group}.{key}={written(node[key])}"] = f"only {group}.{on}={wanted} reads it, not {node[on]}"
     for group, keys in READ_BY.items():
         for key, reader in keys.items():
             value = cfg[group][key]
