@@ -71,8 +71,13 @@ def test_the_int8_copy_runs_is_smaller_by_its_bytes_covers_attention_and_stays_c
         dense, int8 = model(images, tokens), quantized(images, tokens)
     logits = dense["image_features"] @ dense["text_features"].T * dense["logit_scale"]
     logits_q = int8["image_features"] @ int8["text_features"].T * int8["logit_scale"]
-    assert (logits_q - logits).abs().max() < 0.05 * logits.abs().max()
-    assert torch.equal(logits_q.argmax(1), logits.argmax(1))
+    error = (logits_q - logits).abs().max()
+    assert error < 0.05 * logits.abs().max()
+    # the same choice wherever the dense one is clear by more than the int8 error (a near-tie, 0.005 apart,
+    # may flip with the machine's int8 kernels: it did on one CPU and not on another)
+    top2 = logits.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * error
+    assert clear.sum() >= 3 and torch.equal(logits_q.argmax(1)[clear], logits.argmax(1)[clear])
     assert all(type(p).__name__ == "Parameter" or type(p).__name__ == "Tensor" for p in model.parameters())  # untouched
 
 
@@ -144,6 +149,15 @@ def test_rn50s_attention_pooling_stays_float_and_the_int8_copy_runs():
     with torch.no_grad():
         dense, int8 = model(images, tokens), quantized(images, tokens)
     assert torch.nn.functional.cosine_similarity(int8["image_features"], dense["image_features"]).min() > 0.95
+    # structured pruning takes heads and channels from transformer blocks: RN50's image tower has none, so
+    # it once pruned the text tower alone while the run reported structured pruning
+    from fastclip.compression.prune import Pruning
+    structured = OmegaConf.create({"name": "prune", "sparsity": 0.5, "structure": "structured", "schedule": "oneshot",
+                                   "finetune_steps": 0, "start_step": None, "prune_every": None})
+    with pytest.raises(ConfigError, match=r"compression.structure=structured with encoder=rn50: its image tower "
+                                          r"has no transformer blocks"):
+        Pruning(structured, cfg).prepare(model)
+    Pruning(OmegaConf.merge(structured, {"structure": "unstructured"}), cfg).prepare(model)
 
 
 def test_compression_options_are_checked_before_training():

@@ -14,4 +14,7 @@ loop call and nothing else: prepare (before training), the training hooks, finis
 Each option's keys, their types and ranges: fastclip/schema/compression.py. This module imports nothing.
 """
 
+# DTP's boundary predictors and their auxiliary heads: quantization and pruning leave their weights float and
+# dense (rounding or zeroing them moves the boundaries, so the compute)
+FLOAT_PARTS = ("predictor", "next_patch", "next_char", "next_token")
 PROJECTION = "distill_projection"  # a distilled student's module mapping its embeddings to the teacher's width

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from fastclip.schema import typed_node
+from fastclip.schema.errors import ConfigError
 from fastclip.compression.base import Compression, Twin
 from fastclip.compression.measure import QUALITY, eval_batch_ms, model_bytes, run_autocast
-from fastclip.compression.prune_masks import (nonzero_parameters, shrunk_copy, structured_masks, unstructured_masks,
-                                              weight_sparsity)
+from fastclip.compression.prune_masks import (blocks, nonzero_parameters, shrunk_copy, structured_masks,
+                                              unstructured_masks, weight_sparsity)
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,18 @@ class Pruning(Compression):
         self.cc, self.cfg = cc, cfg
         self.pruner: Pruner | None = None
 
+    def prepare(self, model: nn.Module, tokenizer=None) -> None:
+        """structured takes heads and channels from transformer blocks: a tower without any (RN50's
+        ResNet) would stay dense while the run reports structured pruning; refused, naming the tower."""
+        if self.cc.structure != "structured":
+            return
+        for tower, module in (("image", model.visual), ("text", model.text)):
+            if not blocks(module):
+                raise ConfigError(f"compression.structure=structured with encoder={self.cfg.encoder.name}: its {tower} "
+                                  f"tower has no transformer blocks (open_clip's ResidualAttentionBlock) to take heads "
+                                  f"and channels from; use compression.structure=unstructured (its Linear and attention "
+                                  f"weights; convolutions stay dense)")
+
     def start(self, model: nn.Module, total_steps: int, warmup_steps: int, quality_before=None) -> None:
         self.pruner = Pruner(model, self.cc, total_steps, warmup_steps, quality_before)
 
@@ -227,5 +240,10 @@ class Pruning(Compression):
         return compress(task, self.cfg, self.pruner, final, step)
 
     def describe(self, metrics: dict[str, float]) -> str:
-        return f"{self.cc.structure} {self.cc.schedule}, {metrics['compression/sparsity']:.1%} of the weights zero"
+        said = (f"{self.cc.structure} {self.cc.schedule}, {metrics['compression/sparsity']:.1%} of the prunable "
+                f"weights zero (Linear and attention; embeddings, norms, convolutions and predictors are never pruned)")
+        if metrics.get("compression/params_nonzero_dense"):
+            said += f": {1 - metrics['compression/params_nonzero'] / metrics['compression/params_nonzero_dense']:.1%} " \
+                    f"of all parameters gone"
+        return said
 

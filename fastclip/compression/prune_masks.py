@@ -13,7 +13,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from fastclip.compression.attention import ProjectedAttention, project_attention
-from fastclip.compression.quant import FLOAT_PARTS
+from fastclip.compression import FLOAT_PARTS
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -15,13 +15,13 @@ import copy
 import torch
 from torch import nn
 
+from fastclip.compression import FLOAT_PARTS
 from fastclip.compression.attention import project_attention
 from fastclip.compression.base import Compression, Twin
 from fastclip.compression.measure import QUALITY, eval_batch_ms, model_bytes, run_autocast
 from fastclip.schema.compression import QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.schema.fields import choice
 
-FLOAT_PARTS = ("predictor", "next_patch", "next_char", "next_token")  # module names whose Linears stay float
 
 
 def quantized_copy(model: nn.Module, scheme: str, embedding: str = "int8") -> nn.Module:
