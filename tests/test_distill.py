@@ -87,7 +87,8 @@ def test_the_affinity_kl_is_kl_teacher_to_student_times_t_squared_worked_by_hand
 
 
 @pytest.mark.slow
-def test_a_char_level_dtp_student_distills_from_a_bpe_teacher_and_no_gradient_reaches_the_teacher(teacher, tmp_path):
+def test_a_char_level_dtp_student_distills_from_a_bpe_teacher_and_no_gradient_reaches_the_teacher(teacher, tmp_path,
+                                                                                                  caplog):
     from fastclip.loop import Trainer
     from fastclip.tasks.clip import ClipTask
     cfg = compose_cfg([*TINY_CLIP, *STEPS, "boundary=fixed", "encoder.tokenizer=char", "boundary.text_tokens=bytes",
@@ -114,6 +115,14 @@ def test_a_char_level_dtp_student_distills_from_a_bpe_teacher_and_no_gradient_re
     assert all(torch.equal(v, teacher_before[k]) for k, v in distiller.teacher.state_dict().items())
     assert not torch.equal(projection.weight, projection_before)  # the projection learns with the student
     assert not distiller.teacher.training
+    # a teacher of another input size: the evaluation sets are the student's, so its own numbers are not
+    # measured, and the run says so (they were left out without a word)
+    from fastclip.compression.distill import compress
+    distiller.image_size = 48
+    with caplog.at_level("WARNING"):
+        measured = compress(task, distiller, {})
+    assert not any(k.endswith("_teacher") for k in measured) and "time/eval_batch_ms" in measured
+    assert "the teacher reads 48 px images and the evaluation sets are preprocessed at the student's 32 px" in caplog.text
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ student's tokens are decoded to text and tokenized with the teacher's tokenizer 
 size where that differs. Written here: open_clip's DistillClipLoss has no feature term, no KL
 temperature and expects one tokenizer.
 """
+import logging
 import time
 
 import torch
@@ -33,6 +34,8 @@ from fastclip.compression import PROJECTION
 from fastclip.compression.base import Compression, Twin
 from fastclip.compression.measure import QUALITY, eval_batch_ms, run_autocast
 from fastclip.models.clip import decode_tokens
+
+log = logging.getLogger(__name__)
 
 
 class Distiller:
@@ -188,6 +191,10 @@ def compress(task, distiller: Distiller, final: dict[str, float]) -> dict[str, f
                                                                   amp_dtype=amp)
             teacher = task.quality(distiller.teacher, distiller.teacher_tokenizer)
             metrics.update({f"{k}_teacher": v for k, v in teacher.items() if k.startswith(QUALITY)})
+        else:
+            log.warning("the teacher reads %d px images and the evaluation sets are preprocessed at the student's "
+                        "%d px: the teacher's own numbers (*_teacher, time/eval_batch_ms_teacher) are not measured; "
+                        "evaluate the teacher's run for them", distiller.image_size, images.shape[-1])
     finally:
         task.model.train(was_training)
     return metrics
