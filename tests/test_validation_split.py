@@ -249,3 +249,21 @@ def test_the_validation_carve_leaves_every_class_a_training_image():
     labels = np.repeat(np.arange(3), 20)
     fit, val = carve_validation(np.arange(60), labels, 0.1, 0)
     assert len(val) == 6 and sorted(set(labels[val])) == [0, 1, 2]  # round(20 x 0.1) each, as before
+
+
+def test_the_eval_batch_that_efficiency_is_counted_on_spans_a_class_sorted_split(tmp_path):
+    """An image folder's splits are sorted by class: the eval batch once took the first n images, one
+    class's, so a learned tower's logged compression and GFLOPs described that class. It is spread
+    evenly over the split now: every class is in it."""
+    from fastclip.models.clip import decode_tokens
+    from fastclip.tasks.clip import ClipTask
+    folder = make_class_folder(tmp_path / "f", per_colour=16)
+    task = ClipTask(compose_cfg([*TINY_CLIP, "dataset=image_folder", f"dataset.path={folder}",
+                                 "dataset.val_fraction=0.4", "eval.boundary_picture=false"]), torch.device("cpu"))
+    for split in ("val", "test"):
+        z, _ = task.data.split(split)
+        labels = [int(z.images[i][1]) for i in range(len(z.images))]
+        assert labels == sorted(labels) and len(z.images) >= 8  # class-sorted: the first 4 are one class
+        _, tokens = task.eval_batch(n=4, split=split)
+        named = {c for row in tokens for c in COLOURS if c in decode_tokens(task.tokenizer, row)}
+        assert named == set(COLOURS), (split, named)

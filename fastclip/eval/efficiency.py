@@ -43,7 +43,7 @@ def count_gflops(fn, *inputs) -> tuple[float, object]:
 
 @torch.no_grad()
 def unpadded_gflops(tower, inputs: torch.Tensor, n: int) -> float:
-    """Mean GFLOPs of the first n samples each run alone: each one's own segment count, none of
+    """Mean GFLOPs of the first n samples (tower_efficiency: all of the batch) each run alone: each one's own segment count, none of
     the padding a batch with different counts pays for. A packed tower (image_layout / text_layout
     =packed) comes within its filler rows and, where its attention runs on the padded layout with a
     mask (not through varlen_attn: CUDA under half-precision autocast, models/packed.py), that
@@ -52,17 +52,20 @@ def unpadded_gflops(tower, inputs: torch.Tensor, n: int) -> float:
 
 
 @torch.no_grad()
-def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor, unpadded_samples: int = 8) -> dict[str, float]:
+def tower_efficiency(model, images: torch.Tensor, tokens: torch.Tensor, unpadded_samples: int | None = None
+                     ) -> dict[str, float]:
     """efficiency/*_gflops: per sample of the batch as this implementation runs it (packed or padded);
-    *_gflops_unpadded: per sample alone (DTP towers only, where segment counts differ)."""
+    *_gflops_unpadded: per sample alone (DTP towers only, where segment counts differ), over the first
+    `unpadded_samples` (None: the whole batch, the same samples as *_gflops, so the two differ by the
+    padding alone; 0: not counted)."""
     was_training = model.training
     model.eval()
     image_gflops, image = count_gflops(model.visual, images)
     text_gflops, text = count_gflops(model.text, tokens)
     extra = {}
     for name, tower, inputs, out in (("image", model.visual, images, image), ("text", model.text, tokens, text)):
-        if out.boundaries is not None and unpadded_samples:  # DTP towers only
-            extra[f"efficiency/{name}_gflops_unpadded"] = unpadded_gflops(tower, inputs, unpadded_samples)
+        if out.boundaries is not None and unpadded_samples != 0:  # DTP towers only
+            extra[f"efficiency/{name}_gflops_unpadded"] = unpadded_gflops(tower, inputs, unpadded_samples or len(inputs))
     model.train(was_training)
 
     def compression(out: TowerOutput) -> float:

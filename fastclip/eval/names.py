@@ -107,7 +107,7 @@ CATALOG = (
     Metric("lm/test_chars", "chars", "", "final", "task=lm: characters the test BPC was computed over"),
     Metric("efficiency/image_gflops", "GFLOPs", "lower", "eval", "the image tower's forward per image on the eval batch, from the boundaries it produced (torch FlopCounterMode)"),
     Metric("efficiency/text_gflops", "GFLOPs", "lower", "eval", "the text tower's forward per caption on the eval batch"),
-    Metric("efficiency/{tower}_gflops_unpadded", "GFLOPs", "lower", "eval", "the tower's forward per sample, each of the eval batch's first 8 samples alone (no padding to the batch's longest; _gflops averages all 64, so the two differ by sample too)"),
+    Metric("efficiency/{tower}_gflops_unpadded", "GFLOPs", "lower", "eval", "the tower's forward per sample, each of the eval batch's samples alone (no padding to the batch's longest; the same 64 samples as _gflops, so the two differ by the padding alone)"),
     Metric("efficiency/compression_{tower}", "x", "", "eval", "the tower's achieved shortening factor on the eval batch: tokens / segments (task=lm: _text, on the evaluated text)"),
     Metric("efficiency/train_gflops", "GFLOPs", "lower", "step", "counted training compute per sample of the whole model (both towers, predictors, loss; forward + backward; a distillation teacher's forward; the matmuls, convolutions and attention torch's FlopCounterMode counts, not elementwise ops or the optimizer), at counted steps (trainer.count_flops_every) and, the last count, at the end: one batch's, not the run's (that is _mean)"),
     Metric("boundary/image_on_stride", "share", "", "eval", "DTP image towers: the share of boundaries where fixed k = round(shortening factor) puts one"),

@@ -83,6 +83,13 @@ def has_boundary_picture(model) -> bool:
             or getattr(model.visual, "drops_at_eval", False) or hasattr(model.visual, "merged_groups"))
 
 
+def spread(n: int, length: int) -> list[int]:
+    """min(n, length) indices evenly spaced over range(length), the first 0 (all of it where n >= length)."""
+    if n >= length:
+        return list(range(length))
+    return [i * length // n for i in range(n)]
+
+
 class ClipTask(TaskBase):
     shards_evaluation = True  # data-parallel: each rank encodes its share of every evaluation set
 
@@ -270,15 +277,17 @@ class ClipTask(TaskBase):
         return StepOutput(loss, extras, images.shape[0], batch.skipped)
 
     def eval_batch(self, n: int = 64, split: str = "val"):
-        """A real eval batch for FLOP counting: held-out images of `split` (val or test) with their own
-        text (class prompts in unseen templates, or their first caption); ImageNet's where the split
-        has neither (test)."""
+        """A real eval batch for FLOP counting: n held-out images of `split` (val or test) spread evenly
+        over it (an image folder's split is sorted by class: its first 64 were one class, and a learned
+        tower's compression and GFLOPs were that class's), with their own text (class prompts in unseen
+        templates, or their first caption); ImageNet's where the split has neither (test)."""
         z, r = self.data.split(split)
         if z is not None:
-            images, labels = zip(*(s for s in (z.images[i] for i in range(min(n, len(z.images)))) if s is not None))
+            picked = (z.images[i] for i in spread(n, len(z.images)))
+            images, labels = zip(*(s for s in picked if s is not None))
             texts = [z.templates[i % len(z.templates)].format(z.classnames[int(c)]) for i, c in enumerate(labels)]
         elif r is not None:
-            pairs = [(r.images[i], r.captions[i][0]) for i in range(min(n, len(r.captions)))]
+            pairs = [(r.images[i], r.captions[i][0]) for i in spread(n, len(r.captions))]
             pairs = [(im[0], c) for im, c in pairs if im is not None]
             images, texts = zip(*pairs)
         else:
