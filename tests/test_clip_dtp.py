@@ -755,3 +755,24 @@ def test_packed_text_tower_matches_padded_and_spends_less(boundary):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert flops["packed"] < flops["padded"]
+
+
+@pytest.mark.parametrize("tokens", ["bpe", "bytes"])
+def test_the_unpadded_count_is_each_samples_own_over_the_whole_eval_batch(tokens):
+    """efficiency/*_gflops_unpadded: the mean of every eval-batch sample run alone (the samples of
+    *_gflops, so the two differ by the padding alone), counting one sample of each (tokens, segments)
+    pair: the same number as counting all 64, exactly."""
+    from fastclip.eval.efficiency import tower_efficiency, unpadded_gflops
+    task = task_for("boundary=gumbel", f"boundary.text_tokens={tokens}")
+    model = task.model.eval()
+    for tower in (model.visual, model.text):  # predictors that fire on some tokens and not on others
+        torch.nn.init.normal_(tower.predictor.mlp[-1].weight, std=2.0)
+    images, texts = task.eval_batch()
+    assert len(images) == 64
+    logged = tower_efficiency(model, images, texts)
+    with torch.no_grad():
+        for name, tower, inputs in (("image", model.visual, images), ("text", model.text, texts)):
+            assert len(set(tower(inputs).segments.tolist())) > 2  # samples differ: a real grouping
+            every = sum(count_gflops(tower, inputs[i:i + 1])[0] for i in range(64)) / 64
+            assert logged[f"efficiency/{name}_gflops_unpadded"] == pytest.approx(every, rel=1e-12)
+            assert unpadded_gflops(tower, inputs, 64) == pytest.approx(every, rel=1e-12)
