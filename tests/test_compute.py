@@ -104,6 +104,23 @@ def test_a_run_under_max_pflops_stops_within_one_step_of_its_budget_whatever_its
     assert trainer.schedule.total == 14  # warm-up and cosine planned over the steps the budget buys
 
 
+def test_the_budget_probe_prices_an_accumulated_step_as_the_step_counts_it(tmp_path):
+    """trainer.max_pflops plans the run from a probe of its first step. Under accum_steps a contrastive
+    step also embeds every micro-batch without gradients first; the probe once ran one micro-batch's
+    loss and backward, under-pricing each step (1.34x at accum 2: more steps planned than the budget
+    buys, the cosine cut short). It runs the step's own accumulate now: the count the step logs."""
+    from fastclip.loop import probe_gflops
+    cfg = compose_cfg([*QUIET, "boundary=fixed", "trainer.accum_steps=2", "trainer.batch_size=32", "epochs=1",
+                       "trainer.max_steps=1", "trainer.warmup_steps=0"])
+    runtime.seed_everything(0)
+    task = build_task(cfg, CPU, tmp_path)
+    trainer = Trainer(task, cfg, CPU)
+    step, one_micro_batch = probe_gflops(task, None, CPU, 2), probe_gflops(task, None, CPU, 1)
+    metrics = fit(task, cfg, None, tmp_path, CPU, trainer)
+    assert step == pytest.approx(metrics["efficiency/train_gflops"], rel=1e-9)
+    assert step > 1.2 * one_micro_batch
+
+
 def test_max_pflops_is_refused_with_max_steps_and_when_not_positive():
     with pytest.raises(ConfigError, match="trainer.max_pflops=1.0 with trainer.max_steps=5: the budget decides"):
         check_config(compose_cfg(["trainer.max_pflops=1", "trainer.max_steps=5"]))

@@ -81,7 +81,7 @@ class _Counted:
 
 class InMemorySteps:
     """The bench's model and batch in the shape fastclip.loop.probe_gflops counts a task's training
-    step in: model, train_batches(epoch), loss(batch) -> (loss, samples)."""
+    step in: model, train_batches(epoch), accumulate(batches, run) -> each batch's (loss, samples)."""
 
     def __init__(self, model, batch):
         self.model, self.batch, self.criterion = model, batch, ClipLoss()
@@ -92,6 +92,14 @@ class InMemorySteps:
     def loss(self, batch):
         loss, _ = clip_objective(self.model, self.criterion, self.model(*batch))
         return _Counted(loss, batch[0].shape[0])
+
+    def accumulate(self, batches, run):
+        outs = []
+        for batch in batches:  # the bench's one batch: one micro-batch a step
+            with run.autocast():
+                outs.append(self.loss(batch))
+            run.backward(outs[-1].loss / run.accum)
+        return outs
 
 
 def seconds_per_step(step, steps: int, device) -> float:

@@ -77,27 +77,50 @@ class TrainingCompute:
         return out
 
 
-def probe_gflops(task, amp_dtype, device: torch.device) -> float:
-    """Training GFLOPs per sample of the first training batch, counted on a forward and backward that
-    leaves no trace: gradients dropped, buffers (batch-norm statistics) and every random generator
-    restored. What `trainer.max_pflops` plans the run's length with, before its first step."""
+def probe_gflops(task, amp_dtype, device: torch.device, accum: int = 1) -> float:
+    """Training GFLOPs per sample of the first optimizer step (its `accum` micro-batches, through the
+    task's own accumulate: under trainer.accum_steps a contrastive step also embeds every micro-batch
+    without gradients first, which one micro-batch's loss and backward missed, 1.34x under-priced at
+    accum 2), counted on a step that leaves no trace: gradients dropped, buffers (batch-norm
+    statistics) and every random generator restored. What `trainer.max_pflops` plans the run's length
+    with, before its first step."""
+    import itertools
+
     from fastclip import runtime
     model = task.model
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     counter = _Counting(TrainingCompute(device))
     with runtime.preserved_rng():
-        batch = next(iter(task.train_batches(0)))
-        with counter, runtime.autocast(device, amp_dtype):
-            out = task.loss(batch)
-            if out.loss is not None:
-                out.loss.backward()
+        batches = list(itertools.islice(task.train_batches(0), accum))
+        with counter:
+            outs = task.accumulate(batches, _Probe(device, amp_dtype, accum))
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-    if out.loss is None or not out.samples:
+    samples = sum(out.samples for out in outs if out.loss is not None)
+    if not samples:
         raise InputError("trainer.max_pflops: the first training batch has no usable sample to count the compute of")
-    return ranks_mean(counter.compute._flops / out.samples / 1e9, device)
+    return ranks_mean(counter.compute._flops / samples / 1e9, device)
+
+
+class _Probe:
+    """A task's `Backward` for probe_gflops: the run's autocast, plain backward, no DDP wrapper (each
+    rank probes its own share; ranks_mean averages them)."""
+    forward = None
+
+    def __init__(self, device: torch.device, amp_dtype, accum: int):
+        self.device, self.amp_dtype, self.accum = device, amp_dtype, accum
+
+    def autocast(self):
+        from fastclip import runtime
+        return runtime.autocast(self.device, self.amp_dtype)
+
+    def sync(self, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
 
 def ranks_mean(value: float, device: torch.device) -> float:

@@ -71,12 +71,12 @@ class Trainer:
             return min(total, tc.max_steps) if tc.max_steps else total
         step_samples = tc.batch_size * self.accum * self.world.size
         budget = self.max_pflops * 1e6 / step_samples  # GFLOPs per sample the run may spend, summed over steps
-        reduced = probe_gflops(task, self.amp_dtype, device)
+        reduced = probe_gflops(task, self.amp_dtype, device, self.accum)
         phase = tc.full_token_steps
         if not phase:
             return max(1, math.ceil(budget / reduced))
         task.model.set_full_tokens(True)  # the phase's steps cost more: priced at their own count
-        full = probe_gflops(task, self.amp_dtype, device)
+        full = probe_gflops(task, self.amp_dtype, device, self.accum)
         task.model.set_full_tokens(False)
         if phase < 1:  # a fraction of the run
             total = max(1, math.ceil(budget / ((1 - phase) * reduced + phase * full)))
