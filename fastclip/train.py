@@ -212,6 +212,9 @@ def _compressed(task, cfg: DictConfig, tracker, dense: dict, trainer, run_dir: P
                       run_dir / "checkpoints" / "last.pt")
         tracker.set_tags({"fastclip.compression_error": f"{type(exc).__name__}: {exc}"[:5000]})
         return {}
+    if compressed.get("compression/pruned_at_end"):  # finish() pruned after the last save: the file gets it
+        from fastclip.loop.checkpointing import replace_weights
+        replace_weights(trainer, run_dir / "checkpoints" / "last.pt")
     tracker.log_metrics(compressed, trainer.state.step)
     math = runtime.math_mode(trainer.device, trainer.amp_dtype)  # the latencies' arithmetic, both models'
     tracker.set_tags({"fastclip.latency_math": math})

@@ -360,9 +360,17 @@ def test_a_resume_that_lengthens_a_pruned_run_keeps_its_masks_and_its_before_pru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("structure", ["unstructured", "structured"])
-def test_a_prune_run_logs_the_sparsity_it_reached_beside_the_dense_numbers(tmp_path, structure):
+@pytest.mark.parametrize("structure", ["unstructured", "structured", "late"])
+def test_a_prune_run_logs_the_sparsity_it_reached_beside_the_dense_numbers(tmp_path, structure, monkeypatch):
+    """late: the run ends at step 3, before its pruning step (4: a budget or the data ended it); the final
+    masks are applied then, unfine-tuned, and its checkpoint holds them (it once kept the dense weights
+    while the run reported 50% sparsity)."""
+    from fastclip.loop import Trainer
     from fastclip.train import run
+    late = structure == "late"
+    if late:
+        structure = "unstructured"
+        monkeypatch.setattr(Trainer, "finished", lambda self: self.state.step >= 3)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = compose_cfg([*TINY_CLIP, "compression=prune", f"compression.structure={structure}", "trainer.max_steps=6",
                        "compression.finetune_steps=2", "eval.boundary_picture=false", f"tracking.uri={store}"])
@@ -379,6 +387,13 @@ def test_a_prune_run_logs_the_sparsity_it_reached_beside_the_dense_numbers(tmp_p
     assert metrics["compression/params_nonzero"] < metrics["compression/params_nonzero_dense"]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert "zeroshot/top1_dense" not in metrics  # the model before pruning trained 2 steps fewer: no dense twin
+    assert metrics["compression/pruned_at_end"] == float(late)
+    if late:  # the checkpoint's weights are the pruned ones the numbers are of
+        from fastclip.inference import load
+        assert weight_sparsity(load(tmp_path / "run" / "checkpoints" / "last.pt")[0]) == pytest.approx(
+            metrics["compression/sparsity"]) == pytest.approx(0.5, abs=0.01)
+        assert checkpoint["compression"]["applied"] == 0.5
+        return
     assert metrics["compression/before_prune_step"] == 4
     assert checkpoint["compression"]["applied"] == 0.5 and checkpoint["compression"]["before_prune"]["zeroshot/top1"] == \
         pytest.approx(metrics["zeroshot/top1_before_prune"])

@@ -27,6 +27,18 @@ class CheckpointPolicy:
         save(self.trainer, self.path, self.extra)
 
 
+def replace_weights(trainer: Trainer, path: Path) -> None:
+    """The finished run's checkpoint given the weights and compression state the trainer holds now, the
+    rest as written: a compression's finish changed them after the last save (a pruning schedule that
+    ended later than the run, its final masks applied then), and the file must load the model the run's
+    numbers are of. Rank 0 alone (no collective)."""
+    state = checkpoint.load(path)
+    state["model"] = trainer.model.state_dict()
+    if (kept := trainer.compression.state_dict()) is not None:
+        state["compression"] = kept
+    checkpoint.save(path, state)
+
+
 def save(trainer: Trainer, path: Path, extra: dict) -> None:
     """Replaces the last checkpoint, unless the weights have gone non-finite (then the last good
     one stays and the run stops). Data-parallel: every rank calls it, rank 0 writes, and no rank goes
