@@ -393,6 +393,7 @@ def test_a_prune_run_logs_the_sparsity_it_reached_beside_the_dense_numbers(tmp_p
         assert weight_sparsity(load(tmp_path / "run" / "checkpoints" / "last.pt")[0]) == pytest.approx(
             metrics["compression/sparsity"]) == pytest.approx(0.5, abs=0.01)
         assert checkpoint["compression"]["applied"] == 0.5
+        assert metrics["compression/before_prune_step"] == 3  # where it was pruned: the run's end, not step 4
         return
     assert metrics["compression/before_prune_step"] == 4
     assert checkpoint["compression"]["applied"] == 0.5 and checkpoint["compression"]["before_prune"]["zeroshot/top1"] == \

@@ -67,10 +67,11 @@ class Pruner:
         t = (step - self.start) // self.every * self.every  # held between mask updates
         return self.sparsity * (1 - (1 - t / (self.end - self.start)) ** 3)
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, target: float | None = None) -> None:
+        """After `step` optimizer steps: the masks for the schedule's target there (or `target`)."""
         # never below the masks held: a resume that lengthens the run re-plans `end` later, and the
         # schedule's target there can fall under what the checkpoint's steps already pruned
-        target = max(self.target(step), self.applied)
+        target = max(self.target(step) if target is None else target, self.applied)
         if target != self.applied:
             if self.schedule == "oneshot" and self.quality_before is not None:
                 self.before_prune, self.before_prune_step = self.quality_before(), step
@@ -91,12 +92,13 @@ class Pruner:
             if grad is not None:
                 grad.mul_(mask)
 
-    def finish(self) -> bool:
-        """The schedule's final masks, if the run ended before reaching them (an epoch limit, skipped
-        batches) -> whether they had to be applied now (then without fine-tuning)."""
+    def finish(self, step: int) -> bool:
+        """The schedule's final masks, if the run ended (after `step` steps) before reaching them (a
+        compute budget, skipped batches) -> whether they had to be applied now (then without
+        fine-tuning; a oneshot's before-pruning numbers are the model's at `step`)."""
         if self.applied == self.sparsity:
             return False
-        self.after_step(self.end)
+        self.after_step(step, self.sparsity)
         return True
 
     @torch.no_grad()
@@ -158,7 +160,7 @@ def compress(task, cfg, pruner: Pruner, final: dict[str, float], step: int) -> d
     numbers show it."""
     model = task.model
     was_training = model.training
-    late = pruner.finish()
+    late = pruner.finish(step)
     if late:
         log.warning("the run ended at step %d, before its pruning schedule's end (step %d): the final masks were "
                     "applied now, without fine-tuning", step, pruner.end)
