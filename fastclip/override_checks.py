@@ -12,7 +12,7 @@ from dataclasses import fields
 from omegaconf import OmegaConf
 
 from fastclip.schema import OPTIONS, ROOT
-from fastclip.schema.model import placement_unread
+from fastclip.schema.model import PLACEMENT_CONDITIONS, placement_unread
 from fastclip.schema.unread import PLACEMENT, UNREAD_BECAUSE, option_default, plain, task_default_ok, written
 from fastclip.schema.errors import ConfigError
 
@@ -194,23 +194,24 @@ def _check_placement_reads(override, field: str, jobs: list, given: dict, keyed:
     `boundary=tome boundary.image_order=hilbert` once trained plain ToMe without a word. In a multirun
     across options the jobs that do not read it ignore it (`-m boundary=fixed,gumbel
     boundary.image_start=stride`), as loss_weight's do."""
+    import itertools
+
     from fastclip.group_choices import chosen
     tasks, values = chosen("task", given), keyed.get(override.key_or_group)
     if tasks is None or values is None:  # a task Hydra will report missing; a range or an interpolation
         return
-    towers_given = None  # each job's boundary.apply_to where the command line gives it (unread: both towers)
-    if "boundary.apply_to" in keyed:
-        towers_given = keyed["boundary.apply_to"] or [("image", "text")]
     reasons = []
     for job in jobs:
         schema = OPTIONS["boundary"][job.option]
-        for towers in towers_given or [option_default("boundary", job.option, "apply_to")]:
-            for task in dict.fromkeys(t.option for t in tasks.jobs):
-                why = placement_unread(job.option, schema, field, task, towers if isinstance(towers, (list, tuple))
-                                       else ("image", "text"))
-                if why is None:
-                    return
-                reasons.append(why)
+        # the values each job may have of the keys the rule reads: the command line's (None where it gives
+        # one this check cannot read: taken as reading), else the option's
+        known = {k: keyed.get(f"boundary.{k}", [option_default("boundary", job.option, k)]) or [None]
+                 for k in PLACEMENT_CONDITIONS}
+        for task, *combo in itertools.product(dict.fromkeys(t.option for t in tasks.jobs), *known.values()):
+            why = placement_unread(job.option, schema, field, task, dict(zip(known, combo)))
+            if why is None:
+                return
+            reasons.append(why)
     default = {written(option_default("boundary", job.option, field)) for job in jobs}
     if all(written(v) in default for v in values):
         return
@@ -222,10 +223,9 @@ def _check_read_when(override, head: str, field: str, jobs: list, when: tuple, k
     """A key one value of another key reads (a schema's READ_WHEN: compression.prune_every under
     schedule=gradual), set apart from its default where no job has that value."""
     values, (on, wanted) = keyed.get(override.key_or_group), when
-    ons = keyed.get(f"{head}.{on}", [None] if f"{head}.{on}" in keyed else None)  # None: unread, any
-    if values is None or ons is not None and any(o is None or "${" in str(o) for o in ons):  # or interpolated
+    if values is None or keyed.get(f"{head}.{on}", ()) is None:  # a value this check cannot read: any
         return
-    ons = ons or [option_default(head, job.option, on) for job in jobs]
+    ons = keyed.get(f"{head}.{on}") or [option_default(head, job.option, on) for job in jobs]
     default = {written(option_default(head, job.option, field)) for job in jobs}
     if wanted not in ons and any(written(v) not in default for v in values):
         raise ConfigError(f"{override.input_line}: no job reads it (only {head}.{on}={wanted} reads it; "
@@ -238,10 +238,12 @@ def _job_values(override) -> list | None:
     interval or a glob, whose values are numbers or options."""
     from hydra.core.override_parser.types import Glob
     if not override.is_sweep_override():
-        return [plain(override.value())]
-    if override.is_choice_sweep() and not isinstance(override.value(), Glob):
-        return [plain(v) for v in override.value().list]
-    return None
+        values = [plain(override.value())]
+    elif override.is_choice_sweep() and not isinstance(override.value(), Glob):
+        values = [plain(v) for v in override.value().list]
+    else:
+        return None
+    return None if any("${" in str(v) for v in values) else values  # an interpolation: known when resolved
 
 
 def _check_form(override, schema: type, field: str) -> None:

@@ -232,7 +232,9 @@ def _open_run(cfg: DictConfig, task, resume, uri: str, run_dir: Path):
     commit, dirty = runtime.git_commit()
     tags = {"mlflow.source.git.commit": commit, "fastclip.git_dirty": str(dirty), "fastclip.task": cfg.task.name,
             "fastclip.run_dir": str(run_dir.resolve()), **hydra_tags(), **task.tags}
-    unread = unread_keys(cfg)  # a multirun's shared key this job's option or task ignores
+    # a multirun's shared key this job's option or task ignores; a resume's were tagged when its run began
+    # (and a key it was given as its legacy value, which no one set, is not one)
+    unread = unread_keys(cfg) if not resume else {}
     if unread:
         said = "; ".join(f"{key} ({why})" for key, why in unread.items())
         log.warning("this run does not read %s: it runs without them, and its MLflow run says so "

@@ -102,7 +102,8 @@ def sweep_view(uri: str, port: int, found=None) -> tuple[str, str, int] | None:
     logged = {k for r in runs for k in r.metrics}
     objective = next((m for m in OBJECTIVE_METRICS if m in logged), None)
     headline = next((m for m in HEADLINE_METRICS if m in logged), None)
-    metrics = [m for m in (objective, headline, *COST_METRICS, *VIEW_METRICS) if m and m in logged]
+    costs = [*COST_METRICS] if COST_METRICS[0] in logged else ["efficiency/train_gflops", *COST_METRICS[1:]]  # older runs
+    metrics = [m for m in (objective, headline, *costs, *VIEW_METRICS) if m and m in logged]
     params = varied_keys(runs) + (["seed"] if len({r.params.get("seed") for r in runs}) > 1 else [])
     state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{chosen.sweep_id}' and attributes.status = 'FINISHED'",
              "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{m}`" for m in metrics]}

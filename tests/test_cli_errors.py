@@ -212,10 +212,15 @@ def test_a_loss_weight_is_refused_where_no_job_has_an_auxiliary_loss_to_weigh(ar
     (["boundary=entropy_spike", "boundary.image_row_breaks=true"], "only boundary=gumbel reads it"),
     (["boundary=fixed", "boundary.image_token_budget=0.5"], "only learned boundaries read it, not boundary=fixed"),
     # a tower apply_to leaves unpooled (the option's default, or the command line's)
-    (["boundary=whitespace", "boundary.image_layout=padded"], r"boundary=whitespace with apply_to=\[text\] leaves the image"),
+    (["boundary=whitespace", "boundary.image_pool=mean"], r"boundary=whitespace with apply_to=\[text\] leaves the image"),
     (["boundary=gumbel", "boundary.apply_to=[image]", "boundary.text_pre_layers=2"], "leaves the text tower unpooled"),
     (["task=lm", "boundary=gumbel", "boundary.image_order=hilbert"], "task=lm reads no placement key"),
     (["-m", "boundary=tome,evit", "boundary.image_order=hilbert"], "boundary=tome runs .*; boundary=evit runs"),
+    # a key another key's value leaves unread (layout, order), and fixed's grid, which has no layout to choose
+    (["boundary=gumbel", "boundary.image_layout=packed", "boundary.image_buckets=4"], "packed rows have no padding"),
+    (["boundary=gumbel", "boundary.image_layout=padded", "boundary.image_token_budget=0.3"], "sizes the packed layout"),
+    (["boundary=gumbel", "boundary.image_order=hilbert", "boundary.image_row_breaks=true"], "never wrap across rows"),
+    (["boundary=fixed", "boundary.image_layout=packed"], "only learned boundaries read it, not boundary=fixed"),
     # read by some job: passes
     (["boundary=tome", "boundary.apply_to=[image]"], None),
     (["boundary=tome", "boundary.image_order=raster"], None),  # its default: nothing set
@@ -226,6 +231,11 @@ def test_a_loss_weight_is_refused_where_no_job_has_an_auxiliary_loss_to_weigh(ar
     (["-m", "boundary=gumbel", "boundary.apply_to=[text],[image]", "boundary.image_pre_layers=2"], None),
     (["-m", "task=lm,clip", "boundary=gumbel", "boundary.image_order=hilbert"], None),
     (["boundary=fixed", "boundary.apply_to=${oc.env:TOWERS}", "boundary.image_pool=mean"], None),  # unread here
+    (["boundary=tome", "boundary.image_order=${oc.env:ORDER,raster}"], None),  # known once resolved
+    (["-m", "boundary=gumbel", "boundary.image_layout=padded,packed", "boundary.image_buckets=4"], None),
+    (["-m", "boundary=gumbel", "boundary.image_layout=padded,packed", "boundary.image_token_budget=0.3"], None),
+    (["-m", "boundary=gumbel", "boundary.image_order=raster,hilbert", "boundary.image_row_breaks=true"], None),
+    (["boundary=gumbel", "boundary.image_buckets=4"], None),  # image_layout=auto: padded on CUDA
 ])
 def test_a_placement_key_is_refused_where_no_job_reads_it(args, refused):
     """`boundary=tome boundary.image_order=hilbert` trained plain ToMe, silently, and

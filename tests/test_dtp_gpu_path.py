@@ -186,9 +186,11 @@ def test_bad_token_budgets_fail_before_training_naming_key_and_value(budget, mat
 
 
 def test_token_budget_refuses_layouts_and_rules_it_cannot_size():
-    with pytest.raises(ValueError, match="boundary.image_token_budget=4 .* boundary.image_layout=padded"):
-        task_for("boundary.image_token_budget=4", "boundary.image_layout=padded")
     from fastclip.models.vision import DTPImageTower
+    padded = task_for("boundary.image_token_budget=4", "boundary.image_layout=padded").model
+    assert padded.visual.budget is None  # a grid's key a padded job does not read: run off (placement_unread)
+    with pytest.raises(ValueError, match="boundary.image_token_budget=4 .* boundary.image_layout=padded"):
+        DTPImageTower(padded.visual.vit, padded.image_method, 1, layout="padded", token_budget=4)
     for offset in ("false", "true"):  # whatever mode the tower is built in
         fixed = task_for("boundary=fixed", f"boundary.random_offset={offset}", "boundary.image_token_budget=8")
         assert fixed.model.visual.budget is None  # the config's: a multirun's key fixed does not read, run off

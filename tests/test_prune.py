@@ -332,6 +332,8 @@ def test_prune_options_are_checked_before_training():
                                               rf"gradual reads it; compression.schedule=oneshot here\)"):
             check_override_keys(["compression=prune", f"compression.{key}"])
         check_override_keys(["-m", "compression=prune", "compression.schedule=oneshot,gradual", f"compression.{key}"])
+    check_override_keys(["compression=prune", "compression.prune_every=${oc.env:EVERY,null}"])  # known once resolved
+    check_override_keys(["compression=prune", "compression.schedule=${oc.env:S}", "compression.prune_every=5"])
     from fastclip.schema.unread import unread_keys  # the oneshot job of that multirun names it
     assert unread_keys(compose_cfg(["compression=prune", "compression.prune_every=5"])) == {
         "compression.prune_every=5": "only compression.schedule=gradual reads it, not oneshot"}

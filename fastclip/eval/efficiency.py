@@ -49,9 +49,12 @@ def unpadded_gflops(tower, inputs: torch.Tensor, n: int, out: TowerOutput | None
     the padded layout with a mask (not through varlen_attn: CUDA under half-precision autocast,
     models/packed.py), that attention's padding, of this; a padded one pays for every row's padding.
     out: the batch's TowerOutput; a sample alone costs what its (tokens, segments) decide, so one
-    sample of each pair is counted (exact, tested; 64 counted forwards were 1.2 s an evaluation)."""
+    sample of each pair is counted (exact, tested; 64 counted forwards were 1.2 s an evaluation), but
+    under eval_rule=sample, whose draw alone is not the batch's: every sample is counted."""
     n = min(n, len(inputs))
-    keys = list(zip(out.tokens[:n].tolist(), out.segments[:n].tolist())) if out is not None else list(range(n))
+    drawn = getattr(getattr(tower, "method", None), "eval_rule", None) == "sample"  # alone, other boundaries
+    keys = list(zip(out.tokens[:n].tolist(), out.segments[:n].tolist())) if out is not None and not drawn \
+        else list(range(n))
     cost: dict = {}
     for i, key in enumerate(keys):
         if key not in cost:

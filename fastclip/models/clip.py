@@ -23,7 +23,7 @@ from fastclip.models.patch_dropout import PatchDropoutImageTower
 from fastclip.models.tome import ToMeImageTower
 from fastclip.models.vision import DTPImageTower, VanillaImageTower
 from fastclip.schema import OPTIONS
-from fastclip.schema.model import PLACEMENT_OFF
+from fastclip.schema.model import PLACEMENT_CONDITIONS, PLACEMENT_OFF, placement_unread
 
 
 def clip_geometry(enc) -> dict:
@@ -135,11 +135,12 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
         image_method = build_boundary_method(boundary)
         vc = geometry["vision_cfg"]
         # a key the option does not read runs off (a multirun across options sets it for every job)
-        read = {key: getattr(boundary, key) if key in OPTIONS["boundary"][boundary.name].READS else off
+        schema, placement = OPTIONS["boundary"][boundary.name], {k: getattr(boundary, k) for k in PLACEMENT_CONDITIONS}
+        read = {key: off if placement_unread(boundary.name, schema, key, "clip", placement) else getattr(boundary, key)
                 for key, off in PLACEMENT_OFF.items()}
         image = DTPImageTower(visual, image_method, boundary.image_pre_layers, boundary.image_pool,
                               next_patch_dim=3 * vc["patch_size"] ** 2 if vc.get("patch_size") else None,
-                              buckets=boundary.image_buckets, layout=boundary.image_layout,
+                              buckets=read["image_buckets"], layout=boundary.image_layout,
                               row_breaks=read["image_row_breaks"], start=read["image_start"],
                               order=boundary.image_order, token_budget=read["image_token_budget"],
                               shift_start=boundary.name == "gumbel" and boundary.get("random_offset", False))

@@ -16,11 +16,11 @@ TEXT_LAYOUTS = ("packed", "padded")
 IMAGE_LAYOUTS = ("packed", "padded", "auto")
 TOKENIZERS = ("bpe", "char")  # encoder.tokenizer: open_clip's BPE, or the byte-level DTP text tower's
 # the placement keys a DTP option reads where its towers pool (Boundary.READS): all but learned boundaries'
-# image_token_budget and gumbel's image_row_breaks and image_start, which an option that does not read them
-# runs as (PLACEMENT_OFF: their defaults in conf/_shared/boundary_placement.yaml)
-PLACEMENT_OFF = {"image_token_budget": None, "image_row_breaks": False, "image_start": "prior"}
+# image_layout and image_token_budget and gumbel's image_row_breaks and image_start. Where a job does not
+# read one the model builder runs it as PLACEMENT_OFF (their defaults in conf/_shared/boundary_placement.yaml)
+PLACEMENT_OFF = {"image_token_budget": None, "image_row_breaks": False, "image_start": "prior", "image_buckets": "auto"}
 DTP_PLACEMENT = frozenset({"apply_to", "image_pre_layers", "text_pre_layers", "image_pool", "image_order",
-                           "image_layout", "image_buckets", "text_layout", "text_tokens"})
+                           "image_buckets", "text_layout", "text_tokens"})
 
 
 @dataclass
@@ -94,6 +94,9 @@ class Boundary:
         choice("boundary.text_tokens", self.text_tokens, TEXT_TOKENS)
         choice("boundary.text_layout", self.text_layout, TEXT_LAYOUTS)
         choice("boundary.image_layout", self.image_layout, IMAGE_LAYOUTS)
+        buckets = self.image_buckets
+        if not (buckets == "auto" or (isinstance(buckets, int) and not isinstance(buckets, bool) and buckets >= 1)):
+            raise ConfigError(f"boundary.image_buckets={buckets!r}: expected auto or an integer >= 1")
         budget = self.image_token_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0
                                    or (isinstance(budget, float) and budget > 1 and budget != int(budget))):
@@ -132,7 +135,7 @@ class LearnedPredictor(Boundary):
     predictor_ratio: Any = frozen(legacy=4)
     AUTO_RATIO: ClassVar[bool] = False
     AUXILIARY_LOSS: ClassVar[bool] = True
-    READS: ClassVar[frozenset] = DTP_PLACEMENT | {"image_token_budget"}  # learned: a variable segment count
+    READS: ClassVar[frozenset] = DTP_PLACEMENT | {"image_layout", "image_token_budget"}  # learned: counts vary
 
     def __post_init__(self):
         super().__post_init__()
@@ -217,12 +220,15 @@ class Lowres(Boundary):
 
 
 PEERS = ("tome", "patch_dropout", "evit", "lowres")
+PLACEMENT_CONDITIONS = ("apply_to", "image_layout", "image_order")  # what placement_unread reads of a job
 
 
-def placement_unread(option: str, schema: type, key: str, task: str, towers) -> str | None:
-    """Why boundary=`option` (typed by `schema`) ignores the placement key `key` under task=`task` with
-    boundary.apply_to=`towers`, or None where it reads it (conf/_shared/boundary_placement.yaml).
-    One rule for the model builders (which pass an unread key's default) and the command-line check."""
+def placement_unread(option: str, schema: type, key: str, task: str, placement) -> str | None:
+    """Why boundary=`option` (typed by `schema`) ignores the placement key `key` under task=`task`, or None
+    where it reads it (conf/_shared/boundary_placement.yaml). placement: the job's other placement values
+    (a mapping: apply_to, image_layout, image_order; one that is missing or None is not known, so taken
+    as reading). One rule for the model builder (which runs an unread key off: PLACEMENT_OFF), the
+    command-line check and a run's unread keys (fastclip.schema.unread)."""
     if key not in schema.READS:
         if option == "none":
             return "boundary=none pools nothing"
@@ -232,7 +238,14 @@ def placement_unread(option: str, schema: type, key: str, task: str, towers) -> 
                f" it, not boundary={option}"
     if task != "clip":
         return f"task={task} reads no placement key: the char LM's depth is encoder.pre_layers"
-    tower = key.split("_")[0]
-    if tower in ("image", "text") and tower not in towers:
+    towers, tower = placement.get("apply_to"), key.split("_")[0]
+    if towers is not None and tower in ("image", "text") and tower not in towers:
         return f"boundary={option} with apply_to=[{','.join(towers)}] leaves the {tower} tower unpooled"
+    layout, order = placement.get("image_layout"), placement.get("image_order")
+    if key == "image_buckets" and layout == "packed":
+        return "boundary.image_layout=packed: packed rows have no padding to bucket"
+    if key == "image_token_budget" and layout == "padded":
+        return "boundary.image_layout=padded: the budget sizes the packed layout"
+    if key == "image_row_breaks" and order not in (None, "raster"):
+        return f"boundary.image_order={order}: its runs never wrap across rows"
     return None

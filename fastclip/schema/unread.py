@@ -11,7 +11,7 @@ from dataclasses import fields
 from omegaconf import OmegaConf
 
 from fastclip.schema.groups import OPTIONS
-from fastclip.schema.model import Boundary, placement_unread
+from fastclip.schema.model import PLACEMENT_CONDITIONS, Boundary, placement_unread
 from fastclip.schema.run import Eval, Trainer
 
 PLACEMENT = {f.name for f in fields(Boundary)} - {"name"}  # conf/_shared/boundary_placement.yaml's keys
@@ -42,11 +42,11 @@ def unread_keys(cfg) -> dict[str, str]:
     "boundary.image_start=stride" -> "only boundary=gumbel reads it, not boundary=fixed". Empty for
     every run the command line would let through alone; a multirun's job can have some."""
     task, boundary = cfg.task.name, cfg.boundary
-    towers = tuple(boundary.apply_to)
     schema = OPTIONS["boundary"][boundary.name]
+    placement = {k: plain(boundary[k]) for k in PLACEMENT_CONDITIONS}
     out = {}
     for key in sorted(PLACEMENT):
-        why = placement_unread(boundary.name, schema, key, task, towers)
+        why = placement_unread(boundary.name, schema, key, task, placement)
         if why and written(boundary[key]) != written(option_default("boundary", boundary.name, key)):
             out[f"boundary.{key}={written(boundary[key])}"] = why
     if not schema.AUXILIARY_LOSS and boundary.get("loss_weight"):
