@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from fastclip.schema import OPTIONS, ROOT
 from fastclip.schema.model import PLACEMENT_CONDITIONS, placement_unread
-from fastclip.schema.unread import PLACEMENT, UNREAD_BECAUSE, option_default, plain, task_default_ok, written
+from fastclip.schema.unread import (PLACEMENT, UNREAD_BECAUSE, option_default, plain, read_when_reason, task_default_ok,
+                                   unmet, written)
 from fastclip.schema.errors import ConfigError
 
 
@@ -160,9 +161,8 @@ def _check_key(override, values: list, given: dict, multirun: bool, keyed: dict)
                               f"loss to weigh (gumbel, entropy_spike and unigram have one); leave it 0")
     if head == "boundary" and field in PLACEMENT and jobs and "." not in rest:
         _check_placement_reads(override, field, jobs, given, keyed)
-    when = getattr(OPTIONS[head][jobs[0].option], "READ_WHEN", {}).get(field) if jobs and "." not in rest else None
-    if when:
-        _check_read_when(override, head, field, jobs, when, keyed)
+    if jobs and "." not in rest and any(field in getattr(OPTIONS[head][j.option], "READ_WHEN", {}) for j in jobs):
+        _check_read_when(override, head, field, jobs, keyed)
     reader = getattr(OPTIONS[head][jobs[0].option], "READ_BY", {}).get(field) if jobs and "." not in rest else None
     if reader:
         _check_task_reads(override, values, head, jobs[0].option, field, reader, given)
@@ -219,17 +219,32 @@ def _check_placement_reads(override, field: str, jobs: list, given: dict, keyed:
                       f"{' or '.join(sorted(default))}")
 
 
-def _check_read_when(override, head: str, field: str, jobs: list, when: tuple, keyed: dict) -> None:
-    """A key one value of another key reads (a schema's READ_WHEN: compression.prune_every under
-    schedule=gradual), set apart from its default where no job has that value."""
-    values, (on, wanted) = keyed.get(override.key_or_group), when
-    if values is None or keyed.get(f"{head}.{on}", ()) is None:  # a value this check cannot read: any
+def _check_read_when(override, head: str, field: str, jobs: list, keyed: dict) -> None:
+    """A key that values of other keys decide whether a job reads (a schema's READ_WHEN:
+    compression.prune_every under schedule=gradual; gumbel's random_offset under image_start=stride with
+    an image tower), set apart from its default where no job meets them; a job whose option reads it
+    whatever the rest (fixed's random_offset) reads it."""
+    import itertools
+    values = keyed.get(override.key_or_group)
+    if values is None:
         return
-    ons = keyed.get(f"{head}.{on}") or [option_default(head, job.option, on) for job in jobs]
+    reasons = []
+    for job in jobs:
+        conditions = getattr(OPTIONS[head][job.option], "READ_WHEN", {}).get(field)
+        if conditions is None:
+            return
+        # each condition key's values this job may have: the command line's (None: not readable here,
+        # taken as met), else the option's
+        known = {k: keyed.get(f"{head}.{k}", [option_default(head, job.option, k)]) or [None] for k, _ in conditions}
+        for combo in itertools.product(*known.values()):
+            node = dict(zip(known, combo))
+            missed = unmet(conditions, node)
+            if missed is None:
+                return
+            reasons.append(read_when_reason(head, conditions, missed, node))
     default = {written(option_default(head, job.option, field)) for job in jobs}
-    if wanted not in ons and any(written(v) not in default for v in values):
-        raise ConfigError(f"{override.input_line}: no job reads it (only {head}.{on}={wanted} reads it; "
-                          f"{head}.{on}={','.join(map(written, dict.fromkeys(ons)))} here); leave it "
+    if any(written(v) not in default for v in values):
+        raise ConfigError(f"{override.input_line}: no job reads it ({'; '.join(dict.fromkeys(reasons))}); leave it "
                           f"{' or '.join(sorted(default))}")
 
 

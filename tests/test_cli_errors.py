@@ -169,8 +169,9 @@ def test_a_multirun_key_the_default_option_lacks_is_refused_with_the_one_value_s
     suggested = str(err.value).rsplit("alone: ", 1)[1].strip("'")  # the shell's quotes
     assert suggested == "boundary.random_offset=choice(true)"
     check_override_keys(args[:2] + [suggested])  # what it suggests passes
-    check_override_keys(["-m", "boundary=gumbel", "boundary.random_offset=true"])  # not swept: the sweeper's option
-    check_override_keys(["boundary=gumbel", "boundary.random_offset=true"])
+    check_override_keys(["-m", "boundary=gumbel", "boundary.image_start=stride",  # not swept: the sweeper's option
+                         "boundary.random_offset=true"])
+    check_override_keys(["boundary=gumbel", "boundary.image_start=stride", "boundary.random_offset=true"])
     for mode in ("MULTIRUN", "RunMode.MULTIRUN"):
         with pytest.raises(ConfigError, match="composed with boundary=none"):  # multirun by hydra.mode, not -m
             check_override_keys([f"hydra.mode={mode}", *args[1:]])

@@ -574,10 +574,19 @@ def test_random_offset_shifts_a_learned_towers_stride_start_per_row_in_training_
     plain.model.load_state_dict(task.model.state_dict())
     with torch.no_grad():
         assert torch.equal(plain.model.visual.eval()(images).embedding, tower(images).embedding)
-    with pytest.raises(ConfigError, match="boundary.random_offset=true with boundary=gumbel.*image_start=prior"):
-        task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.random_offset=true")
-    with pytest.raises(ConfigError, match=r"the image tower must pool, add image to boundary.apply_to.*\['text'\]"):
-        task_for("boundary=gumbel", "boundary.apply_to=[text]", "boundary.image_start=stride", "boundary.random_offset=true")
+    # a grid's key a job does not read (Gumbel.READ_WHEN: image_start=stride with an image tower): run off,
+    # named by the job (schema.unread), refused on a command line where no job reads it
+    prior = task_for("boundary=gumbel", "boundary.apply_to=[image]", "boundary.random_offset=true")
+    assert not prior.model.visual.shift_start
+    from fastclip.override_checks import check_override_keys
+    from fastclip.schema.unread import unread_keys
+    text = ["boundary=gumbel", "boundary.apply_to=[text]", "boundary.image_start=stride", "boundary.random_offset=true"]
+    assert unread_keys(compose_cfg(text))["boundary.random_offset=true"] == \
+        "only boundary.image_start=stride and image in boundary.apply_to reads it, not boundary.apply_to=[text]"
+    with pytest.raises(ConfigError, match=r"boundary.random_offset=true: no job reads it \(only boundary.image_start="
+                                          r"stride and image in boundary.apply_to reads it, not boundary.image_start=prior"):
+        check_override_keys(["boundary=gumbel", "boundary.apply_to=[image]", "boundary.random_offset=true"])
+    check_override_keys(["-m", *text[:1], "boundary.apply_to=[image],[text]", *text[2:]])
 
 def segmentation_reading_task(follows_image: bool):
     """A DTP image tower (16 patches) whose embedding reads its segmentation: identity blocks (zero

@@ -329,14 +329,14 @@ def test_prune_options_are_checked_before_training():
     from fastclip.override_checks import check_override_keys
     for key in ("start_step=0.3", "prune_every=5"):
         with pytest.raises(ConfigError, match=rf"compression.{key}: no job reads it \(only compression.schedule="
-                                              rf"gradual reads it; compression.schedule=oneshot here\)"):
+                                              rf"gradual reads it, not compression.schedule=oneshot\)"):
             check_override_keys(["compression=prune", f"compression.{key}"])
         check_override_keys(["-m", "compression=prune", "compression.schedule=oneshot,gradual", f"compression.{key}"])
     check_override_keys(["compression=prune", "compression.prune_every=${oc.env:EVERY,null}"])  # known once resolved
     check_override_keys(["compression=prune", "compression.schedule=${oc.env:S}", "compression.prune_every=5"])
     from fastclip.schema.unread import unread_keys  # the oneshot job of that multirun names it
     assert unread_keys(compose_cfg(["compression=prune", "compression.prune_every=5"])) == {
-        "compression.prune_every=5": "only compression.schedule=gradual reads it, not oneshot"}
+        "compression.prune_every=5": "only compression.schedule=gradual reads it, not compression.schedule=oneshot"}
 
 
 def test_a_resume_that_lengthens_a_pruned_run_keeps_its_masks_and_its_before_prune_numbers():

@@ -143,7 +143,8 @@ def build_clip(enc, boundary, caption_corpus=None, cache_dir=None, inference: bo
                               buckets=read["image_buckets"], layout=boundary.image_layout,
                               row_breaks=read["image_row_breaks"], start=read["image_start"],
                               order=boundary.image_order, token_budget=read["image_token_budget"],
-                              shift_start=boundary.name == "gumbel" and boundary.get("random_offset", False))
+                              shift_start=boundary.name == "gumbel" and boundary.get("random_offset", False)
+                              and read["image_start"] == "stride")  # Gumbel.READ_WHEN
     else:
         image = VanillaImageTower(visual)
     check_tokenizer(enc.tokenizer, boundary, towers)

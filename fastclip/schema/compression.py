@@ -38,9 +38,10 @@ class Prune:
     finetune_steps: Any = frozen()
     start_step: Any = frozen()
     prune_every: Optional[int] = frozen()
-    # key -> (key, value) it is read under; set apart from its default otherwise, it is a no-op: refused on
-    # the command line where no job reads it, named by the job that does not (fastclip.schema.unread)
-    READ_WHEN: ClassVar[dict] = {"start_step": ("schedule", "gradual"), "prune_every": ("schedule", "gradual")}
+    # key -> the (key, value) pairs it is read under (fastclip.schema.unread.unmet); set apart from its
+    # default otherwise, it is a no-op: refused on the command line where no job reads it, named by the job
+    # that does not (fastclip.schema.unread)
+    READ_WHEN: ClassVar[dict] = {"start_step": (("schedule", "gradual"),), "prune_every": (("schedule", "gradual"),)}
 
     def span(self, total_steps: int, warmup_steps: int) -> tuple[int, int, int]:
         """(start, end, every) of the pruning in a `total_steps`-step run whose warm-up ends at

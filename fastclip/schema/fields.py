@@ -58,3 +58,4 @@ def at_least(key: str, value: Any, low: float, what: str = "") -> None:
 
 def _one_of(allowed: tuple) -> str:
     return " or ".join(allowed) if len(allowed) <= 2 else "one of " + ", ".join(allowed)
+

@@ -153,15 +153,9 @@ class Gumbel(LearnedPredictor):
     random_offset: bool = frozen(legacy=False)
     AUTO_RATIO: ClassVar[bool] = True
     READS: ClassVar[frozenset] = LearnedPredictor.READS | {"image_row_breaks", "image_start"}
-
-    def __post_init__(self):
-        super().__post_init__()
-        what = "boundary.random_offset=true with boundary=gumbel shifts the image tower's stride start"
-        if self.random_offset and self.image_start != "stride":
-            raise ConfigError(f"{what}: add boundary.image_start=stride (got image_start={self.image_start})")
-        if self.random_offset and "image" not in self.apply_to:
-            raise ConfigError(f"{what}: the image tower must pool, add image to boundary.apply_to "
-                              f"(got apply_to={list(self.apply_to)})")
+    # random_offset shifts the image tower's stride start: read where it starts on a stride and pools
+    # (a grid across image_start or apply_to sets it for the jobs that do; fixed reads it always)
+    READ_WHEN: ClassVar[dict] = {"random_offset": (("image_start", "stride"), ("apply_to", "image"))}
 
 
 @dataclass

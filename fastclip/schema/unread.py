@@ -55,15 +55,39 @@ def unread_keys(cfg) -> dict[str, str]:
     for group in OPTIONS:
         node = cfg[group]
         option = node.get("name", "default")
-        for key, (on, wanted) in getattr(OPTIONS[group].get(option), "READ_WHEN", {}).items():
-            if node[on] != wanted and written(node[key]) != written(option_default(group, option, key)):
-                out[f"{group}.{key}={written(node[key])}"] = f"only {group}.{on}={wanted} reads it, not {node[on]}"
+        for key, conditions in getattr(OPTIONS[group].get(option), "READ_WHEN", {}).items():
+            missed = unmet(conditions, node)
+            if missed and written(node[key]) != written(option_default(group, option, key)):
+                out[f"{group}.{key}={written(node[key])}"] = read_when_reason(group, conditions, missed, node)
     for group, keys in READ_BY.items():
         for key, reader in keys.items():
             value = cfg[group][key]
             if reader != task and written(value) not in task_default_ok(key, option_default(group, "default", key)):
                 out[f"{group}.{key}={written(value)}"] = f"only task={reader} reads it ({UNREAD_BECAUSE[task]})"
     return out
+
+
+def read_when_reason(group: str, conditions, missed: tuple, node) -> str:
+    """Why a READ_WHEN key is not read: the conditions it needs (node: the job's values, which say
+    which of them are lists), and the one this job misses."""
+    def need(key, wanted) -> str:
+        listed = isinstance(plain(node.get(key)), (list, tuple))
+        return f"{wanted} in {group}.{key}" if listed else f"{group}.{key}={wanted}"
+    return (f"only {' and '.join(need(k, w) for k, w in conditions)} reads it, not "
+            f"{group}.{missed[0]}={written(node.get(missed[0]))}")
+
+
+def unmet(conditions, node) -> tuple[str, object] | None:
+    """The first of a key's READ_WHEN conditions ((key, value) pairs: the key has the value, or holds it
+    where it is a list) that `node` does not meet, or None where it meets them all. node: a mapping of a
+    job's values of that group; a value missing, None or interpolated is not known here, so taken as met."""
+    for key, wanted in conditions:
+        value = plain(node.get(key))
+        if value is None or "${" in str(value):
+            continue
+        if (wanted not in value) if isinstance(value, (list, tuple)) else value != wanted:
+            return key, wanted
+    return None
 
 
 def written(value) -> str:
