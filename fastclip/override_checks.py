@@ -94,6 +94,8 @@ def check_override_keys(args: list[str]) -> None:
             sign = "++" if override.is_force_add() else "+"
             raise ConfigError(f"{arg}: {group} is in the run's defaults list (conf/train.yaml), so it is chosen "
                               f"without {sign}: write {arg.removeprefix(sign)} ({sign} adds a group that is not there)")
+        if (override.is_add() or override.is_force_add()) and override.package is None and "." in group:
+            keyed[group] = _job_values(override)  # the value its jobs get, for the rules that read it
         if override.is_add() or override.is_force_add() or override.is_delete() or override.package is not None:
             continue
         if override.value_type == ValueType.GLOB_CHOICE_SWEEP:  # the group's options it matches
@@ -102,16 +104,20 @@ def check_override_keys(args: list[str]) -> None:
             values = list(override.sweep_string_iterator()) if override.is_choice_sweep() else []
         else:
             values = [override.value()]
+        if "." not in group and any(isinstance(v, (list, dict)) for v in values):
+            raise ConfigError(f"{arg}: {group} takes one option ({', '.join(OPTIONS.get(group, ()))}); a grid over "
+                              f"options is -m {group}=a,b")
         judged.append((override, values))
         keyed[override.key_or_group] = _job_values(override)
         if "." not in override.key_or_group and values:
             given[override.key_or_group] = (values, override.is_sweep_override())
     multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}
-    for override, values in judged:
-        _check_key(override, values, given, multirun, keyed)
+    for forms_only in (True, False):  # every key's form first: a wrong form misreads the rules that read it
+        for override, values in judged:
+            _check_key(override, values, given, multirun, keyed, forms_only)
 
 
-def _check_key(override, values: list, given: dict, multirun: bool, keyed: dict) -> None:
+def _check_key(override, values: list, given: dict, multirun: bool, keyed: dict, forms_only: bool = False) -> None:
     key = override.key_or_group
     head, _, rest = key.partition(".")
     if head == "hydra" or "/" in head:
@@ -155,6 +161,8 @@ def _check_key(override, values: list, given: dict, multirun: bool, keyed: dict)
     if "." not in rest:
         for option in dict.fromkeys(job.option for job in jobs):
             _check_form(override, OPTIONS[head][option], field)
+    if forms_only:
+        return
     if (head, field) == ("boundary", "loss_weight") and jobs and any(_number(v) for v in values):
         if not any(OPTIONS[head][job.option].AUXILIARY_LOSS for job in jobs):  # else a job that has none ignores it
             raise ConfigError(f"{override.input_line}: boundary={','.join(job.option for job in jobs)} has no auxiliary "
@@ -179,10 +187,10 @@ def _check_task_reads(override, values: list, head: str, option: str, field: str
     task (in a multirun over both tasks, the other task's jobs ignore it, as loss_weight's do)."""
     from fastclip.group_choices import chosen
     tasks = chosen("task", given)
-    if tasks is None or any(job.option == reader for job in tasks.jobs):
+    if tasks is None or any(job.option in (reader, None) for job in tasks.jobs):
         return
     default = written(option_default(head, option, field))
-    if any(written(v) not in task_default_ok(field, default) for v in values):
+    if any(written(_typed(OPTIONS[head][option], field, v)) not in task_default_ok(field, default) for v in values):
         task = ",".join(job.option for job in tasks.jobs)
         raise ConfigError(f"{override.input_line} with task={task}: only task={reader} reads it "
                           f"({UNREAD_BECAUSE[task] if task in UNREAD_BECAUSE else 'the other task'}); leave it {default}")
@@ -198,7 +206,7 @@ def _check_placement_reads(override, field: str, jobs: list, given: dict, keyed:
 
     from fastclip.group_choices import chosen
     tasks, values = chosen("task", given), keyed.get(override.key_or_group)
-    if tasks is None or values is None:  # a task Hydra will report missing; a range or an interpolation
+    if tasks is None or values is None or any(t.option is None for t in tasks.jobs):  # left to Hydra; unread here
         return
     reasons = []
     for job in jobs:
@@ -213,7 +221,7 @@ def _check_placement_reads(override, field: str, jobs: list, given: dict, keyed:
                 return
             reasons.append(why)
     default = {written(option_default("boundary", job.option, field)) for job in jobs}
-    if all(written(v) in default for v in values):
+    if all(written(_typed(OPTIONS["boundary"][jobs[0].option], field, v)) in default for v in values):
         return
     raise ConfigError(f"{override.input_line}: no job reads it ({'; '.join(dict.fromkeys(reasons))}); leave it "
                       f"{' or '.join(sorted(default))}")
@@ -243,9 +251,19 @@ def _check_read_when(override, head: str, field: str, jobs: list, keyed: dict) -
                 return
             reasons.append(read_when_reason(head, conditions, missed, node))
     default = {written(option_default(head, job.option, field)) for job in jobs}
-    if any(written(v) not in default for v in values):
+    if any(written(_typed(OPTIONS[head][jobs[0].option], field, v)) not in default for v in values):
         raise ConfigError(f"{override.input_line}: no job reads it ({'; '.join(dict.fromkeys(reasons))}); leave it "
                           f"{' or '.join(sorted(default))}")
+
+
+def _typed(schema: type, field: str, value):
+    """`value` as the schema field's type makes it (OmegaConf's conversion: `0` and `no` for a bool are
+    false), so that a default spelled another way is the default; as given where it does not convert."""
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        return plain(OmegaConf.merge(OmegaConf.structured(schema), {field: value})[field])
+    except (OmegaConfBaseException, ValueError, TypeError):
+        return value
 
 
 def _job_values(override) -> list | None:

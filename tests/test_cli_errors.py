@@ -147,6 +147,11 @@ def test_a_key_only_other_options_declare_names_the_chosen_option_and_those_that
     (["seed=1.5"], "seed=1.5: expected an integer"),
     (["eval.boundary_picture=maybe"], "eval.boundary_picture=maybe: expected true or false"),
     (["trainer.batch_size=null"], "trainer.batch_size=null: expected a value, not null"),
+    # the form first, whatever the order: a rule that reads apply_to read "text" as [t,e,x,t]
+    (["boundary=gumbel", "boundary.image_start=stride", "boundary.apply_to=text"],
+     "boundary.apply_to=text: expected a list: write boundary.apply_to=[text]"),
+    (["task=[lm]", "boundary.image_buckets=4"], "task=[lm]: task takes one option (clip, lm); a grid over options is "
+                                                "-m task=a,b"),
 ])
 def test_a_value_of_the_wrong_form_is_named_with_the_form_its_key_takes(args, message):
     """Hydra said "Invalid value assigned: str is not a ListConfig, list or tuple" and pointed at
@@ -156,6 +161,7 @@ def test_a_value_of_the_wrong_form_is_named_with_the_form_its_key_takes(args, me
         check_override_keys(args)
     assert str(err.value) == message
     check_override_keys(["trainer.lr=${trainer.weight_decay}", "trainer.max_steps=null", "-m", "trainer.lr=range(1,3)"])
+    check_override_keys(["task=null", "boundary=gumbel", "boundary.image_order=hilbert"])  # Hydra's to judge
 
 
 def test_a_multirun_key_the_default_option_lacks_is_refused_with_the_one_value_sweep_that_reaches_every_job():
@@ -221,7 +227,6 @@ def test_a_loss_weight_is_refused_where_no_job_has_an_auxiliary_loss_to_weigh(ar
     (["boundary=gumbel", "boundary.image_layout=packed", "boundary.image_buckets=4"], "packed rows have no padding"),
     (["boundary=gumbel", "boundary.image_layout=padded", "boundary.image_token_budget=0.3"], "sizes the packed layout"),
     (["boundary=gumbel", "boundary.image_order=hilbert", "boundary.image_row_breaks=true"], "never wrap across rows"),
-    (["boundary=fixed", "boundary.image_layout=packed"], "only learned boundaries read it, not boundary=fixed"),
     # read by some job: passes
     (["boundary=tome", "boundary.apply_to=[image]"], None),
     (["boundary=tome", "boundary.image_order=raster"], None),  # its default: nothing set
@@ -237,6 +242,14 @@ def test_a_loss_weight_is_refused_where_no_job_has_an_auxiliary_loss_to_weigh(ar
     (["-m", "boundary=gumbel", "boundary.image_layout=padded,packed", "boundary.image_token_budget=0.3"], None),
     (["-m", "boundary=gumbel", "boundary.image_order=raster,hilbert", "boundary.image_row_breaks=true"], None),
     (["boundary=gumbel", "boundary.image_buckets=4"], None),  # image_layout=auto: padded on CUDA
+    # fixed reads its layout: with random_offset its rows differ, and a block the packed path cannot run
+    # needs padded (the builder's own error says to set it)
+    (["boundary=fixed", "boundary.random_offset=true", "boundary.image_layout=padded"], None),
+    (["boundary=fixed", "boundary.image_layout=padded"], None),
+    # a condition set with ++ is the value the job gets; a default spelled another way is the default
+    (["boundary=gumbel", "++boundary.image_layout=packed", "boundary.image_buckets=4"], "packed rows have no padding"),
+    (["boundary=tome", "boundary.image_row_breaks=0"], None),
+    (["boundary=tome", "boundary.image_row_breaks=no"], None),
 ])
 def test_a_placement_key_is_refused_where_no_job_reads_it(args, refused):
     """`boundary=tome boundary.image_order=hilbert` trained plain ToMe, silently, and

@@ -16,11 +16,12 @@ TEXT_LAYOUTS = ("packed", "padded")
 IMAGE_LAYOUTS = ("packed", "padded", "auto")
 TOKENIZERS = ("bpe", "char")  # encoder.tokenizer: open_clip's BPE, or the byte-level DTP text tower's
 # the placement keys a DTP option reads where its towers pool (Boundary.READS): all but learned boundaries'
-# image_layout and image_token_budget and gumbel's image_row_breaks and image_start. Where a job does not
+# image_token_budget and gumbel's image_row_breaks and image_start (fixed reads image_layout: with
+# random_offset its rows differ by one segment, and a block the packed path cannot run needs padded). Where a job does not
 # read one the model builder runs it as PLACEMENT_OFF (their defaults in conf/_shared/boundary_placement.yaml)
 PLACEMENT_OFF = {"image_token_budget": None, "image_row_breaks": False, "image_start": "prior", "image_buckets": "auto"}
 DTP_PLACEMENT = frozenset({"apply_to", "image_pre_layers", "text_pre_layers", "image_pool", "image_order",
-                           "image_buckets", "text_layout", "text_tokens"})
+                           "image_layout", "image_buckets", "text_layout", "text_tokens"})
 
 
 @dataclass
@@ -135,7 +136,7 @@ class LearnedPredictor(Boundary):
     predictor_ratio: Any = frozen(legacy=4)
     AUTO_RATIO: ClassVar[bool] = False
     AUXILIARY_LOSS: ClassVar[bool] = True
-    READS: ClassVar[frozenset] = DTP_PLACEMENT | {"image_layout", "image_token_budget"}  # learned: counts vary
+    READS: ClassVar[frozenset] = DTP_PLACEMENT | {"image_token_budget"}  # learned: a variable segment count
 
     def __post_init__(self):
         super().__post_init__()
@@ -234,7 +235,7 @@ def placement_unread(option: str, schema: type, key: str, task: str, placement) 
         return f"task={task} reads no placement key: the char LM's depth is encoder.pre_layers"
     towers, tower = placement.get("apply_to"), key.split("_")[0]
     if towers is not None and tower in ("image", "text") and tower not in towers:
-        return f"boundary={option} with apply_to=[{','.join(towers)}] leaves the {tower} tower unpooled"
+        return f"boundary={option} with apply_to=[{','.join(map(str, towers))}] leaves the {tower} tower unpooled"
     layout, order = placement.get("image_layout"), placement.get("image_order")
     if key == "image_buckets" and layout == "packed":
         return "boundary.image_layout=packed: packed rows have no padding to bucket"
