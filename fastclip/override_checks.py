@@ -211,20 +211,13 @@ def _check_placement_reads(override, field: str, jobs: list, given: dict, keyed:
     reasons = []
     for job in jobs:
         schema = OPTIONS["boundary"][job.option]
-        # the values each job may have of the keys the rule reads: the command line's (None where it gives
-        # one this check cannot read: taken as reading), else the option's
-        known = {k: keyed.get(f"boundary.{k}", [option_default("boundary", job.option, k)]) or [None]
-                 for k in PLACEMENT_CONDITIONS}
+        known = _may_have("boundary", job.option, PLACEMENT_CONDITIONS, keyed)
         for task, *combo in itertools.product(dict.fromkeys(t.option for t in tasks.jobs), *known.values()):
             why = placement_unread(job.option, schema, field, task, dict(zip(known, combo)))
             if why is None:
                 return
             reasons.append(why)
-    default = {written(option_default("boundary", job.option, field)) for job in jobs}
-    if all(written(_typed(OPTIONS["boundary"][jobs[0].option], field, v)) in default for v in values):
-        return
-    raise ConfigError(f"{override.input_line}: no job reads it ({'; '.join(dict.fromkeys(reasons))}); leave it "
-                      f"{' or '.join(sorted(default))}")
+    _refuse_if_set(override, "boundary", field, jobs, values, reasons)
 
 
 def _check_read_when(override, head: str, field: str, jobs: list, keyed: dict) -> None:
@@ -241,15 +234,25 @@ def _check_read_when(override, head: str, field: str, jobs: list, keyed: dict) -
         conditions = getattr(OPTIONS[head][job.option], "READ_WHEN", {}).get(field)
         if conditions is None:
             return
-        # each condition key's values this job may have: the command line's (None: not readable here,
-        # taken as met), else the option's
-        known = {k: keyed.get(f"{head}.{k}", [option_default(head, job.option, k)]) or [None] for k, _ in conditions}
+        known = _may_have(head, job.option, [k for k, _ in conditions], keyed)
         for combo in itertools.product(*known.values()):
             node = dict(zip(known, combo))
             missed = unmet(conditions, node)
             if missed is None:
                 return
             reasons.append(read_when_reason(head, conditions, missed, node))
+    _refuse_if_set(override, head, field, jobs, values, reasons)
+
+
+def _may_have(head: str, option: str, keys, keyed: dict) -> dict[str, list]:
+    """key -> the values a job of `head`=`option` may have of each of `keys`: the command line's (None
+    where it gives one this check cannot read, a rule taking it as reading), else the option's."""
+    return {k: keyed.get(f"{head}.{k}", [option_default(head, option, k)]) or [None] for k in keys}
+
+
+def _refuse_if_set(override, head: str, field: str, jobs: list, values: list, reasons: list) -> None:
+    """A key no job reads (`reasons`: why each does not), refused unless every value is its default
+    (spelled as the schema's type makes it)."""
     default = {written(option_default(head, job.option, field)) for job in jobs}
     if any(written(_typed(OPTIONS[head][jobs[0].option], field, v)) not in default for v in values):
         raise ConfigError(f"{override.input_line}: no job reads it ({'; '.join(dict.fromkeys(reasons))}); leave it "

@@ -6,6 +6,7 @@ where no job reads it (fastclip.override_checks); a job that ignores one names i
 
 Torch-free: the command-line check imports it before Hydra composes anything.
 """
+import functools
 from dataclasses import fields
 
 from omegaconf import OmegaConf
@@ -24,11 +25,17 @@ UNREAD_BECAUSE = {"lm": "the char LM slices its text windows in memory and score
 def option_default(group: str, option: str, field: str):
     """`field`'s value in conf/<group>/<option>.yaml (a boundary placement key the option does not set:
     the shared file's), as plain Python."""
-    from fastclip import CONF_DIR
-    own = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+    own = _conf_file(group, option)
     if field not in own and group == "boundary":
-        own = OmegaConf.load(CONF_DIR / "_shared" / "boundary_placement.yaml")
+        own = _conf_file("_shared", "boundary_placement")
     return plain(own[field])
+
+
+@functools.cache
+def _conf_file(group: str, name: str):
+    """conf/<group>/<name>.yaml as written, read once a process (every rule asks for its defaults)."""
+    from fastclip import CONF_DIR
+    return OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
 
 
 def task_default_ok(field: str, default) -> set[str]:
