@@ -355,7 +355,9 @@ if __name__ == "__main__":
         from fastclip.override_checks import check_override_keys, check_override_syntax
         check_override_syntax(sys.argv[1:])
         check_override_keys(sys.argv[1:])
-    except ConfigError as exc:
+        from fastclip.sweep_preflight import check_sweep_jobs
+        check_sweep_jobs(sys.argv[1:])  # a grid's every job, and its store, before the first trains
+    except InputError as exc:
         if show_traceback():
             raise
         raise SystemExit(f"error: {exc}") from None

@@ -2,6 +2,7 @@
 import subprocess
 
 import mlflow
+import pytest
 
 from conftest import PYTHON, TINY_CLIP
 
@@ -90,3 +91,34 @@ def test_an_optuna_study_records_a_failed_trial_and_goes_on(tmp_path, cli_env):
     assert float(best["best_params"]["trainer.lr"]) == 5e-4
     assert parent.info.status == "FAILED" and set(children) == {"1000000000000.0", "0.0005"}
     assert children["1000000000000.0"].info.start_time < children["0.0005"].info.start_time  # went on past it
+
+
+def test_a_grid_with_a_job_a_run_would_refuse_fails_whole_before_any_job_trains(tmp_path, cli_env):
+    """Hydra composes a grid's jobs before launching them but checks only their values' types: the
+    schemas' choices and the rules across keys ran inside each job, so the first job trained and a
+    typo failed the second (on SLURM, hours later). fastclip.sweep_preflight checks every job first."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [PYTHON, "-m", "fastclip.train", "-m", "boundary=fixed", "boundary.image_order=raster,hilbrt",
+           "trainer.max_steps=2", f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-2:] == [
+        "error: 1 of the multirun's 2 jobs would fail before training, so none ran:",
+        "  job 1 (boundary.image_order=hilbrt): boundary.image_order='hilbrt': expected raster or hilbert"]
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_every_job_is_checked_with_the_rules_across_keys_and_a_sound_grid_passes():
+    from fastclip.checks import ConfigError
+    from fastclip.sweep_preflight import SHOWN, check_sweep_jobs, sweep_jobs_overrides
+    with pytest.raises(ConfigError, match=r"1 of the multirun's 2 jobs .*\n  job 1 \(boundary.k=1\): boundary.random_"
+                                          r"offset=true with boundary.k=1"):
+        check_sweep_jobs(["-m", "boundary=fixed", "boundary.k=4,1", "boundary.random_offset=true"])
+    many = ",".join(str(n) for n in range(-SHOWN - 2, 1))  # every max_steps <= 0 is refused
+    with pytest.raises(ConfigError, match=rf"{SHOWN + 3} of the multirun's {SHOWN + 3} jobs(.|\n)*\.\.\. and 3 more$"):
+        check_sweep_jobs(["-m", f"trainer.max_steps={many}"])
+    check_sweep_jobs(["-m", "boundary=none,fixed,gumbel", "seed=0,1", "+cluster=local"])
+    check_sweep_jobs(["boundary.image_order=hilbrt"])  # a single run: the run's own check names it
+    assert sweep_jobs_overrides(["-m", "+cluster=local", "trainer.lr=5e-4,1e-3"]) == [
+        ["+cluster=local", "trainer.lr=0.0005"], ["+cluster=local", "trainer.lr=0.001"]]
+    assert sweep_jobs_overrides(["-m", "hydra/sweeper=optuna", "trainer.lr=interval(1e-4,1e-2)"]) is None

@@ -1,0 +1,97 @@
+"""Every job of a grid checked before the first one trains (fastclip.train's __main__, multirun only).
+
+Hydra's basic sweeper composes each batch's configs before launching it, but a composed config only
+has its values' types checked; the schemas' choices and ranges and the rules joining keys of several
+groups (fastclip.checks.check_config) run inside each job. So `-m boundary.image_order=raster,hilbrt`
+trained the raster job, then failed the other, and on SLURM a job's typo surfaced hours after the
+grid was queued. Here each job's config is composed as the basic sweeper expands the grid (its
+`hydra.sweeper.params` first, then the command line) and checked as a run checks it; a grid with a
+bad job fails whole, naming every bad job, before anything runs. So does a grid whose MLflow store
+cannot be used: Hydra only warns when its sweep-start callback fails, then each job fails alone.
+
+Not checked here: what needs the data (files, sizes; the task checks it before training), a job that
+resumes a checkpoint (its config is the checkpoint's: fastclip.resume), and grids another sweeper
+draws (Optuna's trials are known only as it runs).
+"""
+import logging
+import time
+
+from fastclip.schema.errors import ConfigError
+
+log = logging.getLogger("fastclip")
+SHOWN = 5  # bad jobs named in the error; the rest are counted
+
+
+def sweep_jobs_overrides(args: list[str]) -> list[list[str]] | None:
+    """Each job's overrides as Hydra's basic sweeper would launch them, in its order; None where this
+    cannot be known here (another sweeper, a sweep only Hydra's config loader expands: glob())."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fastclip.config import compose_train_config
+    given = [a for a in args if not a.startswith("-") and "=" in a]
+    parser = OverridesParser.create()
+    try:
+        sweeper = compose_train_config(_fixed(args), return_hydra_config=True).hydra.sweeper
+        if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return None
+        params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+        batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *given]), None)
+    except Exception:  # noqa: BLE001 - Hydra judges what this cannot expand, as it always did
+        return None
+    return [list(job) for batch in batches for job in batch]
+
+
+def check_sweep_jobs(args: list[str]) -> None:
+    """Raises ConfigError naming each job of the multirun `args` whose config a run would refuse
+    (fastclip.checks.check_config) or Hydra could not compose, with its overrides and the error, and
+    TrackingStoreError for an MLflow store the jobs could not use (Hydra only warns when its sweep-start
+    callback fails, and each job then fails alone). A no-op for a single run; of a grid that cannot be
+    expanded here (sweep_jobs_overrides), only the store is checked."""
+    if not ({"-m", "--multirun"} & set(args) or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}):
+        return
+    from fastclip.checks import check_config
+    from fastclip.config import compose_train_config
+    from fastclip.tracking import ensure_store, resolve_uri
+    jobs = sweep_jobs_overrides(args)
+    start, bad, stores = time.perf_counter(), [], set()
+    for num, overrides in enumerate(jobs or [_fixed(args)]):
+        try:
+            cfg = compose_train_config(overrides)
+            stores.add((cfg.tracking.uri, cfg.tracking.experiment))
+            if jobs and cfg.trainer.resume in (None, "auto"):  # a fresh job (auto: a cluster profile's requeue guard)
+                check_config(cfg)
+        except ConfigError as exc:
+            bad.append((num, overrides, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - Hydra's or OmegaConf's own refusal of the job's config
+            if jobs:
+                bad.append((num, overrides, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+    log.debug("checked the configs of %d jobs in %.1f s", len(jobs or ()), time.perf_counter() - start)
+    if bad:
+        named = "\n".join(f"  job {num} ({_swept(overrides, args)}): {error}" for num, overrides, error in bad[:SHOWN])
+        more = f"\n  ... and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
+        raise ConfigError(f"{len(bad)} of the multirun's {len(jobs)} jobs would fail before training, so none "
+                          f"ran:\n{named}{more}")
+    for uri, experiment in stores:  # where the sweep's parent run and its jobs' runs go: made now, as it would be
+        ensure_store(resolve_uri(uri), experiment)
+
+
+def _fixed(args: list[str]) -> list[str]:
+    """The command line's overrides that sweep nothing (the config every job shares)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    given = [a for a in args if not a.startswith("-") and "=" in a]
+    try:
+        return [o.input_line for o in OverridesParser.create().parse_overrides(given) if not o.is_sweep_override()]
+    except Exception:  # noqa: BLE001 - check_override_syntax names it
+        return []
+
+
+def _swept(overrides: list[str], args: list[str]) -> str:
+    """A job's values of the keys the command line sweeps, as the sweep's table names them (all of its
+    overrides where the grid comes from hydra.sweeper.params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parser = OverridesParser.create()
+    given = [a for a in args if not a.startswith("-") and "=" in a]
+    swept = {o.get_key_element() for o in parser.parse_overrides(given) if o.is_sweep_override()}
+    mine = [o for o in overrides if o.split("=", 1)[0] in swept]
+    return " ".join(mine or overrides) or "no overrides"
