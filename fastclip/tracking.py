@@ -54,10 +54,30 @@ def resolve_uri(cfg_uri: str | None, launch_dir=None) -> str:
     return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri(launch_dir)
 
 
+def refuse_file_store(uri: str) -> None:
+    """A directory store (`file:`, or a plain path such as ./mlruns) is refused by MLflow 3 unless
+    MLFLOW_ALLOW_FILE_STORE is set, with a stack trace from deep in a run's start: here it is one line
+    naming the URI and both ways on. Older MLflow (no such switch) keeps taking it."""
+    if urlparse(uri).scheme not in ("", "file"):
+        return
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:
+        return
+    if not MLFLOW_ALLOW_FILE_STORE.get():
+        folder = urlparse(uri).path if uri.startswith("file:") else uri
+        raise TrackingStoreError(
+            f"MLflow store {uri!r} (tracking.uri, --uri or $MLFLOW_TRACKING_URI) is a directory store, which this "
+            f"MLflow keeps only for migration: use sqlite:///{Path(folder).resolve().parent / 'mlflow.db'} "
+            f"(`mlflow migrate-filestore` moves an existing one there), or set MLFLOW_ALLOW_FILE_STORE=true")
+
+
 def check_writable(uri: str) -> None:
-    """Fail before training, naming the path or server, when the store cannot be used: a local
-    store that cannot be written (nothing is created here), an MLflow server that does not answer
-    within a few seconds (MLflow's own client retries for minutes before it gives up)."""
+    """Fail before training, naming the path or server, when the store cannot be used: a directory
+    store MLflow refuses (refuse_file_store), a local store that cannot be written (nothing is created
+    here), an MLflow server that does not answer within a few seconds (MLflow's own client retries for
+    minutes before it gives up)."""
+    refuse_file_store(uri)
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
         _check_server(uri)
@@ -83,7 +103,9 @@ def check_writable(uri: str) -> None:
 
 def require_store(uri: str, hint: str = "train something first (make train), or pass the store's URI") -> None:
     """Fail naming the store when there is nothing to read: a local sqlite store that does not exist
-    (MLflow would create an empty one), an MLflow server that does not answer within a few seconds."""
+    (MLflow would create an empty one), an MLflow server that does not answer within a few seconds, a
+    directory store MLflow refuses (refuse_file_store)."""
+    refuse_file_store(uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise TrackingStoreError(f"no MLflow store at {uri} yet: {hint}")
     if urlparse(uri).scheme in ("http", "https"):
@@ -132,8 +154,11 @@ def ensure_store(uri: str, experiment: str) -> str:
     client = mlflow.MlflowClient(tracking_uri=uri)
     try:
         found = client.get_experiment_by_name(experiment)
-    except OSError as exc:  # a folder the permission check passed but the store cannot be made in (root on /proc)
-        raise TrackingStoreError(f"tracking.uri={redacted(uri)!r}: cannot open the MLflow store: {exc}") from None
+    except Exception as exc:  # a folder the permission check passed but the store cannot be made in (root on /proc)
+        if not (isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("sqlalchemy", "mlflow")):
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrackingStoreError(f"tracking.uri={redacted(uri)!r}: cannot open the MLflow store: {reason}") from None
     if found is not None:
         _warn_if_artifacts_elsewhere(uri, found)
         mark_model_training(client, found)  # made before fastclip set it

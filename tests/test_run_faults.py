@@ -306,3 +306,28 @@ def test_an_mlflow_server_that_does_not_answer_fails_fast_naming_it(tmp_path):
     with pytest.raises(TrackingStoreError, match=rf"tracking.uri='http://127.0.0.1:{port}': the MLflow server does not answer"):
         run(compose_cfg(TINY_CLIP + [f"tracking.uri=http://127.0.0.1:{port}"]), tmp_path / "run")
     assert time.perf_counter() - t0 < 60  # not MLflow's minutes of retries
+
+
+def test_a_directory_store_is_refused_in_one_line_by_runs_grids_and_readers(tmp_path, cli_env, monkeypatch):
+    """MLflow 3 refuses a `file:` or plain-path store unless MLFLOW_ALLOW_FILE_STORE is set, with a stack
+    trace from deep in a run's start; in a grid Hydra only warned (its sweep-start callback failed) and
+    each job then failed alone. One rule (tracking.refuse_file_store) for runs, grids and readers."""
+    import subprocess
+    import sys
+    from fastclip.tracking import TrackingStoreError, refuse_file_store, require_store
+    env = {k: v for k, v in cli_env.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+    said = ("is a directory store, which this MLflow keeps only for migration: use "
+            f"sqlite:///{tmp_path / 'mlflow.db'} (`mlflow migrate-filestore` moves an existing one there), or set "
+            "MLFLOW_ALLOW_FILE_STORE=true")
+    for args in (["tracking.uri=./mlruns"], ["-m", "trainer.lr=1e-3,5e-4", f"tracking.uri=file:{tmp_path / 'mlruns'}"]):
+        done = subprocess.run([sys.executable, "-m", "fastclip.train", *args, "trainer.max_steps=1"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and done.stderr.strip().splitlines()[-1].endswith(said), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        assert not (tmp_path / "mlruns").exists() and not (tmp_path / "outputs" / "mlflow.db").exists()
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(TrackingStoreError, match="--uri or"):
+        require_store(str(tmp_path / "mlruns"))  # make report / ui / infer's runs:/
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    refuse_file_store(str(tmp_path / "mlruns"))
+    refuse_file_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
