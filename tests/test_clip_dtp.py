@@ -587,6 +587,9 @@ def test_random_offset_shifts_a_learned_towers_stride_start_per_row_in_training_
                                           r"stride and image in boundary.apply_to reads it, not boundary.image_start=prior"):
         check_override_keys(["boundary=gumbel", "boundary.apply_to=[image]", "boundary.random_offset=true"])
     check_override_keys(["-m", *text[:1], "boundary.apply_to=[image],[text]", *text[2:]])
+    # a multirun's char LM job meets the conditions on paper, yet reads no placement key to meet them with
+    lm = unread_keys(compose_cfg(["task=lm", "boundary=gumbel", *text[2:]]))
+    assert lm["boundary.random_offset=true"].startswith("it needs boundary.image_start, which this job does not read")
 
 def segmentation_reading_task(follows_image: bool):
     """A DTP image tower (16 patches) whose embedding reads its segmentation: identity blocks (zero

@@ -63,9 +63,18 @@ def unread_keys(cfg) -> dict[str, str]:
         node = cfg[group]
         option = node.get("name", "default")
         for key, conditions in getattr(OPTIONS[group].get(option), "READ_WHEN", {}).items():
+            if written(node[key]) == written(option_default(group, option, key)):
+                continue
             missed = unmet(conditions, node)
-            if missed and written(node[key]) != written(option_default(group, option, key)):
+            # a condition on a placement key the job does not read (task=lm reads no image_start) is not met
+            ignored = [k for k, _ in conditions if group == "boundary" and k in PLACEMENT
+                       and placement_unread(boundary.name, schema, k, task, placement)]
+            if missed:
                 out[f"{group}.{key}={written(node[key])}"] = read_when_reason(group, conditions, missed, node)
+            elif ignored:
+                out[f"{group}.{key}={written(node[key])}"] = \
+                    f"it needs boundary.{ignored[0]}, which this job does not read " \
+                    f"({placement_unread(boundary.name, schema, ignored[0], task, placement)})"
     for group, keys in READ_BY.items():
         for key, reader in keys.items():
             value = cfg[group][key]
