@@ -211,6 +211,36 @@ def test_a_plain_report_of_a_store_without_a_sweep_covers_the_fastclip_runs(tmp_
     assert len(report.groups) == 1
 
 
+def test_a_char_lm_sweeps_report_takes_its_bits_per_character_against_its_training_cost(tmp_path):
+    """`make report` after a task=lm sweep (and the line such a sweep prints) failed on the CLIP defaults,
+    zeroshot/top1 and image GFLOPs, which a char LM never logs: the defaults are the runs' headline and cost."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("lm", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(exp, run_name="sweep", tags={"fastclip.role": "sweep"}).info.run_id
+    for boundary, bpc, gflops in (("none", 2.1, 0.30), ("gumbel", 2.0, 0.12)):
+        rid = client.create_run(exp, run_name=boundary, tags={"mlflow.parentRunId": parent}).info.run_id
+        for k, v in {"task.name": "lm", "boundary.name": boundary, "seed": "0"}.items():
+            client.log_param(rid, k, v)
+        client.log_metric(rid, "train/bpc", bpc + 1, step=10)
+        client.log_metric(rid, "lm/test_bpc", bpc, step=20)
+        client.log_metric(rid, "efficiency/train_gflops_mean", gflops, step=20)
+        client.set_terminated(rid)
+    client.set_terminated(parent)
+    report = main(["--uri", uri, "--out", str(tmp_path / "r")])
+    assert "Pareto frontier of lm/test_bpc against efficiency/train_gflops_mean" in report.text
+    assert [g.label for g in report.frontier] == ["boundary=gumbel"]  # lower bpc at a lower cost
+    with pytest.raises(SystemExit, match=r"--cost: no run logged any of \['efficiency/image_gflops', 'efficiency/"
+                                         r"train_gflops_mean'\]; name one they logged \(\['lm/test_bpc', 'train/bpc'\]"):
+        client.delete_experiment(exp)
+        other = client.create_experiment("bare", artifact_location=(tmp_path / "b").as_uri())
+        rid = client.create_run(other).info.run_id
+        client.log_metric(rid, "lm/test_bpc", 2.0)
+        client.log_metric(rid, "train/bpc", 3.0)
+        client.set_terminated(rid)
+        main(["--uri", uri, "--experiment", "bare", "--out", str(tmp_path / "r2")])
+
+
 def test_report_errors_name_what_is_missing(sweep_store, tmp_path):
     uri, client, _ = sweep_store
     with pytest.raises(ReportError, match="'nope'.*it has.*demo"):

@@ -1,9 +1,11 @@
 """make report: compare runs from any MLflow store as a table, a Pareto plot and training curves.
 
     python -m fastclip.report --experiment NAME [--sweep PARENT_RUN_ID|latest|all] [--out DIR]
-                              [--metric zeroshot/top1] [--cost efficiency/image_gflops] [--uri URI]
+                              [--metric METRIC] [--cost COST] [--uri URI]
                               [--pool-versions] [--x step|compute]
 
+--metric defaults to the runs' headline (zeroshot/top1; retrieval/i2t_r1 without a zero-shot set; a
+char LM's lm/test_bpc), --cost to efficiency/image_gflops (a char LM's: efficiency/train_gflops_mean).
 Writes DIR/report.md (one row per group of runs that differ only in seed: mean ± std, n; a run is
 its config in effect after every resume, and runs of different code versions, git commit and dirty
 flag, are different groups unless --pool-versions),
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastclip.errors import one_line_errors
-from fastclip.eval.names import CLASS_COUNT_METRIC, chance_level, val_name
+from fastclip.eval.names import CLASS_COUNT_METRIC, HEADLINE_METRICS, chance_level, val_name
 from fastclip.report.plots import CurvePanel
 from fastclip.report.runs import ReportError, Selection, latest_sweep_experiment, load_histories, select_runs
 from fastclip.report.table import Group, group_by_seed, markdown, measured, write_csv
@@ -33,6 +35,8 @@ from fastclip.tracking import redacted
 
 FILES = ("report.md", "report.csv", "pareto.png", "curves.png")
 COMPUTE = "efficiency/train_pflops_total"  # --x compute: the curves' x axis
+# --cost by default: the first some run logged (a CLIP's image tower at inference, else a char LM's training)
+COSTS = ("efficiency/image_gflops", "efficiency/train_gflops_mean")
 # the curves' first panel, the objective alone (train/loss adds weighted auxiliary losses, whose scale can
 # squash it): each run plots the first name it logged
 OBJECTIVE = ("train/contrastive_loss", "train/bpc", "train/loss")
@@ -52,16 +56,20 @@ class Report:
 
 
 def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str | None = None,
-                 metric: str = "zeroshot/top1", cost: str = "efficiency/image_gflops",
+                 metric: str | None = None, cost: str | None = None,
                  pool_versions: bool = False, x: str = "step") -> Report:
     """Reads the runs, writes the four files into `out` (default outputs/reports/<experiment>/<the
-    sweep's dir, or all>), logs them to the sweep's parent run. pool_versions: runs of different code
-    versions may share a group (table.group_by_seed). Raises ReportError naming what is missing."""
+    sweep's dir, or all>), logs them to the sweep's parent run. metric, cost: None takes the first of
+    HEADLINE_METRICS, COSTS some run logged (a char LM's sweep: lm/test_bpc against its training
+    GFLOPs). pool_versions: runs of different code versions may share a group (table.group_by_seed).
+    Raises ReportError naming what is missing."""
     from fastclip.report.plots import curves_plot, pareto_plot
     selection = select_runs(uri, experiment, sweep)
     if not selection.runs:
         raise ReportError(f"experiment {experiment!r}{_scope(selection)} in {redacted(uri)}: no FINISHED run"
                           + (f" ({_counts(selection.left_out)})" if selection.left_out else ""))
+    metric = metric or _first_measured(selection.runs, HEADLINE_METRICS, "--metric")
+    cost = cost or _first_measured(selection.runs, COSTS, "--cost")
     for flag, name in (("--metric", metric), ("--cost", cost)):
         if not any(name in measured(r) for r in selection.runs):  # measured: a derived value too
             logged = sorted({m for r in selection.runs for m in r.metrics if "/" in m})
@@ -102,6 +110,15 @@ def build_report(uri: str, experiment: str, out: Path | None = None, sweep: str 
     return Report(selection, groups, frontier, text, out, curves, chance)
 
 
+def _first_measured(runs, names: tuple[str, ...], flag: str) -> str:
+    """The first of `names` some run measured (report.table.measured: a derived value too)."""
+    found = next((n for n in names if any(n in measured(r) for r in runs)), None)
+    if found is None:
+        logged = sorted({m for r in runs for m in r.metrics if "/" in m})
+        raise ReportError(f"{flag}: no run logged any of {list(names)}; name one they logged ({logged})")
+    return found
+
+
 def common_value(runs, metric: str) -> float | None:
     """The metric's value where every run that logged it logged the same one (the class count of one data
     set), else None (runs over different data sets have no one chance level)."""
@@ -132,8 +149,9 @@ def main(argv=None) -> Report:
                          "--experiment, else latest (the newest sweep in any experiment; fastclip's runs where the "
                          "store has no sweep), as `make report`")
     ap.add_argument("--out", default=None, help="default: outputs/reports/<experiment>[/<sweep>]")
-    ap.add_argument("--metric", default="zeroshot/top1")
-    ap.add_argument("--cost", default="efficiency/image_gflops")
+    ap.add_argument("--metric", default=None,
+                    help=f"default: the first of {', '.join(HEADLINE_METRICS)} the runs logged")
+    ap.add_argument("--cost", default=None, help=f"default: the first of {', '.join(COSTS)} the runs logged")
     ap.add_argument("--uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db (as training)")
     ap.add_argument("--pool-versions", action="store_true",
                     help="let runs of different code versions (git commit, dirty flag) share a group; by default "
