@@ -36,13 +36,16 @@ def key_comments(path: Path) -> dict[str, str]:
             out.update(key_comments(CONF_DIR / f"{shared.group(1)}.yaml"))
     above: list[str] = []
     in_header = True  # the file's leading comment describes the file, not its first key
+    parent = None  # a global-package file (task/lm.yaml) nests its group's keys under the group's name
     for line in lines:
         if line.startswith("#"):
             if not in_header:
                 above.append(line.lstrip("# ").strip())
             continue
         in_header = False
-        match = KEY_LINE.match(line)
+        if not line.startswith(" "):
+            parent = line.split(":", 1)[0]
+        match = KEY_LINE.match(line[2:] if parent == path.parent.name and line.startswith("  ") else line)
         if match and match.group(1) not in ("defaults", "name", "hydra"):
             said = match.group(3) or " ".join(a for a in above if "@package" not in a)
             if said:
