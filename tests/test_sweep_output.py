@@ -84,3 +84,16 @@ def test_a_jobs_position_counts_the_jobs_that_ended(tmp_path):
             f'{{"num": {num}, "overrides": "", "status": "{status}"}}')
     assert sweep_jobs.position(hydra) == "job 2 (3 of 6; 2 done, 1 failed)"
     assert sweep_jobs.position(OmegaConf.create({"mode": "RunMode.RUN"})) == ""
+
+
+@pytest.mark.parametrize("tty, progress, main, shown", [(True, True, True, True), (False, True, True, False),
+                                                        (True, False, True, False), (True, True, False, False)])
+def test_the_bar_is_drawn_only_on_a_terminal_and_redirected_output_gets_the_status_line(monkeypatch, tty, progress,
+                                                                                         main, shown):
+    """`make train > log`: tqdm's redraws landed as carriage-return lines with log lines glued on; the bar
+    is now off where stderr is no terminal, and the step log's heartbeat (above) speaks instead."""
+    import sys
+    from omegaconf import OmegaConf
+    from fastclip.loop.fit import shows_progress_bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    assert shows_progress_bar(OmegaConf.create({"trainer": {"progress": progress}}), main) is shown

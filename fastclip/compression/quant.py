@@ -23,6 +23,23 @@ from fastclip.schema.compression import QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.schema.fields import choice
 
 
+def _import_torchao() -> None:
+    """torchao registers an Enum with torch's pytree at import, which this torch logs as deprecated (a
+    warning about torch.compile in every compression=quant run's console, none of the user's doing):
+    the first import runs with that one logger quiet."""
+    import importlib
+    import logging
+    logger = logging.getLogger("torch.utils._pytree")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torchao.quantization")
+    finally:
+        logger.setLevel(level)
+
+
+_import_torchao()  # this module is imported only where compression=quant runs (compression.options)
+
 
 def quantized_copy(model: nn.Module, scheme: str, embedding: str = "int8") -> nn.Module:
     """An int8 copy of `model` (the model itself is left dense) in eval mode. embedding="int8" also

@@ -3,6 +3,7 @@
 checkpoint; the final evaluation and the timing summary close it."""
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,13 @@ from fastclip.tasks.protocol import StepOutput, Task
 log = logging.getLogger(__name__)
 
 
+def shows_progress_bar(cfg, main: bool) -> bool:
+    """tqdm's bar on the main process where trainer.progress asks for it and stderr is a terminal: into
+    a file (`make train > log`, a SLURM job's log) its redraws land as hundreds of carriage-return lines
+    with the log lines glued to them; there the step log's heartbeat line (every 30 s) says the same."""
+    return bool(cfg.trainer.progress) and main and sys.stderr.isatty()
+
+
 def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Trainer | None = None,
         provenance: dict | None = None, evaluation: bool = True) -> dict[str, float]:
     """Trains `task` from `trainer`'s state (new, or loaded from a checkpoint) to the end of its
@@ -37,7 +45,7 @@ def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: 
     state = trainer.state
     checkpoints = CheckpointPolicy(trainer, cfg, tracker, run_dir, provenance)
     bar = tqdm(total=trainer.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
-               disable=not cfg.trainer.progress or not trainer.world.main)
+               disable=not shows_progress_bar(cfg, trainer.world.main))
     steps = StepLog(tracker, cfg.tracking.log_every, bar, checkpoints.path, heading=sweep_jobs.position)
     timer = StepTimer()
     metrics: dict[str, float] = {}
