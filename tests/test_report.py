@@ -182,6 +182,24 @@ def test_labels_name_options_and_the_csv_names_each_column_once(tmp_path):
     assert len(header) == len(set(header)) and header.count("epochs") == 1 and "encoder.vision.width" not in header
 
 
+def test_what_an_option_sets_beyond_its_label_is_said_under_the_table():
+    """boundary=unigram runs the byte text tower (text_tokens=bytes) and pools the text alone: its row's
+    label said neither, so it read as the BPE rows' peer. A shared key an option sets apart is named under
+    the table; boundary=none's apply_to=[] is not (it pools nothing: placement_unread)."""
+    from fastclip.report.table import set_by_options
+    placement = {"none": ("[]", "bpe"), "fixed": ("['image', 'text']", "bpe"), "gumbel": ("['image', 'text']", "bpe"),
+                 "unigram": ("['text']", "bytes")}
+    runs = [record(f"r{name}", {"zeroshot/top1": 0.5}, boundary__name=name, boundary__apply_to=towers,
+                   boundary__text_tokens=tokens, seed=0, **({"boundary__k": 4} if name == "fixed" else {}))
+            for name, (towers, tokens) in placement.items()]  # fixed's own k: absent from the other runs
+    assert set_by_options(runs) == ["boundary.apply_to: ['image', 'text'] (boundary=fixed, gumbel), ['text'] "
+                                    "(boundary=unigram)",
+                                    "boundary.text_tokens: bpe (boundary=fixed, gumbel), bytes (boundary=unigram)"]
+    assert markdown(group_by_seed(runs)).endswith("Set by an option beyond its label: " + "; ".join(set_by_options(runs))
+                                                  + ".")
+    assert set_by_options(runs[:3]) == []  # none, fixed, gumbel: every pooling option on both towers, over BPE
+
+
 def test_the_frontier_of_a_hand_made_case():
     points = [(1.0, 0.5), (2.0, 0.7), (2.0, 0.6), (3.0, 0.65), (0.5, 0.2), (1.0, 0.5)]
     # (2, 0.6) and (3, 0.65) are dominated by (2, 0.7); the two equal points dominate neither

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from fastclip.bench.common import markdown_table
 from fastclip.report.runs import CodeVersion, RunRecord
+from fastclip.schema.groups import OPTIONS
+from fastclip.schema.model import PLACEMENT_CONDITIONS, placement_unread
 from fastclip.schema.resume_rules import RUNTIME_KEYS as RUNTIME
+from fastclip.schema.unread import PLACEMENT
 
 # what a run is (from its params: the flattened resolved config), in the order the table shows it
 DESCRIBE = [("task", "task.name"), ("dataset", "dataset.name"), ("encoder", "encoder.name"),
@@ -55,17 +58,70 @@ def varied_keys(runs: list[RunRecord]) -> list[str]:
     key under a config group whose option varies (boundary.k where boundary.name does,
     encoder.vision.width where encoder.name does) is left out where the option alone decides it:
     `boundary=fixed` says it, not every key of fixed.yaml."""
-    keys = sorted({k for r in runs for k in r.params if is_choice(k)})
-    varied = [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
+    varied = _all_varied(runs)
+    return [k for k in varied if _deciding_option(k, varied, runs) is None]
 
-    def decided_by_option(key: str) -> bool:
-        parts = key.split(".")
-        options = [".".join(parts[:i]) + ".name" for i in range(len(parts) - 1, 0, -1)]
-        return any(option != key and option in varied
-                   and len({(r.params.get(option), r.params.get(key)) for r in runs})
-                   == len({r.params.get(option) for r in runs})  # one value of the key per option
-                   for option in options)
-    return [k for k in varied if not decided_by_option(k)]
+
+def set_by_options(runs: list[RunRecord]) -> list[str]:
+    """What the labels leave unsaid: a key every run has (a shared key, such as the boundary placement
+    keys every option declares) whose value an option sets apart from the others', e.g. "boundary.
+    text_tokens: bytes (boundary=unigram), bpe (boundary=fixed, gumbel)": unigram's row runs the byte
+    tower, which `boundary=unigram` alone does not say. One line per key, values in first-seen order."""
+    varied = _all_varied(runs)
+    lines = []
+    for key in varied:
+        option = _deciding_option(key, varied, runs)
+        if option is None or not all(key in r.params for r in runs):
+            continue
+        under: dict[str, list[str]] = {}
+        for r in runs:
+            if not _reads(r, key):  # boundary=none's apply_to=[]: its option pools nothing
+                continue
+            names = under.setdefault(r.params[key], [])
+            if r.params.get(option) not in names:
+                names.append(r.params.get(option))
+        if len(under) < 2:
+            continue
+        group = option.removesuffix(".name")
+        lines.append(f"{key}: " + ", ".join(f"{value} ({group}={', '.join(names)})" for value, names in under.items()))
+    return lines
+
+
+def _reads(run: RunRecord, key: str) -> bool:
+    """Whether the run's option reads `key` (schema.model.placement_unread for the boundary placement
+    keys; every other key is read)."""
+    group, _, field = key.partition(".")
+    option = run.params.get("boundary.name")
+    if group != "boundary" or field not in PLACEMENT or option not in OPTIONS["boundary"]:
+        return True
+    placement = {k: _literal(run.params.get(f"boundary.{k}")) for k in PLACEMENT_CONDITIONS}
+    return placement_unread(option, OPTIONS["boundary"][option], field, run.params.get("task.name", "clip"),
+                            placement) is None
+
+
+def _literal(param: str | None):
+    """A logged param as the value it was ("['text']" -> ['text'], "None" -> None; a word stays a word)."""
+    import ast
+    try:
+        return ast.literal_eval(param) if param is not None else None
+    except (ValueError, SyntaxError):
+        return param
+
+
+def _all_varied(runs: list[RunRecord]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.params if is_choice(k)})
+    return [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
+
+
+def _deciding_option(key: str, varied: list[str], runs: list[RunRecord]) -> str | None:
+    """The varied group option (`boundary.name`) that alone decides `key`'s value (one value of the key
+    per option value), or None."""
+    parts = key.split(".")
+    for option in [".".join(parts[:i]) + ".name" for i in range(len(parts) - 1, 0, -1)]:
+        if option != key and option in varied and len({(r.params.get(option), r.params.get(key)) for r in runs}) \
+                == len({r.params.get(option) for r in runs}):
+            return option
+    return None
 
 
 def resumed_changes(run: RunRecord) -> tuple[tuple[int, tuple[tuple[str, str, str], ...]], ...]:
@@ -182,7 +238,9 @@ def markdown(groups: list[Group]) -> str:
             if k not in ALWAYS_SHOWN and k not in measured_keys and len({row[k] for row in rows}) == 1]
     shown = [c for c in columns if (c[0], c[1]) not in same]
     stated = "Same in every group: " + "; ".join(f"{h} {rows[0][k] or '(unset)'}" for h, k in same) + ".\n\n"
-    return (stated if same else "") + markdown_table(rows, shown)
+    beyond = set_by_options(runs)
+    below = ("\n\nSet by an option beyond its label: " + "; ".join(beyond) + ".") if beyond else ""
+    return (stated if same else "") + markdown_table(rows, shown) + below
 
 
 def write_csv(groups: list[Group], path: Path) -> None:
