@@ -14,6 +14,7 @@ Public API for the benchmarks (module: names; a module listed here may also be i
     fastclip.errors: InputError, one_line_errors
     fastclip.train: run
     fastclip.tasks: build_task
+    fastclip.tasks.protocol: TaskBase
     fastclip.loop: fit, probe_gflops
     fastclip.tracking: Tracker
     fastclip.runtime: pick_device, seed_everything, set_torch_threads, use_tf32_matmuls, compile_blocks, math_mode

@@ -42,6 +42,7 @@ from fastclip.optim import adamw_impl
 from fastclip.models.clip import build_clip, clip_objective
 from fastclip.schema.workers import loader_workers
 from fastclip.tasks import build_task
+from fastclip.tasks.protocol import TaskBase
 
 DTP_IMAGE = ["boundary.apply_to=[image]"]  # the config's default pre-layers
 GUMBEL = ["boundary=gumbel", "boundary.prior=0.25"] + DTP_IMAGE  # the default predictor (d->d->1 since 2026-12-06)
@@ -79,9 +80,10 @@ class _Counted:
     samples: int
 
 
-class InMemorySteps:
+class InMemorySteps(TaskBase):
     """The bench's model and batch in the shape fastclip.loop.probe_gflops counts a task's training
-    step in: model, train_batches(epoch), accumulate(batches, run) -> each batch's (loss, samples)."""
+    step in: model, train_batches(epoch), loss(batch) -> (loss, samples); the task's plain
+    accumulation (TaskBase.accumulate: one micro-batch a step here, so exact for a contrastive loss)."""
 
     def __init__(self, model, batch):
         self.model, self.batch, self.criterion = model, batch, ClipLoss()
@@ -92,14 +94,6 @@ class InMemorySteps:
     def loss(self, batch):
         loss, _ = clip_objective(self.model, self.criterion, self.model(*batch))
         return _Counted(loss, batch[0].shape[0])
-
-    def accumulate(self, batches, run):
-        outs = []
-        for batch in batches:  # the bench's one batch: one micro-batch a step
-            with run.autocast():
-                outs.append(self.loss(batch))
-            run.backward(outs[-1].loss / run.accum)
-        return outs
 
 
 def seconds_per_step(step, steps: int, device) -> float:
