@@ -8,11 +8,13 @@ grid was queued. Here each job's config is composed as the basic sweeper expands
 `hydra.sweeper.params` first, then the command line) and checked as a run checks it; a grid with a
 bad job fails whole, naming every bad job, before anything runs. So does a grid whose MLflow store
 cannot be used: Hydra only warns when its sweep-start callback fails, then each job fails alone.
+Nothing is written here: the store is made by the sweep-start callback, once Hydra took the command line.
 
 Not checked here: what needs the data (files, sizes; the task checks it before training), a job that
 resumes a checkpoint (its config is the checkpoint's: fastclip.resume), and grids another sweeper
 draws (Optuna's trials are known only as it runs).
 """
+import contextlib
 import logging
 import time
 
@@ -25,6 +27,11 @@ SHOWN = 5  # bad jobs named in the error; the rest are counted
 def sweep_jobs_overrides(args: list[str]) -> list[list[str]] | None:
     """Each job's overrides as Hydra's basic sweeper would launch them, in its order; None where this
     cannot be known here (another sweeper, a sweep only Hydra's config loader expands: glob())."""
+    return _grid(args)[0]
+
+
+def _grid(args: list[str]) -> tuple[list[list[str]] | None, str]:
+    """(sweep_jobs_overrides, the launcher's _target_: "" where the config cannot be read here)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -32,35 +39,44 @@ def sweep_jobs_overrides(args: list[str]) -> list[list[str]] | None:
     given = [a for a in args if not a.startswith("-") and "=" in a]
     parser = OverridesParser.create()
     try:
-        sweeper = compose_train_config(_fixed(args), return_hydra_config=True).hydra.sweeper
-        if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
-            return None
-        params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+        hydra = compose_train_config(_fixed(args), return_hydra_config=True).hydra
+    except Exception:  # noqa: BLE001 - Hydra judges what this cannot compose, as it always did
+        return None, ""
+    launcher = str(hydra.launcher.get("_target_", ""))
+    if not str(hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None, launcher
+    try:
+        params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items()]
         batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *given]), None)
-    except Exception:  # noqa: BLE001 - Hydra judges what this cannot expand, as it always did
-        return None
-    return [list(job) for batch in batches for job in batch]
+    except Exception:  # noqa: BLE001 - as above
+        return None, launcher
+    return [list(job) for batch in batches for job in batch], launcher
 
 
 def check_sweep_jobs(args: list[str]) -> None:
     """Raises ConfigError naming each job of the multirun `args` whose config a run would refuse
     (fastclip.checks.check_config) or Hydra could not compose, with its overrides and the error, and
     TrackingStoreError for an MLflow store the jobs could not use (Hydra only warns when its sweep-start
-    callback fails, and each job then fails alone). A no-op for a single run; of a grid that cannot be
-    expanded here (sweep_jobs_overrides), only the store is checked."""
+    callback fails, and each job then fails alone); nothing is created. A no-op for a single run; of a
+    grid that cannot be expanded here (sweep_jobs_overrides), only the store is checked. Jobs another
+    launcher places (Submitit, SLURM) are checked without what depends on the host (the loader worker
+    count against this process's CPUs: schema.workers.elsewhere)."""
     if not ({"-m", "--multirun"} & set(args) or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}):
         return
     from fastclip.checks import check_config
     from fastclip.config import compose_train_config
-    from fastclip.tracking import ensure_store, resolve_uri
-    jobs = sweep_jobs_overrides(args)
+    from fastclip.schema.workers import elsewhere
+    from fastclip.tracking import check_writable, resolve_uri
+    jobs, launcher = _grid(args)
+    here = launcher.endswith("BasicLauncher")
     start, bad, stores = time.perf_counter(), [], set()
     for num, overrides in enumerate(jobs or [_fixed(args)]):
         try:
             cfg = compose_train_config(overrides)
-            stores.add((cfg.tracking.uri, cfg.tracking.experiment))
+            stores.add(cfg.tracking.uri)
             if jobs and cfg.trainer.resume in (None, "auto"):  # a fresh job (auto: a cluster profile's requeue guard)
-                check_config(cfg)
+                with contextlib.nullcontext() if here else elsewhere():
+                    check_config(cfg)
         except ConfigError as exc:
             bad.append((num, overrides, str(exc)))
         except Exception as exc:  # noqa: BLE001 - Hydra's or OmegaConf's own refusal of the job's config
@@ -72,8 +88,8 @@ def check_sweep_jobs(args: list[str]) -> None:
         more = f"\n  ... and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
         raise ConfigError(f"{len(bad)} of the multirun's {len(jobs)} jobs would fail before training, so none "
                           f"ran:\n{named}{more}")
-    for uri, experiment in stores:  # where the sweep's parent run and its jobs' runs go: made now, as it would be
-        ensure_store(resolve_uri(uri), experiment)
+    for uri in stores:  # where the sweep's parent run and its jobs' runs go (Hydra's sweep-start callback makes it)
+        check_writable(resolve_uri(uri))
 
 
 def _fixed(args: list[str]) -> list[str]:

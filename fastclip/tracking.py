@@ -57,14 +57,22 @@ def resolve_uri(cfg_uri: str | None, launch_dir=None) -> str:
 def refuse_file_store(uri: str) -> None:
     """A directory store (`file:`, or a plain path such as ./mlruns) is refused by MLflow 3 unless
     MLFLOW_ALLOW_FILE_STORE is set, with a stack trace from deep in a run's start: here it is one line
-    naming the URI and both ways on. Older MLflow (no such switch) keeps taking it."""
-    if urlparse(uri).scheme not in ("", "file"):
-        return
+    naming the URI and both ways on. MLflow's own reading of a URI decides what is a path (a Windows
+    drive is one; `databricks`, `databricks-uc` and `uc` are stores by name). Older MLflow (no such
+    switch) keeps taking it."""
     try:
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+        from mlflow.utils.uri import get_uri_scheme
     except ImportError:
         return
-    if not MLFLOW_ALLOW_FILE_STORE.get():
+    if uri in ("databricks", "databricks-uc", "uc") or get_uri_scheme(uri) not in ("", "file"):
+        return
+    try:
+        allowed = MLFLOW_ALLOW_FILE_STORE.get()
+    except ValueError as exc:  # MLflow's reading of the variable: true/false/1/0
+        raise TrackingStoreError(f"MLFLOW_ALLOW_FILE_STORE={os.environ.get('MLFLOW_ALLOW_FILE_STORE')!r}: "
+                                 f"expected true or false ({exc})") from None
+    if not allowed:
         folder = urlparse(uri).path if uri.startswith("file:") else uri
         raise TrackingStoreError(
             f"MLflow store {uri!r} (tracking.uri, --uri or $MLFLOW_TRACKING_URI) is a directory store, which this "

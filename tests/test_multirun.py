@@ -106,6 +106,10 @@ def test_a_grid_with_a_job_a_run_would_refuse_fails_whole_before_any_job_trains(
         "error: 1 of the multirun's 2 jobs would fail before training, so none ran:",
         "  job 1 (boundary.image_order=hilbrt): boundary.image_order='hilbrt': expected raster or hilbert"]
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "mlflow.db").exists()
+    # the check writes nothing: a command line Hydra then refuses leaves no store behind
+    done = subprocess.run([PYTHON, "-m", "fastclip.train", "-m", "trainer.lr=1e-3,5e-4", "--cfg", "job"], cwd=tmp_path,
+                          env=cli_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and not (tmp_path / "outputs").exists(), done.stderr[-2000:]
 
 
 def test_every_job_is_checked_with_the_rules_across_keys_and_a_sound_grid_passes():
@@ -118,6 +122,12 @@ def test_every_job_is_checked_with_the_rules_across_keys_and_a_sound_grid_passes
     with pytest.raises(ConfigError, match=rf"{SHOWN + 3} of the multirun's {SHOWN + 3} jobs(.|\n)*\.\.\. and 3 more$"):
         check_sweep_jobs(["-m", f"trainer.max_steps={many}"])
     check_sweep_jobs(["-m", "boundary=none,fixed,gumbel", "seed=0,1", "+cluster=local"])
+    # a job SLURM places is not held to the launching host's CPUs (each job checks its count where it runs)
+    from fastclip.schema.workers import available_cpus
+    more = f"trainer.num_workers={available_cpus() + 1}"
+    check_sweep_jobs(["-m", "+cluster=example_gpu", "seed=0,1", more])
+    with pytest.raises(ConfigError, match=rf"2 of the multirun's 2 jobs(.|\n)*{more}: more loader workers than the"):
+        check_sweep_jobs(["-m", "seed=0,1", more])
     check_sweep_jobs(["boundary.image_order=hilbrt"])  # a single run: the run's own check names it
     assert sweep_jobs_overrides(["-m", "+cluster=local", "trainer.lr=5e-4,1e-3"]) == [
         ["+cluster=local", "trainer.lr=0.0005"], ["+cluster=local", "trainer.lr=0.001"]]

@@ -328,6 +328,11 @@ def test_a_directory_store_is_refused_in_one_line_by_runs_grids_and_readers(tmp_
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     with pytest.raises(TrackingStoreError, match="--uri or"):
         require_store(str(tmp_path / "mlruns"))  # make report / ui / infer's runs:/
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "yes")  # not a value MLflow reads: named, not a stack trace
+    with pytest.raises(TrackingStoreError, match="MLFLOW_ALLOW_FILE_STORE='yes': expected true or false"):
+        refuse_file_store("./mlruns")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     refuse_file_store(str(tmp_path / "mlruns"))
-    refuse_file_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", "databricks", "databricks-uc", "uc", "http://host:5000"):
+        refuse_file_store(uri)  # stores MLflow routes by scheme or by name

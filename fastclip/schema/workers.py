@@ -6,11 +6,25 @@ torchrun and fastclip.distributed set it), less one for the training process its
 samples are already decoded in memory (the embedded digits: 8x8 images, a transform of well under a
 millisecond a sample) gets 0 workers instead: handing each batch between processes costs more than
 making it (bench-loader and the loader table in docs/results/benchmarks.md measure both)."""
+import contextlib
 import os
 
 from fastclip.schema.errors import ConfigError
 
 AUTO = "auto"
+_ELSEWHERE = []  # non-empty: configs are checked for processes on another host (elsewhere())
+
+
+@contextlib.contextmanager
+def elsewhere():
+    """check_workers leaves out the count against this process's CPUs: the configs checked here run
+    on other hosts (a grid's jobs checked on a login node before SLURM places them: fastclip.
+    sweep_preflight); each job checks its count again where it runs."""
+    _ELSEWHERE.append(True)
+    try:
+        yield
+    finally:
+        _ELSEWHERE.pop()
 
 
 def available_cpus() -> int:
@@ -30,7 +44,7 @@ def check_workers(key: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{key}={value!r}: expected a worker count >= 0 or {AUTO}")
     cpus = available_cpus()
-    if value > cpus:
+    if value > cpus and not _ELSEWHERE:
         raise ConfigError(f"{key}={value}: more loader workers than the {cpus} CPUs this process may use "
                           f"(os.sched_getaffinity / LOCAL_WORLD_SIZE); set at most {cpus}, or {AUTO}")
 
