@@ -27,7 +27,12 @@ def shows_progress_bar(cfg, main: bool) -> bool:
     """tqdm's bar on the main process where trainer.progress asks for it and stderr is a terminal: into
     a file (`make train > log`, a SLURM job's log) its redraws land as hundreds of carriage-return lines
     with the log lines glued to them; there the step log's heartbeat line (every 30 s) says the same."""
-    return bool(cfg.trainer.progress) and main and sys.stderr.isatty()
+    if not (cfg.trainer.progress and main):
+        return False
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):  # no stderr (pythonw), or one closed under it
+        return False
 
 
 def fit(task: Task, cfg, tracker, run_dir: Path, device: torch.device, trainer: Trainer | None = None,

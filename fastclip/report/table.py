@@ -63,36 +63,36 @@ def varied_keys(runs: list[RunRecord]) -> list[str]:
 
 
 def set_by_options(runs: list[RunRecord]) -> list[str]:
-    """What the labels leave unsaid: a key every run has (a shared key, such as the boundary placement
-    keys every option declares) whose value an option sets apart from the others', e.g. "boundary.
-    text_tokens: bytes (boundary=unigram), bpe (boundary=fixed, gumbel)": unigram's row runs the byte
-    tower, which `boundary=unigram` alone does not say. One line per key, values in first-seen order."""
+    """What the labels leave unsaid: a boundary placement key (conf/_shared/boundary_placement.yaml:
+    where and how every option pools) that an option sets apart from the others', among the runs whose
+    option reads it (schema.model.placement_unread), e.g. "boundary.text_tokens: bpe (boundary=fixed,
+    gumbel), bytes (boundary=unigram)": unigram's row runs the byte tower, which `boundary=unigram`
+    alone does not say. An option's own keys (boundary.k, an encoder's geometry) are what its name
+    says. One line per key, values in first-seen order."""
     varied = _all_varied(runs)
     lines = []
-    for key in varied:
-        option = _deciding_option(key, varied, runs)
-        if option is None or not all(key in r.params for r in runs):
+    for key in (f"boundary.{field}" for field in sorted(PLACEMENT)):
+        if key not in varied or _deciding_option(key, varied, runs) != "boundary.name":
             continue
         under: dict[str, list[str]] = {}
         for r in runs:
-            if not _reads(r, key):  # boundary=none's apply_to=[]: its option pools nothing
+            option = r.params.get("boundary.name")
+            if option is None or key not in r.params or not _reads(r, key):  # boundary=none's apply_to=[]
                 continue
             names = under.setdefault(r.params[key], [])
-            if r.params.get(option) not in names:
-                names.append(r.params.get(option))
-        if len(under) < 2:
-            continue
-        group = option.removesuffix(".name")
-        lines.append(f"{key}: " + ", ".join(f"{value} ({group}={', '.join(names)})" for value, names in under.items()))
+            if option not in names:
+                names.append(option)
+        if len(under) > 1:
+            lines.append(f"{key}: " + ", ".join(f"{value} (boundary={', '.join(names)})"
+                                                for value, names in under.items()))
     return lines
 
 
 def _reads(run: RunRecord, key: str) -> bool:
-    """Whether the run's option reads `key` (schema.model.placement_unread for the boundary placement
-    keys; every other key is read)."""
-    group, _, field = key.partition(".")
-    option = run.params.get("boundary.name")
-    if group != "boundary" or field not in PLACEMENT or option not in OPTIONS["boundary"]:
+    """Whether the run's boundary option reads the placement key `key` (schema.model.placement_unread;
+    an option this fastclip does not know is taken as reading)."""
+    field, option = key.removeprefix("boundary."), run.params.get("boundary.name")
+    if option not in OPTIONS["boundary"]:
         return True
     placement = {k: _literal(run.params.get(f"boundary.{k}")) for k in PLACEMENT_CONDITIONS}
     return placement_unread(option, OPTIONS["boundary"][option], field, run.params.get("task.name", "clip"),
