@@ -16,12 +16,16 @@ draws (Optuna's trials are known only as it runs).
 """
 import contextlib
 import logging
+import sys
 import time
 
 from fastclip.schema.errors import ConfigError
 
 log = logging.getLogger("fastclip")
 SHOWN = 5  # bad jobs named in the error; the rest are counted
+PROGRESS_FROM = 50  # a grid of this many jobs says it is being checked (a 300-job grid takes about a minute)
+PRINT_ONLY = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc"}
+OTHER_TREE = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn"}  # not conf/train.yaml
 
 
 def sweep_jobs_overrides(args: list[str]) -> list[list[str]] | None:
@@ -55,24 +59,44 @@ def _grid(args: list[str]) -> tuple[list[list[str]] | None, str]:
 
 def check_sweep_jobs(args: list[str]) -> None:
     """Raises ConfigError naming each job of the multirun `args` whose config a run would refuse
-    (fastclip.checks.check_config) or Hydra could not compose, with its overrides and the error, and
+    (fastclip.checks.check_config, and a key given twice: override_checks.check_overrides, which Hydra's
+    sweeper would resolve silently) or Hydra could not compose, with its overrides and the error, and
     TrackingStoreError for an MLflow store the jobs could not use (Hydra only warns when its sweep-start
-    callback fails, and each job then fails alone); nothing is created. A no-op for a single run; of a
-    grid that cannot be expanded here (sweep_jobs_overrides), only the store is checked. Jobs another
-    launcher places (Submitit, SLURM) are checked without what depends on the host (the loader worker
-    count against this process's CPUs: schema.workers.elsewhere)."""
-    if not ({"-m", "--multirun"} & set(args) or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}):
+    callback fails, and each job then fails alone); nothing is created. A no-op for a single run, a
+    command that only prints (--cfg, --info, --help) and a config tree of another dir or name (-cd,
+    -cn); of a grid that cannot be expanded here (sweep_jobs_overrides), only the store is checked.
+    A job whose config reads what only its own process knows (${hydra:job.num}, ${oc.env:SLURM_...})
+    is left to check itself. Jobs another launcher places (SLURM) are checked without what depends on
+    the host: the loader worker count against this process's CPUs (schema.workers.elsewhere) and
+    whether an MLflow server answers from here."""
+    flags = {a.split("=", 1)[0] for a in args if a.startswith("-")}
+    if not ({"-m", "--multirun"} & flags or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}) \
+            or flags & (PRINT_ONLY | OTHER_TREE):
         return
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
     from fastclip.checks import check_config
     from fastclip.config import compose_train_config
+    from fastclip.override_checks import check_overrides
     from fastclip.schema.workers import elsewhere
-    from fastclip.tracking import check_writable, resolve_uri
+    from fastclip.tracking import check_writable, refuse_file_store, resolve_uri
+    check_overrides([a for a in args if not a.startswith("-") and "=" in a])  # -m epochs=3 epochs=4: one kept, silently
     jobs, launcher = _grid(args)
-    here = launcher.endswith("BasicLauncher")
+    here = launcher.endswith(("BasicLauncher", "LocalLauncher"))  # this host: Hydra's, or Submitit's local one
+    if jobs and len(jobs) >= PROGRESS_FROM:
+        print(f"fastclip: checking the configs of the grid's {len(jobs)} jobs before the first trains "
+              f"(about 0.2 s a job)", file=sys.stderr, flush=True)
     start, bad, stores = time.perf_counter(), [], set()
     for num, overrides in enumerate(jobs or [_fixed(args)]):
         try:
+            if jobs:
+                check_overrides(overrides)
             cfg = compose_train_config(overrides)
+            try:
+                OmegaConf.to_container(cfg, resolve=True)
+            except InterpolationResolutionError:  # known only where the job runs: it checks itself there
+                continue
             stores.add(cfg.tracking.uri)
             if jobs and cfg.trainer.resume in (None, "auto"):  # a fresh job (auto: a cluster profile's requeue guard)
                 with contextlib.nullcontext() if here else elsewhere():
@@ -89,7 +113,7 @@ def check_sweep_jobs(args: list[str]) -> None:
         raise ConfigError(f"{len(bad)} of the multirun's {len(jobs)} jobs would fail before training, so none "
                           f"ran:\n{named}{more}")
     for uri in stores:  # where the sweep's parent run and its jobs' runs go (Hydra's sweep-start callback makes it)
-        check_writable(resolve_uri(uri))
+        (check_writable if here else refuse_file_store)(resolve_uri(uri))
 
 
 def _fixed(args: list[str]) -> list[str]:

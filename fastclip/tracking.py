@@ -5,6 +5,7 @@ store crashes when several processes run its migrations at once, so the Hydra ca
 below creates store + experiment once, in the launching process, before any job starts.
 """
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -65,7 +66,11 @@ def refuse_file_store(uri: str) -> None:
         from mlflow.utils.uri import get_uri_scheme
     except ImportError:
         return
-    if uri in ("databricks", "databricks-uc", "uc") or get_uri_scheme(uri) not in ("", "file"):
+    try:
+        scheme = get_uri_scheme(uri)
+    except ValueError as exc:  # urllib's reading: an unclosed IPv6 bracket
+        raise TrackingStoreError(f"tracking.uri={redacted(uri)!r} is not a URI MLflow can read: {exc}") from None
+    if uri in ("databricks", "databricks-uc", "uc") or scheme not in ("", "file"):
         return
     try:
         allowed = MLFLOW_ALLOW_FILE_STORE.get()
@@ -96,6 +101,7 @@ def check_writable(uri: str) -> None:
         path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
         if path is None or not str(path):
             raise TrackingStoreError(f"tracking.uri={uri!r}: expected sqlite:///<absolute path to .db>")
+        _check_sqlite_file(uri, path)
     else:
         path = Path(parsed.path or uri) / "store"  # a file: or plain-path store is a directory
     folder = path.parent
@@ -107,6 +113,20 @@ def check_writable(uri: str) -> None:
                                                                                 f"is not writable")
     if problem:
         raise TrackingStoreError(f"tracking.uri={uri!r}: cannot write the MLflow store at {path.parent}: {problem}")
+
+
+def _check_sqlite_file(uri: str, path: Path) -> None:
+    """An existing store file that SQLite cannot read (another file at that path, a truncated copy),
+    opened read-only, so nothing is written: MLflow would fail in every job with its own trace."""
+    import sqlite3
+    if not path.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise TrackingStoreError(f"tracking.uri={uri!r}: {path} is not an MLflow store SQLite can read ({exc}); "
+                                 f"name another file") from None
 
 
 def require_store(uri: str, hint: str = "train something first (make train), or pass the store's URI") -> None:

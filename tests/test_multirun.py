@@ -126,9 +126,20 @@ def test_every_job_is_checked_with_the_rules_across_keys_and_a_sound_grid_passes
     from fastclip.schema.workers import available_cpus
     more = f"trainer.num_workers={available_cpus() + 1}"
     check_sweep_jobs(["-m", "+cluster=example_gpu", "seed=0,1", more])
+    check_sweep_jobs(["-m", "+cluster=example_gpu", "seed=0,1", "tracking.uri=http://127.0.0.1:9"])  # the nodes' server
     with pytest.raises(ConfigError, match=rf"2 of the multirun's 2 jobs(.|\n)*{more}: more loader workers than the"):
         check_sweep_jobs(["-m", "seed=0,1", more])
     check_sweep_jobs(["boundary.image_order=hilbrt"])  # a single run: the run's own check names it
+    with pytest.raises(ConfigError, match=rf"2 of the multirun's 2 jobs(.|\n)*{more}"):  # submitit_local: this host
+        check_sweep_jobs(["-m", "+cluster=local", "seed=0,1", more])
+    # what only a job's own process knows is left to it; a command that only prints, another tree: not checked
+    check_sweep_jobs(["-m", "seed=0,1", "tracking.run_name=job${hydra:job.num}", "dataset.cache_dir=${oc.env:NOPE_X}"])
+    check_sweep_jobs(["-m", "seed=0,1", "boundary.image_order=hilbrt", "--cfg", "job"])
+    check_sweep_jobs(["-m", "-cn", "mine", "seed=0,1", "eval.placement_control=true"])
+    # a key given twice: Hydra's sweeper keeps one silently, a single run refuses it (override_checks)
+    for args in (["epochs=3", "epochs=4"], ["trainer.lr=1e-3", "++trainer.lr=2e-3"]):
+        with pytest.raises(ConfigError, match="trainer.lr is given 2 times|epochs is given 2 times"):
+            check_sweep_jobs(["-m", "seed=0,1", *args])
     assert sweep_jobs_overrides(["-m", "+cluster=local", "trainer.lr=5e-4,1e-3"]) == [
         ["+cluster=local", "trainer.lr=0.0005"], ["+cluster=local", "trainer.lr=0.001"]]
     assert sweep_jobs_overrides(["-m", "hydra/sweeper=optuna", "trainer.lr=interval(1e-4,1e-2)"]) is None

@@ -336,3 +336,9 @@ def test_a_directory_store_is_refused_in_one_line_by_runs_grids_and_readers(tmp_
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", "databricks", "databricks-uc", "uc", "http://host:5000"):
         refuse_file_store(uri)  # stores MLflow routes by scheme or by name
+    from fastclip.tracking import check_writable
+    (tmp_path / "notes.db").write_text("not a database")
+    with pytest.raises(TrackingStoreError, match=r"notes.db is not an MLflow store SQLite can read \(file is not a"):
+        check_writable(f"sqlite:///{tmp_path / 'notes.db'}")  # MLflow: a trace in every job of a grid
+    with pytest.raises(TrackingStoreError, match=r"'http://\[::1' is not a URI MLflow can read"):
+        check_writable("http://[::1")
