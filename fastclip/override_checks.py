@@ -285,7 +285,7 @@ def _job_values(override) -> list | None:
 def _check_form(override, schema: type, field: str) -> None:
     """The value's form against the schema field's type, as Hydra would merge it (OmegaConf's
     validation), with what to write: Hydra's own message ("str is not a ListConfig") names no fix."""
-    from hydra.core.override_parser.types import Glob
+    from hydra.core.override_parser.types import Glob, QuotedString
     from omegaconf.errors import ValidationError
     line = override.input_line
     if override.is_choice_sweep() and not isinstance(override.value(), Glob):
@@ -296,6 +296,7 @@ def _check_form(override, schema: type, field: str) -> None:
         values = [override.value()]
     node = OmegaConf.structured(schema)
     for value in values:
+        value = value.text if isinstance(value, QuotedString) else value  # a sweep's quoted item: a job's string
         if isinstance(value, str) and "${" in value:  # an interpolation: resolved later
             continue
         try:

@@ -144,6 +144,7 @@ def test_a_key_only_other_options_declare_names_the_chosen_option_and_those_that
     (["boundary=fixed", "boundary.apply_to=image"], "boundary.apply_to=image: expected a list: write boundary.apply_to=[image]"),
     (["trainer.lr=abc"], "trainer.lr=abc: expected a number"),
     (["-m", "trainer.lr=abc,1e-3"], "trainer.lr=abc,1e-3 (abc): expected a number"),
+    (["-m", "trainer.lr=1e-3,'abc'"], "trainer.lr=1e-3,'abc' (abc): expected a number"),  # a quoted sweep item
     (["seed=1.5"], "seed=1.5: expected an integer"),
     (["eval.boundary_picture=maybe"], "eval.boundary_picture=maybe: expected true or false"),
     (["trainer.batch_size=null"], "trainer.batch_size=null: expected a value, not null"),
@@ -161,6 +162,7 @@ def test_a_value_of_the_wrong_form_is_named_with_the_form_its_key_takes(args, me
         check_override_keys(args)
     assert str(err.value) == message
     check_override_keys(["trainer.lr=${trainer.weight_decay}", "trainer.max_steps=null", "-m", "trainer.lr=range(1,3)"])
+    check_override_keys(["-m", "trainer.lr=1e-3,'${trainer.weight_decay}'"])  # a quoted interpolation: resolved later
     check_override_keys(["task=null", "boundary=gumbel", "boundary.image_order=hilbert"])  # Hydra's to judge
 
 
