@@ -26,7 +26,7 @@ def checkpoint_path(spec: str | Path, uri: str | None = None) -> Path:
         return path
     import mlflow
     from mlflow.exceptions import MlflowException
-    from fastclip.tracking import TrackingStoreError, redacted, require_store, resolve_uri
+    from fastclip.store import TrackingStoreError, redacted, require_store, resolve_uri
     uri = resolve_uri(uri)
     run_id, _, rest = spec[len(RUNS_PREFIX):].strip("/").partition("/")
     if rest:

@@ -80,7 +80,7 @@ def check_sweep_jobs(args: list[str]) -> None:
     from fastclip.config import compose_train_config
     from fastclip.override_checks import check_overrides
     from fastclip.schema.workers import elsewhere
-    from fastclip.tracking import check_writable, refuse_file_store, resolve_uri
+    from fastclip.store import check_writable, refuse_file_store, resolve_uri
     check_overrides([a for a in args if not a.startswith("-") and "=" in a])  # -m epochs=3 epochs=4: one kept, silently
     jobs, launcher = _grid(args)
     here = launcher.endswith(("BasicLauncher", "LocalLauncher"))  # this host: Hydra's, or Submitit's local one

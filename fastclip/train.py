@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fastclip import CONF_DIR, run_lock, tracking
+from fastclip import CONF_DIR, run_lock, store, tracking
 from fastclip.checks import ConfigError, check_config
 from fastclip.override_checks import check_overrides
 from fastclip.errors import InputError, show_traceback
@@ -137,7 +137,7 @@ def _run(cfg: DictConfig, run_dir, launch_dir, overrides, choices, device, held:
         cfg, run_dir, choices = resume.config, resume.run_dir, resume.choices
     cfg = check_config(cfg)  # merged onto its schema: a resumed run's values typed as a composed one's
     uri = _store_uri(cfg, resume, launch_dir)
-    tracking.check_writable(uri)  # fail before any work, naming the path
+    store.check_writable(uri)  # fail before any work, naming the path
 
     from fastclip import distributed, runtime
     from fastclip.loop import Trainer, fit
@@ -272,7 +272,7 @@ def _store_uri(cfg: DictConfig, resume, launch_dir) -> str:
     recorded = resume.checkpoint.get("mlflow_uri") if resume else None
     if resume and not cfg.tracking.uri and recorded:
         return recorded
-    return tracking.resolve_uri(cfg.tracking.uri, launch_dir)
+    return store.resolve_uri(cfg.tracking.uri, launch_dir)
 
 
 def _choices(cfg: DictConfig) -> dict[str, str]:

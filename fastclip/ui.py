@@ -125,7 +125,8 @@ def run_page(uri: str, run_id: str, port: int) -> tuple[str, str]:
     where the store has no such run."""
     import mlflow
     from mlflow.exceptions import MlflowException
-    from fastclip.tracking import TrackingStoreError, mark_model_training, redacted
+    from fastclip.store import TrackingStoreError, redacted
+    from fastclip.tracking import mark_model_training
     client = mlflow.MlflowClient(tracking_uri=uri)
     try:
         run = client.get_run(run_id)
@@ -144,7 +145,7 @@ def mlflow_experiment_id(uri: str, experiment: str) -> str:
 
 
 def main(argv=None) -> None:
-    from fastclip.tracking import redacted, require_store, resolve_uri
+    from fastclip.store import redacted, require_store, resolve_uri
     ap = argparse.ArgumentParser(prog="python -m fastclip.ui", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     which = ap.add_mutually_exclusive_group()  # a run's page, or an experiment's runs

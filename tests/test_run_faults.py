@@ -298,7 +298,7 @@ def test_an_eval_folder_with_a_subset_of_the_classes_is_labelled_by_class_name(t
 def test_an_mlflow_server_that_does_not_answer_fails_fast_naming_it(tmp_path):
     import socket
     import time
-    from fastclip.tracking import TrackingStoreError
+    from fastclip.store import TrackingStoreError
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -311,10 +311,10 @@ def test_an_mlflow_server_that_does_not_answer_fails_fast_naming_it(tmp_path):
 def test_a_directory_store_is_refused_in_one_line_by_runs_grids_and_readers(tmp_path, cli_env, monkeypatch):
     """MLflow 3 refuses a `file:` or plain-path store unless MLFLOW_ALLOW_FILE_STORE is set, with a stack
     trace from deep in a run's start; in a grid Hydra only warned (its sweep-start callback failed) and
-    each job then failed alone. One rule (tracking.refuse_file_store) for runs, grids and readers."""
+    each job then failed alone. One rule (store.refuse_file_store) for runs, grids and readers."""
     import subprocess
     import sys
-    from fastclip.tracking import TrackingStoreError, refuse_file_store, require_store
+    from fastclip.store import TrackingStoreError, refuse_file_store, require_store
     env = {k: v for k, v in cli_env.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
     said = ("is a directory store, which this MLflow keeps only for migration: use "
             f"sqlite:///{tmp_path / 'mlflow.db'} (`mlflow migrate-filestore` moves an existing one there), or set "
@@ -336,7 +336,7 @@ def test_a_directory_store_is_refused_in_one_line_by_runs_grids_and_readers(tmp_
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", "databricks", "databricks-uc", "uc", "http://host:5000"):
         refuse_file_store(uri)  # stores MLflow routes by scheme or by name
-    from fastclip.tracking import check_writable
+    from fastclip.store import check_writable
     (tmp_path / "notes.db").write_text("not a database")
     with pytest.raises(TrackingStoreError, match=r"notes.db is not an MLflow store SQLite can read \(file is not a"):
         check_writable(f"sqlite:///{tmp_path / 'notes.db'}")  # MLflow: a trace in every job of a grid

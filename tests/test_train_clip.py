@@ -9,7 +9,7 @@ from conftest import TINY_CLIP, compose_cfg, load_checkpoint, run_killed_at_loss
 from fastclip import runtime
 from fastclip.loop import TrainingDiverged
 from fastclip.tasks.clip import ClipTask
-from fastclip.tracking import TrackingStoreError
+from fastclip.store import TrackingStoreError
 from fastclip.train import run
 
 

@@ -31,7 +31,7 @@ from fastclip.eval.names import CLASS_COUNT_METRIC, HEADLINE_METRICS, chance_lev
 from fastclip.report.plots import CurvePanel
 from fastclip.report.runs import ReportError, Selection, latest_sweep_experiment, load_histories, select_runs
 from fastclip.report.table import Group, group_by_seed, markdown, measured, write_csv
-from fastclip.tracking import redacted
+from fastclip.store import redacted
 
 FILES = ("report.md", "report.csv", "pareto.png", "curves.png")
 COMPUTE = "efficiency/train_pflops_total"  # --x compute: the curves' x axis
@@ -138,7 +138,7 @@ def _counts(left_out: dict[str, int]) -> str:
 
 
 def main(argv=None) -> Report:
-    from fastclip.tracking import require_store, resolve_uri
+    from fastclip.store import require_store, resolve_uri
     ap = argparse.ArgumentParser(prog="python -m fastclip.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default=None,

@@ -10,7 +10,8 @@ import mlflow
 
 from fastclip.errors import InputError
 from fastclip.schema.resume_rules import missing_legacy
-from fastclip.tracking import EFFECTIVE_TAG, redacted
+from fastclip.store import redacted
+from fastclip.tracking import EFFECTIVE_TAG
 
 SWEEP_ROLE = ("fastclip.role", "sweep")  # the tag fastclip's sweep parent runs carry
 
