@@ -357,3 +357,26 @@ def test_a_quantization_aware_run_ends_with_the_int8_model_beside_its_float_weig
     assert "quantization-aware training" in caplog.text
     model, _, _ = load(tmp_path / "run" / "checkpoints" / "last.pt")  # a plain float model
     assert any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+
+def test_a_compressed_model_and_its_twin_are_timed_side_by_side():
+    """time/eval_batch_ms and its twin were each timed after the other: a job or test starting between
+    them moved one alone (a helper saw 303 vs 868 ms where a quiet machine gives 35 vs 10). Each round
+    now runs one forward of every model, the order reversed every other round, so load hits both."""
+    from fastclip.compression.measure import side_by_side_ms
+    calls = []
+
+    class Stub(torch.nn.Module):
+        def __init__(self, name, seconds):
+            super().__init__()
+            self.name, self.seconds = name, seconds
+
+        def forward(self, images, tokens):
+            import time
+            calls.append(self.name)
+            time.sleep(self.seconds)
+
+    batch = (torch.zeros(2, 3, 8, 8), torch.zeros(2, 4, dtype=torch.long))
+    fast, slow = side_by_side_ms([(Stub("a", 0.001), *batch), (Stub("b", 0.02), *batch)], repeats=4)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]  # warm-up round, then 4 alternating
+    assert 15 < slow < 200 and fast < slow / 4  # each model's own median, in ms

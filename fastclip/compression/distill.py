@@ -32,7 +32,7 @@ from fastclip.checkpoint import CheckpointError, ResumeError
 from fastclip.checks import ConfigError
 from fastclip.compression import PROJECTION
 from fastclip.compression.base import Compression, Twin
-from fastclip.compression.measure import QUALITY, eval_batch_ms, run_autocast
+from fastclip.compression.measure import QUALITY, eval_batch_ms, run_autocast, side_by_side_ms
 from fastclip.models.clip import decode_tokens
 
 log = logging.getLogger(__name__)
@@ -184,14 +184,14 @@ def compress(task, distiller: Distiller, final: dict[str, float]) -> dict[str, f
     try:
         task.model.eval()
         amp = run_autocast(task.cfg, images.device)
-        metrics["time/eval_batch_ms"] = eval_batch_ms(task.model, images, tokens, amp_dtype=amp)
         teacher_tokens = tokens if distiller.same_tokens else distiller.teacher_tokens(tokens)
-        if distiller.image_size is None:
-            metrics["time/eval_batch_ms_teacher"] = eval_batch_ms(distiller.teacher, images, teacher_tokens,
-                                                                  amp_dtype=amp)
+        if distiller.image_size is None:  # the teacher timed beside the student (side_by_side_ms)
+            metrics["time/eval_batch_ms"], metrics["time/eval_batch_ms_teacher"] = side_by_side_ms(
+                [(task.model, images, tokens), (distiller.teacher, images, teacher_tokens)], amp_dtype=amp)
             teacher = task.quality(distiller.teacher, distiller.teacher_tokenizer)
             metrics.update({f"{k}_teacher": v for k, v in teacher.items() if k.startswith(QUALITY)})
         else:
+            metrics["time/eval_batch_ms"] = eval_batch_ms(task.model, images, tokens, amp_dtype=amp)
             log.warning("the teacher reads %d px images and the evaluation sets are preprocessed at the student's "
                         "%d px: the teacher's own numbers (*_teacher, time/eval_batch_ms_teacher) are not measured; "
                         "evaluate the teacher's run for them", distiller.image_size, images.shape[-1])

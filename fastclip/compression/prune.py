@@ -28,7 +28,7 @@ from torch import nn
 from fastclip.schema import typed_node
 from fastclip.schema.errors import ConfigError
 from fastclip.compression.base import Compression, Twin
-from fastclip.compression.measure import QUALITY, eval_batch_ms, model_bytes, run_autocast
+from fastclip.compression.measure import QUALITY, model_bytes, run_autocast, side_by_side_ms
 from fastclip.compression.prune_masks import (blocks, nonzero_parameters, shrunk_copy, structured_masks,
                                               unstructured_masks, weight_sparsity)
 
@@ -171,8 +171,7 @@ def compress(task, cfg, pruner: Pruner, final: dict[str, float], step: int) -> d
         # the dense twin is the pruned model in its dense layout: dense kernels take the same time whatever
         # the values (unstructured: it is the deployed model itself, timed again); both under the run's autocast
         amp = run_autocast(cfg, images.device)
-        dense_ms = eval_batch_ms(model, images, tokens, amp_dtype=amp)
-        pruned_ms = eval_batch_ms(deployed, images, tokens, amp_dtype=amp)
+        dense_ms, pruned_ms = side_by_side_ms([(model, images, tokens), (deployed, images, tokens)], amp_dtype=amp)
         metrics = {f"{k}_before_prune": v for k, v in pruner.before_prune.items() if k.startswith(QUALITY)}
         if pruner.before_prune_step is not None:
             metrics["compression/before_prune_step"] = float(pruner.before_prune_step)

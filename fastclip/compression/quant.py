@@ -18,7 +18,7 @@ from torch import nn
 from fastclip.compression import FLOAT_PARTS
 from fastclip.compression.attention import project_attention
 from fastclip.compression.base import Compression, Twin
-from fastclip.compression.measure import QUALITY, eval_batch_ms, model_bytes, run_autocast
+from fastclip.compression.measure import QUALITY, model_bytes, run_autocast, side_by_side_ms
 from fastclip.schema.compression import QUANT_EMBEDDINGS, QUANT_SCHEMES
 from fastclip.schema.fields import choice
 
@@ -163,8 +163,7 @@ def compress(task, cfg, dense_metrics: dict[str, float]) -> dict[str, float]:
         quantized = quantized_copy(dense, cfg.compression.scheme, cfg.compression.embedding)
         images, tokens = task.eval_batch()
         amp = run_autocast(cfg, images.device)
-        dense_ms = eval_batch_ms(dense, images, tokens, amp_dtype=amp)
-        quant_ms = eval_batch_ms(quantized, images, tokens, amp_dtype=amp)
+        dense_ms, quant_ms = side_by_side_ms([(dense, images, tokens), (quantized, images, tokens)], amp_dtype=amp)
         metrics = {f"{k}_dense": v for k, v in dense_metrics.items() if k.startswith(QUALITY)}
         metrics.update({k: v for k, v in task.quality(quantized).items() if k.startswith(QUALITY)})
     finally:
