@@ -59,8 +59,8 @@ def _grid(args: list[str]) -> tuple[list[list[str]] | None, str]:
 
 def check_sweep_jobs(args: list[str]) -> None:
     """Raises ConfigError naming each job of the multirun `args` whose config a run would refuse
-    (fastclip.checks.check_config, and a key given twice: override_checks.check_overrides, which Hydra's
-    sweeper would resolve silently) or Hydra could not compose, with its overrides and the error, and
+    (fastclip.checks.check_config, and the job's own overrides as fastclip.train's main checks them:
+    override_checks.check_overrides) or Hydra could not compose, with its overrides and the error, and
     TrackingStoreError for an MLflow store the jobs could not use (Hydra only warns when its sweep-start
     callback fails, and each job then fails alone); nothing is created. A no-op for a single run, a
     command that only prints (--cfg, --info, --help) and a config tree of another dir or name (-cd,
@@ -81,7 +81,6 @@ def check_sweep_jobs(args: list[str]) -> None:
     from fastclip.override_checks import check_overrides
     from fastclip.schema.workers import elsewhere
     from fastclip.store import check_writable, refuse_file_store, resolve_uri
-    check_overrides([a for a in args if not a.startswith("-") and "=" in a])  # -m epochs=3 epochs=4: one kept, silently
     jobs, launcher = _grid(args)
     here = launcher.endswith(("BasicLauncher", "LocalLauncher"))  # this host: Hydra's, or Submitit's local one
     if jobs and len(jobs) >= PROGRESS_FROM:
