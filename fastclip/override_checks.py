@@ -111,10 +111,15 @@ def check_override_keys(args: list[str]) -> None:
         keyed[override.key_or_group] = _job_values(override)
         if "." not in override.key_or_group and values:
             given[override.key_or_group] = (values, override.is_sweep_override())
-    multirun = bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}
+    multirun = is_multirun(args)
     for forms_only in (True, False):  # every key's form first: a wrong form misreads the rules that read it
         for override, values in judged:
             _check_key(override, values, given, multirun, keyed, forms_only)
+
+
+def is_multirun(args: list[str]) -> bool:
+    """Whether the command line asks Hydra for a multirun (-m, --multirun, hydra.mode=MULTIRUN)."""
+    return bool({"-m", "--multirun"} & set(args)) or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}
 
 
 def _check_key(override, values: list, given: dict, multirun: bool, keyed: dict, forms_only: bool = False) -> None:

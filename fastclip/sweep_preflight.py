@@ -40,7 +40,6 @@ def _grid(args: list[str]) -> tuple[list[list[str]] | None, str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from fastclip.config import compose_train_config
-    given = [a for a in args if not a.startswith("-") and "=" in a]
     parser = OverridesParser.create()
     try:
         hydra = compose_train_config(_fixed(args), return_hydra_config=True).hydra
@@ -51,7 +50,7 @@ def _grid(args: list[str]) -> tuple[list[list[str]] | None, str]:
         return None, launcher
     try:
         params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items()]
-        batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *given]), None)
+        batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *_given(args)]), None)
     except Exception:  # noqa: BLE001 - as above
         return None, launcher
     return [list(job) for batch in batches for job in batch], launcher
@@ -69,16 +68,14 @@ def check_sweep_jobs(args: list[str]) -> None:
     is left to check itself. Jobs another launcher places (SLURM) are checked without what depends on
     the host: the loader worker count against this process's CPUs (schema.workers.elsewhere) and
     whether an MLflow server answers from here."""
-    flags = {a.split("=", 1)[0] for a in args if a.startswith("-")}
-    if not ({"-m", "--multirun"} & flags or "hydra.mode=MULTIRUN" in {a.replace("RunMode.", "") for a in args}) \
-            or flags & (PRINT_ONLY | OTHER_TREE):
+    from fastclip.override_checks import check_overrides, is_multirun
+    if not is_multirun(args) or {a.split("=", 1)[0] for a in args if a.startswith("-")} & (PRINT_ONLY | OTHER_TREE):
         return
     from omegaconf import OmegaConf
     from omegaconf.errors import InterpolationResolutionError
 
     from fastclip.checks import check_config
     from fastclip.config import compose_train_config
-    from fastclip.override_checks import check_overrides
     from fastclip.schema.workers import elsewhere
     from fastclip.store import check_writable, refuse_file_store, resolve_uri
     jobs, launcher = _grid(args)
@@ -118,19 +115,21 @@ def check_sweep_jobs(args: list[str]) -> None:
 def _fixed(args: list[str]) -> list[str]:
     """The command line's overrides that sweep nothing (the config every job shares)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    given = [a for a in args if not a.startswith("-") and "=" in a]
     try:
-        return [o.input_line for o in OverridesParser.create().parse_overrides(given) if not o.is_sweep_override()]
+        return [o.input_line for o in OverridesParser.create().parse_overrides(_given(args)) if not o.is_sweep_override()]
     except Exception:  # noqa: BLE001 - check_override_syntax names it
         return []
+
+
+def _given(args: list[str]) -> list[str]:
+    """The command line's overrides (key=value), its flags and their values left out."""
+    return [a for a in args if not a.startswith("-") and "=" in a]
 
 
 def _swept(overrides: list[str], args: list[str]) -> str:
     """A job's values of the keys the command line sweeps, as the sweep's table names them (all of its
     overrides where the grid comes from hydra.sweeper.params)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    parser = OverridesParser.create()
-    given = [a for a in args if not a.startswith("-") and "=" in a]
-    swept = {o.get_key_element() for o in parser.parse_overrides(given) if o.is_sweep_override()}
+    swept = {o.get_key_element() for o in OverridesParser.create().parse_overrides(_given(args)) if o.is_sweep_override()}
     mine = [o for o in overrides if o.split("=", 1)[0] in swept]
     return " ".join(mine or overrides) or "no overrides"
